@@ -1,0 +1,264 @@
+//! Authentication: the user directory, SASL PLAIN/LOGIN decoding, failed-login throttling.
+//!
+//! Shared by SMTP AUTH, POP3 and IMAP. Passwords are PHC strings (argon2id); verification runs on
+//! a blocking thread because a good hash is deliberately slow.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use argon2::password_hash::{PasswordHash, PasswordVerifier};
+use argon2::Argon2;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+
+use crate::address::Address;
+use crate::config::Config;
+
+/// A value that must not appear in logs; `Debug` prints a placeholder.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret<T>(pub T);
+
+impl<T> fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// An authenticated user, by user key (`alice@example.test`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthUser(pub String);
+
+/// Users and aliases from the configuration.
+pub struct UserDirectory {
+    /// user key → PHC hash.
+    users: HashMap<String, String>,
+    /// canonical alias → user key.
+    aliases: HashMap<String, String>,
+}
+
+/// Verifying against this when the user is unknown keeps the timing the same as for a known user.
+const DUMMY_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$MQRRGhCWt6crAF4WUdBtrg$AE0ybqLgCaDkhSgN2pVrA7wh+J2wHJXgHfMb6RTU9NM";
+
+impl UserDirectory {
+    pub fn from_config(config: &Config) -> UserDirectory {
+        let users = config
+            .users
+            .iter()
+            .filter_map(|u| {
+                Some((
+                    Address::parse(&u.address)?.mailbox_key(),
+                    u.password.clone(),
+                ))
+            })
+            .collect();
+        let aliases = config
+            .aliases
+            .iter()
+            .filter_map(|(alias, target)| {
+                Some((
+                    Address::parse(alias)?.canonical(),
+                    Address::parse(target)?.mailbox_key(),
+                ))
+            })
+            .collect();
+        UserDirectory { users, aliases }
+    }
+
+    /// The user key a local address delivers to, through an alias or a `+detail`, if any.
+    pub fn resolve(&self, address: &Address) -> Option<String> {
+        if let Some(target) = self.aliases.get(&address.canonical()) {
+            return Some(target.clone());
+        }
+        let key = address.mailbox_key();
+        if let Some(target) = self.aliases.get(&key) {
+            return Some(target.clone());
+        }
+        self.users.contains_key(&key).then_some(key)
+    }
+
+    pub fn user_count(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Checks a login (blocking: call from a blocking thread). The login is an address; a bare
+    /// local part is not accepted, since the same name may exist in several domains.
+    pub fn verify_blocking(&self, login: &str, password: &Secret<String>) -> Option<AuthUser> {
+        let key = Address::parse(login).map(|a| a.mailbox_key());
+        let stored = key.as_ref().and_then(|k| self.users.get(k));
+        let hash = stored.map(String::as_str).unwrap_or(DUMMY_HASH);
+        let ok = PasswordHash::new(hash)
+            .map(|parsed| {
+                Argon2::default()
+                    .verify_password(password.0.as_bytes(), &parsed)
+                    .is_ok()
+            })
+            .unwrap_or(false);
+        (ok && stored.is_some()).then(|| AuthUser(key.expect("stored implies key")))
+    }
+
+    pub async fn verify(
+        self: &Arc<Self>,
+        login: String,
+        password: Secret<String>,
+    ) -> Option<AuthUser> {
+        let directory = self.clone();
+        tokio::task::spawn_blocking(move || directory.verify_blocking(&login, &password))
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+/// Makes a PHC hash for a password (for `postern user hash-password`).
+pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
+    use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
+    let salt = SaltString::generate(&mut OsRng);
+    Ok(Argon2::default()
+        .hash_password(password.as_bytes(), &salt)?
+        .to_string())
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum SaslError {
+    /// Not valid base64 or not the mechanism's format.
+    Malformed,
+    /// The client sent `*` (RFC 4954 §4).
+    Cancelled,
+}
+
+/// Decodes one SASL response line (base64, or `*` to cancel).
+pub fn decode_response(line: &str) -> Result<Vec<u8>, SaslError> {
+    let line = line.trim_end_matches(['\r', '\n']);
+    if line == "*" {
+        return Err(SaslError::Cancelled);
+    }
+    if line == "=" {
+        return Ok(Vec::new());
+    }
+    BASE64.decode(line).map_err(|_| SaslError::Malformed)
+}
+
+/// Decodes a PLAIN message (RFC 4616): `authzid NUL authcid NUL passwd`. An authzid other than
+/// empty or the authcid itself (acting as another user) is refused.
+pub fn decode_plain(message: &[u8]) -> Result<(String, Secret<String>), SaslError> {
+    let mut parts = message.split(|b| *b == 0);
+    let (Some(authz), Some(authc), Some(pass), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(SaslError::Malformed);
+    };
+    let authc = String::from_utf8(authc.to_vec()).map_err(|_| SaslError::Malformed)?;
+    let pass = String::from_utf8(pass.to_vec()).map_err(|_| SaslError::Malformed)?;
+    if authc.is_empty() || (!authz.is_empty() && authz != authc.as_bytes()) {
+        return Err(SaslError::Malformed);
+    }
+    Ok((authc, Secret(pass)))
+}
+
+pub fn encode_challenge(text: &str) -> String {
+    BASE64.encode(text)
+}
+
+/// Counts failed logins per client IP so that password guessing across many connections is
+/// refused, not just slowed down per connection.
+pub struct AuthThrottle {
+    max_failures: u32,
+    window: Duration,
+    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+}
+
+/// Entries kept at most; past it, expired ones are dropped (then the oldest).
+const THROTTLE_CAPACITY: usize = 100_000;
+
+impl AuthThrottle {
+    pub fn new(max_failures: u32, window: Duration) -> AuthThrottle {
+        AuthThrottle {
+            max_failures,
+            window,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// True when this IP may try again now.
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        let map = self.failures.lock().expect("throttle lock");
+        match map.get(&ip) {
+            Some((count, since)) => *count < self.max_failures || since.elapsed() > self.window,
+            None => true,
+        }
+    }
+
+    pub fn record_failure(&self, ip: IpAddr) {
+        let mut map = self.failures.lock().expect("throttle lock");
+        if map.len() >= THROTTLE_CAPACITY {
+            let window = self.window;
+            map.retain(|_, (_, since)| since.elapsed() <= window);
+            if map.len() >= THROTTLE_CAPACITY {
+                map.clear();
+            }
+        }
+        let entry = map.entry(ip).or_insert((0, Instant::now()));
+        if entry.1.elapsed() > self.window {
+            *entry = (0, Instant::now());
+        }
+        entry.0 += 1;
+    }
+
+    pub fn record_success(&self, ip: IpAddr) {
+        self.failures.lock().expect("throttle lock").remove(&ip);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_decoding() {
+        assert_eq!(
+            decode_plain(b"\0alice@example.test\0pw").unwrap(),
+            ("alice@example.test".into(), Secret("pw".into()))
+        );
+        assert!(
+            decode_plain(b"bob@x\0alice@x\0pw").is_err(),
+            "no acting as another user"
+        );
+        assert!(decode_plain(b"alice\0pw").is_err());
+        assert_eq!(decode_response("*\r\n"), Err(SaslError::Cancelled));
+        assert_eq!(decode_response("!!!"), Err(SaslError::Malformed));
+    }
+
+    #[test]
+    fn hash_and_verify() {
+        let hash = hash_password("s3cret").unwrap();
+        let text = crate::config::EMBEDDED_DEFAULT.to_string();
+        let mut config = crate::config::Config::parse(&text, "t").unwrap();
+        config.users[0].password = hash;
+        let users = UserDirectory::from_config(&config);
+        let login = config.users[0].address.to_uppercase();
+        assert!(users
+            .verify_blocking(&login, &Secret("s3cret".into()))
+            .is_some());
+        assert!(users
+            .verify_blocking(&login, &Secret("wrong".into()))
+            .is_none());
+        assert!(users
+            .verify_blocking("nobody@example.test", &Secret("s3cret".into()))
+            .is_none());
+    }
+
+    #[test]
+    fn throttle_blocks_after_failures() {
+        let t = AuthThrottle::new(2, Duration::from_secs(60));
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        assert!(t.allows(ip));
+        t.record_failure(ip);
+        t.record_failure(ip);
+        assert!(!t.allows(ip));
+        assert!(t.allows("192.0.2.2".parse().unwrap()));
+    }
+}

@@ -1,0 +1,106 @@
+//! The `postern` command line.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "postern",
+    version,
+    about = "A WebAssembly-pluggable mail server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (the embedded default configuration when --config is not given).
+    Serve {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Overrides server.data_dir.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Check a configuration file and print what is wrong with it.
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Manage users.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Print an argon2id hash for a `[[user]]` entry; reads the password from stdin.
+    HashPassword,
+}
+
+pub fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("postern: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
+    Ok(match path {
+        Some(path) => Config::load(path)?,
+        None => Config::embedded_default(),
+    })
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { config, data_dir } => {
+            let mut config = load_config(config.as_ref())?;
+            if let Some(dir) = data_dir {
+                config.server.data_dir = dir;
+            }
+            crate::telemetry::init(&config.server.log);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(crate::server::run(config))?;
+            Ok(())
+        }
+        Command::CheckConfig { config } => {
+            let config = Config::load(&config)?;
+            println!(
+                "ok: {} listeners, {} users, local domains {}",
+                config.listeners.len(),
+                config.users.len(),
+                config.relay.local_domains.join(", ")
+            );
+            Ok(())
+        }
+        Command::User {
+            command: UserCommand::HashPassword,
+        } => {
+            let mut line = String::new();
+            std::io::stdin().lock().read_line(&mut line)?;
+            let password = line.trim_end_matches(['\r', '\n']);
+            anyhow::ensure!(!password.is_empty(), "empty password on stdin");
+            let hash = crate::auth::hash_password(password)
+                .map_err(|e| anyhow::anyhow!("cannot hash: {e}"))?;
+            println!("{hash}");
+            Ok(())
+        }
+    }
+}

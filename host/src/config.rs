@@ -1,0 +1,321 @@
+//! Configuration: one TOML file, validated at load.
+//!
+//! Every key is documented in `examples/postern.toml`, which is also the embedded default used when
+//! `postern serve` runs without `--config`. Unknown keys are rejected so a typo never silently turns a
+//! security setting off; errors name the file, the line and the key.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// The embedded default configuration (the same bytes as `examples/postern.toml`).
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../examples/postern.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}, line {line}, column {column}: {message}")]
+    Syntax {
+        origin: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{origin}: {message}")]
+    Invalid { origin: String, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub tls: TlsConfig,
+    pub relay: RelayConfig,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default, rename = "user")]
+    pub users: Vec<UserConfig>,
+    /// `"alias@local.domain" = "target@local.domain"`.
+    #[serde(default)]
+    pub aliases: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The name this server gives in its banner, EHLO reply and Received headers.
+    pub hostname: String,
+    /// Where the spool, mailboxes and generated certificates live.
+    pub data_dir: PathBuf,
+    /// tracing filter directive when RUST_LOG is not set.
+    #[serde(default = "default_log")]
+    pub log: String,
+    /// How long a graceful shutdown waits for sessions to finish.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace_secs: u64,
+}
+
+fn default_log() -> String {
+    "info".into()
+}
+fn default_shutdown_grace() -> u64 {
+    10
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// Longest SMTP command line accepted, CRLF included (RFC 5321 §4.5.3.1.4 sets 512 as the
+    /// minimum a server must accept; extensions make longer lines legitimate).
+    pub max_line_length: usize,
+    pub max_message_size: usize,
+    pub max_recipients: usize,
+    /// Protocol errors a client may make before it is disconnected with 421.
+    pub max_errors: u32,
+    /// Failed AUTH attempts in one session before it is disconnected.
+    pub max_auth_failures: u32,
+    /// Failed AUTH attempts from one IP within `auth_failure_window_secs` before AUTH is refused.
+    pub max_auth_failures_per_ip: u32,
+    pub auth_failure_window_secs: u64,
+    /// Time allowed for a whole command line to arrive (RFC 5321 §4.5.3.2.7 suggests 5 minutes).
+    pub command_timeout_secs: u64,
+    /// Time allowed between two reads during DATA/BDAT (RFC 5321 §4.5.3.2.5: 3 minutes).
+    pub data_timeout_secs: u64,
+    /// Bytes of message bodies held in memory by all sessions together; past it, 452 4.3.1.
+    pub body_memory_budget: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 1000,
+            max_connections_per_ip: 50,
+            max_line_length: 4096,
+            max_message_size: 25 * 1024 * 1024,
+            max_recipients: 100,
+            max_errors: 10,
+            max_auth_failures: 3,
+            max_auth_failures_per_ip: 10,
+            auth_failure_window_secs: 600,
+            command_timeout_secs: 300,
+            data_timeout_secs: 180,
+            body_memory_budget: 1024 * 1024 * 1024,
+        }
+    }
+}
+
+impl Limits {
+    pub fn command_timeout(&self) -> Duration {
+        Duration::from_secs(self.command_timeout_secs)
+    }
+    pub fn data_timeout(&self) -> Duration {
+        Duration::from_secs(self.data_timeout_secs)
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain. Without `cert` and `key`, a self-signed certificate for `hostname`,
+    /// localhost and 127.0.0.1 is generated in `<data_dir>/tls/` on first start.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Domains whose mail is delivered to local mailboxes.
+    pub local_domains: Vec<String>,
+    /// Networks allowed to relay to any domain without authenticating.
+    #[serde(default)]
+    pub trusted_networks: Vec<IpNet>,
+    /// On submission listeners, MAIL FROM must be the authenticated user's address (or a +tag of it).
+    #[serde(default = "default_true")]
+    pub submission_sender_must_match: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerProtocol {
+    /// Inbound SMTP (port 25 style): mail for local domains from anyone, relay only when allowed.
+    Smtp,
+    /// Message submission (RFC 6409): AUTH is required before MAIL.
+    Submission,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    None,
+    /// Plain connection, TLS offered through STARTTLS.
+    Starttls,
+    /// TLS from the first byte (RFC 8314).
+    Implicit,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub protocol: ListenerProtocol,
+    /// `ip:port`; port 0 picks a free port (printed on stdout at start).
+    pub address: SocketAddr,
+    pub tls: TlsMode,
+    /// Allows AUTH and plain passwords without TLS (only for loopback or protected networks).
+    #[serde(default)]
+    pub trusted: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub address: String,
+    /// A PHC string (`$argon2id$...`), made with `postern user hash-password`.
+    pub password: String,
+}
+
+impl Config {
+    /// Parses and validates configuration text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|err| {
+            let (line, column) = err
+                .span()
+                .map(|span| line_and_column(text, span.start))
+                .unwrap_or((0, 0));
+            ConfigError::Syntax {
+                origin: origin.to_string(),
+                line,
+                column,
+                message: err.message().to_string(),
+            }
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            origin: origin.to_string(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    pub fn embedded_default() -> Config {
+        Config::parse(EMBEDDED_DEFAULT, "embedded default").expect("embedded default is valid")
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.server.hostname.trim().is_empty() {
+            return Err("server.hostname must not be empty".into());
+        }
+        if self.relay.local_domains.is_empty() {
+            return Err("relay.local_domains must name at least one domain".into());
+        }
+        if self.limits.max_line_length < 512 {
+            return Err("limits.max_line_length must be at least 512 (RFC 5321 §4.5.3.1.4)".into());
+        }
+        if self.limits.max_recipients < 1 || self.limits.max_connections < 1 {
+            return Err(
+                "limits.max_recipients and limits.max_connections must be at least 1".into(),
+            );
+        }
+        if self.limits.body_memory_budget < self.limits.max_message_size {
+            return Err("limits.body_memory_budget must hold at least one max_message_size".into());
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err("tls.cert and tls.key go together".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for listener in &self.listeners {
+            if !names.insert(&listener.name) {
+                return Err(format!("listener name {:?} is used twice", listener.name));
+            }
+        }
+        for user in &self.users {
+            if crate::address::Address::parse(&user.address).is_none() {
+                return Err(format!("user address {:?} is not an address", user.address));
+            }
+            if !user.password.starts_with('$') {
+                return Err(format!(
+                    "user {:?}: password must be a PHC hash (see `postern user hash-password`)",
+                    user.address
+                ));
+            }
+        }
+        for (alias, target) in &self.aliases {
+            for address in [alias, target] {
+                if crate::address::Address::parse(address).is_none() {
+                    return Err(format!("alias {address:?} is not an address"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_trusted_network(&self, ip: IpAddr) -> bool {
+        self.relay
+            .trusted_networks
+            .iter()
+            .any(|net| net.contains(&ip))
+    }
+}
+
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid_and_locked_down() {
+        let config = Config::embedded_default();
+        assert!(config.relay.trusted_networks.is_empty());
+        assert!(config
+            .listeners
+            .iter()
+            .all(|l| l.address.ip().is_loopback()));
+        assert_eq!(config.users.len(), 2);
+    }
+
+    #[test]
+    fn unknown_key_is_reported_with_line() {
+        let text = EMBEDDED_DEFAULT.replace("[limits]", "[limits]\nmax_conections = 3");
+        let err = Config::parse(&text, "test.toml").unwrap_err().to_string();
+        assert!(err.contains("test.toml, line"), "{err}");
+        assert!(err.contains("max_conections"), "{err}");
+    }
+
+    #[test]
+    fn plain_password_is_refused() {
+        let text = EMBEDDED_DEFAULT.replacen("password = \"$argon2id", "password = \"argon2id", 1);
+        let err = Config::parse(&text, "t").unwrap_err().to_string();
+        assert!(err.contains("PHC hash"), "{err}");
+    }
+}

@@ -1,0 +1,28 @@
+//! Postern: a WebAssembly-pluggable mail server (SMTP relay and submission; POP3 and IMAP to come).
+//!
+//! # Layout
+//! - [`config`] — the TOML configuration, validated at load; the embedded default.
+//! - [`server`] — listeners, connection limits, start-up and graceful shutdown.
+//! - [`stream`] — plain/TLS connections and the buffered I/O sessions read and write through.
+//! - [`tls`] — rustls configuration, self-signed certificate on first start.
+//! - [`auth`] — user directory (argon2), SASL PLAIN/LOGIN, failed-login throttling.
+//! - [`address`] — mail addresses as the server compares them.
+//! - [`smtp`] — the SMTP codec (sans-IO), replies, the session state machine and its verbs.
+//! - [`queue`] — the durable spool (group commit) and the scheduler that delivers from it.
+//! - [`store`] — the `MailStore` trait and its Maildir implementation.
+//! - [`durable`] — fsync policy shared by the spool and the store.
+//! - [`telemetry`] — logging.
+//! - [`cli`] — the `postern` command.
+
+pub mod address;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod durable;
+pub mod queue;
+pub mod server;
+pub mod smtp;
+pub mod store;
+pub mod stream;
+pub mod telemetry;
+pub mod tls;

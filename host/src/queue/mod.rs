@@ -1,0 +1,62 @@
+//! The durable queue: spool (accepted, fsynced messages) and the scheduler that delivers them.
+
+pub mod envelope;
+pub mod scheduler;
+pub mod spool;
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+pub use envelope::{Envelope, QueueId, Recipient, Route};
+pub use spool::{Spool, SpoolError};
+
+/// A message handed to the scheduler, with its bytes when they are still in memory.
+#[derive(Debug)]
+pub struct Queued {
+    pub envelope: Envelope,
+    pub message: Arc<Vec<u8>>,
+    /// Recovered from the spool after a restart: earlier delivery attempts may have succeeded.
+    pub retry: bool,
+    /// Failed delivery attempts so far (in memory; a restart starts over).
+    pub attempts: u32,
+}
+
+/// The sessions' door to the queue.
+#[derive(Clone)]
+pub struct Queue {
+    spool: Spool,
+    scheduler: mpsc::Sender<Queued>,
+}
+
+impl Queue {
+    pub fn new(spool: Spool, scheduler: mpsc::Sender<Queued>) -> Queue {
+        Queue { spool, scheduler }
+    }
+
+    pub fn new_id(&self) -> QueueId {
+        self.spool.new_id()
+    }
+
+    /// Makes the message durable, then hands it to the scheduler. When this returns Ok the
+    /// message may be acknowledged: it survives a crash from here on.
+    pub async fn submit(
+        &self,
+        envelope: Envelope,
+        message: Arc<Vec<u8>>,
+    ) -> Result<(), SpoolError> {
+        self.spool.store(&envelope, message.clone()).await?;
+        // A full channel slows acceptance down to the delivery rate instead of growing memory.
+        // If the scheduler is gone (shutdown), the message is in the spool and recovered at start.
+        let _ = self
+            .scheduler
+            .send(Queued {
+                envelope,
+                message,
+                retry: false,
+                attempts: 0,
+            })
+            .await;
+        Ok(())
+    }
+}

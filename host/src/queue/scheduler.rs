@@ -1,0 +1,205 @@
+//! The scheduler: takes spooled messages and delivers them.
+//!
+//! Local recipients go to the mail store in batches (one flush for many messages). A message leaves
+//! the spool when every recipient is done. Remote recipients wait in the spool for the outbound
+//! relay; temporary store failures are retried with a growing delay. On start, every message left
+//! in the spool is delivered again; store delivery is idempotent, so a crash between delivery and
+//! removal from the spool never duplicates a message.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use super::envelope::Route;
+use super::{Queued, Spool};
+use crate::store::{Delivery, MailStore};
+
+/// Messages delivered in one store batch.
+const BATCH: usize = 64;
+/// Retry delays for temporary local delivery failures.
+const RETRY_DELAYS: [u64; 5] = [5, 30, 120, 600, 1800];
+
+pub struct Scheduler {
+    spool: Spool,
+    store: Arc<dyn MailStore>,
+    inbox: mpsc::Receiver<Queued>,
+    /// For re-queueing retries into our own inbox.
+    requeue: mpsc::Sender<Queued>,
+}
+
+/// What happened to one message in a batch.
+enum Outcome {
+    Done,
+    /// Some recipients are remote: the message stays in the spool for the outbound relay.
+    AwaitingRelay,
+    TemporaryFailure(String),
+}
+
+impl Scheduler {
+    pub fn new(
+        spool: Spool,
+        store: Arc<dyn MailStore>,
+        inbox: mpsc::Receiver<Queued>,
+        requeue: mpsc::Sender<Queued>,
+    ) -> Scheduler {
+        Scheduler {
+            spool,
+            store,
+            inbox,
+            requeue,
+        }
+    }
+
+    /// Delivers what an earlier run left in the spool, then serves new messages until every
+    /// sender is gone.
+    pub async fn run(mut self, recovered: Vec<super::QueueId>) {
+        if !recovered.is_empty() {
+            info!(count = recovered.len(), "recovering spooled messages");
+        }
+        for ids in recovered.chunks(BATCH) {
+            let spool = self.spool.clone();
+            let ids = ids.to_vec();
+            let batch = tokio::task::spawn_blocking(move || {
+                ids.iter()
+                    .filter_map(|id| match spool.read(id) {
+                        Ok((envelope, message)) => Some(Queued {
+                            envelope,
+                            message: Arc::new(message),
+                            retry: true,
+                            attempts: 0,
+                        }),
+                        Err(err) => {
+                            error!(queue_id = %id, "cannot read spooled message: {err}");
+                            None
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+            self.deliver_batch(batch).await;
+        }
+        while let Some(first) = self.inbox.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < BATCH {
+                match self.inbox.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            self.deliver_batch(batch).await;
+        }
+    }
+
+    async fn deliver_batch(&mut self, batch: Vec<Queued>) {
+        if batch.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        let spool = self.spool.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let outcomes = deliver_locally(store.as_ref(), &batch);
+            let done: Vec<String> = batch
+                .iter()
+                .zip(&outcomes)
+                .filter(|(_, o)| matches!(o, Outcome::Done))
+                .map(|(q, _)| q.envelope.id.clone())
+                .collect();
+            if let Err(err) = spool.remove(&done) {
+                // Delivery is idempotent: they are delivered again (once) after a restart.
+                warn!("cannot remove delivered messages from the spool: {err}");
+            }
+            (batch, outcomes)
+        })
+        .await;
+        let Ok((batch, outcomes)) = result else {
+            error!("local delivery task failed");
+            return;
+        };
+        for (queued, outcome) in batch.into_iter().zip(outcomes) {
+            let id = queued.envelope.id.clone();
+            match outcome {
+                Outcome::Done => debug!(queue_id = %id, "delivered"),
+                Outcome::AwaitingRelay => {
+                    info!(queue_id = %id, "local recipients delivered; remote recipients wait for the outbound relay")
+                }
+                Outcome::TemporaryFailure(reason) => {
+                    warn!(queue_id = %id, "local delivery deferred: {reason}");
+                    self.retry_later(queued);
+                }
+            }
+        }
+    }
+
+    fn retry_later(&self, mut queued: Queued) {
+        let delay = RETRY_DELAYS[(queued.attempts as usize).min(RETRY_DELAYS.len() - 1)];
+        queued.attempts += 1;
+        queued.retry = true;
+        let requeue = self.requeue.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(delay)).await;
+            let _ = requeue.send(queued).await;
+        });
+    }
+}
+
+fn deliver_locally(store: &dyn MailStore, batch: &[Queued]) -> Vec<Outcome> {
+    let mut prepends = Vec::new();
+    let mut ids = Vec::new();
+    let mut owners = Vec::new();
+    for (m, queued) in batch.iter().enumerate() {
+        let env = &queued.envelope;
+        for (r, rcpt) in env.recipients.iter().enumerate() {
+            if let Route::Local { mailbox } = &rcpt.route {
+                prepends.push(
+                    format!(
+                        "Return-Path: <{}>\r\nDelivered-To: {}\r\n",
+                        env.sender, rcpt.address
+                    )
+                    .into_bytes(),
+                );
+                ids.push(format!("{}_{r}", env.id));
+                owners.push((m, mailbox.as_str()));
+            }
+        }
+    }
+    let deliveries: Vec<Delivery<'_>> = owners
+        .iter()
+        .enumerate()
+        .map(|(i, (m, mailbox))| Delivery {
+            mailbox,
+            folder: "INBOX",
+            delivery_id: &ids[i],
+            retry: batch[*m].retry,
+            received_at: batch[*m].envelope.received_at,
+            prepend: &prepends[i],
+            message: &batch[*m].message,
+        })
+        .collect();
+    let results = store.deliver(&deliveries);
+    let mut outcomes: Vec<Outcome> = batch
+        .iter()
+        .map(|q| {
+            if q.envelope.has_remote() {
+                Outcome::AwaitingRelay
+            } else {
+                Outcome::Done
+            }
+        })
+        .collect();
+    for ((m, mailbox), result) in owners.iter().zip(results) {
+        if let Err(err) = result {
+            if err.is_temporary() {
+                outcomes[*m] = Outcome::TemporaryFailure(format!("{mailbox}: {err}"));
+            } else {
+                // Permanent: the bounce comes with the outbound relay; keep the message spooled
+                // rather than lose it.
+                error!(queue_id = %batch[*m].envelope.id, "cannot deliver to {mailbox}: {err}");
+                outcomes[*m] = Outcome::AwaitingRelay;
+            }
+        }
+    }
+    outcomes
+}

@@ -1,0 +1,262 @@
+//! The running server: opens the spool and store, starts the scheduler, binds listeners, enforces
+//! connection limits, and shuts down gracefully.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+use crate::auth::UserDirectory;
+use crate::config::{Config, ListenerConfig, TlsMode};
+use crate::queue::scheduler::Scheduler;
+use crate::queue::{Queue, Spool};
+use crate::smtp::reply::Reply;
+use crate::smtp::session::Session;
+use crate::smtp::SmtpServer;
+use crate::store::maildir::Maildir;
+use crate::store::MailStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the spool: {0}")]
+    Spool(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("cannot listen on {address} ({name}): {source}")]
+    Bind {
+        name: String,
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Counts connections in total and per client IP.
+pub struct ConnectionLimiter {
+    max_total: usize,
+    max_per_ip: usize,
+    state: Mutex<LimiterState>,
+}
+
+#[derive(Default)]
+struct LimiterState {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+/// Holds a connection's place; releases it when dropped.
+pub struct ConnectionSlot {
+    limiter: Arc<ConnectionLimiter>,
+    ip: IpAddr,
+}
+
+impl ConnectionLimiter {
+    pub fn new(max_total: usize, max_per_ip: usize) -> Arc<ConnectionLimiter> {
+        Arc::new(ConnectionLimiter {
+            max_total,
+            max_per_ip,
+            state: Mutex::new(LimiterState::default()),
+        })
+    }
+
+    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<ConnectionSlot> {
+        let mut state = self.state.lock().expect("limiter lock");
+        let for_ip = state.per_ip.get(&ip).copied().unwrap_or(0);
+        if state.total >= self.max_total || for_ip >= self.max_per_ip {
+            return None;
+        }
+        state.total += 1;
+        state.per_ip.insert(ip, for_ip + 1);
+        Some(ConnectionSlot {
+            limiter: self.clone(),
+            ip,
+        })
+    }
+
+    pub fn active(&self) -> usize {
+        self.state.lock().expect("limiter lock").total
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut state = self.limiter.state.lock().expect("limiter lock");
+        state.total -= 1;
+        if let Some(count) = state.per_ip.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                state.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Runs the server until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> Result<(), ServerError> {
+    let config = Arc::new(config);
+    let data_dir = config.server.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
+        path: data_dir.clone(),
+        source,
+    })?;
+    let needs_tls = config.listeners.iter().any(|l| l.tls != TlsMode::None);
+    let tls = if needs_tls {
+        Some(crate::stream::acceptor(&crate::tls::server_config(
+            &config,
+        )?))
+    } else {
+        None
+    };
+    let users = Arc::new(UserDirectory::from_config(&config));
+    let spool = Spool::open(&data_dir.join("spool")).map_err(ServerError::Spool)?;
+    let store: Arc<dyn MailStore> = Arc::new(Maildir::new(
+        data_dir.join("mailboxes"),
+        &config.server.hostname,
+    ));
+    let recovered = spool.list().map_err(ServerError::Spool)?;
+    let (to_scheduler, scheduler_inbox) = mpsc::channel(1024);
+    let scheduler = Scheduler::new(spool.clone(), store, scheduler_inbox, to_scheduler.clone());
+    tokio::spawn(scheduler.run(recovered));
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let smtp = Arc::new(SmtpServer::new(
+        config.clone(),
+        users,
+        Queue::new(spool, to_scheduler),
+        tls,
+        shutdown_rx.clone(),
+    ));
+    let limiter = ConnectionLimiter::new(
+        config.limits.max_connections,
+        config.limits.max_connections_per_ip,
+    );
+
+    let mut bound = Vec::new();
+    for listener_config in &config.listeners {
+        let listener = TcpListener::bind(listener_config.address)
+            .await
+            .map_err(|source| ServerError::Bind {
+                name: listener_config.name.clone(),
+                address: listener_config.address,
+                source,
+            })?;
+        let local = listener.local_addr().map_err(|source| ServerError::Bind {
+            name: listener_config.name.clone(),
+            address: listener_config.address,
+            source,
+        })?;
+        bound.push((listener_config.name.clone(), local));
+        tokio::spawn(accept_loop(
+            listener,
+            Arc::new(listener_config.clone()),
+            smtp.clone(),
+            limiter.clone(),
+            shutdown_rx.clone(),
+        ));
+    }
+    // Machine-readable lines for scripts and tests (ports may have been chosen by the OS).
+    {
+        let mut out = std::io::stdout().lock();
+        for (name, address) in &bound {
+            info!(listener = %name, %address, "listening");
+            let _ = writeln!(out, "postern: listening {name} {address}");
+        }
+        let _ = writeln!(out, "postern: ready");
+        let _ = out.flush();
+    }
+
+    wait_for_signal().await;
+    info!("shutting down");
+    let _ = shutdown_tx.send(true);
+    let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+    let deadline = tokio::time::Instant::now() + grace;
+    while limiter.active() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    info!(remaining = limiter.active(), "stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    config: Arc<ListenerConfig>,
+    smtp: Arc<SmtpServer>,
+    limiter: Arc<ConnectionLimiter>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|down| *down) => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(err) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                error!("accept failed on {}: {err}", config.name);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let Some(slot) = limiter.try_acquire(peer.ip()) else {
+            warn!(%peer, "connection refused: too many connections");
+            tokio::spawn(refuse(stream, config.tls == TlsMode::Implicit));
+            continue;
+        };
+        let session = Session::new(smtp.clone(), config.clone(), peer);
+        tokio::spawn(async move {
+            session.run(stream).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Tells a client over the connection limit why it is turned away (RFC 5321 §3.1: 421).
+async fn refuse(mut stream: TcpStream, implicit_tls: bool) {
+    if !implicit_tls {
+        let reply = Reply::new(421, "4.7.0", "Too many connections, try again later");
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), stream.write_all(&reply.to_bytes())).await;
+    }
+    let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limiter_counts_total_and_per_ip() {
+        let limiter = ConnectionLimiter::new(3, 2);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let s1 = limiter.try_acquire(a).unwrap();
+        let _s2 = limiter.try_acquire(a).unwrap();
+        assert!(limiter.try_acquire(a).is_none(), "per-IP limit");
+        let _s3 = limiter.try_acquire(b).unwrap();
+        assert!(limiter.try_acquire(b).is_none(), "total limit");
+        drop(s1);
+        assert!(limiter.try_acquire(a).is_some());
+    }
+}

@@ -1,0 +1,184 @@
+//! AUTH (RFC 4954) with PLAIN (RFC 4616) and LOGIN, only over TLS or on trusted listeners.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{info, warn};
+
+use crate::auth::{self, SaslError, Secret};
+use crate::smtp::codec::LineEvent;
+use crate::smtp::reply::{common, Reply};
+use crate::smtp::session::{Flow, Phase, Session};
+use crate::stream::{Io, ReadError};
+
+/// Pause after a failed login, per failure in the session: guessing gets slow.
+const FAILURE_DELAY: Duration = Duration::from_millis(500);
+
+enum Exchange<T> {
+    Done(T),
+    /// The exchange ended with this reply (cancelled, malformed, too long).
+    Reply(Reply),
+    /// The connection is gone or timed out.
+    Lost(ReadError),
+}
+
+impl Session {
+    pub async fn cmd_auth<S>(&mut self, io: &mut Io<S>, mechanism: u64, initial: &str) -> Flow
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        if self.helo.is_none() {
+            return self.answer(io, common::bad_sequence("Send EHLO first"));
+        }
+        if self.auth.is_some() {
+            return self.answer(io, common::bad_sequence("Already authenticated"));
+        }
+        if matches!(self.phase, Phase::Transaction(_)) {
+            return self.answer(
+                io,
+                common::bad_sequence("AUTH not allowed during a transaction"),
+            );
+        }
+        if !self.auth_allowed() {
+            return self.answer(io, common::tls_required());
+        }
+        let ip = self.peer.ip();
+        if !self.server.auth_throttle.allows(ip) {
+            info!("AUTH refused: too many failures from this address");
+            return self.answer(
+                io,
+                Reply::new(
+                    454,
+                    "4.7.0",
+                    "Too many failed authentications, try again later",
+                ),
+            );
+        }
+        let credentials = match mechanism {
+            smtp_proto::AUTH_PLAIN => self.sasl_plain(io, initial).await,
+            smtp_proto::AUTH_LOGIN => self.sasl_login(io, initial).await,
+            _ => Exchange::Reply(Reply::new(504, "5.5.4", "Unrecognized authentication type")),
+        };
+        let (login, password) = match credentials {
+            Exchange::Done(pair) => pair,
+            Exchange::Reply(reply) => return self.answer(io, reply),
+            Exchange::Lost(ReadError::Timeout) => {
+                io.queue(&common::timeout().to_bytes());
+                return Flow::Close;
+            }
+            Exchange::Lost(_) => return Flow::Close,
+        };
+        match self.server.users.verify(login.clone(), password).await {
+            Some(user) => {
+                info!(user = %user.0, "authenticated");
+                self.server.auth_throttle.record_success(ip);
+                self.auth = Some(user);
+                self.answer(io, Reply::new(235, "2.7.0", "Authentication successful"))
+            }
+            None => {
+                self.auth_failures += 1;
+                self.server.auth_throttle.record_failure(ip);
+                warn!(login = %login.chars().take(64).collect::<String>(), failures = self.auth_failures, "authentication failed");
+                tokio::time::sleep(FAILURE_DELAY * self.auth_failures).await;
+                if self.auth_failures >= self.server.config.limits.max_auth_failures {
+                    io.queue(
+                        &Reply::new(
+                            421,
+                            "4.7.0",
+                            "Too many failed authentications, closing connection",
+                        )
+                        .to_bytes(),
+                    );
+                    return Flow::Close;
+                }
+                self.answer(
+                    io,
+                    Reply::new(535, "5.7.8", "Authentication credentials invalid"),
+                )
+            }
+        }
+    }
+
+    async fn sasl_plain<S>(
+        &mut self,
+        io: &mut Io<S>,
+        initial: &str,
+    ) -> Exchange<(String, Secret<String>)>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let response = if initial.is_empty() {
+            match self.challenge(io, "").await {
+                Exchange::Done(r) => r,
+                Exchange::Reply(r) => return Exchange::Reply(r),
+                Exchange::Lost(e) => return Exchange::Lost(e),
+            }
+        } else {
+            initial.to_string()
+        };
+        match auth::decode_response(&response).and_then(|m| auth::decode_plain(&m)) {
+            Ok(pair) => Exchange::Done(pair),
+            Err(err) => Exchange::Reply(sasl_error_reply(err)),
+        }
+    }
+
+    async fn sasl_login<S>(
+        &mut self,
+        io: &mut Io<S>,
+        initial: &str,
+    ) -> Exchange<(String, Secret<String>)>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let user_line = if initial.is_empty() {
+            match self.challenge(io, "Username:").await {
+                Exchange::Done(r) => r,
+                Exchange::Reply(r) => return Exchange::Reply(r),
+                Exchange::Lost(e) => return Exchange::Lost(e),
+            }
+        } else {
+            initial.to_string()
+        };
+        let user = match auth::decode_response(&user_line).map(String::from_utf8) {
+            Ok(Ok(user)) if !user.is_empty() => user,
+            Ok(_) => return Exchange::Reply(sasl_error_reply(SaslError::Malformed)),
+            Err(err) => return Exchange::Reply(sasl_error_reply(err)),
+        };
+        let pass_line = match self.challenge(io, "Password:").await {
+            Exchange::Done(r) => r,
+            Exchange::Reply(r) => return Exchange::Reply(r),
+            Exchange::Lost(e) => return Exchange::Lost(e),
+        };
+        match auth::decode_response(&pass_line).map(String::from_utf8) {
+            Ok(Ok(pass)) => Exchange::Done((user, Secret(pass))),
+            Ok(Err(_)) => Exchange::Reply(sasl_error_reply(SaslError::Malformed)),
+            Err(err) => Exchange::Reply(sasl_error_reply(err)),
+        }
+    }
+
+    /// Sends a 334 challenge and reads the client's response line.
+    async fn challenge<S>(&mut self, io: &mut Io<S>, text: &str) -> Exchange<String>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        io.queue(format!("334 {}\r\n", auth::encode_challenge(text)).as_bytes());
+        match self.read_command(io).await {
+            Ok(LineEvent::Line(line)) => {
+                Exchange::Done(String::from_utf8_lossy(&line).into_owned())
+            }
+            Ok(_) => Exchange::Reply(Reply::new(
+                500,
+                "5.5.6",
+                "Authentication exchange line is too long",
+            )),
+            Err(err) => Exchange::Lost(err),
+        }
+    }
+}
+
+fn sasl_error_reply(err: SaslError) -> Reply {
+    match err {
+        SaslError::Cancelled => Reply::new(501, "5.7.0", "Authentication cancelled"),
+        SaslError::Malformed => Reply::new(501, "5.5.2", "Cannot decode response"),
+    }
+}

@@ -1,0 +1,236 @@
+//! DATA (RFC 5321 §4.1.1.4) and BDAT (RFC 3030), the Received trace header (RFC 5321 §4.4), and
+//! the hand-over to the spool: 250 is sent only once the message is durable.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::queue::{Envelope, SpoolError};
+use crate::smtp::body::BodyBuffer;
+use crate::smtp::codec::{ChunkReader, DotDecoder};
+use crate::smtp::reply::{common, Reply};
+use crate::smtp::session::{Flow, Phase, Session, Transaction};
+use crate::stream::{Io, ReadError};
+
+impl Session {
+    /// Checks that a message may be sent now; the reply says why not.
+    fn ready_for_body(&self) -> Result<(), Reply> {
+        match &self.phase {
+            Phase::Transaction(tx) if !tx.recipients.is_empty() => Ok(()),
+            // RFC 2920 §3.1: with pipelining, DATA after only failed RCPTs gets 554.
+            Phase::Transaction(tx) if tx.rcpt_attempts > 0 => {
+                Err(Reply::new(554, "5.5.1", "No valid recipients"))
+            }
+            Phase::Transaction(_) => Err(common::bad_sequence("Need RCPT before DATA")),
+            _ => Err(common::bad_sequence("Need MAIL before DATA")),
+        }
+    }
+
+    pub async fn cmd_data<S>(&mut self, io: &mut Io<S>) -> Flow
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        if let Err(reply) = self.ready_for_body() {
+            return self.answer(io, reply);
+        }
+        if matches!(&self.phase, Phase::Transaction(tx) if tx.chunks.is_some()) {
+            return self.answer(io, common::bad_sequence("DATA not allowed after BDAT"));
+        }
+        io.queue(&Reply::new(354, "", "End data with <CR><LF>.<CR><LF>").to_bytes());
+        if io.flush().await.is_err() {
+            return Flow::Close;
+        }
+        let mut body = BodyBuffer::new(self.server.body_budget.clone());
+        body.append(self.received_header().as_bytes());
+        let mut decoder = DotDecoder::new(self.server.config.limits.max_message_size);
+        let mut scratch = Vec::new();
+        loop {
+            let progress = decoder.feed(&io.input, &mut scratch);
+            io.input.drain(..progress.consumed);
+            body.append(&scratch);
+            scratch.clear();
+            if progress.done {
+                break;
+            }
+            if let Err(err) = io.fill(Instant::now() + self.data_timeout()).await {
+                return self.lost_during_body(io, err);
+            }
+        }
+        if decoder.overflowed() {
+            self.phase = Phase::Idle;
+            return self.answer(io, common::message_too_big());
+        }
+        self.finish_message(io, body).await
+    }
+
+    pub async fn cmd_bdat<S>(&mut self, io: &mut Io<S>, size: usize, last: bool) -> Flow
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        // RFC 3030 §2: the chunk follows the command whatever the answer, so it is always read
+        // (and dropped when refused) to keep the stream in step.
+        let refusal = self.ready_for_body().err();
+        let limit = self.server.config.limits.max_message_size;
+        let budget = self.server.body_budget.clone();
+        let received = self.received_header();
+        let mut too_big = false;
+        if let (None, Phase::Transaction(tx)) = (&refusal, &mut self.phase) {
+            let body = tx.chunks.get_or_insert_with(|| {
+                let mut body = BodyBuffer::new(budget);
+                body.append(received.as_bytes());
+                body
+            });
+            too_big = body
+                .len()
+                .saturating_sub(received.len())
+                .saturating_add(size)
+                > limit;
+        }
+        let accepting = refusal.is_none() && !too_big;
+        let mut reader = ChunkReader::new(size);
+        loop {
+            let (take, done) = reader.feed(io.input.len());
+            if let (
+                true,
+                Phase::Transaction(Transaction {
+                    chunks: Some(body), ..
+                }),
+            ) = (accepting, &mut self.phase)
+            {
+                body.append(&io.input[..take]);
+            }
+            io.input.drain(..take);
+            if done {
+                break;
+            }
+            if let Err(err) = io.fill(Instant::now() + self.data_timeout()).await {
+                return self.lost_during_body(io, err);
+            }
+        }
+        if let Some(reply) = refusal {
+            return self.answer(io, reply);
+        }
+        if too_big {
+            self.phase = Phase::Idle;
+            return self.answer(io, common::message_too_big());
+        }
+        if !last {
+            return self.answer(
+                io,
+                Reply::new(250, "2.0.0", format!("{size} octets received")),
+            );
+        }
+        let body = match &mut self.phase {
+            Phase::Transaction(tx) => tx.chunks.take(),
+            _ => None,
+        };
+        match body {
+            Some(body) => self.finish_message(io, body).await,
+            None => self.answer(io, common::bad_sequence("No transaction")),
+        }
+    }
+
+    fn lost_during_body<S>(&mut self, io: &mut Io<S>, err: ReadError) -> Flow
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        self.phase = Phase::Idle;
+        if let ReadError::Timeout = err {
+            io.queue(&common::timeout().to_bytes());
+        }
+        Flow::Close
+    }
+
+    /// Ends the transaction: spool the message durably, then answer.
+    async fn finish_message<S>(&mut self, io: &mut Io<S>, mut body: BodyBuffer) -> Flow
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let Phase::Transaction(tx) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+            return self.answer(io, common::bad_sequence("No transaction"));
+        };
+        if body.exhausted() {
+            warn!(queue_id = %tx.id, "body memory budget exhausted");
+            return self.answer(io, common::storage_full());
+        }
+        let message = body.take();
+        let envelope = Envelope {
+            id: tx.id.clone(),
+            received_at: chrono::Utc::now().timestamp(),
+            sender: tx.sender,
+            recipients: tx.recipients,
+            helo: self
+                .helo
+                .as_ref()
+                .map(|h| h.name.clone())
+                .unwrap_or_default(),
+            peer: self.peer.ip().to_string(),
+            auth_user: self.auth.as_ref().map(|u| u.0.clone()),
+            smtputf8: tx.smtputf8,
+            message_len: message.len() as u64,
+        };
+        let size = message.len();
+        let rcpts = envelope.recipients.len();
+        match self.server.queue.submit(envelope, Arc::new(message)).await {
+            Ok(()) => {
+                info!(queue_id = %tx.id, size, rcpts, "queued");
+                self.answer(
+                    io,
+                    Reply::new(250, "2.0.0", format!("OK: queued as {}", tx.id)),
+                )
+            }
+            Err(SpoolError::Full(err)) => {
+                warn!(queue_id = %tx.id, "spool full: {err}");
+                self.answer(io, common::storage_full())
+            }
+            Err(err) => {
+                warn!(queue_id = %tx.id, "cannot spool: {err}");
+                self.answer(io, common::local_error())
+            }
+        }
+    }
+
+    /// The Received header this server adds (RFC 5321 §4.4, protocol names from RFC 3848/6531).
+    fn received_header(&self) -> String {
+        let Phase::Transaction(tx) = &self.phase else {
+            return String::new();
+        };
+        let helo = self.helo.as_ref();
+        let mut protocol = String::new();
+        if tx.smtputf8 {
+            protocol.push_str("UTF8SMTP");
+        } else if helo.is_some_and(|h| h.extended) {
+            protocol.push_str("ESMTP");
+        } else {
+            protocol.push_str("SMTP");
+        }
+        if self.tls.is_some() {
+            protocol.push('S');
+        }
+        if self.auth.is_some() {
+            protocol.push('A');
+        }
+        let tls = self
+            .tls
+            .as_ref()
+            .map(|t| format!("\r\n\t(using {} with cipher {})", t.version, t.cipher))
+            .unwrap_or_default();
+        let for_clause = match tx.recipients.as_slice() {
+            [only] => format!("\r\n\tfor <{}>", only.address),
+            _ => String::new(),
+        };
+        format!(
+            "Received: from {} ([{}])\r\n\tby {} (Postern) with {} id {}{}{};\r\n\t{}\r\n",
+            helo.map(|h| h.name.as_str()).unwrap_or("unknown"),
+            self.peer.ip(),
+            self.server.config.server.hostname,
+            protocol,
+            tx.id,
+            tls,
+            for_clause,
+            chrono::Local::now().to_rfc2822(),
+        )
+    }
+}

@@ -1,0 +1,61 @@
+//! MAIL FROM (RFC 5321 §4.1.1.2) with SIZE (RFC 1870), BODY=8BITMIME (RFC 6152), SMTPUTF8 (RFC 6531).
+
+use smtp_proto::MailFrom;
+
+use crate::address::Address;
+use crate::smtp::reply::{common, Reply};
+use crate::smtp::session::{Phase, Session, Transaction};
+
+impl Session {
+    pub fn cmd_mail(&mut self, from: MailFrom<std::borrow::Cow<'_, str>>) -> Reply {
+        match self.phase {
+            Phase::Greeting => return common::bad_sequence("Send HELO/EHLO first"),
+            Phase::Transaction(_) => return common::bad_sequence("Nested MAIL command"),
+            Phase::Idle => {}
+        }
+        if self.is_submission() && self.auth.is_none() {
+            return common::auth_required();
+        }
+        let limit = self.server.config.limits.max_message_size;
+        if from.size > limit {
+            return Reply::new(
+                552,
+                "5.3.4",
+                format!("Message size exceeds fixed limit of {limit} bytes"),
+            );
+        }
+        let smtputf8 = from.flags & smtp_proto::MAIL_SMTPUTF8 != 0;
+        if from.flags & smtp_proto::MAIL_BODY_BINARYMIME != 0 {
+            return Reply::new(555, "5.5.4", "BODY=BINARYMIME is not supported");
+        }
+        let sender = from.address.to_string();
+        if !sender.is_ascii() && !smtputf8 {
+            return Reply::new(553, "5.6.7", "Non-ASCII address requires SMTPUTF8");
+        }
+        if !sender.is_empty() && Address::parse(&sender).is_none() {
+            return Reply::new(501, "5.1.7", "Invalid sender address");
+        }
+        if self.is_submission() && self.server.config.relay.submission_sender_must_match {
+            let owner = self.auth.as_ref().map(|u| u.0.as_str());
+            let owned = Address::parse(&sender)
+                .and_then(|a| self.server.users.resolve(&a))
+                .is_some_and(|key| Some(key.as_str()) == owner);
+            if !owned {
+                return Reply::new(
+                    553,
+                    "5.7.1",
+                    "Sender address is not owned by the authenticated user",
+                );
+            }
+        }
+        self.phase = Phase::Transaction(Transaction {
+            id: self.server.queue.new_id(),
+            sender,
+            smtputf8,
+            recipients: Vec::new(),
+            rcpt_attempts: 0,
+            chunks: None,
+        });
+        Reply::new(250, "2.1.0", "Sender OK")
+    }
+}

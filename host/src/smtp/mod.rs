@@ -1,0 +1,62 @@
+//! SMTP (RFC 5321) for relay and submission: a sans-IO codec, typed replies, and a session state
+//! machine whose verbs live one group per file under `cmd/`.
+//!
+//! ```text
+//!  connect ─► Greeting ──EHLO/HELO──► Idle ──MAIL──► Transaction ──RCPT*──► DATA/BDAT ─► Idle
+//!               ▲  STARTTLS resets      ▲   RSET, EHLO, end of message     │
+//!               └───────────────────────┴──────────────────────────────────┘
+//! ```
+
+pub mod body;
+pub mod cmd;
+pub mod codec;
+pub mod reply;
+pub mod session;
+
+use std::sync::Arc;
+
+use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+use crate::auth::{AuthThrottle, UserDirectory};
+use crate::config::Config;
+use crate::queue::Queue;
+
+/// Everything SMTP sessions share.
+pub struct SmtpServer {
+    pub config: Arc<Config>,
+    pub users: Arc<UserDirectory>,
+    pub queue: Queue,
+    pub tls: Option<TlsAcceptor>,
+    pub auth_throttle: AuthThrottle,
+    /// Memory for message bodies in flight, in KiB permits (see `body`).
+    pub body_budget: Arc<Semaphore>,
+    /// Becomes true when the server shuts down.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl SmtpServer {
+    pub fn new(
+        config: Arc<Config>,
+        users: Arc<UserDirectory>,
+        queue: Queue,
+        tls: Option<TlsAcceptor>,
+        shutdown: watch::Receiver<bool>,
+    ) -> SmtpServer {
+        let limits = &config.limits;
+        SmtpServer {
+            auth_throttle: AuthThrottle::new(
+                limits.max_auth_failures_per_ip,
+                std::time::Duration::from_secs(limits.auth_failure_window_secs),
+            ),
+            body_budget: Arc::new(Semaphore::new(body::budget_permits(
+                limits.body_memory_budget,
+            ))),
+            config,
+            users,
+            queue,
+            tls,
+            shutdown,
+        }
+    }
+}

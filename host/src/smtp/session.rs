@@ -1,0 +1,299 @@
+//! One SMTP session: an explicit state machine driven by one async loop (read a command with a
+//! deadline, act, answer). Verb handlers live in `smtp::cmd`, one file per group.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use smtp_proto::Request;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+use tracing::{debug, info, Instrument};
+
+use super::body::BodyBuffer;
+use super::codec::{LineEvent, LineFramer};
+use super::reply::{common, Reply};
+use super::SmtpServer;
+use crate::auth::AuthUser;
+use crate::config::{ListenerConfig, ListenerProtocol, TlsMode};
+use crate::queue::{QueueId, Recipient};
+use crate::stream::{Io, ReadError, TlsInfo};
+
+/// Where the session is in RFC 5321's command sequence.
+pub enum Phase {
+    /// Connected (or just upgraded to TLS); HELO/EHLO comes first.
+    Greeting,
+    /// Greeted; no mail transaction open.
+    Idle,
+    /// MAIL accepted; recipients (and BDAT chunks) are being collected.
+    Transaction(Transaction),
+}
+
+/// An open mail transaction.
+pub struct Transaction {
+    pub id: QueueId,
+    /// Reverse path; empty for `<>`.
+    pub sender: String,
+    pub smtputf8: bool,
+    pub recipients: Vec<Recipient>,
+    /// RCPT commands tried, accepted or not (RFC 2920 §3.1: DATA answers 554 when all failed).
+    pub rcpt_attempts: u32,
+    /// The body so far, once BDAT has started.
+    pub chunks: Option<BodyBuffer>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Helo {
+    pub name: String,
+    pub extended: bool,
+}
+
+/// What the loop does after a command.
+pub enum Flow {
+    Continue,
+    Close,
+}
+
+pub struct Session {
+    pub server: Arc<SmtpServer>,
+    pub listener: Arc<ListenerConfig>,
+    pub peer: SocketAddr,
+    pub tls: Option<TlsInfo>,
+    pub helo: Option<Helo>,
+    pub auth: Option<AuthUser>,
+    pub phase: Phase,
+    pub errors: u32,
+    pub auth_failures: u32,
+    framer: LineFramer,
+}
+
+static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
+
+impl Session {
+    pub fn new(
+        server: Arc<SmtpServer>,
+        listener: Arc<ListenerConfig>,
+        peer: SocketAddr,
+    ) -> Session {
+        let max_line = server.config.limits.max_line_length;
+        Session {
+            server,
+            listener,
+            peer,
+            tls: None,
+            helo: None,
+            auth: None,
+            phase: Phase::Greeting,
+            errors: 0,
+            auth_failures: 0,
+            framer: LineFramer::new(max_line),
+        }
+    }
+
+    /// Runs the session to its end over any byte stream (a TCP socket, or an in-memory pipe in
+    /// tests). Never panics on input; every way out sends a reply when one is owed.
+    pub async fn run<S>(self, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!("smtp", session = id, peer = %self.peer, listener = %self.listener.name);
+        self.serve(stream).instrument(span).await
+    }
+
+    async fn serve<S>(mut self, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let limits = &self.server.config.limits;
+        let mut io = Io::new(stream, limits.command_timeout());
+        debug!("connected");
+        if self.listener.tls == TlsMode::Implicit {
+            let Some(acceptor) = self.server.tls.clone() else {
+                return;
+            };
+            match io.start_tls(&acceptor, limits.command_timeout()).await {
+                Ok(info) => self.tls = Some(info),
+                Err(err) => {
+                    info!("TLS handshake failed: {err}");
+                    return;
+                }
+            }
+        }
+        let banner = Reply::new(
+            220,
+            "",
+            format!("{} ESMTP Postern", self.server.config.server.hostname),
+        );
+        io.queue(&banner.to_bytes());
+        let mut shutdown = self.server.shutdown.clone();
+        loop {
+            let line = tokio::select! {
+                line = self.read_command(&mut io) => line,
+                _ = shutdown.wait_for(|down| *down) => {
+                    io.queue(&common::shutting_down().to_bytes());
+                    break;
+                }
+            };
+            let flow = match line {
+                Ok(LineEvent::Line(line)) => self.dispatch(&mut io, &line).await,
+                Ok(LineEvent::TooLong) => self.answer(&mut io, common::line_too_long()),
+                Ok(LineEvent::Incomplete) => Flow::Continue,
+                Err(ReadError::Timeout) => {
+                    io.queue(&common::timeout().to_bytes());
+                    break;
+                }
+                Err(err) => {
+                    debug!("connection ended: {err}");
+                    return;
+                }
+            };
+            if let Flow::Close = flow {
+                break;
+            }
+            if self.errors >= self.server.config.limits.max_errors {
+                info!(errors = self.errors, "too many errors, disconnecting");
+                io.queue(&common::too_many_errors().to_bytes());
+                break;
+            }
+        }
+        io.shutdown().await;
+        debug!("closed");
+    }
+
+    /// Reads the next command line; the whole line must arrive within the command timeout, so a
+    /// client sending one byte at a time cannot hold the session open.
+    pub async fn read_command<S>(&mut self, io: &mut Io<S>) -> Result<LineEvent, ReadError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let deadline = Instant::now() + self.server.config.limits.command_timeout();
+        loop {
+            match self.framer.next_line(&mut io.input) {
+                LineEvent::Incomplete => {
+                    // Nothing left to answer without more input: send what is queued (RFC 2920).
+                    io.flush().await?;
+                    io.fill(deadline).await?;
+                }
+                event => return Ok(event),
+            }
+        }
+    }
+
+    /// Queues a reply, counting client errors.
+    pub fn answer<S>(&mut self, io: &mut Io<S>, reply: Reply) -> Flow
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        if reply.code >= 500 || (reply.code == 452 && reply.status == "4.5.3") {
+            self.errors += 1;
+        }
+        io.queue(&reply.to_bytes());
+        if reply.closes_connection() {
+            Flow::Close
+        } else {
+            Flow::Continue
+        }
+    }
+
+    async fn dispatch<S>(&mut self, io: &mut Io<S>, line: &[u8]) -> Flow
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let request = match Request::parse(&mut line.iter()) {
+            Ok(request) => request,
+            Err(err) => {
+                let reply = parse_error_reply(err);
+                return self.answer(io, reply);
+            }
+        };
+        match request {
+            Request::Ehlo { host } => {
+                let reply = self.cmd_hello(&host, true);
+                self.answer(io, reply)
+            }
+            Request::Helo { host } => {
+                let reply = self.cmd_hello(&host, false);
+                self.answer(io, reply)
+            }
+            Request::StartTls => self.cmd_starttls(io).await,
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => self.cmd_auth(io, mechanism, &initial_response).await,
+            Request::Mail { from } => {
+                let reply = self.cmd_mail(from);
+                self.answer(io, reply)
+            }
+            Request::Rcpt { to } => {
+                let reply = self.cmd_rcpt(to, line);
+                self.answer(io, reply)
+            }
+            Request::Data => self.cmd_data(io).await,
+            Request::Bdat {
+                chunk_size,
+                is_last,
+            } => self.cmd_bdat(io, chunk_size, is_last).await,
+            Request::Rset => {
+                if !matches!(self.phase, Phase::Greeting) {
+                    self.phase = Phase::Idle;
+                }
+                self.answer(io, common::ok())
+            }
+            Request::Noop { .. } => self.answer(io, common::ok()),
+            Request::Quit => {
+                io.queue(&Reply::new(221, "2.0.0", "Bye").to_bytes());
+                Flow::Close
+            }
+            Request::Help { .. } => self.answer(io, Self::cmd_help()),
+            Request::Vrfy { .. } => self.answer(io, Self::cmd_vrfy()),
+            Request::Expn { .. } => self.answer(io, Self::cmd_expn()),
+            Request::Lhlo { .. }
+            | Request::Etrn { .. }
+            | Request::Atrn { .. }
+            | Request::Burl { .. } => {
+                self.answer(io, Reply::new(502, "5.5.1", "Command not implemented"))
+            }
+        }
+    }
+
+    /// Whether AUTH (and so plain passwords) may be used now.
+    pub fn auth_allowed(&self) -> bool {
+        self.tls.is_some() || self.listener.trusted
+    }
+
+    pub fn is_submission(&self) -> bool {
+        self.listener.protocol == ListenerProtocol::Submission
+    }
+
+    pub fn data_timeout(&self) -> Duration {
+        self.server.config.limits.data_timeout()
+    }
+}
+
+fn parse_error_reply(err: smtp_proto::Error) -> Reply {
+    use smtp_proto::Error;
+    match err {
+        Error::InvalidSenderAddress => Reply::new(501, "5.1.7", "Invalid sender address"),
+        Error::InvalidRecipientAddress => Reply::new(501, "5.1.3", "Invalid recipient address"),
+        Error::SyntaxError { syntax } => Reply::new(501, "5.5.4", format!("Syntax: {syntax}")),
+        Error::InvalidParameter { param } => {
+            Reply::new(501, "5.5.4", format!("Invalid parameter {param:?}"))
+        }
+        Error::UnsupportedParameter { param } => Reply::new(
+            555,
+            "5.5.4",
+            format!(
+                "Unsupported parameter {:?}",
+                param.chars().take(32).collect::<String>()
+            ),
+        ),
+        Error::UnknownCommand | Error::NeedsMoreData { .. } => {
+            Reply::new(500, "5.5.2", "Syntax error, command unrecognized")
+        }
+        Error::ResponseTooLong | Error::InvalidResponse { .. } => {
+            Reply::new(500, "5.5.2", "Syntax error")
+        }
+    }
+}
