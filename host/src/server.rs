@@ -124,7 +124,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         &config.server.hostname,
     ));
     let recovered = spool.list().map_err(ServerError::Spool)?;
-    let (to_scheduler, scheduler_inbox) = mpsc::channel(1024);
+    let (to_scheduler, scheduler_inbox) = mpsc::channel(256);
     let scheduler = Scheduler::new(spool.clone(), store, scheduler_inbox, to_scheduler.clone());
     tokio::spawn(scheduler.run(recovered));
 

@@ -12,6 +12,10 @@ use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
+/// A TLS handshake must finish within this time, whatever the command timeout: a stalled
+/// handshake should not hold a connection slot for minutes.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 16 * 1024;
 

@@ -11,11 +11,16 @@ use tokio::sync::mpsc;
 pub use envelope::{Envelope, QueueId, Recipient, Route};
 pub use spool::{Spool, SpoolError};
 
+/// Messages up to this size travel to the scheduler in memory; larger ones are read back from the
+/// spool, so a stalled scheduler never pins more than channel capacity × this much memory.
+pub const IN_MEMORY_HANDOFF: usize = 256 * 1024;
+
 /// A message handed to the scheduler, with its bytes when they are still in memory.
 #[derive(Debug)]
 pub struct Queued {
     pub envelope: Envelope,
-    pub message: Arc<Vec<u8>>,
+    /// None: read it from the spool.
+    pub message: Option<Arc<Vec<u8>>>,
     /// Recovered from the spool after a restart: earlier delivery attempts may have succeeded.
     pub retry: bool,
     /// Failed delivery attempts so far (in memory; a restart starts over).
@@ -46,6 +51,7 @@ impl Queue {
         message: Arc<Vec<u8>>,
     ) -> Result<(), SpoolError> {
         self.spool.store(&envelope, message.clone()).await?;
+        let message = (message.len() <= IN_MEMORY_HANDOFF).then_some(message);
         // A full channel slows acceptance down to the delivery rate instead of growing memory.
         // If the scheduler is gone (shutdown), the message is in the spool and recovered at start.
         let _ = self

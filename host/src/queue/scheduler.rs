@@ -66,7 +66,7 @@ impl Scheduler {
                     .filter_map(|id| match spool.read(id) {
                         Ok((envelope, message)) => Some(Queued {
                             envelope,
-                            message: Arc::new(message),
+                            message: Some(Arc::new(message)),
                             retry: true,
                             attempts: 0,
                         }),
@@ -100,6 +100,8 @@ impl Scheduler {
         let store = self.store.clone();
         let spool = self.spool.clone();
         let result = tokio::task::spawn_blocking(move || {
+            let mut batch = batch;
+            load_from_spool(&spool, &mut batch);
             let outcomes = deliver_locally(store.as_ref(), &batch);
             let done: Vec<String> = batch
                 .iter()
@@ -145,12 +147,27 @@ impl Scheduler {
     }
 }
 
+/// Reads the bytes of messages that were handed over without them.
+fn load_from_spool(spool: &Spool, batch: &mut [Queued]) {
+    for queued in batch.iter_mut().filter(|q| q.message.is_none()) {
+        match spool.read(&queued.envelope.id) {
+            Ok((_, message)) => queued.message = Some(Arc::new(message)),
+            Err(err) => {
+                error!(queue_id = %queued.envelope.id, "cannot read spooled message: {err}")
+            }
+        }
+    }
+}
+
 fn deliver_locally(store: &dyn MailStore, batch: &[Queued]) -> Vec<Outcome> {
     let mut prepends = Vec::new();
     let mut ids = Vec::new();
     let mut owners = Vec::new();
     for (m, queued) in batch.iter().enumerate() {
         let env = &queued.envelope;
+        if queued.message.is_none() {
+            continue;
+        }
         for (r, rcpt) in env.recipients.iter().enumerate() {
             if let Route::Local { mailbox } = &rcpt.route {
                 prepends.push(
@@ -175,14 +192,20 @@ fn deliver_locally(store: &dyn MailStore, batch: &[Queued]) -> Vec<Outcome> {
             retry: batch[*m].retry,
             received_at: batch[*m].envelope.received_at,
             prepend: &prepends[i],
-            message: &batch[*m].message,
+            message: batch[*m]
+                .message
+                .as_deref()
+                .map(Vec::as_slice)
+                .unwrap_or_default(),
         })
         .collect();
     let results = store.deliver(&deliveries);
     let mut outcomes: Vec<Outcome> = batch
         .iter()
         .map(|q| {
-            if q.envelope.has_remote() {
+            if q.message.is_none() {
+                Outcome::TemporaryFailure("message unreadable in the spool".into())
+            } else if q.envelope.has_remote() {
                 Outcome::AwaitingRelay
             } else {
                 Outcome::Done

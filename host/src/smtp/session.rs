@@ -113,7 +113,10 @@ impl Session {
             let Some(acceptor) = self.server.tls.clone() else {
                 return;
             };
-            match io.start_tls(&acceptor, limits.command_timeout()).await {
+            match io
+                .start_tls(&acceptor, crate::stream::TLS_HANDSHAKE_TIMEOUT)
+                .await
+            {
                 Ok(info) => self.tls = Some(info),
                 Err(err) => {
                     info!("TLS handshake failed: {err}");

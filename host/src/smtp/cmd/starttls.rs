@@ -45,7 +45,7 @@ impl Session {
             );
         }
         match io
-            .start_tls(&acceptor, self.server.config.limits.command_timeout())
+            .start_tls(&acceptor, crate::stream::TLS_HANDSHAKE_TIMEOUT)
             .await
         {
             Ok(info) => {

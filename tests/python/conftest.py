@@ -1,0 +1,107 @@
+"""Starts the real postern binary on free loopback ports with a temporary data directory."""
+
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def postern_bin():
+    if os.environ.get("POSTERN_BIN"):
+        return os.environ["POSTERN_BIN"]
+    target = os.environ.get("CARGO_TARGET_DIR", str(ROOT / "target"))
+    return os.path.join(target, "debug", "postern")
+
+
+def test_config(data_dir, edits=None):
+    """The embedded default with port-0 listeners, the given data dir and optional key edits."""
+    text = (ROOT / "examples" / "postern.toml").read_text()
+    text = re.sub(r'(?m)^address = "127\.0\.0\.1:\d+"', 'address = "127.0.0.1:0"', text)
+    text = re.sub(r'(?m)^data_dir = .*$', f'data_dir = "{data_dir}"', text)
+    for key, value in (edits or {}).items():
+        text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
+        assert n == 1, key
+    return text
+
+
+class Server:
+    def __init__(self, tmp_path, edits=None):
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        self.data_dir = tmp_path / "data"
+        self.config = tmp_path / "postern.toml"
+        self.config.write_text(test_config(self.data_dir, edits))
+        self.log = open(tmp_path / "postern.log", "wb")
+        self.proc = subprocess.Popen(
+            [postern_bin(), "serve", "--config", str(self.config)],
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+        )
+        self.ports = {}
+        deadline = time.time() + 30
+        for raw in self.proc.stdout:
+            line = raw.decode().strip()
+            if line == "postern: ready":
+                break
+            m = re.match(r"postern: listening (\S+) \S+:(\d+)$", line)
+            if m:
+                self.ports[m.group(1)] = int(m.group(2))
+            assert time.time() < deadline, "server did not start"
+        assert self.ports, "server exited before ready"
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+        self.cert = str(self.data_dir / "tls" / "cert.pem")
+
+    def maildir(self, user, domain="example.test"):
+        base = self.data_dir / "mailboxes" / domain / user
+        out = []
+        for sub in ("new", "cur"):
+            d = base / sub
+            if d.exists():
+                out += [(p.name, p.read_bytes()) for p in sorted(d.iterdir())]
+        return out
+
+    def wait_for_mail(self, user, count, domain="example.test"):
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            mail = self.maildir(user, domain)
+            if len(mail) >= count:
+                return mail
+            time.sleep(0.02)
+        return self.maildir(user, domain)
+
+    def spooled(self):
+        d = self.data_dir / "spool" / "queue"
+        return sorted(os.listdir(d)) if d.exists() else []
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = Server(tmp_path)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def make_server(tmp_path):
+    made = []
+
+    def make(**edits):
+        s = Server(tmp_path / f"s{len(made)}", edits)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.stop()
