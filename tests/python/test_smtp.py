@@ -217,3 +217,50 @@ def test_vrfy_and_expn_reveal_nothing(server):
         assert s.verify("alice")[0] == 252
         assert s.verify("nobody")[0] == 252
         assert s.expn("staff")[0] == 502
+
+
+def test_starttls_discards_pipelined_plaintext(server):
+    """CVE-2011-0411: commands sent in plaintext behind STARTTLS must not run inside TLS."""
+    with socket.create_connection(("127.0.0.1", server.ports["smtp"]), timeout=10) as raw:
+        f = raw.makefile("rb")
+        assert f.readline().startswith(b"220 ")
+        raw.sendall(b"EHLO x\r\n")
+        while not f.readline().startswith(b"250 "):
+            pass
+        raw.sendall(b"STARTTLS\r\nMAIL FROM:<injected@remote.test>\r\n")
+        assert f.readline().startswith(b"220 2.0.0")
+        tls = tls_context(server).wrap_socket(raw, server_hostname="localhost")
+        tf = tls.makefile("rb")
+        # Had the injected MAIL run, this RCPT would be accepted; it must see no transaction.
+        tls.sendall(b"EHLO x\r\n")
+        while not tf.readline().startswith(b"250 "):
+            pass
+        tls.sendall(b"RCPT TO:<alice@example.test>\r\n")
+        assert tf.readline().startswith(b"503 5.5.1"), "injected command ran inside TLS"
+
+
+def test_swaks_starttls_auth_login(server):
+    """swaks, a real SMTP client, submits over STARTTLS with AUTH LOGIN."""
+    import shutil
+    import subprocess
+
+    assert shutil.which("swaks"), "swaks is installed by scripts/test"
+    out = subprocess.run(
+        [
+            "swaks", "--server", "127.0.0.1", "--port", str(server.ports["submission"]),
+            "--tls", "--tls-verify", "--tls-ca-path", server.cert, "--tls-sni", "localhost",
+            "--auth", "LOGIN", "--auth-user", "bob@example.test", "--auth-password", "bobpass",
+            "--from", "bob@example.test", "--to", "alice@example.test",
+            "--header", "Subject: from swaks", "--body", "swaks body line",
+        ],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "235 2.7.0" in out.stdout
+    assert re.search(r"<~  250 2\.0\.0 OK: queued as [0-9A-F]+", out.stdout), out.stdout
+    mail = server.wait_for_mail("alice", 1)
+    stored = mail[0][1]
+    assert b"Subject: from swaks\n" in stored
+    # swaks sends the body followed by two empty lines (see its transcript), stored as LF lines.
+    assert stored.endswith(b"\n\nswaks body line\n\n\n"), stored
+    assert b"with ESMTPSA id" in stored
