@@ -40,6 +40,22 @@ enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// Manage plugins of a running server.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Ask the running server to reload its plugins (sends SIGHUP to the pid in the data dir).
+    Reload {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -68,6 +84,7 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config, data_dir } => {
+            let config_path = config.clone();
             let mut config = load_config(config.as_ref())?;
             if let Some(dir) = data_dir {
                 config.server.data_dir = dir;
@@ -77,7 +94,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
-            runtime.block_on(crate::server::run(config))?;
+            runtime.block_on(crate::server::run(config, config_path))?;
             Ok(())
         }
         Command::CheckConfig { config } => {
@@ -88,6 +105,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 config.users.len(),
                 config.relay.local_domains.join(", ")
             );
+            Ok(())
+        }
+        Command::Plugin {
+            command: PluginCommand::Reload { config, data_dir },
+        } => {
+            let mut loaded = load_config(config.as_ref())?;
+            if let Some(dir) = data_dir {
+                loaded.server.data_dir = dir;
+            }
+            let pid_file = crate::server::pid_path(&loaded.server.data_dir);
+            let pid: i32 = std::fs::read_to_string(&pid_file)
+                .with_context(|| format!("no running server ({} not found)", pid_file.display()))?
+                .trim()
+                .parse()
+                .context("bad pid file")?;
+            // SAFETY: kill(2) with a pid read from our own pid file and a plain signal number.
+            let rc = unsafe { libc::kill(pid, libc::SIGHUP) };
+            anyhow::ensure!(
+                rc == 0,
+                "cannot signal pid {pid}: {}",
+                std::io::Error::last_os_error()
+            );
+            println!("reload requested (pid {pid}); see the server log for the result");
             Ok(())
         }
         Command::User {

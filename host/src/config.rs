@@ -49,6 +49,83 @@ pub struct Config {
     /// `"alias@local.domain" = "target@local.domain"`.
     #[serde(default)]
     pub aliases: BTreeMap<String, String>,
+    #[serde(default)]
+    pub plugins: PluginsConfig,
+    /// Plugins, called in this order at every hook they export.
+    #[serde(default, rename = "plugin")]
+    pub plugin_list: Vec<PluginConfig>,
+}
+
+/// Settings shared by all plugins (the sandbox's outer bounds).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// Deadline for one hook call, unless a plugin sets its own.
+    pub default_timeout_ms: u64,
+    /// Linear memory one plugin instance may use, unless a plugin sets its own.
+    pub default_memory_mb: u64,
+    /// The largest memory any plugin may be given (size of a pooled memory slot).
+    pub max_memory_mb: u64,
+    /// Plugin instances alive at once across all sessions (pooling allocator size); a session
+    /// that finds the pool exhausted gets the plugin's on-error policy.
+    pub max_instances: u32,
+    /// Watch plugin files and the configuration file, and reload on change.
+    pub watch: bool,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        PluginsConfig {
+            default_timeout_ms: 100,
+            default_memory_mb: 64,
+            max_memory_mb: 256,
+            max_instances: 1000,
+            watch: true,
+        }
+    }
+}
+
+/// What a session gets when a plugin fails (traps, times out, runs out of memory, or returns an
+/// invalid reply).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// 451 4.3.0: the client retries later; nothing is lost.
+    #[default]
+    Tempfail,
+    /// Ignore the plugin for this call.
+    Continue,
+    /// 550 5.7.0.
+    Reject,
+}
+
+/// Host capabilities a plugin may be granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Capability {
+    Log,
+    Config,
+    Kv,
+    Clock,
+    Directory,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    pub name: String,
+    /// The component (`.wasm`), relative to the configuration file's directory.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub on_error: OnError,
+    pub timeout_ms: Option<u64>,
+    pub memory_mb: Option<u64>,
+    /// Capabilities granted; a plugin importing anything else is refused at load.
+    #[serde(default)]
+    pub capabilities: Vec<Capability>,
+    /// The plugin's own settings, read through the `config` capability.
+    #[serde(default)]
+    pub config: toml::Table,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -219,7 +296,11 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::parse(&text, &path.display().to_string())
+        let mut config = Config::parse(&text, &path.display().to_string())?;
+        if let Some(base) = path.parent() {
+            config.resolve_plugin_paths(base);
+        }
+        Ok(config)
     }
 
     pub fn embedded_default() -> Config {
@@ -264,6 +345,30 @@ impl Config {
                 ));
             }
         }
+        let mut plugin_names = std::collections::HashSet::new();
+        for plugin in &self.plugin_list {
+            if !plugin_names.insert(&plugin.name) {
+                return Err(format!("plugin name {:?} is used twice", plugin.name));
+            }
+            if plugin.name.is_empty()
+                || !plugin
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(format!(
+                    "plugin name {:?}: use letters, digits, '-' and '_'",
+                    plugin.name
+                ));
+            }
+            let memory = plugin.memory_mb.unwrap_or(self.plugins.default_memory_mb);
+            if memory > self.plugins.max_memory_mb {
+                return Err(format!(
+                    "plugin {:?}: memory_mb {memory} exceeds plugins.max_memory_mb {}",
+                    plugin.name, self.plugins.max_memory_mb
+                ));
+            }
+        }
         for (alias, target) in &self.aliases {
             for address in [alias, target] {
                 if crate::address::Address::parse(address).is_none() {
@@ -272,6 +377,15 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Resolves plugin paths relative to the directory of the configuration file they came from.
+    pub fn resolve_plugin_paths(&mut self, base: &Path) {
+        for plugin in &mut self.plugin_list {
+            if plugin.path.is_relative() {
+                plugin.path = base.join(&plugin.path);
+            }
+        }
     }
 
     pub fn is_trusted_network(&self, ip: IpAddr) -> bool {
@@ -310,6 +424,25 @@ mod tests {
         let err = Config::parse(&text, "test.toml").unwrap_err().to_string();
         assert!(err.contains("test.toml, line"), "{err}");
         assert!(err.contains("max_conections"), "{err}");
+    }
+
+    #[test]
+    fn plugin_example_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/plugins.toml");
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.plugin_list.len(), 2);
+        assert!(
+            config.plugin_list[0].path.is_absolute()
+                || config.plugin_list[0].path.starts_with("..")
+        );
+        assert!(config.plugin_list[0]
+            .path
+            .to_string_lossy()
+            .contains("examples/../plugins/"));
+        assert_eq!(
+            config.plugin_list[1].capabilities,
+            vec![Capability::Config, Capability::Directory, Capability::Log]
+        );
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //! - [`smtp`] — the SMTP codec (sans-IO), replies, the session state machine and its verbs.
 //! - [`queue`] — the durable spool (group commit) and the scheduler that delivers from it.
 //! - [`store`] — the `MailStore` trait and its Maildir implementation.
+//! - [`plugin`] — the WebAssembly plugin platform (WIT hooks, sandbox, hot reload).
+//! - [`message`] — header fields of a received message and the edits plugins ask for.
 //! - [`durable`] — fsync policy shared by the spool and the store.
 //! - [`telemetry`] — logging.
 //! - [`cli`] — the `postern` command.
@@ -19,6 +21,8 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod durable;
+pub mod message;
+pub mod plugin;
 pub mod queue;
 pub mod server;
 pub mod smtp;

@@ -14,6 +14,7 @@ use tracing::{error, info, warn};
 
 use crate::auth::UserDirectory;
 use crate::config::{Config, ListenerConfig, TlsMode};
+use crate::plugin::PluginRuntime;
 use crate::queue::scheduler::Scheduler;
 use crate::queue::{Queue, Spool};
 use crate::smtp::reply::Reply;
@@ -33,6 +34,13 @@ pub enum ServerError {
     Spool(std::io::Error),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Plugin(#[from] crate::plugin::PluginError),
+    #[error("cannot write the pid file {path}: {source}")]
+    PidFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {address} ({name}): {source}")]
     Bind {
         name: String,
@@ -101,13 +109,29 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// Runs the server until SIGINT or SIGTERM.
-pub async fn run(config: Config) -> Result<(), ServerError> {
+/// Where the server writes its pid, for `postern plugin reload`.
+pub fn pid_path(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("postern.pid")
+}
+
+/// Runs the server until SIGINT or SIGTERM. `config_path` is re-read on plugin reloads (None for
+/// the embedded default).
+pub async fn run(
+    config: Config,
+    config_path: Option<std::path::PathBuf>,
+) -> Result<(), ServerError> {
     let config = Arc::new(config);
     let data_dir = config.server.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
         path: data_dir.clone(),
         source,
+    })?;
+    let pid_file = pid_path(&data_dir);
+    std::fs::write(&pid_file, format!("{}\n", std::process::id())).map_err(|source| {
+        ServerError::PidFile {
+            path: pid_file.clone(),
+            source,
+        }
     })?;
     let needs_tls = config.listeners.iter().any(|l| l.tls != TlsMode::None);
     let tls = if needs_tls {
@@ -125,17 +149,52 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     ));
     let recovered = spool.list().map_err(ServerError::Spool)?;
     let (to_scheduler, scheduler_inbox) = mpsc::channel(256);
-    let scheduler = Scheduler::new(spool.clone(), store, scheduler_inbox, to_scheduler.clone());
-    tokio::spawn(scheduler.run(recovered));
+    let (spool_handle, to_scheduler_handle) = (spool.clone(), to_scheduler.clone());
 
+    let plugins = Arc::new(PluginRuntime::new(
+        &config.plugins,
+        &data_dir,
+        users.clone(),
+    )?);
+    let report = plugins.load(&config.plugin_list).await;
+    if let Some((name, reason)) = report.failed.first() {
+        // At start there is no previous version to fall back on: refuse to run half-configured.
+        return Err(ServerError::Plugin(crate::plugin::PluginError::Load {
+            name: name.clone(),
+            reason: reason.clone(),
+        }));
+    }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let smtp = Arc::new(SmtpServer::new(
+    let mut smtp = SmtpServer::new(
         config.clone(),
         users,
         Queue::new(spool, to_scheduler),
         tls,
         shutdown_rx.clone(),
+    );
+    smtp.plugins = Some(plugins.clone());
+    let scheduler = Scheduler::new(
+        spool_handle,
+        store,
+        scheduler_inbox,
+        to_scheduler_handle,
+        smtp.users.clone(),
+    )
+    .with_plugins(plugins.clone());
+    tokio::spawn(scheduler.run(recovered));
+    let smtp = Arc::new(smtp);
+    tokio::spawn(reload_on_signal(
+        plugins.clone(),
+        config.clone(),
+        config_path.clone(),
     ));
+    if config.plugins.watch {
+        tokio::spawn(reload_on_change(
+            plugins.clone(),
+            config.clone(),
+            config_path,
+        ));
+    }
     let limiter = ConnectionLimiter::new(
         config.limits.max_connections,
         config.limits.max_connections_per_ip,
@@ -184,7 +243,93 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     info!(remaining = limiter.active(), "stopped");
+    let _ = std::fs::remove_file(&pid_file);
     Ok(())
+}
+
+/// The plugin list to load: from the configuration file when there is one (re-read, so plugin
+/// settings can change without a restart), else the running configuration's.
+fn plugin_configs(
+    current: &Config,
+    path: Option<&std::path::Path>,
+) -> Option<Vec<crate::config::PluginConfig>> {
+    match path {
+        None => Some(current.plugin_list.clone()),
+        Some(path) => match Config::load(path) {
+            Ok(config) => Some(config.plugin_list),
+            Err(err) => {
+                error!("configuration not reloaded, keeping the running plugins: {err}");
+                None
+            }
+        },
+    }
+}
+
+async fn reload(
+    plugins: &Arc<PluginRuntime>,
+    config: &Config,
+    path: Option<&std::path::Path>,
+    why: &str,
+) {
+    let Some(list) = plugin_configs(config, path) else {
+        return;
+    };
+    info!(reason = why, "reloading plugins");
+    let report = plugins.load(&list).await;
+    info!(
+        loaded = ?report.loaded,
+        unchanged = report.unchanged.len(),
+        failed = report.failed.len(),
+        "plugins reloaded"
+    );
+}
+
+/// SIGHUP (also sent by `postern plugin reload`) reloads the plugins.
+async fn reload_on_signal(
+    plugins: Arc<PluginRuntime>,
+    config: Arc<Config>,
+    path: Option<std::path::PathBuf>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        reload(&plugins, &config, path.as_deref(), "SIGHUP").await;
+    }
+}
+
+/// Polls the configuration file and every plugin file; a change reloads. Polling (twice a second)
+/// instead of inotify keeps working across editors' rename-into-place and on any filesystem.
+async fn reload_on_change(
+    plugins: Arc<PluginRuntime>,
+    config: Arc<Config>,
+    path: Option<std::path::PathBuf>,
+) {
+    fn stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
+        let meta = std::fs::metadata(path).ok()?;
+        Some((meta.modified().ok()?, meta.len()))
+    }
+    let watched = |list: &[crate::config::PluginConfig]| -> Vec<std::path::PathBuf> {
+        path.iter()
+            .cloned()
+            .chain(list.iter().map(|p| p.path.clone()))
+            .collect()
+    };
+    let mut files = watched(&config.plugin_list);
+    let mut stamps: Vec<_> = files.iter().map(|f| stamp(f)).collect();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now: Vec<_> = files.iter().map(|f| stamp(f)).collect();
+        if now == stamps {
+            continue;
+        }
+        reload(&plugins, &config, path.as_deref(), "file changed").await;
+        if let Some(list) = plugin_configs(&config, path.as_deref()) {
+            files = watched(&list);
+        }
+        stamps = files.iter().map(|f| stamp(f)).collect();
+    }
 }
 
 async fn wait_for_signal() {

@@ -23,6 +23,34 @@ pub fn postern_bin() -> PathBuf {
     target.join("debug/postern")
 }
 
+/// A plugin built by `scripts/test` (plugins/target/wasm32-wasip2/release/<name>.wasm).
+pub fn plugin_wasm(name: &str) -> PathBuf {
+    let dir = std::env::var("POSTERN_PLUGIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/target/wasm32-wasip2/release")
+        });
+    let path = dir.join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: build the plugins (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// A `[[plugin]]` block to append to a test configuration.
+pub fn plugin_block(name: &str, wasm: &str, extra: &str, config: &[(&str, &str)]) -> String {
+    let mut block = format!(
+        "\n[[plugin]]\nname = {name:?}\npath = {:?}\n{extra}\n[plugin.config]\n",
+        plugin_wasm(wasm).display().to_string()
+    );
+    for (key, value) in config {
+        block.push_str(&format!("{key:?} = {value}\n"));
+    }
+    block
+}
+
 /// The embedded default configuration with every listener on port 0 and the given data dir.
 pub fn test_config(data_dir: &Path) -> String {
     let text = std::fs::read_to_string(
@@ -36,7 +64,7 @@ pub fn test_config(data_dir: &Path) -> String {
         } else if line.starts_with("data_dir = ") {
             format!("data_dir = {:?}", data_dir.display().to_string())
         } else if line.starts_with("log = ") {
-            "log = \"debug\"".to_string()
+            "log = \"info,postern=debug\"".to_string()
         } else {
             line.to_string()
         };

@@ -20,6 +20,9 @@ pub struct Envelope {
     pub smtputf8: bool,
     /// Length of the message bytes that follow the envelope in the spool file.
     pub message_len: u64,
+    /// Set by a data-hook plugin: local copies go to the `Quarantine` folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

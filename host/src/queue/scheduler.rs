@@ -14,6 +14,10 @@ use tracing::{debug, error, info, warn};
 
 use super::envelope::Route;
 use super::{Queued, Spool};
+use crate::address::Address;
+use crate::auth::UserDirectory;
+use crate::plugin::bindings::types;
+use crate::plugin::{PluginRuntime, PluginSession, Routing, Stage};
 use crate::store::{Delivery, MailStore};
 
 /// Messages delivered in one store batch.
@@ -27,6 +31,8 @@ pub struct Scheduler {
     inbox: mpsc::Receiver<Queued>,
     /// For re-queueing retries into our own inbox.
     requeue: mpsc::Sender<Queued>,
+    plugins: Option<Arc<PluginRuntime>>,
+    users: Arc<UserDirectory>,
 }
 
 /// What happened to one message in a batch.
@@ -43,13 +49,61 @@ impl Scheduler {
         store: Arc<dyn MailStore>,
         inbox: mpsc::Receiver<Queued>,
         requeue: mpsc::Sender<Queued>,
+        users: Arc<UserDirectory>,
     ) -> Scheduler {
         Scheduler {
             spool,
             store,
             inbox,
             requeue,
+            plugins: None,
+            users,
         }
+    }
+
+    /// Lets deliver-hook plugins route each recipient.
+    pub fn with_plugins(mut self, plugins: Arc<PluginRuntime>) -> Scheduler {
+        self.plugins = Some(plugins);
+        self
+    }
+
+    /// Asks the deliver hook where each local recipient's copy goes (Default without plugins).
+    async fn route(&self, batch: &[Queued]) -> Vec<Vec<Routing>> {
+        let mut routes: Vec<Vec<Routing>> = batch
+            .iter()
+            .map(|q| vec![Routing::Default; q.envelope.recipients.len()])
+            .collect();
+        let Some(runtime) = self
+            .plugins
+            .as_ref()
+            .filter(|r| r.current().has(Stage::Deliver))
+        else {
+            return routes;
+        };
+        let mut session = PluginSession::new(runtime.clone());
+        for (m, queued) in batch.iter().enumerate() {
+            let Some(message) = &queued.message else {
+                continue;
+            };
+            let env = &queued.envelope;
+            let wit_env = types::Envelope {
+                queue_id: env.id.clone(),
+                sender: env.sender.clone(),
+                recipients: env.recipients.iter().map(|r| r.address.clone()).collect(),
+            };
+            for (r, rcpt) in env.recipients.iter().enumerate() {
+                // Remote recipients are routed by the outbound relay.
+                let Route::Local { mailbox } = &rcpt.route else {
+                    continue;
+                };
+                let target = types::DeliveryTarget {
+                    address: rcpt.address.clone(),
+                    mailbox: Some(mailbox.clone()),
+                };
+                routes[m][r] = session.on_deliver(&wit_env, &target, message).await;
+            }
+        }
+        routes
     }
 
     /// Delivers what an earlier run left in the spool, then serves new messages until every
@@ -97,12 +151,22 @@ impl Scheduler {
         if batch.is_empty() {
             return;
         }
+        let mut batch = batch;
+        if batch.iter().any(|q| q.message.is_none()) {
+            let spool = self.spool.clone();
+            batch = tokio::task::spawn_blocking(move || {
+                load_from_spool(&spool, &mut batch);
+                batch
+            })
+            .await
+            .unwrap_or_default();
+        }
+        let routes = self.route(&batch).await;
         let store = self.store.clone();
         let spool = self.spool.clone();
+        let users = self.users.clone();
         let result = tokio::task::spawn_blocking(move || {
-            let mut batch = batch;
-            load_from_spool(&spool, &mut batch);
-            let outcomes = deliver_locally(store.as_ref(), &batch);
+            let outcomes = deliver_locally(store.as_ref(), &users, &batch, &routes);
             let done: Vec<String> = batch
                 .iter()
                 .zip(&outcomes)
@@ -159,47 +223,15 @@ fn load_from_spool(spool: &Spool, batch: &mut [Queued]) {
     }
 }
 
-fn deliver_locally(store: &dyn MailStore, batch: &[Queued]) -> Vec<Outcome> {
+fn deliver_locally(
+    store: &dyn MailStore,
+    users: &UserDirectory,
+    batch: &[Queued],
+    routes: &[Vec<Routing>],
+) -> Vec<Outcome> {
     let mut prepends = Vec::new();
     let mut ids = Vec::new();
-    let mut owners = Vec::new();
-    for (m, queued) in batch.iter().enumerate() {
-        let env = &queued.envelope;
-        if queued.message.is_none() {
-            continue;
-        }
-        for (r, rcpt) in env.recipients.iter().enumerate() {
-            if let Route::Local { mailbox } = &rcpt.route {
-                prepends.push(
-                    format!(
-                        "Return-Path: <{}>\r\nDelivered-To: {}\r\n",
-                        env.sender, rcpt.address
-                    )
-                    .into_bytes(),
-                );
-                ids.push(format!("{}_{r}", env.id));
-                owners.push((m, mailbox.as_str()));
-            }
-        }
-    }
-    let deliveries: Vec<Delivery<'_>> = owners
-        .iter()
-        .enumerate()
-        .map(|(i, (m, mailbox))| Delivery {
-            mailbox,
-            folder: "INBOX",
-            delivery_id: &ids[i],
-            retry: batch[*m].retry,
-            received_at: batch[*m].envelope.received_at,
-            prepend: &prepends[i],
-            message: batch[*m]
-                .message
-                .as_deref()
-                .map(Vec::as_slice)
-                .unwrap_or_default(),
-        })
-        .collect();
-    let results = store.deliver(&deliveries);
+    let mut owners: Vec<(usize, String, String)> = Vec::new();
     let mut outcomes: Vec<Outcome> = batch
         .iter()
         .map(|q| {
@@ -212,7 +244,89 @@ fn deliver_locally(store: &dyn MailStore, batch: &[Queued]) -> Vec<Outcome> {
             }
         })
         .collect();
-    for ((m, mailbox), result) in owners.iter().zip(results) {
+    for (m, queued) in batch.iter().enumerate() {
+        let env = &queued.envelope;
+        if queued.message.is_none() {
+            continue;
+        }
+        for (r, rcpt) in env.recipients.iter().enumerate() {
+            if let Route::Local { mailbox } = &rcpt.route {
+                let default_folder = if env.quarantine.is_some() {
+                    "Quarantine"
+                } else {
+                    "INBOX"
+                };
+                let (mailbox, folder) = match &routes[m][r] {
+                    Routing::Default => (mailbox.clone(), default_folder.to_string()),
+                    // Quarantine wins over a plugin's folder choice.
+                    Routing::Folder(_) if env.quarantine.is_some() => {
+                        (mailbox.clone(), default_folder.to_string())
+                    }
+                    Routing::Folder(folder) if crate::store::valid_folder_name(folder) => {
+                        (mailbox.clone(), folder.clone())
+                    }
+                    Routing::Folder(folder) => {
+                        warn!(queue_id = %env.id, "plugin chose an invalid folder {folder:?}; delivering to the inbox");
+                        (mailbox.clone(), default_folder.to_string())
+                    }
+                    Routing::Forward(address) => {
+                        match Address::parse(address).and_then(|a| users.resolve(&a)) {
+                            Some(target) => (target, default_folder.to_string()),
+                            None => {
+                                info!(queue_id = %env.id, "{} forwarded to remote {address}: waits for the outbound relay", rcpt.address);
+                                outcomes[m] = Outcome::AwaitingRelay;
+                                continue;
+                            }
+                        }
+                    }
+                    Routing::Discard => {
+                        info!(queue_id = %env.id, "copy for {} discarded by plugin", rcpt.address);
+                        continue;
+                    }
+                    Routing::Defer(reason) => {
+                        outcomes[m] = Outcome::TemporaryFailure(format!(
+                            "{}: deferred by plugin: {reason}",
+                            rcpt.address
+                        ));
+                        continue;
+                    }
+                    Routing::Fail(reason) => {
+                        // Bounces come with the outbound relay; the failure is recorded here.
+                        warn!(queue_id = %env.id, "copy for {} failed by plugin: {reason}", rcpt.address);
+                        continue;
+                    }
+                };
+                prepends.push(
+                    format!(
+                        "Return-Path: <{}>\r\nDelivered-To: {}\r\n",
+                        env.sender, rcpt.address
+                    )
+                    .into_bytes(),
+                );
+                ids.push(format!("{}_{r}", env.id));
+                owners.push((m, mailbox, folder));
+            }
+        }
+    }
+    let deliveries: Vec<Delivery<'_>> = owners
+        .iter()
+        .enumerate()
+        .map(|(i, (m, mailbox, folder))| Delivery {
+            mailbox,
+            folder,
+            delivery_id: &ids[i],
+            retry: batch[*m].retry,
+            received_at: batch[*m].envelope.received_at,
+            prepend: &prepends[i],
+            message: batch[*m]
+                .message
+                .as_deref()
+                .map(Vec::as_slice)
+                .unwrap_or_default(),
+        })
+        .collect();
+    let results = store.deliver(&deliveries);
+    for ((m, mailbox, _), result) in owners.iter().zip(results) {
         if let Err(err) = result {
             if err.is_temporary() {
                 outcomes[*m] = Outcome::TemporaryFailure(format!("{mailbox}: {err}"));

@@ -257,6 +257,7 @@ mod tests {
             auth_user: None,
             smtputf8: false,
             message_len: len as u64,
+            quarantine: None,
         }
     }
 

@@ -20,6 +20,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::auth::{AuthThrottle, UserDirectory};
 use crate::config::Config;
+use crate::plugin::PluginRuntime;
 use crate::queue::Queue;
 
 /// Everything SMTP sessions share.
@@ -33,6 +34,8 @@ pub struct SmtpServer {
     pub body_budget: Arc<Semaphore>,
     /// Becomes true when the server shuts down.
     pub shutdown: watch::Receiver<bool>,
+    /// The plugin runtime, when plugins are configured.
+    pub plugins: Option<Arc<PluginRuntime>>,
 }
 
 impl SmtpServer {
@@ -57,6 +60,7 @@ impl SmtpServer {
             queue,
             tls,
             shutdown,
+            plugins: None,
         }
     }
 }

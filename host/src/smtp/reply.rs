@@ -1,20 +1,21 @@
 //! SMTP replies as typed values (RFC 5321 §4.2) with enhanced status codes (RFC 3463, RFC 2034).
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     pub code: u16,
     /// Enhanced status (`"5.7.1"`); empty for replies that do not carry one (220, 221, 354, EHLO).
-    pub status: &'static str,
+    pub status: Cow<'static, str>,
     pub lines: Vec<String>,
 }
 
 impl Reply {
-    pub fn new(code: u16, status: &'static str, text: impl Into<String>) -> Reply {
+    pub fn new(code: u16, status: impl Into<Cow<'static, str>>, text: impl Into<String>) -> Reply {
         Reply {
             code,
-            status,
+            status: status.into(),
             lines: vec![text.into()],
         }
     }
@@ -22,7 +23,7 @@ impl Reply {
     pub fn multiline(code: u16, lines: Vec<String>) -> Reply {
         Reply {
             code,
-            status: "",
+            status: Cow::Borrowed(""),
             lines,
         }
     }

@@ -17,6 +17,7 @@ use super::reply::{common, Reply};
 use super::SmtpServer;
 use crate::auth::AuthUser;
 use crate::config::{ListenerConfig, ListenerProtocol, TlsMode};
+use crate::plugin::{PluginSession, SessionInfo, Stage};
 use crate::queue::{QueueId, Recipient};
 use crate::stream::{Io, ReadError, TlsInfo};
 
@@ -56,6 +57,8 @@ pub enum Flow {
 }
 
 pub struct Session {
+    /// Unique per server run (logs, plugins).
+    pub id: u64,
     pub server: Arc<SmtpServer>,
     pub listener: Arc<ListenerConfig>,
     pub peer: SocketAddr,
@@ -65,6 +68,10 @@ pub struct Session {
     pub phase: Phase,
     pub errors: u32,
     pub auth_failures: u32,
+    /// This session's plugin instances; None when no plugin is configured.
+    pub plugins: Option<PluginSession>,
+    /// A plugin asked to close the connection after the current reply.
+    pub disconnect_after_reply: bool,
     framer: LineFramer,
 }
 
@@ -77,7 +84,11 @@ impl Session {
         peer: SocketAddr,
     ) -> Session {
         let max_line = server.config.limits.max_line_length;
+        let plugins = server.plugins.clone().map(PluginSession::new);
         Session {
+            id: SESSION_IDS.fetch_add(1, Ordering::Relaxed),
+            plugins,
+            disconnect_after_reply: false,
             server,
             listener,
             peer,
@@ -97,8 +108,7 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
-        let span = tracing::info_span!("smtp", session = id, peer = %self.peer, listener = %self.listener.name);
+        let span = tracing::info_span!("smtp", session = self.id, peer = %self.peer, listener = %self.listener.name);
         self.serve(stream).instrument(span).await
     }
 
@@ -122,6 +132,18 @@ impl Session {
                     info!("TLS handshake failed: {err}");
                     return;
                 }
+            }
+        }
+        if self.plugins_have(Stage::Connect) {
+            let info = self.session_info();
+            let plugins = self.plugins.as_mut().expect("checked by plugins_have");
+            let verdict = plugins.on_connect(&info).await;
+            if let Some(reply) = self.verdict_reply(verdict) {
+                // RFC 5321 §3.1: a server may refuse a client with 554 (or 421) instead of 220.
+                info!(code = reply.code, "connection refused by plugin");
+                io.queue(&reply.to_bytes());
+                io.shutdown().await;
+                return;
             }
         }
         let banner = Reply::new(
@@ -193,7 +215,7 @@ impl Session {
             self.errors += 1;
         }
         io.queue(&reply.to_bytes());
-        if reply.closes_connection() {
+        if reply.closes_connection() || std::mem::take(&mut self.disconnect_after_reply) {
             Flow::Close
         } else {
             Flow::Continue
@@ -213,11 +235,11 @@ impl Session {
         };
         match request {
             Request::Ehlo { host } => {
-                let reply = self.cmd_hello(&host, true);
+                let reply = self.cmd_hello(&host, true).await;
                 self.answer(io, reply)
             }
             Request::Helo { host } => {
-                let reply = self.cmd_hello(&host, false);
+                let reply = self.cmd_hello(&host, false).await;
                 self.answer(io, reply)
             }
             Request::StartTls => self.cmd_starttls(io).await,
@@ -226,11 +248,11 @@ impl Session {
                 initial_response,
             } => self.cmd_auth(io, mechanism, &initial_response).await,
             Request::Mail { from } => {
-                let reply = self.cmd_mail(from);
+                let reply = self.cmd_mail(from).await;
                 self.answer(io, reply)
             }
             Request::Rcpt { to } => {
-                let reply = self.cmd_rcpt(to, line);
+                let reply = self.cmd_rcpt(to, line).await;
                 self.answer(io, reply)
             }
             Request::Data => self.cmd_data(io).await,
@@ -250,14 +272,37 @@ impl Session {
                 Flow::Close
             }
             Request::Help { .. } => self.answer(io, Self::cmd_help()),
-            Request::Vrfy { .. } => self.answer(io, Self::cmd_vrfy()),
-            Request::Expn { .. } => self.answer(io, Self::cmd_expn()),
+            Request::Vrfy { value } => {
+                let reply = self.cmd_vrfy(&value).await;
+                self.answer(io, reply)
+            }
+            Request::Expn { value } => {
+                let reply = self.cmd_expn(&value).await;
+                self.answer(io, reply)
+            }
             Request::Lhlo { .. }
             | Request::Etrn { .. }
             | Request::Atrn { .. }
             | Request::Burl { .. } => {
                 self.answer(io, Reply::new(502, "5.5.1", "Command not implemented"))
             }
+        }
+    }
+
+    pub fn plugins_have(&self, stage: Stage) -> bool {
+        self.plugins.as_ref().is_some_and(|p| p.has(stage))
+    }
+
+    /// What plugins are told about this session.
+    pub fn session_info(&self) -> SessionInfo {
+        SessionInfo {
+            id: self.id,
+            listener: self.listener.name.clone(),
+            peer_ip: self.peer.ip().to_string(),
+            peer_port: self.peer.port(),
+            tls: self.tls.is_some(),
+            helo: self.helo.as_ref().map(|h| h.name.clone()),
+            user: self.auth.as_ref().map(|u| u.0.clone()),
         }
     }
 

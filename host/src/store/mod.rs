@@ -55,6 +55,19 @@ impl StoreError {
     }
 }
 
+/// Whether a folder name is acceptable to every store: `INBOX`, or `/`-separated parts that are
+/// not empty, `.` or `..`, hold no dot, backslash, NUL or control character, and do not start
+/// with a dot.
+pub fn valid_folder_name(folder: &str) -> bool {
+    folder.eq_ignore_ascii_case("INBOX")
+        || (folder.len() <= 255
+            && folder.split('/').all(|part| {
+                !part.is_empty()
+                    && !part.contains(['.', '\\', '\0'])
+                    && !part.chars().any(char::is_control)
+            }))
+}
+
 pub trait MailStore: Send + Sync {
     /// Delivers each message durably, or reports why not, one result per delivery in order. A
     /// delivery whose `delivery_id` is already stored succeeds without storing a second copy.

@@ -6,6 +6,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
 
 use crate::auth::{self, SaslError, Secret};
+use crate::plugin::Stage;
 use crate::smtp::codec::LineEvent;
 use crate::smtp::reply::{common, Reply};
 use crate::smtp::session::{Flow, Phase, Session};
@@ -54,6 +55,11 @@ impl Session {
                 ),
             );
         }
+        let mechanism_name = if mechanism == smtp_proto::AUTH_PLAIN {
+            "PLAIN"
+        } else {
+            "LOGIN"
+        };
         let credentials = match mechanism {
             smtp_proto::AUTH_PLAIN => self.sasl_plain(io, initial).await,
             smtp_proto::AUTH_LOGIN => self.sasl_login(io, initial).await,
@@ -70,6 +76,15 @@ impl Session {
         };
         match self.server.users.verify(login.clone(), password).await {
             Some(user) => {
+                if self.plugins_have(Stage::Auth) {
+                    let info = self.session_info();
+                    let plugins = self.plugins.as_mut().expect("checked by plugins_have");
+                    let verdict = plugins.on_auth(&info, mechanism_name, &user.0).await;
+                    if let Some(reply) = self.verdict_reply(verdict) {
+                        info!(user = %user.0, code = reply.code, "login refused by plugin");
+                        return self.answer(io, reply);
+                    }
+                }
                 info!(user = %user.0, "authenticated");
                 self.server.auth_throttle.record_success(ip);
                 self.auth = Some(user);

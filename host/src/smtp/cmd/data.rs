@@ -7,7 +7,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::queue::{Envelope, SpoolError};
+use crate::address::Address;
+use crate::message::{apply_edits, Edit, Field};
+use crate::plugin::bindings::types;
+use crate::plugin::{Stage, Verdict};
+use crate::queue::{Envelope, Recipient, SpoolError};
 use crate::smtp::body::BodyBuffer;
 use crate::smtp::codec::{ChunkReader, DotDecoder};
 use crate::smtp::reply::{common, Reply};
@@ -155,8 +159,8 @@ impl Session {
             warn!(queue_id = %tx.id, "body memory budget exhausted");
             return self.answer(io, common::storage_full());
         }
-        let message = body.take();
-        let envelope = Envelope {
+        let mut message = Arc::new(body.take());
+        let mut envelope = Envelope {
             id: tx.id.clone(),
             received_at: chrono::Utc::now().timestamp(),
             sender: tx.sender,
@@ -169,11 +173,26 @@ impl Session {
             peer: self.peer.ip().to_string(),
             auth_user: self.auth.as_ref().map(|u| u.0.clone()),
             smtputf8: tx.smtputf8,
-            message_len: message.len() as u64,
+            message_len: 0,
+            quarantine: None,
         };
+        if self.plugins_have(Stage::Data) {
+            match self.run_data_hook(&mut envelope, &mut message).await {
+                DataHook::Spool => {}
+                DataHook::Answer(reply) => return self.answer(io, reply),
+                DataHook::Drop => {
+                    info!(queue_id = %tx.id, "message discarded by plugin");
+                    return self.answer(
+                        io,
+                        Reply::new(250, "2.0.0", format!("OK: queued as {}", tx.id)),
+                    );
+                }
+            }
+        }
+        envelope.message_len = message.len() as u64;
         let size = message.len();
         let rcpts = envelope.recipients.len();
-        match self.server.queue.submit(envelope, Arc::new(message)).await {
+        match self.server.queue.submit(envelope, message).await {
             Ok(()) => {
                 info!(queue_id = %tx.id, size, rcpts, "queued");
                 self.answer(
@@ -190,6 +209,80 @@ impl Session {
                 self.answer(io, common::local_error())
             }
         }
+    }
+
+    /// Runs the data hook and applies what the plugins decided to the envelope and message.
+    async fn run_data_hook(
+        &mut self,
+        envelope: &mut Envelope,
+        message: &mut Arc<Vec<u8>>,
+    ) -> DataHook {
+        let info = self.session_info();
+        let wit_envelope = types::Envelope {
+            queue_id: envelope.id.clone(),
+            sender: envelope.sender.clone(),
+            recipients: envelope
+                .recipients
+                .iter()
+                .map(|r| r.address.clone())
+                .collect(),
+        };
+        let plugins = self.plugins.as_mut().expect("checked by plugins_have");
+        let mut outcome = plugins.on_data(&info, &wit_envelope, message).await;
+        match std::mem::replace(&mut outcome.verdict, Verdict::Pass) {
+            Verdict::Pass => {}
+            verdict => {
+                let reply = self.verdict_reply(verdict).expect("not Pass");
+                info!(queue_id = %envelope.id, code = reply.code, "message refused by plugin");
+                return DataHook::Answer(reply);
+            }
+        }
+        if outcome.discard {
+            return DataHook::Drop;
+        }
+        if let Some(sender) = outcome.new_sender {
+            if !sender.is_empty() && Address::parse(&sender).is_none() {
+                warn!(queue_id = %envelope.id, "plugin set an invalid sender {sender:?}");
+                return DataHook::Answer(common::local_error());
+            }
+            envelope.sender = sender;
+        }
+        envelope.recipients.retain(|r| {
+            !outcome
+                .remove_recipients
+                .iter()
+                .any(|x| x.eq_ignore_ascii_case(&r.address))
+        });
+        for added in outcome.add_recipients {
+            // A plugin cannot add a recipient the client could not have added itself.
+            let route = Address::parse(&added)
+                .ok_or(())
+                .and_then(|a| self.route_for(&a).map_err(|_| ()));
+            match route {
+                Ok(route) => envelope.recipients.push(Recipient {
+                    address: added,
+                    route,
+                }),
+                Err(()) => {
+                    warn!(queue_id = %envelope.id, "plugin added a recipient the relay policy refuses: {added:?}");
+                    return DataHook::Answer(common::local_error());
+                }
+            }
+        }
+        if envelope.recipients.is_empty() {
+            return DataHook::Drop;
+        }
+        if let Some(reason) = outcome.quarantine {
+            outcome
+                .edits
+                .push(Edit::Insert(Field::new("X-Postern-Quarantine", &reason)));
+            envelope.quarantine = Some(reason);
+        }
+        if !outcome.edits.is_empty() {
+            // Our Received field stays first.
+            *message = Arc::new(apply_edits(message, &outcome.edits, 1));
+        }
+        DataHook::Spool
     }
 
     /// The Received header this server adds (RFC 5321 §4.4, protocol names from RFC 3848/6531).
@@ -233,4 +326,14 @@ impl Session {
             chrono::Local::now().to_rfc2822(),
         )
     }
+}
+
+/// What the data hook leaves to do.
+enum DataHook {
+    /// Spool the (possibly changed) message.
+    Spool,
+    /// Answer this instead.
+    Answer(Reply),
+    /// Answer 250 and keep nothing.
+    Drop,
 }

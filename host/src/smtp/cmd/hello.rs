@@ -1,10 +1,11 @@
 //! HELO and EHLO (RFC 5321 §4.1.1.1): greet, reset any transaction, list extensions.
 
+use crate::plugin::Stage;
 use crate::smtp::reply::Reply;
 use crate::smtp::session::{Helo, Phase, Session};
 
 impl Session {
-    pub fn cmd_hello(&mut self, host: &str, extended: bool) -> Reply {
+    pub async fn cmd_hello(&mut self, host: &str, extended: bool) -> Reply {
         // The name ends up in Received headers: keep it to printable ASCII without spaces.
         let name: String = host
             .chars()
@@ -14,6 +15,15 @@ impl Session {
         if name.is_empty() {
             let verb = if extended { "EHLO" } else { "HELO" };
             return Reply::new(501, "5.5.4", format!("Syntax: {verb} hostname"));
+        }
+        if self.plugins_have(Stage::Helo) {
+            let info = self.session_info();
+            let plugins = self.plugins.as_mut().expect("checked by plugins_have");
+            plugins.refresh();
+            let verdict = plugins.on_helo(&info, &name, extended).await;
+            if let Some(reply) = self.verdict_reply(verdict) {
+                return reply;
+            }
         }
         // RFC 5321 §4.1.4: EHLO/HELO in the middle of a transaction resets it.
         self.phase = Phase::Idle;

@@ -1,5 +1,7 @@
-//! HELP, VRFY and EXPN. VRFY and EXPN reveal nothing: address harvesting is their main use.
+//! HELP, VRFY and EXPN. Without a policy plugin VRFY and EXPN reveal nothing: address harvesting
+//! is their main use. A plugin exporting the vrfy or expn hook decides what to answer.
 
+use crate::plugin::{Lookup, Stage};
 use crate::smtp::reply::Reply;
 use crate::smtp::session::Session;
 
@@ -7,7 +9,7 @@ impl Session {
     pub fn cmd_help() -> Reply {
         Reply {
             code: 214,
-            status: "2.0.0",
+            status: "2.0.0".into(),
             lines: vec![
                 "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY EXPN STARTTLS AUTH"
                     .into(),
@@ -16,8 +18,30 @@ impl Session {
         }
     }
 
+    pub async fn cmd_vrfy(&mut self, query: &str) -> Reply {
+        if self.plugins_have(Stage::Vrfy) {
+            let info = self.session_info();
+            let plugins = self.plugins.as_mut().expect("checked by plugins_have");
+            if let Lookup::Answer(reply) = plugins.on_vrfy(&info, query).await {
+                return reply;
+            }
+        }
+        Self::default_vrfy()
+    }
+
+    pub async fn cmd_expn(&mut self, list: &str) -> Reply {
+        if self.plugins_have(Stage::Expn) {
+            let info = self.session_info();
+            let plugins = self.plugins.as_mut().expect("checked by plugins_have");
+            if let Lookup::Answer(reply) = plugins.on_expn(&info, list).await {
+                return reply;
+            }
+        }
+        Self::default_expn()
+    }
+
     /// RFC 5321 §3.5.3: 252 says "cannot verify, but will try to deliver".
-    pub fn cmd_vrfy() -> Reply {
+    pub fn default_vrfy() -> Reply {
         Reply::new(
             252,
             "2.5.0",
@@ -25,7 +49,7 @@ impl Session {
         )
     }
 
-    pub fn cmd_expn() -> Reply {
+    pub fn default_expn() -> Reply {
         Reply::new(502, "5.5.1", "EXPN not available")
     }
 }

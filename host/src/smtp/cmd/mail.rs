@@ -3,11 +3,12 @@
 use smtp_proto::MailFrom;
 
 use crate::address::Address;
+use crate::plugin::Stage;
 use crate::smtp::reply::{common, Reply};
 use crate::smtp::session::{Phase, Session, Transaction};
 
 impl Session {
-    pub fn cmd_mail(&mut self, from: MailFrom<std::borrow::Cow<'_, str>>) -> Reply {
+    pub async fn cmd_mail(&mut self, from: MailFrom<std::borrow::Cow<'_, str>>) -> Reply {
         match self.phase {
             Phase::Greeting => return common::bad_sequence("Send HELO/EHLO first"),
             Phase::Transaction(_) => return common::bad_sequence("Nested MAIL command"),
@@ -46,6 +47,18 @@ impl Session {
                     "5.7.1",
                     "Sender address is not owned by the authenticated user",
                 );
+            }
+        }
+        if let Some(plugins) = self.plugins.as_mut() {
+            // A new transaction starts on the newest plugin versions.
+            plugins.refresh();
+        }
+        if self.plugins_have(Stage::MailFrom) {
+            let info = self.session_info();
+            let plugins = self.plugins.as_mut().expect("checked by plugins_have");
+            let verdict = plugins.on_mail_from(&info, &sender, from.size as u64).await;
+            if let Some(reply) = self.verdict_reply(verdict) {
+                return reply;
             }
         }
         self.phase = Phase::Transaction(Transaction {

@@ -4,23 +4,47 @@
 //! Mail for any other domain is relayed only for authenticated users and trusted networks; everyone
 //! else gets 550 5.7.1. The decision looks at the domain after the last '@' only, so percent hacks,
 //! source routes (stripped by the parser, RFC 5321 §4.1.1.3) and quoted local parts cannot make a
-//! remote address look local.
+//! remote address look local. Plugins run after this policy and can only narrow it.
 
 use std::borrow::Cow;
 
 use smtp_proto::RcptTo;
 
 use crate::address::Address;
+use crate::plugin::{Stage, Verdict};
 use crate::queue::{Recipient, Route};
 use crate::smtp::reply::{common, Reply};
 use crate::smtp::session::{Phase, Session};
 
 impl Session {
-    pub fn cmd_rcpt(&mut self, to: RcptTo<Cow<'_, str>>, line: &[u8]) -> Reply {
-        // Field borrows: the transaction is changed while the server's tables are read.
-        let server = &self.server;
-        let config = &server.config;
-        let relay_allowed = self.auth.is_some() || config.is_trusted_network(self.peer.ip());
+    /// Where mail for `address` goes, or the reply refusing it.
+    pub fn route_for(&self, address: &Address) -> Result<Route, Reply> {
+        let config = &self.server.config;
+        let domain = address.domain_lower();
+        let is_local = config
+            .relay
+            .local_domains
+            .iter()
+            .any(|d| d.eq_ignore_ascii_case(&domain));
+        if is_local {
+            return match self.server.users.resolve(address) {
+                Some(mailbox) => Ok(Route::Local { mailbox }),
+                None => Err(Reply::new(
+                    550,
+                    "5.1.1",
+                    "Mailbox unavailable: no such user",
+                )),
+            };
+        }
+        if self.auth.is_some() || config.is_trusted_network(self.peer.ip()) {
+            Ok(Route::Remote)
+        } else {
+            Err(Reply::new(550, "5.7.1", "Relaying denied"))
+        }
+    }
+
+    pub async fn cmd_rcpt(&mut self, to: RcptTo<Cow<'_, str>>, line: &[u8]) -> Reply {
+        let config = self.server.config.clone();
         let Phase::Transaction(tx) = &mut self.phase else {
             return common::bad_sequence("Need MAIL before RCPT");
         };
@@ -32,6 +56,7 @@ impl Session {
         if !raw.is_ascii() && !tx.smtputf8 {
             return Reply::new(553, "5.6.7", "Non-ASCII address requires SMTPUTF8");
         }
+        let sender = tx.sender.clone();
         // The parser maps <postmaster> (no domain, RFC 5321 §4.5.1) to an empty address.
         let address = if raw.is_empty() {
             if !String::from_utf8_lossy(line)
@@ -50,26 +75,40 @@ impl Session {
                 None => return Reply::new(501, "5.1.3", "Invalid recipient address"),
             }
         };
-        let domain = address.domain_lower();
-        let is_local = config
-            .relay
-            .local_domains
-            .iter()
-            .any(|d| d.eq_ignore_ascii_case(&domain));
-        let route = if is_local {
-            match server.users.resolve(&address) {
-                Some(mailbox) => Route::Local { mailbox },
-                None => return Reply::new(550, "5.1.1", "Mailbox unavailable: no such user"),
-            }
-        } else if relay_allowed {
-            Route::Remote
-        } else {
-            return Reply::new(550, "5.7.1", "Relaying denied");
+        let route = match self.route_for(&address) {
+            Ok(route) => route,
+            Err(reply) => return reply,
         };
-        tx.recipients.push(Recipient {
-            address: address.to_string(),
-            route,
-        });
+        let recipient = address.to_string();
+        if self.plugins_have(Stage::Rcpt) {
+            let info = self.session_info();
+            let local = matches!(route, Route::Local { .. });
+            let plugins = self.plugins.as_mut().expect("checked by plugins_have");
+            let verdict = plugins.on_rcpt(&info, &sender, &recipient, local).await;
+            if let Some(reply) = self.verdict_reply(verdict) {
+                return reply;
+            }
+        }
+        if let Phase::Transaction(tx) = &mut self.phase {
+            tx.recipients.push(Recipient {
+                address: recipient,
+                route,
+            });
+        }
         Reply::new(250, "2.1.5", "Recipient OK")
+    }
+}
+
+impl Session {
+    /// The reply a plugin verdict asks for, if any; a disconnect is remembered for the loop.
+    pub fn verdict_reply(&mut self, verdict: Verdict) -> Option<Reply> {
+        match verdict {
+            Verdict::Pass => None,
+            Verdict::Refuse(reply) => Some(reply),
+            Verdict::Disconnect(reply) => {
+                self.disconnect_after_reply = true;
+                Some(reply)
+            }
+        }
     }
 }

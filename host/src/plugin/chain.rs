@@ -1,0 +1,731 @@
+//! Running a hook stage through the plugin chain for one session.
+//!
+//! Each session gets its own instance of each plugin (created on first use, reused for the
+//! session's later calls). Calls have a deadline enforced with epoch interruption: the guest
+//! yields at every epoch tick and a timer drops the call when the deadline passes. An instance
+//! that trapped, ran out of time or memory is dropped (it cannot be entered again) and the next
+//! call gets a fresh one. Every failure becomes the plugin's on-error policy, never a crash.
+
+use std::sync::Arc;
+
+use wasmtime::component::{Instance, Resource};
+use wasmtime::Store;
+
+use super::bindings::types;
+use super::host::{MessageView, PluginState};
+use super::registry::{LoadedPlugin, PluginRuntime, PluginSet, Stage};
+use super::PluginError;
+use crate::config::OnError;
+use crate::message::{Edit, Field};
+use crate::smtp::reply::Reply;
+
+/// A validated decision from a chain of SMTP-stage hooks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// No plugin objected (continue or accept).
+    Pass,
+    /// Answer with this reply (4xx or 5xx) and refuse.
+    Refuse(Reply),
+    /// Answer with this reply and close the connection.
+    Disconnect(Reply),
+}
+
+/// The data hook's combined outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataOutcome {
+    pub verdict: Verdict,
+    pub discard: bool,
+    pub quarantine: Option<String>,
+    pub edits: Vec<Edit>,
+    pub new_sender: Option<String>,
+    pub add_recipients: Vec<String>,
+    pub remove_recipients: Vec<String>,
+}
+
+/// The deliver hook's decision for one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Routing {
+    Default,
+    Folder(String),
+    Forward(String),
+    Discard,
+    Defer(String),
+    Fail(String),
+}
+
+/// A VRFY/EXPN answer, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    Default,
+    Answer(Reply),
+}
+
+/// Context a hook sees about the session.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    pub id: u64,
+    pub listener: String,
+    pub peer_ip: String,
+    pub peer_port: u16,
+    pub tls: bool,
+    pub helo: Option<String>,
+    pub user: Option<String>,
+}
+
+impl SessionInfo {
+    fn to_wit(&self) -> types::Session {
+        types::Session {
+            id: self.id,
+            listener: self.listener.clone(),
+            peer_ip: self.peer_ip.clone(),
+            peer_port: self.peer_port,
+            tls: self.tls,
+            helo: self.helo.clone(),
+            user: self.user.clone(),
+        }
+    }
+}
+
+struct Live {
+    store: Store<PluginState>,
+    instance: Instance,
+}
+
+/// One session's view of the plugins: a snapshot and the live instances made from it.
+pub struct PluginSession {
+    runtime: Arc<PluginRuntime>,
+    set: Arc<PluginSet>,
+    live: Vec<Option<Live>>,
+}
+
+enum Call<'a> {
+    Connect(&'a SessionInfo),
+    Helo(&'a SessionInfo, &'a str, bool),
+    Auth(&'a SessionInfo, &'a str, &'a str),
+    MailFrom(&'a SessionInfo, &'a str, u64),
+    Rcpt(&'a SessionInfo, &'a str, &'a str, bool),
+    Data(&'a SessionInfo, &'a types::Envelope, &'a Arc<Vec<u8>>),
+    Deliver(
+        &'a types::Envelope,
+        &'a types::DeliveryTarget,
+        &'a Arc<Vec<u8>>,
+    ),
+    Vrfy(&'a SessionInfo, &'a str),
+    Expn(&'a SessionInfo, &'a str),
+}
+
+impl Call<'_> {
+    fn stage(&self) -> Stage {
+        match self {
+            Call::Connect(..) => Stage::Connect,
+            Call::Helo(..) => Stage::Helo,
+            Call::Auth(..) => Stage::Auth,
+            Call::MailFrom(..) => Stage::MailFrom,
+            Call::Rcpt(..) => Stage::Rcpt,
+            Call::Data(..) => Stage::Data,
+            Call::Deliver(..) => Stage::Deliver,
+            Call::Vrfy(..) => Stage::Vrfy,
+            Call::Expn(..) => Stage::Expn,
+        }
+    }
+}
+
+enum Answer {
+    Decision(types::Decision),
+    Data(types::DataVerdict),
+    Delivery(types::Delivery),
+    Lookup(types::LookupAnswer),
+}
+
+impl PluginSession {
+    pub fn new(runtime: Arc<PluginRuntime>) -> PluginSession {
+        let set = runtime.current();
+        let live = set.plugins.iter().map(|_| None).collect();
+        PluginSession { runtime, set, live }
+    }
+
+    /// Picks up a reloaded plugin set. Called between transactions only, so a transaction
+    /// finishes on the version it started with.
+    pub fn refresh(&mut self) {
+        if self.runtime.generation() != self.set.generation {
+            *self = PluginSession::new(self.runtime.clone());
+        }
+    }
+
+    pub fn has(&self, stage: Stage) -> bool {
+        self.set.has(stage)
+    }
+
+    async fn instance(&mut self, index: usize) -> Result<&mut Live, PluginError> {
+        if self.live[index].is_none() {
+            let plugin = &self.set.plugins[index];
+            let mut store = Store::new(&self.runtime.engine, PluginState::new(plugin.meta.clone()));
+            store.limiter(|state| &mut state.limits);
+            // Instantiation runs the guest's start code: it gets the same deadline as a call.
+            store.set_epoch_deadline(1);
+            store.epoch_deadline_async_yield_and_update(1);
+            let instantiate = plugin.pre.instantiate_async(&mut store);
+            let instance = match tokio::time::timeout(plugin.timeout, instantiate).await {
+                Ok(Ok(instance)) => instance,
+                Ok(Err(e)) => return Err(PluginError::trap(&plugin.meta.name, &e)),
+                Err(_) => {
+                    return Err(PluginError::Timeout {
+                        name: plugin.meta.name.clone(),
+                    })
+                }
+            };
+            self.live[index] = Some(Live { store, instance });
+        }
+        Ok(self.live[index].as_mut().expect("just created"))
+    }
+
+    /// Runs one plugin's hook with its deadline; a failed instance is dropped.
+    async fn call(&mut self, index: usize, call: &Call<'_>) -> Result<Answer, PluginError> {
+        let plugin = self.set.plugins[index].clone();
+        let timeout = plugin.timeout;
+        let result = tokio::time::timeout(timeout, async {
+            let live = self.instance(index).await?;
+            live.store.set_epoch_deadline(1);
+            invoke(&plugin, live, call)
+                .await
+                .map_err(|e| PluginError::trap(&plugin.meta.name, &e))
+        })
+        .await;
+        let result = match result {
+            Ok(result) => result,
+            Err(_) => Err(PluginError::Timeout {
+                name: plugin.meta.name.clone(),
+            }),
+        };
+        if result.is_err() {
+            // A trapped or interrupted instance cannot be entered again.
+            self.live[index] = None;
+        }
+        result
+    }
+
+    /// Runs a stage through the chain: the first answer other than continue wins.
+    async fn run(&mut self, call: Call<'_>) -> Vec<(usize, Result<Answer, PluginError>)> {
+        let stage = call.stage();
+        let mut answers = Vec::new();
+        for index in 0..self.set.plugins.len() {
+            if !self.set.plugins[index].hooks.has(stage) {
+                continue;
+            }
+            let answer = self.call(index, &call).await;
+            let stop = match &answer {
+                Ok(Answer::Decision(types::Decision::Continue)) => false,
+                Ok(Answer::Data(v)) => !matches!(v.decision, types::DataDecision::Continue),
+                Ok(Answer::Delivery(types::Delivery::Continue)) => false,
+                Ok(Answer::Lookup(types::LookupAnswer::Continue)) => false,
+                Ok(_) => true,
+                Err(err) => {
+                    tracing::warn!(plugin = %self.set.plugins[index].meta.name, "plugin failed: {err}");
+                    self.set.plugins[index].on_error != OnError::Continue
+                }
+            };
+            // Data hooks: every plugin's modifications count, so all continue-ing plugins are kept.
+            answers.push((index, answer));
+            if stop {
+                break;
+            }
+        }
+        answers
+    }
+
+    fn plugin(&self, index: usize) -> &LoadedPlugin {
+        &self.set.plugins[index]
+    }
+
+    /// The verdict for a decision-returning stage.
+    async fn decide(&mut self, call: Call<'_>) -> Verdict {
+        let answers = self.run(call).await;
+        let Some((index, last)) = answers.into_iter().last() else {
+            return Verdict::Pass;
+        };
+        match last {
+            Ok(Answer::Decision(decision)) => match decision_verdict(decision) {
+                Ok(verdict) => verdict,
+                Err(reason) => {
+                    let err = PluginError::InvalidReply {
+                        name: self.plugin(index).meta.name.clone(),
+                        reason,
+                    };
+                    tracing::warn!("{err}");
+                    on_error_verdict(self.plugin(index).on_error)
+                }
+            },
+            Ok(_) => Verdict::Pass,
+            Err(_) => on_error_verdict(self.plugin(index).on_error),
+        }
+    }
+
+    pub async fn on_connect(&mut self, s: &SessionInfo) -> Verdict {
+        self.decide(Call::Connect(s)).await
+    }
+
+    pub async fn on_helo(&mut self, s: &SessionInfo, name: &str, extended: bool) -> Verdict {
+        self.decide(Call::Helo(s, name, extended)).await
+    }
+
+    pub async fn on_auth(&mut self, s: &SessionInfo, mechanism: &str, user: &str) -> Verdict {
+        self.decide(Call::Auth(s, mechanism, user)).await
+    }
+
+    pub async fn on_mail_from(&mut self, s: &SessionInfo, sender: &str, size: u64) -> Verdict {
+        self.decide(Call::MailFrom(s, sender, size)).await
+    }
+
+    pub async fn on_rcpt(
+        &mut self,
+        s: &SessionInfo,
+        sender: &str,
+        rcpt: &str,
+        local: bool,
+    ) -> Verdict {
+        self.decide(Call::Rcpt(s, sender, rcpt, local)).await
+    }
+
+    pub async fn on_data(
+        &mut self,
+        s: &SessionInfo,
+        envelope: &types::Envelope,
+        message: &Arc<Vec<u8>>,
+    ) -> DataOutcome {
+        let mut outcome = DataOutcome {
+            verdict: Verdict::Pass,
+            discard: false,
+            quarantine: None,
+            edits: Vec::new(),
+            new_sender: None,
+            add_recipients: Vec::new(),
+            remove_recipients: Vec::new(),
+        };
+        for (index, answer) in self.run(Call::Data(s, envelope, message)).await {
+            let on_error = self.plugin(index).on_error;
+            let name = self.plugin(index).meta.name.clone();
+            let verdict = match answer {
+                Ok(Answer::Data(verdict)) => verdict,
+                Ok(_) => continue,
+                Err(_) => {
+                    outcome.verdict = on_error_verdict(on_error);
+                    continue;
+                }
+            };
+            if let Err(reason) = apply_data_verdict(&mut outcome, verdict) {
+                tracing::warn!("{}", PluginError::InvalidReply { name, reason });
+                outcome.verdict = on_error_verdict(on_error);
+            }
+        }
+        outcome
+    }
+
+    pub async fn on_deliver(
+        &mut self,
+        envelope: &types::Envelope,
+        target: &types::DeliveryTarget,
+        message: &Arc<Vec<u8>>,
+    ) -> Routing {
+        let answers = self.run(Call::Deliver(envelope, target, message)).await;
+        match answers.into_iter().last() {
+            Some((_, Ok(Answer::Delivery(d)))) => match d {
+                types::Delivery::Continue => Routing::Default,
+                types::Delivery::Folder(f) => Routing::Folder(f),
+                types::Delivery::Forward(a) => Routing::Forward(a),
+                types::Delivery::Discard => Routing::Discard,
+                types::Delivery::Defer(t) => Routing::Defer(t),
+                types::Delivery::Fail(t) => Routing::Fail(t),
+            },
+            Some((index, Err(err))) => match self.plugin(index).on_error {
+                OnError::Continue => Routing::Default,
+                OnError::Tempfail => Routing::Defer(err.to_string()),
+                OnError::Reject => Routing::Fail(err.to_string()),
+            },
+            _ => Routing::Default,
+        }
+    }
+
+    pub async fn on_vrfy(&mut self, s: &SessionInfo, query: &str) -> Lookup {
+        self.lookup(Call::Vrfy(s, query)).await
+    }
+
+    pub async fn on_expn(&mut self, s: &SessionInfo, list: &str) -> Lookup {
+        self.lookup(Call::Expn(s, list)).await
+    }
+
+    async fn lookup(&mut self, call: Call<'_>) -> Lookup {
+        match self.run(call).await.into_iter().last() {
+            Some((index, Ok(Answer::Lookup(answer)))) => match lookup_reply(answer) {
+                Ok(Some(reply)) => Lookup::Answer(reply),
+                Ok(None) => Lookup::Default,
+                Err(reason) => {
+                    let name = self.plugin(index).meta.name.clone();
+                    tracing::warn!("{}", PluginError::InvalidReply { name, reason });
+                    lookup_error(self.plugin(index).on_error)
+                }
+            },
+            Some((index, Err(_))) => lookup_error(self.plugin(index).on_error),
+            _ => Lookup::Default,
+        }
+    }
+}
+
+async fn invoke(
+    plugin: &LoadedPlugin,
+    live: &mut Live,
+    call: &Call<'_>,
+) -> wasmtime::Result<Answer> {
+    let store = &mut live.store;
+    let instance = &live.instance;
+    let h = &plugin.hooks;
+    let missing = || wasmtime::format_err!("hook not exported");
+    Ok(match call {
+        Call::Connect(s) => {
+            let g = h
+                .connect
+                .as_ref()
+                .ok_or_else(missing)?
+                .load(&mut *store, instance)?;
+            Answer::Decision(g.call_on_connect(&mut *store, &s.to_wit()).await?)
+        }
+        Call::Helo(s, name, ext) => {
+            let g = h
+                .helo
+                .as_ref()
+                .ok_or_else(missing)?
+                .load(&mut *store, instance)?;
+            Answer::Decision(g.call_on_helo(&mut *store, &s.to_wit(), name, *ext).await?)
+        }
+        Call::Auth(s, mech, user) => {
+            let g = h
+                .auth
+                .as_ref()
+                .ok_or_else(missing)?
+                .load(&mut *store, instance)?;
+            Answer::Decision(g.call_on_auth(&mut *store, &s.to_wit(), mech, user).await?)
+        }
+        Call::MailFrom(s, sender, size) => {
+            let g = h
+                .mail_from
+                .as_ref()
+                .ok_or_else(missing)?
+                .load(&mut *store, instance)?;
+            Answer::Decision(
+                g.call_on_mail_from(&mut *store, &s.to_wit(), sender, *size)
+                    .await?,
+            )
+        }
+        Call::Rcpt(s, sender, rcpt, local) => {
+            let g = h
+                .rcpt
+                .as_ref()
+                .ok_or_else(missing)?
+                .load(&mut *store, instance)?;
+            Answer::Decision(
+                g.call_on_rcpt(&mut *store, &s.to_wit(), sender, rcpt, *local)
+                    .await?,
+            )
+        }
+        Call::Data(s, envelope, message) => {
+            let g = h
+                .data
+                .as_ref()
+                .ok_or_else(missing)?
+                .load(&mut *store, instance)?;
+            let handle = store.data_mut().table.push(MessageView {
+                bytes: Arc::clone(message),
+            })?;
+            let rep = handle.rep();
+            let result = g
+                .call_on_data(
+                    &mut *store,
+                    &s.to_wit(),
+                    envelope,
+                    Resource::new_borrow(rep),
+                )
+                .await;
+            let _ = store.data_mut().table.delete(handle);
+            Answer::Data(result?)
+        }
+        Call::Deliver(envelope, target, message) => {
+            let g = h
+                .deliver
+                .as_ref()
+                .ok_or_else(missing)?
+                .load(&mut *store, instance)?;
+            let handle = store.data_mut().table.push(MessageView {
+                bytes: Arc::clone(message),
+            })?;
+            let rep = handle.rep();
+            let result = g
+                .call_on_deliver(&mut *store, envelope, target, Resource::new_borrow(rep))
+                .await;
+            let _ = store.data_mut().table.delete(handle);
+            Answer::Delivery(result?)
+        }
+        Call::Vrfy(s, query) => {
+            let g = h
+                .vrfy
+                .as_ref()
+                .ok_or_else(missing)?
+                .load(&mut *store, instance)?;
+            Answer::Lookup(g.call_on_vrfy(&mut *store, &s.to_wit(), query).await?)
+        }
+        Call::Expn(s, list) => {
+            let g = h
+                .expn
+                .as_ref()
+                .ok_or_else(missing)?
+                .load(&mut *store, instance)?;
+            Answer::Lookup(g.call_on_expn(&mut *store, &s.to_wit(), list).await?)
+        }
+    })
+}
+
+/// What a failing plugin's session gets.
+pub fn on_error_verdict(policy: OnError) -> Verdict {
+    match policy {
+        OnError::Continue => Verdict::Pass,
+        OnError::Tempfail => Verdict::Refuse(Reply::new(
+            451,
+            "4.3.0",
+            "Temporary local problem, try again later",
+        )),
+        OnError::Reject => Verdict::Refuse(Reply::new(550, "5.7.0", "Rejected by local policy")),
+    }
+}
+
+fn lookup_error(policy: OnError) -> Lookup {
+    match on_error_verdict(policy) {
+        Verdict::Refuse(reply) | Verdict::Disconnect(reply) => Lookup::Answer(reply),
+        Verdict::Pass => Lookup::Default,
+    }
+}
+
+/// Checks a plugin's reply against the class its decision needs.
+pub fn validate_reply(
+    reply: &types::Reply,
+    allowed: std::ops::RangeInclusive<u16>,
+) -> Result<Reply, String> {
+    if !allowed.contains(&reply.code) {
+        return Err(format!(
+            "reply code {} not allowed here (expected {}-{})",
+            reply.code,
+            allowed.start(),
+            allowed.end()
+        ));
+    }
+    if !reply.enhanced.is_empty() {
+        let parts: Vec<&str> = reply.enhanced.split('.').collect();
+        let well_formed = parts.len() == 3
+            && parts
+                .iter()
+                .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
+            && parts[0] == (reply.code / 100).to_string();
+        if !well_formed {
+            return Err(format!(
+                "enhanced status {:?} does not fit code {}",
+                reply.enhanced, reply.code
+            ));
+        }
+    }
+    let text: String = reply
+        .text
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(400)
+        .collect();
+    let text = if text.trim().is_empty() {
+        "Refused by policy".to_string()
+    } else {
+        text
+    };
+    Ok(Reply::new(reply.code, reply.enhanced.clone(), text))
+}
+
+fn decision_verdict(decision: types::Decision) -> Result<Verdict, String> {
+    Ok(match decision {
+        types::Decision::Continue | types::Decision::Accept => Verdict::Pass,
+        types::Decision::Reject(r) => Verdict::Refuse(validate_reply(&r, 500..=599)?),
+        types::Decision::Tempfail(r) => Verdict::Refuse(validate_reply(&r, 400..=499)?),
+        types::Decision::Disconnect(r) => {
+            let reply = if r.code == 421 {
+                validate_reply(&r, 421..=421)?
+            } else {
+                validate_reply(&r, 500..=599)?
+            };
+            Verdict::Disconnect(reply)
+        }
+    })
+}
+
+fn valid_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 76
+        && name.bytes().all(|b| (33..=126).contains(&b) && b != b':')
+}
+
+fn apply_data_verdict(
+    outcome: &mut DataOutcome,
+    verdict: types::DataVerdict,
+) -> Result<(), String> {
+    match verdict.decision {
+        types::DataDecision::Continue | types::DataDecision::Accept => {}
+        types::DataDecision::Reject(r) => {
+            outcome.verdict = Verdict::Refuse(validate_reply(&r, 500..=599)?)
+        }
+        types::DataDecision::Tempfail(r) => {
+            outcome.verdict = Verdict::Refuse(validate_reply(&r, 400..=499)?)
+        }
+        types::DataDecision::Disconnect(r) => {
+            outcome.verdict = decision_verdict(types::Decision::Disconnect(r))?
+        }
+        types::DataDecision::Discard => outcome.discard = true,
+        types::DataDecision::Quarantine(reason) => {
+            outcome.quarantine = Some(
+                reason
+                    .chars()
+                    .filter(|c| !c.is_control())
+                    .take(200)
+                    .collect(),
+            )
+        }
+    }
+    for modification in verdict.modifications {
+        match modification {
+            types::Modification::AddHeader(f) | types::Modification::InsertHeader(f)
+                if !valid_header_name(&f.name) =>
+            {
+                return Err(format!("invalid header name {:?}", f.name));
+            }
+            types::Modification::AddHeader(f) => {
+                outcome.edits.push(Edit::Add(Field::new(&f.name, &f.value)))
+            }
+            types::Modification::InsertHeader(f) => outcome
+                .edits
+                .push(Edit::Insert(Field::new(&f.name, &f.value))),
+            types::Modification::ChangeHeader(c) => {
+                if !valid_header_name(&c.name) {
+                    return Err(format!("invalid header name {:?}", c.name));
+                }
+                outcome.edits.push(Edit::Change {
+                    name: c.name,
+                    index: c.index,
+                    value: c.value,
+                })
+            }
+            // The host's own Received field is protected when the edits are applied.
+            types::Modification::RemoveHeader(r) => outcome.edits.push(Edit::Remove {
+                name: r.name,
+                index: r.index,
+            }),
+            types::Modification::ChangeSender(s) => outcome.new_sender = Some(s),
+            types::Modification::AddRecipient(r) => outcome.add_recipients.push(r),
+            types::Modification::RemoveRecipient(r) => outcome.remove_recipients.push(r),
+            types::Modification::ReplaceBody(b) => outcome.edits.push(Edit::ReplaceBody(b)),
+        }
+    }
+    Ok(())
+}
+
+fn mailbox_text(m: &types::Mailbox) -> String {
+    match &m.display_name {
+        Some(name) => format!("{} <{}>", name.replace(['"', '\r', '\n'], ""), m.address),
+        None => format!("<{}>", m.address),
+    }
+}
+
+fn lookup_reply(answer: types::LookupAnswer) -> Result<Option<Reply>, String> {
+    Ok(Some(match answer {
+        types::LookupAnswer::Continue => return Ok(None),
+        types::LookupAnswer::Found(list) if list.is_empty() => {
+            return Err("found with no mailbox".into())
+        }
+        types::LookupAnswer::Found(list) => Reply {
+            code: 250,
+            status: "2.1.5".into(),
+            lines: list.iter().map(mailbox_text).collect(),
+        },
+        types::LookupAnswer::Forwarded(m) => Reply::new(
+            251,
+            "2.1.5",
+            format!("User not local; will forward to {}", mailbox_text(&m)),
+        ),
+        types::LookupAnswer::CannotVerify => Reply::new(
+            252,
+            "2.5.0",
+            "Cannot VRFY user, but will accept message and attempt delivery",
+        ),
+        types::LookupAnswer::NotFound => Reply::new(550, "5.1.1", "No such user here"),
+        types::LookupAnswer::Ambiguous(list) => Reply {
+            code: 553,
+            status: "5.1.4".into(),
+            lines: std::iter::once("User ambiguous; possibilities are".to_string())
+                .chain(list.iter().map(mailbox_text))
+                .collect(),
+        },
+        types::LookupAnswer::Custom(r) => validate_reply(&r, 200..=599)?,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(code: u16, enhanced: &str) -> types::Reply {
+        types::Reply {
+            code,
+            enhanced: enhanced.into(),
+            text: "no\r\n250 sneaky".into(),
+        }
+    }
+
+    #[test]
+    fn reply_classes_are_checked() {
+        assert!(
+            decision_verdict(types::Decision::Reject(reply(250, "2.0.0"))).is_err(),
+            "2xx reject"
+        );
+        assert!(
+            decision_verdict(types::Decision::Reject(reply(450, "4.7.1"))).is_err(),
+            "4xx reject"
+        );
+        assert!(decision_verdict(types::Decision::Tempfail(reply(550, ""))).is_err());
+        assert!(
+            decision_verdict(types::Decision::Reject(reply(550, "4.7.1"))).is_err(),
+            "class mismatch"
+        );
+        assert!(decision_verdict(types::Decision::Reject(reply(550, "5.7"))).is_err());
+        let Ok(Verdict::Refuse(r)) = decision_verdict(types::Decision::Reject(reply(554, "5.7.1")))
+        else {
+            panic!()
+        };
+        assert_eq!(r.to_bytes(), b"554 5.7.1 no250 sneaky\r\n");
+        assert!(matches!(
+            decision_verdict(types::Decision::Disconnect(reply(421, "4.7.0"))),
+            Ok(Verdict::Disconnect(_))
+        ));
+        assert!(decision_verdict(types::Decision::Disconnect(reply(451, ""))).is_err());
+    }
+
+    #[test]
+    fn header_names_are_checked() {
+        let mut outcome = DataOutcome {
+            verdict: Verdict::Pass,
+            discard: false,
+            quarantine: None,
+            edits: vec![],
+            new_sender: None,
+            add_recipients: vec![],
+            remove_recipients: vec![],
+        };
+        let bad = types::DataVerdict {
+            decision: types::DataDecision::Continue,
+            modifications: vec![types::Modification::AddHeader(types::HeaderField {
+                name: "X-A: b".into(),
+                value: "v".into(),
+            })],
+        };
+        assert!(apply_data_verdict(&mut outcome, bad).is_err());
+    }
+}

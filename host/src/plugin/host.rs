@@ -1,0 +1,229 @@
+//! What a plugin instance's store holds, and the host side of every capability it may import.
+
+use std::sync::Arc;
+
+use wasmtime::component::{Resource, ResourceTable};
+use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::bindings::postern::plugin::{clock, config, directory, kv, log, types};
+use super::kv::Namespace;
+use crate::auth::UserDirectory;
+
+/// Read calls return at most this much per call.
+const MAX_READ: u32 = 1 << 20;
+
+/// A plugin as configured: what its instances may see.
+pub struct PluginMeta {
+    pub name: String,
+    pub config: toml::Table,
+    pub kv: Option<Arc<Namespace>>,
+    pub directory: Arc<UserDirectory>,
+    pub memory_bytes: usize,
+}
+
+/// The data of one plugin instance's store.
+pub struct PluginState {
+    pub meta: Arc<PluginMeta>,
+    pub table: ResourceTable,
+    wasi: WasiCtx,
+    pub limits: StoreLimits,
+}
+
+impl PluginState {
+    pub fn new(meta: Arc<PluginMeta>) -> PluginState {
+        // No preopened directories, no sockets, no environment, no arguments: WASI here is only
+        // what a Rust or Python guest needs to start (clocks, random, empty stdio).
+        let wasi = WasiCtxBuilder::new().build();
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(meta.memory_bytes)
+            .instances(64)
+            .tables(64)
+            .memories(64)
+            .trap_on_grow_failure(true)
+            .build();
+        PluginState {
+            meta,
+            table: ResourceTable::new(),
+            wasi,
+            limits,
+        }
+    }
+}
+
+impl WasiView for PluginState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// The message a data or deliver hook reads, shared (not copied) between plugins.
+pub struct MessageView {
+    pub bytes: Arc<Vec<u8>>,
+}
+
+impl types::Host for PluginState {}
+
+impl types::HostMessage for PluginState {
+    fn size(&mut self, this: Resource<MessageView>) -> wasmtime::Result<u64> {
+        Ok(self.table.get(&this)?.bytes.len() as u64)
+    }
+
+    fn body_offset(&mut self, this: Resource<MessageView>) -> wasmtime::Result<u64> {
+        Ok(crate::message::body_offset(&self.table.get(&this)?.bytes) as u64)
+    }
+
+    fn header(
+        &mut self,
+        this: Resource<MessageView>,
+        name: String,
+    ) -> wasmtime::Result<Vec<String>> {
+        Ok(crate::message::header_values(
+            &self.table.get(&this)?.bytes,
+            &name,
+        ))
+    }
+
+    fn headers(&mut self, this: Resource<MessageView>) -> wasmtime::Result<Vec<(String, String)>> {
+        Ok(crate::message::parse_fields(&self.table.get(&this)?.bytes)
+            .iter()
+            .map(|f| (f.name.clone(), f.value()))
+            .collect())
+    }
+
+    fn read(
+        &mut self,
+        this: Resource<MessageView>,
+        offset: u64,
+        len: u32,
+    ) -> wasmtime::Result<Vec<u8>> {
+        let bytes = &self.table.get(&this)?.bytes;
+        let start = (offset as usize).min(bytes.len());
+        let end = start
+            .saturating_add(len.min(MAX_READ) as usize)
+            .min(bytes.len());
+        Ok(bytes[start..end].to_vec())
+    }
+
+    fn text_parts(&mut self, this: Resource<MessageView>) -> wasmtime::Result<Vec<String>> {
+        Ok(crate::message::text_parts(&self.table.get(&this)?.bytes))
+    }
+
+    fn drop(&mut self, this: Resource<MessageView>) -> wasmtime::Result<()> {
+        self.table.delete(this)?;
+        Ok(())
+    }
+}
+
+impl log::Host for PluginState {
+    fn log(&mut self, level: log::Level, message: String) -> wasmtime::Result<()> {
+        let plugin = self.meta.name.as_str();
+        let message: String = message.chars().take(4096).collect();
+        match level {
+            log::Level::Trace => tracing::trace!(plugin, "{message}"),
+            log::Level::Debug => tracing::debug!(plugin, "{message}"),
+            log::Level::Info => tracing::info!(plugin, "{message}"),
+            log::Level::Warn => tracing::warn!(plugin, "{message}"),
+            log::Level::Error => tracing::error!(plugin, "{message}"),
+        }
+        Ok(())
+    }
+}
+
+/// A value of the plugin's config table at a dotted path, as text.
+pub fn config_value(table: &toml::Table, key: &str) -> Option<String> {
+    let mut parts = key.split('.');
+    let mut value = table.get(parts.next()?)?;
+    for part in parts {
+        value = value.as_table()?.get(part)?;
+    }
+    Some(match value {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    })
+}
+
+impl config::Host for PluginState {
+    fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        Ok(config_value(&self.meta.config, &key))
+    }
+
+    fn keys(&mut self) -> wasmtime::Result<Vec<String>> {
+        Ok(self.meta.config.keys().cloned().collect())
+    }
+}
+
+impl PluginState {
+    fn kv(&self) -> wasmtime::Result<&Namespace> {
+        // Unreachable for a plugin that was not granted kv (refused at load), kept as a guard.
+        self.meta
+            .kv
+            .as_deref()
+            .ok_or_else(|| wasmtime::format_err!("capability kv not granted"))
+    }
+}
+
+impl kv::Host for PluginState {
+    fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
+        Ok(self.kv()?.get(&key))
+    }
+
+    fn set(&mut self, key: String, value: Vec<u8>, ttl_secs: Option<u64>) -> wasmtime::Result<()> {
+        self.kv()?
+            .set(&key, value, ttl_secs)
+            .map_err(|e| wasmtime::format_err!("{e}"))
+    }
+
+    fn delete(&mut self, key: String) -> wasmtime::Result<bool> {
+        self.kv()?
+            .delete(&key)
+            .map_err(|e| wasmtime::format_err!("{e}"))
+    }
+
+    fn increment(
+        &mut self,
+        key: String,
+        delta: i64,
+        ttl_secs: Option<u64>,
+    ) -> wasmtime::Result<i64> {
+        self.kv()?
+            .increment(&key, delta, ttl_secs)
+            .map_err(|e| wasmtime::format_err!("{e}"))
+    }
+}
+
+impl clock::Host for PluginState {
+    fn now_ms(&mut self) -> wasmtime::Result<u64> {
+        Ok(chrono::Utc::now().timestamp_millis().max(0) as u64)
+    }
+}
+
+impl directory::Host for PluginState {
+    fn resolve(&mut self, address: String) -> wasmtime::Result<Option<String>> {
+        Ok(crate::address::Address::parse(&address).and_then(|a| self.meta.directory.resolve(&a)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_values_by_dotted_path() {
+        let table: toml::Table = toml::from_str(
+            "threshold = 5.5\nname = \"x\"\n[rules]\ngtube = 100\nlist = [\"a\", \"b\"]",
+        )
+        .unwrap();
+        assert_eq!(config_value(&table, "threshold").as_deref(), Some("5.5"));
+        assert_eq!(config_value(&table, "name").as_deref(), Some("x"));
+        assert_eq!(config_value(&table, "rules.gtube").as_deref(), Some("100"));
+        assert_eq!(
+            config_value(&table, "rules.list").as_deref(),
+            Some("[\"a\", \"b\"]")
+        );
+        assert_eq!(config_value(&table, "rules.none"), None);
+    }
+}

@@ -1,0 +1,41 @@
+//! The plugin platform: WebAssembly components attached to hooks at every stage of a mail's life.
+//!
+//! - [`bindings`]: the host bindings of the WIT contract (`wit/plugin.wit`).
+//! - [`engine`]: wasmtime with pooling, epoch interruption, and the compiled-component cache.
+//! - [`host`]: a plugin store's data and the capabilities it can import.
+//! - [`kv`]: the durable key-value store behind the `kv` capability.
+//! - [`registry`]: loading, hook discovery, capability checks and hot reload.
+//! - [`chain`]: running a stage through the plugins of a session, with deadlines and policies.
+
+pub mod bindings;
+pub mod chain;
+pub mod engine;
+pub mod host;
+pub mod kv;
+pub mod registry;
+
+pub use chain::{DataOutcome, Lookup, PluginSession, Routing, SessionInfo, Verdict};
+pub use registry::{PluginRuntime, Stage};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("plugin engine: {0}")]
+    Engine(String),
+    #[error("plugin {name} cannot be loaded: {reason}")]
+    Load { name: String, reason: String },
+    #[error("plugin {name} failed: {reason}")]
+    Trap { name: String, reason: String },
+    #[error("plugin {name} ran past its deadline")]
+    Timeout { name: String },
+    #[error("plugin {name} returned an invalid answer: {reason}")]
+    InvalidReply { name: String, reason: String },
+}
+
+impl PluginError {
+    pub fn trap(name: &str, err: &wasmtime::Error) -> PluginError {
+        PluginError::Trap {
+            name: name.to_string(),
+            reason: format!("{err:#}").chars().take(500).collect(),
+        }
+    }
+}

@@ -1,0 +1,361 @@
+//! Loaded plugins and their hot reload.
+//!
+//! A [`PluginSet`] is an immutable snapshot: the plugins in configuration order, each compiled,
+//! linked and pre-instantiated, with the hooks it exports. Sessions hold an `Arc` of the snapshot
+//! they started with; a reload builds a new snapshot off the hot path and swaps it in atomically,
+//! so a transaction in flight finishes on the version it started with. A plugin that fails to
+//! load keeps its previous version in the new snapshot, and the reason is logged.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use wasmtime::component::types::ComponentItem;
+use wasmtime::component::{Component, InstancePre, Linker};
+use wasmtime::Engine;
+
+use super::bindings::{hooks, Plugin};
+use super::host::{PluginMeta, PluginState};
+use super::kv::Namespace;
+use super::{engine, PluginError};
+use crate::auth::UserDirectory;
+use crate::config::{Capability, OnError, PluginConfig, PluginsConfig};
+
+/// The hook stages, one per exported interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
+    Connect,
+    Helo,
+    Auth,
+    MailFrom,
+    Rcpt,
+    Data,
+    Deliver,
+    Vrfy,
+    Expn,
+}
+
+/// Where each hook's functions are in a component; None for hooks it does not export.
+#[derive(Default)]
+pub struct HookIndices {
+    pub connect: Option<hooks::connect::GuestIndices>,
+    pub helo: Option<hooks::helo::GuestIndices>,
+    pub auth: Option<hooks::auth::GuestIndices>,
+    pub mail_from: Option<hooks::mail_from::GuestIndices>,
+    pub rcpt: Option<hooks::rcpt::GuestIndices>,
+    pub data: Option<hooks::data::GuestIndices>,
+    pub deliver: Option<hooks::deliver::GuestIndices>,
+    pub vrfy: Option<hooks::vrfy::GuestIndices>,
+    pub expn: Option<hooks::expn::GuestIndices>,
+}
+
+impl HookIndices {
+    fn discover(pre: &InstancePre<PluginState>) -> HookIndices {
+        HookIndices {
+            connect: hooks::connect::GuestIndices::new(pre).ok(),
+            helo: hooks::helo::GuestIndices::new(pre).ok(),
+            auth: hooks::auth::GuestIndices::new(pre).ok(),
+            mail_from: hooks::mail_from::GuestIndices::new(pre).ok(),
+            rcpt: hooks::rcpt::GuestIndices::new(pre).ok(),
+            data: hooks::data::GuestIndices::new(pre).ok(),
+            deliver: hooks::deliver::GuestIndices::new(pre).ok(),
+            vrfy: hooks::vrfy::GuestIndices::new(pre).ok(),
+            expn: hooks::expn::GuestIndices::new(pre).ok(),
+        }
+    }
+
+    pub fn has(&self, stage: Stage) -> bool {
+        match stage {
+            Stage::Connect => self.connect.is_some(),
+            Stage::Helo => self.helo.is_some(),
+            Stage::Auth => self.auth.is_some(),
+            Stage::MailFrom => self.mail_from.is_some(),
+            Stage::Rcpt => self.rcpt.is_some(),
+            Stage::Data => self.data.is_some(),
+            Stage::Deliver => self.deliver.is_some(),
+            Stage::Vrfy => self.vrfy.is_some(),
+            Stage::Expn => self.expn.is_some(),
+        }
+    }
+
+    fn names(&self) -> Vec<&'static str> {
+        [
+            (Stage::Connect, "connect"),
+            (Stage::Helo, "helo"),
+            (Stage::Auth, "auth"),
+            (Stage::MailFrom, "mail-from"),
+            (Stage::Rcpt, "rcpt"),
+            (Stage::Data, "data"),
+            (Stage::Deliver, "deliver"),
+            (Stage::Vrfy, "vrfy"),
+            (Stage::Expn, "expn"),
+        ]
+        .into_iter()
+        .filter(|(s, _)| self.has(*s))
+        .map(|(_, n)| n)
+        .collect()
+    }
+}
+
+/// One plugin, ready to instantiate.
+pub struct LoadedPlugin {
+    pub meta: Arc<PluginMeta>,
+    pub pre: InstancePre<PluginState>,
+    pub hooks: HookIndices,
+    pub timeout: Duration,
+    pub on_error: OnError,
+    /// SHA-256 of the wasm file (reload skips unchanged plugins).
+    pub digest: String,
+    /// The configuration it was loaded with (reload also reacts to config changes).
+    config: PluginConfig,
+}
+
+/// An immutable snapshot of the loaded plugins, in chain order.
+pub struct PluginSet {
+    pub plugins: Vec<Arc<LoadedPlugin>>,
+    pub generation: u64,
+}
+
+impl PluginSet {
+    pub fn has(&self, stage: Stage) -> bool {
+        self.plugins.iter().any(|p| p.hooks.has(stage))
+    }
+}
+
+pub struct PluginRuntime {
+    pub engine: Engine,
+    linker: Linker<PluginState>,
+    settings: PluginsConfig,
+    cache_dir: PathBuf,
+    kv_dir: PathBuf,
+    directory: Arc<UserDirectory>,
+    current: RwLock<Arc<PluginSet>>,
+    generation: AtomicU64,
+    /// KV namespaces stay open across reloads (one writer per file).
+    namespaces: Mutex<HashMap<String, Arc<Namespace>>>,
+    /// One reload at a time.
+    reloading: tokio::sync::Mutex<()>,
+}
+
+/// What a reload did, per plugin.
+#[derive(Debug, Default)]
+pub struct ReloadReport {
+    pub loaded: Vec<String>,
+    pub unchanged: Vec<String>,
+    pub failed: Vec<(String, String)>,
+}
+
+impl PluginRuntime {
+    pub fn new(
+        settings: &PluginsConfig,
+        data_dir: &std::path::Path,
+        directory: Arc<UserDirectory>,
+    ) -> Result<PluginRuntime, PluginError> {
+        let engine = engine::build(settings)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| PluginError::Engine(e.to_string()))?;
+        Plugin::add_to_linker::<PluginState, wasmtime::component::HasSelf<PluginState>>(
+            &mut linker,
+            |s| s,
+        )
+        .map_err(|e| PluginError::Engine(e.to_string()))?;
+        Ok(PluginRuntime {
+            engine,
+            linker,
+            settings: settings.clone(),
+            cache_dir: data_dir.join("plugin-cache"),
+            kv_dir: data_dir.join("plugin-kv"),
+            directory,
+            current: RwLock::new(Arc::new(PluginSet {
+                plugins: Vec::new(),
+                generation: 0,
+            })),
+            generation: AtomicU64::new(0),
+            namespaces: Mutex::new(HashMap::new()),
+            reloading: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn settings(&self) -> &PluginsConfig {
+        &self.settings
+    }
+
+    /// The snapshot new sessions and transactions use.
+    pub fn current(&self) -> Arc<PluginSet> {
+        self.current.read().expect("plugin set lock").clone()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Loads the configured plugins and swaps them in. Plugins whose file and configuration did
+    /// not change are kept as they are; a plugin that fails to load keeps its previous version
+    /// (or is left out if it has none) and the failure is reported.
+    pub async fn load(self: &Arc<Self>, configs: &[PluginConfig]) -> ReloadReport {
+        let _one_at_a_time = self.reloading.lock().await;
+        let previous = self.current();
+        let mut report = ReloadReport::default();
+        let mut plugins = Vec::new();
+        for config in configs {
+            let old = previous
+                .plugins
+                .iter()
+                .find(|p| p.meta.name == config.name)
+                .cloned();
+            let runtime = self.clone();
+            let owned = config.clone();
+            let old_digest = old.as_ref().map(|p| (p.digest.clone(), p.config.clone()));
+            // Compiling takes from milliseconds (Rust) to seconds (Python): never on a runtime thread.
+            let result = tokio::task::spawn_blocking(move || runtime.load_one(&owned, old_digest))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(PluginError::Load {
+                        name: config.name.clone(),
+                        reason: e.to_string(),
+                    })
+                });
+            match (result, old) {
+                (Ok(Some(loaded)), _) => {
+                    tracing::info!(plugin = %config.name, hooks = ?loaded.hooks.names(), "plugin loaded");
+                    report.loaded.push(config.name.clone());
+                    plugins.push(Arc::new(loaded));
+                }
+                (Ok(None), Some(old)) => {
+                    report.unchanged.push(config.name.clone());
+                    plugins.push(old);
+                }
+                (Ok(None), None) => {}
+                (Err(err), old) => {
+                    tracing::error!(plugin = %config.name, "plugin not loaded: {err}");
+                    report.failed.push((config.name.clone(), err.to_string()));
+                    if let Some(old) = old {
+                        tracing::warn!(plugin = %config.name, "keeping the previous version");
+                        plugins.push(old);
+                    }
+                }
+            }
+        }
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        *self.current.write().expect("plugin set lock") = Arc::new(PluginSet {
+            plugins,
+            generation,
+        });
+        report
+    }
+
+    /// Loads one plugin; Ok(None) when it is unchanged from `old` (same wasm digest and config).
+    fn load_one(
+        &self,
+        config: &PluginConfig,
+        old: Option<(String, PluginConfig)>,
+    ) -> Result<Option<LoadedPlugin>, PluginError> {
+        let fail = |reason: String| PluginError::Load {
+            name: config.name.clone(),
+            reason,
+        };
+        let (component, digest) =
+            engine::load_component(&self.engine, &config.path, &self.cache_dir).map_err(fail)?;
+        if let Some((old_digest, old_config)) = old {
+            if old_digest == digest && same_config(&old_config, config) {
+                return Ok(None);
+            }
+        }
+        check_imports(&self.engine, &component, &config.capabilities).map_err(fail)?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| fail(format!("cannot link: {e:#}")))?;
+        let hooks = HookIndices::discover(&pre);
+        if hooks.names().is_empty() {
+            return Err(fail("exports no postern:plugin hook".into()));
+        }
+        let kv = if config.capabilities.contains(&Capability::Kv) {
+            let mut namespaces = self.namespaces.lock().expect("namespaces lock");
+            Some(match namespaces.get(&config.name) {
+                Some(ns) => ns.clone(),
+                None => {
+                    let ns = Arc::new(
+                        Namespace::open(&self.kv_dir, &config.name)
+                            .map_err(|e| fail(format!("kv store: {e}")))?,
+                    );
+                    namespaces.insert(config.name.clone(), ns.clone());
+                    ns
+                }
+            })
+        } else {
+            None
+        };
+        let memory_mb = config.memory_mb.unwrap_or(self.settings.default_memory_mb);
+        Ok(Some(LoadedPlugin {
+            meta: Arc::new(PluginMeta {
+                name: config.name.clone(),
+                config: config.config.clone(),
+                kv,
+                directory: self.directory.clone(),
+                memory_bytes: (memory_mb as usize) << 20,
+            }),
+            pre,
+            hooks,
+            timeout: Duration::from_millis(
+                config
+                    .timeout_ms
+                    .unwrap_or(self.settings.default_timeout_ms),
+            ),
+            on_error: config.on_error,
+            digest,
+            config: config.clone(),
+        }))
+    }
+}
+
+fn same_config(a: &PluginConfig, b: &PluginConfig) -> bool {
+    a.path == b.path
+        && a.on_error == b.on_error
+        && a.timeout_ms == b.timeout_ms
+        && a.memory_mb == b.memory_mb
+        && a.capabilities == b.capabilities
+        && a.config == b.config
+}
+
+/// Refuses a component that imports a host capability it was not granted, or anything that is
+/// neither ours nor WASI.
+fn check_imports(
+    engine: &Engine,
+    component: &Component,
+    granted: &[Capability],
+) -> Result<(), String> {
+    for (name, item) in component.component_type().imports(engine) {
+        let needed = match name.split('@').next().unwrap_or(name) {
+            "postern:plugin/types" => None,
+            "postern:plugin/log" => Some(Capability::Log),
+            "postern:plugin/config" => Some(Capability::Config),
+            "postern:plugin/kv" => Some(Capability::Kv),
+            "postern:plugin/clock" => Some(Capability::Clock),
+            "postern:plugin/directory" => Some(Capability::Directory),
+            other
+                if other.starts_with("wasi:")
+                    && matches!(item.ty, ComponentItem::ComponentInstance(_)) =>
+            {
+                None
+            }
+            other => {
+                return Err(format!(
+                    "imports {other:?}, which this host does not provide"
+                ))
+            }
+        };
+        if let Some(capability) = needed {
+            if !granted.contains(&capability) {
+                return Err(format!(
+                    "imports {name} but the configuration does not grant {:?} (capabilities = [...])",
+                    capability
+                ));
+            }
+        }
+    }
+    Ok(())
+}

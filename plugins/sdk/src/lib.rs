@@ -1,0 +1,175 @@
+//! Guest SDK for Postern plugins in Rust.
+//!
+//! The SDK binds the host's capabilities (`log`, `config`, `kv`, `clock`, `directory`) and the
+//! shared types once; a plugin crate binds only the hooks it exports and maps the shared parts to
+//! this crate, so it implements only the hooks it needs:
+//!
+//! ```ignore
+//! wit_bindgen::generate!({
+//!     inline: "package my:filter; world filter {
+//!         include postern:plugin/host-api@0.1.0;
+//!         export postern:plugin/rcpt@0.1.0;
+//!     }",
+//!     path: "../../wit",
+//!     with: {
+//!         "postern:plugin/types@0.1.0": postern_plugin_sdk::types,
+//!         "postern:plugin/log@0.1.0": postern_plugin_sdk::log,
+//!         "postern:plugin/config@0.1.0": postern_plugin_sdk::config,
+//!         "postern:plugin/kv@0.1.0": postern_plugin_sdk::kv,
+//!         "postern:plugin/clock@0.1.0": postern_plugin_sdk::clock,
+//!         "postern:plugin/directory@0.1.0": postern_plugin_sdk::directory,
+//!     },
+//! });
+//! ```
+//!
+//! Helpers here build decisions and replies, read typed config values and log.
+
+wit_bindgen::generate!({
+    path: "../../wit",
+    world: "postern:plugin/host-api",
+    pub_export_macro: true,
+    generate_all,
+});
+
+pub use postern::plugin::{clock, config, directory, kv, log, types};
+use types::{Decision, Reply};
+
+/// Builds a reply.
+pub fn reply(code: u16, enhanced: &str, text: &str) -> Reply {
+    Reply {
+        code,
+        enhanced: enhanced.to_string(),
+        text: text.to_string(),
+    }
+}
+
+/// `reject` with a 5xx reply.
+pub fn reject(code: u16, enhanced: &str, text: &str) -> Decision {
+    Decision::Reject(reply(code, enhanced, text))
+}
+
+/// `tempfail` with a 4xx reply.
+pub fn tempfail(code: u16, enhanced: &str, text: &str) -> Decision {
+    Decision::Tempfail(reply(code, enhanced, text))
+}
+
+/// A config value parsed as `T` (numbers, booleans), or `default`.
+pub fn config_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    config::get(key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A config value that is a TOML array of strings (`["a", 'b\c']`), or empty. Basic strings
+/// have their escapes decoded; literal strings are taken as they are.
+pub fn config_list(key: &str) -> Vec<String> {
+    config::get(key)
+        .map(|text| parse_string_array(&text))
+        .unwrap_or_default()
+}
+
+/// Parses a TOML array of strings as the host renders it; other values are skipped.
+pub fn parse_string_array(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut chars = text.trim().trim_start_matches('[').chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                let mut value = String::new();
+                while let Some(c) = chars.next() {
+                    match c {
+                        '"' => break,
+                        '\\' => match chars.next() {
+                            Some('n') => value.push('\n'),
+                            Some('t') => value.push('\t'),
+                            Some('r') => value.push('\r'),
+                            Some('u') => {
+                                let hex: String = chars.by_ref().take(4).collect();
+                                if let Some(ch) =
+                                    u32::from_str_radix(&hex, 16).ok().and_then(char::from_u32)
+                                {
+                                    value.push(ch);
+                                }
+                            }
+                            Some(other) => value.push(other),
+                            None => break,
+                        },
+                        other => value.push(other),
+                    }
+                }
+                out.push(value);
+            }
+            '\'' => out.push(chars.by_ref().take_while(|c| *c != '\'').collect()),
+            _ => {}
+        }
+    }
+    out
+}
+
+pub fn info(message: &str) {
+    log::log(log::Level::Info, message);
+}
+
+pub fn debug(message: &str) {
+    log::log(log::Level::Debug, message);
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    clock::now_ms()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn string_arrays() {
+        assert_eq!(
+            parse_string_array(r#"["a", "b, c", 'd\e', "q\"x\n"]"#),
+            vec!["a", "b, c", "d\\e", "q\"x\n"]
+        );
+        assert!(parse_string_array("[]").is_empty());
+    }
+
+    #[test]
+    fn cidr_matching() {
+        assert!(ip_in("192.0.2.77", "192.0.2.0/24"));
+        assert!(!ip_in("192.0.3.1", "192.0.2.0/24"));
+        assert!(ip_in("2001:db8::1", "2001:db8::/32"));
+        assert!(ip_in("127.0.0.1", "127.0.0.1"));
+        assert!(!ip_in("127.0.0.1", "::1"));
+    }
+}
+
+/// Whether `ip` (text) is inside `cidr` (`192.0.2.0/24`, `2001:db8::/32`, or a bare address).
+pub fn ip_in(ip: &str, cidr: &str) -> bool {
+    let (net, bits) = match cidr.split_once('/') {
+        Some((net, bits)) => (net, bits.parse::<u32>().ok()),
+        None => (cidr, None),
+    };
+    match (
+        ip.parse::<std::net::IpAddr>(),
+        net.parse::<std::net::IpAddr>(),
+    ) {
+        (Ok(std::net::IpAddr::V4(a)), Ok(std::net::IpAddr::V4(n))) => {
+            let bits = bits.unwrap_or(32).min(32);
+            let mask = if bits == 0 {
+                0
+            } else {
+                u32::MAX << (32 - bits)
+            };
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (Ok(std::net::IpAddr::V6(a)), Ok(std::net::IpAddr::V6(n))) => {
+            let bits = bits.unwrap_or(128).min(128);
+            let mask = if bits == 0 {
+                0
+            } else {
+                u128::MAX << (128 - bits)
+            };
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}

@@ -1,0 +1,123 @@
+//! Spam filter: scored rules on headers and body, the GTUBE test string, and a token classifier
+//! trained from a corpus (`spam-train`). Adds `X-Spam-Score` and `X-Spam-Status`, and quarantines
+//! or rejects messages whose score reaches the configured thresholds.
+//!
+//! ```toml
+//! [[plugin]]
+//! name = "spam-filter"
+//! path = "plugins/spam_filter.wasm"
+//! capabilities = ["config", "log"]
+//! [plugin.config]
+//! quarantine_at = 5.0          # score from which the message goes to the Quarantine folder
+//! reject_at = 10.0             # score from which it is refused with 550 5.7.1
+//! bayes_weight = 5.0           # the classifier adds (2p - 1) * weight
+//! rules = ["header:subject:viagra:4.0", "body:wire transfer:2.5", "header:from:@spam.test:6"]
+//! model = """..."""            # printed by spam-train
+//! ```
+
+use std::sync::OnceLock;
+
+use postern_plugin_sdk::types::{
+    DataDecision, DataVerdict, Envelope, HeaderField, Message, Modification, Session,
+};
+use postern_plugin_sdk::{config, config_list, config_or, debug, reply};
+use spam_classifier::classifier::Model;
+use spam_classifier::{parse_rule, score, Rule};
+
+wit_bindgen::generate!({
+    inline: "package postern:spam-filter;
+        world spam-filter {
+            include postern:plugin/host-api@0.1.0;
+            export postern:plugin/data@0.1.0;
+        }",
+    path: "../../wit",
+    with: {
+        "postern:plugin/types@0.1.0": postern_plugin_sdk::types,
+        "postern:plugin/log@0.1.0": postern_plugin_sdk::log,
+        "postern:plugin/config@0.1.0": postern_plugin_sdk::config,
+        "postern:plugin/kv@0.1.0": postern_plugin_sdk::kv,
+        "postern:plugin/clock@0.1.0": postern_plugin_sdk::clock,
+        "postern:plugin/directory@0.1.0": postern_plugin_sdk::directory,
+    },
+});
+
+/// Text scanned at most (the start of a message carries its signal).
+const MAX_TEXT: usize = 256 * 1024;
+
+struct SpamFilter;
+
+fn model() -> Option<&'static Model> {
+    static MODEL: OnceLock<Option<Model>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| config::get("model").and_then(|text| Model::parse(&text)))
+        .as_ref()
+}
+
+impl exports::postern::plugin::data::Guest for SpamFilter {
+    fn on_data(_session: Session, envelope: Envelope, message: &Message) -> DataVerdict {
+        let subject = message.header("subject").join(" ");
+        let mut text = String::new();
+        for part in message.text_parts() {
+            if text.len() >= MAX_TEXT {
+                break;
+            }
+            text.push_str(&part);
+            text.push('\n');
+        }
+        let rules: Vec<Rule> = config_list("rules")
+            .iter()
+            .filter_map(|r| parse_rule(r))
+            .collect();
+        let headers = |name: &str| message.header(name);
+        let (total, tests) = score(
+            &subject,
+            &headers,
+            &text,
+            &rules,
+            model(),
+            config_or("bayes_weight", 5.0),
+        );
+        let quarantine_at = config_or("quarantine_at", 5.0f64);
+        let reject_at = config_or("reject_at", 10.0f64);
+        debug(&format!(
+            "{}: score {total:.1} tests {}",
+            envelope.queue_id,
+            tests.join(",")
+        ));
+        let status = if total >= quarantine_at { "Yes" } else { "No" };
+        let modifications = vec![
+            Modification::AddHeader(HeaderField {
+                name: "X-Spam-Score".into(),
+                value: format!("{total:.1}"),
+            }),
+            Modification::AddHeader(HeaderField {
+                name: "X-Spam-Status".into(),
+                value: format!(
+                    "{status}, score={total:.1} required={quarantine_at:.1} tests={}",
+                    if tests.is_empty() {
+                        "none".to_string()
+                    } else {
+                        tests.join(",")
+                    }
+                ),
+            }),
+        ];
+        let decision = if total >= reject_at {
+            DataDecision::Reject(reply(
+                550,
+                "5.7.1",
+                &format!("Message rejected as spam (score {total:.1})"),
+            ))
+        } else if total >= quarantine_at {
+            DataDecision::Quarantine(format!("spam score {total:.1}"))
+        } else {
+            DataDecision::Continue
+        };
+        DataVerdict {
+            decision,
+            modifications,
+        }
+    }
+}
+
+export!(SpamFilter);

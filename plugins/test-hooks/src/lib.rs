@@ -1,0 +1,260 @@
+//! A plugin for the end-to-end tests: it exports every hook and does, at each stage, what the
+//! config key of that stage says (`connect`, `helo`, `auth`, `mail-from`, `rcpt`, `data`,
+//! `deliver`, `vrfy`, `expn`; absent means continue):
+//!
+//! - `continue`, `accept`, `reject:CODE:ENHANCED:TEXT`, `tempfail:…`, `disconnect:…`
+//! - data only: `discard`, `quarantine:REASON`, `echo-subject` (rejects with the Subject it read),
+//!   `echo-text` (rejects with the first text part it decoded); and `data-modifications`, a list
+//!   of `add-header:NAME:VALUE`, `insert-header:NAME:VALUE`, `change-header:NAME:INDEX:VALUE`,
+//!   `remove-header:NAME:INDEX`, `change-sender:ADDR`, `add-recipient:ADDR`,
+//!   `remove-recipient:ADDR`, `replace-body:TEXT`
+//! - deliver only: `folder:NAME`, `forward:ADDR`, `discard`, `defer:TEXT`, `fail:TEXT`
+//! - vrfy/expn: `found:ADDR`, `not-found`, `cannot-verify`
+//! - misbehaviour: `loop` (never returns), `alloc` (grows memory until it fails), `panic`,
+//!   `read-file:PATH` and `connect:HOST:PORT` (try the sandbox; the outcome is the reject text),
+//!   `kv-count` (counts calls in the kv store and rejects with the count)
+
+use postern_plugin_sdk::types::{
+    DataDecision, DataVerdict, Decision, Delivery, DeliveryTarget, Envelope, HeaderChange,
+    HeaderField, HeaderRemoval, LookupAnswer, Mailbox, Message, Modification, Reply, Session,
+};
+use postern_plugin_sdk::{config, config_list, kv, reply};
+
+wit_bindgen::generate!({
+    inline: "package postern:test-hooks;
+        world test-hooks {
+            include postern:plugin/host-api@0.1.0;
+            export postern:plugin/connect@0.1.0;
+            export postern:plugin/helo@0.1.0;
+            export postern:plugin/auth@0.1.0;
+            export postern:plugin/mail-from@0.1.0;
+            export postern:plugin/rcpt@0.1.0;
+            export postern:plugin/data@0.1.0;
+            export postern:plugin/deliver@0.1.0;
+            export postern:plugin/vrfy@0.1.0;
+            export postern:plugin/expn@0.1.0;
+        }",
+    path: "../../wit",
+    with: {
+        "postern:plugin/types@0.1.0": postern_plugin_sdk::types,
+        "postern:plugin/log@0.1.0": postern_plugin_sdk::log,
+        "postern:plugin/config@0.1.0": postern_plugin_sdk::config,
+        "postern:plugin/kv@0.1.0": postern_plugin_sdk::kv,
+        "postern:plugin/clock@0.1.0": postern_plugin_sdk::clock,
+        "postern:plugin/directory@0.1.0": postern_plugin_sdk::directory,
+    },
+});
+
+struct TestHooks;
+
+fn action(stage: &str) -> String {
+    config::get(stage).unwrap_or_else(|| "continue".into())
+}
+
+/// `kind:code:enhanced:text` → the reply part.
+fn parse_reply(rest: &str) -> Reply {
+    let mut parts = rest.splitn(3, ':');
+    let code = parts.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+    let enhanced = parts.next().unwrap_or("").to_string();
+    let text = parts.next().unwrap_or("").to_string();
+    reply(code, &enhanced, &text)
+}
+
+/// Actions every stage understands; None when the action is stage-specific.
+fn common(action: &str) -> Option<Decision> {
+    let (kind, rest) = action.split_once(':').unwrap_or((action, ""));
+    Some(match kind {
+        "continue" => Decision::Continue,
+        "accept" => Decision::Accept,
+        "reject" => Decision::Reject(parse_reply(rest)),
+        "tempfail" => Decision::Tempfail(parse_reply(rest)),
+        "disconnect" => Decision::Disconnect(parse_reply(rest)),
+        "loop" => {
+            let mut n: u64 = 0;
+            loop {
+                n = std::hint::black_box(n.wrapping_add(1));
+            }
+        }
+        "alloc" => {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hoard.push(vec![1u8; 1 << 20]);
+                std::hint::black_box(&hoard);
+            }
+        }
+        "panic" => panic!("test-hooks asked to panic"),
+        "read-file" => {
+            let text = match std::fs::read(rest) {
+                Ok(bytes) => format!("read ok: {} bytes", bytes.len()),
+                Err(err) => format!("read failed: {err}"),
+            };
+            Decision::Reject(reply(550, "5.7.1", &text))
+        }
+        "connect" => {
+            let text = match std::net::TcpStream::connect(rest) {
+                Ok(_) => "connect ok".to_string(),
+                Err(err) => format!("connect failed: {err}"),
+            };
+            Decision::Reject(reply(550, "5.7.1", &text))
+        }
+        "kv-count" => {
+            let n = kv::increment("calls", 1, None);
+            Decision::Reject(reply(550, "5.7.1", &format!("call {n}")))
+        }
+        _ => return None,
+    })
+}
+
+fn decide(stage: &str) -> Decision {
+    common(&action(stage)).unwrap_or(Decision::Continue)
+}
+
+impl exports::postern::plugin::connect::Guest for TestHooks {
+    fn on_connect(_session: Session) -> Decision {
+        decide("connect")
+    }
+}
+
+impl exports::postern::plugin::helo::Guest for TestHooks {
+    fn on_helo(_session: Session, _name: String, _extended: bool) -> Decision {
+        decide("helo")
+    }
+}
+
+impl exports::postern::plugin::auth::Guest for TestHooks {
+    fn on_auth(_session: Session, _mechanism: String, _user: String) -> Decision {
+        decide("auth")
+    }
+}
+
+impl exports::postern::plugin::mail_from::Guest for TestHooks {
+    fn on_mail_from(_session: Session, _sender: String, _size: u64) -> Decision {
+        decide("mail-from")
+    }
+}
+
+impl exports::postern::plugin::rcpt::Guest for TestHooks {
+    fn on_rcpt(_session: Session, _sender: String, _recipient: String, _local: bool) -> Decision {
+        decide("rcpt")
+    }
+}
+
+fn modification(spec: &str) -> Option<Modification> {
+    let (kind, rest) = spec.split_once(':')?;
+    let two = || {
+        rest.split_once(':')
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+    };
+    Some(match kind {
+        "add-header" => {
+            two().map(|(name, value)| Modification::AddHeader(HeaderField { name, value }))?
+        }
+        "insert-header" => {
+            two().map(|(name, value)| Modification::InsertHeader(HeaderField { name, value }))?
+        }
+        "change-header" => {
+            let mut p = rest.splitn(3, ':');
+            Modification::ChangeHeader(HeaderChange {
+                name: p.next()?.to_string(),
+                index: p.next()?.parse().ok()?,
+                value: p.next()?.to_string(),
+            })
+        }
+        "remove-header" => two().map(|(name, index)| {
+            Modification::RemoveHeader(HeaderRemoval {
+                name,
+                index: index.parse().unwrap_or(0),
+            })
+        })?,
+        "change-sender" => Modification::ChangeSender(rest.to_string()),
+        "add-recipient" => Modification::AddRecipient(rest.to_string()),
+        "remove-recipient" => Modification::RemoveRecipient(rest.to_string()),
+        "replace-body" => Modification::ReplaceBody(rest.replace("\\n", "\r\n").into_bytes()),
+        _ => return None,
+    })
+}
+
+impl exports::postern::plugin::data::Guest for TestHooks {
+    fn on_data(_session: Session, _envelope: Envelope, message: &Message) -> DataVerdict {
+        let action = action("data");
+        let decision = match action.split_once(':').unwrap_or((action.as_str(), "")) {
+            ("discard", _) => DataDecision::Discard,
+            ("quarantine", reason) => DataDecision::Quarantine(reason.to_string()),
+            ("echo-subject", _) => {
+                let subject = message.header("subject").join(" | ");
+                DataDecision::Reject(reply(
+                    550,
+                    "5.7.1",
+                    &format!("subject was {subject}; size {}", message.size()),
+                ))
+            }
+            ("echo-text", _) => {
+                let text = message.text_parts().first().cloned().unwrap_or_default();
+                DataDecision::Reject(reply(550, "5.7.1", &format!("text was {}", text.trim())))
+            }
+            _ => match common(&action).unwrap_or(Decision::Continue) {
+                Decision::Continue => DataDecision::Continue,
+                Decision::Accept => DataDecision::Accept,
+                Decision::Reject(r) => DataDecision::Reject(r),
+                Decision::Tempfail(r) => DataDecision::Tempfail(r),
+                Decision::Disconnect(r) => DataDecision::Disconnect(r),
+            },
+        };
+        DataVerdict {
+            decision,
+            modifications: config_list("data-modifications")
+                .iter()
+                .filter_map(|m| modification(m))
+                .collect(),
+        }
+    }
+}
+
+impl exports::postern::plugin::deliver::Guest for TestHooks {
+    fn on_deliver(_envelope: Envelope, _target: DeliveryTarget, _message: &Message) -> Delivery {
+        let action = action("deliver");
+        match action.split_once(':').unwrap_or((action.as_str(), "")) {
+            ("folder", name) => Delivery::Folder(name.to_string()),
+            ("forward", to) => Delivery::Forward(to.to_string()),
+            ("discard", _) => Delivery::Discard,
+            ("defer", why) => Delivery::Defer(why.to_string()),
+            ("fail", why) => Delivery::Fail(why.to_string()),
+            _ => {
+                common(&action);
+                Delivery::Continue
+            }
+        }
+    }
+}
+
+fn lookup(stage: &str) -> LookupAnswer {
+    let action = action(stage);
+    match action.split_once(':').unwrap_or((action.as_str(), "")) {
+        ("found", address) => LookupAnswer::Found(vec![Mailbox {
+            address: address.to_string(),
+            display_name: None,
+        }]),
+        ("not-found", _) => LookupAnswer::NotFound,
+        ("cannot-verify", _) => LookupAnswer::CannotVerify,
+        _ => match common(&action) {
+            Some(Decision::Reject(r))
+            | Some(Decision::Tempfail(r))
+            | Some(Decision::Disconnect(r)) => LookupAnswer::Custom(r),
+            _ => LookupAnswer::Continue,
+        },
+    }
+}
+
+impl exports::postern::plugin::vrfy::Guest for TestHooks {
+    fn on_vrfy(_session: Session, _query: String) -> LookupAnswer {
+        lookup("vrfy")
+    }
+}
+
+impl exports::postern::plugin::expn::Guest for TestHooks {
+    fn on_expn(_session: Session, _list: String) -> LookupAnswer {
+        lookup("expn")
+    }
+}
+
+export!(TestHooks);
