@@ -71,6 +71,9 @@ pub struct PluginsConfig {
     pub max_instances: u32,
     /// Watch plugin files and the configuration file, and reload on change.
     pub watch: bool,
+    /// Where compiled plugins are cached (default `<data_dir>/plugin-cache`). Entries are keyed
+    /// by the wasm's SHA-256 and the engine's compatibility hash, so servers may share one.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for PluginsConfig {
@@ -81,6 +84,7 @@ impl Default for PluginsConfig {
             max_memory_mb: 256,
             max_instances: 1000,
             watch: true,
+            cache_dir: None,
         }
     }
 }

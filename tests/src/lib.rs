@@ -39,6 +39,16 @@ pub fn plugin_wasm(name: &str) -> PathBuf {
     path
 }
 
+/// A `[plugins]` section whose compiled-component cache is shared by all test servers (compiling
+/// the Python and JavaScript components takes seconds; the cache is keyed by content hash).
+pub fn plugins_section(extra: &str) -> String {
+    let cache = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugin-cache-tests");
+    format!(
+        "\n[plugins]\ncache_dir = {:?}\n{extra}\n",
+        cache.display().to_string()
+    )
+}
+
 /// A `[[plugin]]` block to append to a test configuration.
 pub fn plugin_block(name: &str, wasm: &str, extra: &str, config: &[(&str, &str)]) -> String {
     let mut block = format!(

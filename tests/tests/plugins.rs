@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use postern_e2e::{plugin_block, SmtpClient, TestServer};
+use postern_e2e::{plugin_block, plugins_section, SmtpClient, TestServer};
 
 const PLAIN_ALICE: &str = "AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABhbGljZXBhc3M=";
 
@@ -14,7 +14,7 @@ fn with_plugin(extra: &str, config: &[(&str, &str)]) -> TestServer {
     } else {
         format!("capabilities = [\"config\", \"kv\"]\n{extra}")
     };
-    let block = plugin_block("test", "test_hooks", &extra, config);
+    let block = plugins_section("") + &plugin_block("test", "test_hooks", &extra, config);
     TestServer::start(move |c| c + &block).unwrap()
 }
 
@@ -532,7 +532,7 @@ async fn hot_reload_swaps_plugins_without_failing_a_transaction() {
     };
     let v1 = version(1);
     let server =
-        TestServer::start_in(temp.path(), |c| c + "\n[plugins]\nwatch = true\n" + &v1).unwrap();
+        TestServer::start_in(temp.path(), |c| c + &plugins_section("watch = true") + &v1).unwrap();
     let port = server.port("smtp");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sender = {
@@ -615,8 +615,10 @@ async fn reload_command_and_a_broken_plugin_keeps_the_old_version() {
         "\n[[plugin]]\nname = \"test\"\npath = {:?}\ncapabilities = [\"config\", \"kv\"]\n[plugin.config]\nrcpt = \"reject:550:5.7.1:version one\"\n",
         wasm.display().to_string()
     );
-    let server =
-        TestServer::start_in(temp.path(), |c| c + "\n[plugins]\nwatch = false\n" + &block).unwrap();
+    let server = TestServer::start_in(temp.path(), |c| {
+        c + &plugins_section("watch = false") + &block
+    })
+    .unwrap();
     let probe = |server: &TestServer| {
         let port = server.port("smtp");
         async move {
@@ -773,4 +775,119 @@ async fn spam_filter_rejects_gtube_quarantines_spam_and_passes_ham() {
         quarantined.contains("X-Postern-Quarantine: spam score"),
         "{quarantined}"
     );
+}
+
+/// A `[[plugin]]` block for an example plugin built by examples/plugins/build.
+fn example_block(name: &str, wasm: &str, capabilities: &str, config: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/plugins")
+        .join(wasm);
+    assert!(
+        path.exists(),
+        "{} missing: examples/plugins/build makes it",
+        path.display()
+    );
+    format!(
+        "\n[[plugin]]\nname = {name:?}\npath = {:?}\ntimeout_ms = 2000\nmemory_mb = 128\ncapabilities = {capabilities}\n[plugin.config]\n{config}\n",
+        path.display().to_string()
+    )
+}
+
+#[tokio::test]
+async fn python_plugin_runs_rcpt_and_data_hooks() {
+    let block = plugins_section("")
+        + &example_block(
+            "python-filter",
+            "python-filter/python_filter.wasm",
+            "[\"config\", \"log\"]",
+            "blocked_recipients = [\"bob@example.test\"]\nblocked_words = [\"casino\"]",
+        );
+    let server = TestServer::start(move |c| c + &block).unwrap();
+    let mut c = greeted(&server).await;
+    c.expect("MAIL FROM:<s@remote.test>", 250).await.unwrap();
+    assert_eq!(
+        c.cmd("RCPT TO:<Bob@example.test>").await.unwrap(),
+        (
+            550,
+            "550 5.7.1 Recipient blocked by the Python filter\r\n".into()
+        )
+    );
+    c.expect("RCPT TO:<alice@example.test>", 250).await.unwrap();
+    let (code, text) = c.data(&message("Best CASINO offers")).await.unwrap();
+    assert_eq!(
+        (code, text.as_str()),
+        (
+            550,
+            "550 5.7.1 Subject contains the blocked word 'casino'\r\n"
+        )
+    );
+    c.send_mail(
+        "s@remote.test",
+        &["alice@example.test"],
+        &message("hello from python"),
+    )
+    .await
+    .unwrap();
+    let mail = server.wait_for_mail("alice", "example.test", 1);
+    let text = String::from_utf8_lossy(&mail[0].1).into_owned();
+    assert!(
+        text.contains("\nX-Python-Filter: passed; 1 text part(s) read\n"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn javascript_plugin_runs_helo_rcpt_and_data_hooks() {
+    let block = plugins_section("")
+        + &example_block(
+            "js-filter",
+            "js-filter/js_filter.wasm",
+            "[\"config\"]",
+            "blocked_helos = [\"spambot.example\"]\npaused_prefixes = [\"paused\"]",
+        );
+    let alias = "\"postmaster@localhost\" = \"alice@example.test\"";
+    let server = TestServer::start(move |c| {
+        c.replace(
+            alias,
+            &format!("{alias}\n\"paused-sales@example.test\" = \"alice@example.test\""),
+        ) + &block
+    })
+    .unwrap();
+    let (mut c, _) = SmtpClient::connect(server.port("smtp")).await.unwrap();
+    assert_eq!(
+        c.cmd("EHLO spambot.example").await.unwrap(),
+        (
+            550,
+            "550 5.7.1 HELO spambot.example refused by the JavaScript filter\r\n".into()
+        )
+    );
+    c.expect("EHLO good.example", 250).await.unwrap();
+    c.expect("MAIL FROM:<s@remote.test>", 250).await.unwrap();
+    assert_eq!(
+        c.cmd("RCPT TO:<paused.alice@example.test>")
+            .await
+            .unwrap()
+            .0,
+        550,
+        "unknown user: the server's policy runs before plugins"
+    );
+    assert_eq!(
+        c.cmd("RCPT TO:<paused-sales@example.test>").await.unwrap(),
+        (450, "450 4.2.1 Mailbox paused, try again later\r\n".into())
+    );
+    c.expect("RCPT TO:<alice@example.test>", 250).await.unwrap();
+    let (code, _) = c.data(&message("from js")).await.unwrap();
+    assert_eq!(code, 250);
+    let mail = server.wait_for_mail("alice", "example.test", 1);
+    let text = String::from_utf8_lossy(&mail[0].1).into_owned();
+    // The data hook read the size and the header fields through the message resource.
+    let size_line = text
+        .lines()
+        .find(|l| l.starts_with("X-JS-Filter: size="))
+        .expect("header added");
+    assert!(
+        size_line.ends_with(" fields=4"),
+        "Received, From, To, Subject: {size_line}"
+    );
+    c.expect("QUIT", 221).await.unwrap();
 }

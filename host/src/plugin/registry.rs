@@ -166,7 +166,10 @@ impl PluginRuntime {
             engine,
             linker,
             settings: settings.clone(),
-            cache_dir: data_dir.join("plugin-cache"),
+            cache_dir: settings
+                .cache_dir
+                .clone()
+                .unwrap_or_else(|| data_dir.join("plugin-cache")),
             kv_dir: data_dir.join("plugin-kv"),
             directory,
             current: RwLock::new(Arc::new(PluginSet {
