@@ -50,10 +50,30 @@ pub struct Config {
     #[serde(default)]
     pub aliases: BTreeMap<String, String>,
     #[serde(default)]
+    pub dns: DnsConfig,
+    #[serde(default)]
     pub plugins: PluginsConfig,
     /// Plugins, called in this order at every hook they export.
     #[serde(default, rename = "plugin")]
     pub plugin_list: Vec<PluginConfig>,
+}
+
+/// The resolver used for DNSBL checks (plugins' `dns` capability) and MX lookups.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Name servers as `ip:port`; empty means the system's resolv.conf.
+    pub nameservers: Vec<SocketAddr>,
+    pub timeout_ms: u64,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            nameservers: Vec::new(),
+            timeout_ms: 2000,
+        }
+    }
 }
 
 /// Settings shared by all plugins (the sandbox's outer bounds).
@@ -112,6 +132,7 @@ pub enum Capability {
     Kv,
     Clock,
     Directory,
+    Dns,
 }
 
 #[derive(Debug, Clone, Deserialize)]

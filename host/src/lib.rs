@@ -5,6 +5,7 @@
 //! - [`server`] — listeners, connection limits, start-up and graceful shutdown.
 //! - [`stream`] — plain/TLS connections and the buffered I/O sessions read and write through.
 //! - [`tls`] — rustls configuration, self-signed certificate on first start.
+//! - [`dns`] — the resolver (plugins' DNS capability, MX lookups).
 //! - [`auth`] — user directory (argon2), SASL PLAIN/LOGIN, failed-login throttling.
 //! - [`address`] — mail addresses as the server compares them.
 //! - [`smtp`] — the SMTP codec (sans-IO), replies, the session state machine and its verbs.
@@ -20,6 +21,7 @@ pub mod address;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod dns;
 pub mod durable;
 pub mod message;
 pub mod plugin;

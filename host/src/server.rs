@@ -151,10 +151,18 @@ pub async fn run(
     let (to_scheduler, scheduler_inbox) = mpsc::channel(256);
     let (spool_handle, to_scheduler_handle) = (spool.clone(), to_scheduler.clone());
 
+    let dns = match crate::dns::Dns::new(&config.dns) {
+        Ok(dns) => Some(Arc::new(dns)),
+        Err(err) => {
+            warn!("no DNS resolver: {err}; plugins granted dns will not load");
+            None
+        }
+    };
     let plugins = Arc::new(PluginRuntime::new(
         &config.plugins,
         &data_dir,
         users.clone(),
+        dns,
     )?);
     let report = plugins.load(&config.plugin_list).await;
     if let Some((name, reason)) = report.failed.first() {

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use postern_e2e::dns::{Rr, TestDns};
 use postern_e2e::{plugin_block, plugins_section, SmtpClient, TestServer};
 
 const PLAIN_ALICE: &str = "AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABhbGljZXBhc3M=";
@@ -12,7 +13,7 @@ fn with_plugin(extra: &str, config: &[(&str, &str)]) -> TestServer {
     let extra = if extra.contains("capabilities") {
         extra.to_string()
     } else {
-        format!("capabilities = [\"config\", \"kv\"]\n{extra}")
+        format!("capabilities = [\"config\", \"kv\", \"dns\"]\n{extra}")
     };
     let block = plugins_section("") + &plugin_block("test", "test_hooks", &extra, config);
     TestServer::start(move |c| c + &block).unwrap()
@@ -128,7 +129,7 @@ async fn auth_hook_can_refuse_a_valid_login() {
     let block = plugin_block(
         "test",
         "test_hooks",
-        "capabilities = [\"config\", \"kv\"]",
+        "capabilities = [\"config\", \"kv\", \"dns\"]",
         &[("auth", "\"reject:535:5.7.8:not from here\"")],
     );
     let server = TestServer::start(move |c| {
@@ -503,7 +504,7 @@ async fn plugins_get_no_files_no_sockets_and_only_granted_capabilities() {
 #[tokio::test]
 async fn kv_capability_counts_across_sessions() {
     let server = with_plugin(
-        "capabilities = [\"kv\", \"config\"]",
+        "capabilities = [\"kv\", \"config\", \"dns\"]",
         &[("rcpt", "\"kv-count\"")],
     );
     for n in 1..=3 {
@@ -523,7 +524,7 @@ async fn hot_reload_swaps_plugins_without_failing_a_transaction() {
         plugin_block(
             "test",
             "test_hooks",
-            "capabilities = [\"config\", \"kv\"]",
+            "capabilities = [\"config\", \"kv\", \"dns\"]",
             &[(
                 "data-modifications",
                 &format!("[\"add-header:X-Version:{v}\"]"),
@@ -612,7 +613,7 @@ async fn reload_command_and_a_broken_plugin_keeps_the_old_version() {
     let wasm = temp.path().join("copy.wasm");
     std::fs::copy(postern_e2e::plugin_wasm("test_hooks"), &wasm).unwrap();
     let block = format!(
-        "\n[[plugin]]\nname = \"test\"\npath = {:?}\ncapabilities = [\"config\", \"kv\"]\n[plugin.config]\nrcpt = \"reject:550:5.7.1:version one\"\n",
+        "\n[[plugin]]\nname = \"test\"\npath = {:?}\ncapabilities = [\"config\", \"kv\", \"dns\"]\n[plugin.config]\nrcpt = \"reject:550:5.7.1:version one\"\n",
         wasm.display().to_string()
     );
     let server = TestServer::start_in(temp.path(), |c| {
@@ -696,7 +697,7 @@ async fn spam_filter_rejects_gtube_quarantines_spam_and_passes_ham() {
     let block = plugin_block(
         "spam-filter",
         "spam_filter",
-        "capabilities = [\"config\", \"log\"]",
+        "capabilities = [\"config\", \"log\", \"dns\"]",
         &[
             ("quarantine_at", "5.0"),
             ("reject_at", "10.0"),
@@ -890,4 +891,117 @@ async fn javascript_plugin_runs_helo_rcpt_and_data_hooks() {
         "Received, From, To, Subject: {size_line}"
     );
     c.expect("QUIT", 221).await.unwrap();
+}
+
+/// Points the server's resolver at a test DNS server.
+fn use_dns(config: String, dns: &TestDns) -> String {
+    config.replace(
+        "nameservers = [\"127.0.0.1:9\"]",
+        &format!("nameservers = [\"{}\"]", dns.addr),
+    )
+}
+
+#[tokio::test]
+async fn dns_capability_looks_up_a_and_txt_records() {
+    let dns = TestDns::start(vec![
+        ("2.0.0.127.zen.test", Rr::A("127.0.0.2".parse().unwrap())),
+        ("remote.test", Rr::Txt("v=spf1 -all".into())),
+    ]);
+    for (action, expect) in [
+        (
+            "dns-a:2.0.0.127.zen.test",
+            "550 5.7.1 dns ok: 127.0.0.2\r\n",
+        ),
+        ("dns-txt:remote.test", "550 5.7.1 dns ok: v=spf1 -all\r\n"),
+        ("dns-a:3.0.0.127.zen.test", "550 5.7.1 dns not found\r\n"),
+        ("dns-a:remote.test", "550 5.7.1 dns not found\r\n"),
+    ] {
+        let block = plugins_section("")
+            + &plugin_block(
+                "test",
+                "test_hooks",
+                "capabilities = [\"config\", \"kv\", \"dns\"]",
+                &[("rcpt", &format!("{action:?}"))],
+            );
+        let server = TestServer::start(|c| use_dns(c, &dns) + &block).unwrap();
+        let mut c = greeted(&server).await;
+        c.expect("MAIL FROM:<s@remote.test>", 250).await.unwrap();
+        assert_eq!(
+            c.cmd("RCPT TO:<alice@example.test>").await.unwrap().1,
+            expect,
+            "{action}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn spam_filter_scores_dnsbl_listings() {
+    // The client connects from 127.0.0.1: listed in one zone, not in the other.
+    let dns = TestDns::start(vec![(
+        "1.0.0.127.black.test",
+        Rr::A("127.0.0.2".parse().unwrap()),
+    )]);
+    let block = plugins_section("")
+        + &plugin_block(
+            "spam-filter",
+            "spam_filter",
+            "capabilities = [\"config\", \"log\", \"dns\"]\ntimeout_ms = 3000",
+            &[
+                ("quarantine_at", "5.0"),
+                ("reject_at", "10.0"),
+                ("dnsbls", "[\"black.test:6.0\", \"clean.test:6.0\"]"),
+            ],
+        );
+    let server = TestServer::start(|c| use_dns(c, &dns) + &block).unwrap();
+    let mut c = greeted(&server).await;
+    c.send_mail(
+        "s@remote.test",
+        &["alice@example.test"],
+        &message("plain words"),
+    )
+    .await
+    .unwrap();
+    let dir = server
+        .dir
+        .join("mailboxes/example.test/alice/.Quarantine/new");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0) == 0 && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let file = std::fs::read_dir(&dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let text = std::fs::read_to_string(file).unwrap();
+    assert!(
+        text.contains("\nX-Spam-Status: Yes, score=6.0 required=5.0 tests=DNSBL_black.test\n"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn plugin_stdout_and_stderr_reach_the_log() {
+    let server = with_plugin("", &[("helo", "\"print:hello from inside the sandbox\"")]);
+    let _c = greeted(&server).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !server
+        .log()
+        .contains("hello from inside the sandbox (stderr)")
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = server.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("hello from inside the sandbox") && !l.contains("(stderr)"))
+        .expect("stdout line");
+    assert!(
+        line.contains("plugin=test") && line.contains("stdout"),
+        "{line}"
+    );
+    assert!(log.contains("hello from inside the sandbox (stderr)"));
 }

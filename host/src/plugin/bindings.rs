@@ -6,7 +6,12 @@
 wasmtime::component::bindgen!({
     path: "../wit",
     world: "postern:plugin/plugin",
-    imports: { default: trappable },
+    imports: {
+        // DNS lookups wait on the network: they must not block a runtime thread.
+        "postern:plugin/dns.lookup-a": async | trappable,
+        "postern:plugin/dns.lookup-txt": async | trappable,
+        default: trappable,
+    },
     exports: { default: async },
     with: {
         "postern:plugin/types.message": crate::plugin::host::MessageView,

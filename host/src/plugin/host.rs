@@ -1,12 +1,17 @@
 //! What a plugin instance's store holds, and the host side of every capability it may import.
 
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use tokio::io::AsyncWrite;
 use wasmtime::component::{Resource, ResourceTable};
 use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use super::bindings::postern::plugin::{clock, config, directory, kv, log, types};
+use super::bindings::postern::plugin::{clock, config, directory, dns, kv, log, types};
 use super::kv::Namespace;
 use crate::auth::UserDirectory;
 
@@ -19,6 +24,7 @@ pub struct PluginMeta {
     pub config: toml::Table,
     pub kv: Option<Arc<Namespace>>,
     pub directory: Arc<UserDirectory>,
+    pub dns: Option<Arc<crate::dns::Dns>>,
     pub memory_bytes: usize,
 }
 
@@ -34,7 +40,14 @@ impl PluginState {
     pub fn new(meta: Arc<PluginMeta>) -> PluginState {
         // No preopened directories, no sockets, no environment, no arguments: WASI here is only
         // what a Rust or Python guest needs to start (clocks, random, empty stdio).
-        let wasi = WasiCtxBuilder::new().build();
+        let output = |stream| PluginOutput {
+            plugin: meta.name.clone().into(),
+            stream,
+        };
+        let wasi = WasiCtxBuilder::new()
+            .stdout(output("stdout"))
+            .stderr(output("stderr"))
+            .build();
         let limits = StoreLimitsBuilder::new()
             .memory_size(meta.memory_bytes)
             .instances(64)
@@ -57,6 +70,76 @@ impl WasiView for PluginState {
             ctx: &mut self.wasi,
             table: &mut self.table,
         }
+    }
+}
+
+/// A plugin's stdout or stderr: every line becomes a log event tagged with the plugin's name.
+#[derive(Clone)]
+struct PluginOutput {
+    plugin: Arc<str>,
+    stream: &'static str,
+}
+
+/// Longest line logged; the rest of a longer line is cut.
+const MAX_OUTPUT_LINE: usize = 1000;
+
+impl IsTerminal for PluginOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for PluginOutput {
+    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
+        Box::new(LineLogger {
+            output: self.clone(),
+            pending: Vec::new(),
+        })
+    }
+}
+
+struct LineLogger {
+    output: PluginOutput,
+    pending: Vec<u8>,
+}
+
+impl LineLogger {
+    fn emit(&self, line: &[u8]) {
+        let text = String::from_utf8_lossy(&line[..line.len().min(MAX_OUTPUT_LINE)]);
+        let text = text.trim_end_matches(['\r', '\n']);
+        tracing::info!(plugin = %self.output.plugin, stream = self.output.stream, "{text}");
+    }
+}
+
+impl AsyncWrite for LineLogger {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.pending.extend_from_slice(data);
+        while let Some(end) = memchr::memchr(b'\n', &self.pending) {
+            let line: Vec<u8> = self.pending.drain(..=end).collect();
+            self.emit(&line);
+        }
+        if self.pending.len() > MAX_OUTPUT_LINE {
+            // A line without end: log what there is rather than hold it.
+            let line = std::mem::take(&mut self.pending);
+            self.emit(&line);
+        }
+        Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.pending.is_empty() {
+            let line = std::mem::take(&mut self.pending);
+            self.emit(&line);
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -204,6 +287,45 @@ impl clock::Host for PluginState {
 impl directory::Host for PluginState {
     fn resolve(&mut self, address: String) -> wasmtime::Result<Option<String>> {
         Ok(crate::address::Address::parse(&address).and_then(|a| self.meta.directory.resolve(&a)))
+    }
+}
+
+impl dns::Host for PluginState {
+    async fn lookup_a(
+        &mut self,
+        name: String,
+    ) -> wasmtime::Result<Result<Vec<String>, dns::DnsError>> {
+        let resolver = self.resolver()?;
+        Ok(resolver
+            .a(&name)
+            .await
+            .map(|ips| ips.iter().map(|ip| ip.to_string()).collect())
+            .map_err(dns_error))
+    }
+
+    async fn lookup_txt(
+        &mut self,
+        name: String,
+    ) -> wasmtime::Result<Result<Vec<String>, dns::DnsError>> {
+        let resolver = self.resolver()?;
+        Ok(resolver.txt(&name).await.map_err(dns_error))
+    }
+}
+
+impl PluginState {
+    fn resolver(&self) -> wasmtime::Result<Arc<crate::dns::Dns>> {
+        self.meta
+            .dns
+            .clone()
+            .ok_or_else(|| wasmtime::format_err!("capability dns not available"))
+    }
+}
+
+fn dns_error(err: crate::dns::DnsError) -> dns::DnsError {
+    match err {
+        crate::dns::DnsError::NotFound => dns::DnsError::NotFound,
+        crate::dns::DnsError::Timeout => dns::DnsError::Timeout,
+        crate::dns::DnsError::Failed(why) => dns::DnsError::Failed(why),
     }
 }
 

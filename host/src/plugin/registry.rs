@@ -131,6 +131,7 @@ pub struct PluginRuntime {
     cache_dir: PathBuf,
     kv_dir: PathBuf,
     directory: Arc<UserDirectory>,
+    dns: Option<Arc<crate::dns::Dns>>,
     current: RwLock<Arc<PluginSet>>,
     generation: AtomicU64,
     /// KV namespaces stay open across reloads (one writer per file).
@@ -152,6 +153,7 @@ impl PluginRuntime {
         settings: &PluginsConfig,
         data_dir: &std::path::Path,
         directory: Arc<UserDirectory>,
+        dns: Option<Arc<crate::dns::Dns>>,
     ) -> Result<PluginRuntime, PluginError> {
         let engine = engine::build(settings)?;
         let mut linker = Linker::new(&engine);
@@ -172,6 +174,7 @@ impl PluginRuntime {
                 .unwrap_or_else(|| data_dir.join("plugin-cache")),
             kv_dir: data_dir.join("plugin-kv"),
             directory,
+            dns,
             current: RwLock::new(Arc::new(PluginSet {
                 plugins: Vec::new(),
                 generation: 0,
@@ -268,6 +271,11 @@ impl PluginRuntime {
             }
         }
         check_imports(&self.engine, &component, &config.capabilities).map_err(fail)?;
+        if config.capabilities.contains(&Capability::Dns) && self.dns.is_none() {
+            return Err(fail(
+                "granted dns, but the server has no working resolver (see [dns])".into(),
+            ));
+        }
         let pre = self
             .linker
             .instantiate_pre(&component)
@@ -299,6 +307,7 @@ impl PluginRuntime {
                 config: config.config.clone(),
                 kv,
                 directory: self.directory.clone(),
+                dns: self.dns.clone(),
                 memory_bytes: (memory_mb as usize) << 20,
             }),
             pre,
@@ -339,6 +348,7 @@ fn check_imports(
             "postern:plugin/kv" => Some(Capability::Kv),
             "postern:plugin/clock" => Some(Capability::Clock),
             "postern:plugin/directory" => Some(Capability::Directory),
+            "postern:plugin/dns" => Some(Capability::Dns),
             other
                 if other.starts_with("wasi:")
                     && matches!(item.ty, ComponentItem::ComponentInstance(_)) =>

@@ -18,6 +18,7 @@
 //!         "postern:plugin/kv@0.1.0": postern_plugin_sdk::kv,
 //!         "postern:plugin/clock@0.1.0": postern_plugin_sdk::clock,
 //!         "postern:plugin/directory@0.1.0": postern_plugin_sdk::directory,
+//!         "postern:plugin/dns@0.1.0": postern_plugin_sdk::dns,
 //!     },
 //! });
 //! ```
@@ -31,7 +32,7 @@ wit_bindgen::generate!({
     generate_all,
 });
 
-pub use postern::plugin::{clock, config, directory, kv, log, types};
+pub use postern::plugin::{clock, config, directory, dns, kv, log, types};
 use types::{Decision, Reply};
 
 /// Builds a reply.
@@ -133,6 +134,15 @@ mod tests {
     }
 
     #[test]
+    fn dnsbl_names() {
+        assert_eq!(
+            dnsbl_name("192.0.2.1", "zen.test.").as_deref(),
+            Some("1.2.0.192.zen.test")
+        );
+        assert_eq!(dnsbl_name("2001:db8::1", "zen.test"), None);
+    }
+
+    #[test]
     fn cidr_matching() {
         assert!(ip_in("192.0.2.77", "192.0.2.0/24"));
         assert!(!ip_in("192.0.3.1", "192.0.2.0/24"));
@@ -140,6 +150,21 @@ mod tests {
         assert!(ip_in("127.0.0.1", "127.0.0.1"));
         assert!(!ip_in("127.0.0.1", "::1"));
     }
+}
+
+/// The DNSBL query name for an IPv4 address in a zone (`192.0.2.1` in `zen.test` →
+/// `1.2.0.192.zen.test`); None for IPv6 or non-addresses.
+pub fn dnsbl_name(ip: &str, zone: &str) -> Option<String> {
+    let v4: std::net::Ipv4Addr = ip.parse().ok()?;
+    let o = v4.octets();
+    Some(format!(
+        "{}.{}.{}.{}.{}",
+        o[3],
+        o[2],
+        o[1],
+        o[0],
+        zone.trim_end_matches('.')
+    ))
 }
 
 /// Whether `ip` (text) is inside `cidr` (`192.0.2.0/24`, `2001:db8::/32`, or a bare address).

@@ -12,6 +12,7 @@
 //! reject_at = 10.0             # score from which it is refused with 550 5.7.1
 //! bayes_weight = 5.0           # the classifier adds (2p - 1) * weight
 //! rules = ["header:subject:viagra:4.0", "body:wire transfer:2.5", "header:from:@spam.test:6"]
+//! dnsbls = ["zen.spamhaus.org:3.5"]   # zone:score; needs the dns capability
 //! model = """..."""            # printed by spam-train
 //! ```
 
@@ -20,7 +21,7 @@ use std::sync::OnceLock;
 use postern_plugin_sdk::types::{
     DataDecision, DataVerdict, Envelope, HeaderField, Message, Modification, Session,
 };
-use postern_plugin_sdk::{config, config_list, config_or, debug, reply};
+use postern_plugin_sdk::{config, config_list, config_or, debug, dns, dnsbl_name, reply};
 use spam_classifier::classifier::Model;
 use spam_classifier::{parse_rule, score, Rule};
 
@@ -38,6 +39,7 @@ wit_bindgen::generate!({
         "postern:plugin/kv@0.1.0": postern_plugin_sdk::kv,
         "postern:plugin/clock@0.1.0": postern_plugin_sdk::clock,
         "postern:plugin/directory@0.1.0": postern_plugin_sdk::directory,
+        "postern:plugin/dns@0.1.0": postern_plugin_sdk::dns,
     },
 });
 
@@ -54,7 +56,7 @@ fn model() -> Option<&'static Model> {
 }
 
 impl exports::postern::plugin::data::Guest for SpamFilter {
-    fn on_data(_session: Session, envelope: Envelope, message: &Message) -> DataVerdict {
+    fn on_data(session: Session, envelope: Envelope, message: &Message) -> DataVerdict {
         let subject = message.header("subject").join(" ");
         let mut text = String::new();
         for part in message.text_parts() {
@@ -69,7 +71,7 @@ impl exports::postern::plugin::data::Guest for SpamFilter {
             .filter_map(|r| parse_rule(r))
             .collect();
         let headers = |name: &str| message.header(name);
-        let (total, tests) = score(
+        let (mut total, mut tests) = score(
             &subject,
             &headers,
             &text,
@@ -77,6 +79,23 @@ impl exports::postern::plugin::data::Guest for SpamFilter {
             model(),
             config_or("bayes_weight", 5.0),
         );
+        // DNSBLs: the client's IPv4 address listed (any 127.0.0.0/8 answer) adds the zone's score.
+        for entry in config_list("dnsbls") {
+            let Some((zone, weight)) = entry.rsplit_once(':') else {
+                continue;
+            };
+            let (Ok(weight), Some(name)) =
+                (weight.parse::<f64>(), dnsbl_name(&session.peer_ip, zone))
+            else {
+                continue;
+            };
+            if let Ok(answers) = dns::lookup_a(&name) {
+                if answers.iter().any(|a| a.starts_with("127.")) {
+                    total += weight;
+                    tests.push(format!("DNSBL_{zone}"));
+                }
+            }
+        }
         let quarantine_at = config_or("quarantine_at", 5.0f64);
         let reject_at = config_or("reject_at", 10.0f64);
         debug(&format!(

@@ -13,12 +13,14 @@
 //! - misbehaviour: `loop` (never returns), `alloc` (grows memory until it fails), `panic`,
 //!   `read-file:PATH` and `connect:HOST:PORT` (try the sandbox; the outcome is the reject text),
 //!   `kv-count` (counts calls in the kv store and rejects with the count)
+//! - `print:TEXT` (writes TEXT to stdout and stderr, then continues), `dns-a:NAME` and
+//!   `dns-txt:NAME` (look NAME up and reject with what the resolver said)
 
 use postern_plugin_sdk::types::{
     DataDecision, DataVerdict, Decision, Delivery, DeliveryTarget, Envelope, HeaderChange,
     HeaderField, HeaderRemoval, LookupAnswer, Mailbox, Message, Modification, Reply, Session,
 };
-use postern_plugin_sdk::{config, config_list, kv, reply};
+use postern_plugin_sdk::{config, config_list, dns, kv, reply};
 
 wit_bindgen::generate!({
     inline: "package postern:test-hooks;
@@ -42,6 +44,7 @@ wit_bindgen::generate!({
         "postern:plugin/kv@0.1.0": postern_plugin_sdk::kv,
         "postern:plugin/clock@0.1.0": postern_plugin_sdk::clock,
         "postern:plugin/directory@0.1.0": postern_plugin_sdk::directory,
+        "postern:plugin/dns@0.1.0": postern_plugin_sdk::dns,
     },
 });
 
@@ -94,6 +97,25 @@ fn common(action: &str) -> Option<Decision> {
             let text = match std::net::TcpStream::connect(rest) {
                 Ok(_) => "connect ok".to_string(),
                 Err(err) => format!("connect failed: {err}"),
+            };
+            Decision::Reject(reply(550, "5.7.1", &text))
+        }
+        "print" => {
+            println!("{rest}");
+            eprintln!("{rest} (stderr)");
+            Decision::Continue
+        }
+        "dns-a" | "dns-txt" => {
+            let answer = if kind == "dns-a" {
+                dns::lookup_a(rest)
+            } else {
+                dns::lookup_txt(rest)
+            };
+            let text = match answer {
+                Ok(records) => format!("dns ok: {}", records.join(",")),
+                Err(dns::DnsError::NotFound) => "dns not found".to_string(),
+                Err(dns::DnsError::Timeout) => "dns timeout".to_string(),
+                Err(dns::DnsError::Failed(why)) => format!("dns failed: {why}"),
             };
             Decision::Reject(reply(550, "5.7.1", &text))
         }

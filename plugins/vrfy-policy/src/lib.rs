@@ -34,6 +34,7 @@ wit_bindgen::generate!({
         "postern:plugin/kv@0.1.0": postern_plugin_sdk::kv,
         "postern:plugin/clock@0.1.0": postern_plugin_sdk::clock,
         "postern:plugin/directory@0.1.0": postern_plugin_sdk::directory,
+        "postern:plugin/dns@0.1.0": postern_plugin_sdk::dns,
     },
 });
 

@@ -1,0 +1,176 @@
+//! Per-hook plugin overhead: the rcpt hook and the data hook (10 KB, 100 KB, 1 MB) on a live
+//! session instance, for a Rust, a Python and a JavaScript plugin; plus the cost of a session's
+//! first call (instantiation). Prints medians.
+//!
+//! `cargo bench -p postern --bench plugin_hooks` (build the plugins first: scripts/test does).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use postern::auth::UserDirectory;
+use postern::config::{Capability, Config, OnError, PluginConfig, PluginsConfig};
+use postern::plugin::bindings::types;
+use postern::plugin::{PluginRuntime, PluginSession, SessionInfo, Stage};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+struct Subject {
+    label: &'static str,
+    wasm: PathBuf,
+    capabilities: Vec<Capability>,
+    config: &'static str,
+    rcpt_calls: usize,
+    data_calls: usize,
+}
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+fn fmt(d: Duration) -> String {
+    let us = d.as_secs_f64() * 1e6;
+    if us < 1000.0 {
+        format!("{us:.2} µs")
+    } else {
+        format!("{:.2} ms", us / 1000.0)
+    }
+}
+
+fn message(size: usize) -> Arc<Vec<u8>> {
+    let mut m = b"Received: from bench ([127.0.0.1])\r\n\tby localhost (Postern) with ESMTP id B1;\r\n\tSun, 22 Nov 2026 00:00:00 +0000\r\nFrom: bench@remote.test\r\nTo: alice@example.test\r\nSubject: benchmark message\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n".to_vec();
+    let line = b"The quick brown fox jumps over the lazy dog, again and again and again.\r\n";
+    while m.len() < size {
+        m.extend_from_slice(line);
+    }
+    Arc::new(m)
+}
+
+#[tokio::main]
+async fn main() {
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    let settings = PluginsConfig {
+        cache_dir: Some(repo().join("target/plugin-cache-bench")),
+        default_timeout_ms: 5000,
+        ..PluginsConfig::default()
+    };
+    let users = Arc::new(UserDirectory::from_config(&Config::embedded_default()));
+    let subjects = [
+        Subject {
+            label: "Rust (test-hooks, continue)",
+            wasm: repo().join("plugins/target/wasm32-wasip2/release/test_hooks.wasm"),
+            capabilities: vec![Capability::Config, Capability::Kv],
+            config: "",
+            rcpt_calls: 20_000,
+            data_calls: 2_000,
+        },
+        Subject {
+            label: "Python (python-filter)",
+            wasm: repo().join("examples/plugins/python-filter/python_filter.wasm"),
+            capabilities: vec![Capability::Config, Capability::Log],
+            config: "blocked_recipients = [\"nobody@example.test\"]\nblocked_words = [\"casino\"]",
+            rcpt_calls: 2_000,
+            data_calls: 200,
+        },
+        Subject {
+            label: "JavaScript (js-filter)",
+            wasm: repo().join("examples/plugins/js-filter/js_filter.wasm"),
+            capabilities: vec![Capability::Config],
+            config: "paused_prefixes = [\"paused\"]",
+            rcpt_calls: 2_000,
+            data_calls: 200,
+        },
+    ];
+    let info = SessionInfo {
+        id: 1,
+        listener: "smtp".into(),
+        peer_ip: "192.0.2.1".into(),
+        peer_port: 4000,
+        tls: false,
+        helo: Some("bench.test".into()),
+        user: None,
+    };
+    println!(
+        "{:<30} {:>12} {:>12} {:>12} {:>12} {:>12}",
+        "plugin", "first call", "rcpt", "data 10KB", "data 100KB", "data 1MB"
+    );
+    for subject in subjects {
+        if !subject.wasm.exists() {
+            println!(
+                "{:<30} missing {} (build the plugins first)",
+                subject.label,
+                subject.wasm.display()
+            );
+            continue;
+        }
+        let runtime = Arc::new(
+            PluginRuntime::new(&settings, data_dir.path(), users.clone(), None).expect("runtime"),
+        );
+        let report = runtime
+            .load(&[PluginConfig {
+                name: "bench".into(),
+                path: subject.wasm.clone(),
+                on_error: OnError::Tempfail,
+                timeout_ms: None,
+                memory_mb: Some(128),
+                capabilities: subject.capabilities.clone(),
+                config: toml::from_str(subject.config).expect("config"),
+            }])
+            .await;
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
+        let mut session = PluginSession::new(runtime.clone());
+        let start = Instant::now();
+        session
+            .on_rcpt(&info, "s@remote.test", "alice@example.test", true)
+            .await;
+        let first = start.elapsed();
+        let mut times = Vec::with_capacity(subject.rcpt_calls);
+        for _ in 0..subject.rcpt_calls {
+            let t = Instant::now();
+            let verdict = session
+                .on_rcpt(&info, "s@remote.test", "alice@example.test", true)
+                .await;
+            times.push(t.elapsed());
+            assert_eq!(verdict, postern::plugin::Verdict::Pass);
+        }
+        let rcpt = median(times);
+        let mut data = Vec::new();
+        for size in [10 * 1024, 100 * 1024, 1024 * 1024] {
+            if !runtime.current().has(Stage::Data) {
+                data.push("n/a".to_string());
+                continue;
+            }
+            let msg = message(size);
+            let envelope = types::Envelope {
+                queue_id: "B1".into(),
+                sender: "s@remote.test".into(),
+                recipients: vec!["alice@example.test".into()],
+            };
+            let calls = if size >= 1024 * 1024 {
+                subject.data_calls / 4
+            } else {
+                subject.data_calls
+            };
+            let mut times = Vec::with_capacity(calls);
+            for _ in 0..calls.max(5) {
+                let t = Instant::now();
+                let outcome = session.on_data(&info, &envelope, &msg).await;
+                times.push(t.elapsed());
+                assert_eq!(outcome.verdict, postern::plugin::Verdict::Pass);
+            }
+            data.push(fmt(median(times)));
+        }
+        println!(
+            "{:<30} {:>12} {:>12} {:>12} {:>12} {:>12}",
+            subject.label,
+            fmt(first),
+            fmt(rcpt),
+            data[0],
+            data[1],
+            data[2]
+        );
+    }
+}

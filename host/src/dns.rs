@@ -1,0 +1,119 @@
+//! DNS resolution: the server's one resolver (hickory-resolver), used by the plugins' `dns`
+//! capability (DNSBL checks) and meant for the outbound relay's MX lookups.
+//!
+//! Name servers come from the configuration (`[dns] nameservers`), so tests and operators can
+//! point it at a resolver of their choice; without any, the system's resolv.conf is used.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::NetError;
+use hickory_resolver::proto::rr::RData;
+use hickory_resolver::{Resolver, TokioResolver};
+
+use crate::config::DnsConfig;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DnsError {
+    /// NXDOMAIN, or no record of the asked type.
+    #[error("not found")]
+    NotFound,
+    #[error("timed out")]
+    Timeout,
+    #[error("lookup failed: {0}")]
+    Failed(String),
+}
+
+impl From<NetError> for DnsError {
+    fn from(err: NetError) -> DnsError {
+        if err.is_nx_domain() || err.is_no_records_found() {
+            DnsError::NotFound
+        } else if matches!(err, NetError::Timeout) {
+            DnsError::Timeout
+        } else {
+            DnsError::Failed(err.to_string())
+        }
+    }
+}
+
+pub struct Dns {
+    resolver: TokioResolver,
+}
+
+fn name_server(address: SocketAddr) -> NameServerConfig {
+    let mut server = NameServerConfig::udp_and_tcp(address.ip());
+    for connection in &mut server.connections {
+        connection.port = address.port();
+    }
+    server
+}
+
+impl Dns {
+    pub fn new(config: &DnsConfig) -> Result<Dns, DnsError> {
+        let mut options = ResolverOpts::default();
+        options.timeout = Duration::from_millis(config.timeout_ms);
+        options.attempts = 2;
+        let builder = if config.nameservers.is_empty() {
+            Resolver::builder_tokio()
+                .map_err(|e| DnsError::Failed(format!("system resolver configuration: {e}")))?
+        } else {
+            let servers = config
+                .nameservers
+                .iter()
+                .copied()
+                .map(name_server)
+                .collect();
+            Resolver::builder_with_config(
+                ResolverConfig::from_parts(None, Vec::new(), servers),
+                TokioRuntimeProvider::default(),
+            )
+        };
+        let resolver = builder
+            .with_options(options)
+            .build()
+            .map_err(|e| DnsError::Failed(e.to_string()))?;
+        Ok(Dns { resolver })
+    }
+
+    /// IPv4 addresses of a name.
+    pub async fn a(&self, name: &str) -> Result<Vec<Ipv4Addr>, DnsError> {
+        let lookup = self.resolver.ipv4_lookup(fqdn(name)).await?;
+        Ok(lookup
+            .answers()
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(a.0),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// TXT records of a name, each record's strings joined.
+    pub async fn txt(&self, name: &str) -> Result<Vec<String>, DnsError> {
+        let lookup = self.resolver.txt_lookup(fqdn(name)).await?;
+        Ok(lookup
+            .answers()
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::TXT(txt) => Some(
+                    txt.txt_data
+                        .iter()
+                        .map(|part| String::from_utf8_lossy(part).into_owned())
+                        .collect::<String>(),
+                ),
+                _ => None,
+            })
+            .collect())
+    }
+}
+
+/// Names are absolute: no search-domain guessing for DNSBL or MX names.
+fn fqdn(name: &str) -> String {
+    if name.ends_with('.') {
+        name.to_string()
+    } else {
+        format!("{name}.")
+    }
+}
