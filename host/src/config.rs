@@ -148,6 +148,9 @@ pub struct PluginConfig {
     /// Capabilities granted; a plugin importing anything else is refused at load.
     #[serde(default)]
     pub capabilities: Vec<Capability>,
+    /// A host directory the plugin may read and write, seen inside the sandbox as `/data` (for
+    /// mailbox backends and the like). Nothing else of the filesystem is ever visible.
+    pub directory: Option<PathBuf>,
     /// The plugin's own settings, read through the `config` capability.
     #[serde(default)]
     pub config: toml::Table,
@@ -409,6 +412,9 @@ impl Config {
         for plugin in &mut self.plugin_list {
             if plugin.path.is_relative() {
                 plugin.path = base.join(&plugin.path);
+            }
+            if let Some(dir) = plugin.directory.as_mut().filter(|d| d.is_relative()) {
+                *dir = base.join(&*dir);
             }
         }
     }

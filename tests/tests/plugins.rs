@@ -1005,3 +1005,24 @@ async fn plugin_stdout_and_stderr_reach_the_log() {
     );
     assert!(log.contains("hello from inside the sandbox (stderr)"));
 }
+
+#[tokio::test]
+async fn a_granted_directory_is_visible_as_data_and_nothing_else() {
+    let temp = tempfile::tempdir().unwrap();
+    let granted = temp.path().join("granted");
+    std::fs::create_dir_all(&granted).unwrap();
+    std::fs::write(granted.join("hello.txt"), "hi there").unwrap();
+    std::fs::write(temp.path().join("secret.txt"), "not yours").unwrap();
+    for (path, expect) in [
+        ("/data/hello.txt", "550 5.7.1 read ok: 8 bytes\r\n"),
+        ("/data/../secret.txt", "550 5.7.1 read failed"),
+        ("/etc/hostname", "550 5.7.1 read failed"),
+    ] {
+        let extra = format!("directory = {:?}", granted.display().to_string());
+        let server = with_plugin(&extra, &[("rcpt", &format!("\"read-file:{path}\""))]);
+        let mut c = greeted(&server).await;
+        c.expect("MAIL FROM:<s@remote.test>", 250).await.unwrap();
+        let reply = c.cmd("RCPT TO:<alice@example.test>").await.unwrap().1;
+        assert!(reply.starts_with(expect), "{path}: {reply}");
+    }
+}

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use wasmtime::component::{Instance, Resource};
 use wasmtime::Store;
 
-use super::bindings::types;
+use super::bindings::{hooks, types};
 use super::host::{MessageView, PluginState};
 use super::registry::{LoadedPlugin, PluginRuntime, PluginSet, Stage};
-use super::PluginError;
+use super::{PluginError, DEADLINE_PASSED};
 use crate::config::OnError;
 use crate::message::{Edit, Field};
 use crate::smtp::reply::Reply;
@@ -88,7 +88,79 @@ impl SessionInfo {
 
 struct Live {
     store: Store<PluginState>,
-    instance: Instance,
+    /// The hooks' exported functions, looked up once per instance.
+    guests: Guests,
+}
+
+/// An instance's loaded hook exports (None for hooks it does not export).
+#[derive(Default)]
+struct Guests {
+    connect: Option<hooks::connect::Guest>,
+    helo: Option<hooks::helo::Guest>,
+    auth: Option<hooks::auth::Guest>,
+    mail_from: Option<hooks::mail_from::Guest>,
+    rcpt: Option<hooks::rcpt::Guest>,
+    data: Option<hooks::data::Guest>,
+    deliver: Option<hooks::deliver::Guest>,
+    vrfy: Option<hooks::vrfy::Guest>,
+    expn: Option<hooks::expn::Guest>,
+}
+
+impl Guests {
+    fn load(
+        plugin: &LoadedPlugin,
+        store: &mut Store<PluginState>,
+        instance: &Instance,
+    ) -> wasmtime::Result<Guests> {
+        let h = &plugin.hooks;
+        Ok(Guests {
+            connect: h
+                .connect
+                .as_ref()
+                .map(|i| i.load(&mut *store, instance))
+                .transpose()?,
+            helo: h
+                .helo
+                .as_ref()
+                .map(|i| i.load(&mut *store, instance))
+                .transpose()?,
+            auth: h
+                .auth
+                .as_ref()
+                .map(|i| i.load(&mut *store, instance))
+                .transpose()?,
+            mail_from: h
+                .mail_from
+                .as_ref()
+                .map(|i| i.load(&mut *store, instance))
+                .transpose()?,
+            rcpt: h
+                .rcpt
+                .as_ref()
+                .map(|i| i.load(&mut *store, instance))
+                .transpose()?,
+            data: h
+                .data
+                .as_ref()
+                .map(|i| i.load(&mut *store, instance))
+                .transpose()?,
+            deliver: h
+                .deliver
+                .as_ref()
+                .map(|i| i.load(&mut *store, instance))
+                .transpose()?,
+            vrfy: h
+                .vrfy
+                .as_ref()
+                .map(|i| i.load(&mut *store, instance))
+                .transpose()?,
+            expn: h
+                .expn
+                .as_ref()
+                .map(|i| i.load(&mut *store, instance))
+                .transpose()?,
+        })
+    }
 }
 
 /// One session's view of the plugins: a snapshot and the live instances made from it.
@@ -159,22 +231,30 @@ impl PluginSession {
     async fn instance(&mut self, index: usize) -> Result<&mut Live, PluginError> {
         if self.live[index].is_none() {
             let plugin = &self.set.plugins[index];
-            let mut store = Store::new(&self.runtime.engine, PluginState::new(plugin.meta.clone()));
+            let state = PluginState::new(plugin.meta.clone())
+                .map_err(|e| PluginError::trap(&plugin.meta.name, &e))?;
+            let mut store = Store::new(&self.runtime.engine, state);
             store.limiter(|state| &mut state.limits);
-            // Instantiation runs the guest's start code: it gets the same deadline as a call.
-            store.set_epoch_deadline(1);
-            store.epoch_deadline_async_yield_and_update(1);
-            let instantiate = plugin.pre.instantiate_async(&mut store);
-            let instance = match tokio::time::timeout(plugin.timeout, instantiate).await {
-                Ok(Ok(instance)) => instance,
-                Ok(Err(e)) => return Err(PluginError::trap(&plugin.meta.name, &e)),
-                Err(_) => {
-                    return Err(PluginError::Timeout {
-                        name: plugin.meta.name.clone(),
-                    })
+            // At every epoch tick the guest yields to the runtime (other sessions run), and is
+            // stopped once its call's deadline has passed.
+            store.epoch_deadline_callback(|store| {
+                if std::time::Instant::now() >= store.data().deadline {
+                    Err(wasmtime::Error::msg(DEADLINE_PASSED))
+                } else {
+                    Ok(wasmtime::UpdateDeadline::Yield(1))
                 }
-            };
-            self.live[index] = Some(Live { store, instance });
+            });
+            // Instantiation runs the guest's start code: it gets the same deadline as a call.
+            store.data_mut().deadline = std::time::Instant::now() + plugin.timeout;
+            store.set_epoch_deadline(1);
+            let instance = plugin
+                .pre
+                .instantiate_async(&mut store)
+                .await
+                .map_err(|e| PluginError::from_wasm(&plugin.meta.name, &e))?;
+            let guests = Guests::load(plugin, &mut store, &instance)
+                .map_err(|e| PluginError::from_wasm(&plugin.meta.name, &e))?;
+            self.live[index] = Some(Live { store, guests });
         }
         Ok(self.live[index].as_mut().expect("just created"))
     }
@@ -182,20 +262,26 @@ impl PluginSession {
     /// Runs one plugin's hook with its deadline; a failed instance is dropped.
     async fn call(&mut self, index: usize, call: &Call<'_>) -> Result<Answer, PluginError> {
         let plugin = self.set.plugins[index].clone();
-        let timeout = plugin.timeout;
-        let result = tokio::time::timeout(timeout, async {
+        let run = async {
             let live = self.instance(index).await?;
+            live.store.data_mut().deadline = std::time::Instant::now() + plugin.timeout;
             live.store.set_epoch_deadline(1);
-            invoke(&plugin, live, call)
+            invoke(live, call)
                 .await
-                .map_err(|e| PluginError::trap(&plugin.meta.name, &e))
-        })
-        .await;
-        let result = match result {
-            Ok(result) => result,
-            Err(_) => Err(PluginError::Timeout {
-                name: plugin.meta.name.clone(),
-            }),
+                .map_err(|e| PluginError::from_wasm(&plugin.meta.name, &e))
+        };
+        // The epoch callback stops guest code at the deadline. Host calls that wait on the
+        // network (dns) are outside guest code, so those plugins also get a timer.
+        let result = if plugin.meta.dns.is_some() {
+            tokio::time::timeout(plugin.timeout, run)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(PluginError::Timeout {
+                        name: plugin.meta.name.clone(),
+                    })
+                })
+        } else {
+            run.await
         };
         if result.is_err() {
             // A trapped or interrupted instance cannot be entered again.
@@ -370,73 +456,50 @@ impl PluginSession {
     }
 }
 
-async fn invoke(
-    plugin: &LoadedPlugin,
-    live: &mut Live,
-    call: &Call<'_>,
-) -> wasmtime::Result<Answer> {
+async fn invoke(live: &mut Live, call: &Call<'_>) -> wasmtime::Result<Answer> {
     let store = &mut live.store;
-    let instance = &live.instance;
-    let h = &plugin.hooks;
+    let g = &live.guests;
     let missing = || wasmtime::format_err!("hook not exported");
     Ok(match call {
         Call::Connect(s) => {
-            let g = h
-                .connect
-                .as_ref()
-                .ok_or_else(missing)?
-                .load(&mut *store, instance)?;
-            Answer::Decision(g.call_on_connect(&mut *store, &s.to_wit()).await?)
+            let hook = g.connect.as_ref().ok_or_else(missing)?;
+            Answer::Decision(hook.call_on_connect(&mut *store, &s.to_wit()).await?)
         }
         Call::Helo(s, name, ext) => {
-            let g = h
-                .helo
-                .as_ref()
-                .ok_or_else(missing)?
-                .load(&mut *store, instance)?;
-            Answer::Decision(g.call_on_helo(&mut *store, &s.to_wit(), name, *ext).await?)
+            let hook = g.helo.as_ref().ok_or_else(missing)?;
+            Answer::Decision(
+                hook.call_on_helo(&mut *store, &s.to_wit(), name, *ext)
+                    .await?,
+            )
         }
         Call::Auth(s, mech, user) => {
-            let g = h
-                .auth
-                .as_ref()
-                .ok_or_else(missing)?
-                .load(&mut *store, instance)?;
-            Answer::Decision(g.call_on_auth(&mut *store, &s.to_wit(), mech, user).await?)
+            let hook = g.auth.as_ref().ok_or_else(missing)?;
+            Answer::Decision(
+                hook.call_on_auth(&mut *store, &s.to_wit(), mech, user)
+                    .await?,
+            )
         }
         Call::MailFrom(s, sender, size) => {
-            let g = h
-                .mail_from
-                .as_ref()
-                .ok_or_else(missing)?
-                .load(&mut *store, instance)?;
+            let hook = g.mail_from.as_ref().ok_or_else(missing)?;
             Answer::Decision(
-                g.call_on_mail_from(&mut *store, &s.to_wit(), sender, *size)
+                hook.call_on_mail_from(&mut *store, &s.to_wit(), sender, *size)
                     .await?,
             )
         }
         Call::Rcpt(s, sender, rcpt, local) => {
-            let g = h
-                .rcpt
-                .as_ref()
-                .ok_or_else(missing)?
-                .load(&mut *store, instance)?;
+            let hook = g.rcpt.as_ref().ok_or_else(missing)?;
             Answer::Decision(
-                g.call_on_rcpt(&mut *store, &s.to_wit(), sender, rcpt, *local)
+                hook.call_on_rcpt(&mut *store, &s.to_wit(), sender, rcpt, *local)
                     .await?,
             )
         }
         Call::Data(s, envelope, message) => {
-            let g = h
-                .data
-                .as_ref()
-                .ok_or_else(missing)?
-                .load(&mut *store, instance)?;
+            let hook = g.data.as_ref().ok_or_else(missing)?;
             let handle = store.data_mut().table.push(MessageView {
                 bytes: Arc::clone(message),
             })?;
             let rep = handle.rep();
-            let result = g
+            let result = hook
                 .call_on_data(
                     &mut *store,
                     &s.to_wit(),
@@ -448,36 +511,24 @@ async fn invoke(
             Answer::Data(result?)
         }
         Call::Deliver(envelope, target, message) => {
-            let g = h
-                .deliver
-                .as_ref()
-                .ok_or_else(missing)?
-                .load(&mut *store, instance)?;
+            let hook = g.deliver.as_ref().ok_or_else(missing)?;
             let handle = store.data_mut().table.push(MessageView {
                 bytes: Arc::clone(message),
             })?;
             let rep = handle.rep();
-            let result = g
+            let result = hook
                 .call_on_deliver(&mut *store, envelope, target, Resource::new_borrow(rep))
                 .await;
             let _ = store.data_mut().table.delete(handle);
             Answer::Delivery(result?)
         }
         Call::Vrfy(s, query) => {
-            let g = h
-                .vrfy
-                .as_ref()
-                .ok_or_else(missing)?
-                .load(&mut *store, instance)?;
-            Answer::Lookup(g.call_on_vrfy(&mut *store, &s.to_wit(), query).await?)
+            let hook = g.vrfy.as_ref().ok_or_else(missing)?;
+            Answer::Lookup(hook.call_on_vrfy(&mut *store, &s.to_wit(), query).await?)
         }
         Call::Expn(s, list) => {
-            let g = h
-                .expn
-                .as_ref()
-                .ok_or_else(missing)?
-                .load(&mut *store, instance)?;
-            Answer::Lookup(g.call_on_expn(&mut *store, &s.to_wit(), list).await?)
+            let hook = g.expn.as_ref().ok_or_else(missing)?;
+            Answer::Lookup(hook.call_on_expn(&mut *store, &s.to_wit(), list).await?)
         }
     })
 }

@@ -25,29 +25,38 @@ pub struct PluginMeta {
     pub kv: Option<Arc<Namespace>>,
     pub directory: Arc<UserDirectory>,
     pub dns: Option<Arc<crate::dns::Dns>>,
+    /// The host directory granted as `/data`, if any.
+    pub directory_grant: Option<std::path::PathBuf>,
     pub memory_bytes: usize,
 }
+
+/// Where a granted directory appears inside the sandbox.
+pub const GRANTED_DIRECTORY: &str = "/data";
 
 /// The data of one plugin instance's store.
 pub struct PluginState {
     pub meta: Arc<PluginMeta>,
+    /// When the running call (or instantiation) must end; checked at every epoch tick.
+    pub deadline: std::time::Instant,
     pub table: ResourceTable,
     wasi: WasiCtx,
     pub limits: StoreLimits,
 }
 
 impl PluginState {
-    pub fn new(meta: Arc<PluginMeta>) -> PluginState {
-        // No preopened directories, no sockets, no environment, no arguments: WASI here is only
-        // what a Rust or Python guest needs to start (clocks, random, empty stdio).
+    pub fn new(meta: Arc<PluginMeta>) -> wasmtime::Result<PluginState> {
+        // No sockets, no environment, no arguments, and no directory unless one was granted:
+        // WASI here is what a Rust or Python guest needs to start (clocks, random, stdio to log).
         let output = |stream| PluginOutput {
             plugin: meta.name.clone().into(),
             stream,
         };
-        let wasi = WasiCtxBuilder::new()
-            .stdout(output("stdout"))
-            .stderr(output("stderr"))
-            .build();
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdout(output("stdout")).stderr(output("stderr"));
+        if let Some(dir) = &meta.directory_grant {
+            wasi.preopened_dir(dir, GRANTED_DIRECTORY, wasmtime_wasi::FsPerms::ReadWrite)?;
+        }
+        let wasi = wasi.build();
         let limits = StoreLimitsBuilder::new()
             .memory_size(meta.memory_bytes)
             .instances(64)
@@ -55,12 +64,13 @@ impl PluginState {
             .memories(64)
             .trap_on_grow_failure(true)
             .build();
-        PluginState {
+        Ok(PluginState {
+            deadline: std::time::Instant::now(),
             meta,
             table: ResourceTable::new(),
             wasi,
             limits,
-        }
+        })
     }
 }
 

@@ -31,7 +31,21 @@ pub enum PluginError {
     InvalidReply { name: String, reason: String },
 }
 
+/// The message the epoch callback stops a guest with when its deadline has passed.
+pub const DEADLINE_PASSED: &str = "plugin deadline passed";
+
 impl PluginError {
+    /// Classifies an error from guest code: the deadline, or any other trap.
+    pub fn from_wasm(name: &str, err: &wasmtime::Error) -> PluginError {
+        if format!("{err:#}").contains(DEADLINE_PASSED) {
+            PluginError::Timeout {
+                name: name.to_string(),
+            }
+        } else {
+            PluginError::trap(name, err)
+        }
+    }
+
     pub fn trap(name: &str, err: &wasmtime::Error) -> PluginError {
         PluginError::Trap {
             name: name.to_string(),

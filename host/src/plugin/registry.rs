@@ -271,6 +271,12 @@ impl PluginRuntime {
             }
         }
         check_imports(&self.engine, &component, &config.capabilities).map_err(fail)?;
+        if let Some(dir) = config.directory.as_ref().filter(|d| !d.is_dir()) {
+            return Err(fail(format!(
+                "granted directory {} does not exist",
+                dir.display()
+            )));
+        }
         if config.capabilities.contains(&Capability::Dns) && self.dns.is_none() {
             return Err(fail(
                 "granted dns, but the server has no working resolver (see [dns])".into(),
@@ -307,7 +313,12 @@ impl PluginRuntime {
                 config: config.config.clone(),
                 kv,
                 directory: self.directory.clone(),
-                dns: self.dns.clone(),
+                dns: config
+                    .capabilities
+                    .contains(&Capability::Dns)
+                    .then(|| self.dns.clone())
+                    .flatten(),
+                directory_grant: config.directory.clone(),
                 memory_bytes: (memory_mb as usize) << 20,
             }),
             pre,
@@ -330,6 +341,7 @@ fn same_config(a: &PluginConfig, b: &PluginConfig) -> bool {
         && a.timeout_ms == b.timeout_ms
         && a.memory_mb == b.memory_mb
         && a.capabilities == b.capabilities
+        && a.directory == b.directory
         && a.config == b.config
 }
 

@@ -50,8 +50,17 @@ wit_bindgen::generate!({
 
 struct TestHooks;
 
+/// A stage's action, read from the config once per instance (the host makes a fresh instance
+/// per session, and a reload makes new instances, so the cache never goes stale).
 fn action(stage: &str) -> String {
-    config::get(stage).unwrap_or_else(|| "continue".into())
+    static ACTIONS: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+    let mut actions = ACTIONS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, action)) = actions.iter().find(|(s, _)| s == stage) {
+        return action.clone();
+    }
+    let action = config::get(stage).unwrap_or_else(|| "continue".into());
+    actions.push((stage.to_string(), action.clone()));
+    action
 }
 
 /// `kind:code:enhanced:text` → the reply part.
