@@ -251,6 +251,16 @@ impl TestServer {
         }
     }
 
+    /// Waits (up to 10 s) until `dir` holds at least `count` entries.
+    pub fn wait_for_files(&self, dir: &Path, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0) < count
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Ids of messages still in the spool.
     pub fn spooled(&self) -> Vec<String> {
         std::fs::read_dir(self.dir.join("spool/queue"))

@@ -242,11 +242,7 @@ async fn quarantine_lands_in_the_quarantine_folder() {
     let dir = server
         .dir
         .join("mailboxes/example.test/alice/.Quarantine/new");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0) == 0 && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    server.wait_for_files(&dir, 1);
     let file = std::fs::read_dir(&dir)
         .unwrap()
         .next()
@@ -278,11 +274,7 @@ async fn deliver_hook_routes_to_folders_and_forwards() {
     let dir = server
         .dir
         .join("mailboxes/example.test/alice/.Lists.Rust/new");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0) == 0 && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    server.wait_for_files(&dir, 1);
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
     drop(server);
 
@@ -752,11 +744,7 @@ async fn spam_filter_rejects_gtube_quarantines_spam_and_passes_ham() {
     let dir = server
         .dir
         .join("mailboxes/example.test/alice/.Quarantine/new");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0) == 0 && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    server.wait_for_files(&dir, 1);
     let file = std::fs::read_dir(&dir)
         .unwrap()
         .next()
@@ -964,11 +952,7 @@ async fn spam_filter_scores_dnsbl_listings() {
     let dir = server
         .dir
         .join("mailboxes/example.test/alice/.Quarantine/new");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0) == 0 && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    server.wait_for_files(&dir, 1);
     let file = std::fs::read_dir(&dir)
         .unwrap()
         .next()
