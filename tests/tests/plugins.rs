@@ -512,26 +512,24 @@ async fn kv_capability_counts_across_sessions() {
 #[tokio::test]
 async fn hot_reload_swaps_plugins_without_failing_a_transaction() {
     let temp = tempfile::tempdir().unwrap();
-    let version = |v: u32| {
-        plugin_block(
-            "test",
-            "test_hooks",
-            "capabilities = [\"config\", \"kv\", \"dns\"]",
-            &[(
-                "data-modifications",
-                &format!("[\"add-header:X-Version:{v}\"]"),
-            )],
-        )
-    };
-    let v1 = version(1);
-    let server =
-        TestServer::start_in(temp.path(), |c| c + &plugins_section("watch = true") + &v1).unwrap();
+    // The plugin file is replaced while mail flows: first its settings change (version 1 → 2),
+    // then the component itself (test-hooks → spam-filter, which marks mail X-Spam-Score).
+    let active = temp.path().join("active.wasm");
+    std::fs::copy(postern_e2e::plugin_wasm("test_hooks"), &active).unwrap();
+    let block = format!(
+        "\n[[plugin]]\nname = \"swapped\"\npath = {:?}\ncapabilities = [\"config\", \"kv\", \"dns\", \"log\"]\n[plugin.config]\ndata-modifications = [\"add-header:X-Version:1\"]\nquarantine_at = 100.0\nreject_at = 200.0\n",
+        active.display().to_string()
+    );
+    let server = TestServer::start_in(temp.path(), |c| {
+        c + &plugins_section("watch = true") + &block
+    })
+    .unwrap();
     let port = server.port("smtp");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sender = {
         let stop = stop.clone();
         tokio::spawn(async move {
-            let (mut sent, mut failed) = (0, Vec::new());
+            let (mut sent, mut failed) = (0usize, Vec::new());
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 // A new session per message: every session start sees the newest plugin set.
                 let result = async {
@@ -554,48 +552,85 @@ async fn hot_reload_swaps_plugins_without_failing_a_transaction() {
             (sent, failed)
         })
     };
+    let wait_for = |marker: &'static str| {
+        let server = &server;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let mail = server.maildir("alice", "example.test");
+                if mail
+                    .iter()
+                    .any(|(_, b)| String::from_utf8_lossy(b).contains(marker))
+                {
+                    return true;
+                }
+                if Instant::now() > deadline {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    // Rewrite the configuration: the watcher reloads the plugin with its new settings.
+    // 1. New settings: rewrite the configuration (rename into place, as editors do).
     let text = std::fs::read_to_string(&server.config_path).unwrap();
     let tmp = server.config_path.with_extension("new");
     std::fs::write(&tmp, text.replace("X-Version:1", "X-Version:2")).unwrap();
     std::fs::rename(&tmp, &server.config_path).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let seen_v2 = loop {
-        let mail = server.maildir("alice", "example.test");
-        if mail
-            .iter()
-            .any(|(_, b)| String::from_utf8_lossy(b).contains("X-Version: 2"))
-        {
-            break true;
-        }
-        if Instant::now() > deadline {
-            break false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let seen_v2 = wait_for("X-Version: 2").await;
+    // 2. A new component in the same file.
+    let tmp = active.with_extension("new");
+    std::fs::copy(postern_e2e::plugin_wasm("spam_filter"), &tmp).unwrap();
+    std::fs::rename(&tmp, &active).unwrap();
+    let seen_v3 = wait_for("X-Spam-Score: ").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (sent, failed) = sender.await.unwrap();
     assert!(
-        seen_v2,
-        "new behaviour visible after the swap; log: {}",
+        seen_v2 && seen_v3,
+        "both swaps visible; log: {}",
         server.log()
     );
     assert!(failed.is_empty(), "failed transactions: {failed:?}");
     let mail = server.wait_for_mail("alice", "example.test", sent);
     assert_eq!(mail.len(), sent, "every accepted message delivered");
-    for (_, bytes) in &mail {
-        let text = String::from_utf8_lossy(bytes);
-        assert_eq!(
-            text.matches("X-Version: ").count(),
-            1,
-            "exactly one version per message: {text}"
-        );
-    }
+    // Each message was handled by exactly one version, and versions only move forward.
+    let mut versions: Vec<(usize, u32)> = mail
+        .iter()
+        .map(|(_, bytes)| {
+            let text = String::from_utf8_lossy(bytes);
+            let n: usize = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Subject: m"))
+                .and_then(|n| n.parse().ok())
+                .expect("subject");
+            let marks = [
+                text.contains("X-Version: 1"),
+                text.contains("X-Version: 2"),
+                text.contains("X-Spam-Score: "),
+            ];
+            assert_eq!(
+                marks.iter().filter(|m| **m).count(),
+                1,
+                "one version per message: {text}"
+            );
+            (n, marks.iter().position(|m| *m).unwrap() as u32 + 1)
+        })
+        .collect();
+    versions.sort();
+    assert!(
+        versions.windows(2).all(|w| w[0].1 <= w[1].1),
+        "versions move forward: {versions:?}"
+    );
+    let per_version: Vec<usize> = (1..=3)
+        .map(|v| versions.iter().filter(|(_, x)| *x == v).count())
+        .collect();
+    eprintln!(
+        "{sent} transactions, 0 failed; per version (v1, v2, new component): {per_version:?}"
+    );
     assert!(
         sent > 10,
-        "the client kept sending during the swap ({sent})"
+        "the client kept sending during the swaps ({sent})"
     );
 }
 
