@@ -60,31 +60,9 @@ pub enum Lookup {
     Answer(Reply),
 }
 
-/// Context a hook sees about the session.
-#[derive(Debug, Clone)]
-pub struct SessionInfo {
-    pub id: u64,
-    pub listener: String,
-    pub peer_ip: String,
-    pub peer_port: u16,
-    pub tls: bool,
-    pub helo: Option<String>,
-    pub user: Option<String>,
-}
-
-impl SessionInfo {
-    fn to_wit(&self) -> types::Session {
-        types::Session {
-            id: self.id,
-            listener: self.listener.clone(),
-            peer_ip: self.peer_ip.clone(),
-            peer_port: self.peer_port,
-            tls: self.tls,
-            helo: self.helo.clone(),
-            user: self.user.clone(),
-        }
-    }
-}
+/// Context a hook sees about the session: the WIT record itself, so building it once per call
+/// is the only copy made.
+pub type SessionInfo = types::Session;
 
 struct Live {
     store: Store<PluginState>,
@@ -463,33 +441,27 @@ async fn invoke(live: &mut Live, call: &Call<'_>) -> wasmtime::Result<Answer> {
     Ok(match call {
         Call::Connect(s) => {
             let hook = g.connect.as_ref().ok_or_else(missing)?;
-            Answer::Decision(hook.call_on_connect(&mut *store, &s.to_wit()).await?)
+            Answer::Decision(hook.call_on_connect(&mut *store, s).await?)
         }
         Call::Helo(s, name, ext) => {
             let hook = g.helo.as_ref().ok_or_else(missing)?;
-            Answer::Decision(
-                hook.call_on_helo(&mut *store, &s.to_wit(), name, *ext)
-                    .await?,
-            )
+            Answer::Decision(hook.call_on_helo(&mut *store, s, name, *ext).await?)
         }
         Call::Auth(s, mech, user) => {
             let hook = g.auth.as_ref().ok_or_else(missing)?;
-            Answer::Decision(
-                hook.call_on_auth(&mut *store, &s.to_wit(), mech, user)
-                    .await?,
-            )
+            Answer::Decision(hook.call_on_auth(&mut *store, s, mech, user).await?)
         }
         Call::MailFrom(s, sender, size) => {
             let hook = g.mail_from.as_ref().ok_or_else(missing)?;
             Answer::Decision(
-                hook.call_on_mail_from(&mut *store, &s.to_wit(), sender, *size)
+                hook.call_on_mail_from(&mut *store, s, sender, *size)
                     .await?,
             )
         }
         Call::Rcpt(s, sender, rcpt, local) => {
             let hook = g.rcpt.as_ref().ok_or_else(missing)?;
             Answer::Decision(
-                hook.call_on_rcpt(&mut *store, &s.to_wit(), sender, rcpt, *local)
+                hook.call_on_rcpt(&mut *store, s, sender, rcpt, *local)
                     .await?,
             )
         }
@@ -500,12 +472,7 @@ async fn invoke(live: &mut Live, call: &Call<'_>) -> wasmtime::Result<Answer> {
             })?;
             let rep = handle.rep();
             let result = hook
-                .call_on_data(
-                    &mut *store,
-                    &s.to_wit(),
-                    envelope,
-                    Resource::new_borrow(rep),
-                )
+                .call_on_data(&mut *store, s, envelope, Resource::new_borrow(rep))
                 .await;
             let _ = store.data_mut().table.delete(handle);
             Answer::Data(result?)
@@ -524,11 +491,11 @@ async fn invoke(live: &mut Live, call: &Call<'_>) -> wasmtime::Result<Answer> {
         }
         Call::Vrfy(s, query) => {
             let hook = g.vrfy.as_ref().ok_or_else(missing)?;
-            Answer::Lookup(hook.call_on_vrfy(&mut *store, &s.to_wit(), query).await?)
+            Answer::Lookup(hook.call_on_vrfy(&mut *store, s, query).await?)
         }
         Call::Expn(s, list) => {
             let hook = g.expn.as_ref().ok_or_else(missing)?;
-            Answer::Lookup(hook.call_on_expn(&mut *store, &s.to_wit(), list).await?)
+            Answer::Lookup(hook.call_on_expn(&mut *store, s, list).await?)
         }
     })
 }
