@@ -149,7 +149,6 @@ pub async fn run(
     ));
     let recovered = spool.list().map_err(ServerError::Spool)?;
     let (to_scheduler, scheduler_inbox) = mpsc::channel(256);
-    let (spool_handle, to_scheduler_handle) = (spool.clone(), to_scheduler.clone());
 
     let dns = match crate::dns::Dns::new(&config.dns) {
         Ok(dns) => Some(Arc::new(dns)),
@@ -172,6 +171,15 @@ pub async fn run(
             reason: reason.clone(),
         }));
     }
+    let scheduler = Scheduler::new(
+        spool.clone(),
+        store,
+        scheduler_inbox,
+        to_scheduler.clone(),
+        users.clone(),
+    )
+    .with_plugins(plugins.clone());
+    tokio::spawn(scheduler.run(recovered));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut smtp = SmtpServer::new(
         config.clone(),
@@ -181,15 +189,6 @@ pub async fn run(
         shutdown_rx.clone(),
     );
     smtp.plugins = Some(plugins.clone());
-    let scheduler = Scheduler::new(
-        spool_handle,
-        store,
-        scheduler_inbox,
-        to_scheduler_handle,
-        smtp.users.clone(),
-    )
-    .with_plugins(plugins.clone());
-    tokio::spawn(scheduler.run(recovered));
     let smtp = Arc::new(smtp);
     tokio::spawn(reload_on_signal(
         plugins.clone(),

@@ -3,7 +3,6 @@
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -44,12 +43,11 @@ pub fn build(config: &PluginsConfig) -> Result<Engine, PluginError> {
 }
 
 fn start_epoch_ticker(engine: Engine) {
-    let weak = Arc::new(engine);
     std::thread::Builder::new()
         .name("plugin-epoch".into())
         .spawn(move || loop {
             std::thread::sleep(EPOCH_TICK);
-            weak.increment_epoch();
+            engine.increment_epoch();
         })
         .expect("epoch thread");
 }
