@@ -223,9 +223,18 @@ impl TestServer {
         }
     }
 
-    /// Messages in a user's Maildir folder (`new` and `cur`), as (file name, bytes).
+    /// Messages in a user's INBOX (`new` and `cur`), as (file name, bytes).
     pub fn maildir(&self, user: &str, domain: &str) -> Vec<(String, Vec<u8>)> {
-        let base = self.dir.join("mailboxes").join(domain).join(user);
+        self.folder(user, domain, "INBOX")
+    }
+
+    /// Messages in one folder of a user's mailbox (`INBOX`, or a Maildir++ folder such as
+    /// `Quarantine` or `Lists/Rust`), as (file name, bytes), sorted by name.
+    pub fn folder(&self, user: &str, domain: &str, folder: &str) -> Vec<(String, Vec<u8>)> {
+        let mut base = self.dir.join("mailboxes").join(domain).join(user);
+        if folder != "INBOX" {
+            base = base.join(format!(".{}", folder.replace('/', ".")));
+        }
         let mut out = Vec::new();
         for sub in ["new", "cur"] {
             if let Ok(entries) = std::fs::read_dir(base.join(sub)) {
@@ -239,24 +248,25 @@ impl TestServer {
         out
     }
 
-    /// Waits until a user's Maildir holds at least `count` messages.
+    /// Waits until a user's INBOX holds at least `count` messages.
     pub fn wait_for_mail(&self, user: &str, domain: &str, count: usize) -> Vec<(String, Vec<u8>)> {
+        self.wait_for_folder(user, domain, "INBOX", count)
+    }
+
+    /// Waits (up to 20 s) until a folder holds at least `count` messages, and returns them.
+    pub fn wait_for_folder(
+        &self,
+        user: &str,
+        domain: &str,
+        folder: &str,
+        count: usize,
+    ) -> Vec<(String, Vec<u8>)> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let mail = self.maildir(user, domain);
+            let mail = self.folder(user, domain, folder);
             if mail.len() >= count || Instant::now() > deadline {
                 return mail;
             }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits (up to 10 s) until `dir` holds at least `count` entries.
-    pub fn wait_for_files(&self, dir: &Path, count: usize) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0) < count
-            && Instant::now() < deadline
-        {
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -239,17 +239,8 @@ async fn quarantine_lands_in_the_quarantine_folder() {
     )
     .await
     .unwrap();
-    let dir = server
-        .dir
-        .join("mailboxes/example.test/alice/.Quarantine/new");
-    server.wait_for_files(&dir, 1);
-    let file = std::fs::read_dir(&dir)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let text = std::fs::read_to_string(file).unwrap();
+    let quarantine = server.wait_for_folder("alice", "example.test", "Quarantine", 1);
+    let text = String::from_utf8_lossy(&quarantine[0].1).into_owned();
     assert!(
         text.contains("\nX-Postern-Quarantine: spam score 12.0\n"),
         "{text}"
@@ -271,11 +262,8 @@ async fn deliver_hook_routes_to_folders_and_forwards() {
     )
     .await
     .unwrap();
-    let dir = server
-        .dir
-        .join("mailboxes/example.test/alice/.Lists.Rust/new");
-    server.wait_for_files(&dir, 1);
-    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+    let routed = server.wait_for_folder("alice", "example.test", "Lists/Rust", 1);
+    assert_eq!(routed.len(), 1);
     drop(server);
 
     let server = with_plugin("", &[("deliver", "\"forward:bob@example.test\"")]);
@@ -776,17 +764,8 @@ async fn spam_filter_rejects_gtube_quarantines_spam_and_passes_ham() {
         delivered.contains("\nX-Spam-Status: No, score=-"),
         "{delivered}"
     );
-    let dir = server
-        .dir
-        .join("mailboxes/example.test/alice/.Quarantine/new");
-    server.wait_for_files(&dir, 1);
-    let file = std::fs::read_dir(&dir)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let quarantined = std::fs::read_to_string(file).unwrap();
+    let quarantine = server.wait_for_folder("alice", "example.test", "Quarantine", 1);
+    let quarantined = String::from_utf8_lossy(&quarantine[0].1).into_owned();
     assert!(
         quarantined.contains("Subject: Claim your lottery prize today"),
         "{quarantined}"
@@ -984,17 +963,8 @@ async fn spam_filter_scores_dnsbl_listings() {
     )
     .await
     .unwrap();
-    let dir = server
-        .dir
-        .join("mailboxes/example.test/alice/.Quarantine/new");
-    server.wait_for_files(&dir, 1);
-    let file = std::fs::read_dir(&dir)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let text = std::fs::read_to_string(file).unwrap();
+    let quarantine = server.wait_for_folder("alice", "example.test", "Quarantine", 1);
+    let text = String::from_utf8_lossy(&quarantine[0].1).into_owned();
     assert!(
         text.contains("\nX-Spam-Status: Yes, score=6.0 required=5.0 tests=DNSBL_black.test\n"),
         "{text}"
