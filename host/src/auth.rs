@@ -163,6 +163,111 @@ pub fn encode_challenge(text: &str) -> String {
     BASE64.encode(text)
 }
 
+/// The SASL mechanisms offered (RFC 4616 PLAIN, and LOGIN for older clients).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mechanism {
+    Plain,
+    Login,
+}
+
+impl Mechanism {
+    pub fn parse(name: &str) -> Option<Mechanism> {
+        if name.eq_ignore_ascii_case("PLAIN") {
+            Some(Mechanism::Plain)
+        } else if name.eq_ignore_ascii_case("LOGIN") {
+            Some(Mechanism::Login)
+        } else {
+            None
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mechanism::Plain => "PLAIN",
+            Mechanism::Login => "LOGIN",
+        }
+    }
+}
+
+/// What a SASL exchange needs next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SaslStep {
+    /// Send this challenge (already base64) and pass the client's answer to
+    /// [`SaslExchange::respond`]. Each protocol frames it its own way (`334`, `+ `).
+    Challenge(String),
+    /// Credentials to verify.
+    Done(String, Secret<String>),
+    Failed(SaslError),
+}
+
+#[derive(Debug)]
+enum SaslState {
+    AwaitPlain,
+    AwaitUser,
+    AwaitPassword(String),
+    Finished,
+}
+
+/// A sans-IO PLAIN/LOGIN exchange, shared by SMTP AUTH, POP3 AUTH and IMAP AUTHENTICATE.
+#[derive(Debug)]
+pub struct SaslExchange {
+    state: SaslState,
+}
+
+impl SaslExchange {
+    /// Starts an exchange; `initial` is the initial response when the client sent one.
+    pub fn start(mechanism: Mechanism, initial: Option<&str>) -> (SaslExchange, SaslStep) {
+        let mut exchange = SaslExchange {
+            state: match mechanism {
+                Mechanism::Plain => SaslState::AwaitPlain,
+                Mechanism::Login => SaslState::AwaitUser,
+            },
+        };
+        let step = match initial {
+            Some(initial) => exchange.respond(initial),
+            None => exchange.challenge(),
+        };
+        (exchange, step)
+    }
+
+    fn challenge(&self) -> SaslStep {
+        SaslStep::Challenge(encode_challenge(match self.state {
+            SaslState::AwaitUser => "Username:",
+            SaslState::AwaitPassword(_) => "Password:",
+            _ => "",
+        }))
+    }
+
+    /// Takes the client's answer to the last challenge (one line, base64 or `*`).
+    pub fn respond(&mut self, line: &str) -> SaslStep {
+        let decoded = match decode_response(line) {
+            Ok(decoded) => decoded,
+            Err(err) => {
+                self.state = SaslState::Finished;
+                return SaslStep::Failed(err);
+            }
+        };
+        match std::mem::replace(&mut self.state, SaslState::Finished) {
+            SaslState::AwaitPlain => match decode_plain(&decoded) {
+                Ok((login, password)) => SaslStep::Done(login, password),
+                Err(err) => SaslStep::Failed(err),
+            },
+            SaslState::AwaitUser => match String::from_utf8(decoded) {
+                Ok(user) if !user.is_empty() => {
+                    self.state = SaslState::AwaitPassword(user);
+                    self.challenge()
+                }
+                _ => SaslStep::Failed(SaslError::Malformed),
+            },
+            SaslState::AwaitPassword(user) => match String::from_utf8(decoded) {
+                Ok(password) => SaslStep::Done(user, Secret(password)),
+                Err(_) => SaslStep::Failed(SaslError::Malformed),
+            },
+            SaslState::Finished => SaslStep::Failed(SaslError::Malformed),
+        }
+    }
+}
+
 /// Counts failed logins per client IP so that password guessing across many connections is
 /// refused, not just slowed down per connection.
 pub struct AuthThrottle {
@@ -230,6 +335,29 @@ mod tests {
         assert!(decode_plain(b"alice\0pw").is_err());
         assert_eq!(decode_response("*\r\n"), Err(SaslError::Cancelled));
         assert_eq!(decode_response("!!!"), Err(SaslError::Malformed));
+    }
+
+    #[test]
+    fn sasl_exchanges() {
+        let (_, step) = SaslExchange::start(Mechanism::Plain, Some("AGFAYgBwdw=="));
+        assert_eq!(step, SaslStep::Done("a@b".into(), Secret("pw".into())));
+        let (mut login, step) = SaslExchange::start(Mechanism::Login, None);
+        assert_eq!(step, SaslStep::Challenge("VXNlcm5hbWU6".into()));
+        assert_eq!(
+            login.respond("YUBi"),
+            SaslStep::Challenge("UGFzc3dvcmQ6".into())
+        );
+        assert_eq!(
+            login.respond("cHc=\r\n"),
+            SaslStep::Done("a@b".into(), Secret("pw".into()))
+        );
+        let (mut plain, step) = SaslExchange::start(Mechanism::Plain, None);
+        assert_eq!(step, SaslStep::Challenge(String::new()));
+        assert_eq!(plain.respond("*"), SaslStep::Failed(SaslError::Cancelled));
+        assert_eq!(
+            plain.respond("AGFAYgBwdw=="),
+            SaslStep::Failed(SaslError::Malformed)
+        );
     }
 
     #[test]

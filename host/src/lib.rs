@@ -23,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod dns;
 pub mod durable;
+pub mod framing;
 pub mod message;
 pub mod plugin;
 pub mod queue;

@@ -1,61 +1,13 @@
 //! Sans-IO SMTP input framing: bytes in, events out. No sockets here.
 //!
 //! The session reads into one buffer and asks the receiver for its current phase to take what it
-//! can: a command line ([`LineFramer`]), a DATA body ([`DotDecoder`]) or a BDAT chunk
+//! can: a command line ([`crate::framing::LineFramer`]), a DATA body ([`DotDecoder`]) or a BDAT chunk
 //! ([`ChunkReader`]). Each has a hard size cap and keeps consuming (discarding) past it, so a peer
 //! can never make the server buffer more than the cap, and the stream stays in sync for the reply.
 
-use memchr::{memchr, memchr2};
+use memchr::memchr2;
 
-/// One framed command line, or why there is none yet.
-#[derive(Debug, PartialEq, Eq)]
-pub enum LineEvent {
-    /// A complete line including its terminating LF.
-    Line(Vec<u8>),
-    /// A line longer than the limit ended; it was discarded.
-    TooLong,
-    /// Need more input.
-    Incomplete,
-}
-
-/// Frames command lines (RFC 5321 §2.3.8: lines end in CRLF; bare LF is tolerated for commands).
-#[derive(Debug)]
-pub struct LineFramer {
-    max_len: usize,
-    /// Inside an overlong line: discard until its LF.
-    discarding: bool,
-}
-
-impl LineFramer {
-    pub fn new(max_len: usize) -> LineFramer {
-        LineFramer {
-            max_len,
-            discarding: false,
-        }
-    }
-
-    pub fn next_line(&mut self, buf: &mut Vec<u8>) -> LineEvent {
-        match memchr(b'\n', buf) {
-            Some(pos) => {
-                let line: Vec<u8> = buf.drain(..=pos).collect();
-                if self.discarding || line.len() > self.max_len {
-                    self.discarding = false;
-                    LineEvent::TooLong
-                } else {
-                    LineEvent::Line(line)
-                }
-            }
-            None => {
-                if buf.len() > self.max_len {
-                    // Keep nothing of an overlong line: memory stays bounded by the read size.
-                    buf.clear();
-                    self.discarding = true;
-                }
-                LineEvent::Incomplete
-            }
-        }
-    }
-}
+pub use crate::framing::{LineEvent, LineFramer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum DotState {
@@ -275,20 +227,6 @@ mod tests {
         assert!(dec.overflowed());
         assert!(out.len() <= 10);
         assert_eq!(p.consumed, 21);
-    }
-
-    #[test]
-    fn framer_caps_line_length_and_resyncs() {
-        let mut f = LineFramer::new(16);
-        let mut buf = b"NOOP\r\n".to_vec();
-        assert_eq!(f.next_line(&mut buf), LineEvent::Line(b"NOOP\r\n".to_vec()));
-        buf.extend_from_slice(&[b'A'; 40]);
-        assert_eq!(f.next_line(&mut buf), LineEvent::Incomplete);
-        assert!(buf.is_empty(), "overlong input is not kept");
-        buf.extend_from_slice(b"AAAA\r\nQUIT\r\n");
-        assert_eq!(f.next_line(&mut buf), LineEvent::TooLong);
-        assert_eq!(f.next_line(&mut buf), LineEvent::Line(b"QUIT\r\n".to_vec()));
-        assert_eq!(f.next_line(&mut buf), LineEvent::Incomplete);
     }
 
     #[test]

@@ -38,6 +38,10 @@ pub enum StoreError {
     Io(#[from] io::Error),
     #[error("invalid mailbox or folder name {0:?}")]
     InvalidName(String),
+    #[error("no folder {0:?}")]
+    NoSuchFolder(String),
+    #[error("message {0} is no longer in the mailbox")]
+    Gone(String),
 }
 
 impl StoreError {
@@ -51,7 +55,10 @@ impl StoreError {
 
     /// Whether retrying later can succeed.
     pub fn is_temporary(&self) -> bool {
-        !matches!(self, StoreError::InvalidName(_))
+        !matches!(
+            self,
+            StoreError::InvalidName(_) | StoreError::Gone(_) | StoreError::NoSuchFolder(_)
+        )
     }
 }
 
@@ -68,8 +75,92 @@ pub fn valid_folder_name(folder: &str) -> bool {
             }))
 }
 
+/// Message flags (RFC 9051 §2.3.2 system flags), stored by Maildir as filename suffix letters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Flags(u8);
+
+impl Flags {
+    pub const SEEN: Flags = Flags(1);
+    pub const ANSWERED: Flags = Flags(2);
+    pub const FLAGGED: Flags = Flags(4);
+    pub const DELETED: Flags = Flags(8);
+    pub const DRAFT: Flags = Flags(16);
+    /// Maildir's "passed" (forwarded); IMAP shows it as the `$Forwarded` keyword.
+    pub const FORWARDED: Flags = Flags(32);
+
+    pub const fn empty() -> Flags {
+        Flags(0)
+    }
+    pub fn contains(self, other: Flags) -> bool {
+        self.0 & other.0 == other.0
+    }
+    pub fn union(self, other: Flags) -> Flags {
+        Flags(self.0 | other.0)
+    }
+    pub fn without(self, other: Flags) -> Flags {
+        Flags(self.0 & !other.0)
+    }
+}
+
+/// One message as a folder lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageInfo {
+    /// IMAP UID, stable for the life of the folder's UIDVALIDITY (POP3's UIDL derives from both).
+    pub uid: u32,
+    /// The store's stable name for the message (Maildir: the unique part of the file name).
+    pub key: String,
+    /// Where the store found it at listing time (Maildir: `cur/<file name>`); a hint that lets
+    /// reads skip a directory scan. Opaque to callers.
+    pub location: String,
+    /// RFC 822 size: the message with CRLF line endings, as POP3 and IMAP send it.
+    pub size: u64,
+    pub flags: Flags,
+    /// Unix seconds the message arrived (IMAP INTERNALDATE).
+    pub received_at: i64,
+}
+
+/// A folder's messages at one moment, in UID order.
+#[derive(Debug, Clone)]
+pub struct FolderSnapshot {
+    pub uid_validity: u32,
+    pub uid_next: u32,
+    pub messages: Vec<MessageInfo>,
+}
+
 pub trait MailStore: Send + Sync {
     /// Delivers each message durably, or reports why not, one result per delivery in order. A
     /// delivery whose `delivery_id` is already stored succeeds without storing a second copy.
     fn deliver(&self, batch: &[Delivery<'_>]) -> Vec<Result<(), StoreError>>;
+
+    /// Lists a folder, giving new messages their UIDs; the UIDs are durable before this returns,
+    /// so a client never sees a UID that a crash could hand to another message. A folder that
+    /// was never delivered to is empty.
+    fn snapshot(&self, mailbox: &str, folder: &str) -> Result<FolderSnapshot, StoreError>;
+
+    /// The message with CRLF line endings (exactly `size` bytes). [`StoreError::Gone`] when
+    /// another session removed it.
+    fn read(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        message: &MessageInfo,
+    ) -> Result<Vec<u8>, StoreError>;
+
+    /// Adds flags to messages (for example `\Seen` after a POP3 RETR). Messages already gone are
+    /// skipped.
+    fn add_flags(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        messages: &[&MessageInfo],
+        flags: Flags,
+    ) -> Result<(), StoreError>;
+
+    /// Removes messages durably (POP3 UPDATE, IMAP EXPUNGE). Messages already gone are skipped.
+    fn remove(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        messages: &[&MessageInfo],
+    ) -> Result<(), StoreError>;
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
 
-use crate::auth::{self, SaslError, Secret};
+use crate::auth::{Mechanism, SaslError, SaslExchange, SaslStep, Secret};
 use crate::plugin::Stage;
 use crate::smtp::codec::LineEvent;
 use crate::smtp::reply::{common, Reply};
@@ -55,17 +55,18 @@ impl Session {
                 ),
             );
         }
-        let mechanism_name = if mechanism == smtp_proto::AUTH_PLAIN {
-            "PLAIN"
-        } else {
-            "LOGIN"
+        let mechanism = match mechanism {
+            smtp_proto::AUTH_PLAIN => Mechanism::Plain,
+            smtp_proto::AUTH_LOGIN => Mechanism::Login,
+            _ => {
+                return self.answer(
+                    io,
+                    Reply::new(504, "5.5.4", "Unrecognized authentication type"),
+                )
+            }
         };
-        let credentials = match mechanism {
-            smtp_proto::AUTH_PLAIN => self.sasl_plain(io, initial).await,
-            smtp_proto::AUTH_LOGIN => self.sasl_login(io, initial).await,
-            _ => Exchange::Reply(Reply::new(504, "5.5.4", "Unrecognized authentication type")),
-        };
-        let (login, password) = match credentials {
+        let mechanism_name = mechanism.name();
+        let (login, password) = match self.sasl(io, mechanism, initial).await {
             Exchange::Done(pair) => pair,
             Exchange::Reply(reply) => return self.answer(io, reply),
             Exchange::Lost(ReadError::Timeout) => {
@@ -114,69 +115,37 @@ impl Session {
         }
     }
 
-    async fn sasl_plain<S>(
+    /// Runs the SASL exchange: 334 challenges until the client has given its credentials.
+    async fn sasl<S>(
         &mut self,
         io: &mut Io<S>,
+        mechanism: Mechanism,
         initial: &str,
     ) -> Exchange<(String, Secret<String>)>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        let response = if initial.is_empty() {
-            match self.challenge(io, "").await {
-                Exchange::Done(r) => r,
-                Exchange::Reply(r) => return Exchange::Reply(r),
-                Exchange::Lost(e) => return Exchange::Lost(e),
-            }
-        } else {
-            initial.to_string()
-        };
-        match auth::decode_response(&response).and_then(|m| auth::decode_plain(&m)) {
-            Ok(pair) => Exchange::Done(pair),
-            Err(err) => Exchange::Reply(sasl_error_reply(err)),
-        }
-    }
-
-    async fn sasl_login<S>(
-        &mut self,
-        io: &mut Io<S>,
-        initial: &str,
-    ) -> Exchange<(String, Secret<String>)>
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send,
-    {
-        let user_line = if initial.is_empty() {
-            match self.challenge(io, "Username:").await {
-                Exchange::Done(r) => r,
-                Exchange::Reply(r) => return Exchange::Reply(r),
-                Exchange::Lost(e) => return Exchange::Lost(e),
-            }
-        } else {
-            initial.to_string()
-        };
-        let user = match auth::decode_response(&user_line).map(String::from_utf8) {
-            Ok(Ok(user)) if !user.is_empty() => user,
-            Ok(_) => return Exchange::Reply(sasl_error_reply(SaslError::Malformed)),
-            Err(err) => return Exchange::Reply(sasl_error_reply(err)),
-        };
-        let pass_line = match self.challenge(io, "Password:").await {
-            Exchange::Done(r) => r,
-            Exchange::Reply(r) => return Exchange::Reply(r),
-            Exchange::Lost(e) => return Exchange::Lost(e),
-        };
-        match auth::decode_response(&pass_line).map(String::from_utf8) {
-            Ok(Ok(pass)) => Exchange::Done((user, Secret(pass))),
-            Ok(Err(_)) => Exchange::Reply(sasl_error_reply(SaslError::Malformed)),
-            Err(err) => Exchange::Reply(sasl_error_reply(err)),
+        let (mut exchange, mut step) =
+            SaslExchange::start(mechanism, (!initial.is_empty()).then_some(initial));
+        loop {
+            step = match step {
+                SaslStep::Done(login, password) => return Exchange::Done((login, password)),
+                SaslStep::Failed(err) => return Exchange::Reply(sasl_error_reply(err)),
+                SaslStep::Challenge(challenge) => match self.challenge(io, &challenge).await {
+                    Exchange::Done(line) => exchange.respond(&line),
+                    Exchange::Reply(r) => return Exchange::Reply(r),
+                    Exchange::Lost(e) => return Exchange::Lost(e),
+                },
+            };
         }
     }
 
     /// Sends a 334 challenge and reads the client's response line.
-    async fn challenge<S>(&mut self, io: &mut Io<S>, text: &str) -> Exchange<String>
+    async fn challenge<S>(&mut self, io: &mut Io<S>, challenge: &str) -> Exchange<String>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        io.queue(format!("334 {}\r\n", auth::encode_challenge(text)).as_bytes());
+        io.queue(format!("334 {challenge}\r\n").as_bytes());
         match self.read_command(io).await {
             Ok(LineEvent::Line(line)) => {
                 Exchange::Done(String::from_utf8_lossy(&line).into_owned())

@@ -1,0 +1,676 @@
+//! Maildir storage (the embedded default), readable as it is by mutt, Dovecot and backup tools.
+//!
+//! Layout: `<root>/<domain>/<user>/{tmp,new,cur}` for INBOX and Maildir++ folders as
+//! `<root>/<domain>/<user>/.<Folder>/{tmp,new,cur}`. Files hold LF line endings as Postfix's local
+//! delivery writes them; the name carries Dovecot's `,S=<size>,W=<size with CRLF>` so POP3 and IMAP
+//! report exact RFC 822 sizes without reading the file.
+//!
+//! Delivery follows the Maildir protocol: write to `tmp/`, flush, rename into `new/`, flush the
+//! directory. Names are stable for a (message, recipient) pair (`<time>.Q<delivery id>.<host>`), so a
+//! delivery retried after a crash sees the earlier copy (in `new/`, or in `cur/` once a client has
+//! seen it) and does not store a second one.
+//!
+//! Reading: a message's key is its file name up to the `:2,` info part, which carries the flags
+//! (`D`raft, `F`lagged, `P`assed, `R`eplied, `S`een, `T`rashed) as mutt and Dovecot write them.
+//! UIDs come from the folder's [`uidlist`].
+
+pub mod uidlist;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tracing::warn;
+
+use super::{Delivery, Flags, FolderSnapshot, MailStore, MessageInfo, StoreError};
+use crate::durable;
+use uidlist::UidList;
+
+pub struct Maildir {
+    root: PathBuf,
+    /// Host name as it appears in file names (`/` and `:` escaped per the Maildir spec).
+    host: String,
+    /// One lock per folder directory: index updates in this process never interleave.
+    folder_locks: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
+}
+
+impl Maildir {
+    pub fn new(root: impl Into<PathBuf>, hostname: &str) -> Maildir {
+        let host = hostname.replace('/', "\\057").replace(':', "\\072");
+        Maildir {
+            root: root.into(),
+            host,
+            folder_locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn folder_lock(&self, dir: &Path) -> Arc<Mutex<()>> {
+        self.folder_locks
+            .lock()
+            .expect("folder lock map")
+            .entry(dir.to_path_buf())
+            .or_default()
+            .clone()
+    }
+
+    /// The directory of a folder of a mailbox (`alice@example.test`, `INBOX` or a folder name).
+    pub fn folder_path(&self, mailbox: &str, folder: &str) -> Result<PathBuf, StoreError> {
+        let (user, domain) = mailbox
+            .rsplit_once('@')
+            .ok_or_else(|| StoreError::InvalidName(mailbox.into()))?;
+        for part in [user, domain] {
+            if !is_safe_component(part) {
+                return Err(StoreError::InvalidName(mailbox.into()));
+            }
+        }
+        let mut path = self.root.join(domain).join(user);
+        if !folder.eq_ignore_ascii_case("INBOX") {
+            // Maildir++: sub-folders are ".A.B" directories beside cur/new/tmp.
+            if folder
+                .split('/')
+                .any(|p| !is_safe_component(p) || p.contains('.'))
+            {
+                return Err(StoreError::InvalidName(folder.into()));
+            }
+            path = path.join(format!(".{}", folder.replace('/', ".")));
+        }
+        Ok(path)
+    }
+
+    fn base_name(&self, delivery: &Delivery<'_>) -> String {
+        format!(
+            "{}.Q{}.{}",
+            delivery.received_at, delivery.delivery_id, self.host
+        )
+    }
+
+    /// True when a file for this delivery already exists in `new/` or `cur/`.
+    fn already_delivered(dir: &Path, base: &str) -> io::Result<bool> {
+        let prefix = format!("{base},");
+        for sub in ["new", "cur"] {
+            for entry in fs::read_dir(dir.join(sub))? {
+                let name = entry?.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with(&prefix) || name == base {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+}
+
+fn is_safe_component(part: &str) -> bool {
+    !part.is_empty()
+        && part != "."
+        && part != ".."
+        && !part.starts_with('.')
+        && !part.contains(['/', '\\', '\0'])
+        && !part.chars().any(char::is_control)
+}
+
+/// Creates `tmp`, `new` and `cur` (and their parents) if missing.
+pub fn ensure_maildir(dir: &Path) -> io::Result<()> {
+    for sub in ["tmp", "new", "cur"] {
+        fs::create_dir_all(dir.join(sub))?;
+    }
+    Ok(())
+}
+
+/// Converts CRLF to LF (a lone CR stays) and returns the number of LFs written, which is what the
+/// CRLF form adds to the size.
+fn to_lf(input: &[u8], out: &mut Vec<u8>) -> usize {
+    let mut lines = 0;
+    let mut rest = input;
+    while let Some(pos) = memchr::memchr(b'\n', rest) {
+        let line_end = if pos > 0 && rest[pos - 1] == b'\r' {
+            pos - 1
+        } else {
+            pos
+        };
+        out.extend_from_slice(&rest[..line_end]);
+        out.push(b'\n');
+        lines += 1;
+        rest = &rest[pos + 1..];
+    }
+    out.extend_from_slice(rest);
+    lines
+}
+
+struct Pending {
+    index: usize,
+    file: File,
+    tmp_path: PathBuf,
+    new_path: PathBuf,
+    folder_dir: PathBuf,
+}
+
+impl MailStore for Maildir {
+    fn deliver(&self, batch: &[Delivery<'_>]) -> Vec<Result<(), StoreError>> {
+        let mut results: Vec<Result<(), StoreError>> = (0..batch.len()).map(|_| Ok(())).collect();
+        let mut pending = Vec::new();
+        for (index, delivery) in batch.iter().enumerate() {
+            match self.write_tmp(delivery) {
+                Ok(Some((file, tmp_path, new_path, folder_dir))) => pending.push(Pending {
+                    index,
+                    file,
+                    tmp_path,
+                    new_path,
+                    folder_dir,
+                }),
+                Ok(None) => {} // already delivered by an earlier attempt
+                Err(err) => results[index] = Err(err),
+            }
+        }
+        if pending.is_empty() {
+            return results;
+        }
+        let files: Vec<&File> = pending.iter().map(|p| &p.file).collect();
+        let synced = durable::sync_files(&files).map_err(StoreError::from_io);
+        let mut dirs = BTreeSet::new();
+        for p in &pending {
+            let outcome = match &synced {
+                Ok(()) => fs::rename(&p.tmp_path, &p.new_path).map_err(StoreError::from_io),
+                Err(err) => Err(StoreError::Io(io::Error::other(err.to_string()))),
+            };
+            match outcome {
+                Ok(()) => {
+                    dirs.insert(p.folder_dir.join("new"));
+                }
+                Err(err) => {
+                    let _ = fs::remove_file(&p.tmp_path);
+                    results[p.index] = Err(err);
+                }
+            }
+        }
+        for dir in dirs {
+            if let Err(err) = durable::sync_dir(&dir) {
+                for p in pending.iter().filter(|p| p.folder_dir.join("new") == dir) {
+                    results[p.index] = Err(StoreError::from_io(io::Error::new(
+                        err.kind(),
+                        err.to_string(),
+                    )));
+                }
+            }
+        }
+        results
+    }
+
+    fn snapshot(&self, mailbox: &str, folder: &str) -> Result<FolderSnapshot, StoreError> {
+        let dir = self.folder_path(mailbox, folder)?;
+        if folder.eq_ignore_ascii_case("INBOX") {
+            ensure_maildir(&dir).map_err(StoreError::from_io)?;
+        } else if !dir.join("cur").is_dir() {
+            return Err(StoreError::NoSuchFolder(folder.into()));
+        }
+        let lock = self.folder_lock(&dir);
+        let _guard = lock.lock().expect("folder lock");
+        let files = list_files(&dir).map_err(StoreError::from_io)?;
+        let mut index = read_index(&dir).map_err(StoreError::from_io)?;
+        let present: HashSet<&str> = files.keys().map(String::as_str).collect();
+        let indexed: HashSet<&str> = index.entries.iter().map(|(_, k)| k.as_str()).collect();
+        let mut arrivals: Vec<(&String, &Listed)> = files
+            .iter()
+            .filter(|(key, _)| !indexed.contains(key.as_str()))
+            .collect();
+        arrivals.sort_by(|a, b| (a.1.received_at, a.0).cmp(&(b.1.received_at, b.0)));
+        let changed = match index.reconcile(&present, arrivals.iter().map(|(k, _)| k.as_str())) {
+            Ok(changed) => changed,
+            Err(uidlist::UidsExhausted) => {
+                warn!(dir = %dir.display(), "UIDs exhausted, rebuilding the index");
+                index = UidList::fresh(unix_now(), Some(index.validity));
+                let mut all: Vec<_> = files.iter().collect();
+                all.sort_by(|a, b| (a.1.received_at, a.0).cmp(&(b.1.received_at, b.0)));
+                index
+                    .reconcile(&present, all.iter().map(|(k, _)| k.as_str()))
+                    .map_err(|_| {
+                        StoreError::Io(io::Error::other("folder has too many messages"))
+                    })?;
+                true
+            }
+        };
+        if changed {
+            write_index(&dir, &index).map_err(StoreError::from_io)?;
+        }
+        let mut messages = Vec::with_capacity(index.entries.len());
+        for (uid, key) in &index.entries {
+            let listed = &files[key];
+            let size = match listed.size {
+                Some(size) => size,
+                None => crlf_size(&dir.join(&listed.location)).map_err(StoreError::from_io)?,
+            };
+            messages.push(MessageInfo {
+                uid: *uid,
+                key: key.clone(),
+                location: listed.location.clone(),
+                size,
+                flags: listed.flags,
+                received_at: listed.received_at,
+            });
+        }
+        Ok(FolderSnapshot {
+            uid_validity: index.validity,
+            uid_next: index.next,
+            messages,
+        })
+    }
+
+    fn read(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        message: &MessageInfo,
+    ) -> Result<Vec<u8>, StoreError> {
+        let dir = self.folder_path(mailbox, folder)?;
+        let content = match fs::read(dir.join(&message.location)) {
+            Ok(content) => content,
+            // Renamed since the listing (flags changed): find it by key.
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                let location = locate(&dir, &message.key)
+                    .map_err(StoreError::from_io)?
+                    .ok_or_else(|| StoreError::Gone(message.key.clone()))?;
+                fs::read(dir.join(location)).map_err(|err| match err.kind() {
+                    io::ErrorKind::NotFound => StoreError::Gone(message.key.clone()),
+                    _ => StoreError::from_io(err),
+                })?
+            }
+            Err(err) => return Err(StoreError::from_io(err)),
+        };
+        Ok(to_crlf(&content))
+    }
+
+    fn add_flags(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        messages: &[&MessageInfo],
+        flags: Flags,
+    ) -> Result<(), StoreError> {
+        let dir = self.folder_path(mailbox, folder)?;
+        for message in messages {
+            let Some(location) = current_location(&dir, message).map_err(StoreError::from_io)?
+            else {
+                continue;
+            };
+            let (_, old_flags) = parse_name(location.rsplit('/').next().unwrap_or_default());
+            let wanted = old_flags.union(flags);
+            let target = format!("cur/{}:2,{}", message.key, flag_letters(wanted));
+            if target != location {
+                match fs::rename(dir.join(&location), dir.join(&target)) {
+                    Ok(()) => {}
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                    Err(err) => return Err(StoreError::from_io(err)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn remove(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        messages: &[&MessageInfo],
+    ) -> Result<(), StoreError> {
+        let dir = self.folder_path(mailbox, folder)?;
+        let mut touched = BTreeSet::new();
+        for message in messages {
+            let Some(location) = current_location(&dir, message).map_err(StoreError::from_io)?
+            else {
+                continue;
+            };
+            match fs::remove_file(dir.join(&location)) {
+                Ok(()) => {
+                    touched.insert(location.split('/').next().unwrap_or("cur").to_string());
+                }
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => return Err(StoreError::from_io(err)),
+            }
+        }
+        for sub in touched {
+            durable::sync_dir(&dir.join(sub)).map_err(StoreError::from_io)?;
+        }
+        Ok(())
+    }
+}
+
+/// A message file found in `new/` or `cur/`.
+struct Listed {
+    /// `new/<name>` or `cur/<name>`.
+    location: String,
+    flags: Flags,
+    /// CRLF size from the `,W=` part of the name, when the deliverer wrote one.
+    size: Option<u64>,
+    received_at: i64,
+}
+
+/// Lists a folder's messages by key. `new/` is read before `cur/`: a message moved from one to
+/// the other between the two reads is then seen at least once (and `cur/` wins).
+fn list_files(dir: &Path) -> io::Result<HashMap<String, Listed>> {
+    let mut files = HashMap::new();
+    for sub in ["new", "cur"] {
+        let entries = match fs::read_dir(dir.join(sub)) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(err),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let Ok(name) = entry.file_name().into_string() else {
+                continue; // not UTF-8: not something a Maildir deliverer writes
+            };
+            if name.starts_with('.') || name.contains(['\n', '\r', ' ']) {
+                continue;
+            }
+            let (key, flags) = parse_name(&name);
+            let received_at = key
+                .split('.')
+                .next()
+                .and_then(|t| t.parse::<i64>().ok())
+                .or_else(|| {
+                    let modified = entry.metadata().ok()?.modified().ok()?;
+                    let secs = modified.duration_since(std::time::UNIX_EPOCH).ok()?;
+                    i64::try_from(secs.as_secs()).ok()
+                })
+                .unwrap_or(0);
+            files.insert(
+                key.to_string(),
+                Listed {
+                    location: format!("{sub}/{name}"),
+                    flags,
+                    size: size_field(key, ",W="),
+                    received_at,
+                },
+            );
+        }
+    }
+    Ok(files)
+}
+
+/// Splits a Maildir file name into its key and flags (`key:2,FS`).
+fn parse_name(name: &str) -> (&str, Flags) {
+    match name.split_once(':') {
+        Some((key, info)) => {
+            let mut flags = Flags::empty();
+            if let Some(letters) = info.strip_prefix("2,") {
+                for letter in letters.chars() {
+                    flags = flags.union(match letter {
+                        'D' => Flags::DRAFT,
+                        'F' => Flags::FLAGGED,
+                        'P' => Flags::FORWARDED,
+                        'R' => Flags::ANSWERED,
+                        'S' => Flags::SEEN,
+                        'T' => Flags::DELETED,
+                        _ => Flags::empty(),
+                    });
+                }
+            }
+            (key, flags)
+        }
+        None => (name, Flags::empty()),
+    }
+}
+
+/// Flag letters in the ASCII order the Maildir spec asks for.
+fn flag_letters(flags: Flags) -> String {
+    [
+        ('D', Flags::DRAFT),
+        ('F', Flags::FLAGGED),
+        ('P', Flags::FORWARDED),
+        ('R', Flags::ANSWERED),
+        ('S', Flags::SEEN),
+        ('T', Flags::DELETED),
+    ]
+    .into_iter()
+    .filter(|(_, flag)| flags.contains(*flag))
+    .map(|(letter, _)| letter)
+    .collect()
+}
+
+fn size_field(key: &str, field: &str) -> Option<u64> {
+    let start = key.find(field)? + field.len();
+    let digits: &str = &key[start..];
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
+/// Where a message is now: its listed location, or wherever a rename took it.
+fn current_location(dir: &Path, message: &MessageInfo) -> io::Result<Option<String>> {
+    if dir.join(&message.location).exists() {
+        return Ok(Some(message.location.clone()));
+    }
+    locate(dir, &message.key)
+}
+
+fn locate(dir: &Path, key: &str) -> io::Result<Option<String>> {
+    Ok(list_files(dir)?.remove(key).map(|listed| listed.location))
+}
+
+fn read_index(dir: &Path) -> io::Result<UidList> {
+    match fs::read_to_string(dir.join(uidlist::FILE_NAME)) {
+        Ok(text) => Ok(UidList::parse(&text).unwrap_or_else(|| {
+            warn!(dir = %dir.display(), "damaged UID index, rebuilding with a new UIDVALIDITY");
+            let previous = text
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix('V')?.parse::<u32>().ok());
+            UidList::fresh(unix_now(), previous)
+        })),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(UidList::fresh(unix_now(), None)),
+        Err(err) if err.kind() == io::ErrorKind::InvalidData => {
+            Ok(UidList::fresh(unix_now(), None))
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// Replaces the index atomically and durably.
+fn write_index(dir: &Path, index: &UidList) -> io::Result<()> {
+    let tmp = dir.join(format!("{}.tmp", uidlist::FILE_NAME));
+    let mut file = File::create(&tmp)?;
+    file.write_all(index.render().as_bytes())?;
+    file.sync_data()?;
+    fs::rename(&tmp, dir.join(uidlist::FILE_NAME))?;
+    durable::sync_dir(dir)
+}
+
+fn unix_now() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
+        .unwrap_or(1)
+}
+
+/// LF to CRLF: the inverse of [`to_lf`] (every LF came from a CRLF).
+fn to_crlf(content: &[u8]) -> Vec<u8> {
+    let lines = memchr::memchr_iter(b'\n', content).count();
+    let mut out = Vec::with_capacity(content.len() + lines);
+    for (i, part) in content.split(|b| *b == b'\n').enumerate() {
+        if i > 0 {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(part);
+    }
+    out
+}
+
+/// The CRLF size of a file whose name does not say it.
+fn crlf_size(path: &Path) -> io::Result<u64> {
+    let content = fs::read(path)?;
+    Ok((content.len() + memchr::memchr_iter(b'\n', &content).count()) as u64)
+}
+
+type Written = (File, PathBuf, PathBuf, PathBuf);
+
+impl Maildir {
+    fn write_tmp(&self, delivery: &Delivery<'_>) -> Result<Option<Written>, StoreError> {
+        let folder_dir = self.folder_path(delivery.mailbox, delivery.folder)?;
+        ensure_maildir(&folder_dir).map_err(StoreError::from_io)?;
+        let base = self.base_name(delivery);
+        if delivery.retry
+            && Self::already_delivered(&folder_dir, &base).map_err(StoreError::from_io)?
+        {
+            return Ok(None);
+        }
+        let mut content = Vec::with_capacity(delivery.prepend.len() + delivery.message.len());
+        let mut lf_count = to_lf(delivery.prepend, &mut content);
+        lf_count += to_lf(delivery.message, &mut content);
+        let size = content.len();
+        let name = format!("{base},S={size},W={}", size + lf_count);
+        let tmp_path = folder_dir.join("tmp").join(&name);
+        let new_path = folder_dir.join("new").join(&name);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp_path)
+            .map_err(StoreError::from_io)?;
+        if let Err(err) = file.write_all(&content) {
+            let _ = fs::remove_file(&tmp_path);
+            return Err(StoreError::from_io(err));
+        }
+        Ok(Some((file, tmp_path, new_path, folder_dir)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery<'a>(id: &'a str, message: &'a [u8]) -> Delivery<'a> {
+        Delivery {
+            mailbox: "alice@example.test",
+            folder: "INBOX",
+            delivery_id: id,
+            retry: true,
+            received_at: 1700000000,
+            prepend: b"Return-Path: <s@x.test>\r\n",
+            message,
+        }
+    }
+
+    #[test]
+    fn delivers_with_lf_endings_and_sizes_in_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Maildir::new(dir.path(), "mx.test");
+        let results = store.deliver(&[delivery("A_0", b"Subject: hi\r\n\r\nbody\r\n")]);
+        assert!(results[0].is_ok());
+        let new_dir = dir.path().join("example.test/alice/new");
+        let entries: Vec<_> = fs::read_dir(&new_dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .collect();
+        assert_eq!(entries.len(), 1);
+        let content = fs::read(entries[0].path()).unwrap();
+        assert_eq!(content, b"Return-Path: <s@x.test>\nSubject: hi\n\nbody\n");
+        let name = entries[0].file_name().into_string().unwrap();
+        assert!(name.ends_with(",S=42,W=46"), "{name}");
+        assert!(fs::read_dir(dir.path().join("example.test/alice/tmp"))
+            .unwrap()
+            .next()
+            .is_none());
+    }
+
+    #[test]
+    fn redelivery_of_same_id_is_idempotent_even_after_move_to_cur() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Maildir::new(dir.path(), "mx.test");
+        let msg = b"x\r\n";
+        store
+            .deliver(&[delivery("B_0", msg)])
+            .into_iter()
+            .for_each(|r| r.unwrap());
+        let user = dir.path().join("example.test/alice");
+        let name = fs::read_dir(user.join("new"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .file_name();
+        fs::rename(
+            user.join("new").join(&name),
+            user.join("cur")
+                .join(format!("{}:2,S", name.to_string_lossy())),
+        )
+        .unwrap();
+        store
+            .deliver(&[delivery("B_0", msg)])
+            .into_iter()
+            .for_each(|r| r.unwrap());
+        assert_eq!(fs::read_dir(user.join("new")).unwrap().count(), 0);
+        assert_eq!(fs::read_dir(user.join("cur")).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn snapshot_read_flag_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Maildir::new(dir.path(), "mx.test");
+        let msg = b"Subject: a\r\n\r\nline\r\n";
+        for id in ["C_0", "C_1"] {
+            store.deliver(&[delivery(id, msg)])[0].as_ref().unwrap();
+        }
+        let snap = store.snapshot("alice@example.test", "INBOX").unwrap();
+        assert_eq!(snap.messages.len(), 2);
+        assert_eq!(snap.uid_next, 3);
+        let first = &snap.messages[0];
+        assert_eq!(first.uid, 1);
+        let bytes = store.read("alice@example.test", "INBOX", first).unwrap();
+        assert_eq!(
+            bytes,
+            b"Return-Path: <s@x.test>\r\nSubject: a\r\n\r\nline\r\n"
+        );
+        assert_eq!(first.size, bytes.len() as u64);
+
+        store
+            .add_flags("alice@example.test", "INBOX", &[first], Flags::SEEN)
+            .unwrap();
+        // The listed location is stale now; reads still find the message by key.
+        let again = store.read("alice@example.test", "INBOX", first).unwrap();
+        assert_eq!(again, bytes);
+        let snap2 = store.snapshot("alice@example.test", "INBOX").unwrap();
+        assert_eq!(snap2.uid_validity, snap.uid_validity);
+        assert_eq!(snap2.messages[0].uid, 1);
+        assert!(snap2.messages[0].flags.contains(Flags::SEEN));
+        assert!(snap2.messages[0].location.starts_with("cur/"));
+        assert!(snap2.messages[0].location.ends_with(":2,S"));
+
+        store
+            .remove("alice@example.test", "INBOX", &[&snap2.messages[0]])
+            .unwrap();
+        store.deliver(&[delivery("C_2", msg)])[0].as_ref().unwrap();
+        let snap3 = store.snapshot("alice@example.test", "INBOX").unwrap();
+        let uids: Vec<u32> = snap3.messages.iter().map(|m| m.uid).collect();
+        assert_eq!(uids, vec![2, 3], "UID 1 is never reused");
+        assert!(matches!(
+            store.read("alice@example.test", "INBOX", &snap2.messages[0]),
+            Err(StoreError::Gone(_))
+        ));
+
+        // A damaged index is rebuilt with a new UIDVALIDITY.
+        let user = dir.path().join("example.test/alice");
+        let damaged = format!("postern-uidlist 1 V{} N2\n5 x\n", snap3.uid_validity);
+        fs::write(user.join(uidlist::FILE_NAME), damaged).unwrap();
+        let snap4 = store.snapshot("alice@example.test", "INBOX").unwrap();
+        assert_ne!(snap4.uid_validity, snap3.uid_validity);
+        assert_eq!(snap4.messages.len(), 2);
+        assert!(matches!(
+            store.snapshot("alice@example.test", "Nope"),
+            Err(StoreError::NoSuchFolder(_))
+        ));
+    }
+
+    #[test]
+    fn folders_and_hostile_names() {
+        let store = Maildir::new("/m", "h");
+        assert_eq!(
+            store.folder_path("bob@example.test", "Lists/Rust").unwrap(),
+            PathBuf::from("/m/example.test/bob/.Lists.Rust")
+        );
+        assert!(store.folder_path("../x@example.test", "INBOX").is_err());
+        assert!(store.folder_path("bob@..", "INBOX").is_err());
+        assert!(store.folder_path("bob@example.test", "../../etc").is_err());
+    }
+}
