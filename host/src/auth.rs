@@ -37,7 +37,12 @@ pub struct UserDirectory {
     users: HashMap<String, String>,
     /// canonical alias → user key.
     aliases: HashMap<String, String>,
+    /// user key → APOP shared secret, for the users that have one.
+    apop: HashMap<String, Secret<String>>,
 }
+
+/// Pause after a failed login, per failure in the session: guessing gets slow.
+pub const FAILURE_DELAY: Duration = Duration::from_millis(500);
 
 /// Verifying against this when the user is unknown keeps the timing the same as for a known user.
 const DUMMY_HASH: &str =
@@ -65,7 +70,42 @@ impl UserDirectory {
                 ))
             })
             .collect();
-        UserDirectory { users, aliases }
+        let apop = config
+            .users
+            .iter()
+            .filter_map(|u| {
+                Some((
+                    Address::parse(&u.address)?.mailbox_key(),
+                    Secret(u.apop_secret.clone()?),
+                ))
+            })
+            .collect();
+        UserDirectory {
+            users,
+            aliases,
+            apop,
+        }
+    }
+
+    /// Whether any user can log in with APOP (the POP3 greeting then carries a timestamp).
+    pub fn apop_enabled(&self) -> bool {
+        !self.apop.is_empty()
+    }
+
+    /// Checks an APOP digest: hex MD5 of the greeting's timestamp followed by the shared secret.
+    pub fn verify_apop(&self, login: &str, timestamp: &str, digest: &str) -> Option<AuthUser> {
+        use md5::{Digest, Md5};
+        let key = Address::parse(login).map(|a| a.mailbox_key())?;
+        let secret = self.apop.get(&key)?;
+        let mut hasher = Md5::new();
+        hasher.update(timestamp.as_bytes());
+        hasher.update(secret.0.as_bytes());
+        let expected: String = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        constant_time_eq(expected.as_bytes(), digest.as_bytes()).then_some(AuthUser(key))
     }
 
     /// The user key a local address delivers to, through an alias or a `+detail`, if any.
@@ -111,6 +151,10 @@ impl UserDirectory {
             .ok()
             .flatten()
     }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Makes a PHC hash for a password (for `postern user hash-password`).
@@ -376,6 +420,31 @@ mod tests {
             .is_none());
         assert!(users
             .verify_blocking("nobody@example.test", &Secret("s3cret".into()))
+            .is_none());
+    }
+
+    #[test]
+    fn apop_digest() {
+        let text = crate::config::EMBEDDED_DEFAULT.to_string();
+        let mut config = crate::config::Config::parse(&text, "t").unwrap();
+        // RFC 1939 §7's example secret and timestamp.
+        config.users[0].apop_secret = Some("tanstaaf".into());
+        let users = UserDirectory::from_config(&config);
+        assert!(users.apop_enabled());
+        let login = &config.users[0].address;
+        let stamp = "<1896.697170952@dbc.mtview.ca.us>";
+        assert!(users
+            .verify_apop(login, stamp, "c4c9334bac560ecc979e58001b3e22fb")
+            .is_some());
+        assert!(users
+            .verify_apop(login, stamp, "c4c9334bac560ecc979e58001b3e22fa")
+            .is_none());
+        assert!(users
+            .verify_apop(
+                &config.users[1].address,
+                stamp,
+                "c4c9334bac560ecc979e58001b3e22fb"
+            )
             .is_none());
     }
 

@@ -52,6 +52,8 @@ pub struct Config {
     #[serde(default)]
     pub dns: DnsConfig,
     #[serde(default)]
+    pub pop3: Pop3Config,
+    #[serde(default)]
     pub plugins: PluginsConfig,
     /// Plugins, called in this order at every hook they export.
     #[serde(default, rename = "plugin")]
@@ -72,6 +74,30 @@ impl Default for DnsConfig {
         DnsConfig {
             nameservers: Vec::new(),
             timeout_ms: 2000,
+        }
+    }
+}
+
+/// POP3 access (RFC 1939, 2449).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pop3Config {
+    /// Inactivity before the session is closed without UPDATE (RFC 1939 §3: at least 10 minutes).
+    pub idle_timeout_secs: u64,
+    /// Minimum seconds between two logins of one user, announced as LOGIN-DELAY (0: none).
+    pub login_delay_secs: u64,
+    /// Retention announced as EXPIRE (RFC 2449 §6.7): messages retrieved and older than this many
+    /// days are removed at the end of a session; 0 removes retrieved messages at once. Unset:
+    /// `EXPIRE NEVER`.
+    pub expire_days: Option<u32>,
+}
+
+impl Default for Pop3Config {
+    fn default() -> Self {
+        Pop3Config {
+            idle_timeout_secs: 600,
+            login_delay_secs: 0,
+            expire_days: None,
         }
     }
 }
@@ -264,6 +290,8 @@ pub enum ListenerProtocol {
     Smtp,
     /// Message submission (RFC 6409): AUTH is required before MAIL.
     Submission,
+    /// POP3 mailbox access (RFC 1939); `starttls` offers STLS.
+    Pop3,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -295,6 +323,10 @@ pub struct UserConfig {
     pub address: String,
     /// A PHC string (`$argon2id$...`), made with `postern user hash-password`.
     pub password: String,
+    /// A shared secret for POP3 APOP (RFC 1939 §7), which needs it in the clear; leave it out
+    /// unless a client can only do APOP.
+    #[serde(default)]
+    pub apop_secret: Option<String>,
 }
 
 impl Config {
@@ -352,6 +384,9 @@ impl Config {
         }
         if self.limits.body_memory_budget < self.limits.max_message_size {
             return Err("limits.body_memory_budget must hold at least one max_message_size".into());
+        }
+        if self.pop3.idle_timeout_secs < 600 {
+            return Err("pop3.idle_timeout_secs must be at least 600 (RFC 1939 §3)".into());
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return Err("tls.cert and tls.key go together".into());

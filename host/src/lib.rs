@@ -26,6 +26,7 @@ pub mod durable;
 pub mod framing;
 pub mod message;
 pub mod plugin;
+pub mod pop3;
 pub mod queue;
 pub mod server;
 pub mod smtp;

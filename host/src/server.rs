@@ -13,8 +13,9 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::auth::UserDirectory;
-use crate::config::{Config, ListenerConfig, TlsMode};
+use crate::config::{Config, ListenerConfig, ListenerProtocol, TlsMode};
 use crate::plugin::PluginRuntime;
+use crate::pop3::Pop3Server;
 use crate::queue::scheduler::Scheduler;
 use crate::queue::{Queue, Spool};
 use crate::smtp::reply::Reply;
@@ -173,7 +174,7 @@ pub async fn run(
     }
     let scheduler = Scheduler::new(
         spool.clone(),
-        store,
+        store.clone(),
         scheduler_inbox,
         to_scheduler.clone(),
         users.clone(),
@@ -183,13 +184,24 @@ pub async fn run(
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut smtp = SmtpServer::new(
         config.clone(),
-        users,
+        users.clone(),
         Queue::new(spool, to_scheduler),
-        tls,
+        tls.clone(),
         shutdown_rx.clone(),
     );
     smtp.plugins = Some(plugins.clone());
-    let smtp = Arc::new(smtp);
+    let pop3 = Arc::new(Pop3Server::new(
+        config.clone(),
+        users,
+        store,
+        tls,
+        smtp.auth_throttle.clone(),
+        shutdown_rx.clone(),
+    ));
+    let services = Arc::new(Services {
+        smtp: Arc::new(smtp),
+        pop3,
+    });
     tokio::spawn(reload_on_signal(
         plugins.clone(),
         config.clone(),
@@ -225,7 +237,7 @@ pub async fn run(
         tokio::spawn(accept_loop(
             listener,
             Arc::new(listener_config.clone()),
-            smtp.clone(),
+            services.clone(),
             limiter.clone(),
             shutdown_rx.clone(),
         ));
@@ -349,10 +361,16 @@ async fn wait_for_signal() {
     }
 }
 
+/// The protocol servers a listener can hand connections to.
+struct Services {
+    smtp: Arc<SmtpServer>,
+    pop3: Arc<Pop3Server>,
+}
+
 async fn accept_loop(
     listener: TcpListener,
     config: Arc<ListenerConfig>,
-    smtp: Arc<SmtpServer>,
+    services: Arc<Services>,
     limiter: Arc<ConnectionLimiter>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -373,23 +391,41 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let Some(slot) = limiter.try_acquire(peer.ip()) else {
             warn!(%peer, "connection refused: too many connections");
-            tokio::spawn(refuse(stream, config.tls == TlsMode::Implicit));
+            tokio::spawn(refuse(stream, config.clone()));
             continue;
         };
-        let session = Session::new(smtp.clone(), config.clone(), peer);
-        tokio::spawn(async move {
-            session.run(stream).await;
-            drop(slot);
-        });
+        match config.protocol {
+            ListenerProtocol::Smtp | ListenerProtocol::Submission => {
+                let session = Session::new(services.smtp.clone(), config.clone(), peer);
+                tokio::spawn(async move {
+                    session.run(stream).await;
+                    drop(slot);
+                });
+            }
+            ListenerProtocol::Pop3 => {
+                let session =
+                    crate::pop3::session::Session::new(services.pop3.clone(), config.clone(), peer);
+                tokio::spawn(async move {
+                    session.run(stream).await;
+                    drop(slot);
+                });
+            }
+        }
     }
 }
 
-/// Tells a client over the connection limit why it is turned away (RFC 5321 §3.1: 421).
-async fn refuse(mut stream: TcpStream, implicit_tls: bool) {
-    if !implicit_tls {
-        let reply = Reply::new(421, "4.7.0", "Too many connections, try again later");
-        let _ =
-            tokio::time::timeout(Duration::from_secs(5), stream.write_all(&reply.to_bytes())).await;
+/// Tells a client over the connection limit why it is turned away, in its protocol's words
+/// (SMTP: RFC 5321 §3.1 421; POP3: RFC 2449 `[SYS/TEMP]`).
+async fn refuse(mut stream: TcpStream, listener: Arc<ListenerConfig>) {
+    if listener.tls != TlsMode::Implicit {
+        let text = "Too many connections, try again later";
+        let reply = match listener.protocol {
+            ListenerProtocol::Smtp | ListenerProtocol::Submission => {
+                Reply::new(421, "4.7.0", text).to_bytes()
+            }
+            ListenerProtocol::Pop3 => crate::pop3::codec::err(Some("SYS/TEMP"), text),
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&reply)).await;
     }
     let _ = stream.shutdown().await;
 }

@@ -20,23 +20,24 @@ def postern_bin():
     return os.path.join(target, "debug", "postern")
 
 
-def test_config(data_dir, edits=None):
-    """The embedded default with port-0 listeners, the given data dir and optional key edits."""
+def test_config(data_dir, edits=None, transform=None):
+    """The embedded default with port-0 listeners, the given data dir, optional key edits and an
+    optional function applied to the text last."""
     text = (ROOT / "examples" / "postern.toml").read_text()
     text = re.sub(r'(?m)^address = "127\.0\.0\.1:\d+"', 'address = "127.0.0.1:0"', text)
     text = re.sub(r'(?m)^data_dir = .*$', f'data_dir = "{data_dir}"', text)
     for key, value in (edits or {}).items():
         text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
         assert n == 1, key
-    return text
+    return transform(text) if transform else text
 
 
 class Server:
-    def __init__(self, tmp_path, edits=None):
+    def __init__(self, tmp_path, edits=None, transform=None):
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.data_dir = tmp_path / "data"
         self.config = tmp_path / "postern.toml"
-        self.config.write_text(test_config(self.data_dir, edits))
+        self.config.write_text(test_config(self.data_dir, edits, transform))
         self.log = open(tmp_path / "postern.log", "wb")
         self.proc = subprocess.Popen(
             [postern_bin(), "serve", "--config", str(self.config)],
@@ -97,8 +98,8 @@ def server(tmp_path):
 def make_server(tmp_path):
     made = []
 
-    def make(**edits):
-        s = Server(tmp_path / f"s{len(made)}", edits)
+    def make(transform=None, **edits):
+        s = Server(tmp_path / f"s{len(made)}", edits, transform)
         made.append(s)
         return s
 

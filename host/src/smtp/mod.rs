@@ -29,7 +29,8 @@ pub struct SmtpServer {
     pub users: Arc<UserDirectory>,
     pub queue: Queue,
     pub tls: Option<TlsAcceptor>,
-    pub auth_throttle: AuthThrottle,
+    /// Shared with POP3 and IMAP: failures over any protocol count for the client IP.
+    pub auth_throttle: Arc<AuthThrottle>,
     /// Memory for message bodies in flight, in KiB permits (see `body`).
     pub body_budget: Arc<Semaphore>,
     /// Becomes true when the server shuts down.
@@ -48,10 +49,10 @@ impl SmtpServer {
     ) -> SmtpServer {
         let limits = &config.limits;
         SmtpServer {
-            auth_throttle: AuthThrottle::new(
+            auth_throttle: Arc::new(AuthThrottle::new(
                 limits.max_auth_failures_per_ip,
                 std::time::Duration::from_secs(limits.auth_failure_window_secs),
-            ),
+            )),
             body_budget: Arc::new(Semaphore::new(body::budget_permits(
                 limits.body_memory_budget,
             ))),

@@ -1,19 +1,14 @@
 //! AUTH (RFC 4954) with PLAIN (RFC 4616) and LOGIN, only over TLS or on trusted listeners.
 
-use std::time::Duration;
-
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
 
-use crate::auth::{Mechanism, SaslError, SaslExchange, SaslStep, Secret};
+use crate::auth::{Mechanism, SaslError, SaslExchange, SaslStep, Secret, FAILURE_DELAY};
 use crate::plugin::Stage;
 use crate::smtp::codec::LineEvent;
 use crate::smtp::reply::{common, Reply};
 use crate::smtp::session::{Flow, Phase, Session};
 use crate::stream::{Io, ReadError};
-
-/// Pause after a failed login, per failure in the session: guessing gets slow.
-const FAILURE_DELAY: Duration = Duration::from_millis(500);
 
 enum Exchange<T> {
     Done(T),
