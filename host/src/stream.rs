@@ -12,6 +12,8 @@ use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
+use crate::framing::{LineEvent, LineFramer};
+
 /// A TLS handshake must finish within this time, whatever the command timeout: a stalled
 /// handshake should not hold a connection slot for minutes.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -117,6 +119,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Io<S> {
             Ok(Ok(0)) => Err(ReadError::Closed),
             Ok(Ok(_)) => Ok(()),
             Ok(Err(err)) => Err(ReadError::Io(err)),
+        }
+    }
+
+    /// The next command line by the deadline. Before waiting for more input it sends whatever is
+    /// queued: a reply is held back only while another complete command is already buffered,
+    /// which is all pipelining (SMTP RFC 2920, POP3 RFC 2449) needs to be cheap.
+    pub async fn read_line(
+        &mut self,
+        framer: &mut LineFramer,
+        deadline: Instant,
+    ) -> Result<LineEvent, ReadError> {
+        loop {
+            match framer.next_line(&mut self.input) {
+                LineEvent::Incomplete => {
+                    self.flush().await?;
+                    self.fill(deadline).await?;
+                }
+                event => return Ok(event),
+            }
         }
     }
 

@@ -315,6 +315,62 @@ mod tests {
     }
 
     #[test]
+    fn commands_framed_from_any_chunking() {
+        use crate::framing::{LineEvent, LineFramer};
+        let input = b"USER a@x\r\nPASS p w\r\nSTAT\nLIST 1\r\nQUIT\r\n";
+        for size in 1..input.len() {
+            let mut framer = LineFramer::new(MAX_LINE);
+            let mut buf = Vec::new();
+            let mut commands = Vec::new();
+            for chunk in input.chunks(size) {
+                buf.extend_from_slice(chunk);
+                while let LineEvent::Line(line) = framer.next_line(&mut buf) {
+                    commands.push(parse(&line).unwrap());
+                }
+            }
+            assert_eq!(
+                commands,
+                vec![
+                    Command::User("a@x".into()),
+                    Command::Pass(Secret("p w".into())),
+                    Command::Stat,
+                    Command::List(Some(1)),
+                    Command::Quit
+                ],
+                "chunks of {size}"
+            );
+        }
+        // An overlong line is reported once and the next command is still understood.
+        let mut framer = LineFramer::new(MAX_LINE);
+        let mut buf = vec![b'X'; MAX_LINE * 3];
+        assert_eq!(framer.next_line(&mut buf), LineEvent::Incomplete);
+        buf.extend_from_slice(b"\r\nNOOP\r\n");
+        assert_eq!(framer.next_line(&mut buf), LineEvent::TooLong);
+        let LineEvent::Line(line) = framer.next_line(&mut buf) else {
+            panic!("NOOP expected");
+        };
+        assert_eq!(parse(&line), Ok(Command::Noop));
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        let alphabet = b"RETRTOPLISTUIDLDELEAPOPUSER 0123456789 \r\n\xff";
+        let mut seed = 0x2545_f491_u32;
+        for _ in 0..20_000 {
+            let len = (seed % 40) as usize;
+            let line: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 17;
+                    seed ^= seed << 5;
+                    alphabet[seed as usize % alphabet.len()]
+                })
+                .collect();
+            let _ = parse(&line);
+        }
+    }
+
+    #[test]
     fn dot_stuffing_in_any_chunking() {
         let body = b"a\r\n.b\r\n..\r\n.\r\nlast";
         let expected = b"a\r\n..b\r\n...\r\n..\r\nlast\r\n.\r\n".to_vec();

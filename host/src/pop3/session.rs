@@ -162,15 +162,7 @@ impl Session {
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
         let deadline = Instant::now() + self.idle_timeout();
-        loop {
-            match self.framer.next_line(&mut io.input) {
-                LineEvent::Incomplete => {
-                    io.flush().await?;
-                    io.fill(deadline).await?;
-                }
-                event => return Ok(event),
-            }
-        }
+        io.read_line(&mut self.framer, deadline).await
     }
 
     /// Queues `-ERR`, counting it against the session's error allowance.

@@ -194,16 +194,7 @@ impl Session {
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
         let deadline = Instant::now() + self.server.config.limits.command_timeout();
-        loop {
-            match self.framer.next_line(&mut io.input) {
-                LineEvent::Incomplete => {
-                    // Nothing left to answer without more input: send what is queued (RFC 2920).
-                    io.flush().await?;
-                    io.fill(deadline).await?;
-                }
-                event => return Ok(event),
-            }
-        }
+        io.read_line(&mut self.framer, deadline).await
     }
 
     /// Queues a reply, counting client errors.
