@@ -54,6 +54,8 @@ pub struct Config {
     #[serde(default)]
     pub pop3: Pop3Config,
     #[serde(default)]
+    pub outbound: OutboundConfig,
+    #[serde(default)]
     pub plugins: PluginsConfig,
     /// Plugins, called in this order at every hook they export.
     #[serde(default, rename = "plugin")]
@@ -76,6 +78,137 @@ impl Default for DnsConfig {
             timeout_ms: 2000,
         }
     }
+}
+
+/// How strongly outbound connections insist on TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OutboundTls {
+    /// Never STARTTLS.
+    None,
+    /// STARTTLS when offered, certificate not checked (opportunistic, RFC 7435); plaintext
+    /// otherwise.
+    #[default]
+    May,
+    /// STARTTLS required (temporary failure without it), certificate not checked.
+    Encrypt,
+    /// STARTTLS required and the certificate must verify for the host name against `ca_file`.
+    Verify,
+}
+
+/// The outbound relay: MX delivery, retries, bounces (RFC 5321 §4.5.4, §5; RFC 3464).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboundConfig {
+    /// Delays between delivery attempts after temporary failures; the last one repeats.
+    #[serde(deserialize_with = "durations")]
+    pub retry_schedule: Vec<Duration>,
+    /// Give up (and bounce) when a message is older than this.
+    #[serde(deserialize_with = "duration")]
+    pub max_age: Duration,
+    /// Tell the sender once that delivery is delayed, after this long (0s: never).
+    #[serde(deserialize_with = "duration")]
+    pub delay_notice_after: Duration,
+    /// Outbound connections at once, in total and per destination domain.
+    pub max_connections: usize,
+    pub max_connections_per_domain: usize,
+    /// The port MX hosts are contacted on (25; tests point it elsewhere).
+    pub mx_port: u16,
+    pub connect_timeout_secs: u64,
+    /// Time allowed for each reply (RFC 5321 §4.5.3.2 asks for minutes; 10 for the final one).
+    pub command_timeout_secs: u64,
+    /// TLS policy for every destination, unless `tls_policy` names the domain.
+    pub tls: OutboundTls,
+    /// Per-domain TLS policy: `"bank.example" = "verify"`.
+    pub tls_policy: BTreeMap<String, OutboundTls>,
+    /// Trusted CA certificates (PEM) for `verify` and the smarthost.
+    pub ca_file: PathBuf,
+    /// Send everything remote through this host (`host:port`) instead of MX lookups.
+    pub smarthost: Option<String>,
+    /// How to reach the smarthost: "starttls" or "implicit" (TLS is always required and verified).
+    pub smarthost_tls: TlsMode,
+    /// AUTH PLAIN credentials for the smarthost (the password is needed in the clear to send it).
+    pub smarthost_user: Option<String>,
+    pub smarthost_password: Option<String>,
+}
+
+impl Default for OutboundConfig {
+    fn default() -> Self {
+        OutboundConfig {
+            retry_schedule: [60, 300, 900, 3600, 14400]
+                .into_iter()
+                .map(Duration::from_secs)
+                .collect(),
+            max_age: Duration::from_secs(5 * 86400),
+            delay_notice_after: Duration::from_secs(4 * 3600),
+            max_connections: 100,
+            max_connections_per_domain: 5,
+            mx_port: 25,
+            connect_timeout_secs: 30,
+            command_timeout_secs: 300,
+            tls: OutboundTls::May,
+            tls_policy: BTreeMap::new(),
+            ca_file: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
+            smarthost: None,
+            smarthost_tls: TlsMode::Starttls,
+            smarthost_user: None,
+            smarthost_password: None,
+        }
+    }
+}
+
+impl OutboundConfig {
+    pub fn tls_for(&self, domain: &str) -> OutboundTls {
+        self.tls_policy
+            .iter()
+            .find(|(d, _)| d.eq_ignore_ascii_case(domain))
+            .map(|(_, policy)| *policy)
+            .unwrap_or(self.tls)
+    }
+
+    /// The delay before attempt number `attempt + 1` (after `attempt` failed ones).
+    pub fn retry_delay(&self, attempt: u32) -> Duration {
+        let last = self.retry_schedule.len().saturating_sub(1);
+        self.retry_schedule
+            .get((attempt as usize).saturating_sub(1).min(last))
+            .copied()
+            .unwrap_or(Duration::from_secs(300))
+    }
+}
+
+/// Parses `90s`, `5m`, `4h`, `5d` (or a bare number of seconds).
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(pos) => text.split_at(pos),
+        None => (text, "s"),
+    };
+    let number: u64 = number.parse().ok()?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return None,
+    };
+    number.checked_mul(seconds).map(Duration::from_secs)
+}
+
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_duration(&text)
+        .ok_or_else(|| serde::de::Error::custom(format!("{text:?} is not a duration like 5m")))
+}
+
+fn durations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|text| {
+            parse_duration(text).ok_or_else(|| {
+                serde::de::Error::custom(format!("{text:?} is not a duration like 5m"))
+            })
+        })
+        .collect()
 }
 
 /// POP3 access (RFC 1939, 2449).
@@ -294,11 +427,12 @@ pub enum ListenerProtocol {
     Pop3,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum TlsMode {
     None,
     /// Plain connection, TLS offered through STARTTLS.
+    #[default]
     Starttls,
     /// TLS from the first byte (RFC 8314).
     Implicit,
@@ -384,6 +518,20 @@ impl Config {
         }
         if self.limits.body_memory_budget < self.limits.max_message_size {
             return Err("limits.body_memory_budget must hold at least one max_message_size".into());
+        }
+        if self.outbound.retry_schedule.is_empty()
+            || self.outbound.retry_schedule.iter().any(Duration::is_zero)
+        {
+            return Err("outbound.retry_schedule needs at least one non-zero delay".into());
+        }
+        if self.outbound.max_connections < 1 || self.outbound.max_connections_per_domain < 1 {
+            return Err("outbound connection limits must be at least 1".into());
+        }
+        if self.outbound.smarthost_tls == TlsMode::None {
+            return Err("outbound.smarthost_tls must be \"starttls\" or \"implicit\"".into());
+        }
+        if self.outbound.smarthost_user.is_some() != self.outbound.smarthost_password.is_some() {
+            return Err("outbound.smarthost_user and smarthost_password go together".into());
         }
         if self.pop3.idle_timeout_secs < 600 {
             return Err("pop3.idle_timeout_secs must be at least 600 (RFC 1939 §3)".into());
@@ -509,6 +657,21 @@ mod tests {
             config.plugin_list[1].capabilities,
             vec![Capability::Config, Capability::Directory, Capability::Log]
         );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("4h"), Some(Duration::from_secs(14400)));
+        assert_eq!(parse_duration("5d"), Some(Duration::from_secs(432000)));
+        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_duration("5 weeks"), None);
+        assert_eq!(parse_duration("m"), None);
+        let outbound = Config::embedded_default().outbound;
+        assert_eq!(outbound.retry_delay(1), Duration::from_secs(60));
+        assert_eq!(outbound.retry_delay(5), Duration::from_secs(14400));
+        assert_eq!(outbound.retry_delay(50), Duration::from_secs(14400));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! DNS resolution: the server's one resolver (hickory-resolver), used by the plugins' `dns`
-//! capability (DNSBL checks) and meant for the outbound relay's MX lookups.
+//! capability (DNSBL checks) and the outbound relay's MX lookups.
 //!
 //! Name servers come from the configuration (`[dns] nameservers`), so tests and operators can
 //! point it at a resolver of their choice; without any, the system's resolv.conf is used.
@@ -88,6 +88,34 @@ impl Dns {
                 _ => None,
             })
             .collect())
+    }
+
+    /// MX records of a domain as (preference, exchange without the final dot). `Ok(vec![])`
+    /// when the domain exists without MX records (RFC 5321 §5.1: then its address is the MX);
+    /// [`DnsError::NotFound`] when the domain does not exist.
+    pub async fn mx(&self, domain: &str) -> Result<Vec<(u16, String)>, DnsError> {
+        match self.resolver.mx_lookup(fqdn(domain)).await {
+            Ok(lookup) => Ok(lookup
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::MX(mx) => Some((mx.preference, mx.exchange.to_string())),
+                    _ => None,
+                })
+                .map(|(preference, exchange)| {
+                    let exchange = exchange.strip_suffix('.').unwrap_or(&exchange).to_string();
+                    (preference, exchange)
+                })
+                .collect()),
+            Err(err) if err.is_no_records_found() && !err.is_nx_domain() => Ok(Vec::new()),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// Addresses (IPv4 and IPv6) of a host name.
+    pub async fn ips(&self, host: &str) -> Result<Vec<std::net::IpAddr>, DnsError> {
+        let lookup = self.resolver.lookup_ip(fqdn(host)).await?;
+        Ok(lookup.iter().collect())
     }
 
     /// TXT records of a name, each record's strings joined.

@@ -1,5 +1,5 @@
-//! Sans-IO command-line framing shared by the line protocols (SMTP, POP3, IMAP): bytes in, lines
-//! out, with a hard cap so a peer can never make the server buffer an unbounded line.
+//! Sans-IO framing shared by the line protocols (SMTP, POP3, IMAP): command lines in, with a hard
+//! cap so a peer can never make the server buffer an unbounded line; dot-stuffed bodies out.
 
 use memchr::memchr;
 
@@ -50,6 +50,59 @@ impl LineFramer {
                 LineEvent::Incomplete
             }
         }
+    }
+}
+
+/// Writes a dot-terminated body (POP3 multi-line replies, RFC 1939 §3; SMTP DATA, RFC 5321
+/// §4.5.2): a line starting with `.` gets another, the body ends with CRLF even if the message
+/// did not, then the terminating `.` line. Fed in pieces, so a large message can be sent a
+/// chunk at a time.
+#[derive(Debug)]
+pub struct DotStuffer {
+    at_line_start: bool,
+    last: u8,
+}
+
+impl Default for DotStuffer {
+    fn default() -> Self {
+        DotStuffer {
+            at_line_start: true,
+            last: b'\n',
+        }
+    }
+}
+
+impl DotStuffer {
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        out.reserve(input.len() + 16);
+        let mut rest = input;
+        while !rest.is_empty() {
+            if self.at_line_start && rest[0] == b'.' {
+                out.push(b'.');
+            }
+            match memchr::memchr(b'\n', rest) {
+                Some(pos) => {
+                    out.extend_from_slice(&rest[..=pos]);
+                    rest = &rest[pos + 1..];
+                    self.at_line_start = true;
+                }
+                None => {
+                    out.extend_from_slice(rest);
+                    rest = &[];
+                    self.at_line_start = false;
+                }
+            }
+        }
+        if let Some(last) = input.last() {
+            self.last = *last;
+        }
+    }
+
+    pub fn finish(self, out: &mut Vec<u8>) {
+        if self.last != b'\n' {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
     }
 }
 

@@ -28,6 +28,7 @@ pub mod message;
 pub mod plugin;
 pub mod pop3;
 pub mod queue;
+pub mod relay;
 pub mod server;
 pub mod smtp;
 pub mod store;

@@ -162,7 +162,7 @@ pub async fn run(
         &config.plugins,
         &data_dir,
         users.clone(),
-        dns,
+        dns.clone(),
     )?);
     let report = plugins.load(&config.plugin_list).await;
     if let Some((name, reason)) = report.failed.first() {
@@ -172,6 +172,18 @@ pub async fn run(
             reason: reason.clone(),
         }));
     }
+    let (to_relay, relay_inbox) = mpsc::channel(256);
+    let relay = crate::relay::Relay::new(
+        config.clone(),
+        dns.clone(),
+        spool.clone(),
+        Queue::new(spool.clone(), to_scheduler.clone()),
+        users.clone(),
+        relay_inbox,
+        &data_dir.join("spool"),
+    )
+    .map_err(ServerError::Spool)?;
+    tokio::spawn(relay.run());
     let scheduler = Scheduler::new(
         spool.clone(),
         store.clone(),
@@ -179,7 +191,8 @@ pub async fn run(
         to_scheduler.clone(),
         users.clone(),
     )
-    .with_plugins(plugins.clone());
+    .with_plugins(plugins.clone())
+    .with_relay(to_relay);
     tokio::spawn(scheduler.run(recovered));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut smtp = SmtpServer::new(

@@ -2,6 +2,7 @@
 //! bodies out. No sockets here (RFC 1939 §3, RFC 2449 §3 for lengths).
 
 use crate::auth::Secret;
+pub use crate::framing::DotStuffer;
 
 /// Longest command line accepted, CRLF included. RFC 2449 §4 caps commands at 255 octets; AUTH
 /// initial responses (RFC 5034) can be longer, so the cap leaves room for a long PLAIN token.
@@ -150,58 +151,6 @@ pub fn err(code: Option<&str>, text: &str) -> Vec<u8> {
     match code {
         Some(code) => format!("-ERR [{code}] {text}\r\n").into_bytes(),
         None => format!("-ERR {text}\r\n").into_bytes(),
-    }
-}
-
-/// Writes a multi-line body (RFC 1939 §3): a line starting with `.` gets another, the body ends
-/// with CRLF even if the message did not, then the terminating `.` line. Fed in pieces, so a
-/// large message can be sent a chunk at a time.
-#[derive(Debug)]
-pub struct DotStuffer {
-    at_line_start: bool,
-    last: u8,
-}
-
-impl Default for DotStuffer {
-    fn default() -> Self {
-        DotStuffer {
-            at_line_start: true,
-            last: b'\n',
-        }
-    }
-}
-
-impl DotStuffer {
-    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) {
-        out.reserve(input.len() + 16);
-        let mut rest = input;
-        while !rest.is_empty() {
-            if self.at_line_start && rest[0] == b'.' {
-                out.push(b'.');
-            }
-            match memchr::memchr(b'\n', rest) {
-                Some(pos) => {
-                    out.extend_from_slice(&rest[..=pos]);
-                    rest = &rest[pos + 1..];
-                    self.at_line_start = true;
-                }
-                None => {
-                    out.extend_from_slice(rest);
-                    rest = &[];
-                    self.at_line_start = false;
-                }
-            }
-        }
-        if let Some(last) = input.last() {
-            self.last = *last;
-        }
-    }
-
-    pub fn finish(self, out: &mut Vec<u8>) {
-        if self.last != b'\n' {
-            out.extend_from_slice(b"\r\n");
-        }
-        out.extend_from_slice(b".\r\n");
     }
 }
 

@@ -1,10 +1,11 @@
 //! The scheduler: takes spooled messages and delivers them.
 //!
-//! Local recipients go to the mail store in batches (one flush for many messages). A message leaves
-//! the spool when every recipient is done. Remote recipients wait in the spool for the outbound
-//! relay; temporary store failures are retried with a growing delay. On start, every message left
-//! in the spool is delivered again; store delivery is idempotent, so a crash between delivery and
-//! removal from the spool never duplicates a message.
+//! Local recipients go to the mail store in batches (one flush for many messages). A message with
+//! only local recipients leaves the spool when they are all served; one with remote recipients (or
+//! local ones that failed for good and need a bounce) is handed to the outbound relay, which takes
+//! it from there. Temporary store failures are retried with a growing delay. On start, every
+//! message left in the spool goes through here again; store delivery is idempotent, so a crash
+//! between delivery and removal from the spool never duplicates a message.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use crate::address::Address;
 use crate::auth::UserDirectory;
 use crate::plugin::bindings::types;
 use crate::plugin::{PluginRuntime, PluginSession, Routing, Stage};
+use crate::relay::{Disposition, RelayJob};
 use crate::store::{Delivery, MailStore};
 
 /// Messages delivered in one store batch.
@@ -33,13 +35,14 @@ pub struct Scheduler {
     requeue: mpsc::Sender<Queued>,
     plugins: Option<Arc<PluginRuntime>>,
     users: Arc<UserDirectory>,
+    relay: Option<mpsc::Sender<RelayJob>>,
 }
 
 /// What happened to one message in a batch.
 enum Outcome {
     Done,
-    /// Some recipients are remote: the message stays in the spool for the outbound relay.
-    AwaitingRelay,
+    /// Some recipients are remote or failed: the outbound relay takes the message over.
+    Relay(Vec<Disposition>),
     TemporaryFailure(String),
 }
 
@@ -58,7 +61,14 @@ impl Scheduler {
             requeue,
             plugins: None,
             users,
+            relay: None,
         }
+    }
+
+    /// Hands messages with remote recipients (and bounces owed) to the outbound relay.
+    pub fn with_relay(mut self, relay: mpsc::Sender<RelayJob>) -> Scheduler {
+        self.relay = Some(relay);
+        self
     }
 
     /// Lets deliver-hook plugins route each recipient.
@@ -188,9 +198,18 @@ impl Scheduler {
             let id = queued.envelope.id.clone();
             match outcome {
                 Outcome::Done => debug!(queue_id = %id, "delivered"),
-                Outcome::AwaitingRelay => {
-                    info!(queue_id = %id, "local recipients delivered; remote recipients wait for the outbound relay")
-                }
+                Outcome::Relay(dispositions) => match &self.relay {
+                    Some(relay) => {
+                        let job = RelayJob {
+                            envelope: queued.envelope,
+                            dispositions,
+                        };
+                        if relay.send(job).await.is_err() {
+                            warn!(queue_id = %id, "outbound relay stopped; the message stays spooled");
+                        }
+                    }
+                    None => info!(queue_id = %id, "no outbound relay; the message stays spooled"),
+                },
                 Outcome::TemporaryFailure(reason) => {
                     warn!(queue_id = %id, "local delivery deferred: {reason}");
                     self.retry_later(queued);
@@ -231,87 +250,87 @@ fn deliver_locally(
 ) -> Vec<Outcome> {
     let mut prepends = Vec::new();
     let mut ids = Vec::new();
-    let mut owners: Vec<(usize, String, String)> = Vec::new();
-    let mut outcomes: Vec<Outcome> = batch
+    // (message, recipient, mailbox, folder) of each store delivery.
+    let mut owners: Vec<(usize, usize, String, String)> = Vec::new();
+    let mut temporary: Vec<Option<String>> = vec![None; batch.len()];
+    let mut dispositions: Vec<Vec<Disposition>> = batch
         .iter()
-        .map(|q| {
-            if q.message.is_none() {
-                Outcome::TemporaryFailure("message unreadable in the spool".into())
-            } else if q.envelope.has_remote() {
-                Outcome::AwaitingRelay
-            } else {
-                Outcome::Done
-            }
-        })
+        .map(|q| vec![Disposition::Done; q.envelope.recipients.len()])
         .collect();
     for (m, queued) in batch.iter().enumerate() {
         let env = &queued.envelope;
         if queued.message.is_none() {
+            temporary[m] = Some("message unreadable in the spool".into());
             continue;
         }
         for (r, rcpt) in env.recipients.iter().enumerate() {
-            if let Route::Local { mailbox } = &rcpt.route {
-                let default_folder = if env.quarantine.is_some() {
-                    "Quarantine"
-                } else {
-                    "INBOX"
-                };
-                let (mailbox, folder) = match &routes[m][r] {
-                    Routing::Default => (mailbox.clone(), default_folder.to_string()),
-                    // Quarantine wins over a plugin's folder choice.
-                    Routing::Folder(_) if env.quarantine.is_some() => {
-                        (mailbox.clone(), default_folder.to_string())
-                    }
-                    Routing::Folder(folder) if crate::store::valid_folder_name(folder) => {
-                        (mailbox.clone(), folder.clone())
-                    }
-                    Routing::Folder(folder) => {
-                        warn!(queue_id = %env.id, "plugin chose an invalid folder {folder:?}; delivering to the inbox");
-                        (mailbox.clone(), default_folder.to_string())
-                    }
-                    Routing::Forward(address) => {
-                        match Address::parse(address).and_then(|a| users.resolve(&a)) {
-                            Some(target) => (target, default_folder.to_string()),
-                            None => {
-                                info!(queue_id = %env.id, "{} forwarded to remote {address}: waits for the outbound relay", rcpt.address);
-                                outcomes[m] = Outcome::AwaitingRelay;
-                                continue;
-                            }
+            let Route::Local { mailbox } = &rcpt.route else {
+                dispositions[m][r] = Disposition::Remote(rcpt.address.clone());
+                continue;
+            };
+            let default_folder = if env.quarantine.is_some() {
+                "Quarantine"
+            } else {
+                "INBOX"
+            };
+            let (mailbox, folder) = match &routes[m][r] {
+                Routing::Default => (mailbox.clone(), default_folder.to_string()),
+                // Quarantine wins over a plugin's folder choice.
+                Routing::Folder(_) if env.quarantine.is_some() => {
+                    (mailbox.clone(), default_folder.to_string())
+                }
+                Routing::Folder(folder) if crate::store::valid_folder_name(folder) => {
+                    (mailbox.clone(), folder.clone())
+                }
+                Routing::Folder(folder) => {
+                    warn!(queue_id = %env.id, "plugin chose an invalid folder {folder:?}; delivering to the inbox");
+                    (mailbox.clone(), default_folder.to_string())
+                }
+                Routing::Forward(address) => {
+                    match Address::parse(address).map(|a| (users.resolve(&a), a)) {
+                        Some((Some(target), _)) => (target, default_folder.to_string()),
+                        Some((None, parsed)) => {
+                            info!(queue_id = %env.id, "{} forwarded to {address} by plugin", rcpt.address);
+                            dispositions[m][r] = Disposition::Remote(parsed.to_string());
+                            continue;
+                        }
+                        None => {
+                            dispositions[m][r] = Disposition::Failed(format!(
+                                "550 5.1.3 Plugin forwarded to an invalid address {address:?}"
+                            ));
+                            continue;
                         }
                     }
-                    Routing::Discard => {
-                        info!(queue_id = %env.id, "copy for {} discarded by plugin", rcpt.address);
-                        continue;
-                    }
-                    Routing::Defer(reason) => {
-                        outcomes[m] = Outcome::TemporaryFailure(format!(
-                            "{}: deferred by plugin: {reason}",
-                            rcpt.address
-                        ));
-                        continue;
-                    }
-                    Routing::Fail(reason) => {
-                        // Bounces come with the outbound relay; the failure is recorded here.
-                        warn!(queue_id = %env.id, "copy for {} failed by plugin: {reason}", rcpt.address);
-                        continue;
-                    }
-                };
-                prepends.push(
-                    format!(
-                        "Return-Path: <{}>\r\nDelivered-To: {}\r\n",
-                        env.sender, rcpt.address
-                    )
-                    .into_bytes(),
-                );
-                ids.push(format!("{}_{r}", env.id));
-                owners.push((m, mailbox, folder));
-            }
+                }
+                Routing::Discard => {
+                    info!(queue_id = %env.id, "copy for {} discarded by plugin", rcpt.address);
+                    continue;
+                }
+                Routing::Defer(reason) => {
+                    temporary[m] = Some(format!("{}: deferred by plugin: {reason}", rcpt.address));
+                    continue;
+                }
+                Routing::Fail(reason) => {
+                    warn!(queue_id = %env.id, "copy for {} failed by plugin: {reason}", rcpt.address);
+                    dispositions[m][r] = Disposition::Failed(format!("550 5.7.1 {reason}"));
+                    continue;
+                }
+            };
+            prepends.push(
+                format!(
+                    "Return-Path: <{}>\r\nDelivered-To: {}\r\n",
+                    env.sender, rcpt.address
+                )
+                .into_bytes(),
+            );
+            ids.push(format!("{}_{r}", env.id));
+            owners.push((m, r, mailbox, folder));
         }
     }
     let deliveries: Vec<Delivery<'_>> = owners
         .iter()
         .enumerate()
-        .map(|(i, (m, mailbox, folder))| Delivery {
+        .map(|(i, (m, _, mailbox, folder))| Delivery {
             mailbox,
             folder,
             delivery_id: &ids[i],
@@ -326,17 +345,23 @@ fn deliver_locally(
         })
         .collect();
     let results = store.deliver(&deliveries);
-    for ((m, mailbox, _), result) in owners.iter().zip(results) {
+    for ((m, r, mailbox, _), result) in owners.iter().zip(results) {
         if let Err(err) = result {
             if err.is_temporary() {
-                outcomes[*m] = Outcome::TemporaryFailure(format!("{mailbox}: {err}"));
+                temporary[*m] = Some(format!("{mailbox}: {err}"));
             } else {
-                // Permanent: the bounce comes with the outbound relay; keep the message spooled
-                // rather than lose it.
                 error!(queue_id = %batch[*m].envelope.id, "cannot deliver to {mailbox}: {err}");
-                outcomes[*m] = Outcome::AwaitingRelay;
+                dispositions[*m][*r] = Disposition::Failed(format!("550 5.2.0 {err}"));
             }
         }
     }
-    outcomes
+    dispositions
+        .into_iter()
+        .zip(temporary)
+        .map(|(dispositions, temporary)| match temporary {
+            Some(reason) => Outcome::TemporaryFailure(reason),
+            None if dispositions.iter().all(|d| *d == Disposition::Done) => Outcome::Done,
+            None => Outcome::Relay(dispositions),
+        })
+        .collect()
 }

@@ -1,0 +1,727 @@
+//! The outbound relay: delivers remote recipients to their domains' MX hosts (or a smarthost),
+//! retries temporary failures on a schedule, and bounces what fails for good.
+//!
+//! The local scheduler hands over every message that has remote recipients (or local ones that
+//! failed and need a bounce) as a [`RelayJob`]. Each message then has a [`state::DeliveryState`]
+//! beside the spool; an attempt task takes the message, tries each destination domain
+//! concurrently (within the global and per-domain connection limits), sends the notices owed,
+//! and either removes the message from the spool (every recipient done) or saves its state with
+//! the next attempt time. A restart reloads the state, so recipients already served are not
+//! served twice.
+
+pub mod client;
+pub mod dsn;
+pub mod mx;
+pub mod state;
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_rustls::TlsConnector;
+use tracing::{debug, error, info, warn, Instrument};
+
+use crate::address::Address;
+use crate::auth::UserDirectory;
+use crate::config::{Config, OutboundTls, TlsMode};
+use crate::dns::Dns;
+use crate::queue::{Envelope, Queue, QueueId, Recipient, Route, Spool};
+use client::{HostOutcome, RcptOutcome, Reply, TlsPlan};
+use state::{Attempt, DeliveryState, RcptState, StateDir};
+
+/// What local delivery decided for one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    /// Delivered to a local mailbox (or discarded by a plugin): nothing left to do.
+    Done,
+    /// To be relayed to this address.
+    Remote(String),
+    /// Cannot be delivered: bounce with this reason.
+    Failed(String),
+}
+
+/// A message the relay takes over.
+#[derive(Debug)]
+pub struct RelayJob {
+    pub envelope: Envelope,
+    /// One per envelope recipient.
+    pub dispositions: Vec<Disposition>,
+}
+
+/// What every attempt needs, shared.
+struct Context {
+    config: Arc<Config>,
+    dns: Option<Arc<Dns>>,
+    spool: Spool,
+    states: StateDir,
+    queue: Queue,
+    users: Arc<UserDirectory>,
+    opportunistic: TlsConnector,
+    verifying: Result<TlsConnector, String>,
+    connections: Arc<Semaphore>,
+    per_domain: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+/// A message between attempts.
+struct Pending {
+    envelope: Envelope,
+    state: DeliveryState,
+}
+
+pub struct Relay {
+    context: Arc<Context>,
+    inbox: mpsc::Receiver<RelayJob>,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Relay {
+    pub fn new(
+        config: Arc<Config>,
+        dns: Option<Arc<Dns>>,
+        spool: Spool,
+        queue: Queue,
+        users: Arc<UserDirectory>,
+        inbox: mpsc::Receiver<RelayJob>,
+        spool_root: &std::path::Path,
+    ) -> std::io::Result<Relay> {
+        let states = StateDir::open(&spool_root.join("relay"))?;
+        let outbound = &config.outbound;
+        let verifying = client::verifying_connector(&outbound.ca_file);
+        if let Err(err) = &verifying {
+            warn!("no verified outbound TLS (needed by `verify` domains and the smarthost): {err}");
+        }
+        Ok(Relay {
+            context: Arc::new(Context {
+                connections: Arc::new(Semaphore::new(outbound.max_connections)),
+                per_domain: Mutex::new(HashMap::new()),
+                opportunistic: client::unverified_connector(),
+                verifying,
+                config,
+                dns,
+                spool,
+                states,
+                queue,
+                users,
+            }),
+            inbox,
+        })
+    }
+
+    /// Serves jobs until the scheduler is gone.
+    pub async fn run(mut self) {
+        let mut waiting: HashMap<QueueId, Pending> = HashMap::new();
+        let mut in_flight: HashSet<QueueId> = HashSet::new();
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(QueueId, Option<Pending>)>();
+        loop {
+            let next_due = waiting.values().map(|p| p.state.next_attempt_ms).min();
+            let sleep = match next_due {
+                Some(due) => Duration::from_millis((due - now_ms()).max(0) as u64),
+                None => Duration::from_secs(3600),
+            };
+            tokio::select! {
+                job = self.inbox.recv() => {
+                    let Some(job) = job else { return };
+                    let id = job.envelope.id.clone();
+                    if in_flight.contains(&id) || waiting.contains_key(&id) {
+                        continue; // already ours (a local retry handed it over again)
+                    }
+                    match self.take_over(job).await {
+                        Some(pending) => { waiting.insert(id, pending); }
+                        None => continue,
+                    }
+                }
+                finished = done_rx.recv() => {
+                    if let Some((id, pending)) = finished {
+                        in_flight.remove(&id);
+                        if let Some(pending) = pending {
+                            waiting.insert(id, pending);
+                        }
+                    }
+                }
+                _ = tokio::time::sleep(sleep) => {}
+            }
+            let now = now_ms();
+            let due: Vec<QueueId> = waiting
+                .iter()
+                .filter(|(_, p)| p.state.next_attempt_ms <= now)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in due {
+                let Some(pending) = waiting.remove(&id) else {
+                    continue;
+                };
+                in_flight.insert(id.clone());
+                let context = self.context.clone();
+                let done = done_tx.clone();
+                let span = tracing::info_span!("relay", queue_id = %id);
+                tokio::spawn(
+                    async move {
+                        let after = attempt(&context, pending).await;
+                        let _ = done.send((id, after));
+                    }
+                    .instrument(span),
+                );
+            }
+        }
+    }
+
+    /// Builds (or, after a restart, reloads) a message's delivery state.
+    async fn take_over(&self, job: RelayJob) -> Option<Pending> {
+        let states = self.context.states.clone();
+        let id = job.envelope.id.clone();
+        let saved = tokio::task::spawn_blocking(move || states.load(&id))
+            .await
+            .ok()?;
+        let state = match saved {
+            Ok(Some(state)) if state.recipients.len() == job.envelope.recipients.len() => state,
+            other => {
+                if let Err(err) = other {
+                    warn!(queue_id = %job.envelope.id, "delivery state unreadable, starting over: {err}");
+                }
+                DeliveryState {
+                    attempts: 0,
+                    next_attempt_ms: now_ms(),
+                    delay_notified: false,
+                    recipients: job
+                        .dispositions
+                        .iter()
+                        .map(|d| match d {
+                            Disposition::Done => RcptState::Done,
+                            Disposition::Remote(address) => RcptState::Pending {
+                                address: address.clone(),
+                                last: None,
+                            },
+                            Disposition::Failed(reason) => RcptState::Failed {
+                                address: String::new(),
+                                attempt: Attempt {
+                                    status: "5.0.0".into(),
+                                    remote_mta: None,
+                                    diagnostic: reason.clone(),
+                                },
+                            },
+                        })
+                        .collect(),
+                }
+            }
+        };
+        let mut pending = Pending {
+            envelope: job.envelope,
+            state,
+        };
+        // Failed local recipients report under their envelope address.
+        for (rcpt, state) in pending
+            .envelope
+            .recipients
+            .iter()
+            .zip(pending.state.recipients.iter_mut())
+        {
+            if let RcptState::Failed { address, .. } = state {
+                if address.is_empty() {
+                    *address = rcpt.address.clone();
+                }
+            }
+        }
+        Some(pending)
+    }
+}
+
+/// One delivery attempt for a message, then the bookkeeping. Returns the message when work
+/// remains (with its next attempt time), None when it left the queue.
+async fn attempt(context: &Arc<Context>, mut pending: Pending) -> Option<Pending> {
+    let id = pending.envelope.id.clone();
+    let targets = pending.state.pending();
+    let message = if targets.is_empty() && !has_failures(&pending.state) {
+        None
+    } else {
+        let spool = context.spool.clone();
+        let read_id = id.clone();
+        match tokio::task::spawn_blocking(move || spool.read(&read_id)).await {
+            Ok(Ok((_, message))) => Some(Arc::new(message)),
+            Ok(Err(err)) => {
+                error!("cannot read the spooled message: {err}");
+                pending.state.next_attempt_ms = now_ms() + 60_000;
+                return Some(pending);
+            }
+            Err(_) => return Some(pending),
+        }
+    };
+    if let (Some(message), false) = (&message, targets.is_empty()) {
+        let mut by_domain: HashMap<String, Vec<(usize, String)>> = HashMap::new();
+        for (index, address) in targets {
+            let domain = Address::parse(&address)
+                .map(|a| a.domain_lower())
+                .unwrap_or_default();
+            by_domain.entry(domain).or_default().push((index, address));
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for (domain, rcpts) in by_domain {
+            let context = context.clone();
+            let message = message.clone();
+            let envelope = pending.envelope.clone();
+            tasks.spawn(async move {
+                deliver_domain(&context, &domain, &rcpts, &envelope, &message).await
+            });
+        }
+        while let Some(result) = tasks.join_next().await {
+            let Ok(results) = result else {
+                continue; // a panicked task leaves its recipients pending
+            };
+            for (index, outcome, remote_mta) in results {
+                let address = match &pending.state.recipients[index] {
+                    RcptState::Pending { address, .. } => address.clone(),
+                    _ => continue,
+                };
+                let attempt_of = |reply: &Reply| Attempt {
+                    status: dsn::status_of(reply.code, reply.status()),
+                    remote_mta: remote_mta.clone(),
+                    diagnostic: reply.to_string(),
+                };
+                pending.state.recipients[index] = match outcome {
+                    RcptOutcome::Delivered(reply) => {
+                        info!(to = %address, relay = remote_mta.as_deref().unwrap_or("-"), reply = %reply, "delivered");
+                        RcptState::Done
+                    }
+                    RcptOutcome::Temporary(reply) => {
+                        info!(to = %address, reply = %reply, "deferred");
+                        RcptState::Pending {
+                            address,
+                            last: Some(attempt_of(&reply)),
+                        }
+                    }
+                    RcptOutcome::Permanent(reply) => {
+                        info!(to = %address, reply = %reply, "failed");
+                        RcptState::Failed {
+                            address,
+                            attempt: attempt_of(&reply),
+                        }
+                    }
+                };
+            }
+        }
+        pending.state.attempts += 1;
+    }
+    settle(context, &mut pending, message.as_deref().map(Vec::as_slice)).await;
+    if pending.state.is_finished() {
+        let spool = context.spool.clone();
+        let states = context.states.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            spool.remove(std::slice::from_ref(&id))?;
+            states.remove(&id)
+        })
+        .await;
+        if !matches!(result, Ok(Ok(()))) {
+            warn!("could not remove the finished message from the spool");
+        }
+        debug!("finished");
+        return None;
+    }
+    let states = context.states.clone();
+    let (save_id, state) = (id.clone(), pending.state.clone());
+    if !matches!(
+        tokio::task::spawn_blocking(move || states.save(&save_id, &state)).await,
+        Ok(Ok(()))
+    ) {
+        error!("cannot save the delivery state; a restart may repeat this attempt");
+    }
+    Some(pending)
+}
+
+fn has_failures(state: &DeliveryState) -> bool {
+    state
+        .recipients
+        .iter()
+        .any(|r| matches!(r, RcptState::Failed { .. }))
+}
+
+/// After an attempt: gives up on recipients past the maximum age, sends the bounce and the delay
+/// notice owed, and sets the next attempt time.
+async fn settle(context: &Context, pending: &mut Pending, message: Option<&[u8]>) {
+    let outbound = &context.config.outbound;
+    let now = now_ms();
+    let age_ms = now - pending.envelope.received_at * 1000;
+    if age_ms >= outbound.max_age.as_millis() as i64 {
+        for rcpt in pending.state.recipients.iter_mut() {
+            if let RcptState::Pending { address, last } = rcpt {
+                let diagnostic = match last {
+                    Some(last) => format!(
+                        "gave up after {}: {}",
+                        humane(outbound.max_age),
+                        last.diagnostic
+                    ),
+                    None => format!("gave up after {}", humane(outbound.max_age)),
+                };
+                *rcpt = RcptState::Failed {
+                    address: address.clone(),
+                    attempt: Attempt {
+                        status: "4.4.7".into(),
+                        remote_mta: last.as_ref().and_then(|l| l.remote_mta.clone()),
+                        diagnostic,
+                    },
+                };
+            }
+        }
+    }
+    let failures: Vec<dsn::Failure> = pending
+        .state
+        .recipients
+        .iter()
+        .filter_map(|r| match r {
+            RcptState::Failed { address, attempt } => Some(failure(address, attempt)),
+            _ => None,
+        })
+        .collect();
+    if !failures.is_empty() {
+        let sent = match message {
+            Some(message) => {
+                notify(
+                    context,
+                    &pending.envelope,
+                    dsn::Notice::Failed,
+                    &failures,
+                    message,
+                )
+                .await
+            }
+            None => false,
+        };
+        if sent || pending.envelope.sender.is_empty() {
+            for rcpt in pending.state.recipients.iter_mut() {
+                if matches!(rcpt, RcptState::Failed { .. }) {
+                    *rcpt = RcptState::Done;
+                }
+            }
+        }
+    }
+    if pending.state.is_finished() {
+        return;
+    }
+    pending.state.next_attempt_ms =
+        now + outbound.retry_delay(pending.state.attempts).as_millis() as i64;
+    let notice_after = outbound.delay_notice_after.as_millis() as i64;
+    if notice_after > 0 && !pending.state.delay_notified && age_ms >= notice_after {
+        let delayed: Vec<dsn::Failure> = pending
+            .state
+            .recipients
+            .iter()
+            .filter_map(|r| match r {
+                RcptState::Pending { address, last } => Some(match last {
+                    Some(last) => failure(address, last),
+                    None => dsn::Failure {
+                        recipient: address.clone(),
+                        status: "4.0.0".into(),
+                        remote_mta: None,
+                        diagnostic: "not yet delivered".into(),
+                    },
+                }),
+                _ => None,
+            })
+            .collect();
+        let until = pending.envelope.received_at + outbound.max_age.as_secs() as i64;
+        if let Some(message) = message {
+            notify(
+                context,
+                &pending.envelope,
+                dsn::Notice::Delayed { until },
+                &delayed,
+                message,
+            )
+            .await;
+        }
+        pending.state.delay_notified = true;
+    }
+}
+
+fn failure(address: &str, attempt: &Attempt) -> dsn::Failure {
+    dsn::Failure {
+        recipient: address.to_string(),
+        status: attempt.status.clone(),
+        remote_mta: attempt.remote_mta.clone(),
+        diagnostic: attempt.diagnostic.clone(),
+    }
+}
+
+fn humane(duration: Duration) -> String {
+    let secs = duration.as_secs();
+    match secs {
+        s if s % 86400 == 0 && s > 0 => format!("{} days", s / 86400),
+        s if s % 3600 == 0 && s > 0 => format!("{} hours", s / 3600),
+        s if s % 60 == 0 && s > 0 => format!("{} minutes", s / 60),
+        s => format!("{s} seconds"),
+    }
+}
+
+/// Queues a notice to the sender. Never for a null sender (never bounce a bounce). Returns
+/// whether the notice is safely queued (or was not owed).
+async fn notify(
+    context: &Context,
+    envelope: &Envelope,
+    notice: dsn::Notice,
+    failures: &[dsn::Failure],
+    message: &[u8],
+) -> bool {
+    if envelope.sender.is_empty() {
+        info!("not notifying the null sender");
+        return true;
+    }
+    let config = &context.config;
+    let Some(route) = notice_route(config, &context.users, &envelope.sender) else {
+        warn!(sender = %envelope.sender, "the sender is an unknown local address: no notice");
+        return true;
+    };
+    let now = chrono::Utc::now().timestamp();
+    let original = dsn::Original {
+        queue_id: &envelope.id,
+        sender: &envelope.sender,
+        received_at: envelope.received_at,
+        message,
+    };
+    let bytes = dsn::build(&config.server.hostname, notice, &original, failures, now);
+    let notice_envelope = Envelope {
+        id: context.queue.new_id(),
+        received_at: now,
+        sender: String::new(),
+        recipients: vec![Recipient {
+            address: envelope.sender.clone(),
+            route,
+        }],
+        helo: config.server.hostname.clone(),
+        peer: "local".into(),
+        auth_user: None,
+        smtputf8: !envelope.sender.is_ascii(),
+        message_len: bytes.len() as u64,
+        quarantine: None,
+    };
+    let notice_id = notice_envelope.id.clone();
+    match context.queue.submit(notice_envelope, Arc::new(bytes)).await {
+        Ok(()) => {
+            info!(notice = %notice_id, kind = ?notice, to = %envelope.sender, "delivery status notification queued");
+            true
+        }
+        Err(err) => {
+            error!("cannot queue the delivery status notification: {err}");
+            false
+        }
+    }
+}
+
+/// Where a notice to `address` goes: a local mailbox or the relay.
+fn notice_route(config: &Config, users: &UserDirectory, address: &str) -> Option<Route> {
+    let parsed = Address::parse(address)?;
+    let domain = parsed.domain_lower();
+    if config
+        .relay
+        .local_domains
+        .iter()
+        .any(|d| d.eq_ignore_ascii_case(&domain))
+    {
+        users
+            .resolve(&parsed)
+            .map(|mailbox| Route::Local { mailbox })
+    } else {
+        Some(Route::Remote)
+    }
+}
+
+/// Delivers to one domain's recipients: smarthost or MX hosts in order, each address of a host
+/// in turn, until one host takes the transaction. Returns (index, outcome, remote host) each.
+async fn deliver_domain(
+    context: &Context,
+    domain: &str,
+    rcpts: &[(usize, String)],
+    envelope: &Envelope,
+    message: &[u8],
+) -> Vec<(usize, RcptOutcome, Option<String>)> {
+    let outbound = &context.config.outbound;
+    let all = |outcome: RcptOutcome, host: Option<String>| {
+        rcpts
+            .iter()
+            .map(|(i, _)| (*i, outcome.clone(), host.clone()))
+            .collect::<Vec<_>>()
+    };
+    let temporary = |text: String| RcptOutcome::Temporary(Reply { code: 451, text });
+    let (hosts, port, tls, auth) = match &outbound.smarthost {
+        Some(smarthost) => {
+            let (host, port) = split_host_port(smarthost);
+            let Ok(connector) = context.verifying.clone() else {
+                return all(
+                    temporary("4.7.5 No CA certificates to verify the smarthost".into()),
+                    None,
+                );
+            };
+            let tls = match outbound.smarthost_tls {
+                TlsMode::Implicit => TlsPlan::Implicit(connector),
+                _ => TlsPlan::Required(connector),
+            };
+            let auth = outbound
+                .smarthost_user
+                .clone()
+                .zip(outbound.smarthost_password.clone());
+            (vec![host], port, tls, auth)
+        }
+        None => {
+            let Some(dns) = &context.dns else {
+                return all(temporary("4.4.3 No DNS resolver".into()), None);
+            };
+            let seed = now_ms() as u64;
+            let hosts = match mx::resolve(dns, domain, seed).await {
+                Ok(mx::Destination::Hosts(hosts)) => hosts,
+                Ok(mx::Destination::NullMx) => {
+                    return all(
+                        RcptOutcome::Permanent(Reply {
+                            code: 556,
+                            text: format!("5.1.10 Domain {domain} does not accept mail (null MX)"),
+                        }),
+                        None,
+                    )
+                }
+                Ok(mx::Destination::NoSuchDomain) => {
+                    return all(
+                        RcptOutcome::Permanent(Reply {
+                            code: 550,
+                            text: format!("5.1.2 Domain {domain} does not exist"),
+                        }),
+                        None,
+                    )
+                }
+                Err(err) => {
+                    return all(
+                        temporary(format!("4.4.3 MX lookup for {domain} failed: {err}")),
+                        None,
+                    )
+                }
+            };
+            let tls = match outbound.tls_for(domain) {
+                OutboundTls::None => TlsPlan::None,
+                OutboundTls::May => TlsPlan::Opportunistic(context.opportunistic.clone()),
+                OutboundTls::Encrypt => TlsPlan::Required(context.opportunistic.clone()),
+                OutboundTls::Verify => match context.verifying.clone() {
+                    Ok(connector) => TlsPlan::Required(connector),
+                    Err(_) => {
+                        return all(
+                            temporary("4.7.5 No CA certificates to verify with".into()),
+                            None,
+                        )
+                    }
+                },
+            };
+            (hosts, outbound.mx_port, tls, None)
+        }
+    };
+    let _global = context.connections.clone().acquire_owned().await;
+    let domain_limit = {
+        let mut map = context.per_domain.lock().expect("per-domain limits");
+        if map.len() > 10_000 {
+            let full = outbound.max_connections_per_domain;
+            map.retain(|_, s| s.available_permits() < full);
+        }
+        map.entry(domain.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(outbound.max_connections_per_domain)))
+            .clone()
+    };
+    let _per_domain = domain_limit.acquire_owned().await;
+    let addresses: Vec<String> = rcpts.iter().map(|(_, a)| a.clone()).collect();
+    let mut last = Reply {
+        code: 451,
+        text: format!("4.4.1 No host for {domain} could be reached"),
+    };
+    let mut last_permanent = false;
+    let mut last_host = None;
+    for host in &hosts {
+        let ips: Vec<IpAddr> = match host.parse::<IpAddr>() {
+            Ok(ip) => vec![ip],
+            Err(_) => match &context.dns {
+                Some(dns) => match dns.ips(host).await {
+                    Ok(ips) if !ips.is_empty() => ips,
+                    Ok(_) | Err(_) => {
+                        last = Reply {
+                            code: 451,
+                            text: format!("4.4.3 Host {host} has no address"),
+                        };
+                        continue;
+                    }
+                },
+                None => continue,
+            },
+        };
+        for ip in ips {
+            let address = SocketAddr::new(ip, port);
+            let connect = tokio::time::timeout(
+                Duration::from_secs(outbound.connect_timeout_secs),
+                TcpStream::connect(address),
+            )
+            .await;
+            let tcp = match connect {
+                Ok(Ok(tcp)) => tcp,
+                Ok(Err(err)) => {
+                    debug!(%host, %address, "connect failed: {err}");
+                    last = Reply {
+                        code: 451,
+                        text: format!("4.4.1 Connection to {host}[{ip}] failed: {err}"),
+                    };
+                    last_permanent = false;
+                    continue;
+                }
+                Err(_) => {
+                    last = Reply {
+                        code: 451,
+                        text: format!("4.4.1 Connection to {host}[{ip}] timed out"),
+                    };
+                    last_permanent = false;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let job = client::Job {
+                helo: &context.config.server.hostname,
+                host,
+                tls: tls.clone(),
+                auth: auth.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
+                sender: &envelope.sender,
+                recipients: &addresses,
+                message,
+                smtputf8: envelope.smtputf8,
+                command_timeout: Duration::from_secs(outbound.command_timeout_secs),
+            };
+            match client::deliver(tcp, &job).await {
+                HostOutcome::Done(outcomes) => {
+                    return rcpts
+                        .iter()
+                        .zip(outcomes)
+                        .map(|((i, _), outcome)| (*i, outcome, Some(host.clone())))
+                        .collect();
+                }
+                HostOutcome::Failed { reason, permanent } => {
+                    info!(%host, %address, reply = %reason, "host did not take the message; trying the next");
+                    last = reason;
+                    last_permanent = permanent;
+                    last_host = Some(host.clone());
+                    break; // the next MX host, not this host's next address
+                }
+            }
+        }
+    }
+    let outcome = if last_permanent {
+        RcptOutcome::Permanent(last)
+    } else {
+        RcptOutcome::Temporary(last)
+    };
+    all(outcome, last_host)
+}
+
+fn split_host_port(text: &str) -> (String, u16) {
+    match text.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => (
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            port.parse().unwrap_or(25),
+        ),
+        _ => (text.to_string(), 25),
+    }
+}

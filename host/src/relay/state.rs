@@ -1,0 +1,143 @@
+//! Per-message delivery state, kept beside the spool (`spool/relay/<queue id>`): which recipients
+//! are done, which wait, when the next attempt is due. The spooled message itself never changes;
+//! this small file is replaced whole (write, flush, rename, flush the directory) after an attempt
+//! that leaves work to do, so a restart resumes where the last attempt ended instead of
+//! delivering again to recipients that already have the message.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::durable;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryState {
+    /// Delivery attempts made so far.
+    pub attempts: u32,
+    /// Unix milliseconds of the next attempt.
+    pub next_attempt_ms: i64,
+    /// The one delay notice was sent.
+    pub delay_notified: bool,
+    /// One per envelope recipient, in envelope order.
+    pub recipients: Vec<RcptState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum RcptState {
+    /// Still to be delivered to `address` (the envelope recipient, or where a plugin sent it).
+    Pending {
+        address: String,
+        /// The last temporary failure, for the delay notice and the final bounce.
+        last: Option<Attempt>,
+    },
+    /// Failed for good; the bounce is owed.
+    Failed { address: String, attempt: Attempt },
+    /// Delivered, discarded, or failed with the bounce sent: nothing more to do.
+    Done,
+}
+
+/// What one attempt for one recipient came to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub status: String,
+    pub remote_mta: Option<String>,
+    pub diagnostic: String,
+}
+
+impl DeliveryState {
+    pub fn is_finished(&self) -> bool {
+        self.recipients.iter().all(|r| matches!(r, RcptState::Done))
+    }
+
+    /// (index, address) of the recipients still to deliver.
+    pub fn pending(&self) -> Vec<(usize, String)> {
+        self.recipients
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| match r {
+                RcptState::Pending { address, .. } => Some((i, address.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[derive(Clone)]
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+impl StateDir {
+    pub fn open(dir: &Path) -> io::Result<StateDir> {
+        fs::create_dir_all(dir)?;
+        Ok(StateDir {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn load(&self, id: &str) -> io::Result<Option<DeliveryState>> {
+        match fs::read(self.dir.join(id)) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Replaces the state durably.
+    pub fn save(&self, id: &str, state: &DeliveryState) -> io::Result<()> {
+        let tmp = self.dir.join(format!(".{id}.tmp"));
+        let mut file = fs::File::create(&tmp)?;
+        file.write_all(&serde_json::to_vec(state).map_err(io::Error::other)?)?;
+        file.sync_data()?;
+        fs::rename(&tmp, self.dir.join(id))?;
+        durable::sync_dir(&self.dir)
+    }
+
+    pub fn remove(&self, id: &str) -> io::Result<()> {
+        match fs::remove_file(self.dir.join(id)) {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(err) => Err(err),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trips_durably() {
+        let dir = tempfile::tempdir().unwrap();
+        let states = StateDir::open(dir.path()).unwrap();
+        assert_eq!(states.load("Q").unwrap(), None);
+        let state = DeliveryState {
+            attempts: 2,
+            next_attempt_ms: 5,
+            delay_notified: false,
+            recipients: vec![
+                RcptState::Done,
+                RcptState::Pending {
+                    address: "b@y.test".into(),
+                    last: Some(Attempt {
+                        status: "4.2.0".into(),
+                        remote_mta: Some("mx.y.test".into()),
+                        diagnostic: "451 4.2.0 later".into(),
+                    }),
+                },
+            ],
+        };
+        states.save("Q", &state).unwrap();
+        assert_eq!(states.load("Q").unwrap(), Some(state.clone()));
+        assert_eq!(state.pending(), vec![(1, "b@y.test".to_string())]);
+        assert!(!state.is_finished());
+        states.remove("Q").unwrap();
+        states.remove("Q").unwrap();
+        assert_eq!(states.load("Q").unwrap(), None);
+    }
+}
