@@ -1,0 +1,354 @@
+//! Outbound relay end to end: the real binary relays to scripted sinks found through a test DNS
+//! server (MX, A records on random 127.x.y.z addresses), retries, bounces, survives restarts.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use postern_e2e::dns::{Rr, TestDns};
+use postern_e2e::sink::{loopback_ip, Sink, SinkScript};
+use postern_e2e::{set_key, SmtpClient, TestServer};
+
+const MESSAGE: &[u8] = b"From: Alice <alice@example.test>\r\n\
+To: Bob <bob@example.net>\r\n\
+Subject: relayed\r\n\
+Message-ID: <relay-1@example.test>\r\n\
+\r\n\
+Hello over there.\r\n\
+.a line with a leading dot\r\n";
+
+/// A server that relays for loopback clients, resolves through `dns`, reaches MX hosts on
+/// `port`, and retries after one second.
+fn relay_server(dns: &TestDns, port: u16, extra: impl FnOnce(String) -> String) -> TestServer {
+    TestServer::start(|config| {
+        let config = config.replace(
+            "nameservers = [\"127.0.0.1:9\"]",
+            &format!("nameservers = [\"{}\"]", dns.addr),
+        );
+        let config = set_key(&config, "relay", "trusted_networks", "[\"127.0.0.0/8\"]");
+        let config = set_key(&config, "outbound", "mx_port", &port.to_string());
+        let config = set_key(&config, "outbound", "retry_schedule", "[\"1s\"]");
+        extra(config)
+    })
+    .expect("server starts")
+}
+
+async fn send(server: &TestServer, from: &str, to: &[&str], message: &[u8]) -> String {
+    let (mut client, _) = SmtpClient::connect(server.port("smtp")).await.unwrap();
+    client.expect("EHLO client.test", 250).await.unwrap();
+    let id = client.send_mail(from, to, message).await.unwrap();
+    client.expect("QUIT", 221).await.unwrap();
+    id
+}
+
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test]
+async fn mx_preference_fallback_and_exact_bytes() {
+    let (dead, live) = (loopback_ip(), loopback_ip());
+    let sink = Sink::start(live, 0, SinkScript::default()).await;
+    let port = sink.addr.port();
+    let dns = TestDns::start(vec![
+        ("example.net", Rr::Mx(20, "mx2.example.net".into())),
+        ("example.net", Rr::Mx(10, "mx1.example.net".into())),
+        ("mx1.example.net", Rr::A(dead)), // nothing listens there: connection refused
+        ("mx2.example.net", Rr::A(live)),
+        ("implicit.test", Rr::A(live)), // no MX: the domain's own address (RFC 5321 §5.1)
+    ]);
+    let server = relay_server(&dns, port, |c| c);
+    send(&server, "alice@example.test", &["bob@example.net"], MESSAGE).await;
+    let got = sink.wait_for(1).await;
+    assert_eq!(got.len(), 1, "{}", server.log());
+    assert_eq!(got[0].from, "alice@example.test");
+    assert_eq!(got[0].to, vec!["bob@example.net"]);
+    assert_eq!(got[0].helo, "localhost");
+    assert!(
+        got[0].data.starts_with(b"Received: from client.test"),
+        "trace header first"
+    );
+    assert!(
+        got[0].data.ends_with(MESSAGE),
+        "the message arrives byte for byte"
+    );
+    let log = server.log();
+    assert!(
+        log.contains("mx1.example.net") || log.contains(&dead.to_string()),
+        "{log}"
+    );
+
+    send(
+        &server,
+        "alice@example.test",
+        &["carol@implicit.test"],
+        MESSAGE,
+    )
+    .await;
+    let got = sink.wait_for(2).await;
+    assert_eq!(got[1].to, vec!["carol@implicit.test"]);
+    wait_until("the spool to empty", || server.spooled().is_empty()).await;
+}
+
+#[tokio::test]
+async fn lower_preference_wins_when_both_answer() {
+    let (first, second) = (loopback_ip(), loopback_ip());
+    let a = Sink::start(first, 0, SinkScript::default()).await;
+    let port = a.addr.port();
+    let b = Sink::start(second, port, SinkScript::default()).await;
+    let dns = TestDns::start(vec![
+        ("pref.test", Rr::Mx(5, "low.pref.test".into())),
+        ("pref.test", Rr::Mx(50, "high.pref.test".into())),
+        ("low.pref.test", Rr::A(first)),
+        ("high.pref.test", Rr::A(second)),
+    ]);
+    let server = relay_server(&dns, port, |c| c);
+    send(&server, "alice@example.test", &["x@pref.test"], MESSAGE).await;
+    assert_eq!(a.wait_for(1).await.len(), 1, "{}", server.log());
+    assert!(b.messages().is_empty());
+}
+
+#[tokio::test]
+async fn temporary_failure_is_retried_until_accepted() {
+    let ip = loopback_ip();
+    let script = SinkScript {
+        rcpt: Arc::new(|_, transaction| {
+            if transaction < 2 {
+                "451 4.7.1 Greylisted, try again".into()
+            } else {
+                "250 2.1.5 OK".into()
+            }
+        }),
+        ..SinkScript::default()
+    };
+    let sink = Sink::start(ip, 0, script).await;
+    let dns = TestDns::start(vec![("retry.test", Rr::A(ip))]);
+    let server = relay_server(&dns, sink.addr.port(), |c| c);
+    send(&server, "alice@example.test", &["bob@retry.test"], MESSAGE).await;
+    let got = sink.wait_for(1).await;
+    assert_eq!(got.len(), 1, "{}", server.log());
+    assert_eq!(sink.transactions(), 3, "two deferrals, then the delivery");
+    wait_until("the spool to empty", || server.spooled().is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(sink.messages().len(), 1, "delivered exactly once");
+    assert!(
+        server.maildir("alice", "example.test").is_empty(),
+        "no notice for a success"
+    );
+}
+
+/// Reads alice's mailbox until a message containing `needle` arrives.
+async fn wait_for_notice(server: &TestServer, needle: &str) -> String {
+    let mut found = None;
+    wait_until("a delivery status notification", || {
+        found = server
+            .maildir("alice", "example.test")
+            .into_iter()
+            .map(|(_, bytes)| String::from_utf8_lossy(&bytes).into_owned())
+            .find(|text| text.contains(needle));
+        found.is_some()
+    })
+    .await;
+    found.unwrap()
+}
+
+#[tokio::test]
+async fn permanent_failure_bounces_to_the_local_sender() {
+    let ip = loopback_ip();
+    let script = SinkScript {
+        rcpt: Arc::new(|rcpt, _| {
+            if rcpt.starts_with("nobody") {
+                "550 5.1.1 <nobody@far.test>: no such user".into()
+            } else {
+                "250 2.1.5 OK".into()
+            }
+        }),
+        ..SinkScript::default()
+    };
+    let sink = Sink::start(ip, 0, script).await;
+    let dns = TestDns::start(vec![
+        ("far.test", Rr::Mx(10, "mx.far.test".into())),
+        ("mx.far.test", Rr::A(ip)),
+    ]);
+    let server = relay_server(&dns, sink.addr.port(), |c| c);
+    send(
+        &server,
+        "alice@example.test",
+        &["nobody@far.test", "somebody@far.test"],
+        MESSAGE,
+    )
+    .await;
+    let notice = wait_for_notice(&server, "Undelivered Mail Returned to Sender").await;
+    assert!(notice.starts_with("Return-Path: <>\n"), "{notice}");
+    assert!(notice.contains("Content-Type: multipart/report; report-type=delivery-status;"));
+    assert!(notice.contains(
+        "Final-Recipient: rfc822; nobody@far.test\nAction: failed\nStatus: 5.1.1\nRemote-MTA: dns; mx.far.test\nDiagnostic-Code: smtp; 550 5.1.1 <nobody@far.test>: no such user\n"
+    ), "{notice}");
+    assert!(!notice.contains("Final-Recipient: rfc822; somebody@far.test"));
+    assert!(notice.contains("Content-Type: text/rfc822-headers\n\nReceived: from client.test"));
+    assert!(
+        notice.contains("Subject: relayed\n"),
+        "original headers come back"
+    );
+    assert!(!notice.contains("Hello over there."), "the body does not");
+    // The accepted recipient got the message once.
+    let got = sink.wait_for(1).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].to, vec!["somebody@far.test"]);
+    wait_until("the spool to empty", || server.spooled().is_empty()).await;
+}
+
+#[tokio::test]
+async fn bounces_are_never_bounced_and_null_mx_fails_at_once() {
+    let dns = TestDns::start(vec![("nullmx.test", Rr::Mx(0, ".".into()))]);
+    let server = relay_server(&dns, 9, |c| c);
+    let started = Instant::now();
+    send(
+        &server,
+        "alice@example.test",
+        &["someone@nullmx.test"],
+        MESSAGE,
+    )
+    .await;
+    let notice = wait_for_notice(&server, "Final-Recipient: rfc822; someone@nullmx.test").await;
+    assert!(notice.contains("Status: 5.1.10"), "{notice}");
+    assert!(notice.contains("556 5.1.10"), "{notice}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "no retries for a null MX"
+    );
+    // A bounce (null sender) that fails is dropped, not bounced.
+    send(&server, "", &["other@nullmx.test"], MESSAGE).await;
+    wait_until("the spool to empty", || server.spooled().is_empty()).await;
+    assert_eq!(server.maildir("alice", "example.test").len(), 1);
+    assert!(server.log().contains("not notifying the null sender"));
+}
+
+#[tokio::test]
+async fn restart_mid_queue_delivers_each_recipient_exactly_once() {
+    let (ip_ok, ip_later) = (loopback_ip(), loopback_ip());
+    let open = Arc::new(AtomicBool::new(false));
+    let gate = open.clone();
+    let accepting = Sink::start(ip_ok, 0, SinkScript::default()).await;
+    let port = accepting.addr.port();
+    let later = Sink::start(
+        ip_later,
+        port,
+        SinkScript {
+            rcpt: Arc::new(move |_, _| {
+                if gate.load(Ordering::SeqCst) {
+                    "250 2.1.5 OK".into()
+                } else {
+                    "421 4.3.2 Not now".into()
+                }
+            }),
+            ..SinkScript::default()
+        },
+    )
+    .await;
+    let dns = TestDns::start(vec![
+        ("ok.test", Rr::A(ip_ok)),
+        ("later.test", Rr::A(ip_later)),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let edit = |config: String| {
+        let config = config.replace(
+            "nameservers = [\"127.0.0.1:9\"]",
+            &format!("nameservers = [\"{}\"]", dns.addr),
+        );
+        let config = set_key(&config, "relay", "trusted_networks", "[\"127.0.0.0/8\"]");
+        let config = set_key(&config, "outbound", "mx_port", &port.to_string());
+        set_key(&config, "outbound", "retry_schedule", "[\"1s\"]")
+    };
+    let mut server = TestServer::start_in(dir.path(), edit).unwrap();
+    for n in 0..5 {
+        let message = format!("Subject: m{n}\r\n\r\nbody {n}\r\n");
+        send(
+            &server,
+            "alice@example.test",
+            &["a@ok.test", "b@later.test"],
+            message.as_bytes(),
+        )
+        .await;
+    }
+    assert_eq!(accepting.wait_for(5).await.len(), 5);
+    wait_until("a deferral", || later.transactions() >= 5).await;
+    server.kill9();
+    open.store(true, Ordering::SeqCst);
+    server.restart().unwrap();
+    let got = later.wait_for(5).await;
+    wait_until("the spool to empty", || server.spooled().is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut subjects: Vec<String> = later
+        .messages()
+        .iter()
+        .map(|m| {
+            String::from_utf8_lossy(&m.data)
+                .lines()
+                .find(|l| l.starts_with("Subject:"))
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    subjects.sort();
+    assert_eq!(subjects.len(), 5, "{got:?}");
+    subjects.dedup();
+    assert_eq!(subjects.len(), 5, "each message once at the deferring host");
+    assert_eq!(
+        accepting.messages().len(),
+        5,
+        "no second copy where it was already delivered"
+    );
+}
+
+#[tokio::test]
+async fn starttls_is_used_when_offered_and_required_when_configured() {
+    let ip = loopback_ip();
+    let plain_ip = loopback_ip();
+    // The server's own generated certificate stands in for the remote host's.
+    let dns = TestDns::start(vec![
+        ("tls.test", Rr::A(ip)),
+        ("plain.test", Rr::A(plain_ip)),
+    ]);
+    let probe = TestServer::start(|c| c).unwrap();
+    let acceptor = postern_e2e::sink::tls_acceptor(
+        &probe.cert_path(),
+        &probe.cert_path().with_file_name("key.pem"),
+    );
+    let tls_sink = Sink::start(
+        ip,
+        0,
+        SinkScript {
+            tls: Some(acceptor),
+            ..SinkScript::default()
+        },
+    )
+    .await;
+    let port = tls_sink.addr.port();
+    let plain_sink = Sink::start(plain_ip, port, SinkScript::default()).await;
+    let server = relay_server(&dns, port, |config| {
+        config.replace(
+            "# \"bank.example\" = \"verify\"",
+            "\"plain.test\" = \"encrypt\"",
+        )
+    });
+    send(&server, "alice@example.test", &["x@tls.test"], MESSAGE).await;
+    let got = tls_sink.wait_for(1).await;
+    assert_eq!(got.len(), 1, "{}", server.log());
+    assert!(got[0].tls, "opportunistic STARTTLS was used");
+    assert_eq!(got[0].helo, "localhost", "EHLO again after STARTTLS");
+
+    send(&server, "alice@example.test", &["y@plain.test"], MESSAGE).await;
+    wait_until("a refused plaintext attempt", || {
+        server
+            .log()
+            .contains("TLS is required but the server does not offer STARTTLS")
+    })
+    .await;
+    assert!(plain_sink.messages().is_empty(), "never sent in the clear");
+    assert_eq!(server.spooled().len(), 1, "kept for later");
+}
