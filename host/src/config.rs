@@ -360,6 +360,9 @@ pub struct Limits {
     pub data_timeout_secs: u64,
     /// Bytes of message bodies held in memory by all sessions together; past it, 452 4.3.1.
     pub body_memory_budget: usize,
+    /// Received fields a message may carry (ours included) before it is refused as a mail loop
+    /// (554 5.4.6; Postfix's hopcount_limit).
+    pub max_hops: usize,
 }
 
 impl Default for Limits {
@@ -377,6 +380,7 @@ impl Default for Limits {
             command_timeout_secs: 300,
             data_timeout_secs: 180,
             body_memory_budget: 1024 * 1024 * 1024,
+            max_hops: 50,
         }
     }
 }

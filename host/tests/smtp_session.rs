@@ -469,3 +469,28 @@ async fn smtputf8_addresses_need_the_parameter() {
     c.cmd("MAIL FROM:<pelé@remote.test> SMTPUTF8", "250").await;
     c.cmd("RCPT TO:<alice@example.test>", "250").await;
 }
+
+#[tokio::test]
+async fn too_many_received_fields_is_a_loop() {
+    let mut h = harness(|c| c.limits.max_hops = 5);
+    let mut c = greeted(&h).await;
+    // Four earlier hops plus ours make five: accepted.
+    let four = "Received: from a by b; Sun, 22 Nov 2026 06:00:00 +0000\r\n".repeat(4);
+    c.cmd("MAIL FROM:<a@remote.test>", "250").await;
+    c.cmd("RCPT TO:<alice@example.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send(format!("{four}Subject: ok\r\n\r\nx\r\n.\r\n").as_bytes())
+        .await;
+    assert!(c.reply().await.starts_with("250 2.0.0"));
+    assert!(h.queued.recv().await.is_some());
+    let five = "Received: from a by b; Sun, 22 Nov 2026 06:00:00 +0000\r\n".repeat(5);
+    c.cmd("MAIL FROM:<a@remote.test>", "250").await;
+    c.cmd("RCPT TO:<alice@example.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send(format!("{five}Subject: loop\r\n\r\nx\r\n.\r\n").as_bytes())
+        .await;
+    let reply = c.reply().await;
+    assert_eq!(reply, "554 5.4.6 Too many hops (6): mail loop?\r\n");
+    assert!(h.queued.try_recv().is_err(), "nothing spooled");
+    c.cmd("NOOP", "250").await;
+}

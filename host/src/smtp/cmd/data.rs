@@ -160,6 +160,15 @@ impl Session {
             return self.answer(io, common::storage_full());
         }
         let mut message = Arc::new(body.take());
+        // Loop detection (RFC 5321 §6.3): our Received field is counted with the others.
+        let hops = crate::message::header_values(&message, "Received").len();
+        if hops > self.server.config.limits.max_hops {
+            warn!(queue_id = %tx.id, hops, "mail loop suspected: too many Received fields");
+            return self.answer(
+                io,
+                Reply::new(554, "5.4.6", format!("Too many hops ({hops}): mail loop?")),
+            );
+        }
         let mut envelope = Envelope {
             id: tx.id.clone(),
             received_at: chrono::Utc::now().timestamp(),
