@@ -190,9 +190,10 @@ async fn main() {
                 subject.data_calls
             };
             let mut times = Vec::with_capacity(calls);
+            let checks = Arc::new(postern::message_auth::Verification::default());
             for _ in 0..calls.max(5) {
                 let t = Instant::now();
-                let outcome = session.on_data(&info, &envelope, &msg).await;
+                let outcome = session.on_data(&info, &envelope, &msg, &checks).await;
                 times.push(t.elapsed());
                 assert_eq!(outcome.verdict, postern::plugin::Verdict::Pass);
             }

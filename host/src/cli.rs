@@ -45,6 +45,24 @@ enum Command {
         #[command(subcommand)]
         command: PluginCommand,
     },
+    /// DKIM keys.
+    Dkim {
+        #[command(subcommand)]
+        command: DkimCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DkimCommand {
+    /// Make an RSA-2048 signing key, write it (mode 0600), and print the DNS TXT record to
+    /// publish and the `[[dkim]]` block for the configuration.
+    Generate {
+        domain: String,
+        selector: String,
+        /// Where to write the private key (default `dkim-<domain>-<selector>.pem`).
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -128,6 +146,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 std::io::Error::last_os_error()
             );
             println!("reload requested (pid {pid}); see the server log for the result");
+            Ok(())
+        }
+        Command::Dkim {
+            command:
+                DkimCommand::Generate {
+                    domain,
+                    selector,
+                    key,
+                },
+        } => {
+            let path =
+                key.unwrap_or_else(|| PathBuf::from(format!("dkim-{domain}-{selector}.pem")));
+            anyhow::ensure!(
+                !path.exists(),
+                "{} exists; not overwriting a key",
+                path.display()
+            );
+            let (pem, txt) = crate::message_auth::generate_key(&domain, &selector)
+                .map_err(|e| anyhow::anyhow!("cannot generate a key: {e}"))?;
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .and_then(|mut f| f.write_all(pem.as_bytes()))
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            println!("; private key written to {}", path.display());
+            println!("; publish this record:");
+            println!("{txt}");
+            println!();
+            println!("; and add to the configuration:");
+            println!(
+                "[[dkim]]\ndomain = {domain:?}\nselector = {selector:?}\nkey = {:?}",
+                path.display().to_string()
+            );
             Ok(())
         }
         Command::User {

@@ -56,6 +56,11 @@ pub struct Config {
     #[serde(default)]
     pub outbound: OutboundConfig,
     #[serde(default)]
+    pub mail_auth: MailAuthConfig,
+    /// DKIM signing keys, one per domain our users send from.
+    #[serde(default)]
+    pub dkim: Vec<DkimConfig>,
+    #[serde(default)]
     pub plugins: PluginsConfig,
     /// Plugins, called in this order at every hook they export.
     #[serde(default, rename = "plugin")]
@@ -78,6 +83,33 @@ impl Default for DnsConfig {
             timeout_ms: 2000,
         }
     }
+}
+
+/// Checks on mail from outside (SPF, DKIM, DMARC, ARC).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MailAuthConfig {
+    /// Check mail from unauthenticated clients outside `trusted_networks` and add an
+    /// Authentication-Results header; plugins read the results in the data hook.
+    pub verify_inbound: bool,
+}
+
+impl Default for MailAuthConfig {
+    fn default() -> Self {
+        MailAuthConfig {
+            verify_inbound: true,
+        }
+    }
+}
+
+/// A DKIM signing key: mail from authenticated users whose From domain is `domain` is signed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimConfig {
+    pub domain: String,
+    pub selector: String,
+    /// RSA private key, PEM (PKCS#1 or PKCS#8), relative to the configuration file.
+    pub key: PathBuf,
 }
 
 /// How strongly outbound connections insist on TLS.
@@ -594,8 +626,14 @@ impl Config {
         Ok(())
     }
 
-    /// Resolves plugin paths relative to the directory of the configuration file they came from.
+    /// Resolves plugin and key paths relative to the directory of the configuration file they
+    /// came from.
     pub fn resolve_plugin_paths(&mut self, base: &Path) {
+        for key in &mut self.dkim {
+            if key.key.is_relative() {
+                key.key = base.join(&key.key);
+            }
+        }
         for plugin in &mut self.plugin_list {
             if plugin.path.is_relative() {
                 plugin.path = base.join(&plugin.path);

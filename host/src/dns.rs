@@ -77,6 +77,11 @@ impl Dns {
         Ok(Dns { resolver })
     }
 
+    /// The resolver itself, for libraries that query through it (mail-auth).
+    pub fn resolver(&self) -> &TokioResolver {
+        &self.resolver
+    }
+
     /// IPv4 addresses of a name.
     pub async fn a(&self, name: &str) -> Result<Vec<Ipv4Addr>, DnsError> {
         let lookup = self.resolver.ipv4_lookup(fqdn(name)).await?;

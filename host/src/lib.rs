@@ -25,6 +25,7 @@ pub mod dns;
 pub mod durable;
 pub mod framing;
 pub mod message;
+pub mod message_auth;
 pub mod plugin;
 pub mod pop3;
 pub mod queue;

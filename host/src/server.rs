@@ -37,6 +37,8 @@ pub enum ServerError {
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
     Plugin(#[from] crate::plugin::PluginError),
+    #[error(transparent)]
+    MessageAuth(crate::message_auth::KeyError),
     #[error("cannot write the pid file {path}: {source}")]
     PidFile {
         path: std::path::PathBuf,
@@ -203,6 +205,10 @@ pub async fn run(
         shutdown_rx.clone(),
     );
     smtp.plugins = Some(plugins.clone());
+    smtp.message_auth = Some(Arc::new(
+        crate::message_auth::MessageAuth::new(&config, dns.as_deref())
+            .map_err(ServerError::MessageAuth)?,
+    ));
     let pop3 = Arc::new(Pop3Server::new(
         config.clone(),
         users,

@@ -276,7 +276,21 @@ async fn restart_mid_queue_delivers_each_recipient_exactly_once() {
         .await;
     }
     assert_eq!(accepting.wait_for(5).await.len(), 5);
-    wait_until("a deferral", || later.transactions() >= 5).await;
+    // Kill once every message waits for its retry (its delivery state is on disk). A kill
+    // between a remote 250 and that write could still repeat a delivery: RFC 5321 §6.1 prefers
+    // a duplicate to a loss, and the window is one file write.
+    let states = server.dir.join("spool/relay");
+    wait_until("five saved delivery states", || {
+        std::fs::read_dir(&states)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                    .count()
+                    >= 5
+            })
+            .unwrap_or(false)
+    })
+    .await;
     server.kill9();
     open.store(true, Ordering::SeqCst);
     server.restart().unwrap();

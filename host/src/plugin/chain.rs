@@ -154,7 +154,12 @@ enum Call<'a> {
     Auth(&'a SessionInfo, &'a str, &'a str),
     MailFrom(&'a SessionInfo, &'a str, u64),
     Rcpt(&'a SessionInfo, &'a str, &'a str, bool),
-    Data(&'a SessionInfo, &'a types::Envelope, &'a Arc<Vec<u8>>),
+    Data(
+        &'a SessionInfo,
+        &'a types::Envelope,
+        &'a Arc<Vec<u8>>,
+        &'a Arc<crate::message_auth::Verification>,
+    ),
     Deliver(
         &'a types::Envelope,
         &'a types::DeliveryTarget,
@@ -355,6 +360,7 @@ impl PluginSession {
         s: &SessionInfo,
         envelope: &types::Envelope,
         message: &Arc<Vec<u8>>,
+        authentication: &Arc<crate::message_auth::Verification>,
     ) -> DataOutcome {
         let mut outcome = DataOutcome {
             verdict: Verdict::Pass,
@@ -365,7 +371,10 @@ impl PluginSession {
             add_recipients: Vec::new(),
             remove_recipients: Vec::new(),
         };
-        for (index, answer) in self.run(Call::Data(s, envelope, message)).await {
+        for (index, answer) in self
+            .run(Call::Data(s, envelope, message, authentication))
+            .await
+        {
             let on_error = self.plugin(index).on_error;
             let name = self.plugin(index).meta.name.clone();
             let verdict = match answer {
@@ -465,10 +474,11 @@ async fn invoke(live: &mut Live, call: &Call<'_>) -> wasmtime::Result<Answer> {
                     .await?,
             )
         }
-        Call::Data(s, envelope, message) => {
+        Call::Data(s, envelope, message, authentication) => {
             let hook = g.data.as_ref().ok_or_else(missing)?;
             let handle = store.data_mut().table.push(MessageView {
                 bytes: Arc::clone(message),
+                authentication: Some(Arc::clone(authentication)),
             })?;
             let rep = handle.rep();
             let result = hook
@@ -481,6 +491,7 @@ async fn invoke(live: &mut Live, call: &Call<'_>) -> wasmtime::Result<Answer> {
             let hook = g.deliver.as_ref().ok_or_else(missing)?;
             let handle = store.data_mut().table.push(MessageView {
                 bytes: Arc::clone(message),
+                authentication: None,
             })?;
             let rep = handle.rep();
             let result = hook

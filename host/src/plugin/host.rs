@@ -156,6 +156,8 @@ impl AsyncWrite for LineLogger {
 /// The message a data or deliver hook reads, shared (not copied) between plugins.
 pub struct MessageView {
     pub bytes: Arc<Vec<u8>>,
+    /// Origin checks (data hook only).
+    pub authentication: Option<Arc<crate::message_auth::Verification>>,
 }
 
 impl types::Host for PluginState {}
@@ -203,6 +205,22 @@ impl types::HostMessage for PluginState {
 
     fn text_parts(&mut self, this: Resource<MessageView>) -> wasmtime::Result<Vec<String>> {
         Ok(crate::message::text_parts(&self.table.get(&this)?.bytes))
+    }
+
+    fn authentication(
+        &mut self,
+        this: Resource<MessageView>,
+    ) -> wasmtime::Result<types::Authentication> {
+        let found = self.table.get(&this)?.authentication.clone();
+        let v = found.as_deref().cloned().unwrap_or_default();
+        Ok(types::Authentication {
+            spf: v.spf,
+            dkim: v.dkim,
+            dmarc: v.dmarc,
+            dmarc_policy: v.dmarc_policy,
+            arc: v.arc,
+            from_domain: v.from_domain,
+        })
     }
 
     fn drop(&mut self, this: Resource<MessageView>) -> wasmtime::Result<()> {

@@ -303,6 +303,11 @@ async fn attempt(context: &Arc<Context>, mut pending: Pending) -> Option<Pending
                     }
                 };
             }
+            if !tasks.is_empty() {
+                // Another domain is still being tried (perhaps for minutes): record what this
+                // one took now, so a crash meanwhile does not send it a second copy.
+                save_state(context, &id, &pending.state).await;
+            }
         }
         pending.state.attempts += 1;
     }
@@ -321,15 +326,19 @@ async fn attempt(context: &Arc<Context>, mut pending: Pending) -> Option<Pending
         debug!("finished");
         return None;
     }
+    save_state(context, &id, &pending.state).await;
+    Some(pending)
+}
+
+async fn save_state(context: &Context, id: &str, state: &DeliveryState) {
     let states = context.states.clone();
-    let (save_id, state) = (id.clone(), pending.state.clone());
+    let (id, state) = (id.to_string(), state.clone());
     if !matches!(
-        tokio::task::spawn_blocking(move || states.save(&save_id, &state)).await,
+        tokio::task::spawn_blocking(move || states.save(&id, &state)).await,
         Ok(Ok(()))
     ) {
         error!("cannot save the delivery state; a restart may repeat this attempt");
     }
-    Some(pending)
 }
 
 fn has_failures(state: &DeliveryState) -> bool {

@@ -37,6 +37,8 @@ pub struct SmtpServer {
     pub shutdown: watch::Receiver<bool>,
     /// The plugin runtime, when plugins are configured.
     pub plugins: Option<Arc<PluginRuntime>>,
+    /// DKIM signing and origin checks (none in session tests).
+    pub message_auth: Option<Arc<crate::message_auth::MessageAuth>>,
 }
 
 impl SmtpServer {
@@ -62,6 +64,7 @@ impl SmtpServer {
             tls,
             shutdown,
             plugins: None,
+            message_auth: None,
         }
     }
 }

@@ -219,6 +219,22 @@ impl exports::postern::plugin::data::Guest for TestHooks {
                     &format!("subject was {subject}; size {}", message.size()),
                 ))
             }
+            // What a DMARC enforcement plugin does: refuse failures under p=reject.
+            ("dmarc-reject", _) => {
+                let auth = message.authentication();
+                if auth.dmarc == "fail" && auth.dmarc_policy == "reject" {
+                    DataDecision::Reject(reply(
+                        550,
+                        "5.7.1",
+                        &format!(
+                            "DMARC policy of {} rejects this message (spf={}, dkim={})",
+                            auth.from_domain, auth.spf, auth.dkim
+                        ),
+                    ))
+                } else {
+                    DataDecision::Continue
+                }
+            }
             ("echo-text", _) => {
                 let text = message.text_parts().first().cloned().unwrap_or_default();
                 DataDecision::Reject(reply(550, "5.7.1", &format!("text was {}", text.trim())))

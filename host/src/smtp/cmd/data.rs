@@ -169,6 +169,47 @@ impl Session {
                 Reply::new(554, "5.4.6", format!("Too many hops ({hops}): mail loop?")),
             );
         }
+        let inside = self.auth.is_some() || self.server.config.is_trusted_network(self.peer.ip());
+        let mut verification = crate::message_auth::Verification::default();
+        let mut protected = 1; // our Received field stays first through plugin edits
+        if let Some(checks) = self
+            .server
+            .message_auth
+            .as_ref()
+            .filter(|m| !inside && m.verifies())
+        {
+            let helo = self
+                .helo
+                .as_ref()
+                .map(|h| h.name.clone())
+                .unwrap_or_default();
+            verification = checks
+                .verify(&message, self.peer.ip(), &helo, &tx.sender)
+                .await;
+            if let Some((name, value)) = &verification.header {
+                let hostname = &self.server.config.server.hostname;
+                // RFC 8601 §5: results that claim to be ours but arrived with the message are forged.
+                let forged = crate::message::header_values(&message, name)
+                    .iter()
+                    .filter(|v| {
+                        let id = v.trim_start().split([';', ' ']).next().unwrap_or_default();
+                        id.eq_ignore_ascii_case(hostname)
+                    })
+                    .count();
+                let mut edits = Vec::new();
+                if forged > 0 {
+                    edits.push(Edit::Remove {
+                        name: name.clone(),
+                        index: 0,
+                    });
+                }
+                edits.push(Edit::Insert(Field::new(name, value)));
+                message = Arc::new(apply_edits(&message, &edits, 1));
+                protected = 2;
+                info!(queue_id = %tx.id, spf = %verification.spf, dkim = %verification.dkim, dmarc = %verification.dmarc, "origin checked");
+            }
+        }
+        let verification = Arc::new(verification);
         let mut envelope = Envelope {
             id: tx.id.clone(),
             received_at: chrono::Utc::now().timestamp(),
@@ -186,7 +227,10 @@ impl Session {
             quarantine: None,
         };
         if self.plugins_have(Stage::Data) {
-            match self.run_data_hook(&mut envelope, &mut message).await {
+            match self
+                .run_data_hook(&mut envelope, &mut message, &verification, protected)
+                .await
+            {
                 DataHook::Spool => {}
                 DataHook::Answer(reply) => return self.answer(io, reply),
                 DataHook::Drop => {
@@ -196,6 +240,19 @@ impl Session {
                         Reply::new(250, "2.0.0", format!("OK: queued as {}", tx.id)),
                     );
                 }
+            }
+        }
+        if self.auth.is_some() {
+            if let Some(signature) = self
+                .server
+                .message_auth
+                .as_ref()
+                .and_then(|m| m.sign(&message))
+            {
+                let mut signed = Vec::with_capacity(signature.len() + message.len());
+                signed.extend_from_slice(signature.as_bytes());
+                signed.extend_from_slice(&message);
+                message = Arc::new(signed);
             }
         }
         envelope.message_len = message.len() as u64;
@@ -225,6 +282,8 @@ impl Session {
         &mut self,
         envelope: &mut Envelope,
         message: &mut Arc<Vec<u8>>,
+        verification: &Arc<crate::message_auth::Verification>,
+        protected: usize,
     ) -> DataHook {
         let info = self.session_info();
         let wit_envelope = types::Envelope {
@@ -237,7 +296,9 @@ impl Session {
                 .collect(),
         };
         let plugins = self.plugins.as_mut().expect("checked by plugins_have");
-        let mut outcome = plugins.on_data(&info, &wit_envelope, message).await;
+        let mut outcome = plugins
+            .on_data(&info, &wit_envelope, message, verification)
+            .await;
         match std::mem::replace(&mut outcome.verdict, Verdict::Pass) {
             Verdict::Pass => {}
             verdict => {
@@ -288,8 +349,8 @@ impl Session {
             envelope.quarantine = Some(reason);
         }
         if !outcome.edits.is_empty() {
-            // Our Received field stays first.
-            *message = Arc::new(apply_edits(message, &outcome.edits, 1));
+            // Our trace fields (Received, Authentication-Results) stay first.
+            *message = Arc::new(apply_edits(message, &outcome.edits, protected));
         }
         DataHook::Spool
     }
