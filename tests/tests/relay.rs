@@ -366,3 +366,37 @@ async fn starttls_is_used_when_offered_and_required_when_configured() {
     assert!(plain_sink.messages().is_empty(), "never sent in the clear");
     assert_eq!(server.spooled().len(), 1, "kept for later");
 }
+
+#[tokio::test]
+async fn smarthost_gets_everything_over_verified_tls_with_auth() {
+    // A second Postern is the smarthost: its submission listener wants STARTTLS and AUTH.
+    let smarthost = TestServer::start(|config| {
+        set_key(&config, "relay", "submission_sender_must_match", "false")
+    })
+    .unwrap();
+    let ca = smarthost.cert_path();
+    let server = TestServer::start(|config| {
+        let config = set_key(&config, "relay", "trusted_networks", "[\"127.0.0.0/8\"]");
+        let config = set_key(&config, "relay", "local_domains", "[\"localhost\"]");
+        let config = set_key(&config, "outbound", "ca_file", &format!("{:?}", ca.display().to_string()));
+        config.replace(
+            "# smarthost = \"relay.example.net:587\"",
+            &format!(
+                "smarthost = \"localhost:{}\"\nsmarthost_user = \"bob@example.test\"\nsmarthost_password = \"bobpass\"",
+                smarthost.port("submission")
+            ),
+        )
+    })
+    .unwrap();
+    // No DNS at all: the smarthost is reached by name through the system's hosts file.
+    send(&server, "carol@localhost", &["alice@example.test"], MESSAGE).await;
+    let mail = smarthost.wait_for_mail("alice", "example.test", 1);
+    assert_eq!(mail.len(), 1, "{}", server.log());
+    let text = String::from_utf8_lossy(&mail[0].1).into_owned();
+    assert!(
+        text.contains("by localhost (Postern) with ESMTPSA"),
+        "TLS and AUTH used: {text}"
+    );
+    assert!(text.contains("Subject: relayed"));
+    wait_until("the spool to empty", || server.spooled().is_empty()).await;
+}
