@@ -276,15 +276,17 @@ async fn restart_mid_queue_delivers_each_recipient_exactly_once() {
         .await;
     }
     assert_eq!(accepting.wait_for(5).await.len(), 5);
-    // Kill once every message waits for its retry (its delivery state is on disk). A kill
-    // between a remote 250 and that write could still repeat a delivery: RFC 5321 §6.1 prefers
-    // a duplicate to a loss, and the window is one file write.
+    // Kill once every message waits for its retry: its saved state has the accepting domain done
+    // and the deferring one answered. (A kill between a remote 250 and that write could repeat a
+    // delivery: RFC 5321 §6.1 prefers a duplicate to a loss, and the window is one file write.)
     let states = server.dir.join("spool/relay");
-    wait_until("five saved delivery states", || {
+    wait_until("five settled delivery states", || {
         std::fs::read_dir(&states)
             .map(|d| {
                 d.filter_map(Result::ok)
                     .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                    .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                    .filter(|s| s.contains("{\"state\":\"done\"}") && s.contains("\"last\":{"))
                     .count()
                     >= 5
             })
