@@ -528,7 +528,7 @@ impl Config {
         })?;
         let mut config = Config::parse(&text, &path.display().to_string())?;
         if let Some(base) = path.parent() {
-            config.resolve_plugin_paths(base);
+            config.resolve_relative_paths(base);
         }
         Ok(config)
     }
@@ -628,7 +628,7 @@ impl Config {
 
     /// Resolves plugin and key paths relative to the directory of the configuration file they
     /// came from.
-    pub fn resolve_plugin_paths(&mut self, base: &Path) {
+    pub fn resolve_relative_paths(&mut self, base: &Path) {
         for key in &mut self.dkim {
             if key.key.is_relative() {
                 key.key = base.join(&key.key);

@@ -458,25 +458,15 @@ async fn run(tcp: TcpStream, job: &Job<'_>) -> Result<HostOutcome, ClientError> 
             let _ = client.reply().await;
         }
         let _ = client.command("QUIT").await;
-        let refused = outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or_else(unreachable_accept))
-            .collect();
-        return Ok(HostOutcome::Done(refused));
+        // No recipient was accepted, so every one has its refusal.
+        return Ok(HostOutcome::Done(outcomes.into_iter().flatten().collect()));
     }
     if data_reply.code != 354 {
         let _ = client.command("QUIT").await;
-        let outcome = if data_reply.is_permanent() {
-            RcptOutcome::Permanent(data_reply)
-        } else {
-            RcptOutcome::Temporary(data_reply)
-        };
-        return Ok(HostOutcome::Done(
-            outcomes
-                .into_iter()
-                .map(|o| o.unwrap_or_else(|| outcome.clone()))
-                .collect(),
-        ));
+        return Ok(HostOutcome::Done(for_accepted(
+            outcomes,
+            failure(data_reply),
+        )));
     }
     let mut body = Vec::with_capacity(job.message.len() + job.message.len() / 50 + 8);
     let mut stuffer = DotStuffer::default();
@@ -486,35 +476,36 @@ async fn run(tcp: TcpStream, job: &Job<'_>) -> Result<HostOutcome, ClientError> 
     let (final_reply, _) = client.reply_raw(FINAL_REPLY_TIMEOUT).await?;
     let outcome = if final_reply.code == 250 {
         RcptOutcome::Delivered(final_reply)
-    } else if final_reply.is_permanent() {
-        RcptOutcome::Permanent(final_reply)
     } else {
-        RcptOutcome::Temporary(final_reply)
+        failure(final_reply)
     };
     let _ = client.command("QUIT").await;
-    Ok(HostOutcome::Done(
-        outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or_else(|| outcome.clone()))
-            .collect(),
-    ))
+    Ok(HostOutcome::Done(for_accepted(outcomes, outcome)))
+}
+
+/// A refusal: permanent for 5xx, temporary otherwise.
+fn failure(reply: Reply) -> RcptOutcome {
+    if reply.is_permanent() {
+        RcptOutcome::Permanent(reply)
+    } else {
+        RcptOutcome::Temporary(reply)
+    }
 }
 
 /// A refused RCPT's outcome; None for an accepted one (its fate is the transaction's).
 fn rcpt_outcome(reply: Reply) -> Option<RcptOutcome> {
     match reply.code {
         250 | 251 => None,
-        code if code >= 500 => Some(RcptOutcome::Permanent(reply)),
-        _ => Some(RcptOutcome::Temporary(reply)),
+        _ => Some(failure(reply)),
     }
 }
 
-/// Placeholder for an accepted recipient when none was accepted (so never used).
-fn unreachable_accept() -> RcptOutcome {
-    RcptOutcome::Temporary(Reply {
-        code: 451,
-        text: "4.3.0 Recipient not answered".into(),
-    })
+/// Every recipient's outcome: its own refusal, or the transaction's `outcome` if it was accepted.
+fn for_accepted(outcomes: Vec<Option<RcptOutcome>>, outcome: RcptOutcome) -> Vec<RcptOutcome> {
+    outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or_else(|| outcome.clone()))
+        .collect()
 }
 
 /// A connector that encrypts without checking the certificate (opportunistic TLS, RFC 7435:

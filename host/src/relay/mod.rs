@@ -191,14 +191,16 @@ impl Relay {
                     recipients: job
                         .dispositions
                         .iter()
-                        .map(|d| match d {
+                        .zip(&job.envelope.recipients)
+                        .map(|(d, rcpt)| match d {
                             Disposition::Done => RcptState::Done,
                             Disposition::Remote(address) => RcptState::Pending {
                                 address: address.clone(),
                                 last: None,
                             },
+                            // Failed local recipients report under their envelope address.
                             Disposition::Failed(reason) => RcptState::Failed {
-                                address: String::new(),
+                                address: rcpt.address.clone(),
                                 attempt: Attempt {
                                     status: "5.0.0".into(),
                                     remote_mta: None,
@@ -210,24 +212,10 @@ impl Relay {
                 }
             }
         };
-        let mut pending = Pending {
+        Some(Pending {
             envelope: job.envelope,
             state,
-        };
-        // Failed local recipients report under their envelope address.
-        for (rcpt, state) in pending
-            .envelope
-            .recipients
-            .iter()
-            .zip(pending.state.recipients.iter_mut())
-        {
-            if let RcptState::Failed { address, .. } = state {
-                if address.is_empty() {
-                    *address = rcpt.address.clone();
-                }
-            }
-        }
-        Some(pending)
+        })
     }
 }
 
