@@ -161,7 +161,7 @@ async fn spf_and_dmarc_failures_are_recorded_and_a_plugin_can_reject_them() {
         .await
         .unwrap();
     let (code, text) = client
-        .data(b"Authentication-Results: localhost; dkim=pass; dmarc=pass\r\nFrom: news@lenient.test\r\nSubject: hi\r\n\r\nbody\r\n")
+        .data(b"Authentication-Results: mx.upstream.test; spf=pass\r\nAuthentication-Results: localhost; dkim=pass; dmarc=pass\r\nFrom: news@lenient.test\r\nSubject: hi\r\n\r\nbody\r\n")
         .await
         .unwrap();
     assert_eq!(code, 250, "{text}");
@@ -171,7 +171,12 @@ async fn spf_and_dmarc_failures_are_recorded_and_a_plugin_can_reject_them() {
         .lines()
         .filter(|l| l.starts_with("Authentication-Results:"))
         .collect();
-    assert_eq!(results.len(), 1, "only ours remains: {stored}");
+    assert_eq!(results.len(), 2, "the forged one is gone: {stored}");
+    assert!(results[0].starts_with("Authentication-Results: localhost;\tspf=fail"));
+    assert_eq!(
+        results[1], "Authentication-Results: mx.upstream.test; spf=pass",
+        "another host's results stay"
+    );
     let ours = stored
         .split("Authentication-Results: ")
         .nth(1)

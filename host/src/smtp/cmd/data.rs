@@ -189,20 +189,21 @@ impl Session {
             if let Some((name, value)) = &verification.header {
                 let hostname = &self.server.config.server.hostname;
                 // RFC 8601 §5: results that claim to be ours but arrived with the message are forged.
-                let forged = crate::message::header_values(&message, name)
+                // Only those go; other hosts' results stay. Last first, so that earlier indexes
+                // still point at the same fields.
+                let mut edits: Vec<Edit> = crate::message::header_values(&message, name)
                     .iter()
-                    .filter(|v| {
+                    .enumerate()
+                    .filter(|(_, v)| {
                         let id = v.trim_start().split([';', ' ']).next().unwrap_or_default();
                         id.eq_ignore_ascii_case(hostname)
                     })
-                    .count();
-                let mut edits = Vec::new();
-                if forged > 0 {
-                    edits.push(Edit::Remove {
+                    .rev()
+                    .map(|(i, _)| Edit::Remove {
                         name: name.clone(),
-                        index: 0,
-                    });
-                }
+                        index: i as u32 + 1,
+                    })
+                    .collect();
                 edits.push(Edit::Insert(Field::new(name, value)));
                 message = Arc::new(apply_edits(&message, &edits, 1));
                 protected = 2;
