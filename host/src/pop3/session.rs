@@ -397,9 +397,6 @@ impl Session {
             return self.error(io, Some("AUTH"), "Authentication failed");
         };
         self.server.auth_throttle.record_success(ip);
-        if !self.server.login_allowed(&user) {
-            return self.error(io, Some("LOGIN-DELAY"), "Logged in too recently");
-        }
         let Some(lock) = self.server.locks.try_lock(&user) else {
             info!(%user, "maildrop in use");
             return self.error(
@@ -408,6 +405,10 @@ impl Session {
                 "Mailbox is locked by another POP3 session",
             );
         };
+        // Checked (and recorded) once the maildrop is ours: an IN-USE refusal is no login.
+        if !self.server.login_allowed(&user) {
+            return self.error(io, Some("LOGIN-DELAY"), "Logged in too recently");
+        }
         let store = self.server.store.clone();
         let key = user.clone();
         let snapshot = tokio::task::spawn_blocking(move || store.snapshot(&key, "INBOX")).await;
