@@ -40,9 +40,3 @@ pub enum Route {
     /// A remote domain, relayed by the outbound queue.
     Remote,
 }
-
-impl Envelope {
-    pub fn has_remote(&self) -> bool {
-        self.recipients.iter().any(|r| r.route == Route::Remote)
-    }
-}
