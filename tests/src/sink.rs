@@ -32,6 +32,14 @@ pub struct SinkScript {
     /// Offer STARTTLS with this acceptor.
     pub tls: Option<TlsAcceptor>,
     pub pipelining: bool,
+    /// Answer EHLO (false: refuse it as unknown, like a pre-ESMTP server).
+    pub ehlo: bool,
+    /// The SIZE limit advertised.
+    pub size: usize,
+    /// Agree to STARTTLS, then answer the handshake with garbage.
+    pub broken_tls: bool,
+    /// How long to sit on the final dot before accepting.
+    pub data_delay: Duration,
 }
 
 impl Default for SinkScript {
@@ -40,14 +48,26 @@ impl Default for SinkScript {
             rcpt: Arc::new(|_, _| "250 2.1.5 OK".into()),
             tls: None,
             pipelining: true,
+            ehlo: true,
+            size: 50_000_000,
+            broken_tls: false,
+            data_delay: Duration::ZERO,
         }
     }
+}
+
+/// Counts open sessions and remembers the most at once.
+#[derive(Default)]
+struct Sessions {
+    open: AtomicUsize,
+    most: AtomicUsize,
 }
 
 pub struct Sink {
     pub addr: SocketAddr,
     messages: Arc<Mutex<Vec<SinkMessage>>>,
     transactions: Arc<AtomicUsize>,
+    sessions: Arc<Sessions>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -78,12 +98,16 @@ impl Sink {
         let addr = listener.local_addr().unwrap();
         let messages = Arc::new(Mutex::new(Vec::new()));
         let transactions = Arc::new(AtomicUsize::new(0));
-        let (m, t) = (messages.clone(), transactions.clone());
+        let sessions = Arc::new(Sessions::default());
+        let (m, t, c) = (messages.clone(), transactions.clone(), sessions.clone());
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let (m, t, script) = (m.clone(), t.clone(), script.clone());
+                let (m, t, c, script) = (m.clone(), t.clone(), c.clone(), script.clone());
                 tokio::spawn(async move {
+                    let open = c.open.fetch_add(1, Ordering::SeqCst) + 1;
+                    c.most.fetch_max(open, Ordering::SeqCst);
                     let _ = serve(stream, script, m, t).await;
+                    c.open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
@@ -91,6 +115,7 @@ impl Sink {
             addr,
             messages,
             transactions,
+            sessions,
             task,
         }
     }
@@ -102,6 +127,11 @@ impl Sink {
     /// MAIL commands seen (every transaction, accepted or not).
     pub fn transactions(&self) -> usize {
         self.transactions.load(Ordering::SeqCst)
+    }
+
+    /// The most sessions that were open at the same time.
+    pub fn most_sessions(&self) -> usize {
+        self.sessions.most.load(Ordering::SeqCst)
     }
 
     /// Waits until at least `count` messages arrived (or 20 s passed).
@@ -152,19 +182,16 @@ async fn serve(
                 .unwrap_or_default()
                 .to_string()
         };
-        let reply: String = if upper.starts_with("EHLO") {
+        let reply: String = if upper.starts_with("EHLO") && !script.ehlo {
+            "500 5.5.1 command unrecognized\r\n".into()
+        } else if upper.starts_with("EHLO") {
             helo = line[4..].trim().to_string();
-            let mut caps = vec![
-                "sink.test",
-                "SIZE 50000000",
-                "8BITMIME",
-                "SMTPUTF8",
-                "AUTH PLAIN",
-            ];
+            let size = format!("SIZE {}", script.size);
+            let mut caps = vec!["sink.test", &size, "8BITMIME", "SMTPUTF8", "AUTH PLAIN"];
             if script.pipelining {
                 caps.push("PIPELINING");
             }
-            if script.tls.is_some() && !tls {
+            if (script.tls.is_some() || script.broken_tls) && !tls {
                 caps.push("STARTTLS");
             }
             let mut out = String::new();
@@ -176,6 +203,12 @@ async fn serve(
         } else if upper.starts_with("HELO") {
             helo = line[4..].trim().to_string();
             "250 sink.test\r\n".into()
+        } else if upper.starts_with("STARTTLS") && script.broken_tls {
+            conn.get_mut().write_all(b"220 2.0.0 go ahead\r\n").await?;
+            conn.get_mut()
+                .write_all(b"this is not a TLS record\r\n")
+                .await?;
+            return Ok(());
         } else if upper.starts_with("STARTTLS") {
             let Some(acceptor) = script.tls.clone().filter(|_| !tls) else {
                 conn.get_mut().write_all(b"454 4.7.0 no TLS\r\n").await?;
@@ -231,6 +264,7 @@ async fn serve(
                     };
                     data.extend_from_slice(unstuffed);
                 }
+                tokio::time::sleep(script.data_delay).await;
                 messages.lock().unwrap().push(SinkMessage {
                     helo: helo.clone(),
                     from: from.clone(),

@@ -191,6 +191,9 @@ pub enum HostOutcome {
     /// The host could not take the message now (connection, greeting, EHLO, TLS, or a
     /// transaction-level 4xx): the next host may be tried. `permanent` when it said 5xx.
     Failed { reason: Reply, permanent: bool },
+    /// The TLS handshake failed after the server agreed to STARTTLS, so the connection is
+    /// unusable. Under opportunistic TLS the same host is worth a plaintext connection.
+    HandshakeFailed(Reply),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -353,21 +356,25 @@ async fn run(tcp: TcpStream, job: &Job<'_>) -> Result<HostOutcome, ClientError> 
     };
     if let Some(connector) = connector {
         let reply = client.command("STARTTLS").await?;
-        if reply.code != 220 {
+        let opportunistic = matches!(job.tls, TlsPlan::Opportunistic(_));
+        if reply.code == 220 {
+            client = match client.start_tls(&connector, job.host).await {
+                Ok(client) => client,
+                Err(err) => {
+                    return Ok(HostOutcome::HandshakeFailed(local_failure(&format!(
+                        "TLS handshake failed: {err}"
+                    ))))
+                }
+            };
+            ehlo = match client.greet(job.helo).await? {
+                Ok(ehlo) => ehlo,
+                Err(reply) => return Ok(failed(reply)),
+            };
+        } else if !opportunistic {
             return Ok(failed(reply));
         }
-        client = match client.start_tls(&connector, job.host).await {
-            Ok(client) => client,
-            Err(err) => {
-                return Ok(failed(local_failure(&format!(
-                    "TLS handshake failed: {err}"
-                ))))
-            }
-        };
-        ehlo = match client.greet(job.helo).await? {
-            Ok(ehlo) => ehlo,
-            Err(reply) => return Ok(failed(reply)),
-        };
+        // RFC 3207 §4: after a refused STARTTLS the session goes on in plaintext, which
+        // opportunistic TLS accepts.
     }
     if let Some((user, password)) = job.auth {
         let token = BASE64.encode(format!("\0{user}\0{password}"));

@@ -622,14 +622,17 @@ async fn deliver_domain(
             .clone()
     };
     let _per_domain = domain_limit.acquire_owned().await;
-    let addresses: Vec<String> = rcpts.iter().map(|(_, a)| a.clone()).collect();
     let mut last = Reply {
         code: 451,
         text: format!("4.4.1 No host for {domain} could be reached"),
     };
     let mut last_permanent = false;
     let mut last_host = None;
-    for host in &hosts {
+    let mut results = Vec::with_capacity(rcpts.len());
+    // Recipients still to place, with the 4xx a host gave each (if one did).
+    let mut remaining: Vec<(usize, String, Option<RcptOutcome>)> =
+        rcpts.iter().map(|(i, a)| (*i, a.clone(), None)).collect();
+    'hosts: for host in &hosts {
         let ips: Vec<IpAddr> = match host.parse::<IpAddr>() {
             Ok(ip) => vec![ip],
             Err(_) => match &context.dns {
@@ -646,34 +649,9 @@ async fn deliver_domain(
                 None => continue,
             },
         };
+        let addresses: Vec<String> = remaining.iter().map(|(_, a, _)| a.clone()).collect();
         for ip in ips {
             let address = SocketAddr::new(ip, port);
-            let connect = tokio::time::timeout(
-                Duration::from_secs(outbound.connect_timeout_secs),
-                TcpStream::connect(address),
-            )
-            .await;
-            let tcp = match connect {
-                Ok(Ok(tcp)) => tcp,
-                Ok(Err(err)) => {
-                    debug!(%host, %address, "connect failed: {err}");
-                    last = Reply {
-                        code: 451,
-                        text: format!("4.4.1 Connection to {host}[{ip}] failed: {err}"),
-                    };
-                    last_permanent = false;
-                    continue;
-                }
-                Err(_) => {
-                    last = Reply {
-                        code: 451,
-                        text: format!("4.4.1 Connection to {host}[{ip}] timed out"),
-                    };
-                    last_permanent = false;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
             let job = client::Job {
                 helo: &context.config.server.hostname,
                 host,
@@ -685,30 +663,108 @@ async fn deliver_domain(
                 smtputf8: envelope.smtputf8,
                 command_timeout: Duration::from_secs(outbound.command_timeout_secs),
             };
-            match client::deliver(tcp, &job).await {
+            let outcome = match transact(context, address, job).await {
+                Ok(outcome) => outcome,
+                Err(reason) => {
+                    last = reason;
+                    last_permanent = false;
+                    continue; // this host's next address
+                }
+            };
+            match outcome {
                 HostOutcome::Done(outcomes) => {
-                    return rcpts
-                        .iter()
-                        .zip(outcomes)
-                        .map(|((i, _), outcome)| (*i, outcome, Some(host.clone())))
-                        .collect();
+                    let mut deferred = Vec::new();
+                    for ((i, address, _), outcome) in remaining.drain(..).zip(outcomes) {
+                        match outcome {
+                            RcptOutcome::Temporary(_) => deferred.push((i, address, Some(outcome))),
+                            _ => results.push((i, outcome, Some(host.clone()))),
+                        }
+                    }
+                    if deferred.is_empty() {
+                        return results;
+                    }
+                    // RFC 5321 §5.1: what this host deferred, the next MX may take now.
+                    info!(%host, deferred = deferred.len(), "recipients deferred; trying the next host");
+                    remaining = deferred;
+                    last_host = Some(host.clone());
                 }
                 HostOutcome::Failed { reason, permanent } => {
                     info!(%host, %address, reply = %reason, "host did not take the message; trying the next");
+                    for entry in remaining.iter_mut() {
+                        entry.2 = None; // this host's refusal is now the latest word
+                    }
                     last = reason;
                     last_permanent = permanent;
                     last_host = Some(host.clone());
-                    break; // the next MX host, not this host's next address
+                }
+                HostOutcome::HandshakeFailed(reason) => {
+                    last = reason;
+                    last_permanent = false;
+                    last_host = Some(host.clone());
                 }
             }
+            continue 'hosts; // the next MX host, not this host's next address
         }
     }
-    let outcome = if last_permanent {
+    let fallback = if last_permanent {
         RcptOutcome::Permanent(last)
     } else {
         RcptOutcome::Temporary(last)
     };
-    all(outcome, last_host)
+    results.extend(remaining.into_iter().map(|(i, _, outcome)| {
+        (
+            i,
+            outcome.unwrap_or_else(|| fallback.clone()),
+            last_host.clone(),
+        )
+    }));
+    results
+}
+
+/// One connection to one address and the transaction over it. Under opportunistic TLS a
+/// failed handshake is followed by a plaintext connection to the same address (as Postfix's
+/// `may` level does): the message is better delivered unencrypted than not at all. Err is a
+/// connection that could not be made.
+async fn transact(
+    context: &Context,
+    address: SocketAddr,
+    mut job: client::Job<'_>,
+) -> Result<HostOutcome, Reply> {
+    let outbound = &context.config.outbound;
+    loop {
+        let host = job.host;
+        let connect = tokio::time::timeout(
+            Duration::from_secs(outbound.connect_timeout_secs),
+            TcpStream::connect(address),
+        )
+        .await;
+        let tcp = match connect {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(err)) => {
+                debug!(%host, %address, "connect failed: {err}");
+                return Err(Reply {
+                    code: 451,
+                    text: format!("4.4.1 Connection to {host}[{}] failed: {err}", address.ip()),
+                });
+            }
+            Err(_) => {
+                return Err(Reply {
+                    code: 451,
+                    text: format!("4.4.1 Connection to {host}[{}] timed out", address.ip()),
+                })
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        match client::deliver(tcp, &job).await {
+            HostOutcome::HandshakeFailed(reason)
+                if matches!(job.tls, TlsPlan::Opportunistic(_)) =>
+            {
+                warn!(%host, %address, reply = %reason, "TLS handshake failed; retrying in plaintext");
+                job.tls = TlsPlan::None;
+            }
+            outcome => return Ok(outcome),
+        }
+    }
 }
 
 fn split_host_port(text: &str) -> (String, u16) {
