@@ -23,6 +23,30 @@ impl Field {
         }
     }
 
+    /// A field whose value this server wrote folded (`CRLF` before white space), kept folded so
+    /// long values stay under RFC 5322's line limit. Any other line break is removed, as in
+    /// [`Field::new`], so the value can never start a field of its own.
+    pub fn folded(name: &str, value: &str) -> Field {
+        let mut text = String::with_capacity(value.len());
+        for (i, line) in value.split("\r\n").enumerate() {
+            let line: String = line.chars().filter(|c| *c != '\r' && *c != '\n').collect();
+            if i > 0 {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                text.push_str("\r\n");
+                if !line.starts_with([' ', '\t']) {
+                    text.push(' ');
+                }
+            }
+            text.push_str(&line);
+        }
+        Field {
+            name: name.to_string(),
+            raw: format!("{name}: {text}\r\n").into_bytes(),
+        }
+    }
+
     /// The value, unfolded (CRLF before white space removed) and trimmed.
     pub fn value(&self) -> String {
         let text = String::from_utf8_lossy(&self.raw);
@@ -229,6 +253,11 @@ mod tests {
         let out = apply_edits(MSG, &[Edit::Add(Field::new("X-B", "v\r\nBcc: evil@x"))], 1);
         assert_eq!(header_values(&out, "bcc"), Vec::<String>::new());
         assert_eq!(header_values(&out, "x-b"), vec!["vBcc: evil@x"]);
+        let field = Field::folded("X-F", "a;\r\n\tb\r\nBcc: evil@x\r\n \r\n\nc");
+        assert_eq!(
+            field.raw,
+            b"X-F: a;\r\n\tb\r\n Bcc: evil@x\r\n c\r\n".to_vec()
+        );
     }
 
     #[test]

@@ -191,8 +191,7 @@ impl MessageAuth {
         let from = parsed.from.first().map(String::as_str).unwrap_or_default();
         let results = AuthenticationResults::new(&self.hostname)
             .with_spf_mailfrom_result(&spf, ip, mail_from, helo_domain)
-            .with_dkim_results(&dkim, from)
-            .with_arc_result(&arc, ip);
+            .with_dkim_results(&dkim, from);
         let header = results.to_header();
         let mut value = header
             .strip_prefix("Authentication-Results:")
@@ -226,6 +225,10 @@ impl MessageAuth {
         if dkim.is_empty() {
             value.push_str(";\r\n\tdkim=none");
         }
+        // Written here, not by mail-auth: it reports a broken body hash as `neutral`, which
+        // RFC 8617 §7 does not know for ARC (none, pass or fail).
+        let arc_result = arc_word(arc.result());
+        value.push_str(&format!(";\r\n\tarc={arc_result} smtp.remote-ip={ip}"));
         value.push_str(&format!(";\r\n\tdmarc={dmarc_word}"));
         if !dmarc.domain().is_empty() {
             value.push_str(&format!(" header.from={}", dmarc.domain()));
@@ -238,7 +241,7 @@ impl MessageAuth {
             dkim: dkim_summary.into(),
             dmarc: dmarc_word.into(),
             dmarc_policy: policy.into(),
-            arc: dkim_word(arc.result()).into(),
+            arc: arc_result.into(),
             from_domain: dmarc.domain().to_string(),
             header: Some(("Authentication-Results".into(), value)),
         }
@@ -265,6 +268,15 @@ fn dkim_word(result: &DkimResult) -> &'static str {
         DkimResult::PermError(_) => "permerror",
         DkimResult::TempError(_) => "temperror",
         DkimResult::None => "none",
+    }
+}
+
+fn arc_word(result: &DkimResult) -> &'static str {
+    match result {
+        DkimResult::Pass => "pass",
+        DkimResult::None => "none",
+        DkimResult::TempError(_) => "temperror",
+        DkimResult::Neutral(_) | DkimResult::Fail(_) | DkimResult::PermError(_) => "fail",
     }
 }
 

@@ -12,9 +12,17 @@ const PLAIN_ALICE: &str = "AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABhbGljZXBhc3M=";
 
 /// Runs `postern dkim generate` and returns (key file, TXT record value).
 fn generate_key(dir: &std::path::Path) -> (std::path::PathBuf, String) {
-    let key = dir.join("dkim.pem");
+    generate_key_for(dir, "example.test", "postern")
+}
+
+fn generate_key_for(
+    dir: &std::path::Path,
+    domain: &str,
+    selector: &str,
+) -> (std::path::PathBuf, String) {
+    let key = dir.join(format!("{selector}.{domain}.pem"));
     let out = Command::new(postern_bin())
-        .args(["dkim", "generate", "example.test", "postern", "--key"])
+        .args(["dkim", "generate", domain, selector, "--key"])
         .arg(&key)
         .output()
         .unwrap();
@@ -26,7 +34,7 @@ fn generate_key(dir: &std::path::Path) -> (std::path::PathBuf, String) {
     let text = String::from_utf8(out.stdout).unwrap();
     let line = text
         .lines()
-        .find(|l| l.starts_with("postern._domainkey.example.test. IN TXT"))
+        .find(|l| l.starts_with(&format!("{selector}._domainkey.{domain}. IN TXT")))
         .expect("a TXT record line");
     let value: String = line
         .split('"')
@@ -172,7 +180,10 @@ async fn spf_and_dmarc_failures_are_recorded_and_a_plugin_can_reject_them() {
         .filter(|l| l.starts_with("Authentication-Results:"))
         .collect();
     assert_eq!(results.len(), 2, "the forged one is gone: {stored}");
-    assert!(results[0].starts_with("Authentication-Results: localhost;\tspf=fail"));
+    assert!(
+        stored.contains("Authentication-Results: localhost;\n\tspf=fail"),
+        "ours, folded: {stored}"
+    );
     assert_eq!(
         results[1], "Authentication-Results: mx.upstream.test; spf=pass",
         "another host's results stay"
@@ -191,4 +202,79 @@ async fn spf_and_dmarc_failures_are_recorded_and_a_plugin_can_reject_them() {
         stored.find("Received:").unwrap() < stored.find("Authentication-Results:").unwrap(),
         "our Received field stays first"
     );
+}
+
+/// Seals `message` as the first ARC hop of `domain` (RFC 8617), with mail-auth's sealer.
+fn arc_seal(message: &[u8], key: &std::path::Path, domain: &str, selector: &str) -> Vec<u8> {
+    use mail_auth::arc::ArcSealer;
+    use mail_auth::common::crypto::{RsaKey, Sha256};
+    use mail_auth::common::headers::HeaderWriter;
+    use mail_auth::{ArcOutput, AuthenticatedMessage, AuthenticationResults};
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
+    let key = RsaKey::<Sha256>::from_key_der(der).unwrap();
+    let parsed = AuthenticatedMessage::parse(message).unwrap();
+    let results = AuthenticationResults::new(domain);
+    let set = ArcSealer::from_key(key)
+        .domain(domain)
+        .selector(selector)
+        .headers(["From", "To", "Subject", "Message-ID"])
+        .seal(&parsed, &results, &ArcOutput::default())
+        .unwrap();
+    let mut sealed = set.to_header().into_bytes();
+    sealed.extend_from_slice(message);
+    sealed
+}
+
+#[tokio::test]
+async fn an_arc_chain_is_verified_and_reported() {
+    let keys = tempfile::tempdir().unwrap();
+    let (key, record) = generate_key_for(keys.path(), "lists.test", "arc");
+    let dns = TestDns::start(vec![("arc._domainkey.lists.test", Rr::Txt(record))]);
+    let server = TestServer::start(|c| verifying(c, &dns)).unwrap();
+    let message = b"From: Carol <carol@origin.test>\r\nTo: bob@example.test\r\n\
+Subject: forwarded by a list\r\nMessage-ID: <arc-1@origin.test>\r\n\r\nSealed on the way.\r\n";
+    let sealed = arc_seal(message, &key, "lists.test", "arc");
+    let tampered = {
+        let mut t = sealed.clone();
+        let at = t.len() - 3;
+        t[at] = b'?'; // the body changes after sealing: the chain no longer holds
+        t
+    };
+    for bytes in [&sealed, &tampered] {
+        let (mut client, _) = SmtpClient::connect(server.port("smtp")).await.unwrap();
+        client.expect("EHLO lists.test", 250).await.unwrap();
+        client
+            .send_mail("owner@lists.test", &["bob@example.test"], bytes)
+            .await
+            .unwrap();
+        client.expect("QUIT", 221).await.unwrap();
+    }
+    let mail = server.wait_for_mail("bob", "example.test", 2);
+    assert_eq!(mail.len(), 2, "{}", server.log());
+    for (_, bytes) in &mail {
+        let text = String::from_utf8_lossy(bytes).into_owned();
+        let results = text
+            .split("Authentication-Results: ")
+            .nth(1)
+            .expect("an Authentication-Results field")
+            .split("\nARC-Seal:")
+            .next()
+            .unwrap()
+            .to_string();
+        let want = if text.ends_with("Sealed on the way.\n") {
+            "arc=pass smtp.remote-ip=127.0.0.1"
+        } else {
+            "arc=fail smtp.remote-ip=127.0.0.1"
+        };
+        assert!(results.contains(want), "{want}: {results}");
+        assert!(
+            text.contains("ARC-Seal: i=1; a=rsa-sha256; s=arc; d=lists.test; cv=none;"),
+            "{text}"
+        );
+        assert!(
+            results.lines().all(|l| l.len() < 200),
+            "the field stays folded: {results}"
+        );
+    }
 }

@@ -402,3 +402,194 @@ async fn smarthost_gets_everything_over_verified_tls_with_auth() {
     assert!(text.contains("Subject: relayed"));
     wait_until("the spool to empty", || server.spooled().is_empty()).await;
 }
+
+#[tokio::test]
+async fn a_delay_notice_then_a_final_bounce_when_the_message_expires() {
+    let ip = loopback_ip();
+    let script = SinkScript {
+        rcpt: Arc::new(|_, _| "451 4.3.0 Mailbox busy".into()),
+        ..SinkScript::default()
+    };
+    let sink = Sink::start(ip, 0, script).await;
+    let dns = TestDns::start(vec![("slow.test", Rr::A(ip))]);
+    let server = relay_server(&dns, sink.addr.port(), |config| {
+        let config = set_key(&config, "outbound", "max_age", "\"4s\"");
+        set_key(&config, "outbound", "delay_notice_after", "\"1s\"")
+    });
+    send(&server, "alice@example.test", &["bob@slow.test"], MESSAGE).await;
+    let delayed = wait_for_notice(&server, "Delayed Mail (still being retried)").await;
+    assert!(
+        delayed.contains("Action: delayed\nStatus: 4.3.0\n"),
+        "{delayed}"
+    );
+    assert!(delayed.contains("Diagnostic-Code: smtp; 451 4.3.0 Mailbox busy\n"));
+    assert!(delayed.contains("Will-Retry-Until: "), "{delayed}");
+    let failed = wait_for_notice(&server, "Undelivered Mail Returned to Sender").await;
+    assert!(
+        failed.contains("Final-Recipient: rfc822; bob@slow.test\nAction: failed\nStatus: 4.4.7\n"),
+        "{failed}"
+    );
+    assert!(
+        failed.contains("gave up after 4 seconds: 451 4.3.0 Mailbox busy"),
+        "{failed}"
+    );
+    wait_until("the spool to empty", || server.spooled().is_empty()).await;
+    let notices = server.maildir("alice", "example.test");
+    assert_eq!(notices.len(), 2, "one delay notice, one bounce");
+    assert!(
+        sink.transactions() >= 3,
+        "retried until it expired ({} attempts)",
+        sink.transactions()
+    );
+    assert!(sink.messages().is_empty());
+}
+
+#[tokio::test]
+async fn connections_per_domain_are_limited() {
+    let ip = loopback_ip();
+    let script = SinkScript {
+        data_delay: Duration::from_millis(300),
+        ..SinkScript::default()
+    };
+    let sink = Sink::start(ip, 0, script).await;
+    let dns = TestDns::start(vec![("busy.test", Rr::A(ip))]);
+    let server = relay_server(&dns, sink.addr.port(), |config| {
+        set_key(&config, "outbound", "max_connections_per_domain", "2")
+    });
+    // One session, six messages: all are queued before the first has left.
+    let (mut client, _) = SmtpClient::connect(server.port("smtp")).await.unwrap();
+    client.expect("EHLO client.test", 250).await.unwrap();
+    for n in 0..6 {
+        let to = format!("user{n}@busy.test");
+        client
+            .send_mail("alice@example.test", &[&to], MESSAGE)
+            .await
+            .unwrap();
+    }
+    client.expect("QUIT", 221).await.unwrap();
+    let got = sink.wait_for(6).await;
+    assert_eq!(got.len(), 6, "{}", server.log());
+    assert_eq!(
+        sink.most_sessions(),
+        2,
+        "never more than two connections to busy.test at once, and the two are used"
+    );
+    wait_until("the spool to empty", || server.spooled().is_empty()).await;
+}
+
+#[tokio::test]
+async fn helo_fallback_and_size_refusal() {
+    let (old_ip, small_ip) = (loopback_ip(), loopback_ip());
+    let old = Sink::start(
+        old_ip,
+        0,
+        SinkScript {
+            ehlo: false,
+            ..SinkScript::default()
+        },
+    )
+    .await;
+    let port = old.addr.port();
+    let small = Sink::start(
+        small_ip,
+        port,
+        SinkScript {
+            size: 200,
+            ..SinkScript::default()
+        },
+    )
+    .await;
+    let dns = TestDns::start(vec![
+        ("old.test", Rr::A(old_ip)),
+        ("small.test", Rr::A(small_ip)),
+    ]);
+    let server = relay_server(&dns, port, |c| c);
+    send(&server, "alice@example.test", &["x@old.test"], MESSAGE).await;
+    let got = old.wait_for(1).await;
+    assert_eq!(got.len(), 1, "{}", server.log());
+    assert_eq!(got[0].helo, "localhost", "HELO after the refused EHLO");
+    assert!(got[0].data.ends_with(MESSAGE));
+
+    send(&server, "alice@example.test", &["y@small.test"], MESSAGE).await;
+    let notice = wait_for_notice(&server, "Final-Recipient: rfc822; y@small.test").await;
+    assert!(notice.contains("Status: 5.3.4\n"), "{notice}");
+    assert!(
+        notice.contains("exceeds the server's limit 200"),
+        "{notice}"
+    );
+    assert_eq!(small.transactions(), 0, "refused before MAIL FROM");
+    wait_until("the spool to empty", || server.spooled().is_empty()).await;
+}
+
+#[tokio::test]
+async fn opportunistic_tls_falls_back_to_plaintext_after_a_failed_handshake() {
+    let ip = loopback_ip();
+    let sink = Sink::start(
+        ip,
+        0,
+        SinkScript {
+            broken_tls: true,
+            ..SinkScript::default()
+        },
+    )
+    .await;
+    let dns = TestDns::start(vec![("badtls.test", Rr::A(ip))]);
+    let server = relay_server(&dns, sink.addr.port(), |c| c);
+    send(&server, "alice@example.test", &["x@badtls.test"], MESSAGE).await;
+    let got = sink.wait_for(1).await;
+    assert_eq!(got.len(), 1, "{}", server.log());
+    assert!(!got[0].tls);
+    assert!(server
+        .log()
+        .contains("TLS handshake failed; retrying in plaintext"));
+    assert_eq!(sink.transactions(), 1, "one transaction, in the clear");
+}
+
+#[tokio::test]
+async fn recipients_deferred_by_one_mx_are_offered_to_the_next() {
+    let (first, second) = (loopback_ip(), loopback_ip());
+    let primary = Sink::start(
+        first,
+        0,
+        SinkScript {
+            rcpt: Arc::new(|rcpt, _| {
+                if rcpt.starts_with("busy") {
+                    "452 4.2.2 Mailbox full for now".into()
+                } else {
+                    "250 2.1.5 OK".into()
+                }
+            }),
+            ..SinkScript::default()
+        },
+    )
+    .await;
+    let port = primary.addr.port();
+    let backup = Sink::start(second, port, SinkScript::default()).await;
+    let dns = TestDns::start(vec![
+        ("two.test", Rr::Mx(10, "mx1.two.test".into())),
+        ("two.test", Rr::Mx(20, "mx2.two.test".into())),
+        ("mx1.two.test", Rr::A(first)),
+        ("mx2.two.test", Rr::A(second)),
+    ]);
+    let server = relay_server(&dns, port, |c| c);
+    send(
+        &server,
+        "alice@example.test",
+        &["busy@two.test", "free@two.test"],
+        MESSAGE,
+    )
+    .await;
+    let at_primary = primary.wait_for(1).await;
+    let at_backup = backup.wait_for(1).await;
+    assert_eq!(at_primary.len(), 1, "{}", server.log());
+    assert_eq!(at_primary[0].to, vec!["free@two.test"]);
+    assert_eq!(at_backup.len(), 1, "{}", server.log());
+    assert_eq!(
+        at_backup[0].to,
+        vec!["busy@two.test"],
+        "only the deferred one"
+    );
+    wait_until("the spool to empty", || server.spooled().is_empty()).await;
+    assert_eq!(primary.transactions(), 1, "no retry needed");
+    assert!(server.maildir("alice", "example.test").is_empty());
+}

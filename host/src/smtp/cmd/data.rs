@@ -204,7 +204,7 @@ impl Session {
                         index: i as u32 + 1,
                     })
                     .collect();
-                edits.push(Edit::Insert(Field::new(name, value)));
+                edits.push(Edit::Insert(Field::folded(name, value)));
                 message = Arc::new(apply_edits(&message, &edits, 1));
                 protected = 2;
                 info!(queue_id = %tx.id, spf = %verification.spf, dkim = %verification.dkim, dmarc = %verification.dmarc, "origin checked");
