@@ -54,6 +54,8 @@ pub struct Config {
     #[serde(default)]
     pub pop3: Pop3Config,
     #[serde(default)]
+    pub imap: ImapConfig,
+    #[serde(default)]
     pub outbound: OutboundConfig,
     #[serde(default)]
     pub mail_auth: MailAuthConfig,
@@ -267,6 +269,36 @@ impl Default for Pop3Config {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImapConfig {
+    /// Inactivity before the session is closed (RFC 9051 §5.4: at least 30 minutes), IDLE included.
+    pub idle_timeout_secs: u64,
+    /// The largest message APPEND takes, announced as APPENDLIMIT (RFC 7889).
+    pub append_limit: u32,
+    /// Folders made for every user on first login, with their RFC 6154 special use.
+    pub special_folders: BTreeMap<String, String>,
+}
+
+impl Default for ImapConfig {
+    fn default() -> Self {
+        ImapConfig {
+            idle_timeout_secs: 1800,
+            append_limit: 50 * 1024 * 1024,
+            special_folders: [
+                ("Sent", "\\Sent"),
+                ("Drafts", "\\Drafts"),
+                ("Trash", "\\Trash"),
+                ("Junk", "\\Junk"),
+                ("Archive", "\\Archive"),
+            ]
+            .into_iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect(),
+        }
+    }
+}
+
 /// Settings shared by all plugins (the sandbox's outer bounds).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -461,6 +493,8 @@ pub enum ListenerProtocol {
     Submission,
     /// POP3 mailbox access (RFC 1939); `starttls` offers STLS.
     Pop3,
+    /// IMAP mailbox access (RFC 9051 and RFC 3501).
+    Imap,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -568,6 +602,25 @@ impl Config {
         }
         if self.outbound.smarthost_user.is_some() != self.outbound.smarthost_password.is_some() {
             return Err("outbound.smarthost_user and smarthost_password go together".into());
+        }
+        if self.imap.idle_timeout_secs < 1800 {
+            return Err("imap.idle_timeout_secs must be at least 1800 (RFC 9051 §5.4)".into());
+        }
+        for (folder, special) in &self.imap.special_folders {
+            const USES: [&str; 7] = [
+                "\\All",
+                "\\Archive",
+                "\\Drafts",
+                "\\Flagged",
+                "\\Junk",
+                "\\Sent",
+                "\\Trash",
+            ];
+            if !crate::store::valid_folder_name(folder) || !USES.contains(&special.as_str()) {
+                return Err(format!(
+                    "imap.special_folders: {folder:?} = {special:?} needs a valid folder name and one of {USES:?}"
+                ));
+            }
         }
         if self.pop3.idle_timeout_secs < 600 {
             return Err("pop3.idle_timeout_secs must be at least 600 (RFC 1939 §3)".into());

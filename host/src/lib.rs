@@ -24,6 +24,7 @@ pub mod config;
 pub mod dns;
 pub mod durable;
 pub mod framing;
+pub mod imap;
 pub mod message;
 pub mod message_auth;
 pub mod plugin;

@@ -14,6 +14,7 @@ use tracing::{error, info, warn};
 
 use crate::auth::UserDirectory;
 use crate::config::{Config, ListenerConfig, ListenerProtocol, TlsMode};
+use crate::imap::ImapServer;
 use crate::plugin::PluginRuntime;
 use crate::pop3::Pop3Server;
 use crate::queue::scheduler::Scheduler;
@@ -22,6 +23,7 @@ use crate::smtp::reply::Reply;
 use crate::smtp::session::Session;
 use crate::smtp::SmtpServer;
 use crate::store::maildir::Maildir;
+use crate::store::watched::Watched;
 use crate::store::MailStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -146,10 +148,13 @@ pub async fn run(
     };
     let users = Arc::new(UserDirectory::from_config(&config));
     let spool = Spool::open(&data_dir.join("spool")).map_err(ServerError::Spool)?;
-    let store: Arc<dyn MailStore> = Arc::new(Maildir::new(
+    let maildir: Arc<dyn MailStore> = Arc::new(Maildir::new(
         data_dir.join("mailboxes"),
         &config.server.hostname,
     ));
+    // Every writer goes through the watched store, so IMAP sessions hear of every change.
+    let watched = Arc::new(Watched::new(maildir));
+    let store: Arc<dyn MailStore> = watched.clone();
     let recovered = spool.list().map_err(ServerError::Spool)?;
     let (to_scheduler, scheduler_inbox) = mpsc::channel(256);
 
@@ -211,8 +216,16 @@ pub async fn run(
     ));
     let pop3 = Arc::new(Pop3Server::new(
         config.clone(),
-        users,
+        users.clone(),
         store,
+        tls.clone(),
+        smtp.auth_throttle.clone(),
+        shutdown_rx.clone(),
+    ));
+    let imap = Arc::new(ImapServer::new(
+        config.clone(),
+        users,
+        watched,
         tls,
         smtp.auth_throttle.clone(),
         shutdown_rx.clone(),
@@ -220,6 +233,7 @@ pub async fn run(
     let services = Arc::new(Services {
         smtp: Arc::new(smtp),
         pop3,
+        imap,
     });
     tokio::spawn(reload_on_signal(
         plugins.clone(),
@@ -384,6 +398,7 @@ async fn wait_for_signal() {
 struct Services {
     smtp: Arc<SmtpServer>,
     pop3: Arc<Pop3Server>,
+    imap: Arc<ImapServer>,
 }
 
 async fn accept_loop(
@@ -429,6 +444,14 @@ async fn accept_loop(
                     drop(slot);
                 });
             }
+            ListenerProtocol::Imap => {
+                let session =
+                    crate::imap::session::Session::new(services.imap.clone(), config.clone(), peer);
+                tokio::spawn(async move {
+                    session.run(stream).await;
+                    drop(slot);
+                });
+            }
         }
     }
 }
@@ -443,6 +466,7 @@ async fn refuse(mut stream: TcpStream, listener: Arc<ListenerConfig>) {
                 Reply::new(421, "4.7.0", text).to_bytes()
             }
             ListenerProtocol::Pop3 => crate::pop3::codec::err(Some("SYS/TEMP"), text),
+            ListenerProtocol::Imap => format!("* BYE [UNAVAILABLE] {text}\r\n").into_bytes(),
         };
         let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&reply)).await;
     }

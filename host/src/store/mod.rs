@@ -6,6 +6,7 @@
 //! make many deliveries durable with one flush.
 
 pub mod maildir;
+pub mod watched;
 
 use std::io;
 
@@ -42,6 +43,8 @@ pub enum StoreError {
     NoSuchFolder(String),
     #[error("message {0} is no longer in the mailbox")]
     Gone(String),
+    #[error("folder {0:?} already exists")]
+    Exists(String),
 }
 
 impl StoreError {
@@ -57,7 +60,10 @@ impl StoreError {
     pub fn is_temporary(&self) -> bool {
         !matches!(
             self,
-            StoreError::InvalidName(_) | StoreError::Gone(_) | StoreError::NoSuchFolder(_)
+            StoreError::InvalidName(_)
+                | StoreError::Gone(_)
+                | StoreError::NoSuchFolder(_)
+                | StoreError::Exists(_)
         )
     }
 }
@@ -99,6 +105,24 @@ impl Flags {
     }
     pub fn without(self, other: Flags) -> Flags {
         Flags(self.0 & !other.0)
+    }
+}
+
+/// How a flag update combines with the flags a message has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlagChange {
+    Add(Flags),
+    Remove(Flags),
+    Replace(Flags),
+}
+
+impl FlagChange {
+    pub fn apply(self, old: Flags) -> Flags {
+        match self {
+            FlagChange::Add(flags) => old.union(flags),
+            FlagChange::Remove(flags) => old.without(flags),
+            FlagChange::Replace(flags) => flags,
+        }
     }
 }
 
@@ -154,6 +178,61 @@ pub trait MailStore: Send + Sync {
         folder: &str,
         messages: &[&MessageInfo],
         flags: Flags,
+    ) -> Result<(), StoreError> {
+        self.change_flags(mailbox, folder, messages, FlagChange::Add(flags))
+    }
+
+    /// Changes messages' flags (IMAP STORE). Messages already gone are skipped.
+    fn change_flags(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        messages: &[&MessageInfo],
+        change: FlagChange,
+    ) -> Result<(), StoreError>;
+
+    /// Stores a message a client hands over (IMAP APPEND) durably, with its flags and arrival
+    /// time, and returns (UIDVALIDITY, UID) of the new message.
+    fn append(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        message: &[u8],
+        flags: Flags,
+        received_at: i64,
+    ) -> Result<(u32, u32), StoreError>;
+
+    /// Copies messages to another folder durably, keeping flags and arrival times. Returns the
+    /// target's UIDVALIDITY and (source UID, new UID) for each message copied; messages
+    /// already gone are skipped.
+    fn copy(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        messages: &[&MessageInfo],
+        target: &str,
+    ) -> Result<(u32, Vec<(u32, u32)>), StoreError>;
+
+    /// The mailbox's folders other than INBOX, `/`-separated, in no particular order.
+    fn folders(&self, mailbox: &str) -> Result<Vec<String>, StoreError>;
+
+    fn create_folder(&self, mailbox: &str, folder: &str) -> Result<(), StoreError>;
+
+    /// Deletes a folder and its messages (not its sub-folders).
+    fn delete_folder(&self, mailbox: &str, folder: &str) -> Result<(), StoreError>;
+
+    /// Renames a folder and its sub-folders. Renaming INBOX moves its messages into the new
+    /// folder and leaves INBOX empty (RFC 9051 §6.3.6).
+    fn rename_folder(&self, mailbox: &str, from: &str, to: &str) -> Result<(), StoreError>;
+
+    /// Subscribed folder names (IMAP LSUB, LIST's \Subscribed).
+    fn subscriptions(&self, mailbox: &str) -> Result<Vec<String>, StoreError>;
+
+    fn set_subscribed(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        subscribed: bool,
     ) -> Result<(), StoreError>;
 
     /// Removes messages durably (POP3 UPDATE, IMAP EXPUNGE). Messages already gone are skipped.

@@ -24,7 +24,10 @@ use std::sync::{Arc, Mutex};
 
 use tracing::warn;
 
-use super::{Delivery, Flags, FolderSnapshot, MailStore, MessageInfo, StoreError};
+use super::{Delivery, FlagChange, Flags, FolderSnapshot, MailStore, MessageInfo, StoreError};
+
+/// The subscribed folder names, one a line, in the mailbox's root (as Dovecot keeps them).
+const SUBSCRIPTIONS: &str = "subscriptions";
 use crate::durable;
 use uidlist::UidList;
 
@@ -53,6 +56,17 @@ impl Maildir {
             .entry(dir.to_path_buf())
             .or_default()
             .clone()
+    }
+
+    /// The directory of a folder that exists (INBOX always does).
+    fn existing_folder(&self, mailbox: &str, folder: &str) -> Result<PathBuf, StoreError> {
+        let dir = self.folder_path(mailbox, folder)?;
+        if folder.eq_ignore_ascii_case("INBOX") {
+            ensure_maildir(&dir).map_err(StoreError::from_io)?;
+        } else if !dir.join("cur").is_dir() {
+            return Err(StoreError::NoSuchFolder(folder.into()));
+        }
+        Ok(dir)
     }
 
     /// The directory of a folder of a mailbox (`alice@example.test`, `INBOX` or a folder name).
@@ -199,41 +213,10 @@ impl MailStore for Maildir {
     }
 
     fn snapshot(&self, mailbox: &str, folder: &str) -> Result<FolderSnapshot, StoreError> {
-        let dir = self.folder_path(mailbox, folder)?;
-        if folder.eq_ignore_ascii_case("INBOX") {
-            ensure_maildir(&dir).map_err(StoreError::from_io)?;
-        } else if !dir.join("cur").is_dir() {
-            return Err(StoreError::NoSuchFolder(folder.into()));
-        }
+        let dir = self.existing_folder(mailbox, folder)?;
         let lock = self.folder_lock(&dir);
         let _guard = lock.lock().expect("folder lock");
-        let files = list_files(&dir).map_err(StoreError::from_io)?;
-        let mut index = read_index(&dir).map_err(StoreError::from_io)?;
-        let present: HashSet<&str> = files.keys().map(String::as_str).collect();
-        let indexed: HashSet<&str> = index.entries.iter().map(|(_, k)| k.as_str()).collect();
-        let mut arrivals: Vec<(&String, &Listed)> = files
-            .iter()
-            .filter(|(key, _)| !indexed.contains(key.as_str()))
-            .collect();
-        arrivals.sort_by(|a, b| (a.1.received_at, a.0).cmp(&(b.1.received_at, b.0)));
-        let changed = match index.reconcile(&present, arrivals.iter().map(|(k, _)| k.as_str())) {
-            Ok(changed) => changed,
-            Err(uidlist::UidsExhausted) => {
-                warn!(dir = %dir.display(), "UIDs exhausted, rebuilding the index");
-                index = UidList::fresh(unix_now(), Some(index.validity));
-                let mut all: Vec<_> = files.iter().collect();
-                all.sort_by(|a, b| (a.1.received_at, a.0).cmp(&(b.1.received_at, b.0)));
-                index
-                    .reconcile(&present, all.iter().map(|(k, _)| k.as_str()))
-                    .map_err(|_| {
-                        StoreError::Io(io::Error::other("folder has too many messages"))
-                    })?;
-                true
-            }
-        };
-        if changed {
-            write_index(&dir, &index).map_err(StoreError::from_io)?;
-        }
+        let (index, files) = indexed(&dir)?;
         let mut messages = Vec::with_capacity(index.entries.len());
         for (uid, key) in &index.entries {
             let listed = &files[key];
@@ -281,12 +264,12 @@ impl MailStore for Maildir {
         Ok(to_crlf(&content))
     }
 
-    fn add_flags(
+    fn change_flags(
         &self,
         mailbox: &str,
         folder: &str,
         messages: &[&MessageInfo],
-        flags: Flags,
+        change: FlagChange,
     ) -> Result<(), StoreError> {
         let dir = self.folder_path(mailbox, folder)?;
         for message in messages {
@@ -295,7 +278,7 @@ impl MailStore for Maildir {
                 continue;
             };
             let (_, old_flags) = parse_name(location.rsplit('/').next().unwrap_or_default());
-            let wanted = old_flags.union(flags);
+            let wanted = change.apply(old_flags);
             let target = format!("cur/{}:2,{}", message.key, flag_letters(wanted));
             if target != location {
                 match fs::rename(dir.join(&location), dir.join(&target)) {
@@ -306,6 +289,243 @@ impl MailStore for Maildir {
             }
         }
         Ok(())
+    }
+
+    fn append(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        message: &[u8],
+        flags: Flags,
+        received_at: i64,
+    ) -> Result<(u32, u32), StoreError> {
+        let dir = self.existing_folder(mailbox, folder)?;
+        let mut content = Vec::with_capacity(message.len());
+        let lf_count = to_lf(message, &mut content);
+        let size = content.len();
+        let key = format!(
+            "{received_at}.{}.{},S={size},W={}",
+            unique_part(),
+            self.host,
+            size + lf_count
+        );
+        let tmp_path = dir.join("tmp").join(&key);
+        let write = || -> io::Result<()> {
+            let mut file = File::create(&tmp_path)?;
+            file.write_all(&content)?;
+            file.sync_data()
+        };
+        if let Err(err) = write() {
+            let _ = fs::remove_file(&tmp_path);
+            return Err(StoreError::from_io(err));
+        }
+        let target = dir
+            .join("cur")
+            .join(format!("{key}:2,{}", flag_letters(flags)));
+        fs::rename(&tmp_path, &target).map_err(StoreError::from_io)?;
+        durable::sync_dir(&dir.join("cur")).map_err(StoreError::from_io)?;
+        let lock = self.folder_lock(&dir);
+        let _guard = lock.lock().expect("folder lock");
+        let (index, _) = indexed(&dir)?;
+        let uid = index
+            .entries
+            .iter()
+            .rev()
+            .find(|(_, k)| *k == key)
+            .map(|(uid, _)| *uid)
+            .ok_or_else(|| StoreError::Gone(key.clone()))?;
+        Ok((index.validity, uid))
+    }
+
+    fn copy(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        messages: &[&MessageInfo],
+        target: &str,
+    ) -> Result<(u32, Vec<(u32, u32)>), StoreError> {
+        let source = self.folder_path(mailbox, folder)?;
+        let dest = self.existing_folder(mailbox, target)?;
+        let mut copied = Vec::new();
+        for message in messages {
+            let Some(location) = current_location(&source, message).map_err(StoreError::from_io)?
+            else {
+                continue;
+            };
+            let name = location.rsplit('/').next().unwrap_or_default();
+            let (key, flags) = parse_name(name);
+            // Same arrival time and sizes, a new unique part.
+            let mut parts = key.splitn(2, '.');
+            let stamp = parts.next().unwrap_or("0");
+            let sizes = key.find(",S=").map(|at| &key[at..]).unwrap_or("");
+            let new_key = format!("{stamp}.{}.{}{sizes}", unique_part(), self.host);
+            let target_path = dest
+                .join("cur")
+                .join(format!("{new_key}:2,{}", flag_letters(flags)));
+            // A hard link shares the already durable bytes; a copy is the fallback.
+            let linked = fs::hard_link(source.join(&location), &target_path);
+            if let Err(err) = linked {
+                if err.kind() == io::ErrorKind::NotFound {
+                    continue;
+                }
+                let tmp = dest.join("tmp").join(&new_key);
+                let bytes = fs::read(source.join(&location)).map_err(StoreError::from_io)?;
+                let mut file = File::create(&tmp).map_err(StoreError::from_io)?;
+                file.write_all(&bytes).map_err(StoreError::from_io)?;
+                file.sync_data().map_err(StoreError::from_io)?;
+                fs::rename(&tmp, &target_path).map_err(StoreError::from_io)?;
+            }
+            copied.push((message.uid, new_key));
+        }
+        durable::sync_dir(&dest.join("cur")).map_err(StoreError::from_io)?;
+        let lock = self.folder_lock(&dest);
+        let _guard = lock.lock().expect("folder lock");
+        let (index, _) = indexed(&dest)?;
+        let uids: HashMap<&str, u32> = index
+            .entries
+            .iter()
+            .map(|(uid, key)| (key.as_str(), *uid))
+            .collect();
+        let pairs = copied
+            .iter()
+            .filter_map(|(old, key)| uids.get(key.as_str()).map(|new| (*old, *new)))
+            .collect();
+        Ok((index.validity, pairs))
+    }
+
+    fn folders(&self, mailbox: &str) -> Result<Vec<String>, StoreError> {
+        let root = self.folder_path(mailbox, "INBOX")?;
+        let entries = match fs::read_dir(&root) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(err) => return Err(StoreError::from_io(err)),
+        };
+        let mut folders = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(StoreError::from_io)?;
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            let Some(folder) = name.strip_prefix('.') else {
+                continue;
+            };
+            let folder = folder.replace('.', "/");
+            if super::valid_folder_name(&folder) && entry.path().join("cur").is_dir() {
+                folders.push(folder);
+            }
+        }
+        Ok(folders)
+    }
+
+    fn create_folder(&self, mailbox: &str, folder: &str) -> Result<(), StoreError> {
+        if folder.eq_ignore_ascii_case("INBOX") || !super::valid_folder_name(folder) {
+            return Err(StoreError::InvalidName(folder.into()));
+        }
+        let dir = self.folder_path(mailbox, folder)?;
+        if dir.exists() {
+            return Err(StoreError::Exists(folder.into()));
+        }
+        let root = self.folder_path(mailbox, "INBOX")?;
+        ensure_maildir(&root).map_err(StoreError::from_io)?;
+        // Built under a temporary name and renamed, so a crash never leaves half a folder.
+        let building = root.join(format!("..creating.{}", unique_part()));
+        ensure_maildir(&building).map_err(StoreError::from_io)?;
+        fs::rename(&building, &dir).map_err(|err| {
+            let _ = fs::remove_dir_all(&building);
+            StoreError::from_io(err)
+        })?;
+        durable::sync_dir(&root).map_err(StoreError::from_io)
+    }
+
+    fn delete_folder(&self, mailbox: &str, folder: &str) -> Result<(), StoreError> {
+        if folder.eq_ignore_ascii_case("INBOX") {
+            return Err(StoreError::InvalidName(folder.into()));
+        }
+        let dir = self.existing_folder(mailbox, folder)?;
+        let root = self.folder_path(mailbox, "INBOX")?;
+        // Out of sight first (one atomic rename), then removed at leisure.
+        let doomed = root.join(format!("..deleting.{}", unique_part()));
+        fs::rename(&dir, &doomed).map_err(StoreError::from_io)?;
+        durable::sync_dir(&root).map_err(StoreError::from_io)?;
+        fs::remove_dir_all(&doomed).map_err(StoreError::from_io)
+    }
+
+    fn rename_folder(&self, mailbox: &str, from: &str, to: &str) -> Result<(), StoreError> {
+        if to.eq_ignore_ascii_case("INBOX") || !super::valid_folder_name(to) {
+            return Err(StoreError::InvalidName(to.into()));
+        }
+        let target = self.folder_path(mailbox, to)?;
+        if target.exists() {
+            return Err(StoreError::Exists(to.into()));
+        }
+        let root = self.folder_path(mailbox, "INBOX")?;
+        if from.eq_ignore_ascii_case("INBOX") {
+            self.create_folder(mailbox, to)?;
+            let snapshot = self.snapshot(mailbox, "INBOX")?;
+            let all: Vec<&MessageInfo> = snapshot.messages.iter().collect();
+            self.copy(mailbox, "INBOX", &all, to)?;
+            return self.remove(mailbox, "INBOX", &all);
+        }
+        self.existing_folder(mailbox, from)?;
+        let old_prefix = format!(".{}", from.replace('/', "."));
+        let new_prefix = format!(".{}", to.replace('/', "."));
+        let mut moves = Vec::new();
+        for entry in fs::read_dir(&root).map_err(StoreError::from_io)? {
+            let entry = entry.map_err(StoreError::from_io)?;
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            if name == old_prefix || name.starts_with(&format!("{old_prefix}.")) {
+                moves.push(format!("{new_prefix}{}", &name[old_prefix.len()..]));
+                moves.push(name);
+            }
+        }
+        for pair in moves.chunks(2) {
+            let (new, old) = (&pair[0], &pair[1]);
+            fs::rename(root.join(old), root.join(new)).map_err(StoreError::from_io)?;
+        }
+        durable::sync_dir(&root).map_err(StoreError::from_io)
+    }
+
+    fn subscriptions(&self, mailbox: &str) -> Result<Vec<String>, StoreError> {
+        let path = self.folder_path(mailbox, "INBOX")?.join(SUBSCRIPTIONS);
+        match fs::read_to_string(path) {
+            Ok(text) => Ok(text
+                .lines()
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect()),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(err) => Err(StoreError::from_io(err)),
+        }
+    }
+
+    fn set_subscribed(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        subscribed: bool,
+    ) -> Result<(), StoreError> {
+        let root = self.folder_path(mailbox, "INBOX")?;
+        ensure_maildir(&root).map_err(StoreError::from_io)?;
+        let lock = self.folder_lock(&root.join(SUBSCRIPTIONS));
+        let _guard = lock.lock().expect("subscriptions lock");
+        let mut names = self.subscriptions(mailbox)?;
+        names.retain(|n| n != folder);
+        if subscribed {
+            names.push(folder.to_string());
+        }
+        let mut text = names.join("\n");
+        text.push('\n');
+        let tmp = root.join(format!("{SUBSCRIPTIONS}.tmp"));
+        let write = || -> io::Result<()> {
+            let mut file = File::create(&tmp)?;
+            file.write_all(text.as_bytes())?;
+            file.sync_data()?;
+            fs::rename(&tmp, root.join(SUBSCRIPTIONS))?;
+            durable::sync_dir(&root)
+        };
+        write().map_err(StoreError::from_io)
     }
 
     fn remove(
@@ -334,6 +554,52 @@ impl MailStore for Maildir {
         }
         Ok(())
     }
+}
+
+/// Lists a folder and brings its UID index up to date (new files get UIDs, vanished ones lose
+/// theirs), writing the index durably when it changed. The caller holds the folder lock.
+fn indexed(dir: &Path) -> Result<(UidList, HashMap<String, Listed>), StoreError> {
+    let files = list_files(dir).map_err(StoreError::from_io)?;
+    let mut index = read_index(dir).map_err(StoreError::from_io)?;
+    let present: HashSet<&str> = files.keys().map(String::as_str).collect();
+    let indexed: HashSet<&str> = index.entries.iter().map(|(_, k)| k.as_str()).collect();
+    let mut arrivals: Vec<(&String, &Listed)> = files
+        .iter()
+        .filter(|(key, _)| !indexed.contains(key.as_str()))
+        .collect();
+    arrivals.sort_by(|a, b| (a.1.received_at, a.0).cmp(&(b.1.received_at, b.0)));
+    let changed = match index.reconcile(&present, arrivals.iter().map(|(k, _)| k.as_str())) {
+        Ok(changed) => changed,
+        Err(uidlist::UidsExhausted) => {
+            warn!(dir = %dir.display(), "UIDs exhausted, rebuilding the index");
+            index = UidList::fresh(unix_now(), Some(index.validity));
+            let mut all: Vec<_> = files.iter().collect();
+            all.sort_by(|a, b| (a.1.received_at, a.0).cmp(&(b.1.received_at, b.0)));
+            index
+                .reconcile(&present, all.iter().map(|(k, _)| k.as_str()))
+                .map_err(|_| StoreError::Io(io::Error::other("folder has too many messages")))?;
+            true
+        }
+    };
+    if changed {
+        write_index(dir, &index).map_err(StoreError::from_io)?;
+    }
+    Ok((index, files))
+}
+
+/// A name no other message of this process or host will get: time, process and a counter.
+fn unique_part() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "P{}N{nanos}C{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A message file found in `new/` or `cur/`.

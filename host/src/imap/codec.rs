@@ -1,0 +1,482 @@
+//! IMAP on the wire, sans-IO: bytes in, [`Event`]s out; and the small encoders responses are
+//! built from.
+//!
+//! Framing (lines and literals) is imap-codec's `Fragmentizer` and the grammar is its
+//! `CommandCodec`. Two extensions clients use are unfinished in imap-codec 2.0-alpha, so they are
+//! lifted off the command line before it is decoded: ESEARCH's `SEARCH RETURN (...)` (RFC 4731)
+//! and LIST-EXTENDED's selection and return options (RFC 5258, with RFC 5819's `STATUS`). What
+//! remains is decoded by imap-codec as plain SEARCH and LIST.
+
+use imap_codec::decode::Decoder;
+use imap_codec::fragmentizer::{FragmentInfo, Fragmentizer, LiteralAnnouncement};
+use imap_codec::imap_types::command::Command;
+use imap_codec::imap_types::core::LiteralMode;
+use imap_codec::imap_types::IntoStatic;
+use imap_codec::CommandCodec;
+
+/// A command line without its literals may not exceed this (RFC 9051 §4 asks servers to allow at
+/// least 8000 octets).
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// What the next complete input is expected to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Command,
+    /// A line in an exchange: AUTHENTICATE's responses, IDLE's `DONE`.
+    Line,
+}
+
+/// Options lifted off a command before decoding (see the module docs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Extended {
+    /// ESEARCH return options, upper-cased (`MIN`, `MAX`, `COUNT`, `ALL`, `SAVE`); `Some(empty)`
+    /// for `RETURN ()`, which means `ALL`.
+    pub search_return: Option<Vec<String>>,
+    /// LIST selection options (`SUBSCRIBED`, `SPECIAL-USE`, `RECURSIVEMATCH`, `REMOTE`).
+    pub list_select: Vec<String>,
+    /// LIST return options (`SUBSCRIBED`, `CHILDREN`, `SPECIAL-USE`).
+    pub list_return: Vec<String>,
+    /// LIST-STATUS items (`MESSAGES`, `UNSEEN`, …).
+    pub list_status: Vec<String>,
+    /// Whether the command was LIST-EXTENDED at all (answers differ slightly).
+    pub list_extended: bool,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    Command {
+        command: Box<Command<'static>>,
+        extended: Extended,
+    },
+    /// A complete line in [`Mode::Line`], without its line end.
+    Line(Vec<u8>),
+    /// The client announced a synchronizing literal that will be accepted: send `+`.
+    LiteralWanted,
+    /// A synchronizing literal larger than allowed: refused before the client sends it.
+    LiteralRefused { tag: Option<String>, length: u32 },
+    /// A command longer than allowed (read and thrown away).
+    TooLong { tag: Option<String> },
+    /// A command that does not parse.
+    Bad { tag: Option<String>, text: String },
+}
+
+pub struct Reader {
+    fragmentizer: Fragmentizer,
+    literal_limit: u32,
+}
+
+impl Reader {
+    /// `literal_limit`: the largest literal taken (APPENDLIMIT).
+    pub fn new(literal_limit: u32) -> Reader {
+        let max = literal_limit.saturating_add(MAX_LINE as u32);
+        Reader {
+            fragmentizer: Fragmentizer::new(max),
+            literal_limit,
+        }
+    }
+
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.fragmentizer.enqueue_bytes(bytes);
+    }
+
+    /// Drops whatever is buffered (after STARTTLS: nothing sent in the clear may be obeyed).
+    pub fn reset(&mut self) {
+        *self = Reader::new(self.literal_limit);
+    }
+
+    fn tag(&self) -> Option<String> {
+        self.fragmentizer
+            .decode_tag()
+            .map(|tag| tag.as_ref().to_string())
+    }
+
+    /// The next event, or None when more input is needed.
+    pub fn next(&mut self, mode: Mode) -> Option<Event> {
+        loop {
+            let fragment = self.fragmentizer.progress()?;
+            if let FragmentInfo::Line {
+                start,
+                end,
+                announcement,
+                ..
+            } = fragment
+            {
+                if end - start > MAX_LINE {
+                    self.fragmentizer.poison_message();
+                }
+                if let Some(LiteralAnnouncement { mode: lit, length }) = announcement {
+                    if mode == Mode::Line {
+                        self.fragmentizer.poison_message();
+                    } else if length > self.literal_limit {
+                        if lit == LiteralMode::Sync {
+                            let tag = self.tag();
+                            self.fragmentizer.skip_message();
+                            return Some(Event::LiteralRefused { tag, length });
+                        }
+                        // LITERAL+: the client sends it anyway; it is read and discarded
+                        // (the message is poisoned and answered when complete).
+                        self.fragmentizer.poison_message();
+                    } else if lit == LiteralMode::Sync && !self.fragmentizer.is_message_poisoned() {
+                        return Some(Event::LiteralWanted);
+                    }
+                }
+            }
+            if !self.fragmentizer.is_message_complete() {
+                continue;
+            }
+            return Some(self.complete(mode));
+        }
+    }
+
+    fn complete(&mut self, mode: Mode) -> Event {
+        let tag = self.tag();
+        if self.fragmentizer.is_max_message_size_exceeded() {
+            return Event::TooLong { tag };
+        }
+        if self.fragmentizer.is_message_poisoned() {
+            let bytes = self.fragmentizer.message_bytes();
+            let long = bytes.len() > MAX_LINE;
+            return if long {
+                Event::TooLong { tag }
+            } else {
+                Event::Bad {
+                    tag,
+                    text: "Literal refused or malformed command".into(),
+                }
+            };
+        }
+        let bytes = self.fragmentizer.message_bytes();
+        if mode == Mode::Line {
+            let line = bytes
+                .strip_suffix(b"\r\n")
+                .or_else(|| bytes.strip_suffix(b"\n"))
+                .unwrap_or(bytes);
+            return Event::Line(line.to_vec());
+        }
+        let (bytes, extended) = lift_extensions(bytes);
+        match CommandCodec::default().decode(&bytes) {
+            Ok((b"", command)) => Event::Command {
+                command: Box::new(command.into_static()),
+                extended,
+            },
+            Ok(_) | Err(_) => Event::Bad {
+                tag,
+                text: "Syntax error in command".into(),
+            },
+        }
+    }
+}
+
+/// Takes ESEARCH and LIST-EXTENDED options off a command (see the module docs). Anything that
+/// does not look like them is left alone for imap-codec to judge.
+pub fn lift_extensions(message: &[u8]) -> (Vec<u8>, Extended) {
+    let mut extended = Extended::default();
+    let mut line_end = message
+        .iter()
+        .position(|b| *b == b'\n')
+        .unwrap_or(message.len());
+    if line_end > 0 && message[line_end - 1] == b'\r' {
+        line_end -= 1;
+    }
+    let Ok(line) = std::str::from_utf8(&message[..line_end]) else {
+        return (message.to_vec(), extended);
+    };
+    let mut words = line.splitn(3, ' ');
+    let (Some(tag), Some(verb), Some(rest)) = (words.next(), words.next(), words.next()) else {
+        return (message.to_vec(), extended);
+    };
+    let upper = verb.to_ascii_uppercase();
+    let (prefix, verb, rest) = if upper == "UID" {
+        let mut more = rest.splitn(2, ' ');
+        let (Some(verb), Some(rest)) = (more.next(), more.next()) else {
+            return (message.to_vec(), extended);
+        };
+        (format!("{tag} UID "), verb.to_ascii_uppercase(), rest)
+    } else {
+        (format!("{tag} "), upper, rest)
+    };
+    let rebuilt = match verb.as_str() {
+        "SEARCH" => {
+            let Some(after) = strip_prefix_ci(rest, "RETURN ") else {
+                return (message.to_vec(), extended);
+            };
+            let Some((options, rest)) = parenthesized(after) else {
+                return (message.to_vec(), extended);
+            };
+            extended.search_return = Some(
+                options
+                    .split_whitespace()
+                    .map(|o| o.to_ascii_uppercase())
+                    .collect(),
+            );
+            format!("{prefix}SEARCH {}", rest.trim_start())
+        }
+        "LIST" => {
+            let mut rest = rest.to_string();
+            if rest.starts_with('(') {
+                let Some((options, after)) = parenthesized(&rest) else {
+                    return (message.to_vec(), extended);
+                };
+                extended.list_select = options
+                    .split_whitespace()
+                    .map(|o| o.to_ascii_uppercase())
+                    .collect();
+                extended.list_extended = true;
+                rest = after.trim_start().to_string();
+            }
+            if let Some(at) = find_ci(&rest, " RETURN (") {
+                let Some((options, after)) = parenthesized(&rest[at + 8..]) else {
+                    return (message.to_vec(), extended);
+                };
+                if !after.trim().is_empty() {
+                    return (message.to_vec(), extended);
+                }
+                let mut words = options.split_whitespace().peekable();
+                let mut status = String::new();
+                while let Some(word) = words.next() {
+                    let word = word.to_ascii_uppercase();
+                    if word == "STATUS" {
+                        let remaining: Vec<&str> = words.by_ref().collect();
+                        status = remaining.join(" ");
+                        break;
+                    }
+                    extended.list_return.push(word);
+                }
+                if !status.is_empty() {
+                    let inner = status.trim().trim_start_matches('(').trim_end_matches(')');
+                    extended.list_status = inner
+                        .split_whitespace()
+                        .map(|s| s.to_ascii_uppercase())
+                        .collect();
+                }
+                extended.list_extended = true;
+                rest.truncate(at);
+            }
+            if !extended.list_extended {
+                return (message.to_vec(), extended);
+            }
+            format!("{prefix}LIST {rest}")
+        }
+        _ => return (message.to_vec(), extended),
+    };
+    let mut out = rebuilt.into_bytes();
+    out.extend_from_slice(&message[line_end..]);
+    (out, extended)
+}
+
+fn strip_prefix_ci<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    (text.len() >= prefix.len() && text[..prefix.len()].eq_ignore_ascii_case(prefix))
+        .then(|| &text[prefix.len()..])
+}
+
+fn find_ci(text: &str, needle: &str) -> Option<usize> {
+    text.to_ascii_uppercase().find(&needle.to_ascii_uppercase())
+}
+
+/// `(a b (c d)) rest` → (`a b (c d)`, ` rest`).
+fn parenthesized(text: &str) -> Option<(&str, &str)> {
+    if !text.starts_with('(') {
+        return None;
+    }
+    let mut depth = 0;
+    for (i, c) in text.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some((&text[1..i], &text[i + 1..]));
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+// ----- Encoding -----
+
+/// A string as IMAP `string`: quoted when it is short, 7-bit and free of CR, LF and NUL;
+/// otherwise a literal.
+pub fn string(out: &mut Vec<u8>, value: &[u8]) {
+    let quotable = value.len() <= 1024
+        && value
+            .iter()
+            .all(|b| *b != b'\r' && *b != b'\n' && *b != 0 && *b < 0x80);
+    if quotable {
+        out.push(b'"');
+        for b in value {
+            if *b == b'"' || *b == b'\\' {
+                out.push(b'\\');
+            }
+            out.push(*b);
+        }
+        out.push(b'"');
+    } else {
+        literal(out, value);
+    }
+}
+
+pub fn literal(out: &mut Vec<u8>, value: &[u8]) {
+    out.extend_from_slice(format!("{{{}}}\r\n", value.len()).as_bytes());
+    out.extend_from_slice(value);
+}
+
+/// `nstring`: NIL or a string.
+pub fn nstring(out: &mut Vec<u8>, value: Option<&[u8]>) {
+    match value {
+        Some(value) => string(out, value),
+        None => out.extend_from_slice(b"NIL"),
+    }
+}
+
+/// A tagged or untagged status response line.
+pub fn status(tag: Option<&str>, kind: &str, code: Option<&str>, text: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32 + text.len());
+    out.extend_from_slice(tag.unwrap_or("*").as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(kind.as_bytes());
+    out.push(b' ');
+    if let Some(code) = code {
+        out.push(b'[');
+        out.extend_from_slice(code.as_bytes());
+        out.extend_from_slice(b"] ");
+    }
+    let text: String = text.chars().filter(|c| *c != '\r' && *c != '\n').collect();
+    out.extend_from_slice(if text.is_empty() { "done" } else { &text }.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imap_codec::imap_types::command::CommandBody;
+
+    fn events(reader: &mut Reader, mode: Mode) -> Vec<Event> {
+        std::iter::from_fn(|| reader.next(mode)).collect()
+    }
+
+    #[test]
+    fn commands_in_any_chunking() {
+        let input = b"a1 NOOP\r\na2 LOGIN alice \"pass word\"\r\na3 SELECT INBOX\r\n";
+        for split in 1..input.len() {
+            let mut reader = Reader::new(1024);
+            let mut got = Vec::new();
+            for chunk in input.chunks(split) {
+                reader.feed(chunk);
+                got.extend(events(&mut reader, Mode::Command));
+            }
+            let tags: Vec<String> = got
+                .iter()
+                .map(|e| match e {
+                    Event::Command { command, .. } => command.tag.as_ref().to_string(),
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            assert_eq!(tags, ["a1", "a2", "a3"], "split {split}");
+        }
+    }
+
+    #[test]
+    fn synchronizing_literal_is_asked_for_then_decoded() {
+        let mut reader = Reader::new(1024);
+        reader.feed(b"a APPEND INBOX {5}\r\n");
+        assert!(matches!(
+            reader.next(Mode::Command),
+            Some(Event::LiteralWanted)
+        ));
+        assert!(reader.next(Mode::Command).is_none());
+        reader.feed(b"hello\r\n");
+        match reader.next(Mode::Command) {
+            Some(Event::Command { command, .. }) => {
+                assert!(matches!(command.body, CommandBody::Append { .. }))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn literal_plus_needs_no_continuation_and_big_literals_are_refused() {
+        let mut reader = Reader::new(10);
+        reader.feed(b"a APPEND INBOX {5+}\r\nhello\r\n");
+        assert!(matches!(
+            reader.next(Mode::Command),
+            Some(Event::Command { .. })
+        ));
+        reader.feed(b"b APPEND INBOX {50}\r\nc NOOP\r\n");
+        match reader.next(Mode::Command) {
+            Some(Event::LiteralRefused { tag, length }) => {
+                assert_eq!(tag.as_deref(), Some("b"));
+                assert_eq!(length, 50);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            reader.next(Mode::Command),
+            Some(Event::Command { .. })
+        ));
+        // A non-synchronizing literal over the limit is read and answered, not obeyed.
+        reader.feed(b"d APPEND INBOX {20+}\r\n01234567890123456789\r\ne NOOP\r\n");
+        let got = events(&mut reader, Mode::Command);
+        assert!(
+            matches!(&got[0], Event::Bad { tag: Some(t), .. } | Event::TooLong { tag: Some(t) } if t == "d"),
+            "{got:?}"
+        );
+        assert!(matches!(&got[1], Event::Command { .. }), "{got:?}");
+    }
+
+    #[test]
+    fn garbage_is_bad_with_its_tag_when_there_is_one() {
+        let mut reader = Reader::new(1024);
+        reader.feed(b"x1 FROBNICATE\r\n\r\n)(*&\r\nx2 NOOP\r\n");
+        let got = events(&mut reader, Mode::Command);
+        assert!(matches!(&got[0], Event::Bad { tag: Some(t), .. } if t == "x1"));
+        assert!(matches!(&got[1], Event::Bad { .. }));
+        assert!(matches!(&got[2], Event::Bad { .. }));
+        assert!(matches!(&got[3], Event::Command { .. }));
+    }
+
+    #[test]
+    fn overlong_line_then_a_good_one() {
+        let mut reader = Reader::new(1024);
+        let mut long = b"a ".to_vec();
+        long.extend(std::iter::repeat_n(b'x', MAX_LINE + 10));
+        long.extend_from_slice(b"\r\nb NOOP\r\n");
+        reader.feed(&long);
+        let got = events(&mut reader, Mode::Command);
+        assert!(matches!(&got[0], Event::TooLong { .. }), "{got:?}");
+        assert!(matches!(&got[1], Event::Command { .. }));
+    }
+
+    #[test]
+    fn esearch_and_list_extended_options_are_lifted() {
+        let (bytes, ext) = lift_extensions(b"t UID SEARCH RETURN (MIN COUNT) UNSEEN\r\n");
+        assert_eq!(bytes, b"t UID SEARCH UNSEEN\r\n");
+        assert_eq!(ext.search_return, Some(vec!["MIN".into(), "COUNT".into()]));
+        let (bytes, ext) = lift_extensions(
+            b"t LIST (SUBSCRIBED) \"\" \"*\" RETURN (CHILDREN STATUS (MESSAGES UNSEEN))\r\n",
+        );
+        assert_eq!(bytes, b"t LIST \"\" \"*\"\r\n");
+        assert!(ext.list_extended);
+        assert_eq!(ext.list_select, vec!["SUBSCRIBED"]);
+        assert_eq!(ext.list_return, vec!["CHILDREN"]);
+        assert_eq!(ext.list_status, vec!["MESSAGES", "UNSEEN"]);
+        let (bytes, ext) = lift_extensions(b"t LIST \"\" %\r\n");
+        assert_eq!(bytes, b"t LIST \"\" %\r\n");
+        assert!(!ext.list_extended);
+    }
+
+    #[test]
+    fn strings_quote_or_go_literal() {
+        let mut out = Vec::new();
+        string(&mut out, b"a \"b\\");
+        assert_eq!(out, b"\"a \\\"b\\\\\"");
+        out.clear();
+        string(&mut out, "é".as_bytes());
+        assert_eq!(out, b"{2}\r\n\xc3\xa9");
+        out.clear();
+        nstring(&mut out, None);
+        assert_eq!(out, b"NIL");
+    }
+}

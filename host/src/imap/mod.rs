@@ -1,0 +1,61 @@
+//! IMAP (RFC 9051 IMAP4rev2, with RFC 3501 IMAP4rev1 compatibility) on the mailbox store.
+//!
+//! ```text
+//!  connect ─► NotAuthenticated ──LOGIN/AUTHENTICATE──► Authenticated ──SELECT/EXAMINE──► Selected
+//!               ▲ STARTTLS resets                         ▲        CLOSE/UNSELECT/failed SELECT │
+//!                                                         └─────────────────────────────────────┘
+//!  any state ──LOGOUT──► Logout ─► close
+//! ```
+//!
+//! `codec` frames and decodes commands (imap-codec) and encodes the few response shapes;
+//! `selected` is a session's view of its selected folder; `fetch` renders message data;
+//! `search` evaluates criteria; `session` is the state machine and the only place with I/O.
+
+pub mod codec;
+pub mod fetch;
+pub mod search;
+pub mod selected;
+pub mod session;
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::auth::{AuthThrottle, UserDirectory};
+use crate::config::Config;
+use crate::store::watched::Watched;
+use crate::store::MailStore;
+
+/// Everything IMAP sessions share.
+pub struct ImapServer {
+    pub config: Arc<Config>,
+    pub users: Arc<UserDirectory>,
+    pub store: Arc<dyn MailStore>,
+    /// The same store, for its change announcements (IDLE and other sessions' updates).
+    pub watched: Arc<Watched>,
+    pub tls: Option<TlsAcceptor>,
+    pub auth_throttle: Arc<AuthThrottle>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl ImapServer {
+    pub fn new(
+        config: Arc<Config>,
+        users: Arc<UserDirectory>,
+        watched: Arc<Watched>,
+        tls: Option<TlsAcceptor>,
+        auth_throttle: Arc<AuthThrottle>,
+        shutdown: watch::Receiver<bool>,
+    ) -> ImapServer {
+        ImapServer {
+            config,
+            users,
+            store: watched.clone(),
+            watched,
+            tls,
+            auth_throttle,
+            shutdown,
+        }
+    }
+}

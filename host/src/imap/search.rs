@@ -1,0 +1,274 @@
+//! SEARCH criteria (RFC 9051 §6.4.4) evaluated against one message. Flag, size, date and set
+//! criteria use the listing only; header and text criteria read the message, once, lazily.
+//! String matches are case-insensitive substring matches, as the RFC asks; header values are
+//! decoded (RFC 2047) and bodies are searched both as sent and as decoded text.
+
+use chrono::{NaiveDate, TimeZone, Utc};
+use imap_codec::imap_types::search::SearchKey;
+use imap_codec::imap_types::sequence::{SeqOrUid, Sequence, SequenceSet};
+
+use crate::store::{Flags, MessageInfo};
+
+/// (low, high) inclusive ranges with `*` resolved to `largest`.
+pub fn ranges(set: &SequenceSet, largest: u32) -> Vec<(u32, u32)> {
+    let value = |v: &SeqOrUid| match v {
+        SeqOrUid::Value(n) => n.get(),
+        SeqOrUid::Asterisk => largest,
+    };
+    set.0
+        .as_ref()
+        .iter()
+        .map(|sequence| match sequence {
+            Sequence::Single(v) => (value(v), value(v)),
+            Sequence::Range(a, b) => {
+                let (a, b) = (value(a), value(b));
+                (a.min(b), a.max(b))
+            }
+        })
+        .collect()
+}
+
+pub fn contains(ranges: &[(u32, u32)], n: u32) -> bool {
+    ranges.iter().any(|(low, high)| (*low..=*high).contains(&n))
+}
+
+/// The message's bytes, read on first use.
+pub struct Lazy<'a> {
+    load: &'a mut dyn FnMut() -> Option<Vec<u8>>,
+    bytes: Option<Option<Vec<u8>>>,
+    parsed_text: Option<String>,
+}
+
+impl<'a> Lazy<'a> {
+    pub fn new(load: &'a mut dyn FnMut() -> Option<Vec<u8>>) -> Lazy<'a> {
+        Lazy {
+            load,
+            bytes: None,
+            parsed_text: None,
+        }
+    }
+
+    fn bytes(&mut self) -> Option<&[u8]> {
+        if self.bytes.is_none() {
+            self.bytes = Some((self.load)());
+        }
+        self.bytes.as_ref().and_then(|b| b.as_deref())
+    }
+
+    fn header_values(&mut self, name: &str) -> Vec<String> {
+        let Some(bytes) = self.bytes() else {
+            return Vec::new();
+        };
+        let Some(message) = mail_parser::MessageParser::default().parse_headers(bytes) else {
+            return Vec::new();
+        };
+        let mut values = Vec::new();
+        for header in message.headers() {
+            if header.name.as_str().eq_ignore_ascii_case(name) {
+                let raw = bytes
+                    .get(header.offset_start as usize..header.offset_end as usize)
+                    .unwrap_or_default();
+                let raw = String::from_utf8_lossy(raw).replace("\r\n", "");
+                let decoded = match &header.value {
+                    mail_parser::HeaderValue::Text(t) => t.to_string(),
+                    _ => String::new(),
+                };
+                values.push(format!("{} {decoded}", raw.trim()));
+            }
+        }
+        values
+    }
+
+    fn sent_date(&mut self) -> Option<NaiveDate> {
+        let bytes = self.bytes()?;
+        let message = mail_parser::MessageParser::default().parse_headers(bytes)?;
+        let date = message.date()?;
+        Some(
+            Utc.timestamp_opt(date.to_timestamp(), 0)
+                .single()?
+                .date_naive(),
+        )
+    }
+
+    /// The body as sent, then its decoded text parts, for TEXT and BODY.
+    fn body_text(&mut self) -> String {
+        if let Some(text) = &self.parsed_text {
+            return text.clone();
+        }
+        let Some(bytes) = self.bytes() else {
+            return String::new();
+        };
+        let body = &bytes[crate::message::body_offset(bytes)..];
+        let mut text = String::from_utf8_lossy(body).into_owned();
+        if let Some(message) = mail_parser::MessageParser::default().parse(bytes) {
+            for i in 0..message.text_body.len() {
+                if let Some(part) = message.body_text(i) {
+                    text.push('\n');
+                    text.push_str(&part);
+                }
+            }
+        }
+        let text = text.to_lowercase();
+        self.parsed_text = Some(text.clone());
+        text
+    }
+
+    fn whole_text(&mut self) -> String {
+        let header = match self.bytes() {
+            Some(bytes) => {
+                String::from_utf8_lossy(&bytes[..crate::message::body_offset(bytes)]).to_lowercase()
+            }
+            None => String::new(),
+        };
+        format!("{header}\n{}", self.body_text())
+    }
+}
+
+/// What a message is measured against.
+pub struct Subject<'a> {
+    pub seq: u32,
+    pub info: &'a MessageInfo,
+    /// The highest sequence number and UID in the mailbox (what `*` means).
+    pub last_seq: u32,
+    pub last_uid: u32,
+}
+
+fn has(haystack: &str, needle: &[u8]) -> bool {
+    let needle = String::from_utf8_lossy(needle).to_lowercase();
+    haystack.to_lowercase().contains(&needle)
+}
+
+fn internal_day(info: &MessageInfo) -> NaiveDate {
+    Utc.timestamp_opt(info.received_at, 0)
+        .single()
+        .unwrap_or_default()
+        .date_naive()
+}
+
+pub fn matches(key: &SearchKey<'_>, subject: &Subject<'_>, message: &mut Lazy<'_>) -> bool {
+    let flags = subject.info.flags;
+    let flag = |f: Flags| flags.contains(f);
+    let header = |message: &mut Lazy<'_>, name: &str, needle: &[u8]| {
+        message
+            .header_values(name)
+            .iter()
+            .any(|value| has(value, needle))
+    };
+    match key {
+        SearchKey::And(keys) => keys.as_ref().iter().all(|k| matches(k, subject, message)),
+        SearchKey::Or(a, b) => matches(a, subject, message) || matches(b, subject, message),
+        SearchKey::Not(k) => !matches(k, subject, message),
+        SearchKey::All => true,
+        SearchKey::SequenceSet(set) => contains(&ranges(set, subject.last_seq), subject.seq),
+        SearchKey::Uid(set) => contains(&ranges(set, subject.last_uid), subject.info.uid),
+        SearchKey::Answered => flag(Flags::ANSWERED),
+        SearchKey::Unanswered => !flag(Flags::ANSWERED),
+        SearchKey::Deleted => flag(Flags::DELETED),
+        SearchKey::Undeleted => !flag(Flags::DELETED),
+        SearchKey::Draft => flag(Flags::DRAFT),
+        SearchKey::Undraft => !flag(Flags::DRAFT),
+        SearchKey::Flagged => flag(Flags::FLAGGED),
+        SearchKey::Unflagged => !flag(Flags::FLAGGED),
+        SearchKey::Seen => flag(Flags::SEEN),
+        SearchKey::Unseen => !flag(Flags::SEEN),
+        // No session sees a message as \Recent here (IMAP4rev2 dropped it), so NEW is UNSEEN.
+        SearchKey::New => !flag(Flags::SEEN),
+        SearchKey::Old => true,
+        SearchKey::Recent => false,
+        SearchKey::Keyword(word) => {
+            word.as_ref().eq_ignore_ascii_case("$Forwarded") && flag(Flags::FORWARDED)
+        }
+        SearchKey::Unkeyword(word) => {
+            !(word.as_ref().eq_ignore_ascii_case("$Forwarded") && flag(Flags::FORWARDED))
+        }
+        SearchKey::Larger(n) => subject.info.size > u64::from(*n),
+        SearchKey::Smaller(n) => subject.info.size < u64::from(*n),
+        SearchKey::Before(date) => internal_day(subject.info) < *date.as_ref(),
+        SearchKey::On(date) => internal_day(subject.info) == *date.as_ref(),
+        SearchKey::Since(date) => internal_day(subject.info) >= *date.as_ref(),
+        SearchKey::SentBefore(date) => message.sent_date().is_some_and(|d| d < *date.as_ref()),
+        SearchKey::SentOn(date) => message.sent_date().is_some_and(|d| d == *date.as_ref()),
+        SearchKey::SentSince(date) => message.sent_date().is_some_and(|d| d >= *date.as_ref()),
+        SearchKey::From(s) => header(message, "From", s.as_ref()),
+        SearchKey::To(s) => header(message, "To", s.as_ref()),
+        SearchKey::Cc(s) => header(message, "Cc", s.as_ref()),
+        SearchKey::Bcc(s) => header(message, "Bcc", s.as_ref()),
+        SearchKey::Subject(s) => header(message, "Subject", s.as_ref()),
+        SearchKey::Header(name, value) => {
+            let name = String::from_utf8_lossy(name.as_ref()).into_owned();
+            let values = message.header_values(&name);
+            // RFC 9051: an empty string matches every message that has the field.
+            !values.is_empty()
+                && (value.as_ref().is_empty() || values.iter().any(|v| has(v, value.as_ref())))
+        }
+        SearchKey::Body(s) => has(&message.body_text(), s.as_ref()),
+        SearchKey::Text(s) => has(&message.whole_text(), s.as_ref()),
+        #[allow(unreachable_patterns)]
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imap_codec::imap_types::core::AString;
+
+    fn info(uid: u32, flags: Flags, size: u64) -> MessageInfo {
+        MessageInfo {
+            uid,
+            key: format!("k{uid}"),
+            location: String::new(),
+            size,
+            flags,
+            received_at: 1_795_300_000,
+        }
+    }
+
+    #[test]
+    fn criteria() {
+        let raw = b"From: Alice <alice@example.test>\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?= lunch\r\nDate: Sun, 22 Nov 2026 09:00:00 +0000\r\n\r\nLet us meet at noon.\r\n".to_vec();
+        let message = info(7, Flags::SEEN, raw.len() as u64);
+        let subject = Subject {
+            seq: 3,
+            info: &message,
+            last_seq: 5,
+            last_uid: 9,
+        };
+        let check = |key: SearchKey<'_>| {
+            let raw = raw.clone();
+            let mut load = move || Some(raw.clone());
+            let mut lazy = Lazy::new(&mut load);
+            matches(&key, &subject, &mut lazy)
+        };
+        let s = |t: &'static str| AString::try_from(t).unwrap();
+        assert!(check(SearchKey::Seen));
+        assert!(!check(SearchKey::Unseen));
+        assert!(check(SearchKey::From(s("ALICE"))));
+        assert!(check(SearchKey::Subject(s("grüße"))), "decoded subject");
+        assert!(check(SearchKey::Subject(s("lunch"))));
+        assert!(check(SearchKey::Body(s("NOON"))));
+        assert!(
+            !check(SearchKey::Body(s("alice"))),
+            "BODY is not the header"
+        );
+        assert!(check(SearchKey::Text(s("alice"))));
+        assert!(check(SearchKey::Header(s("date"), s(""))));
+        assert!(!check(SearchKey::Header(s("cc"), s(""))));
+        assert!(check(SearchKey::Uid(SequenceSet::try_from("5:*").unwrap())));
+        assert!(!check(SearchKey::Uid(
+            SequenceSet::try_from("8:*").unwrap()
+        )));
+        assert!(check(SearchKey::SequenceSet(
+            SequenceSet::try_from("1,3").unwrap()
+        )));
+        assert!(check(SearchKey::Not(Box::new(SearchKey::Deleted))));
+        assert!(check(SearchKey::Or(
+            Box::new(SearchKey::Deleted),
+            Box::new(SearchKey::Seen)
+        )));
+        let day = NaiveDate::from_ymd_opt(2026, 11, 22).unwrap();
+        assert!(check(SearchKey::SentOn(day.try_into().unwrap())));
+        assert!(check(SearchKey::Larger(10)));
+        assert!(!check(SearchKey::Smaller(10)));
+    }
+}

@@ -1,0 +1,1740 @@
+//! One IMAP session: the state machine of RFC 9051 §3 driven by one async loop (read a command,
+//! act on the store, answer). Responses are flushed only when no complete command is waiting,
+//! so pipelined commands cost one write.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use imap_codec::imap_types::command::{Command, CommandBody};
+use imap_codec::imap_types::extensions::binary::LiteralOrLiteral8;
+use imap_codec::imap_types::fetch::{Macro, MacroOrMessageDataItemNames, MessageDataItemName};
+use imap_codec::imap_types::flag::{Flag, StoreResponse, StoreType};
+use imap_codec::imap_types::mailbox::{ListMailbox, Mailbox};
+use imap_codec::imap_types::search::SearchKey;
+use imap_codec::imap_types::sequence::SequenceSet;
+use imap_codec::imap_types::status::StatusDataItemName;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+use tracing::{debug, info, warn, Instrument};
+
+use super::codec::{self, Event, Extended, Mode, Reader};
+use super::fetch::{self, Parsed};
+use super::search::{self, Lazy, Subject};
+use super::selected::{paired_sets, uid_set, Selected};
+use super::ImapServer;
+use crate::auth::{AuthUser, Mechanism, SaslError, SaslExchange, SaslStep, Secret};
+use crate::config::{ListenerConfig, TlsMode};
+use crate::store::{FlagChange, Flags, MailStore, MessageInfo, StoreError};
+use crate::stream::{Io, ReadError};
+
+/// Messages rendered per blocking batch in FETCH: bounds the memory one response holds.
+const FETCH_BATCH: usize = 32;
+
+enum State {
+    NotAuthenticated,
+    Authenticated,
+    Selected(Selected),
+}
+
+/// How a command ended (its tagged response, or the end of the session).
+enum Done {
+    Ok(Option<String>, String),
+    No(Option<String>, String),
+    Bad(String),
+    /// The tagged response is already queued (STARTTLS answers before its handshake).
+    Sent,
+    /// Nothing more to send: the connection closes.
+    Close,
+}
+
+fn ok(text: &str) -> Done {
+    Done::Ok(None, text.to_string())
+}
+
+fn no(code: Option<&str>, text: &str) -> Done {
+    Done::No(code.map(str::to_string), text.to_string())
+}
+
+/// The store's refusal in IMAP terms (RFC 5530 response codes).
+fn store_failure(err: &StoreError) -> Done {
+    match err {
+        StoreError::NoSuchFolder(_) => no(Some("NONEXISTENT"), "No such mailbox"),
+        StoreError::Exists(_) => no(Some("ALREADYEXISTS"), "Mailbox already exists"),
+        StoreError::InvalidName(_) => no(Some("CANNOT"), "Invalid mailbox name"),
+        StoreError::Full(_) => no(Some("OVERQUOTA"), "Mail storage is full"),
+        StoreError::Gone(_) => no(Some("EXPUNGEISSUED"), "Message was expunged"),
+        StoreError::Io(_) => no(Some("SERVERBUG"), "Internal error, try again later"),
+    }
+}
+
+static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
+
+pub struct Session {
+    id: u64,
+    server: Arc<ImapServer>,
+    listener: Arc<ListenerConfig>,
+    peer: SocketAddr,
+    tls: bool,
+    state: State,
+    /// The logged-in user's mailbox key.
+    user: Option<String>,
+    /// ENABLE IMAP4rev2 was given: SEARCH answers in ESEARCH form, no RECENT.
+    rev2: bool,
+    errors: u32,
+    auth_failures: u32,
+    reader: Reader,
+    changes: broadcast::Receiver<Arc<str>>,
+    /// A change to the user's mailbox was announced since the last look.
+    dirty: bool,
+}
+
+/// Reads until the reader has an event, sending queued responses before waiting.
+async fn read_event<S>(
+    reader: &mut Reader,
+    io: &mut Io<S>,
+    mode: Mode,
+    deadline: Instant,
+) -> Result<Event, ReadError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    loop {
+        if let Some(event) = reader.next(mode) {
+            return Ok(event);
+        }
+        io.flush().await?;
+        io.fill(deadline).await?;
+        reader.feed(&io.input);
+        io.input.clear();
+    }
+}
+
+/// Runs store work on a blocking thread.
+async fn blocking<T, F>(work: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, StoreError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|_| Err(StoreError::Io(std::io::Error::other("store task failed"))))
+}
+
+/// A mailbox name as the store knows it: `/`-separated, INBOX in upper case.
+fn folder_name(mailbox: &Mailbox<'_>) -> Result<String, Done> {
+    match mailbox {
+        Mailbox::Inbox => Ok("INBOX".into()),
+        Mailbox::Other(other) => {
+            let name = std::str::from_utf8(other.as_ref())
+                .map_err(|_| no(Some("CANNOT"), "Mailbox names must be UTF-8"))?;
+            let name = name.trim_end_matches('/');
+            if name.eq_ignore_ascii_case("INBOX") {
+                return Ok("INBOX".into());
+            }
+            if !crate::store::valid_folder_name(name) {
+                return Err(no(Some("CANNOT"), "Invalid mailbox name"));
+            }
+            Ok(name.to_string())
+        }
+    }
+}
+
+fn store_flags(flags: &[Flag<'_>]) -> Flags {
+    flags.iter().fold(Flags::empty(), |acc, flag| {
+        acc.union(match flag {
+            Flag::Seen => Flags::SEEN,
+            Flag::Answered => Flags::ANSWERED,
+            Flag::Flagged => Flags::FLAGGED,
+            Flag::Deleted => Flags::DELETED,
+            Flag::Draft => Flags::DRAFT,
+            Flag::Keyword(k) if k.as_ref().eq_ignore_ascii_case("$Forwarded") => Flags::FORWARDED,
+            _ => Flags::empty(),
+        })
+    })
+}
+
+const FLAG_LIST: &str = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft $Forwarded)";
+
+/// IMAP `list-wildcards` matching: `*` matches anything, `%` anything but the delimiter.
+fn wildcard_match(pattern: &[u8], name: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => name.is_empty(),
+        Some((b'*', rest)) => (0..=name.len()).any(|i| wildcard_match(rest, &name[i..])),
+        Some((b'%', rest)) => (0..=name.len())
+            .take_while(|i| *i == 0 || name[i - 1] != b'/')
+            .any(|i| wildcard_match(rest, &name[i..])),
+        Some((c, rest)) => name.first() == Some(c) && wildcard_match(rest, &name[1..]),
+    }
+}
+
+fn list_match(pattern: &str, name: &str) -> bool {
+    // INBOX is case-insensitive, in a pattern as in a name.
+    let fold = |s: &str| {
+        if s.len() >= 5
+            && s[..5].eq_ignore_ascii_case("INBOX")
+            && (s.len() == 5 || s.as_bytes()[5] == b'/')
+        {
+            format!("INBOX{}", &s[5..])
+        } else {
+            s.to_string()
+        }
+    };
+    wildcard_match(fold(pattern).as_bytes(), fold(name).as_bytes())
+}
+
+impl Session {
+    pub fn new(
+        server: Arc<ImapServer>,
+        listener: Arc<ListenerConfig>,
+        peer: SocketAddr,
+    ) -> Session {
+        let changes = server.watched.subscribe();
+        let reader = Reader::new(server.config.imap.append_limit);
+        Session {
+            id: SESSION_IDS.fetch_add(1, Ordering::Relaxed),
+            server,
+            listener,
+            peer,
+            tls: false,
+            state: State::NotAuthenticated,
+            user: None,
+            rev2: false,
+            errors: 0,
+            auth_failures: 0,
+            reader,
+            changes,
+            dirty: false,
+        }
+    }
+
+    pub async fn run<S>(self, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let span = tracing::info_span!("imap", session = self.id, peer = %self.peer, listener = %self.listener.name);
+        self.serve(stream).instrument(span).await
+    }
+
+    fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.server.config.imap.idle_timeout_secs)
+    }
+
+    fn plaintext_allowed(&self) -> bool {
+        self.tls || self.listener.trusted
+    }
+
+    async fn serve<S>(mut self, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let mut io = Io::new(stream, self.idle_timeout());
+        if self.listener.tls == TlsMode::Implicit {
+            let Some(acceptor) = self.server.tls.clone() else {
+                return;
+            };
+            if let Err(err) = io
+                .start_tls(&acceptor, crate::stream::TLS_HANDSHAKE_TIMEOUT)
+                .await
+            {
+                info!("TLS handshake failed: {err}");
+                return;
+            }
+            self.tls = true;
+        }
+        let greeting = format!("[CAPABILITY {}] Postern IMAP ready", self.capabilities());
+        io.queue(&codec::status(None, "OK", None, &greeting));
+        let mut shutdown = self.server.shutdown.clone();
+        loop {
+            let deadline = Instant::now() + self.idle_timeout();
+            let event = tokio::select! {
+                event = read_event(&mut self.reader, &mut io, Mode::Command, deadline) => event,
+                _ = shutdown.wait_for(|down| *down) => {
+                    io.queue(b"* BYE Server shutting down\r\n");
+                    break;
+                }
+            };
+            let event = match event {
+                Ok(event) => event,
+                Err(ReadError::Timeout) => {
+                    io.queue(b"* BYE Autologout: idle for too long\r\n");
+                    break;
+                }
+                Err(err) => {
+                    debug!("connection ended: {err}");
+                    return;
+                }
+            };
+            let (tag, done) = match event {
+                Event::LiteralWanted => {
+                    io.queue(b"+ Ready for literal data\r\n");
+                    continue;
+                }
+                Event::LiteralRefused { tag, length } => {
+                    let limit = self.server.config.imap.append_limit;
+                    let text = format!("Literal of {length} octets is over the limit of {limit}");
+                    (tag, no(Some("TOOBIG"), &text))
+                }
+                Event::TooLong { tag } => (tag, no(Some("TOOBIG"), "Command too long")),
+                Event::Bad { tag, text } => (tag, Done::Bad(text)),
+                Event::Line(_) => (None, Done::Bad("Unexpected line".into())),
+                Event::Command { command, extended } => {
+                    let tag = command.tag.as_ref().to_string();
+                    let done = self.dispatch(&mut io, *command, extended).await;
+                    (Some(tag), done)
+                }
+            };
+            match done {
+                Done::Close => break,
+                Done::Sent => {}
+                Done::Ok(code, text) => {
+                    io.queue(&codec::status(tag.as_deref(), "OK", code.as_deref(), &text))
+                }
+                Done::No(code, text) => {
+                    io.queue(&codec::status(tag.as_deref(), "NO", code.as_deref(), &text))
+                }
+                Done::Bad(text) => {
+                    self.errors += 1;
+                    io.queue(&codec::status(tag.as_deref(), "BAD", None, &text));
+                }
+            }
+            if self.errors >= self.server.config.limits.max_errors {
+                io.queue(b"* BYE Too many errors, closing\r\n");
+                break;
+            }
+        }
+        io.shutdown().await;
+        debug!("closed");
+    }
+
+    fn capabilities(&self) -> String {
+        let mut caps = vec![
+            "IMAP4rev1",
+            "IMAP4rev2",
+            "LITERAL+",
+            "SASL-IR",
+            "ID",
+            "ENABLE",
+            "IDLE",
+            "NAMESPACE",
+            "UNSELECT",
+            "UIDPLUS",
+            "MOVE",
+            "CHILDREN",
+            "SPECIAL-USE",
+            "LIST-EXTENDED",
+            "LIST-STATUS",
+            "ESEARCH",
+            "BINARY",
+        ];
+        if matches!(self.state, State::NotAuthenticated) {
+            if !self.tls && self.listener.tls == TlsMode::Starttls && self.server.tls.is_some() {
+                caps.push("STARTTLS");
+            }
+            if self.plaintext_allowed() {
+                caps.push("AUTH=PLAIN");
+                caps.push("AUTH=LOGIN");
+            } else {
+                caps.push("LOGINDISABLED");
+            }
+        }
+        let mut text = caps.join(" ");
+        text.push_str(&format!(
+            " APPENDLIMIT={}",
+            self.server.config.imap.append_limit
+        ));
+        text
+    }
+
+    /// Notes announcements about this user's mailbox.
+    fn drain_changes(&mut self) {
+        let Some(user) = &self.user else {
+            return;
+        };
+        loop {
+            match self.changes.try_recv() {
+                Ok(mailbox) => {
+                    if mailbox.as_ref() == user.to_ascii_lowercase() {
+                        self.dirty = true;
+                    }
+                }
+                Err(broadcast::error::TryRecvError::Lagged(_)) => self.dirty = true,
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Brings the client up to date on the selected folder, when something changed.
+    async fn updates(&mut self, expunge_allowed: bool) -> Vec<u8> {
+        self.drain_changes();
+        if !self.dirty {
+            return Vec::new();
+        }
+        let (Some(user), State::Selected(selected)) = (self.user.clone(), &self.state) else {
+            return Vec::new();
+        };
+        let store = self.server.store.clone();
+        let folder = selected.folder.clone();
+        let snapshot = blocking(move || store.snapshot(&user, &folder)).await;
+        let State::Selected(selected) = &mut self.state else {
+            return Vec::new();
+        };
+        match snapshot {
+            Ok(snapshot) => {
+                // Only a complete report clears the flag; one that had to hold back EXPUNGEs
+                // leaves it for the next command.
+                if expunge_allowed {
+                    self.dirty = false;
+                }
+                selected.refresh(snapshot, expunge_allowed)
+            }
+            Err(StoreError::NoSuchFolder(_)) => {
+                b"* BYE Selected mailbox was deleted, please reconnect\r\n".to_vec()
+            }
+            Err(err) => {
+                warn!("cannot refresh the selected folder: {err}");
+                Vec::new()
+            }
+        }
+    }
+
+    async fn dispatch<S>(
+        &mut self,
+        io: &mut Io<S>,
+        command: Command<'static>,
+        extended: Extended,
+    ) -> Done
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let tag = command.tag.as_ref().to_string();
+        // RFC 9051 §7.5.1: no EXPUNGE during FETCH, STORE or SEARCH (their UID forms allow it).
+        let expunge_allowed = !matches!(
+            command.body,
+            CommandBody::Fetch { uid: false, .. }
+                | CommandBody::Store { uid: false, .. }
+                | CommandBody::Search { uid: false, .. }
+        );
+        let done = match command.body {
+            CommandBody::Capability => {
+                io.queue(format!("* CAPABILITY {}\r\n", self.capabilities()).as_bytes());
+                ok("CAPABILITY completed")
+            }
+            CommandBody::Noop => ok("NOOP completed"),
+            CommandBody::Logout => {
+                io.queue(b"* BYE Logging out\r\n");
+                io.queue(&codec::status(Some(&tag), "OK", None, "LOGOUT completed"));
+                return Done::Close;
+            }
+            CommandBody::Id { .. } => {
+                io.queue(b"* ID (\"name\" \"Postern\" \"vendor\" \"Postern\")\r\n");
+                ok("ID completed")
+            }
+            CommandBody::StartTLS => return self.starttls(io, &tag).await,
+            CommandBody::Login { username, password } => {
+                if !matches!(self.state, State::NotAuthenticated) {
+                    return Done::Bad("Already logged in".into());
+                }
+                if !self.plaintext_allowed() {
+                    return no(Some("PRIVACYREQUIRED"), "Use STARTTLS first");
+                }
+                let login = String::from_utf8_lossy(username.as_ref()).into_owned();
+                let password = String::from_utf8_lossy(password.declassify().as_ref()).into_owned();
+                self.login(io, login, password, "LOGIN").await
+            }
+            CommandBody::Authenticate {
+                mechanism,
+                initial_response,
+            } => {
+                let initial = initial_response.map(|r| {
+                    use base64::Engine as _;
+                    let bytes = r.declassify();
+                    if bytes.is_empty() {
+                        "=".to_string()
+                    } else {
+                        base64::engine::general_purpose::STANDARD.encode(bytes.as_ref())
+                    }
+                });
+                self.authenticate(io, mechanism.as_ref(), initial).await
+            }
+            _ if matches!(self.state, State::NotAuthenticated) => Done::Bad("Log in first".into()),
+            body => self.authenticated(io, &tag, body, extended).await,
+        };
+        if matches!(done, Done::Close | Done::Sent) {
+            return done;
+        }
+        let updates = self.updates(expunge_allowed).await;
+        io.queue(&updates);
+        done
+    }
+
+    async fn starttls<S>(&mut self, io: &mut Io<S>, tag: &str) -> Done
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let acceptor = match (&self.server.tls, self.listener.tls, self.tls, &self.state) {
+            (_, _, true, _) => return Done::Bad("TLS is already active".into()),
+            (_, _, _, State::Authenticated | State::Selected(_)) => {
+                return Done::Bad("Already logged in".into())
+            }
+            (Some(acceptor), TlsMode::Starttls, false, _) => acceptor.clone(),
+            _ => return Done::Bad("STARTTLS is not available here".into()),
+        };
+        io.queue(&codec::status(
+            Some(tag),
+            "OK",
+            None,
+            "Begin TLS negotiation now",
+        ));
+        if io.flush().await.is_err() {
+            return Done::Close;
+        }
+        match io
+            .start_tls(&acceptor, crate::stream::TLS_HANDSHAKE_TIMEOUT)
+            .await
+        {
+            Ok(_) => {
+                self.tls = true;
+                // Nothing sent before the handshake may be obeyed after it.
+                self.reader.reset();
+                Done::Sent
+            }
+            Err(err) => {
+                info!("STARTTLS handshake failed: {err}");
+                Done::Close
+            }
+        }
+    }
+
+    fn throttle_allows(&self) -> bool {
+        if self.server.auth_throttle.allows(self.peer.ip()) {
+            return true;
+        }
+        info!("login refused: too many failures from this address");
+        false
+    }
+
+    async fn authenticate<S>(
+        &mut self,
+        io: &mut Io<S>,
+        mechanism: &str,
+        initial: Option<String>,
+    ) -> Done
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        if !matches!(self.state, State::NotAuthenticated) {
+            return Done::Bad("Already logged in".into());
+        }
+        if !self.plaintext_allowed() {
+            return no(Some("PRIVACYREQUIRED"), "Use STARTTLS first");
+        }
+        let Some(mechanism) = Mechanism::parse(mechanism) else {
+            return no(Some("CANNOT"), "Unsupported authentication mechanism");
+        };
+        let (mut exchange, mut step) = SaslExchange::start(mechanism, initial.as_deref());
+        let (login, password) = loop {
+            step = match step {
+                SaslStep::Done(login, password) => break (login, password),
+                SaslStep::Failed(SaslError::Cancelled) => {
+                    return Done::Bad("Authentication cancelled".into())
+                }
+                SaslStep::Failed(SaslError::Malformed) => {
+                    return Done::Bad("Cannot decode the response".into())
+                }
+                SaslStep::Challenge(challenge) => {
+                    io.queue(format!("+ {challenge}\r\n").as_bytes());
+                    let deadline = Instant::now() + self.idle_timeout();
+                    match read_event(&mut self.reader, io, Mode::Line, deadline).await {
+                        Ok(Event::Line(line)) => exchange.respond(&String::from_utf8_lossy(&line)),
+                        Ok(_) => return Done::Bad("Malformed response".into()),
+                        Err(_) => return Done::Close,
+                    }
+                }
+            };
+        };
+        self.login(io, login, password.0, mechanism.name()).await
+    }
+
+    async fn login<S>(
+        &mut self,
+        io: &mut Io<S>,
+        login: String,
+        password: String,
+        method: &str,
+    ) -> Done
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        if !self.throttle_allows() {
+            return no(
+                Some("UNAVAILABLE"),
+                "Too many failed logins from your address, try again later",
+            );
+        }
+        let ip = self.peer.ip();
+        let verified = self
+            .server
+            .users
+            .verify(login.clone(), Secret(password))
+            .await;
+        let Some(AuthUser(user)) = verified else {
+            self.auth_failures += 1;
+            self.server.auth_throttle.record_failure(ip);
+            warn!(login = %login.chars().take(64).collect::<String>(), method, failures = self.auth_failures, "authentication failed");
+            tokio::time::sleep(crate::auth::FAILURE_DELAY * self.auth_failures).await;
+            if self.auth_failures >= self.server.config.limits.max_auth_failures {
+                io.queue(b"* BYE Too many failed logins, closing connection\r\n");
+                return Done::Close;
+            }
+            return no(Some("AUTHENTICATIONFAILED"), "Authentication failed");
+        };
+        self.server.auth_throttle.record_success(ip);
+        info!(%user, method, "logged in");
+        self.make_special_folders(&user).await;
+        self.user = Some(user);
+        self.state = State::Authenticated;
+        self.drain_changes();
+        Done::Ok(
+            Some(format!("CAPABILITY {}", self.capabilities())),
+            "Logged in".into(),
+        )
+    }
+
+    /// Creates (and subscribes) the configured special-use folders a user does not have yet.
+    async fn make_special_folders(&self, user: &str) {
+        let wanted: Vec<String> = self
+            .server
+            .config
+            .imap
+            .special_folders
+            .keys()
+            .cloned()
+            .collect();
+        let store = self.server.store.clone();
+        let user = user.to_string();
+        let made = blocking(move || {
+            let existing = store.folders(&user)?;
+            let mut made = Vec::new();
+            for folder in wanted {
+                if existing.contains(&folder) {
+                    continue;
+                }
+                match store.create_folder(&user, &folder) {
+                    Ok(()) | Err(StoreError::Exists(_)) => {}
+                    Err(err) => return Err(err),
+                }
+                store.set_subscribed(&user, &folder, true)?;
+                made.push(folder);
+            }
+            Ok(made)
+        })
+        .await;
+        match made {
+            Ok(made) if !made.is_empty() => info!(folders = ?made, "special-use folders created"),
+            Ok(_) => {}
+            Err(err) => warn!("cannot create special-use folders: {err}"),
+        }
+    }
+
+    fn user(&self) -> String {
+        self.user.clone().unwrap_or_default()
+    }
+
+    fn selected(&mut self) -> Option<&mut Selected> {
+        match &mut self.state {
+            State::Selected(selected) => Some(selected),
+            _ => None,
+        }
+    }
+
+    async fn authenticated<S>(
+        &mut self,
+        io: &mut Io<S>,
+        tag: &str,
+        body: CommandBody<'static>,
+        extended: Extended,
+    ) -> Done
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        match body {
+            CommandBody::Enable { capabilities } => {
+                let mut enabled = Vec::new();
+                for capability in capabilities.as_ref() {
+                    let name = capability.to_string();
+                    if name.eq_ignore_ascii_case("IMAP4rev2") {
+                        self.rev2 = true;
+                        enabled.push("IMAP4rev2");
+                    }
+                }
+                io.queue(
+                    format!("* ENABLED {}\r\n", enabled.join(" "))
+                        .trim_end()
+                        .as_bytes(),
+                );
+                io.queue(b"\r\n");
+                ok("ENABLE completed")
+            }
+            CommandBody::Namespace => {
+                io.queue(b"* NAMESPACE ((\"\" \"/\")) NIL NIL\r\n");
+                ok("NAMESPACE completed")
+            }
+            CommandBody::Select { mailbox, .. } => self.select(io, &mailbox, false).await,
+            CommandBody::Examine { mailbox, .. } => self.select(io, &mailbox, true).await,
+            CommandBody::Create { mailbox } => {
+                let name = match folder_name(&mailbox) {
+                    Ok(name) => name,
+                    Err(done) => return done,
+                };
+                if name == "INBOX" {
+                    return no(Some("ALREADYEXISTS"), "INBOX always exists");
+                }
+                let (store, user) = (self.server.store.clone(), self.user());
+                match blocking(move || store.create_folder(&user, &name)).await {
+                    Ok(()) => ok("CREATE completed"),
+                    Err(err) => store_failure(&err),
+                }
+            }
+            CommandBody::Delete { mailbox } => {
+                let name = match folder_name(&mailbox) {
+                    Ok(name) => name,
+                    Err(done) => return done,
+                };
+                if name == "INBOX" {
+                    return no(Some("CANNOT"), "INBOX cannot be deleted");
+                }
+                let (store, user) = (self.server.store.clone(), self.user());
+                let folder = name.clone();
+                match blocking(move || store.delete_folder(&user, &folder)).await {
+                    Ok(()) => {
+                        if self.selected().is_some_and(|s| s.folder == name) {
+                            self.state = State::Authenticated;
+                        }
+                        ok("DELETE completed")
+                    }
+                    Err(err) => store_failure(&err),
+                }
+            }
+            CommandBody::Rename { from, to } => {
+                let (from, to) = match (folder_name(&from), folder_name(&to)) {
+                    (Ok(from), Ok(to)) => (from, to),
+                    (Err(done), _) | (_, Err(done)) => return done,
+                };
+                let (store, user) = (self.server.store.clone(), self.user());
+                match blocking(move || store.rename_folder(&user, &from, &to)).await {
+                    Ok(()) => ok("RENAME completed"),
+                    Err(err) => store_failure(&err),
+                }
+            }
+            CommandBody::Subscribe { mailbox } => self.subscribe(&mailbox, true).await,
+            CommandBody::Unsubscribe { mailbox } => self.subscribe(&mailbox, false).await,
+            CommandBody::List {
+                reference,
+                mailbox_wildcard,
+            } => {
+                self.list(io, &reference, &mailbox_wildcard, &extended, false)
+                    .await
+            }
+            CommandBody::Lsub {
+                reference,
+                mailbox_wildcard,
+            } => {
+                self.list(io, &reference, &mailbox_wildcard, &extended, true)
+                    .await
+            }
+            CommandBody::Status {
+                mailbox,
+                item_names,
+            } => {
+                let name = match folder_name(&mailbox) {
+                    Ok(name) => name,
+                    Err(done) => return done,
+                };
+                match self.status_line(&name, item_names.as_ref()).await {
+                    Ok(line) => {
+                        io.queue(&line);
+                        ok("STATUS completed")
+                    }
+                    Err(err) => store_failure(&err),
+                }
+            }
+            CommandBody::Append {
+                mailbox,
+                flags,
+                date,
+                message,
+            } => {
+                let name = match folder_name(&mailbox) {
+                    Ok(name) => name,
+                    Err(done) => return done,
+                };
+                let bytes = match message {
+                    LiteralOrLiteral8::Literal(literal) => literal.as_ref().to_vec(),
+                    LiteralOrLiteral8::Literal8(literal) => literal.data.as_ref().to_vec(),
+                };
+                if bytes.is_empty() {
+                    return no(None, "Empty message");
+                }
+                let received_at = date
+                    .map(|d| d.as_ref().timestamp())
+                    .unwrap_or_else(|| chrono::Utc::now().timestamp());
+                let flags = store_flags(&flags);
+                let (store, user) = (self.server.store.clone(), self.user());
+                match blocking(move || store.append(&user, &name, &bytes, flags, received_at)).await
+                {
+                    Ok((validity, uid)) => Done::Ok(
+                        Some(format!("APPENDUID {validity} {uid}")),
+                        "APPEND completed".into(),
+                    ),
+                    Err(StoreError::NoSuchFolder(_)) => no(Some("TRYCREATE"), "No such mailbox"),
+                    Err(err) => store_failure(&err),
+                }
+            }
+            CommandBody::Idle => self.idle(io).await,
+            _ if self.selected().is_none() => Done::Bad("No mailbox selected".into()),
+            body => self.in_selected(io, tag, body, extended).await,
+        }
+    }
+
+    async fn subscribe(&mut self, mailbox: &Mailbox<'_>, on: bool) -> Done {
+        let name = match folder_name(mailbox) {
+            Ok(name) => name,
+            Err(done) => return done,
+        };
+        let (store, user) = (self.server.store.clone(), self.user());
+        match blocking(move || store.set_subscribed(&user, &name, on)).await {
+            Ok(()) => ok(if on {
+                "SUBSCRIBE completed"
+            } else {
+                "UNSUBSCRIBE completed"
+            }),
+            Err(err) => store_failure(&err),
+        }
+    }
+
+    async fn select<S>(&mut self, io: &mut Io<S>, mailbox: &Mailbox<'_>, read_only: bool) -> Done
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        // RFC 9051 §6.3.2: a failed SELECT leaves no mailbox selected.
+        if matches!(self.state, State::Selected(_)) {
+            self.state = State::Authenticated;
+            if self.rev2 {
+                io.queue(b"* OK [CLOSED] Previous mailbox closed\r\n");
+            }
+        }
+        let name = match folder_name(mailbox) {
+            Ok(name) => name,
+            Err(done) => return done,
+        };
+        let (store, user, folder) = (self.server.store.clone(), self.user(), name.clone());
+        let snapshot = match blocking(move || store.snapshot(&user, &folder)).await {
+            Ok(snapshot) => snapshot,
+            Err(err) => return store_failure(&err),
+        };
+        self.drain_changes();
+        self.dirty = false;
+        let selected = Selected::new(name, read_only, snapshot);
+        let mut out = Vec::new();
+        out.extend_from_slice(format!("* {} EXISTS\r\n", selected.exists()).as_bytes());
+        if !self.rev2 {
+            out.extend_from_slice(b"* 0 RECENT\r\n");
+            if let Some(first) = selected.first_unseen() {
+                out.extend_from_slice(format!("* OK [UNSEEN {first}] First unseen\r\n").as_bytes());
+            }
+        }
+        out.extend_from_slice(format!("* FLAGS {FLAG_LIST}\r\n").as_bytes());
+        let permanent = if read_only { "()" } else { FLAG_LIST };
+        out.extend_from_slice(
+            format!("* OK [PERMANENTFLAGS {permanent}] Flags the store keeps\r\n").as_bytes(),
+        );
+        out.extend_from_slice(
+            format!(
+                "* OK [UIDVALIDITY {}] UIDs valid\r\n",
+                selected.uid_validity
+            )
+            .as_bytes(),
+        );
+        out.extend_from_slice(
+            format!(
+                "* OK [UIDNEXT {}] Predicted next UID\r\n",
+                selected.uid_next
+            )
+            .as_bytes(),
+        );
+        io.queue(&out);
+        self.state = State::Selected(selected);
+        if read_only {
+            Done::Ok(Some("READ-ONLY".into()), "EXAMINE completed".into())
+        } else {
+            Done::Ok(Some("READ-WRITE".into()), "SELECT completed".into())
+        }
+    }
+
+    async fn status_line(
+        &self,
+        name: &str,
+        items: &[StatusDataItemName],
+    ) -> Result<Vec<u8>, StoreError> {
+        let (store, user, folder) = (self.server.store.clone(), self.user(), name.to_string());
+        let snapshot = blocking(move || store.snapshot(&user, &folder)).await?;
+        let mut parts = Vec::new();
+        for item in items {
+            let value = match item {
+                StatusDataItemName::Messages => format!("MESSAGES {}", snapshot.messages.len()),
+                StatusDataItemName::Recent => "RECENT 0".into(),
+                StatusDataItemName::UidNext => format!("UIDNEXT {}", snapshot.uid_next),
+                StatusDataItemName::UidValidity => format!("UIDVALIDITY {}", snapshot.uid_validity),
+                StatusDataItemName::Unseen => format!(
+                    "UNSEEN {}",
+                    snapshot
+                        .messages
+                        .iter()
+                        .filter(|m| !m.flags.contains(Flags::SEEN))
+                        .count()
+                ),
+                StatusDataItemName::Deleted => format!(
+                    "DELETED {}",
+                    snapshot
+                        .messages
+                        .iter()
+                        .filter(|m| m.flags.contains(Flags::DELETED))
+                        .count()
+                ),
+                StatusDataItemName::DeletedStorage => format!(
+                    "DELETED-STORAGE {}",
+                    snapshot
+                        .messages
+                        .iter()
+                        .filter(|m| m.flags.contains(Flags::DELETED))
+                        .map(|m| m.size)
+                        .sum::<u64>()
+                ),
+                #[allow(unreachable_patterns)]
+                _ => continue,
+            };
+            parts.push(value);
+        }
+        let mut out = b"* STATUS ".to_vec();
+        codec::string(&mut out, name.as_bytes());
+        out.extend_from_slice(format!(" ({})\r\n", parts.join(" ")).as_bytes());
+        Ok(out)
+    }
+
+    async fn list<S>(
+        &mut self,
+        io: &mut Io<S>,
+        reference: &Mailbox<'_>,
+        pattern: &ListMailbox<'_>,
+        extended: &Extended,
+        lsub: bool,
+    ) -> Done
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let reference = match reference {
+            Mailbox::Inbox => "INBOX".to_string(),
+            Mailbox::Other(other) => String::from_utf8_lossy(other.as_ref()).into_owned(),
+        };
+        let pattern = match pattern {
+            ListMailbox::Token(token) => String::from_utf8_lossy(token.as_ref()).into_owned(),
+            ListMailbox::String(string) => String::from_utf8_lossy(string.as_ref()).into_owned(),
+        };
+        let verb = if lsub { "LSUB" } else { "LIST" };
+        if pattern.is_empty() && !lsub {
+            io.queue(b"* LIST (\\Noselect) \"/\" \"\"\r\n");
+            return ok("LIST completed");
+        }
+        let pattern = format!("{reference}{pattern}");
+        let (store, user) = (self.server.store.clone(), self.user());
+        let listing =
+            blocking(move || Ok((store.folders(&user)?, store.subscriptions(&user)?))).await;
+        let (folders, subscribed) = match listing {
+            Ok(listing) => listing,
+            Err(err) => return store_failure(&err),
+        };
+        let mut names: Vec<String> = std::iter::once("INBOX".to_string())
+            .chain(folders.iter().cloned())
+            .collect();
+        let mut implied = Vec::new();
+        for folder in &folders {
+            let mut parent = folder.as_str();
+            while let Some((up, _)) = parent.rsplit_once('/') {
+                if !names.iter().any(|n| n == up) && !implied.iter().any(|n: &String| n == up) {
+                    implied.push(up.to_string());
+                }
+                parent = up;
+            }
+        }
+        names.extend(implied.iter().cloned());
+        let only_subscribed = lsub || extended.list_select.iter().any(|o| o == "SUBSCRIBED");
+        let only_special = extended.list_select.iter().any(|o| o == "SPECIAL-USE");
+        let show_subscribed =
+            only_subscribed || extended.list_return.iter().any(|o| o == "SUBSCRIBED");
+        if only_subscribed {
+            for name in &subscribed {
+                if !names.iter().any(|n| n == name) {
+                    names.push(name.clone());
+                }
+            }
+        }
+        names.sort_by(|a, b| (a != "INBOX", a).cmp(&(b != "INBOX", b)));
+        let specials = &self.server.config.imap.special_folders;
+        let mut out = Vec::new();
+        let mut status_for = Vec::new();
+        for name in &names {
+            if !list_match(&pattern, name) {
+                continue;
+            }
+            let is_subscribed = subscribed.iter().any(|s| s == name);
+            if only_subscribed && !is_subscribed {
+                continue;
+            }
+            let exists = name == "INBOX" || folders.iter().any(|f| f == name);
+            let special = specials.get(name.as_str());
+            if only_special && special.is_none() {
+                continue;
+            }
+            let mut attributes: Vec<&str> = Vec::new();
+            if !exists {
+                attributes.push(if extended.list_extended || lsub {
+                    "\\NonExistent"
+                } else {
+                    "\\Noselect"
+                });
+            }
+            let prefix = format!("{name}/");
+            if !lsub {
+                if names.iter().any(|n| n.starts_with(&prefix)) {
+                    attributes.push("\\HasChildren");
+                } else {
+                    attributes.push("\\HasNoChildren");
+                }
+            }
+            if let Some(special) = special {
+                attributes.push(special.as_str());
+            }
+            if show_subscribed && is_subscribed && !lsub {
+                attributes.push("\\Subscribed");
+            }
+            out.extend_from_slice(format!("* {verb} ({}) \"/\" ", attributes.join(" ")).as_bytes());
+            codec::string(&mut out, name.as_bytes());
+            out.extend_from_slice(b"\r\n");
+            if exists && !extended.list_status.is_empty() {
+                status_for.push(name.clone());
+            }
+        }
+        io.queue(&out);
+        if !status_for.is_empty() {
+            let items: Vec<StatusDataItemName> = extended
+                .list_status
+                .iter()
+                .filter_map(|item| match item.as_str() {
+                    "MESSAGES" => Some(StatusDataItemName::Messages),
+                    "RECENT" => Some(StatusDataItemName::Recent),
+                    "UIDNEXT" => Some(StatusDataItemName::UidNext),
+                    "UIDVALIDITY" => Some(StatusDataItemName::UidValidity),
+                    "UNSEEN" => Some(StatusDataItemName::Unseen),
+                    "DELETED" => Some(StatusDataItemName::Deleted),
+                    _ => None,
+                })
+                .collect();
+            for name in status_for {
+                if let Ok(line) = self.status_line(&name, &items).await {
+                    io.queue(&line);
+                }
+            }
+        }
+        ok(&format!("{verb} completed"))
+    }
+
+    async fn idle<S>(&mut self, io: &mut Io<S>) -> Done
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let updates = self.updates(true).await;
+        io.queue(&updates);
+        io.queue(b"+ idling\r\n");
+        let deadline = Instant::now() + self.idle_timeout();
+        let mut shutdown = self.server.shutdown.clone();
+        let user = self.user().to_ascii_lowercase();
+        loop {
+            if io.flush().await.is_err() {
+                return Done::Close;
+            }
+            enum Woken {
+                Input(Result<Event, ReadError>),
+                Change(Result<Arc<str>, broadcast::error::RecvError>),
+                Shutdown,
+            }
+            let woken = tokio::select! {
+                event = read_event(&mut self.reader, io, Mode::Line, deadline) => Woken::Input(event),
+                change = self.changes.recv() => Woken::Change(change),
+                _ = shutdown.wait_for(|down| *down) => Woken::Shutdown,
+            };
+            match woken {
+                Woken::Input(event) => {
+                    return match event {
+                        Ok(Event::Line(line)) if line.eq_ignore_ascii_case(b"DONE") => {
+                            ok("IDLE terminated")
+                        }
+                        Ok(_) => Done::Bad("Expected DONE".into()),
+                        Err(ReadError::Timeout) => {
+                            io.queue(b"* BYE Autologout: idle for too long\r\n");
+                            Done::Close
+                        }
+                        Err(_) => Done::Close,
+                    };
+                }
+                Woken::Change(Ok(mailbox)) if mailbox.as_ref() != user => continue,
+                Woken::Change(Err(broadcast::error::RecvError::Closed)) => return Done::Close,
+                Woken::Change(_) => {
+                    self.dirty = true;
+                    let updates = self.updates(true).await;
+                    io.queue(&updates);
+                }
+                Woken::Shutdown => {
+                    io.queue(b"* BYE Server shutting down\r\n");
+                    return Done::Close;
+                }
+            }
+        }
+    }
+
+    async fn in_selected<S>(
+        &mut self,
+        io: &mut Io<S>,
+        tag: &str,
+        body: CommandBody<'static>,
+        extended: Extended,
+    ) -> Done
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        match body {
+            CommandBody::Check => ok("CHECK completed"),
+            CommandBody::Unselect => {
+                self.state = State::Authenticated;
+                ok("UNSELECT completed")
+            }
+            CommandBody::Close => {
+                let selected = self.selected().map(|s| (s.read_only, s.folder.clone()));
+                if let Some((false, folder)) = selected {
+                    let doomed: Vec<MessageInfo> = self
+                        .selected()
+                        .map(|s| {
+                            s.messages
+                                .iter()
+                                .filter(|m| m.flags.contains(Flags::DELETED))
+                                .cloned()
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    if !doomed.is_empty() {
+                        let (store, user) = (self.server.store.clone(), self.user());
+                        let result = blocking(move || {
+                            let refs: Vec<&MessageInfo> = doomed.iter().collect();
+                            store.remove(&user, &folder, &refs)
+                        })
+                        .await;
+                        if let Err(err) = result {
+                            return store_failure(&err);
+                        }
+                    }
+                }
+                self.state = State::Authenticated;
+                ok("CLOSE completed")
+            }
+            CommandBody::Expunge => self.expunge(io, None).await,
+            CommandBody::ExpungeUid { sequence_set } => self.expunge(io, Some(sequence_set)).await,
+            CommandBody::Search {
+                charset,
+                criteria,
+                uid,
+            } => {
+                if let Some(charset) = charset {
+                    use imap_codec::imap_types::core::Charset;
+                    let name = match &charset {
+                        Charset::Atom(atom) => atom.as_ref().to_ascii_uppercase(),
+                        Charset::Quoted(quoted) => quoted.as_ref().to_ascii_uppercase(),
+                    };
+                    if name != "US-ASCII" && name != "UTF-8" {
+                        return no(Some("BADCHARSET (US-ASCII UTF-8)"), "Unsupported charset");
+                    }
+                }
+                let key = match criteria.as_ref() {
+                    [one] => one.clone(),
+                    _ => SearchKey::And(criteria),
+                };
+                self.search(io, tag, key, uid, &extended).await
+            }
+            CommandBody::Fetch {
+                sequence_set,
+                macro_or_item_names,
+                uid,
+                ..
+            } => {
+                self.fetch(io, &sequence_set, macro_or_item_names, uid)
+                    .await
+            }
+            CommandBody::Store {
+                sequence_set,
+                kind,
+                response,
+                flags,
+                uid,
+                ..
+            } => {
+                self.store(io, &sequence_set, kind, response, &flags, uid)
+                    .await
+            }
+            CommandBody::Copy {
+                sequence_set,
+                mailbox,
+                uid,
+            } => self.copy(io, &sequence_set, &mailbox, uid, false).await,
+            CommandBody::Move {
+                sequence_set,
+                mailbox,
+                uid,
+            } => self.copy(io, &sequence_set, &mailbox, uid, true).await,
+            _ => Done::Bad("Command not supported".into()),
+        }
+    }
+
+    /// Removes \Deleted messages (all, or those in a UID set) and reports them.
+    async fn expunge<S>(&mut self, io: &mut Io<S>, uids: Option<SequenceSet>) -> Done
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let updates = self.updates(true).await;
+        io.queue(&updates);
+        let user = self.user();
+        let store = self.server.store.clone();
+        let Some(selected) = self.selected() else {
+            return Done::Bad("No mailbox selected".into());
+        };
+        if selected.read_only {
+            return no(Some("READ-ONLY"), "Mailbox is read-only");
+        }
+        let in_set: Vec<usize> = match &uids {
+            Some(set) => selected.resolve(set, true),
+            None => (0..selected.messages.len()).collect(),
+        };
+        let doomed: Vec<usize> = in_set
+            .into_iter()
+            .filter(|i| selected.messages[*i].flags.contains(Flags::DELETED))
+            .collect();
+        if doomed.is_empty() {
+            return ok("EXPUNGE completed");
+        }
+        let messages: Vec<MessageInfo> = doomed
+            .iter()
+            .map(|i| selected.messages[*i].clone())
+            .collect();
+        let folder = selected.folder.clone();
+        let result = blocking(move || {
+            let refs: Vec<&MessageInfo> = messages.iter().collect();
+            store.remove(&user, &folder, &refs)
+        })
+        .await;
+        if let Err(err) = result {
+            return store_failure(&err);
+        }
+        let Some(selected) = self.selected() else {
+            return Done::Bad("No mailbox selected".into());
+        };
+        let out = selected.expunged(doomed);
+        io.queue(&out);
+        ok("EXPUNGE completed")
+    }
+
+    async fn search<S>(
+        &mut self,
+        io: &mut Io<S>,
+        tag: &str,
+        key: SearchKey<'static>,
+        uid: bool,
+        extended: &Extended,
+    ) -> Done
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let user = self.user();
+        let store = self.server.store.clone();
+        let Some(selected) = self.selected() else {
+            return Done::Bad("No mailbox selected".into());
+        };
+        let messages = selected.messages.clone();
+        let folder = selected.folder.clone();
+        let found = blocking(move || {
+            let last_seq = messages.len() as u32;
+            let last_uid = messages.last().map(|m| m.uid).unwrap_or(0);
+            let mut found = Vec::new();
+            for (i, info) in messages.iter().enumerate() {
+                let subject = Subject {
+                    seq: i as u32 + 1,
+                    info,
+                    last_seq,
+                    last_uid,
+                };
+                let mut load = || store.read(&user, &folder, info).ok();
+                let mut lazy = Lazy::new(&mut load);
+                if search::matches(&key, &subject, &mut lazy) {
+                    found.push(if uid { info.uid } else { i as u32 + 1 });
+                }
+            }
+            Ok(found)
+        })
+        .await;
+        let found = match found {
+            Ok(found) => found,
+            Err(err) => return store_failure(&err),
+        };
+        let returns = match &extended.search_return {
+            Some(options) => Some(options.clone()),
+            None if self.rev2 => Some(vec!["ALL".into()]),
+            None => None,
+        };
+        let mut out = Vec::new();
+        match returns {
+            None => {
+                out.extend_from_slice(b"* SEARCH");
+                for n in &found {
+                    out.extend_from_slice(format!(" {n}").as_bytes());
+                }
+                out.extend_from_slice(b"\r\n");
+            }
+            Some(mut options) => {
+                if options.is_empty() {
+                    options.push("ALL".into());
+                }
+                out.extend_from_slice(b"* ESEARCH (TAG ");
+                codec::string(&mut out, tag.as_bytes());
+                out.push(b')');
+                if uid {
+                    out.extend_from_slice(b" UID");
+                }
+                for option in &options {
+                    match option.as_str() {
+                        "MIN" if !found.is_empty() => out.extend_from_slice(
+                            format!(" MIN {}", found.iter().min().unwrap_or(&0)).as_bytes(),
+                        ),
+                        "MAX" if !found.is_empty() => out.extend_from_slice(
+                            format!(" MAX {}", found.iter().max().unwrap_or(&0)).as_bytes(),
+                        ),
+                        "COUNT" => {
+                            out.extend_from_slice(format!(" COUNT {}", found.len()).as_bytes())
+                        }
+                        "ALL" if !found.is_empty() => out.extend_from_slice(
+                            format!(" ALL {}", uid_set(found.clone())).as_bytes(),
+                        ),
+                        _ => {}
+                    }
+                }
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        io.queue(&out);
+        ok("SEARCH completed")
+    }
+
+    async fn fetch<S>(
+        &mut self,
+        io: &mut Io<S>,
+        set: &SequenceSet,
+        items: MacroOrMessageDataItemNames<'static>,
+        uid: bool,
+    ) -> Done
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let user = self.user();
+        let store = self.server.store.clone();
+        let Some(selected) = self.selected() else {
+            return Done::Bad("No mailbox selected".into());
+        };
+        if !uid && !selected.valid_sequence(set) {
+            return Done::Bad("Invalid message sequence number".into());
+        }
+        let mut items = match items {
+            MacroOrMessageDataItemNames::Macro(Macro::Fast) => vec![
+                MessageDataItemName::Flags,
+                MessageDataItemName::InternalDate,
+                MessageDataItemName::Rfc822Size,
+            ],
+            MacroOrMessageDataItemNames::Macro(Macro::All) => vec![
+                MessageDataItemName::Flags,
+                MessageDataItemName::InternalDate,
+                MessageDataItemName::Rfc822Size,
+                MessageDataItemName::Envelope,
+            ],
+            MacroOrMessageDataItemNames::Macro(_) => vec![
+                MessageDataItemName::Flags,
+                MessageDataItemName::InternalDate,
+                MessageDataItemName::Rfc822Size,
+                MessageDataItemName::Envelope,
+                MessageDataItemName::Body,
+            ],
+            MacroOrMessageDataItemNames::MessageDataItemNames(items) => items,
+        };
+        if uid && !items.contains(&MessageDataItemName::Uid) {
+            items.insert(0, MessageDataItemName::Uid);
+        }
+        let marks_seen = !selected.read_only
+            && items.iter().any(|item| {
+                matches!(
+                    item,
+                    MessageDataItemName::BodyExt { peek: false, .. }
+                        | MessageDataItemName::Binary { peek: false, .. }
+                        | MessageDataItemName::Rfc822
+                        | MessageDataItemName::Rfc822Text
+                )
+            });
+        let indexes = selected.resolve(set, uid);
+        let folder = selected.folder.clone();
+        let targets: Vec<(usize, MessageInfo)> = indexes
+            .iter()
+            .map(|i| (*i, selected.messages[*i].clone()))
+            .collect();
+        let items = Arc::new(items);
+        for batch in targets.chunks(FETCH_BATCH) {
+            let batch = batch.to_vec();
+            let (store, user, folder, items) =
+                (store.clone(), user.clone(), folder.clone(), items.clone());
+            let rendered = blocking(move || {
+                let mut out = Vec::new();
+                let mut seen = Vec::new();
+                for (index, mut info) in batch {
+                    let newly_seen = marks_seen && !info.flags.contains(Flags::SEEN);
+                    if newly_seen {
+                        info.flags = info.flags.union(Flags::SEEN);
+                    }
+                    match render(
+                        &mut out, &*store, &user, &folder, index, &info, &items, newly_seen,
+                    ) {
+                        Ok(()) => {}
+                        Err(StoreError::Gone(_)) => continue,
+                        Err(err) => return Err(err),
+                    }
+                    if newly_seen {
+                        seen.push((index, info));
+                    }
+                }
+                if !seen.is_empty() {
+                    let refs: Vec<&MessageInfo> = seen.iter().map(|(_, m)| m).collect();
+                    store.change_flags(&user, &folder, &refs, FlagChange::Add(Flags::SEEN))?;
+                }
+                Ok((out, seen))
+            })
+            .await;
+            let (out, seen) = match rendered {
+                Ok(rendered) => rendered,
+                Err(err) => return store_failure(&err),
+            };
+            if let Some(selected) = self.selected() {
+                for (index, info) in seen {
+                    if let Some(message) = selected.messages.get_mut(index) {
+                        message.flags = info.flags;
+                    }
+                }
+            }
+            io.queue(&out);
+            if io.flush().await.is_err() {
+                return Done::Close;
+            }
+        }
+        ok("FETCH completed")
+    }
+
+    async fn store<S>(
+        &mut self,
+        io: &mut Io<S>,
+        set: &SequenceSet,
+        kind: StoreType,
+        response: StoreResponse,
+        flags: &[Flag<'_>],
+        uid: bool,
+    ) -> Done
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let user = self.user();
+        let store = self.server.store.clone();
+        let Some(selected) = self.selected() else {
+            return Done::Bad("No mailbox selected".into());
+        };
+        if selected.read_only {
+            return no(Some("READ-ONLY"), "Mailbox is read-only");
+        }
+        if !uid && !selected.valid_sequence(set) {
+            return Done::Bad("Invalid message sequence number".into());
+        }
+        let wanted = store_flags(flags);
+        let change = match kind {
+            StoreType::Add => FlagChange::Add(wanted),
+            StoreType::Remove => FlagChange::Remove(wanted),
+            StoreType::Replace => FlagChange::Replace(wanted),
+        };
+        let indexes = selected.resolve(set, uid);
+        let messages: Vec<MessageInfo> = indexes
+            .iter()
+            .map(|i| selected.messages[*i].clone())
+            .collect();
+        let folder = selected.folder.clone();
+        let result = blocking(move || {
+            let refs: Vec<&MessageInfo> = messages.iter().collect();
+            store.change_flags(&user, &folder, &refs, change)
+        })
+        .await;
+        if let Err(err) = result {
+            return store_failure(&err);
+        }
+        let Some(selected) = self.selected() else {
+            return Done::Bad("No mailbox selected".into());
+        };
+        let mut out = Vec::new();
+        for index in indexes {
+            let message = &mut selected.messages[index];
+            message.flags = change.apply(message.flags);
+            if response == StoreResponse::Answer {
+                out.extend_from_slice(format!("* {} FETCH (", index + 1).as_bytes());
+                if uid {
+                    out.extend_from_slice(format!("UID {} ", message.uid).as_bytes());
+                }
+                out.extend_from_slice(b"FLAGS ");
+                fetch::flags(&mut out, message.flags);
+                out.extend_from_slice(b")\r\n");
+            }
+        }
+        io.queue(&out);
+        ok("STORE completed")
+    }
+
+    async fn copy<S>(
+        &mut self,
+        io: &mut Io<S>,
+        set: &SequenceSet,
+        mailbox: &Mailbox<'_>,
+        uid: bool,
+        moving: bool,
+    ) -> Done
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let target = match folder_name(mailbox) {
+            Ok(name) => name,
+            Err(done) => return done,
+        };
+        let user = self.user();
+        let store = self.server.store.clone();
+        let Some(selected) = self.selected() else {
+            return Done::Bad("No mailbox selected".into());
+        };
+        if moving && selected.read_only {
+            return no(Some("READ-ONLY"), "Mailbox is read-only");
+        }
+        if !uid && !selected.valid_sequence(set) {
+            return Done::Bad("Invalid message sequence number".into());
+        }
+        let indexes = selected.resolve(set, uid);
+        if indexes.is_empty() {
+            return ok(if moving {
+                "MOVE completed"
+            } else {
+                "COPY completed"
+            });
+        }
+        let messages: Vec<MessageInfo> = indexes
+            .iter()
+            .map(|i| selected.messages[*i].clone())
+            .collect();
+        let folder = selected.folder.clone();
+        let result = blocking(move || {
+            let refs: Vec<&MessageInfo> = messages.iter().collect();
+            let copied = store.copy(&user, &folder, &refs, &target)?;
+            if moving {
+                store.remove(&user, &folder, &refs)?;
+            }
+            Ok(copied)
+        })
+        .await;
+        let (validity, pairs) = match result {
+            Ok(copied) => copied,
+            Err(StoreError::NoSuchFolder(_)) => return no(Some("TRYCREATE"), "No such mailbox"),
+            Err(err) => return store_failure(&err),
+        };
+        let code = if pairs.is_empty() {
+            None
+        } else {
+            let (from, to) = paired_sets(&pairs);
+            Some(format!("COPYUID {validity} {from} {to}"))
+        };
+        if !moving {
+            return Done::Ok(code, "COPY completed".into());
+        }
+        if let Some(code) = &code {
+            io.queue(format!("* OK [{code}] Moved\r\n").as_bytes());
+        }
+        let Some(selected) = self.selected() else {
+            return Done::Bad("No mailbox selected".into());
+        };
+        let out = selected.expunged(indexes);
+        io.queue(&out);
+        ok("MOVE completed")
+    }
+}
+
+/// Renders one `* n FETCH (...)` response.
+#[allow(clippy::too_many_arguments)]
+fn render(
+    out: &mut Vec<u8>,
+    store: &dyn MailStore,
+    user: &str,
+    folder: &str,
+    index: usize,
+    info: &MessageInfo,
+    items: &[MessageDataItemName<'_>],
+    flags_changed: bool,
+) -> Result<(), StoreError> {
+    let needs_message = items.iter().any(|item| {
+        !matches!(
+            item,
+            MessageDataItemName::Uid
+                | MessageDataItemName::Flags
+                | MessageDataItemName::InternalDate
+                | MessageDataItemName::Rfc822Size
+        )
+    });
+    let raw = if needs_message {
+        Some(store.read(user, folder, info)?)
+    } else {
+        None
+    };
+    let parsed = raw.as_deref().map(Parsed::new);
+    out.extend_from_slice(format!("* {} FETCH (", index + 1).as_bytes());
+    let mut first = true;
+    let mut sep = |out: &mut Vec<u8>| {
+        if !first {
+            out.push(b' ');
+        }
+        first = false;
+    };
+    let mut flags_sent = false;
+    for item in items {
+        match item {
+            MessageDataItemName::Uid => {
+                sep(out);
+                out.extend_from_slice(format!("UID {}", info.uid).as_bytes());
+            }
+            MessageDataItemName::Flags => {
+                sep(out);
+                out.extend_from_slice(b"FLAGS ");
+                fetch::flags(out, info.flags);
+                flags_sent = true;
+            }
+            MessageDataItemName::InternalDate => {
+                sep(out);
+                out.extend_from_slice(
+                    format!("INTERNALDATE {}", fetch::internal_date(info.received_at)).as_bytes(),
+                );
+            }
+            MessageDataItemName::Rfc822Size => {
+                sep(out);
+                out.extend_from_slice(format!("RFC822.SIZE {}", info.size).as_bytes());
+            }
+            MessageDataItemName::Envelope => {
+                sep(out);
+                out.extend_from_slice(b"ENVELOPE ");
+                if let Some(parsed) = &parsed {
+                    parsed.envelope(out);
+                }
+            }
+            MessageDataItemName::Body => {
+                sep(out);
+                out.extend_from_slice(b"BODY ");
+                if let Some(parsed) = &parsed {
+                    parsed.structure(out, false);
+                }
+            }
+            MessageDataItemName::BodyStructure => {
+                sep(out);
+                out.extend_from_slice(b"BODYSTRUCTURE ");
+                if let Some(parsed) = &parsed {
+                    parsed.structure(out, true);
+                }
+            }
+            MessageDataItemName::BodyExt {
+                section, partial, ..
+            } => {
+                sep(out);
+                let name = format!("BODY[{}]", fetch::section_name(section.as_ref()));
+                let data = parsed.as_ref().and_then(|p| p.section(section.as_ref()));
+                fetch::section_data(
+                    out,
+                    &name,
+                    Some(data.as_deref().unwrap_or_default()),
+                    *partial,
+                );
+            }
+            MessageDataItemName::Binary {
+                section, partial, ..
+            } => {
+                sep(out);
+                let path: Vec<NonZeroU32> = section.clone();
+                let name = format!(
+                    "BINARY[{}]",
+                    path.iter()
+                        .map(|n| n.to_string())
+                        .collect::<Vec<_>>()
+                        .join(".")
+                );
+                let data = parsed.as_ref().and_then(|p| p.binary(&path));
+                fetch::section_data(out, &name, data.as_deref(), *partial);
+            }
+            MessageDataItemName::Rfc822 => {
+                sep(out);
+                fetch::section_data(out, "RFC822", raw.as_deref(), None);
+            }
+            MessageDataItemName::Rfc822Header => {
+                sep(out);
+                let header = raw.as_deref().map(|r| &r[..crate::message::body_offset(r)]);
+                fetch::section_data(out, "RFC822.HEADER", header, None);
+            }
+            MessageDataItemName::Rfc822Text => {
+                sep(out);
+                let text = raw.as_deref().map(|r| &r[crate::message::body_offset(r)..]);
+                fetch::section_data(out, "RFC822.TEXT", text, None);
+            }
+            #[allow(unreachable_patterns)]
+            _ => {}
+        }
+    }
+    if flags_changed && !flags_sent {
+        sep(out);
+        out.extend_from_slice(b"FLAGS ");
+        fetch::flags(out, info.flags);
+    }
+    out.extend_from_slice(b")\r\n");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_wildcards() {
+        assert!(list_match("*", "Sent/2024"));
+        assert!(list_match("%", "Sent"));
+        assert!(!list_match("%", "Sent/2024"));
+        assert!(list_match("Sent/%", "Sent/2024"));
+        assert!(list_match("inbox", "INBOX"));
+        assert!(list_match("S*4", "Sent/2024"));
+        assert!(!list_match("Drafts", "Sent"));
+    }
+}

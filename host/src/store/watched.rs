@@ -1,0 +1,153 @@
+//! A store wrapper that announces every change to a mailbox, so IMAP sessions on it (IDLE, or
+//! another client's session) learn of new mail and flag changes without polling the disk.
+//!
+//! Announcements say only which mailbox changed; a session that hears one re-reads its folder and
+//! works out the differences itself, so a missed or merged announcement never loses an update.
+
+use std::sync::Arc;
+
+use tokio::sync::broadcast;
+
+use super::{Delivery, FlagChange, FolderSnapshot, MailStore, MessageInfo, StoreError};
+
+/// Announcements are small and sessions re-read on any of them; a session that falls this far
+/// behind just treats the lag as "something changed".
+const BACKLOG: usize = 1024;
+
+pub struct Watched {
+    inner: Arc<dyn MailStore>,
+    changes: broadcast::Sender<Arc<str>>,
+}
+
+impl Watched {
+    pub fn new(inner: Arc<dyn MailStore>) -> Watched {
+        Watched {
+            inner,
+            changes: broadcast::channel(BACKLOG).0,
+        }
+    }
+
+    /// Mailbox names (user keys) as they change.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<str>> {
+        self.changes.subscribe()
+    }
+
+    fn announce(&self, mailbox: &str) {
+        let _ = self.changes.send(Arc::from(mailbox.to_ascii_lowercase()));
+    }
+
+    fn announce_if<T>(
+        &self,
+        mailbox: &str,
+        result: Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        if result.is_ok() {
+            self.announce(mailbox);
+        }
+        result
+    }
+}
+
+impl MailStore for Watched {
+    fn deliver(&self, batch: &[Delivery<'_>]) -> Vec<Result<(), StoreError>> {
+        let results = self.inner.deliver(batch);
+        let mut told: Vec<&str> = Vec::new();
+        for (delivery, result) in batch.iter().zip(&results) {
+            if result.is_ok() && !told.contains(&delivery.mailbox) {
+                told.push(delivery.mailbox);
+                self.announce(delivery.mailbox);
+            }
+        }
+        results
+    }
+
+    fn snapshot(&self, mailbox: &str, folder: &str) -> Result<FolderSnapshot, StoreError> {
+        self.inner.snapshot(mailbox, folder)
+    }
+
+    fn read(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        message: &MessageInfo,
+    ) -> Result<Vec<u8>, StoreError> {
+        self.inner.read(mailbox, folder, message)
+    }
+
+    fn change_flags(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        messages: &[&MessageInfo],
+        change: FlagChange,
+    ) -> Result<(), StoreError> {
+        let result = self.inner.change_flags(mailbox, folder, messages, change);
+        self.announce_if(mailbox, result)
+    }
+
+    fn remove(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        messages: &[&MessageInfo],
+    ) -> Result<(), StoreError> {
+        let result = self.inner.remove(mailbox, folder, messages);
+        self.announce_if(mailbox, result)
+    }
+
+    fn append(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        message: &[u8],
+        flags: super::Flags,
+        received_at: i64,
+    ) -> Result<(u32, u32), StoreError> {
+        let result = self
+            .inner
+            .append(mailbox, folder, message, flags, received_at);
+        self.announce_if(mailbox, result)
+    }
+
+    fn copy(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        messages: &[&MessageInfo],
+        target: &str,
+    ) -> Result<(u32, Vec<(u32, u32)>), StoreError> {
+        let result = self.inner.copy(mailbox, folder, messages, target);
+        self.announce_if(mailbox, result)
+    }
+
+    fn folders(&self, mailbox: &str) -> Result<Vec<String>, StoreError> {
+        self.inner.folders(mailbox)
+    }
+
+    fn create_folder(&self, mailbox: &str, folder: &str) -> Result<(), StoreError> {
+        self.inner.create_folder(mailbox, folder)
+    }
+
+    fn delete_folder(&self, mailbox: &str, folder: &str) -> Result<(), StoreError> {
+        let result = self.inner.delete_folder(mailbox, folder);
+        self.announce_if(mailbox, result)
+    }
+
+    fn rename_folder(&self, mailbox: &str, from: &str, to: &str) -> Result<(), StoreError> {
+        let result = self.inner.rename_folder(mailbox, from, to);
+        self.announce_if(mailbox, result)
+    }
+
+    fn subscriptions(&self, mailbox: &str) -> Result<Vec<String>, StoreError> {
+        self.inner.subscriptions(mailbox)
+    }
+
+    fn set_subscribed(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        subscribed: bool,
+    ) -> Result<(), StoreError> {
+        self.inner.set_subscribed(mailbox, folder, subscribed)
+    }
+}

@@ -1,0 +1,349 @@
+"""IMAP end to end with Python's imaplib against the real binary, on messages delivered by SMTP."""
+
+import imaplib
+import re
+import smtplib
+import socket
+import ssl
+import threading
+import time
+
+import pytest
+
+ALICE = ("alice@example.test", "alicepass")
+
+# imaplib knows only the commands of its time; these are sent through _simple_command.
+for _name in ("ID", "MOVE", "ENABLE", "UNSELECT"):
+    imaplib.Commands.setdefault(_name, ("NONAUTH", "AUTH", "SELECTED"))
+
+
+def message(n, body=b"Hello Alice.\r\n", subject=None):
+    subject = subject or b"imap test " + str(n).encode()
+    return (
+        b"From: Sender <sender@remote.test>\r\n"
+        b"To: Alice <alice@example.test>\r\n"
+        b"Subject: " + subject + b"\r\n"
+        b"Date: Sun, 22 Nov 2026 09:00:00 +0000\r\n"
+        b"Message-ID: <" + str(n).encode() + b"@remote.test>\r\n"
+        b"\r\n" + body
+    )
+
+
+MULTIPART = (
+    b"From: Sender <sender@remote.test>\r\n"
+    b"To: alice@example.test\r\n"
+    b"Subject: with attachment\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/mixed; boundary="b1"\r\n'
+    b"\r\n"
+    b"--b1\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"\r\n"
+    b"See the attachment.\r\n"
+    b"--b1\r\n"
+    b"Content-Type: application/octet-stream\r\n"
+    b"Content-Transfer-Encoding: base64\r\n"
+    b'Content-Disposition: attachment; filename="x.bin"\r\n'
+    b"\r\n"
+    b"AAECAwQ=\r\n"
+    b"--b1--\r\n"
+)
+
+
+def deliver(server, messages, rcpt="alice@example.test"):
+    user = rcpt.split("@")[0]
+    before = len(server.maildir(user))
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"]) as s:
+        for m in messages:
+            assert s.sendmail("sender@remote.test", [rcpt], m) == {}
+    assert len(server.wait_for_mail(user, before + len(messages))) == before + len(messages)
+
+
+def stored(server, user="alice"):
+    """Stored messages in arrival (UID) order, CRLF form."""
+    mail = server.maildir(user)
+    mail.sort(key=lambda item: (int(item[0].split(".")[0]), item[0]))
+    return [content.replace(b"\n", b"\r\n") for _, content in mail]
+
+
+def connect(server, login=True):
+    m = imaplib.IMAP4("127.0.0.1", server.ports["imap"], timeout=10)
+    m.starttls(ssl_context=ssl.create_default_context(cafile=server.cert))
+    if login:
+        m.login(*ALICE)
+    return m
+
+
+def ok(result):
+    typ, data = result
+    assert typ == "OK", data
+    return data
+
+
+def test_capabilities_starttls_and_login(server):
+    m = imaplib.IMAP4("127.0.0.1", server.ports["imap"], timeout=10)
+    caps = set(m.capabilities)
+    assert {"IMAP4REV1", "IMAP4REV2", "STARTTLS", "LOGINDISABLED", "IDLE", "UIDPLUS", "MOVE",
+            "LITERAL+", "SPECIAL-USE", "NAMESPACE", "ENABLE", "ID", "UNSELECT", "ESEARCH"} <= caps
+    assert not any(c.startswith("AUTH=") for c in caps)
+    with pytest.raises(imaplib.IMAP4.error, match="PRIVACYREQUIRED"):
+        m.login(*ALICE)
+    m.starttls(ssl_context=ssl.create_default_context(cafile=server.cert))
+    caps = set(m.capabilities)
+    assert "STARTTLS" not in caps and "LOGINDISABLED" not in caps and "AUTH=PLAIN" in caps
+    with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+        m.login("alice@example.test", "wrong")
+    ok(m.login(*ALICE))
+    assert ok(m.namespace()) == [b'(("" "/")) NIL NIL']
+    typ, data = m._simple_command("ID", "NIL")
+    assert typ == "OK"
+    assert b'"Postern"' in m.untagged_responses.pop("ID")[0]
+    typ, data = m._simple_command("ENABLE", "IMAP4rev2")
+    assert typ == "OK" and m.untagged_responses.pop("ENABLED") == [b"IMAP4rev2"]
+    m.logout()
+
+
+def test_imaps_with_authenticate_plain(server):
+    ctx = ssl.create_default_context(cafile=server.cert)
+    m = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=ctx, timeout=10)
+    ok(m.authenticate("PLAIN", lambda _: b"\0alice@example.test\0alicepass"))
+    ok(m.select("INBOX"))
+    m.logout()
+
+
+def test_special_use_folders_list_lsub_status_create_rename_delete(server):
+    m = connect(server)
+    lines = ok(m.list('""', "*"))
+    listed = {re.search(rb'"/" "?([^"]*)"?$', l).group(1).decode(): l for l in lines}
+    assert set(listed) == {"INBOX", "Sent", "Drafts", "Trash", "Junk", "Archive"}
+    assert b"\\Sent" in listed["Sent"] and b"\\Trash" in listed["Trash"]
+    assert b"\\HasNoChildren" in listed["INBOX"]
+    subscribed = ok(m.lsub('""', "*"))
+    assert len(subscribed) == 5
+    # LIST-EXTENDED with LIST-STATUS, as Thunderbird and K-9 send it.
+    typ, data = m._simple_command("LIST", '(SPECIAL-USE) "" "*" RETURN (SUBSCRIBED STATUS (MESSAGES UNSEEN))')
+    assert typ == "OK"
+    lists = m.untagged_responses.pop("LIST")
+    assert len(lists) == 5 and all(b"\\Subscribed" in l for l in lists)
+    assert len(m.untagged_responses.pop("STATUS")) == 5
+
+    ok(m.create("Projects/2026"))
+    lines = ok(m.list("Projects", "*"))
+    assert any(b'(\\NoSelect' in l.replace(b"Noselect", b"NoSelect") and b'"Projects"' in l for l in lines), lines
+    assert any(b'"Projects/2026"' in l for l in lines)
+    typ, data = m.create("Projects/2026")
+    assert typ == "NO" and b"ALREADYEXISTS" in data[0]
+    ok(m.rename("Projects/2026", "Work"))
+    typ, data = m.select("Projects/2026")
+    assert typ == "NO" and b"NONEXISTENT" in data[0]
+    ok(m.subscribe("Work"))
+    assert any(b'"Work"' in l for l in ok(m.lsub('""', "W*")))
+    ok(m.unsubscribe("Work"))
+    ok(m.delete("Work"))
+    assert not any(b'"Work"' in l for l in ok(m.list('""', "*")))
+    typ, data = m.delete("INBOX")
+    assert typ == "NO"
+
+    deliver(server, [message(1), message(2)])
+    typ, data = m.status("INBOX", "(MESSAGES UIDNEXT UIDVALIDITY UNSEEN)")
+    assert typ == "OK"
+    status = data[0].decode()
+    assert "MESSAGES 2" in status and "UIDNEXT 3" in status and "UNSEEN 2" in status
+    m.logout()
+
+
+def test_select_fetch_is_byte_exact_and_sets_seen(server):
+    sent = [message(1), message(2, b".dot line\r\nline two\r\n"), MULTIPART]
+    deliver(server, sent)
+    expected = stored(server)
+    m = connect(server)
+    typ, data = m.select("INBOX")
+    assert typ == "OK" and data == [b"3"]
+    assert m.untagged_responses.get("UIDVALIDITY")
+    # BODY.PEEK[] is the stored message byte for byte and does not set \Seen.
+    for i, want in enumerate(expected, start=1):
+        data = ok(m.fetch(str(i), "(UID RFC822.SIZE BODY.PEEK[])"))
+        head, body = data[0]
+        assert body == want
+        assert f"RFC822.SIZE {len(want)}".encode() in head
+    assert b"\\Seen" not in ok(m.fetch("1:3", "(FLAGS)"))[0]
+    # Partial fetch.
+    head, body = ok(m.fetch("1", "(BODY.PEEK[]<10.20>)"))[0]
+    assert body == expected[0][10:30] and b"BODY[]<10>" in head
+    # Header fields, text, MIME parts, BINARY.
+    head, body = ok(m.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT FROM)])"))[0]
+    assert body == b"From: Sender <sender@remote.test>\r\nSubject: imap test 1\r\n\r\n"
+    head, body = ok(m.fetch("2", "(BODY.PEEK[TEXT])"))[0]
+    assert body == b".dot line\r\nline two\r\n"
+    head, body = ok(m.fetch("3", "(BODY.PEEK[1])"))[0]
+    assert body == b"See the attachment."
+    head, body = ok(m.fetch("3", "(BODY.PEEK[2.MIME])"))[0]
+    assert body.startswith(b"Content-Type: application/octet-stream\r\n") and body.endswith(b"\r\n\r\n")
+    head, body = ok(m.fetch("3", "(BINARY.PEEK[2])"))[0]
+    assert body == b"\x00\x01\x02\x03\x04"
+    # ENVELOPE and BODYSTRUCTURE.
+    data = ok(m.fetch("1", "(ENVELOPE)"))[0]
+    assert b'"imap test 1" (("Sender" NIL "sender" "remote.test"))' in data
+    assert b'(("Alice" NIL "alice" "example.test"))' in data and b'"<1@remote.test>"' in data
+    data = ok(m.fetch("3", "(BODYSTRUCTURE)"))[0]
+    assert b'("TEXT" "PLAIN" ("CHARSET" "utf-8") NIL NIL "7BIT" 19 1' in data
+    assert b'("APPLICATION" "OCTET-STREAM" NIL NIL NIL "BASE64" 8 NIL ("ATTACHMENT" ("FILENAME" "x.bin"))' in data
+    assert b'"MIXED" ("BOUNDARY" "b1")' in data
+    # BODY[] (not PEEK) sets \Seen and says so.
+    data = ok(m.fetch("1", "(BODY[])"))
+    assert b"\\Seen" in data[0][0] or b"\\Seen" in data[1]
+    assert b"\\Seen" in ok(m.fetch("1", "(FLAGS)"))[0]
+    assert server.maildir("alice")[0][0].endswith(":2,S") or any(
+        n.endswith(":2,S") for n, _ in server.maildir("alice"))
+    # UID FETCH answers with UIDs and takes UID ranges.
+    data = ok(m.uid("FETCH", "2:*", "(FLAGS)"))
+    assert [re.search(rb"UID (\d+)", l).group(1) for l in data] == [b"2", b"3"]
+    with pytest.raises(imaplib.IMAP4.error, match="BAD.*Invalid message sequence number"):
+        m.fetch("9", "(FLAGS)")
+    m.logout()
+
+
+def test_search_store_expunge_and_a_second_session_sees_it(server):
+    deliver(server, [message(1, subject=b"lunch on friday"), message(2), message(3, b"The secret word is pineapple.\r\n")])
+    a = connect(server)
+    b = connect(server)
+    ok(a.select("INBOX"))
+    ok(b.select("INBOX"))
+    assert ok(a.search(None, "SUBJECT", "friday")) == [b"1"]
+    assert ok(a.search(None, "BODY", "PINEAPPLE")) == [b"3"]
+    assert ok(a.search(None, "FROM", "sender", "NOT", "SUBJECT", "lunch")) == [b"2 3"]
+    assert ok(a.search(None, "OR", "SUBJECT", "friday", "BODY", "pineapple")) == [b"1 3"]
+    assert ok(a.uid("SEARCH", "UID", "2:*")) == [b"2 3"]
+    assert ok(a.search(None, "UNSEEN", "LARGER", "10", "SENTON", "22-Nov-2026")) == [b"1 2 3"]
+    typ, data = a._simple_command("SEARCH", "RETURN (MIN MAX COUNT) ALL")
+    assert typ == "OK"
+    esearch = a.untagged_responses.pop("ESEARCH")[0]
+    assert b"MIN 1 MAX 3 COUNT 3" in esearch
+
+    data = ok(a.store("2", "+FLAGS", "(\\Flagged \\Deleted)"))
+    assert b"\\Flagged" in data[0] and b"\\Deleted" in data[0]
+    assert ok(a.search(None, "FLAGGED")) == [b"2"]
+    # The other session hears of the change at its next command.
+    data = ok(b.noop())
+    fetches = b.untagged_responses.pop("FETCH", [])
+    assert any(b"2 (FLAGS" in f and b"\\Deleted" in f for f in fetches), fetches
+    ok(a.store("2", "-FLAGS.SILENT", "(\\Flagged)"))
+    assert a.untagged_responses.pop("FETCH", []) == []
+    ok(a.expunge())
+    ok(b.noop())
+    assert b.untagged_responses.pop("EXPUNGE") == [b"2"]
+    assert len(stored(server)) == 2
+    # UID EXPUNGE removes only the named \Deleted messages.
+    ok(a.store("1:2", "+FLAGS", "(\\Deleted)"))
+    ok(a.uid("EXPUNGE", "3"))
+    assert ok(a.search(None, "ALL")) == [b"1"]
+    a.logout()
+    b.logout()
+
+
+def test_append_copy_move_with_uidplus(server):
+    deliver(server, [message(1), message(2)])
+    m = connect(server)
+    appended = message(9, b"Drafted.\r\n")
+    typ, data = m.append("Drafts", "(\\Draft \\Seen)", imaplib.Time2Internaldate(1700000000), appended)
+    assert typ == "OK"
+    match = re.search(rb"APPENDUID (\d+) (\d+)", data[0])
+    assert match and match.group(2) == b"1"
+    ok(m.select("Drafts"))
+    head, body = ok(m.fetch("1", "(FLAGS INTERNALDATE BODY.PEEK[])"))[0]
+    assert body == appended
+    assert b"\\Draft" in head and b"\\Seen" in head
+    assert b'INTERNALDATE "14-Nov-2023 22:13:20 +0000"' in head
+    typ, data = m.append("Nowhere", None, None, appended)
+    assert typ == "NO" and b"TRYCREATE" in data[0]
+
+    ok(m.select("INBOX"))
+    first = stored(server)[0]
+    typ, data = m.copy("1:2", "Archive")
+    assert typ == "OK" and re.search(rb"COPYUID \d+ 1,2 1,2", data[0]), data
+    typ, data = m._simple_command("MOVE", "1", "Trash")
+    assert typ == "OK"
+    assert m.untagged_responses.pop("EXPUNGE") == [b"1"]
+    assert ok(m.search(None, "ALL")) == [b"1"]
+    assert ok(m.status("Trash", "(MESSAGES)"))[0].endswith(b"(MESSAGES 1)")
+    assert ok(m.status("Archive", "(MESSAGES)"))[0].endswith(b"(MESSAGES 2)")
+    # The moved copy is byte-identical.
+    ok(m.select("Trash"))
+    assert ok(m.fetch("1", "(BODY.PEEK[])"))[0][1] == first
+    m.logout()
+
+
+def test_idle_wakes_on_smtp_delivery(server):
+    m = connect(server)
+    ok(m.select("INBOX"))
+    tag = m._new_tag().decode()
+    m.send(f"{tag} IDLE\r\n".encode())
+    assert m.readline().startswith(b"+ ")
+    started = time.time()
+    threading.Thread(target=deliver, args=(server, [message(1)])).start()
+    line = m.readline()
+    assert line == b"* 1 EXISTS\r\n", line
+    assert time.time() - started < 5
+    m.send(b"DONE\r\n")
+    assert m.readline() == f"{tag} OK IDLE terminated\r\n".encode()
+    m.logout()
+
+
+def test_examine_is_read_only_and_close_expunges(server):
+    deliver(server, [message(1), message(2)])
+    m = connect(server)
+    typ, data = m.select("INBOX", readonly=True)
+    assert typ == "OK"
+    typ, data = m.store("1", "+FLAGS", "(\\Deleted)")
+    assert typ == "NO"
+    m.fetch("1", "(BODY[])")
+    assert b"\\Seen" not in ok(m.fetch("1", "(FLAGS)"))[0], "EXAMINE never sets \\Seen"
+    ok(m.select("INBOX"))
+    ok(m.store("1", "+FLAGS", "(\\Deleted)"))
+    ok(m.close())
+    assert len(stored(server)) == 1
+    m.state = "SELECTED"  # imaplib would not even send it
+    with pytest.raises(imaplib.IMAP4.error, match="BAD.*No mailbox selected"):
+        m.fetch("1", "(FLAGS)")
+    ok(m.select("INBOX"))
+    ok(m.unselect())
+    m.logout()
+
+
+def raw_imap(server, payload, until=b"\r\n", port="imap"):
+    with socket.create_connection(("127.0.0.1", server.ports[port]), timeout=10) as s:
+        s.recv(4096)
+        s.sendall(payload)
+        got = b""
+        while until not in got:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+
+def test_garbage_literals_and_errors(make_server):
+    server = make_server(transform=lambda t: t.replace('name = "imap"\nprotocol = "imap"\naddress = "127.0.0.1:0"\ntls = "starttls"', 'name = "imap"\nprotocol = "imap"\naddress = "127.0.0.1:0"\ntls = "starttls"\ntrusted = true'))
+    got = raw_imap(
+        server,
+        b"a1 FROBNICATE\r\n)(*&\r\na2 LOGIN alice@example.test alicepass\r\n"
+        b"a3 APPEND INBOX {999999999}\r\n"
+        b"a4 SELECT INBOX\r\na5 LOGOUT\r\n",
+        until=b"a5 OK",
+    )
+    assert b"a1 BAD" in got and b"* BAD" in got
+    assert b"a2 OK" in got
+    assert b"a3 NO [TOOBIG]" in got
+    assert b"a4 OK [READ-WRITE]" in got
+    assert b"* BYE" in got
+    # A pipelined APPEND with LITERAL+ and a long line.
+    got = raw_imap(
+        server,
+        b"b1 LOGIN alice@example.test alicepass\r\nb2 APPEND INBOX {12+}\r\nSubject: x\r\n\r\n"
+        b"b3 NOOP " + b"x" * 70000 + b"\r\nb4 LOGOUT\r\n",
+        until=b"b4 OK",
+    )
+    assert re.search(rb"b2 OK \[APPENDUID \d+ \d+\]", got), got
+    assert b"b3 NO [TOOBIG]" in got or b"b3 BAD" in got or b"* BAD" in got or b"NO [TOOBIG]" in got
+    assert b"b4 OK" in got
