@@ -4,6 +4,7 @@ import imaplib
 import re
 import smtplib
 import socket
+import subprocess
 import ssl
 import threading
 import time
@@ -347,3 +348,70 @@ def test_garbage_literals_and_errors(make_server):
     assert re.search(rb"b2 OK \[APPENDUID \d+ \d+\]", got), got
     assert b"b3 NO [TOOBIG]" in got or b"b3 BAD" in got or b"* BAD" in got or b"NO [TOOBIG]" in got
     assert b"b4 OK" in got
+
+
+def test_mbsync_syncs_both_ways(server, tmp_path):
+    """isync's mbsync (from Debian) mirrors the mailbox into a local Maildir over STARTTLS, then
+    uploads a locally written message and a local flag change."""
+    deliver(server, [message(1), message(2)])
+    local = tmp_path / "local"
+    local.mkdir()
+    rc = tmp_path / "mbsyncrc"
+    rc.write_text(f"""
+IMAPAccount postern
+Host 127.0.0.1
+Port {server.ports["imap"]}
+User alice@example.test
+Pass alicepass
+SSLType STARTTLS
+CertificateFile {server.cert}
+
+IMAPStore far
+Account postern
+
+MaildirStore near
+Path {local}/
+Inbox {local}/INBOX
+SubFolders Verbatim
+
+Channel sync
+Far :far:
+Near :near:
+Patterns *
+Create Both
+Expunge Both
+SyncState *
+""")
+
+    def mbsync():
+        run = subprocess.run(["mbsync", "-c", str(rc), "-a"], capture_output=True, timeout=60)
+        assert run.returncode == 0, run.stdout + run.stderr
+
+    mbsync()
+    inbox = local / "INBOX"
+    pulled = sorted((p for sub in ("new", "cur") for p in (inbox / sub).iterdir()), key=lambda p: p.name)
+    assert len(pulled) == 2
+    remote = stored(server)
+    # mbsync marks what it copies with its own X-TUID field; everything else is our bytes.
+    untagged = [re.sub(rb"(?m)^X-TUID: .*\n", b"", p.read_bytes()) for p in pulled]
+    assert sorted(untagged) == sorted(
+        m.replace(b"\r\n", b"\n") for m in remote)
+    for folder in ("Sent", "Drafts", "Trash", "Junk", "Archive"):
+        assert (local / folder / "cur").is_dir(), folder
+
+    # Locally: mark the first message seen, and write a new one.
+    first = next(p for p in pulled if b"imap test 1" in p.read_bytes())
+    name = first.name.split(":2,")[0]
+    first.rename(inbox / "cur" / (name + ":2,S"))
+    written = message(3, b"Written offline.\r\n").replace(b"\r\n", b"\n")
+    (inbox / "new" / "1700000000.local1.host").write_bytes(written)
+    mbsync()
+
+    remote = server.maildir("alice")
+    assert len(remote) == 3, [n for n, _ in remote]
+    assert any(content.endswith(b"Written offline.\n") for _, content in remote)
+    seen = [n for n, content in remote if b"imap test 1" in content]
+    assert len(seen) == 1 and seen[0].endswith(":2,S"), seen
+    # A second run changes nothing.
+    mbsync()
+    assert len(server.maildir("alice")) == 3

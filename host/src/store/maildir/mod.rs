@@ -939,4 +939,96 @@ mod tests {
         assert!(store.folder_path("bob@..", "INBOX").is_err());
         assert!(store.folder_path("bob@example.test", "../../etc").is_err());
     }
+
+    #[test]
+    fn folders_append_copy_rename_delete_subscriptions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Maildir::new(dir.path(), "mx.test");
+        let user = "alice@example.test";
+        assert!(store.folders(user).unwrap().is_empty());
+        store.create_folder(user, "Work/2026").unwrap();
+        assert!(matches!(
+            store.create_folder(user, "Work/2026"),
+            Err(StoreError::Exists(_))
+        ));
+        assert!(matches!(
+            store.create_folder(user, "a.b"),
+            Err(StoreError::InvalidName(_))
+        ));
+        assert_eq!(store.folders(user).unwrap(), vec!["Work/2026".to_string()]);
+
+        let (validity, uid) = store
+            .append(
+                user,
+                "Work/2026",
+                b"Subject: a\r\n\r\nx\r\n",
+                Flags::SEEN,
+                1_700_000_000,
+            )
+            .unwrap();
+        assert_eq!(uid, 1);
+        let snap = store.snapshot(user, "Work/2026").unwrap();
+        assert_eq!(snap.uid_validity, validity);
+        let appended = &snap.messages[0];
+        assert_eq!(appended.flags, Flags::SEEN);
+        assert_eq!(appended.received_at, 1_700_000_000);
+        assert_eq!(
+            store.read(user, "Work/2026", appended).unwrap(),
+            b"Subject: a\r\n\r\nx\r\n"
+        );
+        assert!(matches!(
+            store.append(user, "Nope", b"x\r\n", Flags::empty(), 0),
+            Err(StoreError::NoSuchFolder(_))
+        ));
+
+        let (_, pairs) = store.copy(user, "Work/2026", &[appended], "INBOX").unwrap();
+        assert_eq!(pairs, vec![(1, 1)]);
+        let inbox = store.snapshot(user, "INBOX").unwrap();
+        assert_eq!(
+            inbox.messages[0].flags,
+            Flags::SEEN,
+            "flags travel with a copy"
+        );
+        assert_eq!(inbox.messages[0].received_at, 1_700_000_000);
+        store
+            .change_flags(
+                user,
+                "INBOX",
+                &[&inbox.messages[0]],
+                FlagChange::Replace(Flags::FLAGGED),
+            )
+            .unwrap();
+        let inbox = store.snapshot(user, "INBOX").unwrap();
+        assert_eq!(inbox.messages[0].flags, Flags::FLAGGED);
+        let source = store.snapshot(user, "Work/2026").unwrap();
+        assert_eq!(
+            source.messages[0].flags,
+            Flags::SEEN,
+            "the copy is a separate file"
+        );
+
+        store.rename_folder(user, "Work", "Old").unwrap_err();
+        store.create_folder(user, "Work").unwrap();
+        store.rename_folder(user, "Work", "Old").unwrap();
+        let mut folders = store.folders(user).unwrap();
+        folders.sort();
+        assert_eq!(folders, vec!["Old".to_string(), "Old/2026".to_string()]);
+        assert_eq!(store.snapshot(user, "Old/2026").unwrap().messages.len(), 1);
+
+        store.set_subscribed(user, "Old", true).unwrap();
+        store.set_subscribed(user, "Old/2026", true).unwrap();
+        store.set_subscribed(user, "Old", false).unwrap();
+        assert_eq!(
+            store.subscriptions(user).unwrap(),
+            vec!["Old/2026".to_string()]
+        );
+
+        store.delete_folder(user, "Old/2026").unwrap();
+        assert_eq!(store.folders(user).unwrap(), vec!["Old".to_string()]);
+        assert!(matches!(
+            store.delete_folder(user, "Old/2026"),
+            Err(StoreError::NoSuchFolder(_))
+        ));
+        assert_eq!(store.snapshot(user, "INBOX").unwrap().messages.len(), 1);
+    }
 }
