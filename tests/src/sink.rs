@@ -16,6 +16,8 @@ use tokio_rustls::TlsAcceptor;
 pub struct SinkMessage {
     pub helo: String,
     pub from: String,
+    /// What followed the address in MAIL FROM (`SIZE=… BODY=8BITMIME`).
+    pub mail_params: String,
     pub to: Vec<String>,
     /// The message, dot-stuffing removed, CRLF line ends.
     pub data: Vec<u8>,
@@ -164,6 +166,7 @@ async fn serve(
     conn.get_mut().write_all(b"220 sink.test ESMTP\r\n").await?;
     let mut helo = String::new();
     let mut from = String::new();
+    let mut mail_params = String::new();
     let mut to: Vec<String> = Vec::new();
     let mut auth = None;
     let mut transaction = 0;
@@ -234,6 +237,10 @@ async fn serve(
         } else if upper.starts_with("MAIL FROM:") {
             transaction = transactions.fetch_add(1, Ordering::SeqCst);
             from = arg("MAIL FROM:");
+            mail_params = line
+                .split_once('>')
+                .map(|(_, rest)| rest.trim().to_string())
+                .unwrap_or_default();
             to.clear();
             "250 2.1.0 OK\r\n".into()
         } else if upper.starts_with("RCPT TO:") {
@@ -268,6 +275,7 @@ async fn serve(
                 messages.lock().unwrap().push(SinkMessage {
                     helo: helo.clone(),
                     from: from.clone(),
+                    mail_params: mail_params.clone(),
                     to: std::mem::take(&mut to),
                     data,
                     tls,

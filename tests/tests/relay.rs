@@ -593,3 +593,53 @@ async fn recipients_deferred_by_one_mx_are_offered_to_the_next() {
     assert_eq!(primary.transactions(), 1, "no retry needed");
     assert!(server.maildir("alice", "example.test").is_empty());
 }
+
+#[tokio::test]
+async fn without_pipelining_and_with_8bit_content() {
+    let ip = loopback_ip();
+    let sink = Sink::start(
+        ip,
+        0,
+        SinkScript {
+            pipelining: false,
+            rcpt: Arc::new(|rcpt, _| {
+                if rcpt.starts_with("gone") {
+                    "550 5.1.1 no such user".into()
+                } else {
+                    "250 2.1.5 OK".into()
+                }
+            }),
+            ..SinkScript::default()
+        },
+    )
+    .await;
+    let dns = TestDns::start(vec![("lockstep.test", Rr::A(ip))]);
+    let server = relay_server(&dns, sink.addr.port(), |c| c);
+    let eight_bit = "From: alice@example.test\r\nSubject: caf\u{e9}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\nGr\u{fc}\u{df}e aus K\u{f6}ln.\r\n";
+    send(
+        &server,
+        "alice@example.test",
+        &["x@lockstep.test", "gone@lockstep.test"],
+        eight_bit.as_bytes(),
+    )
+    .await;
+    let got = sink.wait_for(1).await;
+    assert_eq!(got.len(), 1, "{}", server.log());
+    assert_eq!(got[0].to, vec!["x@lockstep.test"]);
+    assert!(
+        got[0].mail_params.contains("BODY=8BITMIME"),
+        "{}",
+        got[0].mail_params
+    );
+    assert!(
+        got[0].mail_params.contains("SIZE="),
+        "{}",
+        got[0].mail_params
+    );
+    assert!(
+        got[0].data.ends_with(eight_bit.as_bytes()),
+        "8-bit bytes intact"
+    );
+    let notice = wait_for_notice(&server, "Final-Recipient: rfc822; gone@lockstep.test").await;
+    assert!(notice.contains("Status: 5.1.1"), "{notice}");
+}
