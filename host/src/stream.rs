@@ -204,6 +204,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Io<S> {
         Ok(info)
     }
 
+    /// The handshake a listener with implicit TLS (RFC 8314) starts every connection with. None
+    /// when the connection must close: no certificate is configured, or the handshake failed
+    /// (logged here, since there is no protocol yet to report it in).
+    pub async fn start_implicit_tls(&mut self, acceptor: Option<&TlsAcceptor>) -> Option<TlsInfo> {
+        let acceptor = acceptor?;
+        match self.start_tls(acceptor, TLS_HANDSHAKE_TIMEOUT).await {
+            Ok(info) => Some(info),
+            Err(err) => {
+                tracing::info!("TLS handshake failed: {err}");
+                None
+            }
+        }
+    }
+
     pub async fn shutdown(&mut self) {
         let _ = self.flush().await;
         if let Ok(conn) = self.conn() {

@@ -233,14 +233,11 @@ impl Session {
     {
         let mut io = Io::new(stream, self.idle_timeout());
         if self.listener.tls == TlsMode::Implicit {
-            let Some(acceptor) = self.server.tls.clone() else {
-                return;
-            };
-            if let Err(err) = io
-                .start_tls(&acceptor, crate::stream::TLS_HANDSHAKE_TIMEOUT)
+            if io
+                .start_implicit_tls(self.server.tls.as_ref())
                 .await
+                .is_none()
             {
-                info!("TLS handshake failed: {err}");
                 return;
             }
             self.tls = true;

@@ -120,18 +120,9 @@ impl Session {
         let mut io = Io::new(stream, limits.command_timeout());
         debug!("connected");
         if self.listener.tls == TlsMode::Implicit {
-            let Some(acceptor) = self.server.tls.clone() else {
-                return;
-            };
-            match io
-                .start_tls(&acceptor, crate::stream::TLS_HANDSHAKE_TIMEOUT)
-                .await
-            {
-                Ok(info) => self.tls = Some(info),
-                Err(err) => {
-                    info!("TLS handshake failed: {err}");
-                    return;
-                }
+            match io.start_implicit_tls(self.server.tls.as_ref()).await {
+                Some(info) => self.tls = Some(info),
+                None => return,
             }
         }
         if self.plugins_have(Stage::Connect) {
