@@ -6,7 +6,7 @@
 //! 11 ms with 50 `fdatasync`s). Small batches keep `fdatasync`, which does not flush other writers.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
@@ -27,6 +27,22 @@ pub fn sync_files(files: &[&File]) -> io::Result<()> {
         file.sync_data()?;
     }
     Ok(())
+}
+
+/// Writes `bytes` to `tmp`, flushes them, and renames the file to `target`, so `target` holds
+/// either its old content or all of the new, never a part. The rename itself is durable only
+/// once the caller flushes `target`'s directory ([`sync_dir`]), which callers writing several
+/// files do once for all. A failed write leaves no `tmp` behind.
+pub fn write_and_rename(tmp: &Path, target: &Path, bytes: &[u8]) -> io::Result<()> {
+    let write = || -> io::Result<()> {
+        let mut file = File::create(tmp)?;
+        file.write_all(bytes)?;
+        file.sync_data()?;
+        std::fs::rename(tmp, target)
+    };
+    write().inspect_err(|_| {
+        let _ = std::fs::remove_file(tmp);
+    })
 }
 
 /// Flushes a directory so that renames and new entries in it survive a crash.

@@ -81,15 +81,13 @@ impl Selected {
         }
         let fresh = snapshot.messages;
         if expunge_allowed {
-            let mut i = self.messages.len();
-            while i > 0 {
-                i -= 1;
-                let uid = self.messages[i].uid;
-                if fresh.binary_search_by_key(&uid, |m| m.uid).is_err() {
-                    self.messages.remove(i);
-                    out.extend_from_slice(format!("* {} EXPUNGE\r\n", i + 1).as_bytes());
-                }
-            }
+            let vanished: Vec<usize> = (0..self.messages.len())
+                .filter(|i| {
+                    let uid = self.messages[*i].uid;
+                    fresh.binary_search_by_key(&uid, |m| m.uid).is_err()
+                })
+                .collect();
+            out.extend_from_slice(&self.expunged(vanished));
         }
         for (i, message) in self.messages.iter_mut().enumerate() {
             if let Ok(at) = fresh.binary_search_by_key(&message.uid, |m| m.uid) {

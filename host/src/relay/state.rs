@@ -5,7 +5,7 @@
 //! delivering again to recipients that already have the message.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -90,11 +90,9 @@ impl StateDir {
 
     /// Replaces the state durably.
     pub fn save(&self, id: &str, state: &DeliveryState) -> io::Result<()> {
+        let bytes = serde_json::to_vec(state).map_err(io::Error::other)?;
         let tmp = self.dir.join(format!(".{id}.tmp"));
-        let mut file = fs::File::create(&tmp)?;
-        file.write_all(&serde_json::to_vec(state).map_err(io::Error::other)?)?;
-        file.sync_data()?;
-        fs::rename(&tmp, self.dir.join(id))?;
+        durable::write_and_rename(&tmp, &self.dir.join(id), &bytes)?;
         durable::sync_dir(&self.dir)
     }
 

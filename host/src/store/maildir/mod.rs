@@ -309,20 +309,11 @@ impl MailStore for Maildir {
             self.host,
             size + lf_count
         );
-        let tmp_path = dir.join("tmp").join(&key);
-        let write = || -> io::Result<()> {
-            let mut file = File::create(&tmp_path)?;
-            file.write_all(&content)?;
-            file.sync_data()
-        };
-        if let Err(err) = write() {
-            let _ = fs::remove_file(&tmp_path);
-            return Err(StoreError::from_io(err));
-        }
         let target = dir
             .join("cur")
             .join(format!("{key}:2,{}", flag_letters(flags)));
-        fs::rename(&tmp_path, &target).map_err(StoreError::from_io)?;
+        durable::write_and_rename(&dir.join("tmp").join(&key), &target, &content)
+            .map_err(StoreError::from_io)?;
         durable::sync_dir(&dir.join("cur")).map_err(StoreError::from_io)?;
         let lock = self.folder_lock(&dir);
         let _guard = lock.lock().expect("folder lock");
@@ -355,8 +346,7 @@ impl MailStore for Maildir {
             let name = location.rsplit('/').next().unwrap_or_default();
             let (key, flags) = parse_name(name);
             // Same arrival time and sizes, a new unique part.
-            let mut parts = key.splitn(2, '.');
-            let stamp = parts.next().unwrap_or("0");
+            let stamp = key.split('.').next().unwrap_or("0");
             let sizes = key.find(",S=").map(|at| &key[at..]).unwrap_or("");
             let new_key = format!("{stamp}.{}.{}{sizes}", unique_part(), self.host);
             let target_path = dest
@@ -368,12 +358,10 @@ impl MailStore for Maildir {
                 if err.kind() == io::ErrorKind::NotFound {
                     continue;
                 }
-                let tmp = dest.join("tmp").join(&new_key);
                 let bytes = fs::read(source.join(&location)).map_err(StoreError::from_io)?;
-                let mut file = File::create(&tmp).map_err(StoreError::from_io)?;
-                file.write_all(&bytes).map_err(StoreError::from_io)?;
-                file.sync_data().map_err(StoreError::from_io)?;
-                fs::rename(&tmp, &target_path).map_err(StoreError::from_io)?;
+                let tmp = dest.join("tmp").join(&new_key);
+                durable::write_and_rename(&tmp, &target_path, &bytes)
+                    .map_err(StoreError::from_io)?;
             }
             copied.push((message.uid, new_key));
         }
@@ -518,14 +506,9 @@ impl MailStore for Maildir {
         let mut text = names.join("\n");
         text.push('\n');
         let tmp = root.join(format!("{SUBSCRIPTIONS}.tmp"));
-        let write = || -> io::Result<()> {
-            let mut file = File::create(&tmp)?;
-            file.write_all(text.as_bytes())?;
-            file.sync_data()?;
-            fs::rename(&tmp, root.join(SUBSCRIPTIONS))?;
-            durable::sync_dir(&root)
-        };
-        write().map_err(StoreError::from_io)
+        durable::write_and_rename(&tmp, &root.join(SUBSCRIPTIONS), text.as_bytes())
+            .and_then(|()| durable::sync_dir(&root))
+            .map_err(StoreError::from_io)
     }
 
     fn remove(
@@ -736,10 +719,11 @@ fn read_index(dir: &Path) -> io::Result<UidList> {
 /// Replaces the index atomically and durably.
 fn write_index(dir: &Path, index: &UidList) -> io::Result<()> {
     let tmp = dir.join(format!("{}.tmp", uidlist::FILE_NAME));
-    let mut file = File::create(&tmp)?;
-    file.write_all(index.render().as_bytes())?;
-    file.sync_data()?;
-    fs::rename(&tmp, dir.join(uidlist::FILE_NAME))?;
+    durable::write_and_rename(
+        &tmp,
+        &dir.join(uidlist::FILE_NAME),
+        index.render().as_bytes(),
+    )?;
     durable::sync_dir(dir)
 }
 
