@@ -415,3 +415,55 @@ SyncState *
     # A second run changes nothing.
     mbsync()
     assert len(server.maildir("alice")) == 3
+
+
+def test_mutt_reads_files_and_deletes(server, tmp_path):
+    """mutt (from Debian) in a pseudo-terminal over STARTTLS: opens INBOX, pipes both messages
+    out (byte-identical to what SMTP delivered), saves one to Archive (COPY), deletes it and
+    syncs (STORE \\Deleted + EXPUNGE), then quits. The server's Maildir shows each step."""
+    deliver(server, [message(1), message(2, b"Second body.\r\n")])
+    delivered = {b"imap test 1" in c: c for _, c in server.maildir("alice")}
+    out = tmp_path / "out"
+    out.mkdir()
+    base = f"imap://alice%40example.test@127.0.0.1:{server.ports['imap']}"
+    muttrc = tmp_path / "muttrc"
+    muttrc.write_text(f"""
+set imap_pass = "alicepass"
+set ssl_starttls = yes
+set ssl_force_tls = yes
+set certificate_file = "{server.cert}"
+set folder = "{base}/"
+set spoolfile = "{base}/INBOX"
+set sort = date-sent
+set wait_key = no
+set confirmappend = no
+set delete = yes
+set pipe_decode = no
+set header_cache = ""
+set message_cachedir = ""
+set imap_check_subscribed = no
+set mail_check = 1000
+""")
+    keys = (
+        f"<pipe-message>cat > {out}/1<enter>"
+        "<next-entry>"
+        f"<pipe-message>cat > {out}/2<enter>"
+        "<first-entry><save-message>=Archive<enter>"
+        "<sync-mailbox><quit>"
+    )
+    # mutt needs a terminal: script(1) gives it one; TERM keeps curses quiet.
+    run = subprocess.run(
+        ["script", "-qec", f"mutt -n -F {muttrc} -e 'push \"{keys}\"'", "/dev/null"],
+        capture_output=True, timeout=60, env={"TERM": "dumb", "HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
+    assert run.returncode == 0, run.stdout[-2000:]
+    piped = [(out / n).read_bytes() for n in ("1", "2")]
+    # What mutt read is what was stored (our trace fields included), byte for byte.
+    assert piped[0] == delivered[True]
+    assert piped[1] == delivered[False]
+    # Saved to Archive (COPY) and deleted (mutt's save deletes) then expunged: INBOX keeps 2.
+    inbox = server.maildir("alice")
+    assert [c for _, c in inbox] == [delivered[False]]
+    archive = server.data_dir / "mailboxes" / "example.test" / "alice" / ".Archive"
+    archived = [p.read_bytes() for sub in ("cur", "new") for p in (archive / sub).iterdir()]
+    assert archived == [delivered[True]]
