@@ -317,6 +317,21 @@ pub fn string(out: &mut Vec<u8>, value: &[u8]) {
     }
 }
 
+/// An `astring` (mailbox names): bare when every byte is an ASTRING-CHAR (RFC 9051 §9), as
+/// the RFC's own examples print names; quoted or a literal otherwise.
+pub fn astring(out: &mut Vec<u8>, value: &[u8]) {
+    let bare = !value.is_empty()
+        && value.iter().all(|b| {
+            (0x21..0x7f).contains(b)
+                && !matches!(b, b'(' | b')' | b'{' | b'%' | b'*' | b'"' | b'\\')
+        });
+    if bare {
+        out.extend_from_slice(value);
+    } else {
+        string(out, value);
+    }
+}
+
 pub fn literal(out: &mut Vec<u8>, value: &[u8]) {
     out.extend_from_slice(format!("{{{}}}\r\n", value.len()).as_bytes());
     out.extend_from_slice(value);
@@ -478,5 +493,16 @@ mod tests {
         out.clear();
         nstring(&mut out, None);
         assert_eq!(out, b"NIL");
+        for (name, encoded) in [
+            ("owatagusiam/blurdybloop", "owatagusiam/blurdybloop"),
+            ("[Gmail]/Sent", "[Gmail]/Sent"),
+            ("two words", "\"two words\""),
+            ("50%", "\"50%\""),
+            ("", "\"\""),
+        ] {
+            out.clear();
+            astring(&mut out, name.as_bytes());
+            assert_eq!(String::from_utf8_lossy(&out), encoded);
+        }
     }
 }

@@ -11,7 +11,7 @@ use imap_codec::imap_types::core::AString;
 use imap_codec::imap_types::fetch::{Part, Section};
 use mail_parser::{Address, HeaderName, HeaderValue, Message, MessagePart, MimeHeaders, PartType};
 
-use super::codec::{literal, nstring, string};
+use super::codec::{astring, literal, nstring, string};
 use crate::store::Flags;
 
 /// `(\Seen \Flagged …)`.
@@ -527,7 +527,7 @@ pub fn section_name(section: Option<&Section<'_>>) -> String {
         list.iter()
             .map(|n| {
                 let mut out = Vec::new();
-                string(
+                astring(
                     &mut out,
                     String::from_utf8_lossy(n.as_ref())
                         .to_ascii_uppercase()

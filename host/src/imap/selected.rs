@@ -160,11 +160,17 @@ pub fn uid_set(mut uids: Vec<u32>) -> String {
     out
 }
 
-/// COPYUID keeps the source and target sets in the same order (RFC 4315 §3), so they are
-/// listed one by one rather than compacted separately.
+/// COPYUID keeps the source and target sets in the same order (RFC 4315 §3): compacted when
+/// both ascend together (the store numbers copies in source order), else listed one by one.
 pub fn paired_sets(pairs: &[(u32, u32)]) -> (String, String) {
     let mut pairs = pairs.to_vec();
     pairs.sort_unstable();
+    if pairs.windows(2).all(|w| w[0].1 < w[1].1) {
+        return (
+            uid_set(pairs.iter().map(|(a, _)| *a).collect()),
+            uid_set(pairs.iter().map(|(_, b)| *b).collect()),
+        );
+    }
     let from: Vec<String> = pairs.iter().map(|(a, _)| a.to_string()).collect();
     let to: Vec<String> = pairs.iter().map(|(_, b)| b.to_string()).collect();
     (from.join(","), to.join(","))
@@ -241,5 +247,12 @@ mod tests {
         );
         assert!(!view.valid_sequence(&SequenceSet::try_from("3").unwrap()));
         assert_eq!(uid_set(vec![5, 1, 2, 3, 9]), "1:3,5,9");
+        let owned = |(a, b): (&str, &str)| (a.to_string(), b.to_string());
+        assert_eq!(
+            paired_sets(&[(3, 8), (1, 6), (2, 7), (9, 10)]),
+            owned(("1:3,9", "6:8,10"))
+        );
+        // Not ascending together: pairs spelled out so positions still match.
+        assert_eq!(paired_sets(&[(1, 7), (2, 6)]), owned(("1,2", "7,6")));
     }
 }

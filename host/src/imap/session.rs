@@ -691,7 +691,18 @@ impl Session {
                     return no(Some("ALREADYEXISTS"), "INBOX always exists");
                 }
                 let (store, user) = (self.server.store.clone(), self.user());
-                match blocking(move || store.create_folder(&user, &name)).await {
+                let created = blocking(move || {
+                    // RFC 9051 §6.3.4: superior names are created as needed, so every level is
+                    // a folder that can be selected, renamed and deleted.
+                    for (end, _) in name.match_indices('/') {
+                        match store.create_folder(&user, &name[..end]) {
+                            Ok(()) | Err(StoreError::Exists(_)) => {}
+                            Err(err) => return Err(err),
+                        }
+                    }
+                    store.create_folder(&user, &name)
+                });
+                match created.await {
                     Ok(()) => ok("CREATE completed"),
                     Err(err) => store_failure(&err),
                 }
@@ -863,6 +874,12 @@ impl Session {
             )
             .as_bytes(),
         );
+        if self.rev2 {
+            // RFC 9051 §6.3.2: the mailbox's name as the server spells it (INBOX in any case).
+            out.extend_from_slice(b"* LIST () \"/\" ");
+            codec::astring(&mut out, selected.folder.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
         io.queue(&out);
         self.state = State::Selected(selected);
         if read_only {
@@ -917,7 +934,7 @@ impl Session {
             parts.push(value);
         }
         let mut out = b"* STATUS ".to_vec();
-        codec::string(&mut out, name.as_bytes());
+        codec::astring(&mut out, name.as_bytes());
         out.extend_from_slice(format!(" ({})\r\n", parts.join(" ")).as_bytes());
         Ok(out)
     }
@@ -1019,7 +1036,7 @@ impl Session {
                 attributes.push("\\Subscribed");
             }
             out.extend_from_slice(format!("* {verb} ({}) \"/\" ", attributes.join(" ")).as_bytes());
-            codec::string(&mut out, name.as_bytes());
+            codec::astring(&mut out, name.as_bytes());
             out.extend_from_slice(b"\r\n");
             if exists && !extended.list_status.is_empty() {
                 status_for.push(name.clone());

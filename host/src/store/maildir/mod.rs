@@ -337,6 +337,10 @@ impl MailStore for Maildir {
     ) -> Result<(u32, Vec<(u32, u32)>), StoreError> {
         let source = self.folder_path(mailbox, folder)?;
         let dest = self.existing_folder(mailbox, target)?;
+        // Held from the first link on: no other session numbers the copies before we do, so
+        // they get UIDs in the order of the source (RFC 4315's COPYUID sets then ascend together).
+        let lock = self.folder_lock(&dest);
+        let _guard = lock.lock().expect("folder lock");
         let mut copied = Vec::new();
         for message in messages {
             let Some(location) = current_location(&source, message).map_err(StoreError::from_io)?
@@ -366,9 +370,8 @@ impl MailStore for Maildir {
             copied.push((message.uid, new_key));
         }
         durable::sync_dir(&dest.join("cur")).map_err(StoreError::from_io)?;
-        let lock = self.folder_lock(&dest);
-        let _guard = lock.lock().expect("folder lock");
-        let (index, _) = indexed(&dest)?;
+        let order: Vec<&str> = copied.iter().map(|(_, key)| key.as_str()).collect();
+        let (index, _) = indexed_in_order(&dest, &order)?;
         let uids: HashMap<&str, u32> = index
             .entries
             .iter()
@@ -542,6 +545,15 @@ impl MailStore for Maildir {
 /// Lists a folder and brings its UID index up to date (new files get UIDs, vanished ones lose
 /// theirs), writing the index durably when it changed. The caller holds the folder lock.
 fn indexed(dir: &Path) -> Result<(UidList, HashMap<String, Listed>), StoreError> {
+    indexed_in_order(dir, &[])
+}
+
+/// [`indexed`], numbering the unindexed files named in `first` before the others and in that
+/// order (a copy's messages in their source order); the rest by arrival.
+fn indexed_in_order(
+    dir: &Path,
+    first: &[&str],
+) -> Result<(UidList, HashMap<String, Listed>), StoreError> {
     let files = list_files(dir).map_err(StoreError::from_io)?;
     let mut index = read_index(dir).map_err(StoreError::from_io)?;
     let present: HashSet<&str> = files.keys().map(String::as_str).collect();
@@ -550,7 +562,9 @@ fn indexed(dir: &Path) -> Result<(UidList, HashMap<String, Listed>), StoreError>
         .iter()
         .filter(|(key, _)| !indexed.contains(key.as_str()))
         .collect();
-    arrivals.sort_by(|a, b| (a.1.received_at, a.0).cmp(&(b.1.received_at, b.0)));
+    let rank = |key: &str| first.iter().position(|k| *k == key).unwrap_or(usize::MAX);
+    arrivals
+        .sort_by(|a, b| (rank(a.0), a.1.received_at, a.0).cmp(&(rank(b.0), b.1.received_at, b.0)));
     let changed = match index.reconcile(&present, arrivals.iter().map(|(k, _)| k.as_str())) {
         Ok(changed) => changed,
         Err(uidlist::UidsExhausted) => {

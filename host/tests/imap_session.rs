@@ -1,0 +1,439 @@
+//! IMAP session tests over an in-memory stream, replaying the example transcripts of RFC 9051
+//! (section numbers in each test) against the real session state machine and a Maildir store in
+//! a temporary directory.
+//!
+//! Transcript lines: `C: ` is sent by the client, `S: ` is the next line the server must send,
+//! with `…` standing for any text (message texts, timestamps, UIDVALIDITY). `C2:`/`S2:` are a
+//! second client on the same mailbox. `<MESSAGE>` sends the RFC's example message (the literal
+//! announced as `{LEN}` on the line before). The RFC's mailbox contents differ from a fresh
+//! mailbox, so counts and names are those of the state the transcript builds; the exchange,
+//! its order and its response codes are the RFC's.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use postern::auth::{AuthThrottle, UserDirectory};
+use postern::config::{Config, ListenerConfig, ListenerProtocol, TlsMode};
+use postern::imap::session::Session;
+use postern::imap::ImapServer;
+use postern::store::maildir::Maildir;
+use postern::store::watched::Watched;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream};
+use tokio::sync::watch;
+
+/// RFC 9051 §6.3.12's APPEND example message.
+const MESSAGE: &str = "Date: Mon, 7 Feb 1994 21:52:25 -0800 (PST)\r\n\
+From: Fred Foobar <foobar@Blurdybloop.example>\r\n\
+Subject: afternoon meeting\r\n\
+To: mooch@owatagu.siam.edu.example\r\n\
+Message-Id: <B27397-0100000@Blurdybloop.example>\r\n\
+MIME-Version: 1.0\r\n\
+Content-Type: TEXT/PLAIN; CHARSET=US-ASCII\r\n\
+\r\n\
+Hello Joe, do you think we can meet at 3:30 tomorrow?\r\n";
+
+struct Harness {
+    server: Arc<ImapServer>,
+    _dir: tempfile::TempDir,
+    _shutdown: watch::Sender<bool>,
+}
+
+fn harness() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::embedded_default();
+    config.server.data_dir = dir.path().to_path_buf();
+    let users = Arc::new(UserDirectory::from_config(&config));
+    let maildir = Arc::new(Maildir::new(
+        dir.path().join("mailboxes"),
+        &config.server.hostname,
+    ));
+    let watched = Arc::new(Watched::new(maildir));
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let throttle = Arc::new(AuthThrottle::new(10, Duration::from_secs(600)));
+    let server = Arc::new(ImapServer::new(
+        Arc::new(config),
+        users,
+        watched,
+        None,
+        throttle,
+        shutdown_rx,
+    ));
+    Harness {
+        server,
+        _dir: dir,
+        _shutdown: shutdown_tx,
+    }
+}
+
+struct Client {
+    reader: BufReader<tokio::io::ReadHalf<DuplexStream>>,
+    writer: tokio::io::WriteHalf<DuplexStream>,
+}
+
+impl Client {
+    fn start(h: &Harness) -> Client {
+        // A trusted listener: LOGIN without TLS, as the RFC's examples do.
+        let listener = Arc::new(ListenerConfig {
+            name: "test".into(),
+            protocol: ListenerProtocol::Imap,
+            address: "127.0.0.1:0".parse().unwrap(),
+            tls: TlsMode::None,
+            trusted: true,
+        });
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        tokio::spawn(Session::new(h.server.clone(), listener, peer).run(theirs));
+        let (r, w) = tokio::io::split(ours);
+        Client {
+            reader: BufReader::new(r),
+            writer: w,
+        }
+    }
+
+    async fn line(&mut self) -> String {
+        let mut line = Vec::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(10),
+            self.reader.read_until(b'\n', &mut line),
+        )
+        .await
+        .expect("the server said nothing for 10 s")
+        .unwrap();
+        assert!(read > 0, "connection closed");
+        let line = String::from_utf8(line).expect("UTF-8 response");
+        assert!(
+            line.ends_with("\r\n"),
+            "response line without CRLF: {line:?}"
+        );
+        line.trim_end_matches("\r\n").to_string()
+    }
+}
+
+/// `…` matches any text; everything else literally.
+fn matches(pattern: &str, line: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('…').collect();
+    if parts.len() == 1 {
+        return pattern == line;
+    }
+    let mut rest = line;
+    for (i, part) in parts.iter().enumerate() {
+        if i == 0 {
+            let Some(r) = rest.strip_prefix(part) else {
+                return false;
+            };
+            rest = r;
+        } else if i == parts.len() - 1 {
+            return rest.ends_with(part);
+        } else {
+            let Some(at) = rest.find(part) else {
+                return false;
+            };
+            rest = &rest[at + part.len()..];
+        }
+    }
+    true
+}
+
+async fn replay(transcript: &str) {
+    let h = harness();
+    let mut clients = [Client::start(&h), Client::start(&h)];
+    let message_len = MESSAGE.len().to_string();
+    for (number, raw) in transcript.lines().enumerate() {
+        let raw = raw.trim_start();
+        if raw.is_empty() {
+            continue;
+        }
+        let (who, text) = raw.split_once(':').expect("C: or S: line");
+        let text = text.strip_prefix(' ').unwrap_or(text);
+        // Shown when a test fails: how far the transcript got.
+        eprintln!("{:3} {raw}", number + 1);
+        let client = &mut clients[if who.ends_with('2') { 1 } else { 0 }];
+        match who.trim_end_matches('2') {
+            "C" => {
+                let bytes = if text == "<MESSAGE>" {
+                    format!("{MESSAGE}\r\n")
+                } else {
+                    format!(
+                        "{}\r\n",
+                        text.replace("{LEN}", &format!("{{{message_len}}}"))
+                    )
+                };
+                client.writer.write_all(bytes.as_bytes()).await.unwrap();
+            }
+            "S" => {
+                let got = client.line().await;
+                assert!(
+                    matches(text, &got),
+                    "transcript line {}:\n  expected {text:?}\n  got      {got:?}",
+                    number + 1
+                );
+            }
+            other => panic!("unknown transcript prefix {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn any_state_capability_noop_logout() {
+    // RFC 9051 §6.1.1, §6.1.2, §6.1.3.
+    replay(
+        r"
+        S: * OK …
+        S2: * OK …
+        C: abcd CAPABILITY
+        S: * CAPABILITY IMAP4rev1 IMAP4rev2 …AUTH=PLAIN…
+        S: abcd OK CAPABILITY completed
+        C: a002 NOOP
+        S: a002 OK NOOP completed
+        C: A023 LOGOUT
+        S: * BYE …
+        S: A023 OK LOGOUT completed
+        ",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn login_enable_create_list_delete_rename() {
+    // RFC 9051 §6.2.3 LOGIN, §6.3.1 ENABLE, §6.3.4 CREATE, §6.3.9 LIST, §6.3.5 DELETE,
+    // §6.3.6 RENAME, §6.3.7/§6.3.8 SUBSCRIBE/UNSUBSCRIBE.
+    replay(
+        r#"
+        S: * OK …
+        S2: * OK …
+        C: a001 LOGIN alice@example.test alicepass
+        S: a001 OK [CAPABILITY …] …
+        C: t2 ENABLE IMAP4rev2
+        S: * ENABLED IMAP4rev2
+        S: t2 OK …
+        C: A003 CREATE owatagusiam/
+        S: A003 OK CREATE completed
+        C: A004 CREATE owatagusiam/blurdybloop
+        S: A004 OK CREATE completed
+        C: A101 LIST "" ""
+        S: * LIST (\Noselect) "/" ""
+        S: A101 OK LIST completed
+        C: A102 LIST "owatagusiam/" "%"
+        S: * LIST (\HasNoChildren) "/" owatagusiam/blurdybloop
+        S: A102 OK LIST completed
+        C: A683 DELETE owatagusiam/blurdybloop
+        S: A683 OK DELETE completed
+        C: A684 DELETE blurdybloop
+        S: A684 NO [NONEXISTENT] …
+        C: A685 CREATE sarasoop/bibimbap
+        S: A685 OK CREATE completed
+        C: A686 RENAME sarasoop zowie
+        S: A686 OK RENAME completed
+        C: A687 LIST "" "zowie*"
+        S: * LIST (\HasChildren) "/" zowie
+        S: * LIST (\HasNoChildren) "/" zowie/bibimbap
+        S: A687 OK LIST completed
+        C: A688 LIST "" "sarasoop*"
+        S: A688 OK LIST completed
+        C: A002 SUBSCRIBE zowie
+        S: A002 OK SUBSCRIBE completed
+        C: A003 UNSUBSCRIBE zowie
+        S: A003 OK UNSUBSCRIBE completed
+        C: A689 RENAME INBOX zowie
+        S: A689 NO [ALREADYEXISTS] …
+        C: A690 SELECT inbox
+        S: * 0 EXISTS
+        S: * FLAGS …
+        S: * OK [PERMANENTFLAGS …] …
+        S: * OK [UIDVALIDITY …] …
+        S: * OK [UIDNEXT 1] …
+        S: * LIST () "/" INBOX
+        S: A690 OK [READ-WRITE] SELECT completed
+        "#,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn append_select_fetch_store_search_copy_expunge() {
+    // RFC 9051 §6.3.12 APPEND, §6.3.2 SELECT, §6.3.11 STATUS, §6.4.5 FETCH, §6.4.6 STORE,
+    // §6.4.4 SEARCH, §6.4.7 COPY, §6.4.3 EXPUNGE, §6.4.9 UID, §6.4.1 CLOSE. The internal date
+    // keeps the instant APPEND gave and is told in UTC (as Dovecot tells it in server time).
+    replay(
+        r#"
+        S: * OK …
+        S2: * OK …
+        C: a001 LOGIN alice@example.test alicepass
+        S: a001 OK …
+        C: A003 APPEND saved-messages (\Seen) {LEN}
+        S: + …
+        C: <MESSAGE>
+        S: A003 NO [TRYCREATE] …
+        C: A004 CREATE saved-messages
+        S: A004 OK CREATE completed
+        C: A005 APPEND saved-messages (\Seen) {LEN}
+        S: + …
+        C: <MESSAGE>
+        S: A005 OK [APPENDUID … 1] APPEND completed
+        C: A006 APPEND saved-messages () "07-Feb-1994 21:52:25 -0800" {LEN}
+        S: + …
+        C: <MESSAGE>
+        S: A006 OK [APPENDUID … 2] APPEND completed
+        C: A042 STATUS saved-messages (UIDNEXT MESSAGES)
+        S: * STATUS saved-messages (UIDNEXT 3 MESSAGES 2)
+        S: A042 OK STATUS completed
+        C: A142 SELECT saved-messages
+        S: * 2 EXISTS
+        S: * 0 RECENT
+        S: * OK [UNSEEN 2] …
+        S: * FLAGS (\Answered \Flagged \Deleted \Seen \Draft…)
+        S: * OK [PERMANENTFLAGS (\Answered \Flagged \Deleted \Seen \Draft…)] …
+        S: * OK [UIDVALIDITY …] …
+        S: * OK [UIDNEXT 3] …
+        S: A142 OK [READ-WRITE] SELECT completed
+        C: A654 FETCH 2 (FLAGS INTERNALDATE RFC822.SIZE)
+        S: * 2 FETCH (FLAGS () INTERNALDATE "08-Feb-1994 05:52:25 +0000" RFC822.SIZE 326)
+        S: A654 OK FETCH completed
+        C: A655 FETCH 1 (ENVELOPE)
+        S: * 1 FETCH (ENVELOPE ("Mon, 7 Feb 1994 21:52:25 -0800 (PST)" "afternoon meeting" (("Fred Foobar" NIL "foobar" "Blurdybloop.example")) (("Fred Foobar" NIL "foobar" "Blurdybloop.example")) (("Fred Foobar" NIL "foobar" "Blurdybloop.example")) ((NIL NIL "mooch" "owatagu.siam.edu.example")) NIL NIL NIL "<B27397-0100000@Blurdybloop.example>"))
+        S: A655 OK FETCH completed
+        C: A656 FETCH 1 (BODY[HEADER.FIELDS (SUBJECT)] BODY.PEEK[TEXT]<0.9>)
+        S: * 1 FETCH (BODY[HEADER.FIELDS (SUBJECT)] {30}
+        S: Subject: afternoon meeting
+        S: 
+        S:  BODY[TEXT]<0> {9}
+        S: Hello Joe)
+        S: A656 OK FETCH completed
+        C: A657 FETCH 2 BODY[TEXT]
+        S: * 2 FETCH (BODY[TEXT] {55}
+        S: Hello Joe, do you think we can meet at 3:30 tomorrow?
+        S:  FLAGS (\Seen))
+        S: A657 OK FETCH completed
+        C: A003 STORE 2 +FLAGS (\Deleted)
+        S: * 2 FETCH (FLAGS (\Seen \Deleted))
+        S: A003 OK STORE completed
+        C: A282 SEARCH FLAGGED SINCE 1-Feb-1994 NOT FROM "Smith"
+        S: * SEARCH
+        S: A282 OK SEARCH completed
+        C: A283 SEARCH TEXT "meet at 3:30" NOT DELETED
+        S: * SEARCH 1
+        S: A283 OK SEARCH completed
+        C: A284 SEARCH CHARSET UTF-8 SUBJECT "afternoon"
+        S: * SEARCH 1 2
+        S: A284 OK SEARCH completed
+        C: A003 COPY 1:2 INBOX
+        S: A003 OK [COPYUID … 1:2 1:2] COPY completed
+        C: A999 UID FETCH 1:* (FLAGS)
+        S: * 1 FETCH (UID 1 FLAGS (\Seen))
+        S: * 2 FETCH (UID 2 FLAGS (\Seen \Deleted))
+        S: A999 OK …
+        C: A202 EXPUNGE
+        S: * 2 EXPUNGE
+        S: A202 OK EXPUNGE completed
+        C: A341 CLOSE
+        S: A341 OK CLOSE completed
+        C: A342 EXAMINE INBOX
+        S: * 2 EXISTS
+        S: * 0 RECENT
+        S: * FLAGS …
+        S: * OK [PERMANENTFLAGS ()] …
+        S: * OK [UIDVALIDITY …] …
+        S: * OK [UIDNEXT 3] …
+        S: A342 OK [READ-ONLY] EXAMINE completed
+        "#,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn idle_sees_another_sessions_append_and_flags() {
+    // RFC 9051 §6.3.13 IDLE, and §7.5.1's rules for updates from other sessions: no EXPUNGE
+    // during FETCH (the expunged message is answered from what the session last knew), then
+    // the EXPUNGE at the next NOOP.
+    replay(
+        r#"
+        S: * OK …
+        S2: * OK …
+        C: A001 LOGIN alice@example.test alicepass
+        S: A001 OK …
+        C2: B001 LOGIN alice@example.test alicepass
+        S2: B001 OK …
+        C: A002 SELECT INBOX
+        S: * 0 EXISTS
+        S: * 0 RECENT
+        S: * FLAGS …
+        S: * OK [PERMANENTFLAGS …] …
+        S: * OK [UIDVALIDITY …] …
+        S: * OK [UIDNEXT 1] …
+        S: A002 OK [READ-WRITE] SELECT completed
+        C: A003 IDLE
+        S: + idling
+        C2: B002 APPEND INBOX {LEN}
+        S2: + …
+        C2: <MESSAGE>
+        S2: B002 OK [APPENDUID … 1] APPEND completed
+        S: * 1 EXISTS
+        C: DONE
+        S: A003 OK IDLE terminated
+        C2: B003 SELECT INBOX
+        S2: * 1 EXISTS
+        S2: * 0 RECENT
+        S2: * OK [UNSEEN 1] …
+        S2: * FLAGS …
+        S2: * OK [PERMANENTFLAGS …] …
+        S2: * OK [UIDVALIDITY …] …
+        S2: * OK [UIDNEXT 2] …
+        S2: B003 OK [READ-WRITE] SELECT completed
+        C2: B004 STORE 1 +FLAGS.SILENT (\Flagged)
+        S2: B004 OK STORE completed
+        C: A004 NOOP
+        S: * 1 FETCH (FLAGS (\Flagged))
+        S: A004 OK NOOP completed
+        C2: B005 STORE 1 +FLAGS.SILENT (\Deleted)
+        S2: B005 OK STORE completed
+        C2: B006 EXPUNGE
+        S2: * 1 EXPUNGE
+        S2: B006 OK EXPUNGE completed
+        C: A005 FETCH 1 (FLAGS)
+        S: * 1 FETCH (FLAGS (\Flagged))
+        S: A005 OK FETCH completed
+        C: A006 NOOP
+        S: * 1 EXPUNGE
+        S: A006 OK NOOP completed
+        "#,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn literals_and_errors() {
+    // RFC 9051 §4.3 synchronizing literals, §7.1 BAD for syntax and state errors, §2.2.1 tags.
+    replay(
+        r#"
+        S: * OK …
+        S2: * OK …
+        C: a1 SELECT INBOX
+        S: a1 BAD …
+        C: a2 LOGIN {18}
+        S: + …
+        C: alice@example.test {9}
+        S: + …
+        C: alicepass
+        S: a2 OK …
+        C: a3 FETCH 1 (FLAGS)
+        S: a3 BAD …
+        C: a4 SELECT INBOX
+        S: * 0 EXISTS
+        S: * 0 RECENT
+        S: * FLAGS …
+        S: * OK [PERMANENTFLAGS …] …
+        S: * OK [UIDVALIDITY …] …
+        S: * OK [UIDNEXT 1] …
+        S: a4 OK [READ-WRITE] SELECT completed
+        C: a5 FETCH 1 (FLAGS)
+        S: a5 BAD …
+        C: a6 FROBNICATE
+        S: a6 BAD …
+        C: a7 LOGOUT
+        S: * BYE …
+        S: a7 OK LOGOUT completed
+        "#,
+    )
+    .await;
+}
