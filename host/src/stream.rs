@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
@@ -82,6 +83,19 @@ pub struct TlsInfo {
     pub cipher: String,
 }
 
+/// Raw deflate in both directions (IMAP COMPRESS=DEFLATE, RFC 4978), applied at the buffers:
+/// the sessions keep reading and writing plain bytes.
+struct Deflate {
+    inflate: Decompress,
+    deflate: Compress,
+    /// Compressed bytes read but not yet inflated.
+    pending: Vec<u8>,
+}
+
+/// Most plain bytes one read may inflate to: what a peer can make the server hold with one
+/// small compressed burst is bounded like an uncompressed read.
+const MAX_INFLATE: usize = 4 * READ_CHUNK;
+
 /// Buffered I/O over a connection: an input buffer the protocol codecs frame from, and an output
 /// buffer flushed when the session has nothing more to answer right away (which is what makes
 /// pipelining cheap: one write per batch of replies).
@@ -90,6 +104,7 @@ pub struct Io<S> {
     pub input: Vec<u8>,
     output: Vec<u8>,
     write_timeout: Duration,
+    deflate: Option<Box<Deflate>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Io<S> {
@@ -99,7 +114,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Io<S> {
             input: Vec::with_capacity(READ_CHUNK),
             output: Vec::with_capacity(1024),
             write_timeout,
+            deflate: None,
         }
+    }
+
+    pub fn is_compressed(&self) -> bool {
+        self.deflate.is_some()
+    }
+
+    /// Compresses everything after this point in both directions. Unread input is dropped: it
+    /// was sent before the peer could know compression would start.
+    pub fn start_deflate(&mut self) {
+        self.input.clear();
+        self.deflate = Some(Box::new(Deflate {
+            inflate: Decompress::new(false),
+            deflate: Compress::new(Compression::fast(), false),
+            pending: Vec::new(),
+        }));
     }
 
     pub fn is_tls(&self) -> bool {
@@ -112,13 +143,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Io<S> {
 
     /// Reads once more into the input buffer, by the deadline.
     pub async fn fill(&mut self, deadline: Instant) -> Result<(), ReadError> {
+        if self.deflate.is_some() {
+            return self.fill_inflated(deadline).await;
+        }
         self.input.reserve(READ_CHUNK);
         let conn = live(&mut self.conn)?;
-        match tokio::time::timeout_at(deadline, conn.read_buf(&mut self.input)).await {
-            Err(_) => Err(ReadError::Timeout),
-            Ok(Ok(0)) => Err(ReadError::Closed),
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(err)) => Err(ReadError::Io(err)),
+        read_by(deadline, conn, &mut self.input).await
+    }
+
+    /// [`Io::fill`] under compression: inflates what is pending, reading more only when that
+    /// gives nothing yet.
+    async fn fill_inflated(&mut self, deadline: Instant) -> Result<(), ReadError> {
+        loop {
+            let deflate = self.deflate.as_mut().expect("compression is on");
+            if !deflate.pending.is_empty() {
+                let before_in = deflate.inflate.total_in();
+                let mut plain = Vec::with_capacity(MAX_INFLATE);
+                let status = deflate
+                    .inflate
+                    .decompress_vec(&deflate.pending, &mut plain, FlushDecompress::Sync)
+                    .map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err))?;
+                let consumed = (deflate.inflate.total_in() - before_in) as usize;
+                deflate.pending.drain(..consumed);
+                self.input.extend_from_slice(&plain);
+                if status == Status::StreamEnd {
+                    return Err(ReadError::Closed);
+                }
+                if !plain.is_empty() {
+                    return Ok(());
+                }
+            }
+            let deflate = self.deflate.as_mut().expect("compression is on");
+            deflate.pending.reserve(READ_CHUNK);
+            let conn = live(&mut self.conn)?;
+            read_by(deadline, conn, &mut deflate.pending).await?;
         }
     }
 
@@ -155,7 +213,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Io<S> {
         if self.output.is_empty() {
             return Ok(());
         }
-        let output = std::mem::take(&mut self.output);
+        let mut output = std::mem::take(&mut self.output);
+        if let Some(deflate) = self.deflate.as_mut() {
+            output = deflated(&mut deflate.deflate, &output)?;
+        }
         let timeout = self.write_timeout;
         let conn = self.conn()?;
         let write = async {
@@ -226,6 +287,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Io<S> {
     }
 }
 
+async fn read_by<S: AsyncRead + AsyncWrite + Unpin>(
+    deadline: Instant,
+    conn: &mut Conn<S>,
+    into: &mut Vec<u8>,
+) -> Result<(), ReadError> {
+    match tokio::time::timeout_at(deadline, conn.read_buf(into)).await {
+        Err(_) => Err(ReadError::Timeout),
+        Ok(Ok(0)) => Err(ReadError::Closed),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(err)) => Err(ReadError::Io(err)),
+    }
+}
+
+/// `plain` compressed and sync-flushed, so the peer can inflate all of it now.
+fn deflated(deflate: &mut Compress, plain: &[u8]) -> io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(plain.len() / 2 + 64);
+    let mut rest = plain;
+    loop {
+        out.reserve(rest.len() / 2 + 64);
+        let before = deflate.total_in();
+        deflate
+            .compress_vec(rest, &mut out, FlushCompress::Sync)
+            .map_err(io::Error::other)?;
+        rest = &rest[(deflate.total_in() - before) as usize..];
+        // Done when all input is taken and the sync flush had room to finish.
+        if rest.is_empty() && out.len() < out.capacity() {
+            return Ok(out);
+        }
+    }
+}
+
 /// The connection, unless a failed TLS upgrade consumed it.
 fn live<S>(conn: &mut Option<Conn<S>>) -> io::Result<&mut Conn<S>> {
     conn.as_mut().ok_or_else(|| {
@@ -239,4 +331,68 @@ fn live<S>(conn: &mut Option<Conn<S>>) -> io::Result<&mut Conn<S>> {
 /// Builds an acceptor from a shared rustls configuration.
 pub fn acceptor(config: &Arc<rustls::ServerConfig>) -> TlsAcceptor {
     TlsAcceptor::from(config.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn compress(c: &mut Compress, plain: &[u8]) -> Vec<u8> {
+        deflated(c, plain).unwrap()
+    }
+
+    fn inflate(d: &mut Decompress, bytes: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1 << 20);
+        d.decompress_vec(bytes, &mut out, FlushDecompress::Sync)
+            .unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn deflate_both_ways_and_bounded_inflation() {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let mut io = Io::new(server, Duration::from_secs(5));
+        io.input.extend_from_slice(b"sent before compression\r\n");
+        io.start_deflate();
+        assert!(io.input.is_empty());
+        let mut to_server = Compress::new(Compression::default(), false);
+        let mut from_server = Decompress::new(false);
+        let deadline = Instant::now() + Duration::from_secs(5);
+
+        // Commands split across writes at arbitrary points still come out whole.
+        let wire = compress(&mut to_server, b"a1 NOOP\r\na2 CAPABILITY\r\n");
+        client.write_all(&wire[..3]).await.unwrap();
+        client.write_all(&wire[3..]).await.unwrap();
+        while io.input.len() < 24 {
+            io.fill(deadline).await.unwrap();
+        }
+        assert_eq!(io.input, b"a1 NOOP\r\na2 CAPABILITY\r\n");
+
+        io.queue(b"* OK compressed\r\n");
+        io.flush().await.unwrap();
+        let mut got = vec![0; 4096];
+        let n = client.read(&mut got).await.unwrap();
+        assert_eq!(inflate(&mut from_server, &got[..n]), b"* OK compressed\r\n");
+
+        // A small burst that inflates to 8 MiB is handed over MAX_INFLATE bytes at a time.
+        io.input.clear();
+        let bomb = compress(&mut to_server, &vec![b'a'; 8 << 20]);
+        assert!(bomb.len() < 64 * 1024);
+        client.write_all(&bomb).await.unwrap();
+        io.fill(deadline).await.unwrap();
+        assert!(io.input.len() <= MAX_INFLATE && !io.input.is_empty());
+        let mut total = io.input.len();
+        while total < 8 << 20 {
+            io.input.clear();
+            io.fill(deadline).await.unwrap();
+            assert!(io.input.len() <= MAX_INFLATE);
+            total += io.input.len();
+        }
+        assert_eq!(total, 8 << 20);
+
+        // Garbage is an error, not a panic.
+        client.write_all(b"\xff\xff\xff\xff garbage").await.unwrap();
+        assert!(io.fill(deadline).await.is_err());
+    }
 }

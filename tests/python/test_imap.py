@@ -8,6 +8,7 @@ import subprocess
 import ssl
 import threading
 import time
+import zlib
 
 import pytest
 
@@ -467,3 +468,51 @@ set mail_check = 1000
     archive = server.data_dir / "mailboxes" / "example.test" / "alice" / ".Archive"
     archived = [p.read_bytes() for sub in ("cur", "new") for p in (archive / sub).iterdir()]
     assert archived == [delivered[True]]
+
+
+def test_compress_deflate(server):
+    """COMPRESS=DEFLATE (RFC 4978) over IMAPS with zlib as the client: the OK comes plain, then
+    both directions are raw deflate; a FETCH through it is byte-exact; a second COMPRESS is NO."""
+    deliver(server, [message(1, b"Compressed body line.\r\n" * 200)])
+    ctx = ssl.create_default_context(cafile=server.cert)
+    raw = socket.create_connection(("127.0.0.1", server.ports["imaps"]), timeout=10)
+    s = ctx.wrap_socket(raw, server_hostname="localhost")
+    buf = b""
+
+    def plain_line():
+        nonlocal buf
+        while b"\r\n" not in buf:
+            buf += s.recv(4096)
+        line, buf = buf.split(b"\r\n", 1)
+        return line
+
+    assert plain_line().startswith(b"* OK")
+    s.sendall(b"a1 LOGIN alice@example.test alicepass\r\n")
+    while not (line := plain_line()).startswith(b"a1 "):
+        pass
+    assert line.startswith(b"a1 OK") and b"COMPRESS=DEFLATE" in line, line
+    s.sendall(b"a2 COMPRESS DEFLATE\r\n")
+    assert plain_line() == b"a2 OK DEFLATE active"
+    assert buf == b""
+    out = zlib.compressobj(wbits=-15)
+    inflate = zlib.decompressobj(wbits=-15)
+
+    def send(text):
+        s.sendall(out.compress(text) + out.flush(zlib.Z_SYNC_FLUSH))
+
+    def until_tagged(tag):
+        data = b""
+        while not re.search(rb"(?m)^" + tag + rb" ", data):
+            data += inflate.decompress(s.recv(65536))
+        return data
+
+    send(b"a3 SELECT INBOX\r\n")
+    assert b"* 1 EXISTS" in until_tagged(b"a3")
+    send(b"a4 FETCH 1 BODY.PEEK[]\r\na5 COMPRESS DEFLATE\r\n")
+    data = until_tagged(b"a5")
+    stored_message = stored(server)[0]
+    assert b"{%d}\r\n" % len(stored_message) + stored_message + b")\r\na4 OK" in data
+    assert re.search(rb"(?m)^a5 NO \[COMPRESSIONACTIVE\]", data)
+    send(b"a6 LOGOUT\r\n")
+    assert b"a6 OK" in until_tagged(b"a6")
+    s.close()

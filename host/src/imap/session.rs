@@ -326,6 +326,7 @@ impl Session {
             "LIST-STATUS",
             "ESEARCH",
             "BINARY",
+            "COMPRESS=DEFLATE",
         ];
         if matches!(self.state, State::NotAuthenticated) {
             if !self.tls && self.listener.tls == TlsMode::Starttls && self.server.tls.is_some() {
@@ -659,6 +660,20 @@ impl Session {
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
         match body {
+            CommandBody::Compress { .. } => {
+                // RFC 4978 §3: DEFLATE is the only algorithm imap-codec parses.
+                if io.is_compressed() {
+                    return no(Some("COMPRESSIONACTIVE"), "DEFLATE is already active");
+                }
+                // The OK goes out uncompressed; everything after it in both directions is not.
+                io.queue(&codec::status(Some(tag), "OK", None, "DEFLATE active"));
+                if io.flush().await.is_err() {
+                    return Done::Close;
+                }
+                io.start_deflate();
+                self.reader.reset();
+                Done::Sent
+            }
             CommandBody::Enable { capabilities } => {
                 let mut enabled = Vec::new();
                 for capability in capabilities.as_ref() {
