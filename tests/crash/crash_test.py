@@ -1,0 +1,345 @@
+"""Crash test: concurrent SMTP load, kill -9 at random moments, restart, repeat; then check that
+every message that got a 250 is in its Maildir exactly once, byte for byte, and that the
+mailboxes and their UID indexes read back consistently (through POP3 and IMAP, and directly).
+
+    tests/.venv/bin/python tests/crash/crash_test.py [--cycles 50] [--clients 8] [--bin PATH]
+
+Prints one line per cycle and a summary; exits non-zero on any lost, duplicated or damaged
+message. Messages whose 250 never arrived (the kill came first) may be delivered once or not at
+all; both are counted.
+"""
+
+import argparse
+import collections
+import hashlib
+import imaplib
+import os
+import pathlib
+import poplib
+import random
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+USERS = {"alice@example.test": "alicepass", "bob@example.test": "bobpass"}
+TOKEN = re.compile(rb"X-Crash-Token: (\S+)")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def config(data_dir, ports):
+    text = (ROOT / "examples" / "postern.toml").read_text()
+    text = re.sub(r'(?m)^data_dir = .*$', f'data_dir = "{data_dir}"', text)
+    text = re.sub(r'(?m)^verify_inbound = .*$', "verify_inbound = false", text)
+    text = re.sub(r'(?m)^nameservers = .*$', 'nameservers = ["127.0.0.1:9"]', text)
+    text = re.sub(r'(?m)^log = .*$', 'log = "warn"', text)
+    text = re.sub(r'(?m)^max_connections_per_ip = .*$', "max_connections_per_ip = 500", text)
+
+    def port_for(match):
+        name = match.group(1)
+        return f'name = "{name}"{match.group(2)}address = "127.0.0.1:{ports[name]}"'
+
+    text = re.sub(r'name = "(\w+)"(\nprotocol = "\w+"\n)address = "127\.0\.0\.1:\d+"', port_for, text)
+    # Plain LOGIN on loopback for the readers that run during the load.
+    return re.sub(r'(?m)^(name = "(?:imap|pop3)")$', r"\1\ntrusted = true", text)
+
+
+class Server:
+    def __init__(self, binary, workdir, ports):
+        self.binary, self.workdir, self.ports = binary, workdir, ports
+        self.config = workdir / "postern.toml"
+        self.data = workdir / "data"
+        self.config.write_text(config(self.data, ports))
+        self.log = open(workdir / "postern.log", "ab")
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen([self.binary, "serve", "--config", str(self.config)],
+                                     stdout=subprocess.PIPE, stderr=self.log)
+        deadline = time.time() + 60
+        for line in self.proc.stdout:
+            if line.strip() == b"postern: ready":
+                break
+            if time.time() > deadline:
+                raise RuntimeError("server did not start")
+        else:
+            raise RuntimeError("server exited: see " + str(self.workdir / "postern.log"))
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+
+    def spooled(self):
+        d = self.data / "spool" / "queue"
+        return sorted(os.listdir(d)) if d.exists() else []
+
+
+class Ledger:
+    """What the clients sent and what the server acknowledged."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.acked = {}  # token -> (recipients, body digest)
+        self.unacked = {}  # token -> (recipients, body digest): sent, no final reply seen
+
+    def record(self, table, token, recipients, digest):
+        with self.lock:
+            table[token] = (tuple(recipients), digest)
+
+
+def message(token, rng):
+    words = ["lorem", "ipsum", "dolor", "sit", "amet", ".dot", "tab\there", "x" * 70]
+    # Mostly small; one in ten up to ~400 KB, which keeps messages in flight longer.
+    lines = rng.randrange(1, 400) if rng.random() < 0.9 else rng.randrange(400, 8000)
+    filler = "\r\n".join(" ".join(rng.choice(words) for _ in range(rng.randrange(0, 12)))
+                         for _ in range(lines))
+    body = (f"From: load@remote.test\r\nTo: alice@example.test\r\nSubject: crash {token}\r\n"
+            f"X-Crash-Token: {token}\r\n\r\n{filler}\r\n.leading dot\r\nend {token}\r\n").encode()
+    return body
+
+
+def client(n, cycle, port, ledger, stop, rng):
+    seq = 0
+    while not stop.is_set():
+        try:
+            s = smtplib.SMTP("127.0.0.1", port, timeout=10)
+            s.ehlo("crash.client")
+        except (OSError, smtplib.SMTPException):
+            time.sleep(0.05)
+            continue
+        try:
+            while not stop.is_set():
+                seq += 1
+                token = f"c{cycle}-t{n}-m{seq}"
+                recipients = rng.choice([["alice@example.test"], ["bob@example.test"],
+                                         ["alice@example.test", "bob@example.test"]])
+                body = message(token, rng)
+                digest = hashlib.sha256(body).hexdigest()
+                ledger.record(ledger.unacked, token, recipients, digest)
+                s.sendmail("load@remote.test", recipients, body)
+                # sendmail returned: the 250 after the final dot came.
+                with ledger.lock:
+                    ledger.unacked.pop(token)
+                    ledger.acked[token] = (tuple(recipients), digest)
+        except (OSError, smtplib.SMTPException):
+            pass
+        finally:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+def reader(n, port, pop3_port, stop, rng):
+    """Reads and flags mail while it arrives, so the UID indexes and Maildir renames (flags in
+    file names) are being written when the kill comes: IMAP SELECT, FETCH, STORE, and a POP3
+    session that retrieves (and so marks seen at QUIT) without deleting."""
+    user, password = list(USERS.items())[n % len(USERS)]
+    while not stop.is_set():
+        try:
+            imap = imaplib.IMAP4("127.0.0.1", port, timeout=10)
+            imap.login(user, password)
+            typ, data = imap.select("INBOX")
+            exists = int(data[0])
+            if exists:
+                imap.fetch(f"{max(1, exists - 20)}:*", "(UID FLAGS)")
+                for _ in range(5):
+                    flag = rng.choice(["\\Seen", "\\Flagged", "\\Answered"])
+                    imap.store(str(rng.randrange(1, exists + 1)), rng.choice(["+FLAGS", "-FLAGS"]), flag)
+            imap.uid("SEARCH", "ALL")
+            imap.logout()
+            pop = poplib.POP3("127.0.0.1", pop3_port, timeout=10)
+            pop.user(user)
+            pop.pass_(password)
+            count, _ = pop.stat()
+            if count:
+                pop.retr(rng.randrange(1, count + 1))
+            pop.quit()
+        except (OSError, imaplib.IMAP4.error, poplib.error_proto, ValueError):
+            time.sleep(0.05)
+
+
+def maildir_files(data, user):
+    local, domain = user.split("@")
+    base = data / "mailboxes" / domain / local
+    files = []
+    for sub in ("new", "cur"):
+        d = base / sub
+        if d.exists():
+            files += sorted(d.iterdir())
+    return base, files
+
+
+def stored_body(raw):
+    """The client's message as stored: without the trace fields our server prepended
+    (Received, Return-Path, Delivered-To), LF endings turned back into CRLF."""
+    raw = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    start = raw.find(b"From: load@remote.test\r\n")
+    return raw[start:] if start >= 0 else raw
+
+
+def check(server, ledger):
+    problems = []
+    seen = collections.defaultdict(list)  # (user, token) -> digests
+    counts = {}
+    for user in USERS:
+        base, files = maildir_files(server.data, user)
+        counts[user] = len(files)
+        for path in files:
+            raw = path.read_bytes()
+            m = TOKEN.search(raw)
+            if not m:
+                problems.append(f"{path}: no token (damaged or foreign message)")
+                continue
+            seen[(user, m.group(1).decode())].append(hashlib.sha256(stored_body(raw)).hexdigest())
+        leftovers = list((base / "tmp").iterdir()) if (base / "tmp").exists() else []
+        counts[user + " tmp"] = len(leftovers)
+
+    def expect(token, recipients, digest, at_most_once):
+        for user in USERS:
+            got = seen.pop((user, token), [])
+            wanted = user in recipients
+            if wanted and not at_most_once and len(got) != 1:
+                problems.append(f"{token} for {user}: acknowledged, stored {len(got)} times")
+            elif len(got) > 1 or (got and not wanted):
+                problems.append(f"{token} for {user}: stored {len(got)} times")
+            for d in got:
+                if d != digest:
+                    problems.append(f"{token} for {user}: stored bytes differ from what was sent")
+
+    for token, (recipients, digest) in ledger.acked.items():
+        expect(token, recipients, digest, False)
+    unacked_delivered = 0
+    for token, (recipients, digest) in ledger.unacked.items():
+        unacked_delivered += any((u, token) in seen for u in USERS)
+        expect(token, recipients, digest, True)
+    for (user, token) in seen:
+        problems.append(f"{token} for {user}: stored but never sent")
+    return problems, counts, unacked_delivered
+
+
+def check_through_protocols(server):
+    """POP3 and IMAP read every mailbox back: counts equal the Maildir, UIDs unique and stable."""
+    problems = []
+    ctx = ssl.create_default_context(cafile=str(server.data / "tls" / "cert.pem"))
+    for user, password in USERS.items():
+        _, files = maildir_files(server.data, user)
+        imap = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=ctx)
+        imap.login(user, password)
+        typ, data = imap.select("INBOX", readonly=True)
+        exists = int(data[0])
+        typ, data = imap.uid("SEARCH", "ALL")
+        uids = data[0].split()
+        imap.logout()
+        if exists != len(files) or len(set(uids)) != len(files):
+            problems.append(f"IMAP {user}: EXISTS {exists}, {len(set(uids))} UIDs, {len(files)} files")
+        pop = poplib.POP3_SSL("127.0.0.1", server.ports["pop3s"], context=ctx)
+        pop.user(user)
+        pop.pass_(password)
+        count, _ = pop.stat()
+        uidls = pop.uidl()[1]
+        pop.quit()
+        if count != len(files) or len(set(uidls)) != len(files):
+            problems.append(f"POP3 {user}: STAT {count}, {len(set(uidls))} UIDLs, {len(files)} files")
+        # IMAP UIDs and POP3 UIDLs name the same messages (UIDL = UID in hex + UIDVALIDITY).
+        pop_uids = sorted(int(line.split()[1][:8], 16) for line in uidls)
+        if pop_uids != sorted(int(u) for u in uids):
+            problems.append(f"{user}: POP3 UIDLs and IMAP UIDs disagree")
+    return problems
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cycles", type=int, default=50)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--bin", default=str(ROOT / "target" / "release" / "postern"))
+    parser.add_argument("--seed", type=int, default=int(time.time()))
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="postern-crash."))
+    ports = {name: free_port() for name in
+             ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")}
+    server = Server(args.bin, workdir, ports)
+    ledger = Ledger()
+    print(f"seed {args.seed}, {args.cycles} cycles, {args.clients} clients, work dir {workdir}")
+    started = time.time()
+    spooled_at_kill = []
+    try:
+        for cycle in range(1, args.cycles + 1):
+            server.start()
+            stop = threading.Event()
+            threads = [threading.Thread(target=client, daemon=True,
+                                        args=(n, cycle, ports["smtp"], ledger, stop,
+                                              random.Random(rng.random())))
+                       for n in range(args.clients)]
+            threads += [threading.Thread(target=reader, daemon=True,
+                                         args=(n, ports["imap"], ports["pop3"], stop,
+                                               random.Random(rng.random())))
+                        for n in range(2)]
+            for t in threads:
+                t.start()
+            time.sleep(rng.uniform(0.2, 1.5))
+            server.kill()
+            spooled_at_kill.append(len(server.spooled()))
+            stop.set()
+            for t in threads:
+                t.join()
+            print(f"cycle {cycle:3}: killed; {len(ledger.acked)} acknowledged so far, "
+                  f"{len(ledger.unacked)} unacknowledged, {spooled_at_kill[-1]} in the spool",
+                  flush=True)
+        # A last start delivers what the spool still holds; then a clean stop.
+        server.start()
+        deadline = time.time() + 120
+        while server.spooled() and time.time() < deadline:
+            time.sleep(0.1)
+        problems = check_through_protocols(server)
+        server.stop()
+        more, counts, unacked_delivered = check(server, ledger)
+        problems += more
+        log = (workdir / "postern.log").read_text(errors="replace")
+        damaged = len(re.findall(r"(?i)damaged|rebuil", log))
+        print(f"\n{args.cycles} kill -9 cycles in {time.time() - started:.0f} s")
+        print(f"acknowledged messages: {len(ledger.acked)}; unacknowledged when killed: "
+              f"{len(ledger.unacked)} ({unacked_delivered} of them delivered once, the rest never)")
+        print(f"Maildir files: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        print(f"spool at each kill: max {max(spooled_at_kill)}, mean "
+              f"{sum(spooled_at_kill) / len(spooled_at_kill):.1f}; left at the end: {len(server.spooled())}")
+        print(f"index/Maildir repairs logged: {damaged}")
+        if server.spooled():
+            problems.append(f"{len(server.spooled())} messages never left the spool")
+        if problems:
+            print(f"\nFAILED: {len(problems)} problems")
+            for p in problems[:50]:
+                print("  " + p)
+            return 1
+        print("OK: every acknowledged message delivered exactly once, byte for byte; "
+              "mailboxes and indexes consistent")
+        return 0
+    finally:
+        if server.proc and server.proc.poll() is None:
+            server.kill()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
