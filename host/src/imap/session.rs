@@ -28,6 +28,7 @@ use super::selected::{paired_sets, uid_set, Selected};
 use super::ImapServer;
 use crate::auth::{AuthUser, Mechanism, SaslError, SaslExchange, SaslStep, Secret};
 use crate::config::{ListenerConfig, TlsMode};
+use crate::store::watched::Change;
 use crate::store::{FlagChange, Flags, MailStore, MessageInfo, StoreError};
 use crate::stream::{Io, ReadError};
 
@@ -87,7 +88,7 @@ pub struct Session {
     errors: u32,
     auth_failures: u32,
     reader: Reader,
-    changes: broadcast::Receiver<Arc<str>>,
+    changes: broadcast::Receiver<Change>,
     /// A change to the user's mailbox was announced since the last look.
     dirty: bool,
 }
@@ -114,12 +115,13 @@ where
 }
 
 /// Runs store work on a blocking thread.
-async fn blocking<T, F>(work: F) -> Result<T, StoreError>
+/// Runs store work off the async threads, as session `writer` (see `watched::writing_as`).
+async fn blocking<T, F>(writer: u64, work: F) -> Result<T, StoreError>
 where
     T: Send + 'static,
     F: FnOnce() -> Result<T, StoreError> + Send + 'static,
 {
-    tokio::task::spawn_blocking(work)
+    tokio::task::spawn_blocking(move || crate::store::watched::writing_as(writer, work))
         .await
         .unwrap_or_else(|_| Err(StoreError::Io(std::io::Error::other("store task failed"))))
 }
@@ -354,8 +356,11 @@ impl Session {
         };
         loop {
             match self.changes.try_recv() {
-                Ok(mailbox) => {
-                    if mailbox.as_ref() == user.to_ascii_lowercase() {
+                Ok(change) => {
+                    // Our own writes are in our view already (APPEND and COPY mark it dirty).
+                    if change.writer != self.id
+                        && change.mailbox.as_ref() == user.to_ascii_lowercase()
+                    {
                         self.dirty = true;
                     }
                 }
@@ -376,7 +381,7 @@ impl Session {
         };
         let store = self.server.store.clone();
         let folder = selected.folder.clone();
-        let snapshot = blocking(move || store.snapshot(&user, &folder)).await;
+        let snapshot = blocking(self.id, move || store.snapshot(&user, &folder)).await;
         let State::Selected(selected) = &mut self.state else {
             return Vec::new();
         };
@@ -614,7 +619,7 @@ impl Session {
             .collect();
         let store = self.server.store.clone();
         let user = user.to_string();
-        let made = blocking(move || {
+        let made = blocking(self.id, move || {
             let existing = store.folders(&user)?;
             let mut made = Vec::new();
             for folder in wanted {
@@ -706,7 +711,7 @@ impl Session {
                     return no(Some("ALREADYEXISTS"), "INBOX always exists");
                 }
                 let (store, user) = (self.server.store.clone(), self.user());
-                let created = blocking(move || {
+                let created = blocking(self.id, move || {
                     // RFC 9051 §6.3.4: superior names are created as needed, so every level is
                     // a folder that can be selected, renamed and deleted.
                     for (end, _) in name.match_indices('/') {
@@ -732,7 +737,7 @@ impl Session {
                 }
                 let (store, user) = (self.server.store.clone(), self.user());
                 let folder = name.clone();
-                match blocking(move || store.delete_folder(&user, &folder)).await {
+                match blocking(self.id, move || store.delete_folder(&user, &folder)).await {
                     Ok(()) => {
                         if self.selected().is_some_and(|s| s.folder == name) {
                             self.state = State::Authenticated;
@@ -748,7 +753,7 @@ impl Session {
                     (Err(done), _) | (_, Err(done)) => return done,
                 };
                 let (store, user) = (self.server.store.clone(), self.user());
-                match blocking(move || store.rename_folder(&user, &from, &to)).await {
+                match blocking(self.id, move || store.rename_folder(&user, &from, &to)).await {
                     Ok(()) => ok("RENAME completed"),
                     Err(err) => store_failure(&err),
                 }
@@ -807,12 +812,19 @@ impl Session {
                     .unwrap_or_else(|| chrono::Utc::now().timestamp());
                 let flags = store_flags(&flags);
                 let (store, user) = (self.server.store.clone(), self.user());
-                match blocking(move || store.append(&user, &name, &bytes, flags, received_at)).await
+                match blocking(self.id, move || {
+                    store.append(&user, &name, &bytes, flags, received_at)
+                })
+                .await
                 {
-                    Ok((validity, uid)) => Done::Ok(
-                        Some(format!("APPENDUID {validity} {uid}")),
-                        "APPEND completed".into(),
-                    ),
+                    Ok((validity, uid)) => {
+                        // Into the selected folder maybe: the next update re-reads it.
+                        self.dirty = true;
+                        Done::Ok(
+                            Some(format!("APPENDUID {validity} {uid}")),
+                            "APPEND completed".into(),
+                        )
+                    }
                     Err(StoreError::NoSuchFolder(_)) => no(Some("TRYCREATE"), "No such mailbox"),
                     Err(err) => store_failure(&err),
                 }
@@ -829,7 +841,7 @@ impl Session {
             Err(done) => return done,
         };
         let (store, user) = (self.server.store.clone(), self.user());
-        match blocking(move || store.set_subscribed(&user, &name, on)).await {
+        match blocking(self.id, move || store.set_subscribed(&user, &name, on)).await {
             Ok(()) => ok(if on {
                 "SUBSCRIBE completed"
             } else {
@@ -855,7 +867,7 @@ impl Session {
             Err(done) => return done,
         };
         let (store, user, folder) = (self.server.store.clone(), self.user(), name.clone());
-        let snapshot = match blocking(move || store.snapshot(&user, &folder)).await {
+        let snapshot = match blocking(self.id, move || store.snapshot(&user, &folder)).await {
             Ok(snapshot) => snapshot,
             Err(err) => return store_failure(&err),
         };
@@ -910,7 +922,7 @@ impl Session {
         items: &[StatusDataItemName],
     ) -> Result<Vec<u8>, StoreError> {
         let (store, user, folder) = (self.server.store.clone(), self.user(), name.to_string());
-        let snapshot = blocking(move || store.snapshot(&user, &folder)).await?;
+        let snapshot = blocking(self.id, move || store.snapshot(&user, &folder)).await?;
         let mut parts = Vec::new();
         for item in items {
             let value = match item {
@@ -980,8 +992,10 @@ impl Session {
         }
         let pattern = format!("{reference}{pattern}");
         let (store, user) = (self.server.store.clone(), self.user());
-        let listing =
-            blocking(move || Ok((store.folders(&user)?, store.subscriptions(&user)?))).await;
+        let listing = blocking(self.id, move || {
+            Ok((store.folders(&user)?, store.subscriptions(&user)?))
+        })
+        .await;
         let (folders, subscribed) = match listing {
             Ok(listing) => listing,
             Err(err) => return store_failure(&err),
@@ -1097,7 +1111,7 @@ impl Session {
             }
             enum Woken {
                 Input(Result<Event, ReadError>),
-                Change(Result<Arc<str>, broadcast::error::RecvError>),
+                Change(Result<Change, broadcast::error::RecvError>),
                 Shutdown,
             }
             let woken = tokio::select! {
@@ -1119,7 +1133,11 @@ impl Session {
                         Err(_) => Done::Close,
                     };
                 }
-                Woken::Change(Ok(mailbox)) if mailbox.as_ref() != user => continue,
+                Woken::Change(Ok(change))
+                    if change.mailbox.as_ref() != user || change.writer == self.id =>
+                {
+                    continue
+                }
                 Woken::Change(Err(broadcast::error::RecvError::Closed)) => return Done::Close,
                 Woken::Change(_) => {
                     self.dirty = true;
@@ -1165,7 +1183,7 @@ impl Session {
                         .unwrap_or_default();
                     if !doomed.is_empty() {
                         let (store, user) = (self.server.store.clone(), self.user());
-                        let result = blocking(move || {
+                        let result = blocking(self.id, move || {
                             let refs: Vec<&MessageInfo> = doomed.iter().collect();
                             store.remove(&user, &folder, &refs)
                         })
@@ -1266,7 +1284,7 @@ impl Session {
             .map(|i| selected.messages[*i].clone())
             .collect();
         let folder = selected.folder.clone();
-        let result = blocking(move || {
+        let result = blocking(self.id, move || {
             let refs: Vec<&MessageInfo> = messages.iter().collect();
             store.remove(&user, &folder, &refs)
         })
@@ -1300,7 +1318,7 @@ impl Session {
         };
         let messages = selected.messages.clone();
         let folder = selected.folder.clone();
-        let found = blocking(move || {
+        let found = blocking(self.id, move || {
             let last_seq = messages.len() as u32;
             let last_uid = messages.last().map(|m| m.uid).unwrap_or(0);
             let mut found = Vec::new();
@@ -1435,7 +1453,7 @@ impl Session {
             let batch = batch.to_vec();
             let (store, user, folder, items) =
                 (store.clone(), user.clone(), folder.clone(), items.clone());
-            let rendered = blocking(move || {
+            let rendered = blocking(self.id, move || {
                 let mut out = Vec::new();
                 let mut seen = Vec::new();
                 for (index, mut info) in batch {
@@ -1515,7 +1533,7 @@ impl Session {
             .map(|i| selected.messages[*i].clone())
             .collect();
         let folder = selected.folder.clone();
-        let result = blocking(move || {
+        let result = blocking(self.id, move || {
             let refs: Vec<&MessageInfo> = messages.iter().collect();
             store.change_flags(&user, &folder, &refs, change)
         })
@@ -1583,7 +1601,7 @@ impl Session {
             .map(|i| selected.messages[*i].clone())
             .collect();
         let folder = selected.folder.clone();
-        let result = blocking(move || {
+        let result = blocking(self.id, move || {
             let refs: Vec<&MessageInfo> = messages.iter().collect();
             let copied = store.copy(&user, &folder, &refs, &target)?;
             if moving {
@@ -1597,6 +1615,8 @@ impl Session {
             Err(StoreError::NoSuchFolder(_)) => return no(Some("TRYCREATE"), "No such mailbox"),
             Err(err) => return store_failure(&err),
         };
+        // The target may be the selected folder: the next update re-reads it.
+        self.dirty = true;
         let code = if pairs.is_empty() {
             None
         } else {

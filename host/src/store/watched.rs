@@ -1,9 +1,11 @@
 //! A store wrapper that announces every change to a mailbox, so IMAP sessions on it (IDLE, or
 //! another client's session) learn of new mail and flag changes without polling the disk.
 //!
-//! Announcements say only which mailbox changed; a session that hears one re-reads its folder and
-//! works out the differences itself, so a missed or merged announcement never loses an update.
+//! Announcements say only which mailbox changed (and who changed it); a session that hears one
+//! re-reads its folder and works out the differences itself, so a missed or merged announcement
+//! never loses an update. A session skips its own announcements: it already knows what it did.
 
+use std::cell::Cell;
 use std::sync::Arc;
 
 use tokio::sync::broadcast;
@@ -14,9 +16,30 @@ use super::{Delivery, FlagChange, FolderSnapshot, MailStore, MessageInfo, StoreE
 /// behind just treats the lag as "something changed".
 const BACKLOG: usize = 1024;
 
+/// One announcement.
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// The mailbox (user key), lower-cased.
+    pub mailbox: Arc<str>,
+    /// Who wrote: the id given to [`writing_as`], 0 for everyone else (delivery, POP3).
+    pub writer: u64,
+}
+
+thread_local! {
+    static WRITER: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Runs store calls on this thread as `writer`, so the announcements they cause name it.
+pub fn writing_as<T>(writer: u64, work: impl FnOnce() -> T) -> T {
+    let before = WRITER.with(|w| w.replace(writer));
+    let result = work();
+    WRITER.with(|w| w.set(before));
+    result
+}
+
 pub struct Watched {
     inner: Arc<dyn MailStore>,
-    changes: broadcast::Sender<Arc<str>>,
+    changes: broadcast::Sender<Change>,
 }
 
 impl Watched {
@@ -27,13 +50,16 @@ impl Watched {
         }
     }
 
-    /// Mailbox names (user keys) as they change.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<str>> {
+    /// Mailboxes as they change.
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.changes.subscribe()
     }
 
     fn announce(&self, mailbox: &str) {
-        let _ = self.changes.send(Arc::from(mailbox.to_ascii_lowercase()));
+        let _ = self.changes.send(Change {
+            mailbox: Arc::from(mailbox.to_ascii_lowercase()),
+            writer: WRITER.with(Cell::get),
+        });
     }
 
     fn announce_if<T>(
@@ -149,5 +175,31 @@ impl MailStore for Watched {
         subscribed: bool,
     ) -> Result<(), StoreError> {
         self.inner.set_subscribed(mailbox, folder, subscribed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::maildir::Maildir;
+    use crate::store::Flags;
+
+    #[test]
+    fn announcements_name_their_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let watched = Watched::new(Arc::new(Maildir::new(dir.path(), "host")));
+        let mut changes = watched.subscribe();
+        let message = b"Subject: x\r\n\r\nbody\r\n";
+        writing_as(7, || {
+            watched.append("Alice@Example.Test", "INBOX", message, Flags::empty(), 0)
+        })
+        .unwrap();
+        watched
+            .append("alice@example.test", "INBOX", message, Flags::empty(), 0)
+            .unwrap();
+        let first = changes.try_recv().unwrap();
+        assert_eq!((&*first.mailbox, first.writer), ("alice@example.test", 7));
+        let second = changes.try_recv().unwrap();
+        assert_eq!(second.writer, 0, "the writer is reset after writing_as");
     }
 }
