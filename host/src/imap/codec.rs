@@ -265,7 +265,9 @@ pub fn lift_extensions(message: &[u8]) -> (Vec<u8>, Extended) {
 }
 
 fn strip_prefix_ci<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
-    (text.len() >= prefix.len() && text[..prefix.len()].eq_ignore_ascii_case(prefix))
+    // `get`, not indexing: the cut may fall inside a multi-byte character (found by fuzzing).
+    let head = text.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
         .then(|| &text[prefix.len()..])
 }
 
@@ -462,6 +464,19 @@ mod tests {
         let got = events(&mut reader, Mode::Command);
         assert!(matches!(&got[0], Event::TooLong { .. }), "{got:?}");
         assert!(matches!(&got[1], Event::Command { .. }));
+    }
+
+    #[test]
+    fn lifting_survives_multibyte_text_where_a_keyword_was_expected() {
+        // A fuzzing find: "RETURN" compared against a cut through '€' panicked.
+        for line in [
+            "a6 SEARCH RETE2r\u{20ac}t\r\n",
+            "a LIST \u{20ac}\u{20ac} x\r\n",
+            "a SEARCH R\u{e9}\r\n",
+        ] {
+            let (rest, _) = lift_extensions(line.as_bytes());
+            assert_eq!(rest, line.as_bytes());
+        }
     }
 
     #[test]

@@ -67,12 +67,15 @@ impl DotDecoder {
         self.size
     }
 
+    /// Keeps bytes up to the limit and counts the rest, so what is kept never depends on how
+    /// the input was split into reads (a fuzzing find: a run past the limit used to drop a
+    /// whole run, keeping less or more by chunking).
     fn emit(&mut self, out: &mut Vec<u8>, bytes: &[u8]) {
+        let room = self.limit.saturating_sub(self.size);
+        out.extend_from_slice(&bytes[..room.min(bytes.len())]);
         self.size += bytes.len();
         if self.size > self.limit {
             self.overflow = true;
-        } else {
-            out.extend_from_slice(bytes);
         }
     }
 
@@ -178,6 +181,27 @@ mod tests {
             }
         }
         (out, false, consumed)
+    }
+
+    #[test]
+    fn what_is_kept_past_the_limit_does_not_depend_on_the_reads() {
+        let body = b"Subject: x\r\n\r\n0123456789abcdef\r\nline two\r\n.\r\n";
+        let whole = {
+            let mut decoder = DotDecoder::new(20);
+            let mut out = Vec::new();
+            assert!(decoder.feed(body, &mut out).done);
+            assert!(decoder.overflowed());
+            out
+        };
+        assert_eq!(whole, b"Subject: x\r\n\r\n012345");
+        for split in 1..body.len() {
+            let mut decoder = DotDecoder::new(20);
+            let mut out = Vec::new();
+            let first = decoder.feed(&body[..split], &mut out);
+            assert!(!first.done);
+            assert!(decoder.feed(&body[split..], &mut out).done);
+            assert_eq!(out, whole, "split at {split}");
+        }
     }
 
     #[test]
