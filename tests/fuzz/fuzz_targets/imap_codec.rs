@@ -88,9 +88,7 @@ fn run(reads: &[Vec<u8>]) -> Vec<String> {
 
 fuzz_target!(|data: &[u8]| {
     let reads = common::chunks(data, TOKENS);
-    let split = run(&reads);
-    let whole = run(&[common::joined(&reads)]);
-    assert_eq!(split, whole, "events depend on how the stream was split");
+    common::assert_split_independent(&reads, run);
     // The lifting alone, on any line: never longer than what it was given.
     let joined = common::joined(&reads);
     let (rest, _) = lift_extensions(&joined);

@@ -25,3 +25,15 @@ pub fn chunks(data: &[u8], tokens: &[&[u8]]) -> Vec<Vec<u8>> {
 pub fn joined(chunks: &[Vec<u8>]) -> Vec<u8> {
     chunks.concat()
 }
+
+/// Runs the stream as the given reads and as one read, and asserts both give the same events:
+/// framing must not depend on where a peer's writes happened to be cut.
+#[allow(dead_code)]
+pub fn assert_split_independent<T: PartialEq + std::fmt::Debug>(
+    reads: &[Vec<u8>],
+    run: impl Fn(&[Vec<u8>]) -> Vec<T>,
+) {
+    let split = run(reads);
+    let whole = run(&[joined(reads)]);
+    assert_eq!(split, whole, "events depend on how the stream was split");
+}
