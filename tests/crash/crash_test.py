@@ -30,6 +30,8 @@ import threading
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "python"))
+from conftest import test_config  # noqa: E402
 USERS = {"alice@example.test": "alicepass", "bob@example.test": "bobpass"}
 TOKEN = re.compile(rb"X-Crash-Token: (\S+)")
 
@@ -41,19 +43,15 @@ def free_port():
 
 
 def config(data_dir, ports):
-    text = (ROOT / "examples" / "postern.toml").read_text()
-    text = re.sub(r'(?m)^data_dir = .*$', f'data_dir = "{data_dir}"', text)
-    text = re.sub(r'(?m)^verify_inbound = .*$', "verify_inbound = false", text)
-    text = re.sub(r'(?m)^nameservers = .*$', 'nameservers = ["127.0.0.1:9"]', text)
-    text = re.sub(r'(?m)^log = .*$', 'log = "warn"', text)
-    text = re.sub(r'(?m)^max_connections_per_ip = .*$', "max_connections_per_ip = 500", text)
+    """The end-to-end tests' configuration (tests/python/conftest.py), with a quiet log, room for
+    the load, fixed ports (restarts must find the server where the clients left it) and plain
+    LOGIN on loopback for the readers."""
+    text = test_config(data_dir, {"log": '"warn"', "max_connections_per_ip": "500"})
 
     def port_for(match):
-        name = match.group(1)
-        return f'name = "{name}"{match.group(2)}address = "127.0.0.1:{ports[name]}"'
+        return f'name = "{match.group(1)}"{match.group(2)}address = "127.0.0.1:{ports[match.group(1)]}"'
 
-    text = re.sub(r'name = "(\w+)"(\nprotocol = "\w+"\n)address = "127\.0\.0\.1:\d+"', port_for, text)
-    # Plain LOGIN on loopback for the readers that run during the load.
+    text = re.sub(r'name = "(\w+)"(\nprotocol = "\w+"\n)address = "127\.0\.0\.1:0"', port_for, text)
     return re.sub(r'(?m)^(name = "(?:imap|pop3)")$', r"\1\ntrusted = true", text)
 
 
