@@ -5,9 +5,10 @@
 //! Transcript lines: `C: ` is sent by the client, `S: ` is the next line the server must send,
 //! with `…` standing for any text (message texts, timestamps, UIDVALIDITY). `C2:`/`S2:` are a
 //! second client on the same mailbox. `<MESSAGE>` sends the RFC's example message (the literal
-//! announced as `{LEN}` on the line before). The RFC's mailbox contents differ from a fresh
-//! mailbox, so counts and names are those of the state the transcript builds; the exchange,
-//! its order and its response codes are the RFC's.
+//! announced as `{LEN}` on the line before); `{V}` in a client line is the UIDVALIDITY the
+//! server last told. The RFC's mailbox contents differ from a fresh mailbox, so counts and
+//! names are those of the state the transcript builds; the exchange, its order and its
+//! response codes are the RFC's.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -139,6 +140,7 @@ async fn replay(transcript: &str) {
     let h = harness();
     let mut clients = [Client::start(&h), Client::start(&h)];
     let message_len = MESSAGE.len().to_string();
+    let mut validity = String::new();
     for (number, raw) in transcript.lines().enumerate() {
         let raw = raw.trim_start();
         if raw.is_empty() {
@@ -157,12 +159,16 @@ async fn replay(transcript: &str) {
                     format!(
                         "{}\r\n",
                         text.replace("{LEN}", &format!("{{{message_len}}}"))
+                            .replace("{V}", &validity)
                     )
                 };
                 client.writer.write_all(bytes.as_bytes()).await.unwrap();
             }
             "S" => {
                 let got = client.line().await;
+                if let Some((_, rest)) = got.split_once("[UIDVALIDITY ") {
+                    validity = rest.chars().take_while(char::is_ascii_digit).collect();
+                }
                 assert!(
                     matches(text, &got),
                     "transcript line {}:\n  expected {text:?}\n  got      {got:?}",
@@ -243,6 +249,7 @@ async fn login_enable_create_list_delete_rename() {
         S: * OK [PERMANENTFLAGS …] …
         S: * OK [UIDVALIDITY …] …
         S: * OK [UIDNEXT 1] …
+        S: * OK [HIGHESTMODSEQ …] …
         S: * LIST () "/" INBOX
         S: A690 OK [READ-WRITE] SELECT completed
         "#,
@@ -286,6 +293,7 @@ async fn append_select_fetch_store_search_copy_expunge() {
         S: * OK [PERMANENTFLAGS (\Answered \Flagged \Deleted \Seen \Draft…)] …
         S: * OK [UIDVALIDITY …] …
         S: * OK [UIDNEXT 3] …
+        S: * OK [HIGHESTMODSEQ …] …
         S: A142 OK [READ-WRITE] SELECT completed
         C: A654 FETCH 2 (FLAGS INTERNALDATE RFC822.SIZE)
         S: * 2 FETCH (FLAGS () INTERNALDATE "08-Feb-1994 05:52:25 +0000" RFC822.SIZE 326)
@@ -335,6 +343,7 @@ async fn append_select_fetch_store_search_copy_expunge() {
         S: * OK [PERMANENTFLAGS ()] …
         S: * OK [UIDVALIDITY …] …
         S: * OK [UIDNEXT 3] …
+        S: * OK [HIGHESTMODSEQ …] …
         S: A342 OK [READ-ONLY] EXAMINE completed
         "#,
     )
@@ -361,6 +370,7 @@ async fn idle_sees_another_sessions_append_and_flags() {
         S: * OK [PERMANENTFLAGS …] …
         S: * OK [UIDVALIDITY …] …
         S: * OK [UIDNEXT 1] …
+        S: * OK [HIGHESTMODSEQ …] …
         S: A002 OK [READ-WRITE] SELECT completed
         C: A003 IDLE
         S: + idling
@@ -379,6 +389,7 @@ async fn idle_sees_another_sessions_append_and_flags() {
         S2: * OK [PERMANENTFLAGS …] …
         S2: * OK [UIDVALIDITY …] …
         S2: * OK [UIDNEXT 2] …
+        S2: * OK [HIGHESTMODSEQ …] …
         S2: B003 OK [READ-WRITE] SELECT completed
         C2: B004 STORE 1 +FLAGS.SILENT (\Flagged)
         S2: B004 OK STORE completed
@@ -425,6 +436,7 @@ async fn literals_and_errors() {
         S: * OK [PERMANENTFLAGS …] …
         S: * OK [UIDVALIDITY …] …
         S: * OK [UIDNEXT 1] …
+        S: * OK [HIGHESTMODSEQ …] …
         S: a4 OK [READ-WRITE] SELECT completed
         C: a5 FETCH 1 (FLAGS)
         S: a5 BAD …
@@ -433,6 +445,115 @@ async fn literals_and_errors() {
         C: a7 LOGOUT
         S: * BYE …
         S: a7 OK LOGOUT completed
+        "#,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn keywords_condstore_qresync() {
+    // RFC 9051 §2.3.2 keywords (PERMANENTFLAGS \*), RFC 7162 §3.1 CONDSTORE (MODSEQ,
+    // CHANGEDSINCE, UNCHANGEDSINCE with MODIFIED, SEARCH MODSEQ, STATUS HIGHESTMODSEQ) and §3.2
+    // QRESYNC (SELECT with resync data, VANISHED (EARLIER), VANISHED instead of EXPUNGE), with
+    // the RFC's exchanges on this folder's numbers: a fresh folder starts at HIGHESTMODSEQ 1.
+    replay(
+        r#"
+        S: * OK …
+        S2: * OK …
+        C: A001 LOGIN alice@example.test alicepass
+        S: A001 OK …
+        C2: B001 LOGIN alice@example.test alicepass
+        S2: B001 OK …
+        C: A002 APPEND INBOX (\Seen $Junk) {LEN}
+        S: + …
+        C: <MESSAGE>
+        S: A002 OK [APPENDUID … 1] APPEND completed
+        C: A003 APPEND INBOX {LEN}
+        S: + …
+        C: <MESSAGE>
+        S: A003 OK [APPENDUID … 2] APPEND completed
+        C: A004 APPEND INBOX (Work $junk) {LEN}
+        S: + …
+        C: <MESSAGE>
+        S: A004 OK [APPENDUID … 3] APPEND completed
+        C: A005 SELECT INBOX (CONDSTORE)
+        S: * 3 EXISTS
+        S: * 0 RECENT
+        S: * OK [UNSEEN 2] …
+        S: * FLAGS (\Answered \Flagged \Deleted \Seen \Draft $Forwarded $Junk Work)
+        S: * OK [PERMANENTFLAGS (\Answered \Flagged \Deleted \Seen \Draft $Forwarded $Junk Work \*)] …
+        S: * OK [UIDVALIDITY …] …
+        S: * OK [UIDNEXT 4] …
+        S: * OK [HIGHESTMODSEQ 4] …
+        S: A005 OK [READ-WRITE] SELECT completed
+        C: A006 FETCH 1:* (FLAGS) (CHANGEDSINCE 2)
+        S: * 2 FETCH (FLAGS () MODSEQ (3))
+        S: * 3 FETCH (FLAGS ($Junk Work) MODSEQ (4))
+        S: A006 OK FETCH completed
+        C: A007 STORE 1:3 (UNCHANGEDSINCE 3) +FLAGS.SILENT (\Flagged NewWord)
+        S: * FLAGS (\Answered \Flagged \Deleted \Seen \Draft $Forwarded $Junk Work NewWord)
+        S: * OK [PERMANENTFLAGS (\Answered \Flagged \Deleted \Seen \Draft $Forwarded $Junk Work NewWord \*)] …
+        S: * 1 FETCH (UID 1 MODSEQ (5))
+        S: * 2 FETCH (UID 2 MODSEQ (6))
+        S: A007 OK [MODIFIED 3] Conditional STORE failed for some messages
+        C: A008 SEARCH KEYWORD newword MODSEQ 6
+        S: * SEARCH 2 (MODSEQ 6)
+        S: A008 OK SEARCH completed
+        C: A009 UID SEARCH UNKEYWORD $JUNK
+        S: * SEARCH 2
+        S: A009 OK SEARCH completed
+        C2: B002 STATUS INBOX (HIGHESTMODSEQ MESSAGES)
+        S2: * STATUS INBOX (HIGHESTMODSEQ 6 MESSAGES 3)
+        S2: B002 OK STATUS completed
+        C2: B003 ENABLE QRESYNC
+        S2: * ENABLED QRESYNC
+        S2: B003 OK ENABLE completed
+        C2: B004 SELECT INBOX
+        S2: * 3 EXISTS
+        S2: * 0 RECENT
+        S2: * OK [UNSEEN 2] …
+        S2: * FLAGS …
+        S2: * OK [PERMANENTFLAGS …] …
+        S2: * OK [UIDVALIDITY …] …
+        S2: * OK [UIDNEXT 4] …
+        S2: * OK [HIGHESTMODSEQ 6] …
+        S2: B004 OK [READ-WRITE] SELECT completed
+        C2: B005 UID STORE 2 +FLAGS.SILENT (\Deleted)
+        S2: * 2 FETCH (UID 2 MODSEQ (7))
+        S2: B005 OK STORE completed
+        C2: B006 EXPUNGE
+        S2: * VANISHED 2
+        S2: B006 OK EXPUNGE completed
+        C: A010 NOOP
+        S: * 2 EXPUNGE
+        S: A010 OK NOOP completed
+        C: A011 STORE 1 -FLAGS (NewWord)
+        S: * 1 FETCH (UID 1 FLAGS (\Seen \Flagged $Junk) MODSEQ (9))
+        S: A011 OK STORE completed
+        C2: B007 UNSELECT
+        S2: B007 OK UNSELECT completed
+        C2: B008 SELECT INBOX (QRESYNC ({V} 6 1:3))
+        S2: * 2 EXISTS
+        S2: * 0 RECENT
+        S2: * OK [UNSEEN 2] …
+        S2: * FLAGS …
+        S2: * OK [PERMANENTFLAGS …] …
+        S2: * OK [UIDVALIDITY …] …
+        S2: * OK [UIDNEXT 4] …
+        S2: * OK [HIGHESTMODSEQ 9] …
+        S2: * VANISHED (EARLIER) 2
+        S2: * 1 FETCH (UID 1 FLAGS (\Seen \Flagged $Junk) MODSEQ (9))
+        S2: B008 OK [READ-WRITE] SELECT completed
+        C2: B009 UID FETCH 1:* (FLAGS) (CHANGEDSINCE 4 VANISHED)
+        S2: * VANISHED (EARLIER) 2
+        S2: * 1 FETCH (UID 1 FLAGS (\Seen \Flagged $Junk) MODSEQ (9))
+        S2: B009 OK FETCH completed
+        C2: B010 UID FETCH 1:* (FLAGS) (CHANGEDSINCE 9 VANISHED)
+        S2: B010 OK FETCH completed
+        C2: B011 FETCH 1 (FLAGS) (VANISHED)
+        S2: B011 BAD …
+        C: A012 SELECT INBOX (QRESYNC (1 1))
+        S: A012 BAD …
         "#,
     )
     .await;

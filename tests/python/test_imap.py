@@ -516,3 +516,84 @@ def test_compress_deflate(server):
     send(b"a6 LOGOUT\r\n")
     assert b"a6 OK" in until_tagged(b"a6")
     s.close()
+
+
+def untagged(m, name):
+    return [d.decode() if isinstance(d, bytes) else d for d in m.untagged_responses.pop(name, [])]
+
+
+def qresync_select(m, arguments):
+    typ, data = m._simple_command("SELECT", arguments)
+    assert typ == "OK", data
+    m.state = "SELECTED"  # imaplib only tracks its own select()
+
+
+def test_keywords_condstore_qresync_across_a_kill(tmp_path):
+    from conftest import Server
+
+    server = Server(tmp_path / "run")
+    try:
+        deliver(server, [message(1), message(2), message(3)])
+        a = connect(server)
+        typ, _ = a._simple_command("ENABLE", "QRESYNC")
+        assert typ == "OK" and untagged(a, "ENABLED") == ["QRESYNC"]
+        qresync_select(a, "INBOX")
+        validity = int(untagged(a, "UIDVALIDITY")[0])
+        h0 = int(untagged(a, "HIGHESTMODSEQ")[0])
+        assert any("\\*" in p for p in untagged(a, "PERMANENTFLAGS"))
+
+        # Keywords: Maildir letters, named in Dovecot's keyword file, told with MODSEQ.
+        data = ok(a.store("1", "+FLAGS", "($Junk Work)"))
+        assert re.fullmatch(r"1 \(UID 1 FLAGS \(\$Junk Work\) MODSEQ \((\d+)\)\)", data[0].decode()), data
+        assert "$Junk Work" in untagged(a, "FLAGS")[-1]  # the table grew: FLAGS again
+        inbox = server.data_dir / "mailboxes" / "example.test" / "alice"
+        assert (inbox / "dovecot-keywords").read_text() == "0 $Junk\n1 Work\n"
+        names = sorted(p.name for p in (inbox / "cur").iterdir())
+        assert sum(n.endswith(":2,ab") for n in names) == 1, names
+        assert ok(a.search(None, "KEYWORD", "work")) == [b"1"]
+
+        # QRESYNC: an expunge is told as VANISHED; HIGHESTMODSEQ moves on.
+        ok(a.uid("STORE", "2", "+FLAGS.SILENT", "(\\Deleted)"))
+        ok(a.expunge())
+        assert untagged(a, "VANISHED") == ["2"]
+        s = connect(server)
+        status = ok(s.status("INBOX", "(HIGHESTMODSEQ)"))[0].decode()
+        h1 = int(re.search(r"HIGHESTMODSEQ (\d+)", status).group(1))
+        assert h1 > h0
+        s.logout()
+    finally:
+        server.stop()  # kill -9: nothing is flushed on the way out
+
+    server = Server(tmp_path / "run")
+    try:
+        b = connect(server)
+        ok(b._simple_command("ENABLE", "QRESYNC"))
+        qresync_select(b, f"INBOX (QRESYNC ({validity} {h0} 1:3))")
+        assert int(untagged(b, "HIGHESTMODSEQ")[0]) >= h1, "never back, not even after kill -9"
+        assert untagged(b, "VANISHED") == ["(EARLIER) 2"]
+        fetches = untagged(b, "FETCH")
+        assert len(fetches) == 1 and re.fullmatch(
+            r"1 \(UID 1 FLAGS \(\$Junk Work\) MODSEQ \(\d+\)\)", fetches[0]
+        ), fetches
+        data = ok(b.store("2", "+FLAGS", "(\\Seen)"))  # UID 3 is message 2 now
+        h2 = int(re.search(r"MODSEQ \((\d+)\)", data[0].decode()).group(1))
+        assert h2 > h1
+
+        # Another Maildir tool flags UID 3 by renaming its file: found and given a new MODSEQ.
+        (path,) = [p for p in (inbox / "cur").iterdir() if p.name.endswith(":2,S")]
+        path.rename(path.with_name(path.name[: -len("S")] + "FS"))
+        c = connect(server)
+        ok(c._simple_command("ENABLE", "QRESYNC"))
+        qresync_select(c, f"INBOX (QRESYNC ({validity} {h2}))")
+        fetches = untagged(c, "FETCH")
+        assert len(fetches) == 1 and "UID 3 FLAGS (\\Seen \\Flagged)" in fetches[0], fetches
+        assert int(re.search(r"MODSEQ \((\d+)\)", fetches[0]).group(1)) > h2
+        # CONDSTORE's conditional STORE: refused for a message changed since.
+        tag = c._command("UID", "STORE", "1,3", f"(UNCHANGEDSINCE {h2})", "+FLAGS.SILENT", "(\\Answered)")
+        typ, data = c._command_complete("UID", tag)
+        assert typ == "OK" and data[0].startswith(b"[MODIFIED 3]"), data
+        assert untagged(c, "FETCH") == ["1 (UID 1 MODSEQ (%d))" % (h2 + 2)], "UID 1 did change"
+        c.logout()
+        b.logout()
+    finally:
+        server.stop()

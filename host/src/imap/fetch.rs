@@ -14,10 +14,17 @@ use mail_parser::{Address, HeaderName, HeaderValue, Message, MessagePart, MimeHe
 use super::codec::{astring, literal, nstring, string};
 use crate::store::Flags;
 
-/// `(\Seen \Flagged …)`.
-pub fn flags(out: &mut Vec<u8>, flags: Flags) {
+/// `(\Seen \Flagged $Junk)`: a message's flags; keyword slots are named by the folder's table.
+pub fn flags(out: &mut Vec<u8>, flags: Flags, keywords: &[String]) {
     out.push(b'(');
     let mut first = true;
+    let mut put = |out: &mut Vec<u8>, name: &str| {
+        if !first {
+            out.push(b' ');
+        }
+        out.extend_from_slice(name.as_bytes());
+        first = false;
+    };
     for (flag, name) in [
         (Flags::SEEN, "\\Seen"),
         (Flags::ANSWERED, "\\Answered"),
@@ -27,14 +34,31 @@ pub fn flags(out: &mut Vec<u8>, flags: Flags) {
         (Flags::FORWARDED, "$Forwarded"),
     ] {
         if flags.contains(flag) {
-            if !first {
-                out.push(b' ');
-            }
-            out.extend_from_slice(name.as_bytes());
-            first = false;
+            put(out, name);
+        }
+    }
+    for slot in flags.keyword_slots() {
+        // A letter the table does not name (written by another tool) is not shown.
+        if let Some(name) = keywords.get(slot).filter(|k| !k.starts_with('\\')) {
+            put(out, name);
         }
     }
     out.push(b')');
+}
+
+/// The flags a folder can have, for the FLAGS response and (with `\*` when more keywords fit)
+/// PERMANENTFLAGS.
+pub fn flag_list(keywords: &[String], permanent: bool) -> String {
+    let mut list = String::from("(\\Answered \\Flagged \\Deleted \\Seen \\Draft $Forwarded");
+    for keyword in keywords.iter().filter(|k| !k.starts_with('\\')) {
+        list.push(' ');
+        list.push_str(keyword);
+    }
+    if permanent && keywords.len() < Flags::MAX_KEYWORDS {
+        list.push_str(" \\*");
+    }
+    list.push(')');
+    list
 }
 
 /// RFC 9051 `date-time`: `"22-Nov-2026 09:30:00 +0000"`.

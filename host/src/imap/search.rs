@@ -131,6 +131,20 @@ pub struct Subject<'a> {
     /// The highest sequence number and UID in the mailbox (what `*` means).
     pub last_seq: u32,
     pub last_uid: u32,
+    /// The folder's keyword table (slot names).
+    pub keywords: &'a [String],
+}
+
+/// Whether a message has a keyword, by name.
+fn has_keyword(subject: &Subject<'_>, word: &str) -> bool {
+    if word.eq_ignore_ascii_case("$Forwarded") {
+        return subject.info.flags.contains(Flags::FORWARDED);
+    }
+    subject
+        .keywords
+        .iter()
+        .position(|k| k.eq_ignore_ascii_case(word))
+        .is_some_and(|slot| subject.info.flags.contains(Flags::keyword(slot)))
 }
 
 fn has(haystack: &str, needle: &[u8]) -> bool {
@@ -143,6 +157,17 @@ fn internal_day(info: &MessageInfo) -> NaiveDate {
         .single()
         .unwrap_or_default()
         .date_naive()
+}
+
+/// Whether the criteria use MODSEQ (the SEARCH response then tells the highest one found).
+pub fn uses_modseq(key: &SearchKey<'_>) -> bool {
+    match key {
+        SearchKey::ModSequence { .. } => true,
+        SearchKey::And(keys) => keys.as_ref().iter().any(uses_modseq),
+        SearchKey::Or(a, b) => uses_modseq(a) || uses_modseq(b),
+        SearchKey::Not(k) => uses_modseq(k),
+        _ => false,
+    }
 }
 
 pub fn matches(key: &SearchKey<'_>, subject: &Subject<'_>, message: &mut Lazy<'_>) -> bool {
@@ -175,12 +200,11 @@ pub fn matches(key: &SearchKey<'_>, subject: &Subject<'_>, message: &mut Lazy<'_
         SearchKey::New => !flag(Flags::SEEN),
         SearchKey::Old => true,
         SearchKey::Recent => false,
-        SearchKey::Keyword(word) => {
-            word.as_ref().eq_ignore_ascii_case("$Forwarded") && flag(Flags::FORWARDED)
-        }
-        SearchKey::Unkeyword(word) => {
-            !(word.as_ref().eq_ignore_ascii_case("$Forwarded") && flag(Flags::FORWARDED))
-        }
+        SearchKey::Keyword(word) => has_keyword(subject, word.as_ref()),
+        SearchKey::Unkeyword(word) => !has_keyword(subject, word.as_ref()),
+        // RFC 7162 §3.1.5: messages whose mod-sequence is at least the value (the entry
+        // name and type only narrow it down for servers that keep per-flag mod-sequences).
+        SearchKey::ModSequence { modseq, .. } => subject.info.modseq >= *modseq,
         SearchKey::Larger(n) => subject.info.size > u64::from(*n),
         SearchKey::Smaller(n) => subject.info.size < u64::from(*n),
         SearchKey::Before(date) => internal_day(subject.info) < *date.as_ref(),
@@ -221,18 +245,21 @@ mod tests {
             size,
             flags,
             received_at: 1_795_300_000,
+            modseq: 40,
         }
     }
 
     #[test]
     fn criteria() {
         let raw = b"From: Alice <alice@example.test>\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?= lunch\r\nDate: Sun, 22 Nov 2026 09:00:00 +0000\r\n\r\nLet us meet at noon.\r\n".to_vec();
-        let message = info(7, Flags::SEEN, raw.len() as u64);
+        let message = info(7, Flags::SEEN.union(Flags::keyword(1)), raw.len() as u64);
+        let keywords = ["$Junk".to_string(), "Work".to_string()];
         let subject = Subject {
             seq: 3,
             info: &message,
             last_seq: 5,
             last_uid: 9,
+            keywords: &keywords,
         };
         let check = |key: SearchKey<'_>| {
             let raw = raw.clone();
@@ -269,6 +296,18 @@ mod tests {
         let day = NaiveDate::from_ymd_opt(2026, 11, 22).unwrap();
         assert!(check(SearchKey::SentOn(day.try_into().unwrap())));
         assert!(check(SearchKey::Larger(10)));
+        let atom = |t: &'static str| imap_codec::imap_types::core::Atom::try_from(t).unwrap();
+        assert!(check(SearchKey::Keyword(atom("work"))));
+        assert!(!check(SearchKey::Keyword(atom("$Junk"))));
+        assert!(check(SearchKey::Unkeyword(atom("Unknown"))));
+        assert!(check(SearchKey::ModSequence {
+            entry: None,
+            modseq: 40
+        }));
+        assert!(!check(SearchKey::ModSequence {
+            entry: None,
+            modseq: 41
+        }));
         assert!(!check(SearchKey::Smaller(10)));
     }
 }

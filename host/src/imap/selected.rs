@@ -11,6 +11,15 @@ use super::search::{contains, ranges};
 use crate::store::{Flags, FolderSnapshot, MessageInfo};
 use imap_codec::imap_types::sequence::SequenceSet;
 
+/// What the client enabled that shapes untagged responses (RFC 7162).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Report {
+    /// FETCH responses about flag changes carry UID and MODSEQ.
+    pub condstore: bool,
+    /// Expunges are told as `VANISHED <uids>` instead of `<n> EXPUNGE`.
+    pub qresync: bool,
+}
+
 pub struct Selected {
     pub folder: String,
     pub read_only: bool,
@@ -18,6 +27,10 @@ pub struct Selected {
     pub uid_next: u32,
     /// In UID order: the message with sequence number n is `messages[n - 1]`.
     pub messages: Vec<MessageInfo>,
+    /// The folder's keyword table as last told to the client (FLAGS).
+    pub keywords: Vec<String>,
+    /// The HIGHESTMODSEQ everything told so far adds up to.
+    pub highest_modseq: u64,
 }
 
 impl Selected {
@@ -28,7 +41,47 @@ impl Selected {
             uid_validity: snapshot.uid_validity,
             uid_next: snapshot.uid_next,
             messages: snapshot.messages,
+            keywords: snapshot.keywords,
+            highest_modseq: snapshot.highest_modseq,
         }
+    }
+
+    /// The FLAGS and PERMANENTFLAGS responses for the folder's current keyword table.
+    pub fn flag_responses(&self) -> Vec<u8> {
+        let permanent = if self.read_only {
+            "()".to_string()
+        } else {
+            fetch::flag_list(&self.keywords, true)
+        };
+        format!(
+            "* FLAGS {}\r\n* OK [PERMANENTFLAGS {permanent}] Flags the store keeps\r\n",
+            fetch::flag_list(&self.keywords, false)
+        )
+        .into_bytes()
+    }
+
+    /// Takes a keyword table the store returned; tells the client when it grew.
+    pub fn learn_keywords(&mut self, table: Vec<String>) -> Vec<u8> {
+        if table.len() > self.keywords.len() {
+            self.keywords = table;
+            return self.flag_responses();
+        }
+        Vec::new()
+    }
+
+    /// `* n FETCH (FLAGS (…))` for a flag change, with UID and MODSEQ under CONDSTORE.
+    pub fn flags_fetch(&self, out: &mut Vec<u8>, index: usize, with_uid: bool, report: Report) {
+        let message = &self.messages[index];
+        out.extend_from_slice(format!("* {} FETCH (", index + 1).as_bytes());
+        if with_uid || report.condstore {
+            out.extend_from_slice(format!("UID {} ", message.uid).as_bytes());
+        }
+        out.extend_from_slice(b"FLAGS ");
+        fetch::flags(out, message.flags, &self.keywords);
+        if report.condstore {
+            out.extend_from_slice(format!(" MODSEQ ({})", message.modseq).as_bytes());
+        }
+        out.extend_from_slice(b")\r\n");
     }
 
     pub fn exists(&self) -> u32 {
@@ -67,10 +120,18 @@ impl Selected {
     }
 
     /// Takes a fresh listing and returns the untagged responses that report the difference:
-    /// EXPUNGE (highest first, so each number is right when it is read), FETCH FLAGS for
-    /// changed flags, then EXISTS. With `expunge_allowed = false` vanished messages stay in the
-    /// view (their numbers must not move yet) and only additions and flag changes are told.
-    pub fn refresh(&mut self, snapshot: FolderSnapshot, expunge_allowed: bool) -> Vec<u8> {
+    /// EXPUNGE (highest first, so each number is right when it is read) or VANISHED, FLAGS when
+    /// the keyword table grew, FETCH FLAGS for changed flags, then EXISTS. With
+    /// `expunge_allowed = false` vanished messages stay in the view (their numbers must not move
+    /// yet) and only additions and flag changes are told; under CONDSTORE flag changes then wait
+    /// too, so that no MODSEQ a client sees is above an expunge it has not been told (RFC 7162
+    /// erratum 1810).
+    pub fn refresh(
+        &mut self,
+        snapshot: FolderSnapshot,
+        expunge_allowed: bool,
+        report: Report,
+    ) -> Vec<u8> {
         let mut out = Vec::new();
         if snapshot.uid_validity != self.uid_validity {
             // The folder was rebuilt: the client must start over.
@@ -80,25 +141,31 @@ impl Selected {
             return out;
         }
         let fresh = snapshot.messages;
-        if expunge_allowed {
-            let vanished: Vec<usize> = (0..self.messages.len())
-                .filter(|i| {
-                    let uid = self.messages[*i].uid;
-                    fresh.binary_search_by_key(&uid, |m| m.uid).is_err()
-                })
-                .collect();
-            out.extend_from_slice(&self.expunged(vanished));
+        let vanished: Vec<usize> = (0..self.messages.len())
+            .filter(|i| {
+                let uid = self.messages[*i].uid;
+                fresh.binary_search_by_key(&uid, |m| m.uid).is_err()
+            })
+            .collect();
+        let withheld = !expunge_allowed && !vanished.is_empty();
+        if !withheld {
+            out.extend_from_slice(&self.expunged(vanished, report));
         }
-        for (i, message) in self.messages.iter_mut().enumerate() {
-            if let Ok(at) = fresh.binary_search_by_key(&message.uid, |m| m.uid) {
-                let now = &fresh[at];
-                if now.flags != message.flags {
+        out.extend_from_slice(&self.learn_keywords(snapshot.keywords));
+        if !(withheld && report.condstore) {
+            for i in 0..self.messages.len() {
+                let message = &mut self.messages[i];
+                if let Ok(at) = fresh.binary_search_by_key(&message.uid, |m| m.uid) {
+                    let now = &fresh[at];
+                    let told = now.flags != message.flags
+                        || (report.condstore && now.modseq != message.modseq);
                     message.flags = now.flags;
-                    out.extend_from_slice(format!("* {} FETCH (FLAGS ", i + 1).as_bytes());
-                    fetch::flags(&mut out, message.flags);
-                    out.extend_from_slice(b")\r\n");
+                    message.modseq = now.modseq;
+                    message.location.clone_from(&now.location);
+                    if told {
+                        self.flags_fetch(&mut out, i, false, report);
+                    }
                 }
-                message.location.clone_from(&now.location);
             }
         }
         let last = self.last_uid();
@@ -109,21 +176,73 @@ impl Selected {
             out.extend_from_slice(format!("* {} EXISTS\r\n", self.messages.len()).as_bytes());
         }
         self.uid_next = snapshot.uid_next.max(self.uid_next);
+        if !withheld {
+            self.highest_modseq = snapshot.highest_modseq.max(self.highest_modseq);
+        }
         out
     }
 
-    /// Forgets expunged messages (by index) and returns their EXPUNGE responses.
-    pub fn expunged(&mut self, mut indexes: Vec<usize>) -> Vec<u8> {
+    /// Forgets expunged messages (by index) and returns their EXPUNGE (or VANISHED) responses.
+    pub fn expunged(&mut self, mut indexes: Vec<usize>, report: Report) -> Vec<u8> {
         indexes.sort_unstable();
         indexes.dedup();
+        indexes.retain(|i| *i < self.messages.len());
         let mut out = Vec::new();
+        if report.qresync {
+            let uids: Vec<u32> = indexes.iter().map(|i| self.messages[*i].uid).collect();
+            if !uids.is_empty() {
+                out.extend_from_slice(format!("* VANISHED {}\r\n", uid_set(uids)).as_bytes());
+            }
+        }
         for i in indexes.into_iter().rev() {
-            if i < self.messages.len() {
-                self.messages.remove(i);
+            self.messages.remove(i);
+            if !report.qresync {
                 out.extend_from_slice(format!("* {} EXPUNGE\r\n", i + 1).as_bytes());
             }
         }
         out
+    }
+
+    /// The UIDs in `known` (all UIDs below UIDNEXT when None) that no message has: what
+    /// `VANISHED (EARLIER)` reports. The store does not remember when each UID was expunged,
+    /// so this is every expunged UID in the range, which RFC 7162 §3.2.5.2 allows (the client
+    /// ignores UIDs it never had); computed range by range, never UID by UID.
+    pub fn missing_uids(&self, known: Option<&SequenceSet>) -> Vec<(u32, u32)> {
+        let top = self.uid_next.saturating_sub(1);
+        let mut wanted = match known {
+            Some(set) => ranges(set, top),
+            None => vec![(1, top)],
+        };
+        wanted.sort_unstable();
+        let mut missing: Vec<(u32, u32)> = Vec::new();
+        let mut covered = 0u32; // everything up to here is decided
+        for (low, high) in wanted {
+            let (low, high) = (low.max(covered.saturating_add(1)).max(1), high.min(top));
+            if low > high {
+                continue;
+            }
+            let mut next = low;
+            let start = self.messages.partition_point(|m| m.uid < low);
+            for message in self.messages[start..].iter().take_while(|m| m.uid <= high) {
+                if message.uid > next {
+                    missing.push((next, message.uid - 1));
+                }
+                next = message.uid + 1;
+            }
+            if next <= high {
+                missing.push((next, high));
+            }
+            covered = covered.max(high);
+        }
+        // Adjacent ranges from neighbouring parts of `known` become one.
+        let mut merged: Vec<(u32, u32)> = Vec::new();
+        for (low, high) in missing {
+            match merged.last_mut() {
+                Some(last) if last.1.saturating_add(1) >= low => last.1 = last.1.max(high),
+                _ => merged.push((low, high)),
+            }
+        }
+        merged
     }
 
     pub fn first_unseen(&self) -> Option<u32> {
@@ -132,6 +251,21 @@ impl Selected {
             .position(|m| !m.flags.contains(Flags::SEEN))
             .map(|i| i as u32 + 1)
     }
+}
+
+/// Ranges as a sequence set (`1:3,7`).
+pub fn range_set(ranges: &[(u32, u32)]) -> String {
+    let parts: Vec<String> = ranges
+        .iter()
+        .map(|(low, high)| {
+            if low == high {
+                low.to_string()
+            } else {
+                format!("{low}:{high}")
+            }
+        })
+        .collect();
+    parts.join(",")
 }
 
 /// A compact UID set (`1:3,7`) for COPYUID and ESEARCH.
@@ -188,6 +322,7 @@ mod tests {
             size: 10,
             flags,
             received_at: 0,
+            modseq: u64::from(uid),
         }
     }
 
@@ -195,7 +330,9 @@ mod tests {
         FolderSnapshot {
             uid_validity: 7,
             uid_next: messages.last().map(|m| m.uid + 1).unwrap_or(1),
+            highest_modseq: messages.iter().map(|m| m.modseq).max().unwrap_or(1),
             messages,
+            keywords: Vec::new(),
         }
     }
 
@@ -208,13 +345,14 @@ mod tests {
             snap(vec![info(1, e), info(2, e), info(3, e), info(4, e)]),
         );
         let fresh = snap(vec![info(1, e), info(3, Flags::SEEN), info(5, e)]);
-        let out = view.refresh(fresh.clone(), false);
+        let plain = Report::default();
+        let out = view.refresh(fresh.clone(), false, plain);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "* 3 FETCH (FLAGS (\\Seen))\r\n* 5 EXISTS\r\n",
             "no EXPUNGE while not allowed; numbers stay"
         );
-        let out = view.refresh(fresh, true);
+        let out = view.refresh(fresh, true, plain);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "* 4 EXPUNGE\r\n* 2 EXPUNGE\r\n"
@@ -223,6 +361,46 @@ mod tests {
             view.messages.iter().map(|m| m.uid).collect::<Vec<_>>(),
             [1, 3, 5]
         );
+    }
+
+    #[test]
+    fn condstore_and_qresync_reports() {
+        let e = Flags::empty();
+        let mut view = Selected::new(
+            "INBOX".into(),
+            false,
+            snap(vec![info(1, e), info(2, e), info(3, e)]),
+        );
+        let report = Report {
+            condstore: true,
+            qresync: true,
+        };
+        let mut changed = info(3, Flags::keyword(0));
+        changed.modseq = 9;
+        let mut fresh = snap(vec![info(1, e), changed]);
+        fresh.keywords = vec!["$Junk".into()];
+        // While expunges must wait, so do flag changes under CONDSTORE.
+        let out = view.refresh(fresh.clone(), false, report);
+        assert_eq!(out, b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Forwarded $Junk)\r\n* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Forwarded $Junk \\*)] Flags the store keeps\r\n");
+        assert_eq!(view.highest_modseq, 3);
+        let out = view.refresh(fresh, true, report);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "* VANISHED 2\r\n* 2 FETCH (UID 3 FLAGS ($Junk) MODSEQ (9))\r\n"
+        );
+        assert_eq!(view.highest_modseq, 9);
+    }
+
+    #[test]
+    fn missing_uids_by_range() {
+        let e = Flags::empty();
+        let mut s = snap(vec![info(3, e), info(4, e), info(9, e)]);
+        s.uid_next = 12;
+        let view = Selected::new("INBOX".into(), false, s);
+        assert_eq!(view.missing_uids(None), [(1, 2), (5, 8), (10, 11)]);
+        let known = SequenceSet::try_from("2:5,4:10,4000000000").unwrap();
+        assert_eq!(view.missing_uids(Some(&known)), [(2, 2), (5, 8), (10, 10)]);
+        assert_eq!(range_set(&view.missing_uids(None)), "1:2,5:8,10:11");
     }
 
     #[test]

@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use imap_codec::imap_types::command::{Command, CommandBody};
+use imap_codec::imap_types::command::{
+    Command, CommandBody, FetchModifier, SelectParameter, StoreModifier,
+};
 use imap_codec::imap_types::extensions::binary::LiteralOrLiteral8;
 use imap_codec::imap_types::fetch::{Macro, MacroOrMessageDataItemNames, MessageDataItemName};
 use imap_codec::imap_types::flag::{Flag, StoreResponse, StoreType};
@@ -24,12 +26,12 @@ use tracing::{debug, info, warn, Instrument};
 use super::codec::{self, Event, Extended, Mode, Reader};
 use super::fetch::{self, Parsed};
 use super::search::{self, Lazy, Subject};
-use super::selected::{paired_sets, uid_set, Selected};
+use super::selected::{paired_sets, range_set, uid_set, Report, Selected};
 use super::ImapServer;
 use crate::auth::{AuthUser, Mechanism, SaslError, SaslExchange, SaslStep, Secret};
 use crate::config::{ListenerConfig, TlsMode};
 use crate::store::watched::Change;
-use crate::store::{FlagChange, Flags, MailStore, MessageInfo, StoreError};
+use crate::store::{FlagChange, FlagOutcome, Flags, MailStore, MessageInfo, StoreError};
 use crate::stream::{Io, ReadError};
 
 /// Messages rendered per blocking batch in FETCH: bounds the memory one response holds.
@@ -68,6 +70,7 @@ fn store_failure(err: &StoreError) -> Done {
         StoreError::InvalidName(_) => no(Some("CANNOT"), "Invalid mailbox name"),
         StoreError::Full(_) => no(Some("OVERQUOTA"), "Mail storage is full"),
         StoreError::Gone(_) => no(Some("EXPUNGEISSUED"), "Message was expunged"),
+        StoreError::TooManyKeywords(_) => no(Some("LIMIT"), "No room for another keyword"),
         StoreError::Io(_) => no(Some("SERVERBUG"), "Internal error, try again later"),
     }
 }
@@ -85,6 +88,10 @@ pub struct Session {
     user: Option<String>,
     /// ENABLE IMAP4rev2 was given: SEARCH answers in ESEARCH form, no RECENT.
     rev2: bool,
+    /// RFC 7162: CONDSTORE was enabled (explicitly or by a command that uses it).
+    condstore: bool,
+    /// RFC 7162: ENABLE QRESYNC was given.
+    qresync: bool,
     errors: u32,
     auth_failures: u32,
     reader: Reader,
@@ -145,21 +152,49 @@ fn folder_name(mailbox: &Mailbox<'_>) -> Result<String, Done> {
     }
 }
 
-fn store_flags(flags: &[Flag<'_>]) -> Flags {
-    flags.iter().fold(Flags::empty(), |acc, flag| {
-        acc.union(match flag {
+/// The system flags of a flag list, and its keywords by name (`$Forwarded` is Maildir's `P`).
+fn store_flags(flags: &[Flag<'_>]) -> (Flags, Vec<String>) {
+    let mut system = Flags::empty();
+    let mut names: Vec<String> = Vec::new();
+    for flag in flags {
+        system = system.union(match flag {
             Flag::Seen => Flags::SEEN,
             Flag::Answered => Flags::ANSWERED,
             Flag::Flagged => Flags::FLAGGED,
             Flag::Deleted => Flags::DELETED,
             Flag::Draft => Flags::DRAFT,
             Flag::Keyword(k) if k.as_ref().eq_ignore_ascii_case("$Forwarded") => Flags::FORWARDED,
+            Flag::Keyword(k) => {
+                let name = k.as_ref();
+                if crate::store::maildir::keywords::valid(name)
+                    && !names.iter().any(|n| n.eq_ignore_ascii_case(name))
+                {
+                    names.push(name.to_string());
+                }
+                Flags::empty()
+            }
             _ => Flags::empty(),
-        })
-    })
+        });
+    }
+    (system, names)
 }
 
-const FLAG_LIST: &str = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft $Forwarded)";
+/// Flags with their keywords given slots in the folder's table (which may grow), and the
+/// table when keywords were named.
+fn flags_in_folder(
+    store: &dyn MailStore,
+    user: &str,
+    folder: &str,
+    system: Flags,
+    names: &[String],
+) -> Result<(Flags, Option<Vec<String>>), StoreError> {
+    if names.is_empty() {
+        return Ok((system, None));
+    }
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let (slots, table) = store.keyword_slots(user, folder, &names)?;
+    Ok((system.union(slots), Some(table)))
+}
 
 /// IMAP `list-wildcards` matching: `*` matches anything, `%` anything but the delimiter.
 fn wildcard_match(pattern: &[u8], name: &[u8]) -> bool {
@@ -205,6 +240,8 @@ impl Session {
             state: State::NotAuthenticated,
             user: None,
             rev2: false,
+            condstore: false,
+            qresync: false,
             errors: 0,
             auth_failures: 0,
             reader,
@@ -329,6 +366,8 @@ impl Session {
             "ESEARCH",
             "BINARY",
             "COMPRESS=DEFLATE",
+            "CONDSTORE",
+            "QRESYNC",
         ];
         if matches!(self.state, State::NotAuthenticated) {
             if !self.tls && self.listener.tls == TlsMode::Starttls && self.server.tls.is_some() {
@@ -347,6 +386,13 @@ impl Session {
             self.server.config.imap.append_limit
         ));
         text
+    }
+
+    fn report(&self) -> Report {
+        Report {
+            condstore: self.condstore,
+            qresync: self.qresync,
+        }
     }
 
     /// Notes announcements about this user's mailbox.
@@ -382,6 +428,7 @@ impl Session {
         let store = self.server.store.clone();
         let folder = selected.folder.clone();
         let snapshot = blocking(self.id, move || store.snapshot(&user, &folder)).await;
+        let report = self.report();
         let State::Selected(selected) = &mut self.state else {
             return Vec::new();
         };
@@ -392,7 +439,7 @@ impl Session {
                 if expunge_allowed {
                     self.dirty = false;
                 }
-                selected.refresh(snapshot, expunge_allowed)
+                selected.refresh(snapshot, expunge_allowed, report)
             }
             Err(StoreError::NoSuchFolder(_)) => {
                 b"* BYE Selected mailbox was deleted, please reconnect\r\n".to_vec()
@@ -686,6 +733,14 @@ impl Session {
                     if name.eq_ignore_ascii_case("IMAP4rev2") {
                         self.rev2 = true;
                         enabled.push("IMAP4rev2");
+                    } else if name.eq_ignore_ascii_case("CONDSTORE") {
+                        self.condstore = true;
+                        enabled.push("CONDSTORE");
+                    } else if name.eq_ignore_ascii_case("QRESYNC") {
+                        // RFC 7162 §3.2.3: QRESYNC implies CONDSTORE.
+                        self.condstore = true;
+                        self.qresync = true;
+                        enabled.push("QRESYNC");
                     }
                 }
                 io.queue(
@@ -700,8 +755,14 @@ impl Session {
                 io.queue(b"* NAMESPACE ((\"\" \"/\")) NIL NIL\r\n");
                 ok("NAMESPACE completed")
             }
-            CommandBody::Select { mailbox, .. } => self.select(io, &mailbox, false).await,
-            CommandBody::Examine { mailbox, .. } => self.select(io, &mailbox, true).await,
+            CommandBody::Select {
+                mailbox,
+                parameters,
+            } => self.select(io, &mailbox, false, parameters).await,
+            CommandBody::Examine {
+                mailbox,
+                parameters,
+            } => self.select(io, &mailbox, true, parameters).await,
             CommandBody::Create { mailbox } => {
                 let name = match folder_name(&mailbox) {
                     Ok(name) => name,
@@ -782,6 +843,9 @@ impl Session {
                     Ok(name) => name,
                     Err(done) => return done,
                 };
+                if item_names.contains(&StatusDataItemName::HighestModSeq) {
+                    self.condstore = true; // RFC 7162 §3.1: a CONDSTORE enabling command
+                }
                 match self.status_line(&name, item_names.as_ref()).await {
                     Ok(line) => {
                         io.queue(&line);
@@ -810,9 +874,10 @@ impl Session {
                 let received_at = date
                     .map(|d| d.as_ref().timestamp())
                     .unwrap_or_else(|| chrono::Utc::now().timestamp());
-                let flags = store_flags(&flags);
+                let (system, names) = store_flags(&flags);
                 let (store, user) = (self.server.store.clone(), self.user());
                 match blocking(self.id, move || {
+                    let (flags, _) = flags_in_folder(&*store, &user, &name, system, &names)?;
                     store.append(&user, &name, &bytes, flags, received_at)
                 })
                 .await
@@ -851,14 +916,36 @@ impl Session {
         }
     }
 
-    async fn select<S>(&mut self, io: &mut Io<S>, mailbox: &Mailbox<'_>, read_only: bool) -> Done
+    async fn select<S>(
+        &mut self,
+        io: &mut Io<S>,
+        mailbox: &Mailbox<'_>,
+        read_only: bool,
+        parameters: Vec<SelectParameter>,
+    ) -> Done
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
+        let mut resync = None;
+        for parameter in parameters {
+            match parameter {
+                SelectParameter::CondStore => self.condstore = true,
+                // RFC 7162 §3.2.5: QRESYNC parameters only after ENABLE QRESYNC.
+                SelectParameter::QResync { .. } if !self.qresync => {
+                    return Done::Bad("ENABLE QRESYNC first".into());
+                }
+                SelectParameter::QResync {
+                    uid_validity,
+                    mod_sequence_value,
+                    known_uids,
+                    ..
+                } => resync = Some((uid_validity.get(), mod_sequence_value.get(), known_uids)),
+            }
+        }
         // RFC 9051 §6.3.2: a failed SELECT leaves no mailbox selected.
         if matches!(self.state, State::Selected(_)) {
             self.state = State::Authenticated;
-            if self.rev2 {
+            if self.rev2 || self.qresync {
                 io.queue(b"* OK [CLOSED] Previous mailbox closed\r\n");
             }
         }
@@ -882,11 +969,7 @@ impl Session {
                 out.extend_from_slice(format!("* OK [UNSEEN {first}] First unseen\r\n").as_bytes());
             }
         }
-        out.extend_from_slice(format!("* FLAGS {FLAG_LIST}\r\n").as_bytes());
-        let permanent = if read_only { "()" } else { FLAG_LIST };
-        out.extend_from_slice(
-            format!("* OK [PERMANENTFLAGS {permanent}] Flags the store keeps\r\n").as_bytes(),
-        );
+        out.extend_from_slice(&selected.flag_responses());
         out.extend_from_slice(
             format!(
                 "* OK [UIDVALIDITY {}] UIDs valid\r\n",
@@ -901,11 +984,36 @@ impl Session {
             )
             .as_bytes(),
         );
+        // RFC 7162 §3.1.2.1: sent on every SELECT by a server that keeps mod-sequences.
+        out.extend_from_slice(
+            format!(
+                "* OK [HIGHESTMODSEQ {}] Highest\r\n",
+                selected.highest_modseq
+            )
+            .as_bytes(),
+        );
         if self.rev2 {
             // RFC 9051 §6.3.2: the mailbox's name as the server spells it (INBOX in any case).
             out.extend_from_slice(b"* LIST () \"/\" ");
             codec::astring(&mut out, selected.folder.as_bytes());
             out.extend_from_slice(b"\r\n");
+        }
+        // RFC 7162 §3.2.5.2: what changed since the client's last visit, when it still knows
+        // this folder (same UIDVALIDITY).
+        if let Some((validity, since, known)) = resync {
+            if validity == selected.uid_validity && since < selected.highest_modseq {
+                let missing = selected.missing_uids(known.as_ref());
+                if !missing.is_empty() {
+                    out.extend_from_slice(
+                        format!("* VANISHED (EARLIER) {}\r\n", range_set(&missing)).as_bytes(),
+                    );
+                }
+                for (index, message) in selected.messages.iter().enumerate() {
+                    if message.modseq > since {
+                        selected.flags_fetch(&mut out, index, true, self.report());
+                    }
+                }
+            }
         }
         io.queue(&out);
         self.state = State::Selected(selected);
@@ -946,6 +1054,9 @@ impl Session {
                         .filter(|m| m.flags.contains(Flags::DELETED))
                         .count()
                 ),
+                StatusDataItemName::HighestModSeq => {
+                    format!("HIGHESTMODSEQ {}", snapshot.highest_modseq)
+                }
                 StatusDataItemName::DeletedStorage => format!(
                     "DELETED-STORAGE {}",
                     snapshot
@@ -1223,9 +1334,9 @@ impl Session {
                 sequence_set,
                 macro_or_item_names,
                 uid,
-                ..
+                modifiers,
             } => {
-                self.fetch(io, &sequence_set, macro_or_item_names, uid)
+                self.fetch(io, &sequence_set, macro_or_item_names, uid, modifiers)
                     .await
             }
             CommandBody::Store {
@@ -1234,10 +1345,20 @@ impl Session {
                 response,
                 flags,
                 uid,
-                ..
+                modifiers,
             } => {
-                self.store(io, &sequence_set, kind, response, &flags, uid)
-                    .await
+                let unchanged_since = modifiers
+                    .iter()
+                    .map(|StoreModifier::UnchangedSince(n)| *n)
+                    .next();
+                let request = StoreRequest {
+                    kind,
+                    response,
+                    flags: &flags,
+                    uid,
+                    unchanged_since,
+                };
+                self.store(io, &sequence_set, request).await
             }
             CommandBody::Copy {
                 sequence_set,
@@ -1292,10 +1413,11 @@ impl Session {
         if let Err(err) = result {
             return store_failure(&err);
         }
+        let report = self.report();
         let Some(selected) = self.selected() else {
             return Done::Bad("No mailbox selected".into());
         };
-        let out = selected.expunged(doomed);
+        let out = selected.expunged(doomed, report);
         io.queue(&out);
         ok("EXPUNGE completed")
     }
@@ -1317,31 +1439,41 @@ impl Session {
             return Done::Bad("No mailbox selected".into());
         };
         let messages = selected.messages.clone();
+        let keywords = selected.keywords.clone();
         let folder = selected.folder.clone();
+        let by_modseq = search::uses_modseq(&key);
+        if by_modseq {
+            self.condstore = true; // RFC 7162 §3.1: a CONDSTORE enabling command
+        }
         let found = blocking(self.id, move || {
             let last_seq = messages.len() as u32;
             let last_uid = messages.last().map(|m| m.uid).unwrap_or(0);
             let mut found = Vec::new();
+            let mut highest = 0;
             for (i, info) in messages.iter().enumerate() {
                 let subject = Subject {
                     seq: i as u32 + 1,
                     info,
                     last_seq,
                     last_uid,
+                    keywords: &keywords,
                 };
                 let mut load = || store.read(&user, &folder, info).ok();
                 let mut lazy = Lazy::new(&mut load);
                 if search::matches(&key, &subject, &mut lazy) {
                     found.push(if uid { info.uid } else { i as u32 + 1 });
+                    highest = highest.max(info.modseq);
                 }
             }
-            Ok(found)
+            Ok((found, highest))
         })
         .await;
-        let found = match found {
+        let (found, highest) = match found {
             Ok(found) => found,
             Err(err) => return store_failure(&err),
         };
+        // RFC 7162 §3.1.5: a search by MODSEQ tells the highest mod-sequence of what it found.
+        let modseq = (by_modseq && !found.is_empty()).then_some(highest);
         let returns = match &extended.search_return {
             Some(options) => Some(options.clone()),
             None if self.rev2 => Some(vec!["ALL".into()]),
@@ -1353,6 +1485,9 @@ impl Session {
                 out.extend_from_slice(b"* SEARCH");
                 for n in &found {
                     out.extend_from_slice(format!(" {n}").as_bytes());
+                }
+                if let Some(modseq) = modseq {
+                    out.extend_from_slice(format!(" (MODSEQ {modseq})").as_bytes());
                 }
                 out.extend_from_slice(b"\r\n");
             }
@@ -1383,6 +1518,9 @@ impl Session {
                         _ => {}
                     }
                 }
+                if let Some(modseq) = modseq {
+                    out.extend_from_slice(format!(" MODSEQ {modseq}").as_bytes());
+                }
                 out.extend_from_slice(b"\r\n");
             }
         }
@@ -1390,23 +1528,29 @@ impl Session {
         ok("SEARCH completed")
     }
 
+    #[allow(clippy::too_many_lines)]
     async fn fetch<S>(
         &mut self,
         io: &mut Io<S>,
         set: &SequenceSet,
         items: MacroOrMessageDataItemNames<'static>,
         uid: bool,
+        modifiers: Vec<FetchModifier>,
     ) -> Done
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        let user = self.user();
-        let store = self.server.store.clone();
-        let Some(selected) = self.selected() else {
-            return Done::Bad("No mailbox selected".into());
-        };
-        if !uid && !selected.valid_sequence(set) {
-            return Done::Bad("Invalid message sequence number".into());
+        let mut changed_since = None;
+        let mut vanished = false;
+        for modifier in modifiers {
+            match modifier {
+                FetchModifier::ChangedSince(n) => changed_since = Some(n.get()),
+                FetchModifier::Vanished => vanished = true,
+            }
+        }
+        // RFC 7162 §3.2.6: VANISHED only in UID FETCH with CHANGEDSINCE, after ENABLE QRESYNC.
+        if vanished && (!self.qresync || !uid || changed_since.is_none()) {
+            return Done::Bad("VANISHED needs UID FETCH, CHANGEDSINCE and QRESYNC".into());
         }
         let mut items = match items {
             MacroOrMessageDataItemNames::Macro(Macro::Fast) => vec![
@@ -1432,6 +1576,22 @@ impl Session {
         if uid && !items.contains(&MessageDataItemName::Uid) {
             items.insert(0, MessageDataItemName::Uid);
         }
+        // RFC 7162 §3.1.4: CHANGEDSINCE implies MODSEQ; either enables CONDSTORE.
+        if changed_since.is_some() && !items.contains(&MessageDataItemName::ModSeq) {
+            items.push(MessageDataItemName::ModSeq);
+        }
+        if items.contains(&MessageDataItemName::ModSeq) {
+            self.condstore = true;
+        }
+        let condstore = self.condstore;
+        let user = self.user();
+        let store = self.server.store.clone();
+        let Some(selected) = self.selected() else {
+            return Done::Bad("No mailbox selected".into());
+        };
+        if !uid && !selected.valid_sequence(set) {
+            return Done::Bad("Invalid message sequence number".into());
+        }
         let marks_seen = !selected.read_only
             && items.iter().any(|item| {
                 matches!(
@@ -1442,39 +1602,68 @@ impl Session {
                         | MessageDataItemName::Rfc822Text
                 )
             });
-        let indexes = selected.resolve(set, uid);
+        let mut indexes = selected.resolve(set, uid);
+        if let Some(since) = changed_since {
+            indexes.retain(|i| selected.messages[*i].modseq > since);
+            if vanished && since < selected.highest_modseq {
+                let missing = selected.missing_uids(Some(set));
+                if !missing.is_empty() {
+                    io.queue(
+                        format!("* VANISHED (EARLIER) {}\r\n", range_set(&missing)).as_bytes(),
+                    );
+                }
+            }
+        }
         let folder = selected.folder.clone();
+        let keywords = Arc::new(selected.keywords.clone());
         let targets: Vec<(usize, MessageInfo)> = indexes
             .iter()
             .map(|i| (*i, selected.messages[*i].clone()))
             .collect();
         let items = Arc::new(items);
         for batch in targets.chunks(FETCH_BATCH) {
-            let batch = batch.to_vec();
-            let (store, user, folder, items) =
-                (store.clone(), user.clone(), folder.clone(), items.clone());
+            let mut batch = batch.to_vec();
+            let (store, user, folder, items, keywords) = (
+                store.clone(),
+                user.clone(),
+                folder.clone(),
+                items.clone(),
+                keywords.clone(),
+            );
             let rendered = blocking(self.id, move || {
-                let mut out = Vec::new();
+                // The implicit \Seen is stored first, so the FETCH can tell its mod-sequence.
                 let mut seen = Vec::new();
-                for (index, mut info) in batch {
-                    let newly_seen = marks_seen && !info.flags.contains(Flags::SEEN);
-                    if newly_seen {
-                        info.flags = info.flags.union(Flags::SEEN);
+                if marks_seen {
+                    let unseen: Vec<&MessageInfo> = batch
+                        .iter()
+                        .map(|(_, info)| info)
+                        .filter(|info| !info.flags.contains(Flags::SEEN))
+                        .collect();
+                    if !unseen.is_empty() {
+                        let change = FlagChange::Add(Flags::SEEN);
+                        let outcome = store.change_flags(&user, &folder, &unseen, change, None)?;
+                        seen = outcome.updated;
                     }
+                }
+                let mut out = Vec::new();
+                for (index, info) in &mut batch {
+                    let now = seen.iter().find(|(uid, _, _)| *uid == info.uid);
+                    if let Some((_, flags, modseq)) = now {
+                        info.flags = *flags;
+                        info.modseq = *modseq;
+                    }
+                    let shown = Shown {
+                        keywords: &keywords,
+                        flags_changed: now.is_some(),
+                        condstore,
+                    };
                     match render(
-                        &mut out, &*store, &user, &folder, index, &info, &items, newly_seen,
+                        &mut out, &*store, &user, &folder, *index, info, &items, &shown,
                     ) {
                         Ok(()) => {}
                         Err(StoreError::Gone(_)) => continue,
                         Err(err) => return Err(err),
                     }
-                    if newly_seen {
-                        seen.push((index, info));
-                    }
-                }
-                if !seen.is_empty() {
-                    let refs: Vec<&MessageInfo> = seen.iter().map(|(_, m)| m).collect();
-                    store.change_flags(&user, &folder, &refs, FlagChange::Add(Flags::SEEN))?;
                 }
                 Ok((out, seen))
             })
@@ -1484,9 +1673,10 @@ impl Session {
                 Err(err) => return store_failure(&err),
             };
             if let Some(selected) = self.selected() {
-                for (index, info) in seen {
-                    if let Some(message) = selected.messages.get_mut(index) {
-                        message.flags = info.flags;
+                for (uid, flags, modseq) in seen {
+                    if let Ok(at) = selected.messages.binary_search_by_key(&uid, |m| m.uid) {
+                        selected.messages[at].flags = flags;
+                        selected.messages[at].modseq = modseq;
                     }
                 }
             }
@@ -1502,14 +1692,15 @@ impl Session {
         &mut self,
         io: &mut Io<S>,
         set: &SequenceSet,
-        kind: StoreType,
-        response: StoreResponse,
-        flags: &[Flag<'_>],
-        uid: bool,
+        request: StoreRequest<'_>,
     ) -> Done
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
+        if request.unchanged_since.is_some() {
+            self.condstore = true; // RFC 7162 §3.1: a CONDSTORE enabling command
+        }
+        let report = self.report();
         let user = self.user();
         let store = self.server.store.clone();
         let Some(selected) = self.selected() else {
@@ -1518,15 +1709,13 @@ impl Session {
         if selected.read_only {
             return no(Some("READ-ONLY"), "Mailbox is read-only");
         }
+        let uid = request.uid;
         if !uid && !selected.valid_sequence(set) {
             return Done::Bad("Invalid message sequence number".into());
         }
-        let wanted = store_flags(flags);
-        let change = match kind {
-            StoreType::Add => FlagChange::Add(wanted),
-            StoreType::Remove => FlagChange::Remove(wanted),
-            StoreType::Replace => FlagChange::Replace(wanted),
-        };
+        let (system, names) = store_flags(request.flags);
+        let kind = request.kind;
+        let unchanged_since = request.unchanged_since;
         let indexes = selected.resolve(set, uid);
         let messages: Vec<MessageInfo> = indexes
             .iter()
@@ -1534,32 +1723,65 @@ impl Session {
             .collect();
         let folder = selected.folder.clone();
         let result = blocking(self.id, move || {
+            let (wanted, table) = flags_in_folder(&*store, &user, &folder, system, &names)?;
+            let change = match kind {
+                StoreType::Add => FlagChange::Add(wanted),
+                StoreType::Remove => FlagChange::Remove(wanted),
+                StoreType::Replace => FlagChange::Replace(wanted),
+            };
             let refs: Vec<&MessageInfo> = messages.iter().collect();
-            store.change_flags(&user, &folder, &refs, change)
+            let outcome = store.change_flags(&user, &folder, &refs, change, unchanged_since)?;
+            Ok((outcome, table))
         })
         .await;
-        if let Err(err) = result {
-            return store_failure(&err);
-        }
+        let (outcome, table): (FlagOutcome, _) = match result {
+            Ok(done) => done,
+            Err(err) => return store_failure(&err),
+        };
         let Some(selected) = self.selected() else {
             return Done::Bad("No mailbox selected".into());
         };
         let mut out = Vec::new();
+        if let Some(table) = table {
+            out.extend_from_slice(&selected.learn_keywords(table));
+        }
+        let mut modified = Vec::new();
         for index in indexes {
+            let message_uid = selected.messages[index].uid;
+            if outcome.refused.contains(&message_uid) {
+                modified.push(if uid { message_uid } else { index as u32 + 1 });
+                continue;
+            }
+            let Some((_, flags, modseq)) = outcome.updated.iter().find(|u| u.0 == message_uid)
+            else {
+                continue;
+            };
             let message = &mut selected.messages[index];
-            message.flags = change.apply(message.flags);
-            if response == StoreResponse::Answer {
-                out.extend_from_slice(format!("* {} FETCH (", index + 1).as_bytes());
-                if uid {
-                    out.extend_from_slice(format!("UID {} ", message.uid).as_bytes());
-                }
-                out.extend_from_slice(b"FLAGS ");
-                fetch::flags(&mut out, message.flags);
-                out.extend_from_slice(b")\r\n");
+            let moved = message.modseq != *modseq;
+            message.flags = *flags;
+            message.modseq = *modseq;
+            if request.response == StoreResponse::Answer {
+                selected.flags_fetch(&mut out, index, uid, report);
+            } else if report.condstore && moved {
+                // RFC 7162 §3.1.3: even a silent STORE tells the new mod-sequences.
+                out.extend_from_slice(
+                    format!(
+                        "* {} FETCH (UID {message_uid} MODSEQ ({modseq}))\r\n",
+                        index + 1
+                    )
+                    .as_bytes(),
+                );
             }
         }
         io.queue(&out);
-        ok("STORE completed")
+        if modified.is_empty() {
+            ok("STORE completed")
+        } else {
+            Done::Ok(
+                Some(format!("MODIFIED {}", uid_set(modified))),
+                "Conditional STORE failed for some messages".into(),
+            )
+        }
     }
 
     async fn copy<S>(
@@ -1629,13 +1851,33 @@ impl Session {
         if let Some(code) = &code {
             io.queue(format!("* OK [{code}] Moved\r\n").as_bytes());
         }
+        let report = self.report();
         let Some(selected) = self.selected() else {
             return Done::Bad("No mailbox selected".into());
         };
-        let out = selected.expunged(indexes);
+        let out = selected.expunged(indexes, report);
         io.queue(&out);
         ok("MOVE completed")
     }
+}
+
+/// A STORE command's arguments.
+struct StoreRequest<'a> {
+    kind: StoreType,
+    response: StoreResponse,
+    flags: &'a [Flag<'a>],
+    uid: bool,
+    /// RFC 7162 UNCHANGEDSINCE.
+    unchanged_since: Option<u64>,
+}
+
+/// How a FETCH shows what the listing does not say by itself.
+struct Shown<'a> {
+    /// The folder's keyword table.
+    keywords: &'a [String],
+    /// This FETCH set \Seen: FLAGS goes out even if not asked for.
+    flags_changed: bool,
+    condstore: bool,
 }
 
 /// Renders one `* n FETCH (...)` response.
@@ -1648,7 +1890,7 @@ fn render(
     index: usize,
     info: &MessageInfo,
     items: &[MessageDataItemName<'_>],
-    flags_changed: bool,
+    shown: &Shown<'_>,
 ) -> Result<(), StoreError> {
     let needs_message = items.iter().any(|item| {
         !matches!(
@@ -1657,6 +1899,7 @@ fn render(
                 | MessageDataItemName::Flags
                 | MessageDataItemName::InternalDate
                 | MessageDataItemName::Rfc822Size
+                | MessageDataItemName::ModSeq
         )
     });
     let raw = if needs_message {
@@ -1674,6 +1917,7 @@ fn render(
         first = false;
     };
     let mut flags_sent = false;
+    let mut modseq_sent = false;
     for item in items {
         match item {
             MessageDataItemName::Uid => {
@@ -1683,8 +1927,13 @@ fn render(
             MessageDataItemName::Flags => {
                 sep(out);
                 out.extend_from_slice(b"FLAGS ");
-                fetch::flags(out, info.flags);
+                fetch::flags(out, info.flags, shown.keywords);
                 flags_sent = true;
+            }
+            MessageDataItemName::ModSeq => {
+                sep(out);
+                out.extend_from_slice(format!("MODSEQ ({})", info.modseq).as_bytes());
+                modseq_sent = true;
             }
             MessageDataItemName::InternalDate => {
                 sep(out);
@@ -1763,10 +2012,15 @@ fn render(
             _ => {}
         }
     }
-    if flags_changed && !flags_sent {
+    if shown.flags_changed && !flags_sent {
         sep(out);
         out.extend_from_slice(b"FLAGS ");
-        fetch::flags(out, info.flags);
+        fetch::flags(out, info.flags, shown.keywords);
+    }
+    // RFC 7162 §3.2.4: under CONDSTORE a flag change is told with its mod-sequence.
+    if shown.flags_changed && shown.condstore && !modseq_sent {
+        sep(out);
+        out.extend_from_slice(format!("MODSEQ ({})", info.modseq).as_bytes());
     }
     out.extend_from_slice(b")\r\n");
     Ok(())

@@ -154,12 +154,15 @@ mod tests {
                 size: 100 * uid as u64,
                 flags: Flags::empty(),
                 received_at: 0,
+                modseq: 1,
             })
             .collect();
         let snapshot = FolderSnapshot {
             uid_validity: 0x5F00_0000,
             uid_next: 4,
             messages,
+            keywords: Vec::new(),
+            highest_modseq: 1,
         };
         Maildrop::new("a@x".into(), snapshot, locks.try_lock("a@x").unwrap())
     }

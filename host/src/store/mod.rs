@@ -45,6 +45,8 @@ pub enum StoreError {
     Gone(String),
     #[error("folder {0:?} already exists")]
     Exists(String),
+    #[error("folder {0:?} has no room for another keyword")]
+    TooManyKeywords(String),
 }
 
 impl StoreError {
@@ -64,6 +66,7 @@ impl StoreError {
                 | StoreError::Gone(_)
                 | StoreError::NoSuchFolder(_)
                 | StoreError::Exists(_)
+                | StoreError::TooManyKeywords(_)
         )
     }
 }
@@ -81,9 +84,11 @@ pub fn valid_folder_name(folder: &str) -> bool {
             }))
 }
 
-/// Message flags (RFC 9051 §2.3.2 system flags), stored by Maildir as filename suffix letters.
+/// Message flags: the system flags of RFC 9051 §2.3.2 (stored by Maildir as file name letters)
+/// and up to [`Flags::MAX_KEYWORDS`] keywords, each a slot in its folder's keyword table
+/// ([`FolderSnapshot::keywords`]; Maildir's lower-case letters `a`..`z`, as Dovecot keeps them).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct Flags(u8);
+pub struct Flags(u64);
 
 impl Flags {
     pub const SEEN: Flags = Flags(1);
@@ -93,9 +98,32 @@ impl Flags {
     pub const DRAFT: Flags = Flags(16);
     /// Maildir's "passed" (forwarded); IMAP shows it as the `$Forwarded` keyword.
     pub const FORWARDED: Flags = Flags(32);
+    /// Keyword slots per folder: Maildir has 26 letters for them.
+    pub const MAX_KEYWORDS: usize = 26;
+    const KEYWORD_SHIFT: usize = 32;
 
     pub const fn empty() -> Flags {
         Flags(0)
+    }
+    /// The keyword in slot `slot` of the folder's table (`slot < MAX_KEYWORDS`).
+    pub fn keyword(slot: usize) -> Flags {
+        debug_assert!(slot < Self::MAX_KEYWORDS);
+        Flags(1 << (Self::KEYWORD_SHIFT + slot))
+    }
+    /// The keyword slots set, in increasing order.
+    pub fn keyword_slots(self) -> impl Iterator<Item = usize> {
+        (0..Self::MAX_KEYWORDS).filter(move |slot| self.contains(Flags::keyword(*slot)))
+    }
+    /// The flags without their keywords.
+    pub fn system(self) -> Flags {
+        Flags(self.0 & ((1 << Self::KEYWORD_SHIFT) - 1))
+    }
+    /// The raw bits, for stores that keep flags as a number.
+    pub fn bits(self) -> u64 {
+        self.0
+    }
+    pub fn from_bits(bits: u64) -> Flags {
+        Flags(bits)
     }
     pub fn contains(self, other: Flags) -> bool {
         self.0 & other.0 == other.0
@@ -141,6 +169,8 @@ pub struct MessageInfo {
     pub flags: Flags,
     /// Unix seconds the message arrived (IMAP INTERNALDATE).
     pub received_at: i64,
+    /// When its flags last changed or it arrived (RFC 7162 mod-sequence, never 0 in a listing).
+    pub modseq: u64,
 }
 
 /// A folder's messages at one moment, in UID order.
@@ -149,6 +179,21 @@ pub struct FolderSnapshot {
     pub uid_validity: u32,
     pub uid_next: u32,
     pub messages: Vec<MessageInfo>,
+    /// The folder's keyword table: slot `i` of [`Flags::keyword`] is `keywords[i]`. Slots are
+    /// only ever added, so a slot keeps its name for the life of the folder.
+    pub keywords: Vec<String>,
+    /// The highest mod-sequence of the folder (RFC 7162 HIGHESTMODSEQ): grows with every flag
+    /// change, arrival and expunge, and never goes back, not even across a crash.
+    pub highest_modseq: u64,
+}
+
+/// What a flag change did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlagOutcome {
+    /// (UID, flags now, mod-sequence now) of each message still there and not refused.
+    pub updated: Vec<(u32, Flags, u64)>,
+    /// UIDs left alone because they changed after `unchanged_since` (RFC 7162 MODIFIED).
+    pub refused: Vec<u32>,
 }
 
 pub trait MailStore: Send + Sync {
@@ -179,17 +224,31 @@ pub trait MailStore: Send + Sync {
         messages: &[&MessageInfo],
         flags: Flags,
     ) -> Result<(), StoreError> {
-        self.change_flags(mailbox, folder, messages, FlagChange::Add(flags))
+        self.change_flags(mailbox, folder, messages, FlagChange::Add(flags), None)
+            .map(|_| ())
     }
 
-    /// Changes messages' flags (IMAP STORE). Messages already gone are skipped.
+    /// Changes messages' flags (IMAP STORE); with `unchanged_since`, only those whose
+    /// mod-sequence is not above it (RFC 7162 UNCHANGEDSINCE, checked and applied atomically).
+    /// Messages already gone are skipped.
     fn change_flags(
         &self,
         mailbox: &str,
         folder: &str,
         messages: &[&MessageInfo],
         change: FlagChange,
-    ) -> Result<(), StoreError>;
+        unchanged_since: Option<u64>,
+    ) -> Result<FlagOutcome, StoreError>;
+
+    /// The keyword slots for these keyword names in a folder's table, adding the names it lacks
+    /// (matched case-insensitively), and the table as it is now.
+    /// [`StoreError::TooManyKeywords`] when the table is full.
+    fn keyword_slots(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        names: &[&str],
+    ) -> Result<(Flags, Vec<String>), StoreError>;
 
     /// Stores a message a client hands over (IMAP APPEND) durably, with its flags and arrival
     /// time, and returns (UIDVALIDITY, UID) of the new message.

@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use tokio::sync::broadcast;
 
-use super::{Delivery, FlagChange, FolderSnapshot, MailStore, MessageInfo, StoreError};
+use super::{
+    Delivery, FlagChange, FlagOutcome, FolderSnapshot, MailStore, MessageInfo, StoreError,
+};
 
 /// Announcements are small and sessions re-read on any of them; a session that falls this far
 /// behind just treats the lag as "something changed".
@@ -106,9 +108,27 @@ impl MailStore for Watched {
         folder: &str,
         messages: &[&MessageInfo],
         change: FlagChange,
-    ) -> Result<(), StoreError> {
-        let result = self.inner.change_flags(mailbox, folder, messages, change);
-        self.announce_if(mailbox, result)
+        unchanged_since: Option<u64>,
+    ) -> Result<FlagOutcome, StoreError> {
+        let result = self
+            .inner
+            .change_flags(mailbox, folder, messages, change, unchanged_since);
+        if result
+            .as_ref()
+            .is_ok_and(|outcome| !outcome.updated.is_empty())
+        {
+            self.announce(mailbox);
+        }
+        result
+    }
+
+    fn keyword_slots(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        names: &[&str],
+    ) -> Result<(super::Flags, Vec<String>), StoreError> {
+        self.inner.keyword_slots(mailbox, folder, names)
     }
 
     fn remove(

@@ -14,6 +14,8 @@
 //! (`D`raft, `F`lagged, `P`assed, `R`eplied, `S`een, `T`rashed) as mutt and Dovecot write them.
 //! UIDs come from the folder's [`uidlist`].
 
+pub mod keywords;
+pub mod modseq;
 pub mod uidlist;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -24,19 +26,41 @@ use std::sync::{Arc, Mutex};
 
 use tracing::warn;
 
-use super::{Delivery, FlagChange, Flags, FolderSnapshot, MailStore, MessageInfo, StoreError};
+use super::{
+    Delivery, FlagChange, FlagOutcome, Flags, FolderSnapshot, MailStore, MessageInfo, StoreError,
+};
 
 /// The subscribed folder names, one a line, in the mailbox's root (as Dovecot keeps them).
 const SUBSCRIPTIONS: &str = "subscriptions";
 use crate::durable;
+use modseq::ModLog;
 use uidlist::UidList;
+
+/// What this process keeps about a folder, behind the folder's lock.
+#[derive(Default)]
+struct FolderState {
+    /// Loaded on first use.
+    modlog: Option<ModLog>,
+}
+
+impl FolderState {
+    /// The folder's mod-sequence log for this UIDVALIDITY, loaded (or started over) as needed.
+    fn modlog(&mut self, dir: &Path, validity: u32) -> io::Result<&mut ModLog> {
+        match &mut self.modlog {
+            Some(log) if log.validity() == validity => {}
+            slot => *slot = Some(ModLog::load(dir, validity)?),
+        }
+        Ok(self.modlog.as_mut().expect("just loaded"))
+    }
+}
 
 pub struct Maildir {
     root: PathBuf,
     /// Host name as it appears in file names (`/` and `:` escaped per the Maildir spec).
     host: String,
-    /// One lock per folder directory: index updates in this process never interleave.
-    folder_locks: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
+    /// One lock per folder directory: index, keyword and mod-sequence updates in this process
+    /// never interleave.
+    folder_locks: Mutex<HashMap<PathBuf, Arc<Mutex<FolderState>>>>,
 }
 
 impl Maildir {
@@ -49,7 +73,7 @@ impl Maildir {
         }
     }
 
-    fn folder_lock(&self, dir: &Path) -> Arc<Mutex<()>> {
+    fn folder_lock(&self, dir: &Path) -> Arc<Mutex<FolderState>> {
         self.folder_locks
             .lock()
             .expect("folder lock map")
@@ -215,7 +239,7 @@ impl MailStore for Maildir {
     fn snapshot(&self, mailbox: &str, folder: &str) -> Result<FolderSnapshot, StoreError> {
         let dir = self.existing_folder(mailbox, folder)?;
         let lock = self.folder_lock(&dir);
-        let _guard = lock.lock().expect("folder lock");
+        let mut state = lock.lock().expect("folder lock");
         let (index, files) = indexed(&dir)?;
         let mut messages = Vec::with_capacity(index.entries.len());
         for (uid, key) in &index.entries {
@@ -231,12 +255,20 @@ impl MailStore for Maildir {
                 size,
                 flags: listed.flags,
                 received_at: listed.received_at,
+                modseq: 0,
             });
         }
+        let log = state
+            .modlog(&dir, index.validity)
+            .map_err(StoreError::from_io)?;
+        log.reconcile(&dir, &mut messages)
+            .map_err(StoreError::from_io)?;
         Ok(FolderSnapshot {
             uid_validity: index.validity,
             uid_next: index.next,
             messages,
+            keywords: keywords::read(&dir).map_err(StoreError::from_io)?,
+            highest_modseq: log.highest(),
         })
     }
 
@@ -270,25 +302,66 @@ impl MailStore for Maildir {
         folder: &str,
         messages: &[&MessageInfo],
         change: FlagChange,
-    ) -> Result<(), StoreError> {
+        unchanged_since: Option<u64>,
+    ) -> Result<FlagOutcome, StoreError> {
         let dir = self.folder_path(mailbox, folder)?;
+        let lock = self.folder_lock(&dir);
+        let mut state = lock.lock().expect("folder lock");
+        let validity = match &state.modlog {
+            Some(log) => log.validity(),
+            None => read_index(&dir).map_err(StoreError::from_io)?.validity,
+        };
+        let log = state.modlog(&dir, validity).map_err(StoreError::from_io)?;
+        let mut outcome = FlagOutcome::default();
         for message in messages {
             let Some(location) = current_location(&dir, message).map_err(StoreError::from_io)?
             else {
                 continue;
             };
+            let known = log.known(message.uid);
+            if let (Some(limit), Some((modseq, _))) = (unchanged_since, known) {
+                if modseq > limit {
+                    outcome.refused.push(message.uid);
+                    continue;
+                }
+            }
             let (_, old_flags) = parse_name(location.rsplit('/').next().unwrap_or_default());
             let wanted = change.apply(old_flags);
             let target = format!("cur/{}:2,{}", message.key, flag_letters(wanted));
             if target != location {
                 match fs::rename(dir.join(&location), dir.join(&target)) {
                     Ok(()) => {}
-                    Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
                     Err(err) => return Err(StoreError::from_io(err)),
                 }
             }
+            // RFC 7162 §3.1.3: a STORE that changes nothing does not move the mod-sequence on.
+            let modseq = match known {
+                Some((modseq, flags)) if flags == wanted => modseq,
+                _ => log
+                    .record(&dir, message.uid, wanted)
+                    .map_err(StoreError::from_io)?,
+            };
+            outcome.updated.push((message.uid, wanted, modseq));
         }
-        Ok(())
+        log.flush(&dir).map_err(StoreError::from_io)?;
+        Ok(outcome)
+    }
+
+    fn keyword_slots(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        names: &[&str],
+    ) -> Result<(Flags, Vec<String>), StoreError> {
+        let dir = self.existing_folder(mailbox, folder)?;
+        let lock = self.folder_lock(&dir);
+        let _guard = lock.lock().expect("folder lock");
+        let mut table = keywords::read(&dir).map_err(StoreError::from_io)?;
+        let flags = keywords::slots(&dir, &mut table, names)
+            .map_err(StoreError::from_io)?
+            .ok_or_else(|| StoreError::TooManyKeywords(folder.into()))?;
+        Ok((flags, table))
     }
 
     fn append(
@@ -341,14 +414,45 @@ impl MailStore for Maildir {
         // they get UIDs in the order of the source (RFC 4315's COPYUID sets then ascend together).
         let lock = self.folder_lock(&dest);
         let _guard = lock.lock().expect("folder lock");
-        let mut copied = Vec::new();
+        let mut found = Vec::new();
         for message in messages {
-            let Some(location) = current_location(&source, message).map_err(StoreError::from_io)?
-            else {
-                continue;
-            };
+            if let Some(location) =
+                current_location(&source, message).map_err(StoreError::from_io)?
+            {
+                found.push((message.uid, location));
+            }
+        }
+        // Keywords are slots of each folder's own table: map them by name, and make room in the
+        // target's table before anything is linked, so a full table refuses the whole copy.
+        let source_table = keywords::read(&source).map_err(StoreError::from_io)?;
+        let mut dest_table = keywords::read(&dest).map_err(StoreError::from_io)?;
+        let mut names: Vec<&str> = Vec::new();
+        for (_, location) in &found {
+            let (_, flags) = parse_name(location.rsplit('/').next().unwrap_or_default());
+            for slot in flags.keyword_slots() {
+                if let Some(name) = source_table.get(slot) {
+                    if !names.contains(&name.as_str()) {
+                        names.push(name);
+                    }
+                }
+            }
+        }
+        keywords::slots(&dest, &mut dest_table, &names)
+            .map_err(StoreError::from_io)?
+            .ok_or_else(|| StoreError::TooManyKeywords(target.into()))?;
+        let remap = |flags: Flags| {
+            flags.keyword_slots().fold(flags.system(), |acc, slot| {
+                let slot = source_table
+                    .get(slot)
+                    .and_then(|name| dest_table.iter().position(|k| k.eq_ignore_ascii_case(name)));
+                slot.map_or(acc, |slot| acc.union(Flags::keyword(slot)))
+            })
+        };
+        let mut copied = Vec::new();
+        for (uid, location) in found {
             let name = location.rsplit('/').next().unwrap_or_default();
             let (key, flags) = parse_name(name);
+            let flags = remap(flags);
             // Same arrival time and sizes, a new unique part.
             let stamp = key.split('.').next().unwrap_or("0");
             let sizes = key.find(",S=").map(|at| &key[at..]).unwrap_or("");
@@ -367,7 +471,7 @@ impl MailStore for Maildir {
                 durable::write_and_rename(&tmp, &target_path, &bytes)
                     .map_err(StoreError::from_io)?;
             }
-            copied.push((message.uid, new_key));
+            copied.push((uid, new_key));
         }
         durable::sync_dir(&dest.join("cur")).map_err(StoreError::from_io)?;
         let order: Vec<&str> = copied.iter().map(|(_, key)| key.as_str()).collect();
@@ -522,6 +626,7 @@ impl MailStore for Maildir {
     ) -> Result<(), StoreError> {
         let dir = self.folder_path(mailbox, folder)?;
         let mut touched = BTreeSet::new();
+        let mut gone = Vec::new();
         for message in messages {
             let Some(location) = current_location(&dir, message).map_err(StoreError::from_io)?
             else {
@@ -530,6 +635,7 @@ impl MailStore for Maildir {
             match fs::remove_file(dir.join(&location)) {
                 Ok(()) => {
                     touched.insert(location.split('/').next().unwrap_or("cur").to_string());
+                    gone.push(message.uid);
                 }
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {}
                 Err(err) => return Err(StoreError::from_io(err)),
@@ -537,6 +643,12 @@ impl MailStore for Maildir {
         }
         for sub in touched {
             durable::sync_dir(&dir.join(sub)).map_err(StoreError::from_io)?;
+        }
+        // The next listing would notice too; telling the log now moves HIGHESTMODSEQ on at once.
+        let lock = self.folder_lock(&dir);
+        let mut state = lock.lock().expect("folder lock");
+        if let Some(log) = &mut state.modlog {
+            log.expunged(&dir, &gone).map_err(StoreError::from_io)?;
         }
         Ok(())
     }
@@ -666,6 +778,7 @@ fn parse_name(name: &str) -> (&str, Flags) {
                         'R' => Flags::ANSWERED,
                         'S' => Flags::SEEN,
                         'T' => Flags::DELETED,
+                        'a'..='z' => Flags::keyword(usize::from(letter as u8 - b'a')),
                         _ => Flags::empty(),
                     });
                 }
@@ -676,9 +789,9 @@ fn parse_name(name: &str) -> (&str, Flags) {
     }
 }
 
-/// Flag letters in the ASCII order the Maildir spec asks for.
+/// Flag letters in the ASCII order the Maildir spec asks for: system flags, then keywords.
 fn flag_letters(flags: Flags) -> String {
-    [
+    let system = [
         ('D', Flags::DRAFT),
         ('F', Flags::FLAGGED),
         ('P', Flags::FORWARDED),
@@ -688,8 +801,11 @@ fn flag_letters(flags: Flags) -> String {
     ]
     .into_iter()
     .filter(|(_, flag)| flags.contains(*flag))
-    .map(|(letter, _)| letter)
-    .collect()
+    .map(|(letter, _)| letter);
+    let keywords = flags
+        .keyword_slots()
+        .map(|slot| char::from(b'a' + slot as u8));
+    system.chain(keywords).collect()
 }
 
 fn size_field(key: &str, field: &str) -> Option<u64> {
@@ -994,6 +1110,7 @@ mod tests {
                 "INBOX",
                 &[&inbox.messages[0]],
                 FlagChange::Replace(Flags::FLAGGED),
+                None,
             )
             .unwrap();
         let inbox = store.snapshot(user, "INBOX").unwrap();
@@ -1028,5 +1145,88 @@ mod tests {
             Err(StoreError::NoSuchFolder(_))
         ));
         assert_eq!(store.snapshot(user, "INBOX").unwrap().messages.len(), 1);
+    }
+
+    #[test]
+    fn keywords_are_letters_copies_remap_them_and_modseqs_move() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Maildir::new(dir.path(), "mx.test");
+        let user = "alice@example.test";
+        store.create_folder(user, "Archive").unwrap();
+        // The target folder already uses slot 0 for another keyword.
+        let (archive_work, _) = store.keyword_slots(user, "Archive", &["Other"]).unwrap();
+        assert_eq!(archive_work, Flags::keyword(0));
+        let (slots, table) = store
+            .keyword_slots(user, "INBOX", &["$Junk", "Work"])
+            .unwrap();
+        assert_eq!(table, ["$Junk", "Work"]);
+        let flags = Flags::SEEN.union(slots);
+        store
+            .append(
+                user,
+                "INBOX",
+                b"Subject: k\r\n\r\nx\r\n",
+                flags,
+                1_700_000_000,
+            )
+            .unwrap();
+        let inbox = dir.path().join("example.test/alice");
+        let name = fs::read_dir(inbox.join("cur"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .file_name();
+        assert!(name.to_string_lossy().ends_with(":2,Sab"), "{name:?}");
+        assert_eq!(
+            fs::read_to_string(inbox.join("dovecot-keywords")).unwrap(),
+            "0 $Junk\n1 Work\n"
+        );
+        let snap = store.snapshot(user, "INBOX").unwrap();
+        assert_eq!(snap.messages[0].flags, flags);
+        assert_eq!(snap.keywords, ["$Junk", "Work"]);
+        let first_modseq = snap.messages[0].modseq;
+        assert_eq!(snap.highest_modseq, first_modseq);
+
+        store
+            .copy(user, "INBOX", &[&snap.messages[0]], "Archive")
+            .unwrap();
+        let archive = store.snapshot(user, "Archive").unwrap();
+        assert_eq!(archive.keywords, ["Other", "$Junk", "Work"]);
+        assert_eq!(
+            archive.messages[0].flags,
+            Flags::SEEN
+                .union(Flags::keyword(1))
+                .union(Flags::keyword(2)),
+            "keywords travel by name, not by letter"
+        );
+
+        // UNCHANGEDSINCE: refused when the message changed after the given mod-sequence.
+        let message = &snap.messages[0];
+        let outcome = store
+            .change_flags(
+                user,
+                "INBOX",
+                &[message],
+                FlagChange::Add(Flags::FLAGGED),
+                Some(first_modseq - 1),
+            )
+            .unwrap();
+        assert_eq!(outcome.refused, [message.uid]);
+        let outcome = store
+            .change_flags(
+                user,
+                "INBOX",
+                &[message],
+                FlagChange::Add(Flags::FLAGGED),
+                Some(first_modseq),
+            )
+            .unwrap();
+        let (_, now, modseq) = outcome.updated[0];
+        assert!(now.contains(Flags::FLAGGED) && modseq > first_modseq);
+        let again = store.snapshot(user, "INBOX").unwrap();
+        assert_eq!(again.messages[0].modseq, modseq);
+        store.remove(user, "INBOX", &[&again.messages[0]]).unwrap();
+        assert!(store.snapshot(user, "INBOX").unwrap().highest_modseq > modseq);
     }
 }
