@@ -7,6 +7,8 @@
 //! and LIST-EXTENDED's selection and return options (RFC 5258, with RFC 5819's `STATUS`). What
 //! remains is decoded by imap-codec as plain SEARCH and LIST.
 
+use std::collections::VecDeque;
+
 use imap_codec::decode::Decoder;
 use imap_codec::fragmentizer::{FragmentInfo, Fragmentizer, LiteralAnnouncement};
 use imap_codec::imap_types::command::Command;
@@ -63,6 +65,16 @@ pub enum Event {
 pub struct Reader {
     fragmentizer: Fragmentizer,
     literal_limit: u32,
+    /// Received bytes not yet handed to the fragmentizer. They are handed over a line or a
+    /// literal at a time, so that a line without an end is cut off at [`MAX_LINE`] instead of
+    /// being buffered up to the fragmentizer's limit for a whole message (APPENDLIMIT).
+    pending: VecDeque<u8>,
+    /// Literal octets the fragmentizer expects next (0: it is reading a line).
+    literal_left: u64,
+    /// Octets of the current line handed over so far.
+    line_len: usize,
+    /// The current line went past [`MAX_LINE`]: the rest of it is dropped.
+    overlong: bool,
 }
 
 impl Reader {
@@ -72,11 +84,62 @@ impl Reader {
         Reader {
             fragmentizer: Fragmentizer::new(max),
             literal_limit,
+            pending: VecDeque::new(),
+            literal_left: 0,
+            line_len: 0,
+            overlong: false,
         }
     }
 
     pub fn feed(&mut self, bytes: &[u8]) {
-        self.fragmentizer.enqueue_bytes(bytes);
+        self.pending.extend(bytes);
+    }
+
+    /// Hands the fragmentizer the next piece of input: the rest of a literal, or of a line up
+    /// to its end. Returns false when nothing is left to hand over.
+    fn hand_over(&mut self) -> bool {
+        loop {
+            if self.pending.is_empty() {
+                return false;
+            }
+            if self.literal_left > 0 {
+                let n = self.pending.len().min(self.literal_left as usize);
+                let piece: Vec<u8> = self.pending.drain(..n).collect();
+                self.fragmentizer.enqueue_bytes(&piece);
+                self.literal_left -= n as u64;
+                return true;
+            }
+            let end = self.pending.iter().position(|b| *b == b'\n');
+            let upto = end.map_or(self.pending.len(), |at| at + 1);
+            if self.overlong {
+                // Dropped unread up to the line end, which is handed over to finish the line.
+                self.pending.drain(..upto);
+                if end.is_some() {
+                    self.fragmentizer.enqueue_bytes(b"\n");
+                    self.line_len = 0;
+                    return true;
+                }
+                continue;
+            }
+            let room = MAX_LINE + 1 - self.line_len;
+            if upto > room {
+                // One octet past the limit reaches the fragmentizer, so the line is known long.
+                let piece: Vec<u8> = self.pending.drain(..room).collect();
+                self.fragmentizer.enqueue_bytes(&piece);
+                self.fragmentizer.poison_message();
+                self.overlong = true;
+                self.line_len += room;
+                return true;
+            }
+            let piece: Vec<u8> = self.pending.drain(..upto).collect();
+            self.fragmentizer.enqueue_bytes(&piece);
+            self.line_len = if end.is_some() {
+                0
+            } else {
+                self.line_len + upto
+            };
+            return true;
+        }
     }
 
     /// Drops whatever is buffered (after STARTTLS: nothing sent in the clear may be obeyed).
@@ -93,7 +156,12 @@ impl Reader {
     /// The next event, or None when more input is needed.
     pub fn next(&mut self, mode: Mode) -> Option<Event> {
         loop {
-            let fragment = self.fragmentizer.progress()?;
+            let Some(fragment) = self.fragmentizer.progress() else {
+                if self.hand_over() {
+                    continue;
+                }
+                return None;
+            };
             if let FragmentInfo::Line {
                 start,
                 end,
@@ -105,12 +173,15 @@ impl Reader {
                     self.fragmentizer.poison_message();
                 }
                 if let Some(LiteralAnnouncement { mode: lit, length }) = announcement {
+                    // The fragmentizer reads a literal next (unless it is skipped below).
+                    self.literal_left = u64::from(length);
                     if mode == Mode::Line {
                         self.fragmentizer.poison_message();
                     } else if length > self.literal_limit {
                         if lit == LiteralMode::Sync {
                             let tag = self.tag();
                             self.fragmentizer.skip_message();
+                            self.literal_left = 0;
                             return Some(Event::LiteralRefused { tag, length });
                         }
                         // LITERAL+: the client sends it anyway; it is read and discarded
@@ -135,7 +206,7 @@ impl Reader {
         }
         if self.fragmentizer.is_message_poisoned() {
             let bytes = self.fragmentizer.message_bytes();
-            let long = bytes.len() > MAX_LINE;
+            let long = std::mem::take(&mut self.overlong) || bytes.len() > MAX_LINE;
             return if long {
                 Event::TooLong { tag }
             } else {
@@ -452,6 +523,40 @@ mod tests {
         assert!(matches!(&got[1], Event::Bad { .. }));
         assert!(matches!(&got[2], Event::Bad { .. }));
         assert!(matches!(&got[3], Event::Command { .. }));
+    }
+
+    #[test]
+    fn a_line_without_end_is_cut_off_at_max_line_not_at_appendlimit() {
+        let mut reader = Reader::new(50 * 1024 * 1024);
+        reader.feed(b"a1 NOOP\r\nb1 LOGIN ");
+        assert!(matches!(
+            reader.next(Mode::Command),
+            Some(Event::Command { .. })
+        ));
+        for _ in 0..640 {
+            reader.feed(&[b'x'; 16 * 1024]); // 10 MiB, no line end
+            assert!(reader.next(Mode::Command).is_none());
+            assert!(reader.fragmentizer.message_bytes().len() <= MAX_LINE + 1);
+            assert!(reader.pending.is_empty());
+        }
+        reader.feed(b"yyy {5}\r\nc1 NOOP\r\n");
+        let got = events(&mut reader, Mode::Command);
+        assert!(
+            matches!(&got[0], Event::TooLong { tag: Some(t) } if t == "b1"),
+            "{got:?}"
+        );
+        assert!(matches!(&got[1], Event::Command { .. }), "{got:?}");
+        // Literals still pass whole, and the line after one starts counting afresh.
+        let mut big = b"d1 APPEND INBOX {100000+}\r\n".to_vec();
+        big.extend(std::iter::repeat_n(b'z', 100_000));
+        big.extend_from_slice(b"\r\n");
+        reader.feed(&big);
+        match reader.next(Mode::Command) {
+            Some(Event::Command { command, .. }) => {
+                assert_eq!(command.tag.as_ref(), "d1");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
