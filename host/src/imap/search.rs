@@ -3,6 +3,8 @@
 //! String matches are case-insensitive substring matches, as the RFC asks; header values are
 //! decoded (RFC 2047) and bodies are searched both as sent and as decoded text.
 
+use std::sync::Arc;
+
 use chrono::{NaiveDate, TimeZone, Utc};
 use imap_codec::imap_types::search::SearchKey;
 use imap_codec::imap_types::sequence::{SeqOrUid, Sequence, SequenceSet};
@@ -32,17 +34,24 @@ pub fn contains(ranges: &[(u32, u32)], n: u32) -> bool {
     ranges.iter().any(|(low, high)| (*low..=*high).contains(&n))
 }
 
-/// The message's bytes, read on first use.
+type Loader<'a, T> = &'a mut dyn FnMut() -> Option<T>;
+
+/// The message's header and bytes, each read on first use (header criteria need only the
+/// header, which the store may have at hand).
 pub struct Lazy<'a> {
-    load: &'a mut dyn FnMut() -> Option<Vec<u8>>,
+    load_header: Loader<'a, Arc<[u8]>>,
+    load: Loader<'a, Vec<u8>>,
+    header: Option<Option<Arc<[u8]>>>,
     bytes: Option<Option<Vec<u8>>>,
     parsed_text: Option<String>,
 }
 
 impl<'a> Lazy<'a> {
-    pub fn new(load: &'a mut dyn FnMut() -> Option<Vec<u8>>) -> Lazy<'a> {
+    pub fn new(load_header: Loader<'a, Arc<[u8]>>, load: Loader<'a, Vec<u8>>) -> Lazy<'a> {
         Lazy {
+            load_header,
             load,
+            header: None,
             bytes: None,
             parsed_text: None,
         }
@@ -55,8 +64,19 @@ impl<'a> Lazy<'a> {
         self.bytes.as_ref().and_then(|b| b.as_deref())
     }
 
+    /// The header section: from the whole message when that was read already.
+    fn header(&mut self) -> Option<&[u8]> {
+        if let Some(Some(bytes)) = &self.bytes {
+            return Some(&bytes[..crate::message::body_offset(bytes)]);
+        }
+        if self.header.is_none() {
+            self.header = Some((self.load_header)());
+        }
+        self.header.as_ref().and_then(|h| h.as_deref())
+    }
+
     fn header_values(&mut self, name: &str) -> Vec<String> {
-        let Some(bytes) = self.bytes() else {
+        let Some(bytes) = self.header() else {
             return Vec::new();
         };
         let Some(message) = mail_parser::MessageParser::default().parse_headers(bytes) else {
@@ -80,7 +100,7 @@ impl<'a> Lazy<'a> {
     }
 
     fn sent_date(&mut self) -> Option<NaiveDate> {
-        let bytes = self.bytes()?;
+        let bytes = self.header()?;
         let message = mail_parser::MessageParser::default().parse_headers(bytes)?;
         let date = message.date()?;
         Some(
@@ -262,9 +282,11 @@ mod tests {
             keywords: &keywords,
         };
         let check = |key: SearchKey<'_>| {
+            let header: Arc<[u8]> = Arc::from(&raw[..crate::message::body_offset(&raw)]);
+            let mut load_header = move || Some(header.clone());
             let raw = raw.clone();
             let mut load = move || Some(raw.clone());
-            let mut lazy = Lazy::new(&mut load);
+            let mut lazy = Lazy::new(&mut load_header, &mut load);
             matches(&key, &subject, &mut lazy)
         };
         let s = |t: &'static str| AString::try_from(t).unwrap();

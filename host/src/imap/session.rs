@@ -12,7 +12,9 @@ use imap_codec::imap_types::command::{
     Command, CommandBody, FetchModifier, SelectParameter, StoreModifier,
 };
 use imap_codec::imap_types::extensions::binary::LiteralOrLiteral8;
-use imap_codec::imap_types::fetch::{Macro, MacroOrMessageDataItemNames, MessageDataItemName};
+use imap_codec::imap_types::fetch::{
+    Macro, MacroOrMessageDataItemNames, MessageDataItemName, Section,
+};
 use imap_codec::imap_types::flag::{Flag, StoreResponse, StoreType};
 use imap_codec::imap_types::mailbox::{ListMailbox, Mailbox};
 use imap_codec::imap_types::search::SearchKey;
@@ -1458,8 +1460,9 @@ impl Session {
                     last_uid,
                     keywords: &keywords,
                 };
+                let mut load_header = || store.read_header(&user, &folder, info).ok();
                 let mut load = || store.read(&user, &folder, info).ok();
-                let mut lazy = Lazy::new(&mut load);
+                let mut lazy = Lazy::new(&mut load_header, &mut load);
                 if search::matches(&key, &subject, &mut lazy) {
                     found.push(if uid { info.uid } else { i as u32 + 1 });
                     highest = highest.max(info.modseq);
@@ -1902,10 +1905,30 @@ fn render(
                 | MessageDataItemName::ModSeq
         )
     });
-    let raw = if needs_message {
-        Some(store.read(user, folder, info)?)
-    } else {
-        None
+    // ENVELOPE and header sections need only the header, which the store may have at hand.
+    let header_only = items.iter().all(|item| match item {
+        MessageDataItemName::BodyExt { section, .. } => matches!(
+            section,
+            Some(
+                Section::Header(None)
+                    | Section::HeaderFields(None, _)
+                    | Section::HeaderFieldsNot(None, _)
+            )
+        ),
+        _ => !matches!(
+            item,
+            MessageDataItemName::Body
+                | MessageDataItemName::BodyStructure
+                | MessageDataItemName::Binary { .. }
+                | MessageDataItemName::BinarySize { .. }
+                | MessageDataItemName::Rfc822
+                | MessageDataItemName::Rfc822Text
+        ),
+    });
+    let raw: Option<std::borrow::Cow<'_, [u8]>> = match (needs_message, header_only) {
+        (false, _) => None,
+        (true, true) => Some(store.read_header(user, folder, info)?.to_vec().into()),
+        (true, false) => Some(store.read(user, folder, info)?.into()),
     };
     let parsed = raw.as_deref().map(Parsed::new);
     out.extend_from_slice(format!("* {} FETCH (", index + 1).as_bytes());

@@ -9,6 +9,7 @@ pub mod maildir;
 pub mod watched;
 
 use std::io;
+use std::sync::Arc;
 
 /// One message to put in one mailbox.
 #[derive(Debug)]
@@ -214,6 +215,21 @@ pub trait MailStore: Send + Sync {
         folder: &str,
         message: &MessageInfo,
     ) -> Result<Vec<u8>, StoreError>;
+
+    /// The message's header section (CRLF line endings, up to and including the blank line that
+    /// ends it; all of it when there is none). SEARCH by header and FETCH ENVELOPE need nothing
+    /// else, and a store may keep headers at hand: messages never change, so a header read once
+    /// stays right.
+    fn read_header(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        message: &MessageInfo,
+    ) -> Result<Arc<[u8]>, StoreError> {
+        let mut whole = self.read(mailbox, folder, message)?;
+        whole.truncate(crate::message::body_offset(&whole));
+        Ok(Arc::from(whole))
+    }
 
     /// Adds flags to messages (for example `\Seen` after a POP3 RETR). Messages already gone are
     /// skipped.

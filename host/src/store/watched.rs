@@ -102,6 +102,15 @@ impl MailStore for Watched {
         self.inner.read(mailbox, folder, message)
     }
 
+    fn read_header(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        message: &MessageInfo,
+    ) -> Result<Arc<[u8]>, StoreError> {
+        self.inner.read_header(mailbox, folder, message)
+    }
+
     fn change_flags(
         &self,
         mailbox: &str,

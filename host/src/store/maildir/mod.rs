@@ -61,6 +61,39 @@ pub struct Maildir {
     /// One lock per folder directory: index, keyword and mod-sequence updates in this process
     /// never interleave.
     folder_locks: Mutex<HashMap<PathBuf, Arc<Mutex<FolderState>>>>,
+    /// Message headers read recently, by folder directory and key (see [`HeaderCache`]).
+    headers: Mutex<HeaderCache>,
+}
+
+/// Headers of messages, kept because SEARCH by header reads every message of a folder and
+/// FETCH ENVELOPE every listed one, again and again. A message never changes under its key, so
+/// an entry is never stale; a copy in another folder has another key. Bounded by bytes: when
+/// full it is emptied and fills again with what is used.
+#[derive(Default)]
+struct HeaderCache {
+    /// Folder directory → key → header.
+    folders: HashMap<PathBuf, HashMap<String, Arc<[u8]>>>,
+    bytes: usize,
+}
+
+impl HeaderCache {
+    const BUDGET: usize = 32 * 1024 * 1024;
+
+    fn get(&self, dir: &Path, key: &str) -> Option<Arc<[u8]>> {
+        self.folders.get(dir)?.get(key).cloned()
+    }
+
+    fn put(&mut self, dir: &Path, key: &str, header: Arc<[u8]>) {
+        if self.bytes + header.len() > Self::BUDGET {
+            self.folders.clear();
+            self.bytes = 0;
+        }
+        self.bytes += header.len();
+        self.folders
+            .entry(dir.to_path_buf())
+            .or_default()
+            .insert(key.to_string(), header);
+    }
 }
 
 impl Maildir {
@@ -70,6 +103,7 @@ impl Maildir {
             root: root.into(),
             host,
             folder_locks: Mutex::new(HashMap::new()),
+            headers: Mutex::new(HeaderCache::default()),
         }
     }
 
@@ -124,9 +158,18 @@ impl Maildir {
         )
     }
 
-    /// True when a file for this delivery already exists in `new/` or `cur/`.
+    /// True when a file for this delivery already exists in `new/` or `cur/`, or did (its key is
+    /// still in the UID index: the user expunged it since), so a retry never brings back a
+    /// message the user deleted.
     fn already_delivered(dir: &Path, base: &str) -> io::Result<bool> {
         let prefix = format!("{base},");
+        let indexed = read_index(dir)?
+            .entries
+            .iter()
+            .any(|(_, key)| key.starts_with(&prefix) || key == base);
+        if indexed {
+            return Ok(true);
+        }
         for sub in ["new", "cur"] {
             for entry in fs::read_dir(dir.join(sub))? {
                 let name = entry?.file_name();
@@ -296,6 +339,31 @@ impl MailStore for Maildir {
         Ok(to_crlf(&content))
     }
 
+    fn read_header(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        message: &MessageInfo,
+    ) -> Result<Arc<[u8]>, StoreError> {
+        let dir = self.folder_path(mailbox, folder)?;
+        if let Some(header) = self
+            .headers
+            .lock()
+            .expect("header cache")
+            .get(&dir, &message.key)
+        {
+            return Ok(header);
+        }
+        let mut whole = self.read(mailbox, folder, message)?;
+        whole.truncate(crate::message::body_offset(&whole));
+        let header: Arc<[u8]> = Arc::from(whole);
+        self.headers
+            .lock()
+            .expect("header cache")
+            .put(&dir, &message.key, header.clone());
+        Ok(header)
+    }
+
     fn change_flags(
         &self,
         mailbox: &str,
@@ -382,23 +450,48 @@ impl MailStore for Maildir {
             self.host,
             size + lf_count
         );
-        let target = dir
-            .join("cur")
-            .join(format!("{key}:2,{}", flag_letters(flags)));
-        durable::write_and_rename(&dir.join("tmp").join(&key), &target, &content)
-            .map_err(StoreError::from_io)?;
-        durable::sync_dir(&dir.join("cur")).map_err(StoreError::from_io)?;
+        let name = format!("{key}:2,{}", flag_letters(flags));
+        let tmp = dir.join("tmp").join(&key);
+        let file = durable::write_unsynced(&tmp, &content).map_err(StoreError::from_io)?;
         let lock = self.folder_lock(&dir);
         let _guard = lock.lock().expect("folder lock");
-        let (index, _) = indexed(&dir)?;
-        let uid = index
-            .entries
-            .iter()
-            .rev()
-            .find(|(_, k)| *k == key)
-            .map(|(uid, _)| *uid)
-            .ok_or_else(|| StoreError::Gone(key.clone()))?;
-        Ok((index.validity, uid))
+        // The index that numbers the new message is written beside the message before either is
+        // in place, so that two flushes (both files' bytes, then both renames) make it all
+        // durable, where flushing each step took four. A crash in between leaves a message
+        // without a UID yet (numbered at the next listing) or a UID without its message (never
+        // reused), and the APPEND unanswered.
+        let appended = || -> Result<(u32, u32), StoreError> {
+            let mut files = list_files(&dir).map_err(StoreError::from_io)?;
+            files.insert(
+                key.clone(),
+                Listed {
+                    location: format!("cur/{name}"),
+                    flags,
+                    size: Some((size + lf_count) as u64),
+                    received_at,
+                },
+            );
+            let (index, _) = renumbered(&dir, &files, &[])?;
+            let uid = index
+                .entries
+                .iter()
+                .rev()
+                .find(|(_, k)| *k == key)
+                .map(|(uid, _)| *uid)
+                .ok_or_else(|| StoreError::Gone(key.clone()))?;
+            let index_tmp = dir.join(format!("{}.tmp", uidlist::FILE_NAME));
+            let index_file = durable::write_unsynced(&index_tmp, index.render().as_bytes())
+                .map_err(StoreError::from_io)?;
+            let failed = StoreError::from_io;
+            durable::sync_all(&[&file, &index_file], &[]).map_err(failed)?;
+            fs::rename(&tmp, dir.join("cur").join(&name)).map_err(failed)?;
+            fs::rename(&index_tmp, dir.join(uidlist::FILE_NAME)).map_err(failed)?;
+            durable::sync_all(&[], &[&dir.join("cur"), &dir]).map_err(failed)?;
+            Ok((index.validity, uid))
+        };
+        appended().inspect_err(|_| {
+            let _ = fs::remove_file(&tmp);
+        })
     }
 
     fn copy(
@@ -667,7 +760,26 @@ fn indexed_in_order(
     first: &[&str],
 ) -> Result<(UidList, HashMap<String, Listed>), StoreError> {
     let files = list_files(dir).map_err(StoreError::from_io)?;
-    let mut index = read_index(dir).map_err(StoreError::from_io)?;
+    let (index, changed) = renumbered(dir, &files, first)?;
+    if changed {
+        write_index(dir, &index).map_err(StoreError::from_io)?;
+    }
+    Ok((index, files))
+}
+
+/// The folder's UID index brought in line with `files` (see [`indexed_in_order`]), and whether
+/// it must be written. It must when it numbered new messages (or is new itself); it need not
+/// when messages only went away: the entries of vanished messages are dropped at every listing
+/// anyway, and leave the file with the next write. That spares an expunge two disk flushes;
+/// what it costs is that a message which comes back under the same name (the same delivery
+/// retried after a crash, see `already_delivered`) is recognised rather than numbered anew.
+fn renumbered(
+    dir: &Path,
+    files: &HashMap<String, Listed>,
+    first: &[&str],
+) -> Result<(UidList, bool), StoreError> {
+    let (mut index, stored) = read_index_as_stored(dir).map_err(StoreError::from_io)?;
+    let next_before = index.next;
     let present: HashSet<&str> = files.keys().map(String::as_str).collect();
     let indexed: HashSet<&str> = index.entries.iter().map(|(_, k)| k.as_str()).collect();
     let mut arrivals: Vec<(&String, &Listed)> = files
@@ -678,7 +790,7 @@ fn indexed_in_order(
     arrivals
         .sort_by(|a, b| (rank(a.0), a.1.received_at, a.0).cmp(&(rank(b.0), b.1.received_at, b.0)));
     let changed = match index.reconcile(&present, arrivals.iter().map(|(k, _)| k.as_str())) {
-        Ok(changed) => changed,
+        Ok(_) => !stored || index.next != next_before,
         Err(uidlist::UidsExhausted) => {
             warn!(dir = %dir.display(), "UIDs exhausted, rebuilding the index");
             index = UidList::fresh(unix_now(), Some(index.validity));
@@ -690,10 +802,7 @@ fn indexed_in_order(
             true
         }
     };
-    if changed {
-        write_index(dir, &index).map_err(StoreError::from_io)?;
-    }
-    Ok((index, files))
+    Ok((index, changed))
 }
 
 /// A name no other message of this process or host will get: time, process and a counter.
@@ -830,17 +939,30 @@ fn locate(dir: &Path, key: &str) -> io::Result<Option<String>> {
 }
 
 fn read_index(dir: &Path) -> io::Result<UidList> {
+    read_index_as_stored(dir).map(|(index, _)| index)
+}
+
+/// The folder's UID index, and whether it is the one on disk (false: missing or damaged, so
+/// this is a new one with a new UIDVALIDITY that must be written before anyone sees it).
+fn read_index_as_stored(dir: &Path) -> io::Result<(UidList, bool)> {
     match fs::read_to_string(dir.join(uidlist::FILE_NAME)) {
-        Ok(text) => Ok(UidList::parse(&text).unwrap_or_else(|| {
-            warn!(dir = %dir.display(), "damaged UID index, rebuilding with a new UIDVALIDITY");
-            let previous = text
-                .split_whitespace()
-                .find_map(|f| f.strip_prefix('V')?.parse::<u32>().ok());
-            UidList::fresh(unix_now(), previous)
-        })),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(UidList::fresh(unix_now(), None)),
-        Err(err) if err.kind() == io::ErrorKind::InvalidData => {
-            Ok(UidList::fresh(unix_now(), None))
+        Ok(text) => Ok(match UidList::parse(&text) {
+            Some(index) => (index, true),
+            None => {
+                warn!(dir = %dir.display(), "damaged UID index, rebuilding with a new UIDVALIDITY");
+                let previous = text
+                    .split_whitespace()
+                    .find_map(|f| f.strip_prefix('V')?.parse::<u32>().ok());
+                (UidList::fresh(unix_now(), previous), false)
+            }
+        }),
+        Err(err)
+            if matches!(
+                err.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::InvalidData
+            ) =>
+        {
+            Ok((UidList::fresh(unix_now(), None), false))
         }
         Err(err) => Err(err),
     }
