@@ -461,17 +461,25 @@ impl MailStore for Maildir {
         // without a UID yet (numbered at the next listing) or a UID without its message (never
         // reused), and the APPEND unanswered.
         let appended = || -> Result<(u32, u32), StoreError> {
-            let mut files = list_files(&dir).map_err(StoreError::from_io)?;
-            files.insert(
-                key.clone(),
-                Listed {
-                    location: format!("cur/{name}"),
-                    flags,
-                    size: Some((size + lf_count) as u64),
-                    received_at,
-                },
-            );
-            let (index, _) = renumbered(&dir, &files, &[])?;
+            // The index on disk just gains the new key: no listing needed (other arrivals are
+            // numbered at the next listing; removals leave the index lazily anyway).
+            let (mut index, stored) = read_index_as_stored(&dir).map_err(StoreError::from_io)?;
+            if stored && index.next < u32::MAX {
+                index.entries.push((index.next, key.clone()));
+                index.next += 1;
+            } else {
+                let mut files = list_files(&dir).map_err(StoreError::from_io)?;
+                files.insert(
+                    key.clone(),
+                    Listed {
+                        location: format!("cur/{name}"),
+                        flags,
+                        size: Some((size + lf_count) as u64),
+                        received_at,
+                    },
+                );
+                index = renumbered(&dir, &files, &[])?.0;
+            }
             let uid = index
                 .entries
                 .iter()
