@@ -58,6 +58,13 @@ pub fn write_unsynced(path: &Path, bytes: &[u8]) -> io::Result<File> {
     })
 }
 
+/// Appends `bytes` to an existing file, leaving them to be flushed by [`sync_all`].
+pub fn append_unsynced(path: &Path, bytes: &[u8]) -> io::Result<File> {
+    let mut file = std::fs::OpenOptions::new().append(true).open(path)?;
+    file.write_all(bytes)?;
+    Ok(file)
+}
+
 /// Makes the writes to `files` and the renames in `dirs` durable. (Flushing them from threads
 /// side by side, or with one `syncfs`, measured no faster here: a flush is cheap on this disk and
 /// the threads or the global flush cost more than they saved under load.)

@@ -455,31 +455,39 @@ impl MailStore for Maildir {
         let file = durable::write_unsynced(&tmp, &content).map_err(StoreError::from_io)?;
         let lock = self.folder_lock(&dir);
         let _guard = lock.lock().expect("folder lock");
-        // The index that numbers the new message is written beside the message before either is
-        // in place, so that two flushes (both files' bytes, then both renames) make it all
-        // durable, where flushing each step took four. A crash in between leaves a message
-        // without a UID yet (numbered at the next listing) or a UID without its message (never
-        // reused), and the APPEND unanswered.
+        let failed = StoreError::from_io;
         let appended = || -> Result<(u32, u32), StoreError> {
-            // The index on disk just gains the new key: no listing needed (other arrivals are
-            // numbered at the next listing; removals leave the index lazily anyway).
-            let (mut index, stored) = read_index_as_stored(&dir).map_err(StoreError::from_io)?;
-            if stored && index.next < u32::MAX {
-                index.entries.push((index.next, key.clone()));
-                index.next += 1;
-            } else {
-                let mut files = list_files(&dir).map_err(StoreError::from_io)?;
-                files.insert(
-                    key.clone(),
-                    Listed {
-                        location: format!("cur/{name}"),
-                        flags,
-                        size: Some((size + lf_count) as u64),
-                        received_at,
-                    },
-                );
-                index = renumbered(&dir, &files, &[])?.0;
+            let (mut index, on_disk) = read_index_as_stored(&dir).map_err(failed)?;
+            if on_disk.is_some_and(|state| state.appendable(&index)) && index.next < u32::MAX {
+                // The index gains a line for the new key (no listing: other arrivals are
+                // numbered at the next one). The message's bytes and that line are flushed
+                // together, then the rename into cur/: two flushes of the disk. A crash in
+                // between leaves a UID without its message (never reused), or a torn line that
+                // was never acknowledged, and the APPEND unanswered.
+                let uid = index.next;
+                let line = UidList::line(uid, &key);
+                let index_file =
+                    durable::append_unsynced(&dir.join(uidlist::FILE_NAME), line.as_bytes())
+                        .map_err(failed)?;
+                durable::sync_all(&[&file, &index_file], &[]).map_err(failed)?;
+                fs::rename(&tmp, dir.join("cur").join(&name)).map_err(failed)?;
+                durable::sync_all(&[], &[&dir.join("cur")]).map_err(failed)?;
+                return Ok((index.validity, uid));
             }
+            // A new, damaged or compactable index is replaced whole: the new one is written
+            // beside the message before either is in place, so both files' bytes, then both
+            // renames, make it all durable.
+            let mut files = list_files(&dir).map_err(failed)?;
+            files.insert(
+                key.clone(),
+                Listed {
+                    location: format!("cur/{name}"),
+                    flags,
+                    size: Some((size + lf_count) as u64),
+                    received_at,
+                },
+            );
+            index = renumbered(&dir, &files, &[])?.0;
             let uid = index
                 .entries
                 .iter()
@@ -488,9 +496,8 @@ impl MailStore for Maildir {
                 .map(|(uid, _)| *uid)
                 .ok_or_else(|| StoreError::Gone(key.clone()))?;
             let index_tmp = dir.join(format!("{}.tmp", uidlist::FILE_NAME));
-            let index_file = durable::write_unsynced(&index_tmp, index.render().as_bytes())
-                .map_err(StoreError::from_io)?;
-            let failed = StoreError::from_io;
+            let index_file =
+                durable::write_unsynced(&index_tmp, index.render().as_bytes()).map_err(failed)?;
             durable::sync_all(&[&file, &index_file], &[]).map_err(failed)?;
             fs::rename(&tmp, dir.join("cur").join(&name)).map_err(failed)?;
             fs::rename(&index_tmp, dir.join(uidlist::FILE_NAME)).map_err(failed)?;
@@ -768,25 +775,49 @@ fn indexed_in_order(
     first: &[&str],
 ) -> Result<(UidList, HashMap<String, Listed>), StoreError> {
     let files = list_files(dir).map_err(StoreError::from_io)?;
-    let (index, changed) = renumbered(dir, &files, first)?;
-    if changed {
-        write_index(dir, &index).map_err(StoreError::from_io)?;
+    let (index, update) = renumbered(dir, &files, first)?;
+    match update {
+        IndexUpdate::Keep => {}
+        IndexUpdate::Append { from } => {
+            let lines: String = index
+                .entries
+                .iter()
+                .filter(|(uid, _)| *uid >= from)
+                .map(|(uid, key)| UidList::line(*uid, key))
+                .collect();
+            let file = durable::append_unsynced(&dir.join(uidlist::FILE_NAME), lines.as_bytes())
+                .map_err(StoreError::from_io)?;
+            durable::sync_all(&[&file], &[]).map_err(StoreError::from_io)?;
+        }
+        IndexUpdate::Rewrite => write_index(dir, &index).map_err(StoreError::from_io)?,
     }
     Ok((index, files))
 }
 
-/// The folder's UID index brought in line with `files` (see [`indexed_in_order`]), and whether
-/// it must be written. It must when it numbered new messages (or is new itself); it need not
-/// when messages only went away: the entries of vanished messages are dropped at every listing
-/// anyway, and leave the file with the next write. That spares an expunge two disk flushes;
-/// what it costs is that a message which comes back under the same name (the same delivery
-/// retried after a crash, see `already_delivered`) is recognised rather than numbered anew.
+/// How the index file must change after a listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IndexUpdate {
+    /// Nothing new: entries of vanished messages leave the file at its next rewrite.
+    Keep,
+    /// Append the entries numbered from this UID on.
+    Append { from: u32 },
+    /// Replace it whole: it is new, damaged, torn, or mostly lines of messages gone.
+    Rewrite,
+}
+
+/// The folder's UID index brought in line with `files` (see [`indexed_in_order`]), and how the
+/// file must change. New messages are appended; when messages only went away nothing is
+/// written: the entries of vanished messages are dropped at every listing anyway, and leave the
+/// file when it is next rewritten (when they outnumber the rest). That spares an expunge two disk
+/// flushes; what it costs is that a message which comes back under the same name (the same
+/// delivery retried after a crash, see `already_delivered`) is recognised rather than numbered
+/// anew.
 fn renumbered(
     dir: &Path,
     files: &HashMap<String, Listed>,
     first: &[&str],
-) -> Result<(UidList, bool), StoreError> {
-    let (mut index, stored) = read_index_as_stored(dir).map_err(StoreError::from_io)?;
+) -> Result<(UidList, IndexUpdate), StoreError> {
+    let (mut index, file) = read_index_as_stored(dir).map_err(StoreError::from_io)?;
     let next_before = index.next;
     let present: HashSet<&str> = files.keys().map(String::as_str).collect();
     let indexed: HashSet<&str> = index.entries.iter().map(|(_, k)| k.as_str()).collect();
@@ -797,8 +828,17 @@ fn renumbered(
     let rank = |key: &str| first.iter().position(|k| *k == key).unwrap_or(usize::MAX);
     arrivals
         .sort_by(|a, b| (rank(a.0), a.1.received_at, a.0).cmp(&(rank(b.0), b.1.received_at, b.0)));
-    let changed = match index.reconcile(&present, arrivals.iter().map(|(k, _)| k.as_str())) {
-        Ok(_) => !stored || index.next != next_before,
+    let update = match index.reconcile(&present, arrivals.iter().map(|(k, _)| k.as_str())) {
+        Ok(_) => match file {
+            Some(file) if file.appendable(&index) => {
+                if index.next == next_before {
+                    IndexUpdate::Keep
+                } else {
+                    IndexUpdate::Append { from: next_before }
+                }
+            }
+            _ => IndexUpdate::Rewrite,
+        },
         Err(uidlist::UidsExhausted) => {
             warn!(dir = %dir.display(), "UIDs exhausted, rebuilding the index");
             index = UidList::fresh(unix_now(), Some(index.validity));
@@ -807,10 +847,10 @@ fn renumbered(
             index
                 .reconcile(&present, all.iter().map(|(k, _)| k.as_str()))
                 .map_err(|_| StoreError::Io(io::Error::other("folder has too many messages")))?;
-            true
+            IndexUpdate::Rewrite
         }
     };
-    Ok((index, changed))
+    Ok((index, update))
 }
 
 /// A name no other message of this process or host will get: time, process and a counter.
@@ -950,18 +990,18 @@ fn read_index(dir: &Path) -> io::Result<UidList> {
     read_index_as_stored(dir).map(|(index, _)| index)
 }
 
-/// The folder's UID index, and whether it is the one on disk (false: missing or damaged, so
-/// this is a new one with a new UIDVALIDITY that must be written before anyone sees it).
-fn read_index_as_stored(dir: &Path) -> io::Result<(UidList, bool)> {
+/// The folder's UID index, and what its file held (None: missing or damaged, so this is a new
+/// index with a new UIDVALIDITY that must be written before anyone sees it).
+fn read_index_as_stored(dir: &Path) -> io::Result<(UidList, Option<uidlist::FileState>)> {
     match fs::read_to_string(dir.join(uidlist::FILE_NAME)) {
         Ok(text) => Ok(match UidList::parse(&text) {
-            Some(index) => (index, true),
+            Some((index, file)) => (index, Some(file)),
             None => {
                 warn!(dir = %dir.display(), "damaged UID index, rebuilding with a new UIDVALIDITY");
                 let previous = text
                     .split_whitespace()
                     .find_map(|f| f.strip_prefix('V')?.parse::<u32>().ok());
-                (UidList::fresh(unix_now(), previous), false)
+                (UidList::fresh(unix_now(), previous), None)
             }
         }),
         Err(err)
@@ -970,7 +1010,7 @@ fn read_index_as_stored(dir: &Path) -> io::Result<(UidList, bool)> {
                 io::ErrorKind::NotFound | io::ErrorKind::InvalidData
             ) =>
         {
-            Ok((UidList::fresh(unix_now(), None), false))
+            Ok((UidList::fresh(unix_now(), None), None))
         }
         Err(err) => Err(err),
     }
@@ -1161,7 +1201,7 @@ mod tests {
 
         // A damaged index is rebuilt with a new UIDVALIDITY.
         let user = dir.path().join("example.test/alice");
-        let damaged = format!("postern-uidlist 1 V{} N2\n5 x\n", snap3.uid_validity);
+        let damaged = format!("postern-uidlist 1 V{} N9\n5 x\n3 y\n", snap3.uid_validity);
         fs::write(user.join(uidlist::FILE_NAME), damaged).unwrap();
         let snap4 = store.snapshot("alice@example.test", "INBOX").unwrap();
         assert_ne!(snap4.uid_validity, snap3.uid_validity);
@@ -1182,6 +1222,75 @@ mod tests {
         assert!(store.folder_path("../x@example.test", "INBOX").is_err());
         assert!(store.folder_path("bob@..", "INBOX").is_err());
         assert!(store.folder_path("bob@example.test", "../../etc").is_err());
+    }
+
+    #[test]
+    fn the_index_grows_by_lines_survives_a_torn_one_and_is_compacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Maildir::new(dir.path(), "mx.test");
+        let user = "alice@example.test";
+        let index_path = dir
+            .path()
+            .join("example.test/alice")
+            .join(uidlist::FILE_NAME);
+        let append = |n: u32| {
+            let message = format!("Subject: {n}\r\n\r\nbody\r\n");
+            store
+                .append(
+                    user,
+                    "INBOX",
+                    message.as_bytes(),
+                    Flags::empty(),
+                    1_700_000_000,
+                )
+                .unwrap()
+        };
+        // The first APPEND writes the index whole, the following ones append a line each.
+        let (validity, _) = append(1);
+        let whole = fs::read_to_string(&index_path).unwrap();
+        assert_eq!(whole.lines().count(), 2);
+        assert_eq!(append(2), (validity, 2));
+        assert_eq!(append(3), (validity, 3));
+        let text = fs::read_to_string(&index_path).unwrap();
+        assert!(text.starts_with(&whole), "appended, not rewritten");
+        assert!(text.lines().last().unwrap().starts_with("3 "));
+
+        // A crash in the middle of an append: the torn line is ignored and the file rewritten
+        // before it is appended to again. UIDVALIDITY stays, UIDs keep counting.
+        fs::write(&index_path, format!("{text}4 1700000000.P1N")).unwrap();
+        assert_eq!(
+            store.snapshot(user, "INBOX").unwrap().uid_validity,
+            validity
+        );
+        assert_eq!(append(4), (validity, 4));
+        let text = fs::read_to_string(&index_path).unwrap();
+        assert!(!text.contains(".P1N\n") && text.ends_with('\n'));
+        assert_eq!(text.lines().count(), 5);
+
+        // An SMTP delivery is numbered by the next listing, appended too.
+        store.deliver(&[delivery("D_1", b"Subject: d\r\n\r\nx\r\n")])[0]
+            .as_ref()
+            .unwrap();
+        let snap = store.snapshot(user, "INBOX").unwrap();
+        assert_eq!(snap.messages.last().unwrap().uid, 5);
+        assert_eq!(fs::read_to_string(&index_path).unwrap().lines().count(), 6);
+
+        // Expunged messages leave their lines until they outnumber the rest by far; then a
+        // listing compacts the file.
+        for n in 6..=80 {
+            append(n);
+        }
+        let snap = store.snapshot(user, "INBOX").unwrap();
+        let gone: Vec<&MessageInfo> = snap.messages.iter().skip(2).collect();
+        store.remove(user, "INBOX", &gone).unwrap();
+        assert_eq!(fs::read_to_string(&index_path).unwrap().lines().count(), 81);
+        let snap = store.snapshot(user, "INBOX").unwrap();
+        let uids: Vec<u32> = snap.messages.iter().map(|m| m.uid).collect();
+        assert_eq!(uids, vec![1, 2]);
+        let text = fs::read_to_string(&index_path).unwrap();
+        assert_eq!(text.lines().count(), 3, "compacted: {text}");
+        assert!(text.contains(" N81"), "the next UID is kept: {text}");
+        assert_eq!(append(81), (validity, 81));
     }
 
     #[test]
