@@ -878,6 +878,7 @@ impl Session {
                     .unwrap_or_else(|| chrono::Utc::now().timestamp());
                 let (system, names) = store_flags(&flags);
                 let (store, user) = (self.server.store.clone(), self.user());
+                let into_selected = matches!(&self.state, State::Selected(s) if s.folder == name);
                 match blocking(self.id, move || {
                     let (flags, _) = flags_in_folder(&*store, &user, &name, system, &names)?;
                     store.append(&user, &name, &bytes, flags, received_at)
@@ -885,8 +886,11 @@ impl Session {
                 .await
                 {
                     Ok((validity, uid)) => {
-                        // Into the selected folder maybe: the next update re-reads it.
-                        self.dirty = true;
+                        // Our own write is not announced to us: the next update re-reads the
+                        // selected folder when it gained the message (a Sent copy does not).
+                        if into_selected {
+                            self.dirty = true;
+                        }
                         Done::Ok(
                             Some(format!("APPENDUID {validity} {uid}")),
                             "APPEND completed".into(),
@@ -1826,6 +1830,7 @@ impl Session {
             .map(|i| selected.messages[*i].clone())
             .collect();
         let folder = selected.folder.clone();
+        let into_selected = target == folder;
         let result = blocking(self.id, move || {
             let refs: Vec<&MessageInfo> = messages.iter().collect();
             let copied = store.copy(&user, &folder, &refs, &target)?;
@@ -1840,8 +1845,11 @@ impl Session {
             Err(StoreError::NoSuchFolder(_)) => return no(Some("TRYCREATE"), "No such mailbox"),
             Err(err) => return store_failure(&err),
         };
-        // The target may be the selected folder: the next update re-reads it.
-        self.dirty = true;
+        // Our own write is not announced to us: a copy into the selected folder is seen by
+        // re-reading it at the next update.
+        if into_selected {
+            self.dirty = true;
+        }
         let code = if pairs.is_empty() {
             None
         } else {

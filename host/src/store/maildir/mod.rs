@@ -974,10 +974,16 @@ fn size_field(key: &str, field: &str) -> Option<u64> {
     digits[..end].parse().ok()
 }
 
-/// Where a message is now: its listed location, or wherever a rename took it.
+/// Where a message is now: its listed location, or wherever a rename took it. A session that
+/// changed the flags itself knows them, so the name they gave the file is tried before the
+/// folder is scanned.
 fn current_location(dir: &Path, message: &MessageInfo) -> io::Result<Option<String>> {
     if dir.join(&message.location).exists() {
         return Ok(Some(message.location.clone()));
+    }
+    let renamed = format!("cur/{}:2,{}", message.key, flag_letters(message.flags));
+    if renamed != message.location && dir.join(&renamed).exists() {
+        return Ok(Some(renamed));
     }
     locate(dir, &message.key)
 }
