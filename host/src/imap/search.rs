@@ -8,6 +8,7 @@ use std::sync::Arc;
 use chrono::{NaiveDate, TimeZone, Utc};
 use imap_codec::imap_types::search::SearchKey;
 use imap_codec::imap_types::sequence::{SeqOrUid, Sequence, SequenceSet};
+use mail_parser::{HeaderName, MessageParser};
 
 use crate::store::{Flags, MessageInfo};
 
@@ -79,12 +80,20 @@ impl<'a> Lazy<'a> {
         let Some(bytes) = self.header() else {
             return Vec::new();
         };
-        let Some(message) = mail_parser::MessageParser::default().parse_headers(bytes) else {
+        let Some(wanted) = HeaderName::parse(name.to_string()) else {
+            return Vec::new(); // not a field name any message can have
+        };
+        // Only the wanted field is decoded (as text); the others are skipped, not parsed as
+        // addresses, dates or trace fields only to be thrown away.
+        let parser = MessageParser::new()
+            .default_header_ignore()
+            .header_text(wanted.clone());
+        let Some(message) = parser.parse_headers(bytes) else {
             return Vec::new();
         };
         let mut values = Vec::new();
         for header in message.headers() {
-            if header.name.as_str().eq_ignore_ascii_case(name) {
+            if header.name == wanted {
                 let raw = bytes
                     .get(header.offset_start as usize..header.offset_end as usize)
                     .unwrap_or_default();
@@ -101,7 +110,10 @@ impl<'a> Lazy<'a> {
 
     fn sent_date(&mut self) -> Option<NaiveDate> {
         let bytes = self.header()?;
-        let message = mail_parser::MessageParser::default().parse_headers(bytes)?;
+        let parser = MessageParser::new()
+            .default_header_ignore()
+            .header_date(HeaderName::Date);
+        let message = parser.parse_headers(bytes)?;
         let date = message.date()?;
         Some(
             Utc.timestamp_opt(date.to_timestamp(), 0)
@@ -271,7 +283,7 @@ mod tests {
 
     #[test]
     fn criteria() {
-        let raw = b"From: Alice <alice@example.test>\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?= lunch\r\nDate: Sun, 22 Nov 2026 09:00:00 +0000\r\n\r\nLet us meet at noon.\r\n".to_vec();
+        let raw = b"From: Alice <alice@example.test>\r\nTo: =?utf-8?q?J=C3=B6rg?= <j@example.test>\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?= lunch\r\nDate: Sun, 22 Nov 2026 09:00:00 +0000\r\nX-Ticket: folded\r\n  value 42\r\n\r\nLet us meet at noon.\r\n".to_vec();
         let message = info(7, Flags::SEEN.union(Flags::keyword(1)), raw.len() as u64);
         let keywords = ["$Junk".to_string(), "Work".to_string()];
         let subject = Subject {
@@ -301,6 +313,16 @@ mod tests {
             "BODY is not the header"
         );
         assert!(check(SearchKey::Text(s("alice"))));
+        assert!(check(SearchKey::To(s("jörg"))), "decoded display name");
+        assert!(check(SearchKey::To(s("=?utf-8?q?J"))), "as sent too");
+        assert!(check(SearchKey::To(s("j@example.test"))));
+        assert!(!check(SearchKey::Cc(s("j@example.test"))));
+        assert!(
+            check(SearchKey::Header(s("x-TICKET"), s("value 42"))),
+            "unfolded"
+        );
+        assert!(!check(SearchKey::Header(s("x-ticket"), s("43"))));
+        assert!(!check(SearchKey::Header(s("bad name"), s(""))));
         assert!(check(SearchKey::Header(s("date"), s(""))));
         assert!(!check(SearchKey::Header(s("cc"), s(""))));
         assert!(check(SearchKey::Uid(SequenceSet::try_from("5:*").unwrap())));
