@@ -67,6 +67,21 @@ pub fn internal_date(unix: i64) -> String {
     format!("\"{}\"", when.format("%d-%b-%Y %H:%M:%S +0000"))
 }
 
+/// Parses what FETCH answers from: the MIME fields (BODYSTRUCTURE, sections; Content-ID raw), the address
+/// fields (ENVELOPE) and Content-Language; every other field stays raw (ENVELOPE sends Date,
+/// Subject and the message IDs as they are), so no dates, trace fields or IDs are parsed
+/// only to go unused.
+static FETCH_PARSER: std::sync::LazyLock<mail_parser::MessageParser> =
+    std::sync::LazyLock::new(|| {
+        mail_parser::MessageParser::new()
+            .with_mime_headers()
+            // body-fld-id is the field as sent, angle brackets and all (as Dovecot and Cyrus
+            // send it; the ID parser would strip them).
+            .header_raw(HeaderName::ContentId)
+            .with_address_headers()
+            .header_comma_separated(HeaderName::ContentLanguage)
+    });
+
 /// A parsed message and the bytes it was parsed from.
 pub struct Parsed<'a> {
     pub raw: &'a [u8],
@@ -77,7 +92,7 @@ impl<'a> Parsed<'a> {
     pub fn new(raw: &'a [u8]) -> Parsed<'a> {
         Parsed {
             raw,
-            message: mail_parser::MessageParser::default().parse(raw),
+            message: FETCH_PARSER.parse(raw),
         }
     }
 
@@ -660,6 +675,24 @@ mod tests {
         assert!(
             text.ends_with(" \"MIXED\" (\"BOUNDARY\" \"XX\") NIL NIL NIL)"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn extension_data_and_raw_fields_survive_the_narrow_parser() {
+        let raw = b"Date: Sun, 22 Nov 2026 09:00:00 +0000\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\nIn-Reply-To: <a@x.test>\r\nMessage-ID: <b@x.test>\r\nContent-Type: text/plain; charset=utf-8\r\nContent-ID: <part@x.test>\r\nContent-Description: greeting\r\nContent-Language: en, de\r\nContent-Location: http://x.test/a\r\n\r\nhi\r\n";
+        let parsed = Parsed::new(raw);
+        let mut out = Vec::new();
+        parsed.envelope(&mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "(\"Sun, 22 Nov 2026 09:00:00 +0000\" \"=?utf-8?q?Gr=C3=BC=C3=9Fe?=\" NIL NIL NIL NIL NIL NIL \"<a@x.test>\" \"<b@x.test>\")"
+        );
+        let mut out = Vec::new();
+        parsed.structure(&mut out, true);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "(\"TEXT\" \"PLAIN\" (\"CHARSET\" \"utf-8\") \"<part@x.test>\" \"greeting\" \"7BIT\" 4 1 NIL NIL (\"en\" \"de\") \"http://x.test/a\")"
         );
     }
 
