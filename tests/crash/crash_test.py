@@ -97,6 +97,7 @@ class Ledger:
         self.lock = threading.Lock()
         self.acked = {}  # token -> (recipients, body digest)
         self.unacked = {}  # token -> (recipients, body digest): sent, no final reply seen
+        self.appended = {}  # token -> (user, UIDVALIDITY, UID) from an acknowledged APPEND
 
     def record(self, table, token, recipients, digest):
         with self.lock:
@@ -146,15 +147,27 @@ def client(n, cycle, port, ledger, stop, rng):
                 pass
 
 
-def reader(n, port, pop3_port, stop, rng):
-    """Reads and flags mail while it arrives, so the UID indexes and Maildir renames (flags in
-    file names) are being written when the kill comes: IMAP SELECT, FETCH, STORE, and a POP3
-    session that retrieves (and so marks seen at QUIT) without deleting."""
+def reader(n, cycle, port, pop3_port, ledger, stop, rng):
+    """Reads, flags and appends mail while it arrives, so the UID indexes and Maildir renames
+    (flags in file names) are being written when the kill comes: IMAP APPEND, SELECT, FETCH,
+    STORE, and a POP3 session that retrieves (and so marks seen at QUIT) without deleting."""
     user, password = list(USERS.items())[n % len(USERS)]
+    seq = 0
     while not stop.is_set():
         try:
             imap = imaplib.IMAP4("127.0.0.1", port, timeout=10)
             imap.login(user, password)
+            seq += 1
+            token = f"c{cycle}-r{n}-a{seq}"
+            body = message(token, rng)
+            ledger.record(ledger.unacked, token, [user], hashlib.sha256(body).hexdigest())
+            typ, data = imap.append("INBOX", None, None, body)
+            if typ == "OK":
+                # The tagged OK came: the message is on disk under the UID it names.
+                code = re.search(rb"APPENDUID (\d+) (\d+)", data[0])
+                with ledger.lock:
+                    ledger.acked[token] = ledger.unacked.pop(token)
+                    ledger.appended[token] = (user, int(code.group(1)), int(code.group(2)))
             typ, data = imap.select("INBOX")
             exists = int(data[0])
             if exists:
@@ -234,8 +247,9 @@ def check(server, ledger):
     return problems, counts, unacked_delivered
 
 
-def check_through_protocols(server):
-    """POP3 and IMAP read every mailbox back: counts equal the Maildir, UIDs unique and stable."""
+def check_through_protocols(server, ledger):
+    """POP3 and IMAP read every mailbox back: counts equal the Maildir, UIDs unique and stable,
+    and every acknowledged APPEND is found under the UIDVALIDITY and UID its APPENDUID named."""
     problems = []
     ctx = ssl.create_default_context(cafile=str(server.data / "tls" / "cert.pem"))
     for user, password in USERS.items():
@@ -246,7 +260,19 @@ def check_through_protocols(server):
         exists = int(data[0])
         typ, data = imap.uid("SEARCH", "ALL")
         uids = data[0].split()
+        validity = int(re.search(rb"UIDVALIDITY (\d+)", imap.status("INBOX", "(UIDVALIDITY)")[1][0]).group(1))
+        typ, data = imap.uid("FETCH", "1:*", "(BODY.PEEK[HEADER.FIELDS (X-Crash-Token)])")
+        token_at = {}
+        for item in data:
+            if isinstance(item, tuple):
+                uid = int(re.search(rb"UID (\d+)", item[0]).group(1))
+                m = TOKEN.search(item[1])
+                token_at[uid] = m.group(1).decode() if m else None
         imap.logout()
+        for token, (owner, v, uid) in ledger.appended.items():
+            if owner == user and (v != validity or token_at.get(uid) != token):
+                problems.append(f"APPEND {token}: acknowledged as UID {uid} (UIDVALIDITY {v}), "
+                                f"found {token_at.get(uid)!r} there (UIDVALIDITY {validity})")
         if exists != len(files) or len(set(uids)) != len(files):
             problems.append(f"IMAP {user}: EXISTS {exists}, {len(set(uids))} UIDs, {len(files)} files")
         pop = poplib.POP3_SSL("127.0.0.1", server.ports["pop3s"], context=ctx)
@@ -290,8 +316,8 @@ def main():
                                               random.Random(rng.random())))
                        for n in range(args.clients)]
             threads += [threading.Thread(target=reader, daemon=True,
-                                         args=(n, ports["imap"], ports["pop3"], stop,
-                                               random.Random(rng.random())))
+                                         args=(n, cycle, ports["imap"], ports["pop3"], ledger,
+                                               stop, random.Random(rng.random())))
                         for n in range(2)]
             for t in threads:
                 t.start()
@@ -309,14 +335,15 @@ def main():
         deadline = time.time() + 120
         while server.spooled() and time.time() < deadline:
             time.sleep(0.1)
-        problems = check_through_protocols(server)
+        problems = check_through_protocols(server, ledger)
         server.stop()
         more, counts, unacked_delivered = check(server, ledger)
         problems += more
         log = (workdir / "postern.log").read_text(errors="replace")
         damaged = len(re.findall(r"(?i)damaged|rebuil", log))
         print(f"\n{args.cycles} kill -9 cycles in {time.time() - started:.0f} s")
-        print(f"acknowledged messages: {len(ledger.acked)}; unacknowledged when killed: "
+        print(f"acknowledged messages: {len(ledger.acked)} ({len(ledger.appended)} by IMAP APPEND); "
+              f"unacknowledged when killed: "
               f"{len(ledger.unacked)} ({unacked_delivered} of them delivered once, the rest never)")
         print(f"Maildir files: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
         print(f"spool at each kill: max {max(spooled_at_kill)}, mean "
