@@ -110,10 +110,12 @@ impl<'a> Lazy<'a> {
 
     fn sent_date(&mut self) -> Option<NaiveDate> {
         let bytes = self.header()?;
-        let parser = MessageParser::new()
-            .default_header_ignore()
-            .header_date(HeaderName::Date);
-        let message = parser.parse_headers(bytes)?;
+        static DATE_ONLY: std::sync::LazyLock<MessageParser> = std::sync::LazyLock::new(|| {
+            MessageParser::new()
+                .default_header_ignore()
+                .header_date(HeaderName::Date)
+        });
+        let message = DATE_ONLY.parse_headers(bytes)?;
         let date = message.date()?;
         Some(
             Utc.timestamp_opt(date.to_timestamp(), 0)

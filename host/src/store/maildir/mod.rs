@@ -469,10 +469,7 @@ impl MailStore for Maildir {
                 // between leaves a UID without its message (never reused), or a torn line that
                 // was never acknowledged, and the APPEND unanswered.
                 let uid = index.next;
-                let line = UidList::line(uid, &key);
-                let index_file =
-                    durable::append_unsynced(&dir.join(uidlist::FILE_NAME), line.as_bytes())
-                        .map_err(failed)?;
+                let index_file = append_index(&dir, &UidList::line(uid, &key)).map_err(failed)?;
                 durable::sync_all(&[&file, &index_file], &[]).map_err(failed)?;
                 fs::rename(&tmp, dir.join("cur").join(&name)).map_err(failed)?;
                 durable::sync_all(&[], &[&dir.join("cur")]).map_err(failed)?;
@@ -789,8 +786,7 @@ fn indexed_in_order(
                 .filter(|(uid, _)| *uid >= from)
                 .map(|(uid, key)| UidList::line(*uid, key))
                 .collect();
-            let file = durable::append_unsynced(&dir.join(uidlist::FILE_NAME), lines.as_bytes())
-                .map_err(StoreError::from_io)?;
+            let file = append_index(dir, &lines).map_err(StoreError::from_io)?;
             durable::sync_all(&[&file], &[]).map_err(StoreError::from_io)?;
         }
         IndexUpdate::Rewrite => write_index(dir, &index).map_err(StoreError::from_io)?,
@@ -1024,6 +1020,11 @@ fn read_index_as_stored(dir: &Path) -> io::Result<(UidList, Option<uidlist::File
         }
         Err(err) => Err(err),
     }
+}
+
+/// Appends entry lines to the index file, to be flushed by the caller.
+fn append_index(dir: &Path, lines: &str) -> io::Result<File> {
+    durable::append_unsynced(&dir.join(uidlist::FILE_NAME), lines.as_bytes())
 }
 
 /// Replaces the index atomically and durably.

@@ -58,8 +58,7 @@ impl UidList {
                 next = n.parse::<u32>().ok();
             }
         }
-        let (validity, next) = (validity.filter(|v| *v > 0)?, next.filter(|n| *n > 0)?);
-        let mut next = next;
+        let (validity, mut next) = (validity.filter(|v| *v > 0)?, next.filter(|n| *n > 0)?);
         let mut entries = Vec::new();
         let mut last = 0;
         for line in lines {
@@ -94,10 +93,7 @@ impl UidList {
     pub fn render(&self) -> String {
         let mut out = format!("{MAGIC} V{} N{}\n", self.validity, self.next);
         for (uid, key) in &self.entries {
-            out.push_str(&uid.to_string());
-            out.push(' ');
-            out.push_str(key);
-            out.push('\n');
+            out.push_str(&Self::line(*uid, key));
         }
         out
     }
