@@ -108,11 +108,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 config.server.data_dir = dir;
             }
             crate::telemetry::init(&config.server.log);
+            // Before the runtime's threads exist, so that they inherit the blocked signals.
+            let grace = std::time::Duration::from_secs(config.server.shutdown_grace_secs);
+            let pid_file = crate::server::pid_path(&config.server.data_dir);
+            let stop = crate::signals::install(grace, move || {
+                let _ = std::fs::remove_file(&pid_file);
+            });
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
-            runtime.block_on(crate::server::run(config, config_path))?;
+            let result = runtime.block_on(crate::server::run(config, config_path, stop));
+            // A task that never yields must not keep the process alive past the stop.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            result?;
             Ok(())
         }
         Command::CheckConfig { config } => {

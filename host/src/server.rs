@@ -33,6 +33,11 @@ pub enum ServerError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("the data directory {path} is in use by another postern serve (pid {pid}); stop it first or use another --data-dir")]
+    InUse {
+        path: std::path::PathBuf,
+        pid: String,
+    },
     #[error("cannot open the spool: {0}")]
     Spool(std::io::Error),
     #[error(transparent)]
@@ -119,11 +124,12 @@ pub fn pid_path(data_dir: &std::path::Path) -> std::path::PathBuf {
     data_dir.join("postern.pid")
 }
 
-/// Runs the server until SIGINT or SIGTERM. `config_path` is re-read on plugin reloads (None for
-/// the embedded default).
+/// Runs the server until `stop` turns true (SIGINT or SIGTERM, see `signals`). `config_path` is
+/// re-read on plugin reloads (None for the embedded default).
 pub async fn run(
     config: Config,
     config_path: Option<std::path::PathBuf>,
+    mut stop: watch::Receiver<bool>,
 ) -> Result<(), ServerError> {
     let config = Arc::new(config);
     let data_dir = config.server.data_dir.clone();
@@ -132,11 +138,17 @@ pub async fn run(
         source,
     })?;
     let pid_file = pid_path(&data_dir);
-    std::fs::write(&pid_file, format!("{}\n", std::process::id())).map_err(|source| {
-        ServerError::PidFile {
+    // Held for the life of the process: a second server on the same data directory would
+    // deliver the same spool twice and clear the spool's tmp/ under this one's feet.
+    let _lock = crate::durable::DirectoryLock::acquire(&pid_file).map_err(|err| match err {
+        crate::durable::LockError::Held { pid } => ServerError::InUse {
+            path: data_dir.clone(),
+            pid,
+        },
+        crate::durable::LockError::Io(source) => ServerError::PidFile {
             path: pid_file.clone(),
             source,
-        }
+        },
     })?;
     let needs_tls = config.listeners.iter().any(|l| l.tls != TlsMode::None);
     let tls = if needs_tls {
@@ -219,7 +231,7 @@ pub async fn run(
         users.clone(),
         store,
         tls.clone(),
-        smtp.auth_throttle.clone(),
+        smtp.login_gate.clone(),
         shutdown_rx.clone(),
     ));
     let imap = Arc::new(ImapServer::new(
@@ -227,8 +239,9 @@ pub async fn run(
         users,
         watched,
         tls,
-        smtp.auth_throttle.clone(),
+        smtp.login_gate.clone(),
         shutdown_rx.clone(),
+        smtp.body_budget.clone(),
     ));
     let services = Arc::new(Services {
         smtp: Arc::new(smtp),
@@ -286,7 +299,7 @@ pub async fn run(
         let _ = out.flush();
     }
 
-    wait_for_signal().await;
+    let _ = stop.wait_for(|down| *down).await;
     info!("shutting down");
     let _ = shutdown_tx.send(true);
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
@@ -381,16 +394,6 @@ async fn reload_on_change(
             files = watched(&list);
         }
         stamps = files.iter().map(|f| stamp(f)).collect();
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
     }
 }
 

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use postern::auth::{AuthThrottle, UserDirectory};
+use postern::auth::{LoginGate, UserDirectory};
 use postern::config::{Config, ListenerConfig, ListenerProtocol, TlsMode};
 use postern::imap::session::Session;
 use postern::imap::ImapServer;
@@ -51,14 +51,15 @@ fn harness() -> Harness {
     ));
     let watched = Arc::new(Watched::new(maildir));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let throttle = Arc::new(AuthThrottle::new(10, Duration::from_secs(600)));
+    let gate = Arc::new(LoginGate::new(users.clone(), 10, Duration::from_secs(600)));
     let server = Arc::new(ImapServer::new(
         Arc::new(config),
         users,
         watched,
         None,
-        throttle,
+        gate,
         shutdown_rx,
+        postern::budget::MemoryBudget::new(256 * 1024 * 1024),
     ));
     Harness {
         server,

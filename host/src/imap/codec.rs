@@ -16,9 +16,16 @@ use imap_codec::imap_types::core::LiteralMode;
 use imap_codec::imap_types::IntoStatic;
 use imap_codec::CommandCodec;
 
+use crate::budget::{MemoryBudget, Reservation};
+
 /// A command line without its literals may not exceed this (RFC 9051 §4 asks servers to allow at
 /// least 8000 octets).
 pub const MAX_LINE: usize = 64 * 1024;
+
+/// The largest literal taken before login: a password fits, a message does not (Dovecot and
+/// Cyrus cap unauthenticated literals similarly), so a client that has not logged in cannot make
+/// the server buffer more than a few KiB per connection.
+pub const PREAUTH_LITERAL_LIMIT: u32 = 8 * 1024;
 
 /// What the next complete input is expected to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,17 +61,38 @@ pub enum Event {
     Line(Vec<u8>),
     /// The client announced a synchronizing literal that will be accepted: send `+`.
     LiteralWanted,
-    /// A synchronizing literal larger than allowed: refused before the client sends it.
-    LiteralRefused { tag: Option<String>, length: u32 },
+    /// A literal refused: a synchronizing one before the client sends it (no continuation), a
+    /// LITERAL+ one read and dropped. The command is not run.
+    LiteralRefused {
+        tag: Option<String>,
+        length: u32,
+        why: Refusal,
+    },
     /// A command longer than allowed (read and thrown away).
     TooLong { tag: Option<String> },
     /// A command that does not parse.
     Bad { tag: Option<String>, text: String },
 }
 
+/// Why a literal was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Over the literal limit (`NO [TOOBIG]`).
+    TooBig,
+    /// The server-wide memory budget has no room now (`NO [LIMIT]`).
+    NoMemory,
+}
+
 pub struct Reader {
     fragmentizer: Fragmentizer,
     literal_limit: u32,
+    /// Where literals take their memory from (none: unaccounted, as in codec tests).
+    budget: Option<MemoryBudget>,
+    /// The memory the current command's literals hold; given back when the next one starts.
+    held: Reservation,
+    /// Octets of a refused LITERAL+ literal still to drop, then the rest of its line.
+    discard_left: u64,
+    discard_line: bool,
     /// Received bytes not yet handed to the fragmentizer. They are handed over a line or a
     /// literal at a time, so that a line without an end is cut off at [`MAX_LINE`] instead of
     /// being buffered up to the fragmentizer's limit for a whole message (APPENDLIMIT).
@@ -84,11 +112,23 @@ impl Reader {
         Reader {
             fragmentizer: Fragmentizer::new(max),
             literal_limit,
+            budget: None,
+            held: Reservation::empty(),
+            discard_left: 0,
+            discard_line: false,
             pending: VecDeque::new(),
             literal_left: 0,
             line_len: 0,
             overlong: false,
         }
+    }
+
+    /// Takes literals up to `literal_limit` from now on, each against `budget` (after login).
+    /// Called between commands, so no message is in the fragmentizer.
+    pub fn set_literal_limit(&mut self, literal_limit: u32, budget: Option<MemoryBudget>) {
+        self.literal_limit = literal_limit;
+        self.fragmentizer = Fragmentizer::new(literal_limit.saturating_add(MAX_LINE as u32));
+        self.budget = budget;
     }
 
     pub fn feed(&mut self, bytes: &[u8]) {
@@ -101,6 +141,22 @@ impl Reader {
         loop {
             if self.pending.is_empty() {
                 return false;
+            }
+            if self.discard_left > 0 || self.discard_line {
+                // A refused LITERAL+ literal, then the rest of its command line: dropped unread.
+                let n = self.pending.len().min(self.discard_left as usize);
+                self.pending.drain(..n);
+                self.discard_left -= n as u64;
+                if self.discard_left == 0 {
+                    match self.pending.iter().position(|b| *b == b'\n') {
+                        Some(at) => {
+                            self.pending.drain(..=at);
+                            self.discard_line = false;
+                        }
+                        None => self.pending.clear(),
+                    }
+                }
+                continue;
             }
             if self.literal_left > 0 {
                 let n = self.pending.len().min(self.literal_left as usize);
@@ -144,7 +200,24 @@ impl Reader {
 
     /// Drops whatever is buffered (after STARTTLS: nothing sent in the clear may be obeyed).
     pub fn reset(&mut self) {
+        let budget = self.budget.take();
         *self = Reader::new(self.literal_limit);
+        self.budget = budget;
+    }
+
+    /// Refuses the literal just announced: the message is dropped, and a LITERAL+ literal,
+    /// which the client sends anyway, is read and thrown away with the rest of its line.
+    fn refuse(&mut self, lit: LiteralMode, length: u32, why: Refusal) -> Event {
+        let tag = self.tag();
+        self.fragmentizer.skip_message();
+        self.literal_left = 0;
+        self.line_len = 0;
+        self.held = Reservation::empty();
+        if lit == LiteralMode::NonSync {
+            self.discard_left = u64::from(length);
+            self.discard_line = true;
+        }
+        Event::LiteralRefused { tag, length, why }
     }
 
     fn tag(&self) -> Option<String> {
@@ -155,6 +228,10 @@ impl Reader {
 
     /// The next event, or None when more input is needed.
     pub fn next(&mut self, mode: Mode) -> Option<Event> {
+        if self.fragmentizer.is_message_complete() {
+            // The last command is done with: its literals' memory goes back.
+            self.held = Reservation::empty();
+        }
         loop {
             let Some(fragment) = self.fragmentizer.progress() else {
                 if self.hand_over() {
@@ -177,18 +254,22 @@ impl Reader {
                     self.literal_left = u64::from(length);
                     if mode == Mode::Line {
                         self.fragmentizer.poison_message();
+                    } else if self.fragmentizer.is_message_poisoned() {
+                        // Already refused (too long a line): read along, answered when complete.
                     } else if length > self.literal_limit {
+                        return Some(self.refuse(lit, length, Refusal::TooBig));
+                    } else {
+                        let reserved = match &self.budget {
+                            Some(budget) => budget.try_reserve(length as usize),
+                            None => Some(Reservation::empty()),
+                        };
+                        let Some(reserved) = reserved else {
+                            return Some(self.refuse(lit, length, Refusal::NoMemory));
+                        };
+                        self.held.merge(reserved);
                         if lit == LiteralMode::Sync {
-                            let tag = self.tag();
-                            self.fragmentizer.skip_message();
-                            self.literal_left = 0;
-                            return Some(Event::LiteralRefused { tag, length });
+                            return Some(Event::LiteralWanted);
                         }
-                        // LITERAL+: the client sends it anyway; it is read and discarded
-                        // (the message is poisoned and answered when complete).
-                        self.fragmentizer.poison_message();
-                    } else if lit == LiteralMode::Sync && !self.fragmentizer.is_message_poisoned() {
-                        return Some(Event::LiteralWanted);
                     }
                 }
             }
@@ -494,9 +575,10 @@ mod tests {
         ));
         reader.feed(b"b APPEND INBOX {50}\r\nc NOOP\r\n");
         match reader.next(Mode::Command) {
-            Some(Event::LiteralRefused { tag, length }) => {
+            Some(Event::LiteralRefused { tag, length, why }) => {
                 assert_eq!(tag.as_deref(), Some("b"));
                 assert_eq!(length, 50);
+                assert_eq!(why, Refusal::TooBig);
             }
             other => panic!("{other:?}"),
         }
@@ -508,10 +590,85 @@ mod tests {
         reader.feed(b"d APPEND INBOX {20+}\r\n01234567890123456789\r\ne NOOP\r\n");
         let got = events(&mut reader, Mode::Command);
         assert!(
-            matches!(&got[0], Event::Bad { tag: Some(t), .. } | Event::TooLong { tag: Some(t) } if t == "d"),
+            matches!(&got[0], Event::LiteralRefused { tag: Some(t), why: Refusal::TooBig, .. } if t == "d"),
             "{got:?}"
         );
         assert!(matches!(&got[1], Event::Command { .. }), "{got:?}");
+        assert_eq!(got.len(), 2, "{got:?}");
+    }
+
+    #[test]
+    fn a_refused_literal_plus_is_dropped_as_it_arrives_not_buffered() {
+        let mut reader = Reader::new(PREAUTH_LITERAL_LIMIT);
+        reader.feed(b"a LOGIN {52428800+}\r\n");
+        assert!(matches!(
+            reader.next(Mode::Command),
+            Some(Event::LiteralRefused {
+                why: Refusal::TooBig,
+                ..
+            })
+        ));
+        for _ in 0..100 {
+            reader.feed(&[b'x'; 64 * 1024]);
+            assert!(reader.next(Mode::Command).is_none());
+            assert!(reader.pending.is_empty());
+            assert!(reader.fragmentizer.message_bytes().is_empty());
+        }
+        reader.discard_left = 3; // skip to the literal's end
+        reader.feed(b"xxx pass\r\nb NOOP\r\n");
+        let got = events(&mut reader, Mode::Command);
+        assert!(
+            matches!(&got[..], [Event::Command { command, .. }] if command.tag.as_ref() == "b"),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn literals_take_memory_from_the_budget_until_the_next_command() {
+        let budget = MemoryBudget::new(64 * 1024);
+        let mut reader = Reader::new(PREAUTH_LITERAL_LIMIT);
+        reader.feed(b"a LOGIN {9000}\r\n");
+        assert!(matches!(
+            reader.next(Mode::Command),
+            Some(Event::LiteralRefused {
+                why: Refusal::TooBig,
+                length: 9000,
+                ..
+            })
+        ));
+        reader.set_literal_limit(1024 * 1024, Some(budget.clone()));
+        reader.feed(b"b APPEND INBOX {40000}\r\n");
+        assert!(matches!(
+            reader.next(Mode::Command),
+            Some(Event::LiteralWanted)
+        ));
+        assert!(budget.available() < 30 * 1024);
+        reader.feed(&[b'm'; 40000]);
+        reader.feed(b"\r\nc APPEND INBOX {40000}\r\n");
+        assert!(matches!(
+            reader.next(Mode::Command),
+            Some(Event::Command { .. })
+        ));
+        // b's literal is given back once c is read, so c fits.
+        assert!(matches!(
+            reader.next(Mode::Command),
+            Some(Event::LiteralWanted)
+        ));
+        // Another session takes what c left; d wants more than c gives back.
+        let _other = budget.try_reserve(budget.available()).unwrap();
+        reader.feed(&[b'm'; 40000]);
+        reader.feed(b"\r\nd APPEND INBOX {50000}\r\n");
+        assert!(matches!(
+            reader.next(Mode::Command),
+            Some(Event::Command { .. })
+        ));
+        assert!(matches!(
+            reader.next(Mode::Command),
+            Some(Event::LiteralRefused {
+                why: Refusal::NoMemory,
+                ..
+            })
+        ));
     }
 
     #[test]

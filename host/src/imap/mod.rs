@@ -22,7 +22,8 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::auth::{AuthThrottle, UserDirectory};
+use crate::auth::{LoginGate, UserDirectory};
+use crate::budget::MemoryBudget;
 use crate::config::Config;
 use crate::store::watched::Watched;
 use crate::store::MailStore;
@@ -35,8 +36,10 @@ pub struct ImapServer {
     /// The same store, for its change announcements (IDLE and other sessions' updates).
     pub watched: Arc<Watched>,
     pub tls: Option<TlsAcceptor>,
-    pub auth_throttle: Arc<AuthThrottle>,
+    pub login_gate: Arc<LoginGate>,
     pub shutdown: watch::Receiver<bool>,
+    /// Shared with SMTP: literals and FETCH output take their memory from it.
+    pub budget: MemoryBudget,
 }
 
 impl ImapServer {
@@ -45,8 +48,9 @@ impl ImapServer {
         users: Arc<UserDirectory>,
         watched: Arc<Watched>,
         tls: Option<TlsAcceptor>,
-        auth_throttle: Arc<AuthThrottle>,
+        login_gate: Arc<LoginGate>,
         shutdown: watch::Receiver<bool>,
+        budget: MemoryBudget,
     ) -> ImapServer {
         ImapServer {
             config,
@@ -54,8 +58,9 @@ impl ImapServer {
             store: watched.clone(),
             watched,
             tls,
-            auth_throttle,
+            login_gate,
             shutdown,
+            budget,
         }
     }
 }

@@ -25,19 +25,59 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
-use super::codec::{self, Event, Extended, Mode, Reader};
+use super::codec::{self, Event, Extended, Mode, Reader, Refusal};
 use super::fetch::{self, Parsed};
 use super::search::{self, Lazy, Subject};
 use super::selected::{paired_sets, range_set, uid_set, Report, Selected};
 use super::ImapServer;
-use crate::auth::{AuthUser, Mechanism, SaslError, SaslExchange, SaslStep, Secret};
+use crate::auth::{
+    AuthUser, Credentials, LoginVerdict, Mechanism, SaslError, SaslExchange, SaslStep, Secret,
+};
 use crate::config::{ListenerConfig, TlsMode};
 use crate::store::watched::Change;
 use crate::store::{FlagChange, FlagOutcome, Flags, MailStore, MessageInfo, StoreError};
 use crate::stream::{Io, ReadError};
 
-/// Messages rendered per blocking batch in FETCH: bounds the memory one response holds.
+/// Messages rendered per blocking batch in FETCH, and the message octets one batch may read:
+/// together they bound what one response holds before it is written.
 const FETCH_BATCH: usize = 32;
+const FETCH_BATCH_BYTES: u64 = 1024 * 1024;
+/// What a message costs a FETCH that does not read it (flags, dates, sizes).
+const FETCH_META_BYTES: u64 = 4 * 1024;
+/// How long a FETCH waits for other sessions to give memory back before `NO [LIMIT]`.
+const FETCH_MEMORY_WAIT: Duration = Duration::from_secs(10);
+
+/// Splits FETCH targets into batches of at most [`FETCH_BATCH`] messages and, when the message
+/// is read, [`FETCH_BATCH_BYTES`] (a bigger message is a batch of its own), each with the memory
+/// it needs: the rendered output and its copy in the write buffer.
+fn fetch_batches(
+    targets: &[(usize, MessageInfo)],
+    reads_message: bool,
+) -> Vec<(usize, usize, u64)> {
+    let cost = |info: &MessageInfo| {
+        if reads_message {
+            2 * info.size + FETCH_META_BYTES
+        } else {
+            FETCH_META_BYTES
+        }
+    };
+    let mut batches = Vec::new();
+    let mut start = 0;
+    while start < targets.len() {
+        let mut end = start;
+        let mut bytes = 0;
+        while end < targets.len()
+            && end - start < FETCH_BATCH
+            && (end == start || bytes + cost(&targets[end].1) <= 2 * FETCH_BATCH_BYTES)
+        {
+            bytes += cost(&targets[end].1);
+            end += 1;
+        }
+        batches.push((start, end, bytes));
+        start = end;
+    }
+    batches
+}
 
 enum State {
     NotAuthenticated,
@@ -198,16 +238,46 @@ fn flags_in_folder(
     Ok((system.union(slots), Some(table)))
 }
 
-/// IMAP `list-wildcards` matching: `*` matches anything, `%` anything but the delimiter.
+/// IMAP `list-wildcards` matching (RFC 9051 §6.3.9): `*` matches anything, `%` anything but
+/// the hierarchy delimiter. It runs the pattern as an automaton over the name, keeping the set
+/// of pattern positions reachable so far, so it costs at most pattern × name steps whatever the
+/// wildcards (a backtracking matcher is exponential in the number of `*`).
 fn wildcard_match(pattern: &[u8], name: &[u8]) -> bool {
-    match pattern.split_first() {
-        None => name.is_empty(),
-        Some((b'*', rest)) => (0..=name.len()).any(|i| wildcard_match(rest, &name[i..])),
-        Some((b'%', rest)) => (0..=name.len())
-            .take_while(|i| *i == 0 || name[i - 1] != b'/')
-            .any(|i| wildcard_match(rest, &name[i..])),
-        Some((c, rest)) => name.first() == Some(c) && wildcard_match(rest, &name[1..]),
+    let m = pattern.len();
+    // live[i]: the first i pattern octets can match the name read so far.
+    let mut live = vec![false; m + 1];
+    let mut next = vec![false; m + 1];
+    live[0] = true;
+    let close = |set: &mut [bool]| {
+        // A wildcard may match nothing: whoever reaches it reaches past it too.
+        for i in 0..m {
+            if set[i] && matches!(pattern[i], b'*' | b'%') {
+                set[i + 1] = true;
+            }
+        }
+    };
+    close(&mut live);
+    for &c in name {
+        next.fill(false);
+        for i in 0..m {
+            if !live[i] {
+                continue;
+            }
+            match pattern[i] {
+                b'*' => next[i] = true,
+                b'%' if c != b'/' => next[i] = true,
+                b'%' => {}
+                p if p == c => next[i + 1] = true,
+                _ => {}
+            }
+        }
+        close(&mut next);
+        std::mem::swap(&mut live, &mut next);
+        if !live.iter().any(|l| *l) {
+            return false;
+        }
     }
+    live[m]
 }
 
 fn list_match(pattern: &str, name: &str) -> bool {
@@ -225,6 +295,101 @@ fn list_match(pattern: &str, name: &str) -> bool {
     wildcard_match(fold(pattern).as_bytes(), fold(name).as_bytes())
 }
 
+/// The longest LIST/LSUB pattern (reference and mailbox together) taken.
+const MAX_LIST_PATTERN: usize = 1024;
+
+/// What a LIST or LSUB command asks for, beyond its pattern.
+struct ListOptions {
+    lsub: bool,
+    /// LIST-EXTENDED syntax (RFC 5258): `\NonExistent` instead of `\Noselect`.
+    extended: bool,
+    only_subscribed: bool,
+    only_special: bool,
+    show_subscribed: bool,
+    /// LIST-STATUS: name the existing folders that need a STATUS line.
+    want_status: bool,
+}
+
+/// The LIST (or LSUB) response lines for a user's folders, and the folders LIST-STATUS asks
+/// about. Every folder costs a hash look-up and one pattern match, linear in its length.
+fn list_lines(
+    folders: &[String],
+    subscribed: &[String],
+    pattern: &str,
+    options: &ListOptions,
+    specials: &std::collections::BTreeMap<String, String>,
+) -> (Vec<u8>, Vec<String>) {
+    use std::collections::BTreeSet;
+    let verb = if options.lsub { "LSUB" } else { "LIST" };
+    let existing: BTreeSet<&str> = folders.iter().map(String::as_str).collect();
+    let subscribed: BTreeSet<&str> = subscribed.iter().map(String::as_str).collect();
+    let mut names: BTreeSet<&str> = existing.clone();
+    names.insert("INBOX");
+    // RFC 9051 §6.3.9: superiors of existing folders are listed (as \NonExistent if absent).
+    for folder in folders {
+        let mut parent = folder.as_str();
+        while let Some((up, _)) = parent.rsplit_once('/') {
+            if !names.insert(up) {
+                break;
+            }
+            parent = up;
+        }
+    }
+    if options.only_subscribed {
+        names.extend(subscribed.iter().copied());
+    }
+    let with_children: BTreeSet<&str> = names
+        .iter()
+        .filter_map(|name| name.rsplit_once('/').map(|(up, _)| up))
+        .collect();
+    let mut ordered: Vec<&str> = names.into_iter().collect();
+    ordered.sort_by(|a, b| (*a != "INBOX", a).cmp(&(*b != "INBOX", b)));
+    let mut out = Vec::new();
+    let mut status_for = Vec::new();
+    for name in ordered {
+        if !list_match(pattern, name) {
+            continue;
+        }
+        let is_subscribed = subscribed.contains(name);
+        if options.only_subscribed && !is_subscribed {
+            continue;
+        }
+        let exists = name == "INBOX" || existing.contains(name);
+        let special = specials.get(name);
+        if options.only_special && special.is_none() {
+            continue;
+        }
+        let mut attributes: Vec<&str> = Vec::new();
+        if !exists {
+            attributes.push(if options.extended || options.lsub {
+                "\\NonExistent"
+            } else {
+                "\\Noselect"
+            });
+        }
+        if !options.lsub {
+            attributes.push(if with_children.contains(name) {
+                "\\HasChildren"
+            } else {
+                "\\HasNoChildren"
+            });
+        }
+        if let Some(special) = special {
+            attributes.push(special.as_str());
+        }
+        if options.show_subscribed && is_subscribed && !options.lsub {
+            attributes.push("\\Subscribed");
+        }
+        out.extend_from_slice(format!("* {verb} ({}) \"/\" ", attributes.join(" ")).as_bytes());
+        codec::astring(&mut out, name.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        if exists && options.want_status {
+            status_for.push(name.to_string());
+        }
+    }
+    (out, status_for)
+}
+
 impl Session {
     pub fn new(
         server: Arc<ImapServer>,
@@ -232,7 +397,8 @@ impl Session {
         peer: SocketAddr,
     ) -> Session {
         let changes = server.watched.subscribe();
-        let reader = Reader::new(server.config.imap.append_limit);
+        // Until login, literals are capped at a few KiB (see `PREAUTH_LITERAL_LIMIT`).
+        let reader = Reader::new(codec::PREAUTH_LITERAL_LIMIT);
         Session {
             id: SESSION_IDS.fetch_add(1, Ordering::Relaxed),
             server,
@@ -262,6 +428,14 @@ impl Session {
 
     fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.server.config.imap.idle_timeout_secs)
+    }
+
+    /// The largest literal this session takes now: a few KiB before login, APPENDLIMIT after.
+    fn literal_limit(&self) -> u32 {
+        match self.state {
+            State::NotAuthenticated => codec::PREAUTH_LITERAL_LIMIT,
+            _ => self.server.config.imap.append_limit,
+        }
     }
 
     fn plaintext_allowed(&self) -> bool {
@@ -311,10 +485,23 @@ impl Session {
                     io.queue(b"+ Ready for literal data\r\n");
                     continue;
                 }
-                Event::LiteralRefused { tag, length } => {
-                    let limit = self.server.config.imap.append_limit;
+                Event::LiteralRefused {
+                    tag,
+                    length,
+                    why: Refusal::TooBig,
+                } => {
+                    let limit = self.literal_limit();
                     let text = format!("Literal of {length} octets is over the limit of {limit}");
                     (tag, no(Some("TOOBIG"), &text))
+                }
+                Event::LiteralRefused {
+                    tag,
+                    why: Refusal::NoMemory,
+                    ..
+                } => {
+                    warn!("literal refused: the memory budget is exhausted");
+                    let text = "Server memory for messages in flight is exhausted, try again later";
+                    (tag, no(Some("LIMIT"), text))
                 }
                 Event::TooLong { tag } => (tag, no(Some("TOOBIG"), "Command too long")),
                 Event::Bad { tag, text } => (tag, Done::Bad(text)),
@@ -562,7 +749,7 @@ impl Session {
     }
 
     fn throttle_allows(&self) -> bool {
-        if self.server.auth_throttle.allows(self.peer.ip()) {
+        if self.server.login_gate.allows(self.peer.ip()) {
             return true;
         }
         info!("login refused: too many failures from this address");
@@ -627,15 +814,27 @@ impl Session {
                 "Too many failed logins from your address, try again later",
             );
         }
-        let ip = self.peer.ip();
-        let verified = self
+        let credentials = Credentials::Password {
+            login: login.clone(),
+            password: Secret(password),
+        };
+        let user = match self
             .server
-            .users
-            .verify(login.clone(), Secret(password))
-            .await;
-        let Some(AuthUser(user)) = verified else {
+            .login_gate
+            .check(self.peer.ip(), credentials)
+            .await
+        {
+            LoginVerdict::Accepted(AuthUser(user)) => Some(user),
+            LoginVerdict::Refused => None,
+            LoginVerdict::Throttled => {
+                return no(
+                    Some("UNAVAILABLE"),
+                    "Too many failed logins from your address, try again later",
+                )
+            }
+        };
+        let Some(user) = user else {
             self.auth_failures += 1;
-            self.server.auth_throttle.record_failure(ip);
             warn!(login = %login.chars().take(64).collect::<String>(), method, failures = self.auth_failures, "authentication failed");
             tokio::time::sleep(crate::auth::FAILURE_DELAY * self.auth_failures).await;
             if self.auth_failures >= self.server.config.limits.max_auth_failures {
@@ -644,11 +843,14 @@ impl Session {
             }
             return no(Some("AUTHENTICATIONFAILED"), "Authentication failed");
         };
-        self.server.auth_throttle.record_success(ip);
         info!(%user, method, "logged in");
         self.make_special_folders(&user).await;
         self.user = Some(user);
         self.state = State::Authenticated;
+        self.reader.set_literal_limit(
+            self.server.config.imap.append_limit,
+            Some(self.server.budget.clone()),
+        );
         self.drain_changes();
         Done::Ok(
             Some(format!("CAPABILITY {}", self.capabilities())),
@@ -1108,86 +1310,42 @@ impl Session {
             return ok("LIST completed");
         }
         let pattern = format!("{reference}{pattern}");
+        if pattern.len() > MAX_LIST_PATTERN {
+            return no(Some("LIMIT"), "Mailbox pattern too long");
+        }
         let (store, user) = (self.server.store.clone(), self.user());
+        let config = self.server.config.clone();
+        let options = ListOptions {
+            lsub,
+            extended: extended.list_extended,
+            only_subscribed: lsub || extended.list_select.iter().any(|o| o == "SUBSCRIBED"),
+            only_special: extended.list_select.iter().any(|o| o == "SPECIAL-USE"),
+            show_subscribed: lsub
+                || extended
+                    .list_select
+                    .iter()
+                    .chain(&extended.list_return)
+                    .any(|o| o == "SUBSCRIBED"),
+            want_status: !extended.list_status.is_empty(),
+        };
+        // Matching and rendering are linear in the number of folders but still per folder:
+        // they run on the blocking thread with the listing, never on the async executor.
         let listing = blocking(self.id, move || {
-            Ok((store.folders(&user)?, store.subscriptions(&user)?))
+            let folders = store.folders(&user)?;
+            let subscribed = store.subscriptions(&user)?;
+            Ok(list_lines(
+                &folders,
+                &subscribed,
+                &pattern,
+                &options,
+                &config.imap.special_folders,
+            ))
         })
         .await;
-        let (folders, subscribed) = match listing {
+        let (out, status_for) = match listing {
             Ok(listing) => listing,
             Err(err) => return store_failure(&err),
         };
-        let mut names: Vec<String> = std::iter::once("INBOX".to_string())
-            .chain(folders.iter().cloned())
-            .collect();
-        let mut implied = Vec::new();
-        for folder in &folders {
-            let mut parent = folder.as_str();
-            while let Some((up, _)) = parent.rsplit_once('/') {
-                if !names.iter().any(|n| n == up) && !implied.iter().any(|n: &String| n == up) {
-                    implied.push(up.to_string());
-                }
-                parent = up;
-            }
-        }
-        names.extend(implied.iter().cloned());
-        let only_subscribed = lsub || extended.list_select.iter().any(|o| o == "SUBSCRIBED");
-        let only_special = extended.list_select.iter().any(|o| o == "SPECIAL-USE");
-        let show_subscribed =
-            only_subscribed || extended.list_return.iter().any(|o| o == "SUBSCRIBED");
-        if only_subscribed {
-            for name in &subscribed {
-                if !names.iter().any(|n| n == name) {
-                    names.push(name.clone());
-                }
-            }
-        }
-        names.sort_by(|a, b| (a != "INBOX", a).cmp(&(b != "INBOX", b)));
-        let specials = &self.server.config.imap.special_folders;
-        let mut out = Vec::new();
-        let mut status_for = Vec::new();
-        for name in &names {
-            if !list_match(&pattern, name) {
-                continue;
-            }
-            let is_subscribed = subscribed.iter().any(|s| s == name);
-            if only_subscribed && !is_subscribed {
-                continue;
-            }
-            let exists = name == "INBOX" || folders.iter().any(|f| f == name);
-            let special = specials.get(name.as_str());
-            if only_special && special.is_none() {
-                continue;
-            }
-            let mut attributes: Vec<&str> = Vec::new();
-            if !exists {
-                attributes.push(if extended.list_extended || lsub {
-                    "\\NonExistent"
-                } else {
-                    "\\Noselect"
-                });
-            }
-            let prefix = format!("{name}/");
-            if !lsub {
-                if names.iter().any(|n| n.starts_with(&prefix)) {
-                    attributes.push("\\HasChildren");
-                } else {
-                    attributes.push("\\HasNoChildren");
-                }
-            }
-            if let Some(special) = special {
-                attributes.push(special.as_str());
-            }
-            if show_subscribed && is_subscribed && !lsub {
-                attributes.push("\\Subscribed");
-            }
-            out.extend_from_slice(format!("* {verb} ({}) \"/\" ", attributes.join(" ")).as_bytes());
-            codec::astring(&mut out, name.as_bytes());
-            out.extend_from_slice(b"\r\n");
-            if exists && !extended.list_status.is_empty() {
-                status_for.push(name.clone());
-            }
-        }
         io.queue(&out);
         if !status_for.is_empty() {
             let items: Vec<StatusDataItemName> = extended
@@ -1627,9 +1785,32 @@ impl Session {
             .iter()
             .map(|i| (*i, selected.messages[*i].clone()))
             .collect();
+        let reads_message = items.iter().any(|item| {
+            !matches!(
+                item,
+                MessageDataItemName::Flags
+                    | MessageDataItemName::Uid
+                    | MessageDataItemName::InternalDate
+                    | MessageDataItemName::Rfc822Size
+                    | MessageDataItemName::ModSeq
+            )
+        });
         let items = Arc::new(items);
-        for batch in targets.chunks(FETCH_BATCH) {
-            let mut batch = batch.to_vec();
+        for (start, end, cost) in fetch_batches(&targets, reads_message) {
+            // The batch's memory comes from the budget SMTP bodies and literals share.
+            let Some(_memory) = self
+                .server
+                .budget
+                .reserve(cost as usize, FETCH_MEMORY_WAIT)
+                .await
+            else {
+                warn!("FETCH stopped: the memory budget is exhausted");
+                return no(
+                    Some("LIMIT"),
+                    "Server memory for messages in flight is exhausted, try again later",
+                );
+            };
+            let mut batch = targets[start..end].to_vec();
             let (store, user, folder, items, keywords) = (
                 store.clone(),
                 user.clone(),
@@ -2070,5 +2251,17 @@ mod tests {
         assert!(list_match("inbox", "INBOX"));
         assert!(list_match("S*4", "Sent/2024"));
         assert!(!list_match("Drafts", "Sent"));
+        assert!(list_match("%/%", "Sent/2024"));
+        assert!(!list_match("%/%", "Sent/2024/01"));
+        assert!(list_match("*%*", ""));
+        assert!(list_match("S%t", "Sent"));
+        assert!(!list_match("S%t", "S/t"));
+        assert!(list_match("a**b*%c", "axxbyc"));
+        assert!(!list_match("ab", "a"));
+        assert!(!list_match("a", "ab"));
+        // What took a backtracking matcher forever (2,000 stars) is pattern × name steps.
+        let stars = "*".repeat(2000) + "x";
+        assert!(!list_match(&stars, &"a".repeat(1000)));
+        assert!(list_match(&stars, &("a".repeat(1000) + "x")));
     }
 }

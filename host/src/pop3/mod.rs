@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::auth::{AuthThrottle, UserDirectory};
+use crate::auth::{LoginGate, UserDirectory};
 use crate::config::Config;
 use crate::store::MailStore;
 use maildrop::MaildropLocks;
@@ -30,7 +30,7 @@ pub struct Pop3Server {
     pub store: Arc<dyn MailStore>,
     pub tls: Option<TlsAcceptor>,
     /// Shared with the other protocols: guessing passwords over POP3 counts against SMTP too.
-    pub auth_throttle: Arc<AuthThrottle>,
+    pub login_gate: Arc<LoginGate>,
     pub shutdown: watch::Receiver<bool>,
     pub locks: Arc<MaildropLocks>,
     /// Last successful login per user, for LOGIN-DELAY.
@@ -43,7 +43,7 @@ impl Pop3Server {
         users: Arc<UserDirectory>,
         store: Arc<dyn MailStore>,
         tls: Option<TlsAcceptor>,
-        auth_throttle: Arc<AuthThrottle>,
+        login_gate: Arc<LoginGate>,
         shutdown: watch::Receiver<bool>,
     ) -> Pop3Server {
         Pop3Server {
@@ -51,7 +51,7 @@ impl Pop3Server {
             users,
             store,
             tls,
-            auth_throttle,
+            login_gate,
             shutdown,
             locks: Arc::new(MaildropLocks::default()),
             last_login: Mutex::new(HashMap::new()),

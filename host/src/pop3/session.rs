@@ -14,7 +14,9 @@ use tracing::{debug, info, warn, Instrument};
 use super::codec::{self, Command, DotStuffer};
 use super::maildrop::Maildrop;
 use super::Pop3Server;
-use crate::auth::{AuthUser, Mechanism, SaslError, SaslExchange, SaslStep};
+use crate::auth::{
+    AuthUser, Credentials, LoginVerdict, Mechanism, SaslError, SaslExchange, SaslStep,
+};
 use crate::config::{ListenerConfig, TlsMode};
 use crate::framing::{LineEvent, LineFramer};
 use crate::store::{Flags, MessageInfo, StoreError};
@@ -215,8 +217,11 @@ impl Session {
                 if !self.throttle_allows(io) {
                     return Flow::Continue;
                 }
-                let verified = self.server.users.verify(user.clone(), password).await;
-                self.login(io, verified, &user, "USER").await
+                let credentials = Credentials::Password {
+                    login: user.clone(),
+                    password,
+                };
+                self.login(io, credentials, &user, "USER").await
             }
             Command::Apop { name, digest } => {
                 let Some(stamp) = self.timestamp.clone() else {
@@ -225,8 +230,12 @@ impl Session {
                 if !self.throttle_allows(io) {
                     return Flow::Continue;
                 }
-                let verified = self.server.users.verify_apop(&name, &stamp, &digest);
-                self.login(io, verified, &name, "APOP").await
+                let credentials = Credentials::Apop {
+                    login: name.clone(),
+                    timestamp: stamp,
+                    digest,
+                };
+                self.login(io, credentials, &name, "APOP").await
             }
             Command::Auth { mechanism, initial } => self.auth(io, mechanism, initial).await,
             _ => self.error(io, None, "Log in first"),
@@ -302,7 +311,7 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        if self.server.auth_throttle.allows(self.peer.ip()) {
+        if self.server.login_gate.allows(self.peer.ip()) {
             return true;
         }
         info!("login refused: too many failures from this address");
@@ -363,25 +372,39 @@ impl Session {
                 }
             };
         };
-        let verified = self.server.users.verify(login.clone(), password).await;
-        self.login(io, verified, &login, mechanism.name()).await
+        let credentials = Credentials::Password {
+            login: login.clone(),
+            password,
+        };
+        self.login(io, credentials, &login, mechanism.name()).await
     }
 
     /// Finishes a login attempt: on success locks and opens the maildrop (TRANSACTION state).
     async fn login<S>(
         &mut self,
         io: &mut Io<S>,
-        verified: Option<AuthUser>,
+        credentials: Credentials,
         login: &str,
         method: &str,
     ) -> Flow
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        let ip = self.peer.ip();
-        let Some(AuthUser(user)) = verified else {
+        let user = match self
+            .server
+            .login_gate
+            .check(self.peer.ip(), credentials)
+            .await
+        {
+            LoginVerdict::Accepted(AuthUser(user)) => Some(user),
+            LoginVerdict::Refused => None,
+            LoginVerdict::Throttled => {
+                self.throttle_allows(io);
+                return Flow::Continue;
+            }
+        };
+        let Some(user) = user else {
             self.auth_failures += 1;
-            self.server.auth_throttle.record_failure(ip);
             warn!(login = %login.chars().take(64).collect::<String>(), method, failures = self.auth_failures, "authentication failed");
             tokio::time::sleep(crate::auth::FAILURE_DELAY * self.auth_failures).await;
             if self.auth_failures >= self.server.config.limits.max_auth_failures {
@@ -393,7 +416,6 @@ impl Session {
             }
             return self.error(io, Some("AUTH"), "Authentication failed");
         };
-        self.server.auth_throttle.record_success(ip);
         let Some(lock) = self.server.locks.try_lock(&user) else {
             info!(%user, "maildrop in use");
             return self.error(

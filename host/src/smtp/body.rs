@@ -1,36 +1,25 @@
-//! A message body being received, held in memory against a server-wide budget.
-//!
-//! Every session's body counts against one semaphore (KiB permits), so the memory all sessions
-//! can pin is bounded whatever the number of connections. A body that cannot get more budget is
-//! refused with 452 4.3.1 at its end (the client may retry later) instead of growing memory.
+//! A message body being received, held in memory against the server-wide budget (`budget`).
+//! A body that cannot get more budget is refused with 452 4.3.1 at its end (the client may retry
+//! later) instead of growing memory.
 
-use std::sync::Arc;
+use crate::budget::{MemoryBudget, Reservation};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
-const UNIT: usize = 1024;
 /// Budget is taken in steps, not per byte.
-const STEP_UNITS: u32 = 64;
-
-pub fn budget_permits(bytes: usize) -> usize {
-    (bytes / UNIT).min(Semaphore::MAX_PERMITS)
-}
+const STEP: usize = 64 * 1024;
 
 pub struct BodyBuffer {
     pub bytes: Vec<u8>,
-    budget: Arc<Semaphore>,
-    permit: Option<OwnedSemaphorePermit>,
-    reserved_units: u32,
+    budget: MemoryBudget,
+    reserved: Reservation,
     exhausted: bool,
 }
 
 impl BodyBuffer {
-    pub fn new(budget: Arc<Semaphore>) -> BodyBuffer {
+    pub fn new(budget: MemoryBudget) -> BodyBuffer {
         BodyBuffer {
             bytes: Vec::new(),
             budget,
-            permit: None,
-            reserved_units: 0,
+            reserved: Reservation::empty(),
             exhausted: false,
         }
     }
@@ -53,18 +42,12 @@ impl BodyBuffer {
         if self.exhausted || data.is_empty() {
             return;
         }
-        let needed_units = (self.bytes.len() + data.len()).div_ceil(UNIT) as u32;
-        while self.reserved_units < needed_units {
-            let step = STEP_UNITS.max(needed_units - self.reserved_units);
-            match self.budget.clone().try_acquire_many_owned(step) {
-                Ok(permit) => {
-                    self.reserved_units += step;
-                    match &mut self.permit {
-                        Some(held) => held.merge(permit),
-                        None => self.permit = Some(permit),
-                    }
-                }
-                Err(_) => {
+        let needed = self.bytes.len() + data.len();
+        if self.reserved.bytes() < needed {
+            let step = STEP.max(needed - self.reserved.bytes());
+            match self.budget.try_reserve(step) {
+                Some(more) => self.reserved.merge(more),
+                None => {
                     self.exhausted = true;
                     self.bytes = Vec::new();
                     return;
@@ -86,7 +69,7 @@ mod tests {
 
     #[test]
     fn budget_is_shared_and_released() {
-        let budget = Arc::new(Semaphore::new(128));
+        let budget = MemoryBudget::new(128 * 1024);
         let mut a = BodyBuffer::new(budget.clone());
         a.append(&[0u8; 100 * 1024]);
         assert!(!a.exhausted());

@@ -15,10 +15,11 @@ pub mod session;
 
 use std::sync::Arc;
 
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::auth::{AuthThrottle, UserDirectory};
+use crate::auth::{LoginGate, UserDirectory};
+use crate::budget::MemoryBudget;
 use crate::config::Config;
 use crate::plugin::PluginRuntime;
 use crate::queue::Queue;
@@ -29,10 +30,10 @@ pub struct SmtpServer {
     pub users: Arc<UserDirectory>,
     pub queue: Queue,
     pub tls: Option<TlsAcceptor>,
-    /// Shared with POP3 and IMAP: failures over any protocol count for the client IP.
-    pub auth_throttle: Arc<AuthThrottle>,
-    /// Memory for message bodies in flight, in KiB permits (see `body`).
-    pub body_budget: Arc<Semaphore>,
+    /// Shared with POP3 and IMAP: failures over any protocol count for the client.
+    pub login_gate: Arc<LoginGate>,
+    /// Memory for message data in flight, shared with IMAP (see `budget`).
+    pub body_budget: MemoryBudget,
     /// Becomes true when the server shuts down.
     pub shutdown: watch::Receiver<bool>,
     /// The plugin runtime, when plugins are configured.
@@ -51,13 +52,12 @@ impl SmtpServer {
     ) -> SmtpServer {
         let limits = &config.limits;
         SmtpServer {
-            auth_throttle: Arc::new(AuthThrottle::new(
+            login_gate: Arc::new(LoginGate::new(
+                users.clone(),
                 limits.max_auth_failures_per_ip,
                 std::time::Duration::from_secs(limits.auth_failure_window_secs),
             )),
-            body_budget: Arc::new(Semaphore::new(body::budget_permits(
-                limits.body_memory_budget,
-            ))),
+            body_budget: MemoryBudget::new(limits.body_memory_budget),
             config,
             users,
             queue,

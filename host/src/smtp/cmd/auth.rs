@@ -3,7 +3,9 @@
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
 
-use crate::auth::{Mechanism, SaslError, SaslExchange, SaslStep, Secret, FAILURE_DELAY};
+use crate::auth::{
+    Credentials, LoginVerdict, Mechanism, SaslError, SaslExchange, SaslStep, Secret, FAILURE_DELAY,
+};
 use crate::plugin::Stage;
 use crate::smtp::codec::LineEvent;
 use crate::smtp::reply::{common, Reply};
@@ -39,16 +41,8 @@ impl Session {
             return self.answer(io, common::tls_required());
         }
         let ip = self.peer.ip();
-        if !self.server.auth_throttle.allows(ip) {
-            info!("AUTH refused: too many failures from this address");
-            return self.answer(
-                io,
-                Reply::new(
-                    454,
-                    "4.7.0",
-                    "Too many failed authentications, try again later",
-                ),
-            );
+        if !self.server.login_gate.allows(ip) {
+            return self.answer(io, throttled());
         }
         let mechanism = match mechanism {
             smtp_proto::AUTH_PLAIN => Mechanism::Plain,
@@ -70,8 +64,13 @@ impl Session {
             }
             Exchange::Lost(_) => return Flow::Close,
         };
-        match self.server.users.verify(login.clone(), password).await {
-            Some(user) => {
+        let credentials = Credentials::Password {
+            login: login.clone(),
+            password,
+        };
+        match self.server.login_gate.check(ip, credentials).await {
+            LoginVerdict::Throttled => self.answer(io, throttled()),
+            LoginVerdict::Accepted(user) => {
                 if self.plugins_have(Stage::Auth) {
                     let info = self.session_info();
                     let plugins = self.plugins.as_mut().expect("checked by plugins_have");
@@ -82,13 +81,11 @@ impl Session {
                     }
                 }
                 info!(user = %user.0, "authenticated");
-                self.server.auth_throttle.record_success(ip);
                 self.auth = Some(user);
                 self.answer(io, Reply::new(235, "2.7.0", "Authentication successful"))
             }
-            None => {
+            LoginVerdict::Refused => {
                 self.auth_failures += 1;
-                self.server.auth_throttle.record_failure(ip);
                 warn!(login = %login.chars().take(64).collect::<String>(), failures = self.auth_failures, "authentication failed");
                 tokio::time::sleep(FAILURE_DELAY * self.auth_failures).await;
                 if self.auth_failures >= self.server.config.limits.max_auth_failures {
@@ -153,6 +150,16 @@ impl Session {
             Err(err) => Exchange::Lost(err),
         }
     }
+}
+
+/// The client's address used up its failed logins for the window (counted over every protocol).
+fn throttled() -> Reply {
+    info!("AUTH refused: too many failures from this address");
+    Reply::new(
+        454,
+        "4.7.0",
+        "Too many failed authentications, try again later",
+    )
 }
 
 fn sasl_error_reply(err: SaslError) -> Reply {
