@@ -112,6 +112,10 @@ pub struct DkimConfig {
     pub selector: String,
     /// RSA private key, PEM (PKCS#1 or PKCS#8), relative to the configuration file.
     pub key: PathBuf,
+    /// Users of other domains who may send signed mail with a From address in this domain
+    /// (users whose own address is in `domain` always may).
+    #[serde(default)]
+    pub users: Vec<String>,
 }
 
 /// How strongly outbound connections insist on TLS.
@@ -475,9 +479,11 @@ pub struct RelayConfig {
     /// Networks allowed to relay to any domain without authenticating.
     #[serde(default)]
     pub trusted_networks: Vec<IpNet>,
-    /// On submission listeners, MAIL FROM must be the authenticated user's address (or a +tag of it).
-    #[serde(default = "default_true")]
-    pub submission_sender_must_match: bool,
+    /// In every authenticated session, on every listener, MAIL FROM must be an address of the
+    /// authenticated user (or a +tag of it, or an alias of it). The old name
+    /// `submission_sender_must_match` is still read.
+    #[serde(default = "default_true", alias = "submission_sender_must_match")]
+    pub authenticated_sender_must_match: bool,
 }
 
 fn default_true() -> bool {

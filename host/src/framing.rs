@@ -53,6 +53,34 @@ impl LineFramer {
     }
 }
 
+/// The message with every line ending as CRLF: a bare LF or a bare CR becomes CRLF. What we
+/// relay must not carry a bare CR (or LF) that the next hop could read as a line end, the
+/// whole "SMTP smuggling" family (2023); a message received by BDAT, or edited by a plugin, may.
+pub fn crlf_line_ends(message: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let clean = !message.iter().enumerate().any(|(i, b)| match b {
+        b'\r' => message.get(i + 1) != Some(&b'\n'),
+        b'\n' => i == 0 || message[i - 1] != b'\r',
+        _ => false,
+    });
+    if clean {
+        return std::borrow::Cow::Borrowed(message);
+    }
+    let mut out = Vec::with_capacity(message.len() + message.len() / 32);
+    let mut i = 0;
+    while i < message.len() {
+        match message[i] {
+            b'\r' if message.get(i + 1) == Some(&b'\n') => {
+                out.extend_from_slice(b"\r\n");
+                i += 1;
+            }
+            b'\r' | b'\n' => out.extend_from_slice(b"\r\n"),
+            other => out.push(other),
+        }
+        i += 1;
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Writes a dot-terminated body (POP3 multi-line replies, RFC 1939 §3; SMTP DATA, RFC 5321
 /// §4.5.2): a line starting with `.` gets another, the body ends with CRLF even if the message
 /// did not, then the terminating `.` line. Fed in pieces, so a large message can be sent a
@@ -109,6 +137,18 @@ impl DotStuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn line_ends_become_crlf() {
+        assert!(matches!(
+            crlf_line_ends(b"a\r\nb\r\n"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(
+            &*crlf_line_ends(b"a\r.\rb\nc\r\n\r"),
+            b"a\r\n.\r\nb\r\nc\r\n\r\n"
+        );
+    }
 
     #[test]
     fn framer_caps_line_length_and_resyncs() {

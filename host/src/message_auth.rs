@@ -36,6 +36,8 @@ const SIGNED_HEADERS: [&str; 12] = [
 
 struct SigningKey {
     domain: String,
+    /// User keys of other domains allowed to sign as this one.
+    users: Vec<String>,
     signer: DkimSigner<RsaKey<Sha256>, Done>,
 }
 
@@ -117,6 +119,12 @@ impl MessageAuth {
                 .body_canonicalization(Canonicalization::Relaxed);
             keys.push(SigningKey {
                 domain: key.domain.to_ascii_lowercase(),
+                users: key
+                    .users
+                    .iter()
+                    .filter_map(|u| crate::address::Address::parse(u))
+                    .map(|a| a.mailbox_key())
+                    .collect(),
                 signer,
             });
         }
@@ -135,11 +143,19 @@ impl MessageAuth {
         self.verifier.is_some()
     }
 
-    /// A `DKIM-Signature` field (with CRLF) for the message, when we hold a key for its From
-    /// domain.
-    pub fn sign(&self, message: &[u8]) -> Option<String> {
+    /// A `DKIM-Signature` field (with CRLF) for a message `user` sent, when we hold a key for
+    /// its From domain and that domain is the user's own or one it is listed for: a signature
+    /// vouches for the domain, so no user may have it put on another domain's mail.
+    pub fn sign(&self, message: &[u8], user: &str) -> Option<String> {
         let domain = from_domain(message)?;
         let key = self.keys.iter().find(|k| k.domain == domain)?;
+        let own_domain = user
+            .rsplit_once('@')
+            .is_some_and(|(_, d)| d.eq_ignore_ascii_case(&domain));
+        if !own_domain && !key.users.iter().any(|u| u.eq_ignore_ascii_case(user)) {
+            tracing::info!(%domain, %user, "not signed: the From domain is not the user's");
+            return None;
+        }
         match key.signer.sign(message) {
             Ok(signature) => Some(signature.to_header()),
             Err(err) => {

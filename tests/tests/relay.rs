@@ -373,7 +373,7 @@ async fn starttls_is_used_when_offered_and_required_when_configured() {
 async fn smarthost_gets_everything_over_verified_tls_with_auth() {
     // A second Postern is the smarthost: its submission listener wants STARTTLS and AUTH.
     let smarthost = TestServer::start(|config| {
-        set_key(&config, "relay", "submission_sender_must_match", "false")
+        set_key(&config, "relay", "authenticated_sender_must_match", "false")
     })
     .unwrap();
     let ca = smarthost.cert_path();

@@ -67,6 +67,19 @@ struct SpoolInner {
     queue_dir: PathBuf,
     committer: std_mpsc::Sender<CommitRequest>,
     sequence: AtomicU64,
+    /// Random per process: ids stay unique when the clock steps back across a restart.
+    instance: u32,
+}
+
+/// 32 random bits from the kernel (the clock is not trusted for uniqueness).
+fn random_u32() -> io::Result<u32> {
+    let mut bytes = [0u8; 4];
+    // SAFETY: writes at most 4 bytes into the local buffer.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != 4 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u32::from_ne_bytes(bytes))
 }
 
 impl Spool {
@@ -75,8 +88,8 @@ impl Spool {
     pub fn open(root: &Path) -> io::Result<Spool> {
         let tmp_dir = root.join("tmp");
         let queue_dir = root.join("queue");
-        fs::create_dir_all(&tmp_dir)?;
-        fs::create_dir_all(&queue_dir)?;
+        durable::create_dir_all(&tmp_dir)?;
+        durable::create_dir_all(&queue_dir)?;
         for entry in fs::read_dir(&tmp_dir)? {
             let _ = fs::remove_file(entry?.path());
         }
@@ -91,19 +104,27 @@ impl Spool {
                 queue_dir,
                 committer: tx,
                 sequence: AtomicU64::new(0),
+                instance: random_u32()?,
             }),
         })
     }
 
-    /// A new queue id: microseconds since the epoch and a sequence number, in hex, so ids sort by
-    /// arrival and do not repeat across restarts.
+    /// A new queue id: microseconds since the epoch (so ids roughly sort by arrival), this
+    /// process's random instance, and a sequence number, in hex. Uniqueness rests on the
+    /// instance and the sequence, not the clock: a clock that steps back across a restart
+    /// cannot make an id repeat (and the spool's rename refuses to replace a file anyway). Ids
+    /// also name Maildir files (`store::maildir`), so a repeat would pass for a redelivery.
     pub fn new_id(&self) -> QueueId {
         let micros = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
         let seq = self.inner.sequence.fetch_add(1, Ordering::Relaxed);
-        format!("{micros:013X}{:04X}", seq & 0xFFFF)
+        format!(
+            "{micros:013X}{:08X}{:08X}",
+            self.inner.instance,
+            seq & 0xFFFF_FFFF
+        )
     }
 
     /// Writes the message and its envelope and returns once both are durable.
@@ -210,12 +231,16 @@ fn run_committer(rx: std_mpsc::Receiver<CommitRequest>, queue_dir: &Path) {
             }
         }
         let result = commit_batch(&batch, queue_dir);
-        for request in batch {
+        for (n, request) in batch.into_iter().enumerate() {
             let outcome = match &result {
                 Ok(()) => Ok(()),
-                Err(err) => {
+                Err((renamed, err)) => {
                     let _ = fs::remove_file(&request.tmp_path);
-                    let _ = fs::remove_file(&request.final_path);
+                    // Only a file this batch renamed into place is removed: a name that was
+                    // taken belongs to another message.
+                    if n < *renamed {
+                        let _ = fs::remove_file(&request.final_path);
+                    }
                     Err(SpoolError::from_write(io::Error::new(
                         err.kind(),
                         err.to_string(),
@@ -227,13 +252,14 @@ fn run_committer(rx: std_mpsc::Receiver<CommitRequest>, queue_dir: &Path) {
     }
 }
 
-fn commit_batch(batch: &[CommitRequest], queue_dir: &Path) -> io::Result<()> {
+/// Flushes and renames a batch into `queue/`. On failure: how many were renamed, and why.
+fn commit_batch(batch: &[CommitRequest], queue_dir: &Path) -> Result<(), (usize, io::Error)> {
     let files: Vec<&File> = batch.iter().map(|r| &r.file).collect();
-    durable::sync_files(&files)?;
-    for request in batch {
-        fs::rename(&request.tmp_path, &request.final_path)?;
+    durable::sync_files(&files).map_err(|err| (0, err))?;
+    for (n, request) in batch.iter().enumerate() {
+        durable::rename_new(&request.tmp_path, &request.final_path).map_err(|err| (n, err))?;
     }
-    durable::sync_dir(queue_dir)
+    durable::sync_dir(queue_dir).map_err(|err| (batch.len(), err))
 }
 
 #[cfg(test)]
@@ -300,5 +326,24 @@ mod tests {
         bytes.extend(b"\nshort");
         fs::write(dir.path().join("queue/X1"), bytes).unwrap();
         assert!(matches!(spool.read("X1"), Err(SpoolError::Damaged { .. })));
+    }
+
+    #[tokio::test]
+    async fn ids_do_not_rest_on_the_clock_and_a_taken_name_is_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Spool::open(dir.path()).unwrap().new_id();
+        // A restart whose clock went back would see the same time: the instance part differs.
+        let again = Spool::open(dir.path()).unwrap();
+        let second = again.new_id();
+        assert_ne!(first[13..21], second[13..21], "{first} {second}");
+        // A message already spooled under an id is not overwritten by another with that id.
+        let id = again.new_id();
+        let old = Arc::new(b"first message\r\n".to_vec());
+        again.store(&envelope(&id, old.len()), old).await.unwrap();
+        let new = Arc::new(b"second message\r\n".to_vec());
+        assert!(again.store(&envelope(&id, new.len()), new).await.is_err());
+        let (_, bytes) = again.read(&id).unwrap();
+        assert_eq!(bytes, b"first message\r\n");
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
 }

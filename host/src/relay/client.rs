@@ -477,7 +477,7 @@ async fn run(tcp: TcpStream, job: &Job<'_>) -> Result<HostOutcome, ClientError> 
     }
     let mut body = Vec::with_capacity(job.message.len() + job.message.len() / 50 + 8);
     let mut stuffer = DotStuffer::default();
-    stuffer.feed(job.message, &mut body);
+    stuffer.feed(&crate::framing::crlf_line_ends(job.message), &mut body);
     stuffer.finish(&mut body);
     client.send(&body).await?;
     let (final_reply, _) = client.reply_raw(FINAL_REPLY_TIMEOUT).await?;

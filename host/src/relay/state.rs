@@ -72,7 +72,7 @@ pub struct StateDir {
 
 impl StateDir {
     pub fn open(dir: &Path) -> io::Result<StateDir> {
-        fs::create_dir_all(dir)?;
+        crate::durable::create_dir_all(dir)?;
         Ok(StateDir {
             dir: dir.to_path_buf(),
         })

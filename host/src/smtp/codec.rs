@@ -36,9 +36,11 @@ pub struct DotProgress {
 
 /// Decodes a DATA body (RFC 5321 §4.5.2): removes dot-stuffing and finds the end.
 ///
-/// Only `CRLF . CRLF` ends the body. A bare LF is normalized to CRLF and `LF . LF` or `CR . CR` do
-/// *not* end it: treating them as the end lets an attacker smuggle a second message past filters
-/// that disagree about where the first one stops ("SMTP smuggling", CVE-2023-51766 and kin).
+/// Only `CRLF . CRLF` ends the body. A bare LF and a bare CR are normalized to CRLF, and
+/// `LF . LF` or `CR . CR` do *not* end it: treating them as the end lets an attacker smuggle a
+/// second message past filters that disagree about where the first one stops ("SMTP smuggling",
+/// CVE-2023-51766 and kin). Normalizing the bare CR as well means no next hop is ever handed one
+/// to misread (a line "." that follows is data, and is stuffed again if the message is relayed).
 #[derive(Debug)]
 pub struct DotDecoder {
     state: DotState,
@@ -115,14 +117,19 @@ impl DotDecoder {
                     self.emit(out, b"\r\n");
                     DotState::BareLineStart
                 }
-                (DotState::DotCr, b'\r') => {
-                    self.emit(out, b"\r");
-                    DotState::Cr
-                }
-                (DotState::DotCr, other) => {
-                    self.emit(out, b"\r");
-                    self.emit(out, &[other]);
-                    DotState::Mid
+                // A CR not followed by LF ends its line as a CRLF would, but the line after it
+                // starts like one after a bare LF; the byte is looked at again from there.
+                (DotState::DotCr | DotState::Cr, other) if other != b'\n' => {
+                    self.emit(
+                        out,
+                        if self.state == DotState::DotCr {
+                            b"\r\n"
+                        } else {
+                            b"\n"
+                        },
+                    );
+                    i -= 1;
+                    DotState::BareLineStart
                 }
                 (DotState::Cr, b'\n') => {
                     self.emit(out, b"\n");
@@ -228,6 +235,15 @@ mod tests {
             let (_, done, _) = decode_all(input, 3);
             assert!(!done, "{:?}", String::from_utf8_lossy(input));
         }
+        // Bare CRs become CRLF, and a dot line after one is data.
+        for chunk in 1..6 {
+            let (out, done, _) = decode_all(b"a\r.\rb\r\r\n.\r\n", chunk);
+            assert!(done, "chunk {chunk}");
+            assert_eq!(out, b"a\r\n.\r\nb\r\n\r\n", "chunk {chunk}");
+        }
+        let (out, done, _) = decode_all(b".\rx\r\n.\r\n", 1);
+        assert!(done);
+        assert_eq!(out, b"\r\nx\r\n");
         let (out, done, _) = decode_all(b"a\nb\n.\r\n", 1);
         // "\n.\r\n" is a line "." preceded by a bare LF: only a CRLF before the dot ends DATA,
         // and the dot is kept as data (it is stuffed again if the message is relayed).

@@ -40,6 +40,9 @@ pub struct Transaction {
     pub recipients: Vec<Recipient>,
     /// RCPT commands tried, accepted or not (RFC 2920 §3.1: DATA answers 554 when all failed).
     pub rcpt_attempts: u32,
+    /// RCPTs accepted but merged into an earlier recipient of the same mailbox. They still
+    /// count against `max_recipients`, as in Postfix (which merges them only after accepting).
+    pub merged_rcpts: usize,
     /// The body so far, once BDAT has started.
     pub chunks: Option<BodyBuffer>,
 }

@@ -18,6 +18,9 @@ use crate::smtp::reply::{common, Reply};
 use crate::smtp::session::{Flow, Phase, Session, Transaction};
 use crate::stream::{Io, ReadError};
 
+/// RFC 8601's header field.
+const AUTH_RESULTS: &str = "Authentication-Results";
+
 impl Session {
     /// Checks that a message may be sent now; the reply says why not.
     fn ready_for_body(&self) -> Result<(), Reply> {
@@ -172,42 +175,41 @@ impl Session {
         let inside = self.auth.is_some() || self.server.config.is_trusted_network(self.peer.ip());
         let mut verification = crate::message_auth::Verification::default();
         let mut protected = 1; // our Received field stays first through plugin edits
-        if let Some(checks) = self
-            .server
-            .message_auth
-            .as_ref()
-            .filter(|m| !inside && m.verifies())
-        {
-            let helo = self
-                .helo
-                .as_ref()
-                .map(|h| h.name.clone())
-                .unwrap_or_default();
-            verification = checks
-                .verify(&message, self.peer.ip(), &helo, &tx.sender)
-                .await;
-            if let Some((name, value)) = &verification.header {
-                let hostname = &self.server.config.server.hostname;
-                // RFC 8601 §5: results that claim to be ours but arrived with the message are forged.
-                // Only those go; other hosts' results stay. Last first, so that earlier indexes
-                // still point at the same fields.
-                let mut edits: Vec<Edit> = crate::message::header_values(&message, name)
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, v)| {
-                        let id = v.trim_start().split([';', ' ']).next().unwrap_or_default();
-                        id.eq_ignore_ascii_case(hostname)
-                    })
-                    .rev()
-                    .map(|(i, _)| Edit::Remove {
-                        name: name.clone(),
-                        index: i as u32 + 1,
-                    })
-                    .collect();
-                edits.push(Edit::Insert(Field::folded(name, value)));
+        if !inside {
+            let hostname = &self.server.config.server.hostname;
+            // RFC 8601 §5: results that claim to be ours but arrived with the message are
+            // forged, whether or not we check the origin ourselves. Only those go; other hosts'
+            // results stay. Last first, so that earlier indexes still point at the same fields.
+            let mut edits: Vec<Edit> = crate::message::header_values(&message, AUTH_RESULTS)
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| {
+                    let id = v.trim_start().split([';', ' ']).next().unwrap_or_default();
+                    id.eq_ignore_ascii_case(hostname)
+                })
+                .rev()
+                .map(|(i, _)| Edit::Remove {
+                    name: AUTH_RESULTS.to_string(),
+                    index: i as u32 + 1,
+                })
+                .collect();
+            if let Some(checks) = self.server.message_auth.as_ref().filter(|m| m.verifies()) {
+                let helo = self
+                    .helo
+                    .as_ref()
+                    .map(|h| h.name.clone())
+                    .unwrap_or_default();
+                verification = checks
+                    .verify(&message, self.peer.ip(), &helo, &tx.sender)
+                    .await;
+                if let Some((name, value)) = &verification.header {
+                    edits.push(Edit::Insert(Field::folded(name, value)));
+                    protected = 2;
+                    info!(queue_id = %tx.id, spf = %verification.spf, dkim = %verification.dkim, dmarc = %verification.dmarc, "origin checked");
+                }
+            }
+            if !edits.is_empty() {
                 message = Arc::new(apply_edits(&message, &edits, 1));
-                protected = 2;
-                info!(queue_id = %tx.id, spf = %verification.spf, dkim = %verification.dkim, dmarc = %verification.dmarc, "origin checked");
             }
         }
         let verification = Arc::new(verification);
@@ -243,12 +245,12 @@ impl Session {
                 }
             }
         }
-        if self.auth.is_some() {
+        if let Some(user) = &self.auth {
             if let Some(signature) = self
                 .server
                 .message_auth
                 .as_ref()
-                .and_then(|m| m.sign(&message))
+                .and_then(|m| m.sign(&message, &user.0))
             {
                 let mut signed = Vec::with_capacity(signature.len() + message.len());
                 signed.extend_from_slice(signature.as_bytes());
@@ -381,14 +383,22 @@ impl Session {
             .as_ref()
             .map(|t| format!("\r\n\t(using {} with cipher {})", t.version, t.cipher))
             .unwrap_or_default();
+        // Who sent it is on record in the message (as Postfix's
+        // smtpd_sasl_authenticated_header and Stalwart by default), not only in our log.
+        let authenticated = self
+            .auth
+            .as_ref()
+            .map(|user| format!("\r\n\t(Authenticated sender: {})", user.0))
+            .unwrap_or_default();
         let for_clause = match tx.recipients.as_slice() {
             [only] => format!("\r\n\tfor <{}>", only.address),
             _ => String::new(),
         };
         format!(
-            "Received: from {} ([{}])\r\n\tby {} (Postern) with {} id {}{}{};\r\n\t{}\r\n",
+            "Received: from {} ([{}]){}\r\n\tby {} (Postern) with {} id {}{}{};\r\n\t{}\r\n",
             helo.map(|h| h.name.as_str()).unwrap_or("unknown"),
             self.peer.ip(),
+            authenticated,
             self.server.config.server.hostname,
             protocol,
             tx.id,

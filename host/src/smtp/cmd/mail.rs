@@ -36,11 +36,16 @@ impl Session {
         if !sender.is_empty() && Address::parse(&sender).is_none() {
             return Reply::new(501, "5.1.7", "Invalid sender address");
         }
-        if self.is_submission() && self.server.config.relay.submission_sender_must_match {
-            let owner = self.auth.as_ref().map(|u| u.0.as_str());
+        // An authenticated user sends only as itself, whichever listener it logged in on: AUTH
+        // on port 25 is no way around the submission rule (Postfix's
+        // reject_sender_login_mismatch, Stalwart's default).
+        if let (Some(owner), true) = (
+            &self.auth,
+            self.server.config.relay.authenticated_sender_must_match,
+        ) {
             let owned = Address::parse(&sender)
                 .and_then(|a| self.server.users.resolve(&a))
-                .is_some_and(|key| Some(key.as_str()) == owner);
+                .is_some_and(|key| key == owner.0);
             if !owned {
                 return Reply::new(
                     553,
@@ -67,6 +72,7 @@ impl Session {
             smtputf8,
             recipients: Vec::new(),
             rcpt_attempts: 0,
+            merged_rcpts: 0,
             chunks: None,
         });
         Reply::new(250, "2.1.0", "Sender OK")

@@ -49,7 +49,7 @@ impl Session {
             return common::bad_sequence("Need MAIL before RCPT");
         };
         tx.rcpt_attempts += 1;
-        if tx.recipients.len() >= config.limits.max_recipients {
+        if tx.recipients.len() + tx.merged_rcpts >= config.limits.max_recipients {
             return Reply::new(452, "4.5.3", "Too many recipients");
         }
         let raw = to.address.to_string();
@@ -80,6 +80,19 @@ impl Session {
             Err(reply) => return reply,
         };
         let recipient = address.to_string();
+        // One copy per mailbox: RCPT TO the same mailbox again (by any case, or through an
+        // alias) is answered 250 as Postfix does, and merged, so fifty RCPTs of one address do
+        // not store fifty copies.
+        if let Phase::Transaction(tx) = &mut self.phase {
+            if tx
+                .recipients
+                .iter()
+                .any(|r| same_destination(r, &recipient, &route))
+            {
+                tx.merged_rcpts += 1;
+                return Reply::new(250, "2.1.5", "Recipient OK (duplicate merged)");
+            }
+        }
         if self.plugins_have(Stage::Rcpt) {
             let info = self.session_info();
             let local = matches!(route, Route::Local { .. });
@@ -96,6 +109,16 @@ impl Session {
             });
         }
         Reply::new(250, "2.1.5", "Recipient OK")
+    }
+}
+
+/// Whether a recipient already in the transaction gets the same delivery as `address`: the
+/// same local mailbox, or the same remote address (compared without case).
+fn same_destination(known: &Recipient, address: &str, route: &Route) -> bool {
+    match (&known.route, route) {
+        (Route::Local { mailbox: a }, Route::Local { mailbox: b }) => a.eq_ignore_ascii_case(b),
+        (Route::Remote, Route::Remote) => known.address.eq_ignore_ascii_case(address),
+        _ => false,
     }
 }
 

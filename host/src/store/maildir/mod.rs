@@ -116,6 +116,16 @@ impl Maildir {
             .clone()
     }
 
+    /// Drops what this process keeps about a folder directory that was deleted or renamed, so
+    /// a folder made later at the same path starts afresh (a kept mod-sequence log of the old
+    /// folder made it unselectable until a restart).
+    fn forget_folder(&self, dir: &Path) {
+        self.folder_locks
+            .lock()
+            .expect("folder lock map")
+            .remove(dir);
+    }
+
     /// The directory of a folder that exists (INBOX always does).
     fn existing_folder(&self, mailbox: &str, folder: &str) -> Result<PathBuf, StoreError> {
         let dir = self.folder_path(mailbox, folder)?;
@@ -192,14 +202,13 @@ fn is_safe_component(part: &str) -> bool {
         && !part.chars().any(char::is_control)
 }
 
-/// Creates `tmp`, `new` and `cur` (and their parents) if missing.
+/// Creates `tmp`, `new` and `cur` (and their parents) if missing, durably: the parent of every
+/// directory made is flushed, so the first message delivered to a new user or folder cannot be
+/// lost with its directory after the 250 (see `durable::create_dir_all`).
 pub fn ensure_maildir(dir: &Path) -> io::Result<()> {
     for sub in ["tmp", "new", "cur"] {
-        let path = dir.join(sub);
         // One stat in the usual case, where creating first costs a failed mkdir and a stat.
-        if !path.is_dir() {
-            fs::create_dir_all(path)?;
-        }
+        crate::durable::create_dir_all(&dir.join(sub))?;
     }
     Ok(())
 }
@@ -650,6 +659,7 @@ impl MailStore for Maildir {
         // Out of sight first (one atomic rename), then removed at leisure.
         let doomed = root.join(format!("..deleting.{}", unique_part()));
         fs::rename(&dir, &doomed).map_err(StoreError::from_io)?;
+        self.forget_folder(&dir);
         durable::sync_dir(&root).map_err(StoreError::from_io)?;
         fs::remove_dir_all(&doomed).map_err(StoreError::from_io)
     }
@@ -687,6 +697,8 @@ impl MailStore for Maildir {
         for pair in moves.chunks(2) {
             let (new, old) = (&pair[0], &pair[1]);
             fs::rename(root.join(old), root.join(new)).map_err(StoreError::from_io)?;
+            self.forget_folder(&root.join(old));
+            self.forget_folder(&root.join(new));
         }
         durable::sync_dir(&root).map_err(StoreError::from_io)
     }
@@ -841,7 +853,7 @@ fn renumbered(
         },
         Err(uidlist::UidsExhausted) => {
             warn!(dir = %dir.display(), "UIDs exhausted, rebuilding the index");
-            index = UidList::fresh(unix_now(), Some(index.validity));
+            index = UidList::fresh(fresh_validity(), Some(index.validity));
             let mut all: Vec<_> = files.iter().collect();
             all.sort_by(|a, b| (a.1.received_at, a.0).cmp(&(b.1.received_at, b.0)));
             index
@@ -992,6 +1004,23 @@ fn locate(dir: &Path, key: &str) -> io::Result<Option<String>> {
     Ok(list_files(dir)?.remove(key).map(|listed| listed.location))
 }
 
+/// A UIDVALIDITY for a new or rebuilt index: the time, but never one this process handed out
+/// before, so a folder deleted and created again within the same second (or rebuilt twice) gets
+/// a different UIDVALIDITY and no client can trust its stale UIDs (RFC 9051 §2.3.1.1).
+fn fresh_validity() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static LAST: AtomicU32 = AtomicU32::new(0);
+    let now = unix_now();
+    let mut last = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(last.wrapping_add(1)).max(1);
+        match LAST.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(seen) => last = seen,
+        }
+    }
+}
+
 fn read_index(dir: &Path) -> io::Result<UidList> {
     read_index_as_stored(dir).map(|(index, _)| index)
 }
@@ -1007,7 +1036,7 @@ fn read_index_as_stored(dir: &Path) -> io::Result<(UidList, Option<uidlist::File
                 let previous = text
                     .split_whitespace()
                     .find_map(|f| f.strip_prefix('V')?.parse::<u32>().ok());
-                (UidList::fresh(unix_now(), previous), None)
+                (UidList::fresh(fresh_validity(), previous), None)
             }
         }),
         Err(err)
@@ -1016,7 +1045,7 @@ fn read_index_as_stored(dir: &Path) -> io::Result<(UidList, Option<uidlist::File
                 io::ErrorKind::NotFound | io::ErrorKind::InvalidData
             ) =>
         {
-            Ok((UidList::fresh(unix_now(), None), None))
+            Ok((UidList::fresh(fresh_validity(), None), None))
         }
         Err(err) => Err(err),
     }
@@ -1133,6 +1162,37 @@ mod tests {
             .unwrap()
             .next()
             .is_none());
+    }
+
+    #[test]
+    fn a_folder_deleted_and_made_again_has_a_new_uidvalidity_and_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Maildir::new(dir.path(), "mx.test");
+        let user = "alice@example.test";
+        let mut seen = Vec::new();
+        for round in 0..3 {
+            store.create_folder(user, "Box").unwrap();
+            let (validity, uid) = store
+                .append(user, "Box", b"Subject: r\r\n\r\nx\r\n", Flags::empty(), 0)
+                .unwrap();
+            assert_eq!(uid, 1, "round {round}");
+            let snap = store.snapshot(user, "Box").unwrap();
+            assert_eq!(snap.uid_validity, validity);
+            assert_eq!(snap.messages.len(), 1);
+            let flagged = store
+                .change_flags(
+                    user,
+                    "Box",
+                    &[&snap.messages[0]],
+                    FlagChange::Add(Flags::SEEN),
+                    None,
+                )
+                .unwrap();
+            assert_eq!(flagged.updated.len(), 1, "round {round}");
+            assert!(!seen.contains(&validity), "UIDVALIDITY {validity} reused");
+            seen.push(validity);
+            store.delete_folder(user, "Box").unwrap();
+        }
     }
 
     #[test]
