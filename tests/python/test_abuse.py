@@ -324,3 +324,270 @@ def test_open_relay_probes(server, rcpt, utf8, expected):
         s.sendall(b"QUIT\r\n")
     assert server.spooled() == []
     still_serves(server)
+
+
+# --- Resources a client can pin, and what an authenticated user may do (issue 15) ---
+
+ALICE_LOGIN = ("alice@example.test", "alicepass")
+
+
+def rss_kib(server):
+    for line in open(f"/proc/{server.proc.pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def imap_line(sock, buf=b""):
+    """Reads one IMAP response line; returns (line, rest)."""
+    while b"\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed; had {buf[-200:]!r}")
+        buf += chunk
+    line, rest = buf.split(b"\r\n", 1)
+    return line.decode(errors="replace"), rest
+
+
+def imap_tagged(sock, tag, buf=b""):
+    """Reads lines until the one tagged `tag`; returns (untagged lines, tagged line, rest)."""
+    lines = []
+    while True:
+        line, buf = imap_line(sock, buf)
+        if line.startswith(tag + " "):
+            return lines, line, buf
+        lines.append(line)
+
+
+def test_imap_literals_before_login_are_a_few_kib_at_most(make_server):
+    """A client that has not logged in gets no continuation for a big literal (NO [TOOBIG] at
+    once), a LITERAL+ one is read and dropped as it arrives, and a thousand such connections
+    pin only a few MB."""
+    server = make_server(
+        transform=lambda text: re.sub(r"(?m)^max_connections = \d+$", "max_connections = 2000",
+                                      text, count=1),
+        max_connections_per_ip=2000)
+    s = socket.create_connection(("127.0.0.1", server.ports["imap"]), timeout=10)
+    greeting, rest = imap_line(s)
+    assert greeting.startswith("* OK"), greeting
+    s.sendall(b"a LOGIN {52428800}\r\n")
+    lines, tagged, rest = imap_tagged(s, "a", rest)
+    assert lines == [] and tagged.startswith("a NO [TOOBIG]"), (lines, tagged)
+    # LITERAL+ past the limit: the client sends it anyway; it is dropped, the session goes on.
+    s.sendall(b"b LOGIN {9000+}\r\n" + b"x" * 9000 + b" pass\r\nc NOOP\r\n")
+    lines, tagged, rest = imap_tagged(s, "b", rest)
+    assert tagged.startswith("b NO [TOOBIG]"), tagged
+    lines, tagged, rest = imap_tagged(s, "c", rest)
+    assert tagged.startswith("c OK"), tagged
+    s.close()
+
+    before = rss_kib(server)
+    held = []
+    for n in range(1000):
+        c = socket.create_connection(("127.0.0.1", server.ports["imap"]), timeout=30)
+        # Each announces 50 MiB of LITERAL+ and sends the first 64 KiB of it.
+        c.sendall(b"x%d LOGIN {52428800+}\r\n" % n + b"y" * 65536)
+        held.append(c)
+    # Every connection was answered (read to the tagged NO) and is still open, still sending.
+    for n, c in enumerate(held):
+        line, rest = imap_line(c)
+        while not line.startswith(f"x{n} "):
+            line, rest = imap_line(c, rest)
+        assert line.startswith(f"x{n} NO [TOOBIG]"), line
+        c.sendall(b"y" * 65536)
+    time.sleep(0.5)
+    grown = rss_kib(server) - before
+    print(f"\nRSS grown by 1000 unauthenticated IMAP connections sending literals: {grown} KiB")
+    (server.data_dir.parent / "imap-preauth-rss.txt").write_text(f"{grown}\n")
+    assert grown < 64 * 1024, f"{grown} KiB for 1000 connections"
+    for c in held:
+        c.close()
+    still_serves(server)
+
+
+def test_list_patterns_cost_linear_time_and_are_capped(server):
+    """2,000 wildcards took a backtracking matcher forever and stopped the server; now a long
+    pattern is refused at once and a 1,000-wildcard one is answered in linear time, while SMTP
+    goes on."""
+    import imaplib
+    m = imaplib.IMAP4("127.0.0.1", server.ports["imap"], timeout=30)
+    m.starttls(ssl_context=ssl.create_default_context(cafile=server.cert))
+    m.login(*ALICE_LOGIN)
+    for name in ("Work", "Work/2026", "Lists/rust"):
+        m.create(name)
+    started = time.time()
+    typ, data = m._simple_command("LIST", '""', '"' + "*" * 2000 + '"')
+    assert typ == "NO" and b"[LIMIT]" in data[0], (typ, data)
+    typ, data = m.list('""', '"' + "*%" * 500 + 'x"')
+    assert typ == "OK" and data == [None], (typ, data)
+    typ, data = m.list('""', '"' + "*" * 999 + '6"')
+    assert typ == "OK" and data == [b'(\\HasNoChildren) "/" Work/2026'], (typ, data)
+    elapsed = time.time() - started
+    print(f"\nLIST with 1,000 and 2,000-character patterns: {elapsed * 1000:.0f} ms")
+    still_serves(server)
+    m.logout()
+
+
+def test_parallel_auth_from_one_address_gets_no_more_checks_than_the_limit(server):
+    """30 connections from one address guessing at once: at most max_auth_failures_per_ip (10)
+    passwords are checked, the rest are told 454 4.7.0 without a check."""
+    port = server.ports["submissions"]
+    ctx = tls_context(server)
+    socks = []
+    for _ in range(30):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s = ctx.wrap_socket(raw, server_hostname="localhost")
+        read_reply(s)
+        s.sendall(b"EHLO flood\r\n")
+        read_reply(s)
+        socks.append(s)
+    token = base64.b64encode(b"\0alice@example.test\0wrong")
+    for s in socks:
+        s.sendall(b"AUTH PLAIN " + token + b"\r\n")
+    codes = [read_reply(s)[0][-1][:3] for s in socks]
+    assert codes.count("535") <= 10, codes
+    assert codes.count("535") + codes.count("454") == 30, codes
+    for s in socks:
+        s.close()
+    still_serves(server)
+
+
+def test_an_auth_flood_from_many_addresses_keeps_memory_bounded_and_mail_flowing(make_server):
+    """Wrong passwords from 30 addresses at once, over and over: password checks run a core at
+    a time, so RSS stays bounded (each argon2 check takes 19 MiB) and mail is still accepted."""
+    server = make_server(max_auth_failures_per_ip=1000000)
+    port = server.ports["submissions"]
+    ctx = tls_context(server)
+    stop = time.time() + 6
+    errors = []
+
+    def flood(n):
+        try:
+            while time.time() < stop:
+                raw = socket.socket()
+                raw.bind((f"127.0.0.{10 + n}", 0))
+                raw.settimeout(30)
+                raw.connect(("127.0.0.1", port))
+                with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                    read_reply(s)
+                    s.sendall(b"EHLO flood\r\n")
+                    read_reply(s)
+                    token = base64.b64encode(f"\0user{n}@example.test\0wrong".encode())
+                    for _ in range(3):
+                        s.sendall(b"AUTH PLAIN " + token + b"\r\n")
+                        if read_reply(s)[0][-1][:3] != "535":
+                            break
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(repr(err))
+
+    threads = [threading.Thread(target=flood, args=(n,)) for n in range(30)]
+    baseline = rss_kib(server)
+    for t in threads:
+        t.start()
+    peak = 0
+    delivered = 0
+    while any(t.is_alive() for t in threads):
+        peak = max(peak, rss_kib(server))
+        with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=20) as s:
+            s.sendmail("friend@remote.test", ["alice@example.test"], MSG)
+            delivered += 1
+        time.sleep(0.1)
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    print(f"\nAUTH flood from 30 addresses: RSS {baseline // 1024} MiB before, peak {peak // 1024} MiB,"
+          f" {delivered} messages accepted meanwhile")
+    assert delivered >= 10
+    # Password checks hold at most one argon2 working memory (19 MiB) per core.
+    assert peak - baseline < 100 * 1024, f"RSS {baseline} KiB before, peak {peak} KiB"
+
+
+def test_duplicate_recipients_are_stored_once(server):
+    """RCPT TO the same mailbox fifty times, in other cases, and through an alias: every RCPT
+    gets 250, and the message is stored once."""
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=10) as s:
+        s.ehlo("dup.client")
+        s.mail("friend@remote.test")
+        rcpts = ["alice@example.test"] * 50 + ["ALICE@Example.TEST", "postmaster@example.test"]
+        for rcpt in rcpts:
+            code, _ = s.rcpt(rcpt)
+            assert code == 250, rcpt
+        code, _ = s.data(MSG.replace(b"Subject: smtplib", b"Subject: dup"))
+        assert code == 250
+    mail = server.wait_for_mail("alice", 1)
+    time.sleep(0.5)
+    mail = server.maildir("alice")
+    assert len(mail) == 1, [name for name, _ in mail]
+
+
+def test_bare_cr_in_data_is_normalized(server):
+    """A CR without LF inside DATA (<CR>.<CR> included) becomes a line end: nothing that a next
+    hop could read as the end of data is stored or relayed."""
+    payload = (b"EHLO cr.client\r\nMAIL FROM:<friend@remote.test>\r\n"
+               b"RCPT TO:<alice@example.test>\r\nDATA\r\n")
+    body = (b"Subject: bare cr\r\n\r\nfirst\r.\rMAIL FROM:<evil@remote.test>\rlast\r\n.\r\n"
+            b"QUIT\r\n")
+    lines = raw_exchange(server.ports["smtp"], payload + body, 6)
+    assert lines[-2].startswith("250 2.0.0"), lines
+    (_, stored), = server.wait_for_mail("alice", 1)
+    assert b"\r" not in stored, stored
+    assert b"first\n.\nMAIL FROM:<evil@remote.test>\nlast\n" in stored, stored
+
+
+def test_an_authenticated_sender_uses_only_its_own_addresses_on_port_25(server):
+    """AUTH on the port-25 listener is no way around the sender rule; the Received field of
+    authenticated mail names the user."""
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=10) as s:
+        s.starttls(context=tls_context(server))
+        s.login("bob@example.test", "bobpass")
+        code, text = s.mail("alice@example.test")
+        assert (code, text[:5]) == (553, b"5.7.1"), (code, text)
+        s.rset()
+        assert s.mail("bob@example.test")[0] == 250
+        assert s.rcpt("alice@example.test")[0] == 250
+        assert s.data(MSG.replace(b"Subject: smtplib", b"Subject: from bob"))[0] == 250
+    (_, stored), = server.wait_for_mail("alice", 1)
+    assert b"(Authenticated sender: bob@example.test)" in stored, stored
+
+
+def test_forged_authentication_results_are_removed_with_checks_off(server):
+    """Origin checks are off in these tests: results claiming our authserv-id still go, other
+    hosts' stay."""
+    msg = (b"Authentication-Results: localhost; dkim=pass header.d=bank.test\r\n"
+           b"Authentication-Results: mx.other.test; spf=pass\r\n" + MSG)
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=10) as s:
+        s.sendmail("friend@remote.test", ["alice@example.test"], msg)
+    (_, stored), = server.wait_for_mail("alice", 1)
+    assert b"localhost; dkim=pass" not in stored, stored
+    assert b"Authentication-Results: mx.other.test; spf=pass" in stored, stored
+
+
+def test_a_second_server_on_the_same_data_directory_is_refused(server):
+    """Two servers would deliver one spool twice: the second exits, naming the first's pid."""
+    from conftest import postern_bin
+    import subprocess
+    out = subprocess.run([postern_bin(), "serve", "--config", str(server.config)],
+                         capture_output=True, timeout=30)
+    assert out.returncode != 0
+    text = (out.stdout + out.stderr).decode()
+    assert "in use by another postern" in text and f"pid {server.proc.pid}" in text, text
+    still_serves(server)
+
+
+def test_sigterm_stops_the_server_within_the_grace_period(make_server):
+    """Sessions that stay open (IMAP IDLE, an SMTP session mid-DATA) cannot keep the server
+    running past shutdown_grace_secs."""
+    import signal
+    server = make_server(shutdown_grace_secs=2)
+    smtp = socket.create_connection(("127.0.0.1", server.ports["smtp"]), timeout=10)
+    read_reply(smtp)
+    smtp.sendall(b"EHLO x\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.test>\r\n"
+                 b"DATA\r\npart of a message\r\n")
+    imap = socket.create_connection(("127.0.0.1", server.ports["imap"]), timeout=10)
+    imap_line(imap)
+    started = time.time()
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(timeout=20)
+    assert time.time() - started < 2 + 4, time.time() - started
+    smtp.close()
+    imap.close()
