@@ -146,6 +146,7 @@ async fn main() {
                 on_error: OnError::Tempfail,
                 timeout_ms: None,
                 memory_mb: Some(128),
+                kv_quota_mb: 16,
                 capabilities: subject.capabilities.clone(),
                 directory: None,
                 config: toml::from_str(&subject.config).expect("config"),

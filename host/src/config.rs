@@ -362,6 +362,10 @@ pub enum Capability {
     Dns,
 }
 
+fn default_kv_quota_mb() -> u64 {
+    16
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginConfig {
@@ -372,6 +376,10 @@ pub struct PluginConfig {
     pub on_error: OnError,
     pub timeout_ms: Option<u64>,
     pub memory_mb: Option<u64>,
+    /// What the plugin's kv store may hold (keys and values together, in host memory and on
+    /// disk); past it `set` and `increment` answer an error. Default 16.
+    #[serde(default = "default_kv_quota_mb")]
+    pub kv_quota_mb: u64,
     /// Capabilities granted; a plugin importing anything else is refused at load.
     #[serde(default)]
     pub capabilities: Vec<Capability>,

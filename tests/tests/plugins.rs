@@ -450,6 +450,49 @@ async fn memory_bomb_and_panic_are_contained() {
 }
 
 #[tokio::test]
+async fn the_wall_clock_is_frozen_unless_clock_is_granted() {
+    for (capabilities, real) in [
+        ("capabilities = [\"config\", \"kv\", \"dns\"]", false),
+        (
+            "capabilities = [\"config\", \"kv\", \"dns\", \"clock\"]",
+            true,
+        ),
+    ] {
+        let server = with_plugin(capabilities, &[("rcpt", "\"wall-clock\"")]);
+        let mut c = greeted(&server).await;
+        c.expect("MAIL FROM:<s@remote.test>", 250).await.unwrap();
+        let (code, text) = c.cmd("RCPT TO:<alice@example.test>").await.unwrap();
+        assert_eq!(code, 550, "{text}");
+        let secs: u64 = text
+            .rsplit(' ')
+            .next()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{text}"));
+        if real {
+            assert!(secs > 1_700_000_000, "granted: the real time, got {secs}");
+        } else {
+            assert_eq!(secs, 0, "not granted: the Unix epoch");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_plugin_past_its_memory_cap_is_contained_and_the_log_says_why() {
+    // test-hooks' `alloc` grows one memory; the limiter counts every memory and table of the
+    // instance together (host/src/plugin/limits.rs has the three-memory module). Here: a cap
+    // small enough that the plugin's own start-up memory plus one more MiB passes it.
+    let server = with_plugin("memory_mb = 2", &[("rcpt", "\"alloc\"")]);
+    let mut c = greeted(&server).await;
+    c.expect("MAIL FROM:<s@remote.test>", 250).await.unwrap();
+    let (code, text) = c.cmd("RCPT TO:<alice@example.test>").await.unwrap();
+    assert_eq!(code, 451, "{text}");
+    assert!(
+        server.log().contains("memory limit"),
+        "the limiter said why"
+    );
+}
+
+#[tokio::test]
 async fn invalid_reply_code_is_a_plugin_error() {
     let server = with_plugin("", &[("rcpt", "\"reject:250:2.0.0:looks like success\"")]);
     let mut c = greeted(&server).await;

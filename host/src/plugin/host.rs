@@ -5,9 +5,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use super::limits::InstanceLimits;
 use tokio::io::AsyncWrite;
 use wasmtime::component::{Resource, ResourceTable};
-use wasmtime::{StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
@@ -28,6 +28,8 @@ pub struct PluginMeta {
     /// The host directory granted as `/data`, if any.
     pub directory_grant: Option<std::path::PathBuf>,
     pub memory_bytes: usize,
+    /// Granted `clock`: WASI's wall clock tells the real time (else it is frozen, see below).
+    pub wall_clock: bool,
 }
 
 /// Where a granted directory appears inside the sandbox.
@@ -40,30 +42,32 @@ pub struct PluginState {
     pub deadline: std::time::Instant,
     pub table: ResourceTable,
     wasi: WasiCtx,
-    pub limits: StoreLimits,
+    pub limits: InstanceLimits,
 }
 
 impl PluginState {
     pub fn new(meta: Arc<PluginMeta>) -> wasmtime::Result<PluginState> {
-        // No sockets, no environment, no arguments, and no directory unless one was granted:
-        // WASI here is what a Rust or Python guest needs to start (clocks, random, stdio to log).
+        // What WASI every plugin has, granted or not: random numbers, a monotonic clock (elapsed
+        // time; calls are bounded by the deadline anyway), stdout and stderr to the log, an
+        // empty stdin. No sockets (every address is refused), no name lookups, no environment,
+        // no arguments, no directory unless one was granted, and a wall clock frozen at the
+        // Unix epoch unless `clock` was granted: guests built with WASI toolchains link
+        // `wasi:clocks` whether they use it or not, so the capability is enforced here, not by
+        // refusing the import.
         let output = |stream| PluginOutput {
             plugin: meta.name.clone().into(),
             stream,
         };
         let mut wasi = WasiCtxBuilder::new();
         wasi.stdout(output("stdout")).stderr(output("stderr"));
+        if !meta.wall_clock {
+            wasi.wall_clock(FrozenWallClock);
+        }
         if let Some(dir) = &meta.directory_grant {
             wasi.preopened_dir(dir, GRANTED_DIRECTORY, wasmtime_wasi::FsPerms::ReadWrite)?;
         }
         let wasi = wasi.build();
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(meta.memory_bytes)
-            .instances(64)
-            .tables(64)
-            .memories(64)
-            .trap_on_grow_failure(true)
-            .build();
+        let limits = InstanceLimits::new(meta.memory_bytes);
         Ok(PluginState {
             deadline: std::time::Instant::now(),
             meta,
@@ -71,6 +75,19 @@ impl PluginState {
             wasi,
             limits,
         })
+    }
+}
+
+/// The wall clock of a plugin not granted `clock`: always the Unix epoch.
+struct FrozenWallClock;
+
+impl wasmtime_wasi::HostWallClock for FrozenWallClock {
+    fn resolution(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(1)
+    }
+
+    fn now(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
     }
 }
 

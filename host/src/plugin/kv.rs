@@ -6,13 +6,19 @@
 //! returns, so a crash of the server process loses nothing the plugin was told was stored (an
 //! operating-system crash may lose the last writes: greylisting and rate data tolerate that, and
 //! the log is not fsynced per call so a plugin's `set` costs microseconds, not a disk flush).
-//! The log is compacted at open and whenever it grows well past the live data.
+//! The log is compacted at open and whenever it grows well past the live data; that rewrite runs
+//! on a thread of its own, never inside the plugin's call on the async executor.
+//!
+//! What a namespace holds lives in host memory, outside the plugin's memory cap, so it has a
+//! quota of its own (`kv_quota_mb`, keys and values together): past it a write is refused with
+//! an error the plugin sees, and nothing is evicted behind its back.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -31,6 +37,8 @@ pub enum KvError {
     ValueTooLong,
     #[error("namespace holds {MAX_ENTRIES} entries already")]
     Full,
+    #[error("the kv quota of {0} bytes is used up")]
+    Quota(usize),
     #[error("kv log: {0}")]
     Io(#[from] io::Error),
 }
@@ -54,14 +62,25 @@ struct Record {
 /// One plugin's namespace.
 pub struct Namespace {
     path: PathBuf,
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
+    /// Bytes (keys and values) the namespace may hold.
+    quota: AtomicUsize,
 }
 
 struct State {
     entries: HashMap<String, Entry>,
+    /// Bytes of keys and values in `entries`.
+    bytes: usize,
     log: BufWriter<File>,
     /// Records in the log file (live or not), to know when to compact.
     records: usize,
+    /// While a compaction runs: the records appended since its snapshot, which it adds to the
+    /// new log before that replaces the old one.
+    compacting: Option<Vec<Record>>,
+}
+
+fn size_of(key: &str, entry: &Entry) -> usize {
+    key.len() + entry.value.len()
 }
 
 fn now_ms() -> u64 {
@@ -103,14 +122,28 @@ impl Namespace {
         let now = now_ms();
         entries.retain(|_, e: &mut Entry| e.expires.is_none_or(|t| t > now));
         let log = write_snapshot(&path, &entries)?;
+        let bytes = entries.iter().map(|(k, e)| size_of(k, e)).sum();
         Ok(Namespace {
             path,
-            state: Mutex::new(State {
+            state: Arc::new(Mutex::new(State {
                 records: entries.len(),
                 entries,
+                bytes,
                 log,
-            }),
+                compacting: None,
+            })),
+            quota: AtomicUsize::new(usize::MAX),
         })
+    }
+
+    /// Sets what the namespace may hold from now on (the plugin's `kv_quota_mb`).
+    pub fn set_quota(&self, bytes: usize) {
+        self.quota.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes of keys and values held now.
+    pub fn bytes(&self) -> usize {
+        self.state.lock().expect("kv lock").bytes
     }
 
     pub fn get(&self, key: &str) -> Option<Vec<u8>> {
@@ -136,7 +169,11 @@ impl Namespace {
 
     pub fn delete(&self, key: &str) -> Result<bool, KvError> {
         let mut state = self.state.lock().expect("kv lock");
-        let existed = state.entries.remove(key).is_some();
+        let removed = state.entries.remove(key);
+        if let Some(entry) = &removed {
+            state.bytes -= size_of(key, entry);
+        }
+        let existed = removed.is_some();
         if existed {
             append(
                 &mut state,
@@ -187,13 +224,25 @@ impl Namespace {
     }
 
     fn put(&self, state: &mut State, key: &str, entry: Entry) -> Result<(), KvError> {
-        if !state.entries.contains_key(key) && state.entries.len() >= MAX_ENTRIES {
+        let quota = self.quota.load(Ordering::Relaxed);
+        let old = state.entries.get(key).map_or(0, |e| size_of(key, e));
+        let fits = |state: &State| {
+            (state.entries.contains_key(key) || state.entries.len() < MAX_ENTRIES)
+                && state.bytes - old + size_of(key, &entry) <= quota
+        };
+        if !fits(state) {
+            // Expired entries make room first.
             let now = now_ms();
             state
                 .entries
                 .retain(|_, e| e.expires.is_none_or(|t| t > now));
-            if state.entries.len() >= MAX_ENTRIES {
+            state.bytes = state.entries.iter().map(|(k, e)| size_of(k, e)).sum();
+            let old = state.entries.get(key).map_or(0, |e| size_of(key, e));
+            if !state.entries.contains_key(key) && state.entries.len() >= MAX_ENTRIES {
                 return Err(KvError::Full);
+            }
+            if state.bytes - old + size_of(key, &entry) > quota {
+                return Err(KvError::Quota(quota));
             }
         }
         let record = Record {
@@ -201,17 +250,78 @@ impl Namespace {
             v: Some(BASE64.encode(&entry.value)),
             e: entry.expires,
         };
-        state.entries.insert(key.to_string(), entry);
+        state.bytes += size_of(key, &entry);
+        if let Some(previous) = state.entries.insert(key.to_string(), entry) {
+            state.bytes -= size_of(key, &previous);
+        }
         append(state, &record)?;
-        if state.records > 2 * state.entries.len() + 10_000 {
-            let now = now_ms();
-            state
-                .entries
-                .retain(|_, e| e.expires.is_none_or(|t| t > now));
-            state.log = write_snapshot(&self.path, &state.entries)?;
-            state.records = state.entries.len();
+        if state.compacting.is_none() && state.records > 2 * state.entries.len() + 10_000 {
+            self.compact_in_background(state);
         }
         Ok(())
+    }
+
+    /// Starts rewriting the log from a copy of the live entries on a thread of its own.
+    fn compact_in_background(&self, state: &mut State) {
+        let now = now_ms();
+        let snapshot: HashMap<String, Entry> = state
+            .entries
+            .iter()
+            .filter(|(_, e)| e.expires.is_none_or(|t| t > now))
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect();
+        state.compacting = Some(Vec::new());
+        let shared = self.state.clone();
+        let path = self.path.clone();
+        let started = std::thread::Builder::new()
+            .name("kv-compact".into())
+            .spawn(move || compact(&shared, &path, snapshot));
+        if started.is_err() {
+            state.compacting = None;
+        }
+    }
+}
+
+/// Writes the snapshot and the records appended meanwhile to a new log that replaces the old;
+/// on failure the old log, which got every record too, stays.
+fn compact(shared: &Mutex<State>, path: &Path, snapshot: HashMap<String, Entry>) {
+    let tmp = path.with_extension("log.tmp");
+    let written = (|| -> io::Result<()> {
+        let mut out = BufWriter::new(File::create(&tmp)?);
+        write_records(&mut out, &snapshot)?;
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()
+    })();
+    let mut state = shared.lock().expect("kv lock");
+    let pending = state.compacting.take().unwrap_or_default();
+    if let Err(err) = written {
+        tracing::warn!(path = %path.display(), "kv compaction failed, keeping the old log: {err}");
+        let _ = fs::remove_file(&tmp);
+        return;
+    }
+    // The records that came during the write, then the switch: short, under the lock.
+    let switched = (|| -> io::Result<BufWriter<File>> {
+        let mut out = BufWriter::new(OpenOptions::new().append(true).open(&tmp)?);
+        for record in &pending {
+            serde_json::to_writer(&mut out, record).map_err(io::Error::other)?;
+            out.write_all(b"\n")?;
+        }
+        out.flush()?;
+        fs::rename(&tmp, path)?;
+        Ok(BufWriter::new(OpenOptions::new().append(true).open(path)?))
+    })();
+    match switched {
+        Ok(log) => {
+            state.log = log;
+            state.records = snapshot.len() + pending.len();
+        }
+        Err(err) => {
+            tracing::warn!(path = %path.display(), "kv compaction failed, keeping the old log: {err}");
+            let _ = fs::remove_file(&tmp);
+        }
+    }
+    drop(state);
+    if let Some(dir) = path.parent() {
+        let _ = crate::durable::sync_dir(dir);
     }
 }
 
@@ -221,24 +331,36 @@ fn append(state: &mut State, record: &Record) -> Result<(), KvError> {
     // Into the kernel before the plugin hears "stored": survives a crash of this process.
     state.log.flush()?;
     state.records += 1;
+    if let Some(pending) = &mut state.compacting {
+        pending.push(Record {
+            k: record.k.clone(),
+            v: record.v.clone(),
+            e: record.e,
+        });
+    }
+    Ok(())
+}
+
+fn write_records(out: &mut impl Write, entries: &HashMap<String, Entry>) -> io::Result<()> {
+    for (k, e) in entries {
+        let record = Record {
+            k: k.clone(),
+            v: Some(BASE64.encode(&e.value)),
+            e: e.expires,
+        };
+        serde_json::to_writer(&mut *out, &record).map_err(io::Error::other)?;
+        out.write_all(b"\n")?;
+    }
     Ok(())
 }
 
 /// Rewrites the log as a snapshot of the live entries (temp file, flush, rename) and returns a
-/// writer appending to it.
+/// writer appending to it (at open, before any plugin runs).
 fn write_snapshot(path: &Path, entries: &HashMap<String, Entry>) -> io::Result<BufWriter<File>> {
     let tmp = path.with_extension("log.tmp");
     {
         let mut out = BufWriter::new(File::create(&tmp)?);
-        for (k, e) in entries {
-            let record = Record {
-                k: k.clone(),
-                v: Some(BASE64.encode(&e.value)),
-                e: e.expires,
-            };
-            serde_json::to_writer(&mut out, &record).map_err(io::Error::other)?;
-            out.write_all(b"\n")?;
-        }
+        write_records(&mut out, entries)?;
         out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     }
     fs::rename(&tmp, path)?;
@@ -299,5 +421,59 @@ mod tests {
             ns.set("k", vec![0; MAX_VALUE + 1], None),
             Err(KvError::ValueTooLong)
         ));
+    }
+
+    #[test]
+    fn the_quota_refuses_writes_past_it_and_counts_replacements_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let ns = Namespace::open(dir.path(), "q").unwrap();
+        ns.set_quota(10_000);
+        ns.set("a", vec![0; 6000], None).unwrap();
+        // Replacing a value counts only the difference.
+        ns.set("a", vec![0; 9000], None).unwrap();
+        assert!(matches!(
+            ns.set("b", vec![0; 2000], None),
+            Err(KvError::Quota(10_000))
+        ));
+        assert_eq!(ns.bytes(), 9001);
+        assert!(ns.delete("a").unwrap());
+        ns.set("b", vec![0; 2000], None).unwrap();
+        assert_eq!(ns.bytes(), 2001);
+        // Expired entries make room before a write is refused.
+        ns.set("c", vec![0; 7000], Some(0)).unwrap();
+        ns.set("d", vec![0; 7000], None).unwrap();
+        assert_eq!(ns.get("d").map(|v| v.len()), Some(7000));
+    }
+
+    #[test]
+    fn compaction_runs_beside_writes_and_loses_none_of_them() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let ns = Namespace::open(dir.path(), "c").unwrap();
+            // Rewriting one key over and over grows the log until it is compacted (more than
+            // once), while writes go on.
+            for n in 0..40_000u32 {
+                ns.set("hot", n.to_string().into_bytes(), None).unwrap();
+                if n % 1000 == 0 {
+                    ns.set(&format!("k{n}"), b"v".to_vec(), None).unwrap();
+                }
+            }
+            // Let a compaction in flight finish.
+            for _ in 0..200 {
+                if ns.state.lock().unwrap().compacting.is_none() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            let lines = fs::read_to_string(dir.path().join("c.log"))
+                .unwrap()
+                .lines()
+                .count();
+            assert!(lines < 40_000, "compacted: {lines} lines");
+        }
+        let ns = Namespace::open(dir.path(), "c").unwrap();
+        assert_eq!(ns.get("hot"), Some(b"39999".to_vec()));
+        assert_eq!(ns.get("k39000"), Some(b"v".to_vec()));
+        assert_eq!(ns.get("k0"), Some(b"v".to_vec()));
     }
 }

@@ -4,6 +4,7 @@
 //! - [`engine`]: wasmtime with pooling, epoch interruption, and the compiled-component cache.
 //! - [`host`]: a plugin store's data and the capabilities it can import.
 //! - [`kv`]: the durable key-value store behind the `kv` capability.
+//! - [`limits`]: one instance's memories and tables counted together against its cap.
 //! - [`registry`]: loading, hook discovery, capability checks and hot reload.
 //! - [`chain`]: running a stage through the plugins of a session, with deadlines and policies.
 
@@ -12,6 +13,7 @@ pub mod chain;
 pub mod engine;
 pub mod host;
 pub mod kv;
+pub mod limits;
 pub mod registry;
 
 pub use chain::{DataOutcome, Lookup, PluginSession, Routing, SessionInfo, Verdict};

@@ -292,7 +292,7 @@ impl PluginRuntime {
         }
         let kv = if config.capabilities.contains(&Capability::Kv) {
             let mut namespaces = self.namespaces.lock().expect("namespaces lock");
-            Some(match namespaces.get(&config.name) {
+            let ns = match namespaces.get(&config.name) {
                 Some(ns) => ns.clone(),
                 None => {
                     let ns = Arc::new(
@@ -302,7 +302,10 @@ impl PluginRuntime {
                     namespaces.insert(config.name.clone(), ns.clone());
                     ns
                 }
-            })
+            };
+            // A reload may change the quota; the namespace (and what it holds) stays.
+            ns.set_quota((config.kv_quota_mb as usize).saturating_mul(1 << 20));
+            Some(ns)
         } else {
             None
         };
@@ -320,6 +323,7 @@ impl PluginRuntime {
                     .flatten(),
                 directory_grant: config.directory.clone(),
                 memory_bytes: (memory_mb as usize) << 20,
+                wall_clock: config.capabilities.contains(&Capability::Clock),
             }),
             pre,
             hooks,

@@ -12,7 +12,8 @@
 //! - vrfy/expn: `found:ADDR`, `not-found`, `cannot-verify`
 //! - misbehaviour: `loop` (never returns), `alloc` (grows memory until it fails), `panic`,
 //!   `read-file:PATH` and `connect:HOST:PORT` (try the sandbox; the outcome is the reject text),
-//!   `kv-count` (counts calls in the kv store and rejects with the count)
+//!   `kv-count` (counts calls in the kv store and rejects with the count), `wall-clock` (rejects
+//!   with the seconds WASI's wall clock tells)
 //! - `print:TEXT` (writes TEXT to stdout and stderr, then continues), `dns-a:NAME` and
 //!   `dns-txt:NAME` (look NAME up and reject with what the resolver said)
 
@@ -95,6 +96,12 @@ fn common(action: &str) -> Option<Decision> {
             }
         }
         "panic" => panic!("test-hooks asked to panic"),
+        "wall-clock" => {
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            Decision::Reject(reply(550, "5.7.1", &format!("wall clock {secs}")))
+        }
         "read-file" => {
             let text = match std::fs::read(rest) {
                 Ok(bytes) => format!("read ok: {} bytes", bytes.len()),
