@@ -351,6 +351,12 @@ def main():
         print(f"index/Maildir repairs logged: {damaged}")
         if server.spooled():
             problems.append(f"{len(server.spooled())} messages never left the spool")
+        # A run that acknowledged nothing proves nothing: both kinds of write must have happened.
+        smtp_acked = len(ledger.acked) - len(ledger.appended)
+        if smtp_acked < args.cycles:
+            problems.append(f"only {smtp_acked} SMTP messages acknowledged in {args.cycles} cycles")
+        if not ledger.appended:
+            problems.append("no IMAP APPEND was acknowledged")
         if problems:
             print(f"\nFAILED: {len(problems)} problems")
             for p in problems[:50]:
