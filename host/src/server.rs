@@ -17,7 +17,7 @@ use crate::config::{Config, ListenerConfig, ListenerProtocol, TlsMode};
 use crate::imap::ImapServer;
 use crate::plugin::PluginRuntime;
 use crate::pop3::Pop3Server;
-use crate::queue::scheduler::Scheduler;
+use crate::queue::scheduler::{LocalDelivery, Scheduler};
 use crate::queue::{Queue, Spool};
 use crate::smtp::reply::Reply;
 use crate::smtp::session::Session;
@@ -192,26 +192,28 @@ pub async fn run(
         }));
     }
     let (to_relay, relay_inbox) = mpsc::channel(256);
+    // Per-recipient delivery states beside the spool, shared by the scheduler (which writes the
+    // first) and the relay (which owns the message from then on).
+    let states = crate::relay::state::StateDir::open(&data_dir.join("spool").join("relay"))
+        .map_err(ServerError::Spool)?;
+    let local = Arc::new(LocalDelivery::new(
+        store.clone(),
+        users.clone(),
+        Some(plugins.clone()),
+    ));
     let relay = crate::relay::Relay::new(
         config.clone(),
         dns.clone(),
         spool.clone(),
         Queue::new(spool.clone(), to_scheduler.clone()),
-        users.clone(),
+        local.clone(),
+        states.clone(),
         relay_inbox,
-        &data_dir.join("spool"),
     )
     .map_err(ServerError::Spool)?;
     tokio::spawn(relay.run());
-    let scheduler = Scheduler::new(
-        spool.clone(),
-        store.clone(),
-        scheduler_inbox,
-        to_scheduler.clone(),
-        users.clone(),
-    )
-    .with_plugins(plugins.clone())
-    .with_relay(to_relay);
+    let scheduler =
+        Scheduler::new(spool.clone(), local, states, scheduler_inbox).with_relay(to_relay);
     tokio::spawn(scheduler.run(recovered));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut smtp = SmtpServer::new(

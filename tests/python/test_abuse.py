@@ -591,3 +591,35 @@ def test_sigterm_stops_the_server_within_the_grace_period(make_server):
     assert time.time() - started < 2 + 4, time.time() - started
     smtp.close()
     imap.close()
+
+
+def test_a_restart_never_brings_back_a_local_copy_the_user_deleted(tmp_path):
+    """A message with a local and a remote recipient stays spooled while the remote one waits.
+    The local copy is recorded as delivered when it is stored: after the user deleted it (POP3,
+    which also drops it from the UID index) and a kill -9 and restart, it is not delivered again."""
+    import poplib
+    from conftest import Server
+    server = Server(tmp_path / "node")
+    with smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=10) as s:
+        s.starttls(context=tls_context(server))
+        s.login("bob@example.test", "bobpass")
+        s.sendmail("bob@example.test", ["alice@example.test", "friend@elsewhere.test"],
+                   MSG.replace(b"Subject: smtplib", b"Subject: keep deleted"))
+    assert len(server.wait_for_mail("alice", 1)) == 1
+    assert len(server.spooled()) == 1, "the remote recipient is still pending"
+    pop = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=10)
+    pop.stls(context=tls_context(server))
+    pop.user("alice@example.test")
+    pop.pass_("alicepass")
+    pop.dele(1)
+    pop.quit()
+    assert server.maildir("alice") == []
+    server.stop()  # kill -9
+    server = Server(tmp_path / "node")
+    try:
+        time.sleep(2)
+        assert len(server.spooled()) == 1, "still waiting for the remote recipient"
+        assert server.maildir("alice") == [], "the deleted copy came back"
+        still_serves(server)
+    finally:
+        server.stop()

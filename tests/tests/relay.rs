@@ -643,3 +643,67 @@ async fn without_pipelining_and_with_8bit_content() {
     let notice = wait_for_notice(&server, "Final-Recipient: rfc822; gone@lockstep.test").await;
     assert!(notice.contains("Status: 5.1.1"), "{notice}");
 }
+
+#[tokio::test]
+async fn a_local_recipient_that_keeps_failing_bounces_at_max_age_and_holds_nobody_back() {
+    // One sink answers for the sender's domain (the bounce) and the remote recipient's.
+    let ip = loopback_ip();
+    let sink = Sink::start(ip, 0, SinkScript::default()).await;
+    let dns = TestDns::start(vec![("back.test", Rr::A(ip)), ("fast.test", Rr::A(ip))]);
+    let plugin = postern_e2e::plugins_section("")
+        + &postern_e2e::plugin_block(
+            "defer",
+            "test_hooks",
+            "capabilities = [\"config\", \"kv\", \"dns\"]",
+            &[("deliver", "\"defer:mailbox busy\"")],
+        );
+    let server = relay_server(&dns, sink.addr.port(), |config| {
+        let config = set_key(&config, "outbound", "max_age", "\"3s\"");
+        config + &plugin
+    });
+    send(
+        &server,
+        "carol@back.test",
+        &["bob@example.test", "dave@fast.test"],
+        MESSAGE,
+    )
+    .await;
+    // The remote recipient does not wait for the local one.
+    wait_until("the remote copy", || {
+        sink.messages()
+            .iter()
+            .any(|m| m.to == vec!["dave@fast.test"])
+    })
+    .await;
+    // The local one is retried, then bounced when the message is older than max_age.
+    wait_until("the bounce", || {
+        sink.messages()
+            .iter()
+            .any(|m| m.to == vec!["carol@back.test"])
+    })
+    .await;
+    let bounce = sink
+        .messages()
+        .into_iter()
+        .find(|m| m.to == vec!["carol@back.test"])
+        .unwrap();
+    let text = String::from_utf8_lossy(&bounce.data).into_owned();
+    assert!(
+        text.contains(
+            "Final-Recipient: rfc822; bob@example.test\r\nAction: failed\r\nStatus: 4.4.7\r\n"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("deferred by plugin: mailbox busy"), "{text}");
+    assert_eq!(bounce.from, "", "bounces have the null sender");
+    wait_until("the spool to empty", || server.spooled().is_empty()).await;
+    assert!(server.maildir("bob", "example.test").is_empty());
+    assert_eq!(
+        sink.messages()
+            .iter()
+            .filter(|m| m.to == vec!["dave@fast.test"])
+            .count(),
+        1,
+        "the remote recipient got one copy"
+    );
+}

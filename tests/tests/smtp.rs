@@ -350,7 +350,12 @@ async fn full_disk_gives_452_and_never_a_half_message() {
         *seen.entry(token).or_insert(0) += 1;
     }
     for token in &acked {
-        assert_eq!(seen.get(token), Some(&1), "{token} delivered exactly once");
+        assert_eq!(
+            seen.get(token),
+            Some(&1),
+            "{token} delivered exactly once; log: {}",
+            server.log()
+        );
     }
     server.kill9();
 }

@@ -21,10 +21,9 @@ pub struct Queued {
     pub envelope: Envelope,
     /// None: read it from the spool.
     pub message: Option<Arc<Vec<u8>>>,
-    /// Recovered from the spool after a restart: earlier delivery attempts may have succeeded.
+    /// Recovered from the spool after a restart, or a retry: an earlier attempt may have
+    /// stored a copy already.
     pub retry: bool,
-    /// Failed delivery attempts so far (in memory; a restart starts over).
-    pub attempts: u32,
 }
 
 /// The sessions' door to the queue.
@@ -60,7 +59,6 @@ impl Queue {
                 envelope,
                 message,
                 retry: false,
-                attempts: 0,
             })
             .await;
         Ok(())

@@ -1,14 +1,21 @@
 //! The scheduler: takes spooled messages and delivers them.
 //!
-//! Local recipients go to the mail store in batches (one flush for many messages). A message with
-//! only local recipients leaves the spool when they are all served; one with remote recipients (or
-//! local ones that failed for good and need a bounce) is handed to the outbound relay, which takes
-//! it from there. Temporary store failures are retried with a growing delay. On start, every
-//! message left in the spool goes through here again; store delivery is idempotent, so a crash
-//! between delivery and removal from the spool never duplicates a message.
+//! Local recipients go to the mail store in batches (one flush for many messages), through
+//! [`LocalDelivery`]. A message whose local recipients are all served, and that has no other,
+//! leaves the spool at once. Any other message gets a per-recipient delivery state beside the
+//! spool (`spool/relay/<id>`, see `relay::state`) written durably *before* anything else happens
+//! to it, recording which local recipients already have their copy; the outbound relay then owns
+//! it: remote recipients, bounces, and local recipients whose delivery failed for now (retried on
+//! the relay's schedule through the same [`LocalDelivery`], with the same `max_age`, delay notice
+//! and bounce as remote ones, never holding the other recipients back).
+//!
+//! On start, a spooled message that has a delivery state goes to the relay as it is (no
+//! recipient recorded as served is served again, whatever its mailbox did meanwhile: a user may
+//! have deleted the copy, and the store's own duplicate check would not know it); one without
+//! goes through local delivery again, where the store's duplicate check covers the moment
+//! between storing a copy and recording it.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
@@ -19,69 +26,79 @@ use crate::address::Address;
 use crate::auth::UserDirectory;
 use crate::plugin::bindings::types;
 use crate::plugin::{PluginRuntime, PluginSession, Routing, Stage};
+use crate::relay::state::{DeliveryState, StateDir};
 use crate::relay::{Disposition, RelayJob};
 use crate::store::{Delivery, MailStore};
 
 /// Messages delivered in one store batch.
 const BATCH: usize = 64;
-/// Retry delays for temporary local delivery failures.
-const RETRY_DELAYS: [u64; 5] = [5, 30, 120, 600, 1800];
 
-pub struct Scheduler {
-    spool: Spool,
+/// Local delivery: the deliver hook, then the store. Shared by the scheduler (first attempts)
+/// and the relay (retries of local recipients that failed for now).
+pub struct LocalDelivery {
     store: Arc<dyn MailStore>,
-    inbox: mpsc::Receiver<Queued>,
-    /// For re-queueing retries into our own inbox.
-    requeue: mpsc::Sender<Queued>,
-    plugins: Option<Arc<PluginRuntime>>,
     users: Arc<UserDirectory>,
-    relay: Option<mpsc::Sender<RelayJob>>,
+    plugins: Option<Arc<PluginRuntime>>,
 }
 
-/// What happened to one message in a batch.
-enum Outcome {
-    Done,
-    /// Some recipients are remote or failed: the outbound relay takes the message over.
-    Relay(Vec<Disposition>),
-    TemporaryFailure(String),
-}
-
-impl Scheduler {
+impl LocalDelivery {
     pub fn new(
-        spool: Spool,
         store: Arc<dyn MailStore>,
-        inbox: mpsc::Receiver<Queued>,
-        requeue: mpsc::Sender<Queued>,
         users: Arc<UserDirectory>,
-    ) -> Scheduler {
-        Scheduler {
-            spool,
+        plugins: Option<Arc<PluginRuntime>>,
+    ) -> LocalDelivery {
+        LocalDelivery {
             store,
-            inbox,
-            requeue,
-            plugins: None,
             users,
-            relay: None,
+            plugins,
         }
     }
 
-    /// Hands messages with remote recipients (and bounces owed) to the outbound relay.
-    pub fn with_relay(mut self, relay: mpsc::Sender<RelayJob>) -> Scheduler {
-        self.relay = Some(relay);
-        self
+    /// The user directory local addresses resolve through.
+    pub fn users(&self) -> &UserDirectory {
+        &self.users
     }
 
-    /// Lets deliver-hook plugins route each recipient.
-    pub fn with_plugins(mut self, plugins: Arc<PluginRuntime>) -> Scheduler {
-        self.plugins = Some(plugins);
-        self
+    /// Delivers the local recipients of each message (those `only` marks, when given) and says
+    /// what became of every recipient. Messages must have their bytes.
+    pub async fn deliver(
+        &self,
+        batch: Vec<Queued>,
+        only: Option<Vec<Vec<bool>>>,
+    ) -> (Vec<Queued>, Vec<Vec<Disposition>>) {
+        let routes = self.route(&batch, only.as_deref()).await;
+        let store = self.store.clone();
+        let users = self.users.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let dispositions = deliver_locally(store.as_ref(), &users, &batch, &routes);
+            (batch, dispositions)
+        })
+        .await;
+        match result {
+            Ok(done) => done,
+            Err(_) => {
+                error!("local delivery task failed");
+                (Vec::new(), Vec::new())
+            }
+        }
     }
 
-    /// Asks the deliver hook where each local recipient's copy goes (Default without plugins).
-    async fn route(&self, batch: &[Queued]) -> Vec<Vec<Routing>> {
-        let mut routes: Vec<Vec<Routing>> = batch
+    /// Asks the deliver hook where each local recipient's copy goes (Default without plugins);
+    /// None for recipients not to deliver now.
+    async fn route(
+        &self,
+        batch: &[Queued],
+        only: Option<&[Vec<bool>]>,
+    ) -> Vec<Vec<Option<Routing>>> {
+        let wanted = |m: usize, r: usize| only.is_none_or(|only| only[m][r]);
+        let mut routes: Vec<Vec<Option<Routing>>> = batch
             .iter()
-            .map(|q| vec![Routing::Default; q.envelope.recipients.len()])
+            .enumerate()
+            .map(|(m, q)| {
+                (0..q.envelope.recipients.len())
+                    .map(|r| wanted(m, r).then_some(Routing::Default))
+                    .collect()
+            })
             .collect();
         let Some(runtime) = self
             .plugins
@@ -106,14 +123,48 @@ impl Scheduler {
                 let Route::Local { mailbox } = &rcpt.route else {
                     continue;
                 };
+                if !wanted(m, r) {
+                    continue;
+                }
                 let target = types::DeliveryTarget {
                     address: rcpt.address.clone(),
                     mailbox: Some(mailbox.clone()),
                 };
-                routes[m][r] = session.on_deliver(&wit_env, &target, message).await;
+                routes[m][r] = Some(session.on_deliver(&wit_env, &target, message).await);
             }
         }
         routes
+    }
+}
+
+pub struct Scheduler {
+    spool: Spool,
+    local: Arc<LocalDelivery>,
+    states: StateDir,
+    inbox: mpsc::Receiver<Queued>,
+    relay: Option<mpsc::Sender<RelayJob>>,
+}
+
+impl Scheduler {
+    pub fn new(
+        spool: Spool,
+        local: Arc<LocalDelivery>,
+        states: StateDir,
+        inbox: mpsc::Receiver<Queued>,
+    ) -> Scheduler {
+        Scheduler {
+            spool,
+            local,
+            states,
+            inbox,
+            relay: None,
+        }
+    }
+
+    /// Hands messages with remote recipients (and bounces owed) to the outbound relay.
+    pub fn with_relay(mut self, relay: mpsc::Sender<RelayJob>) -> Scheduler {
+        self.relay = Some(relay);
+        self
     }
 
     /// Delivers what an earlier run left in the spool, then serves new messages until every
@@ -132,7 +183,6 @@ impl Scheduler {
                             envelope,
                             message: Some(Arc::new(message)),
                             retry: true,
-                            attempts: 0,
                         }),
                         Err(err) => {
                             error!(queue_id = %id, "cannot read spooled message: {err}");
@@ -161,72 +211,101 @@ impl Scheduler {
         if batch.is_empty() {
             return;
         }
-        let mut batch = batch;
-        if batch.iter().any(|q| q.message.is_none()) {
-            let spool = self.spool.clone();
-            batch = tokio::task::spawn_blocking(move || {
-                load_from_spool(&spool, &mut batch);
-                batch
-            })
-            .await
-            .unwrap_or_default();
-        }
-        let routes = self.route(&batch).await;
-        let store = self.store.clone();
         let spool = self.spool.clone();
-        let users = self.users.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let outcomes = deliver_locally(store.as_ref(), &users, &batch, &routes);
-            let done: Vec<String> = batch
-                .iter()
-                .zip(&outcomes)
-                .filter(|(_, o)| matches!(o, Outcome::Done))
-                .map(|(q, _)| q.envelope.id.clone())
-                .collect();
+        let states = self.states.clone();
+        // Recovered messages that have a delivery state belong to the relay as they are.
+        let (batch, owned) = tokio::task::spawn_blocking(move || {
+            let mut batch = batch;
+            let mut owned = Vec::new();
+            let mut fresh = Vec::new();
+            for queued in batch.drain(..) {
+                if queued.retry {
+                    match states.load(&queued.envelope.id) {
+                        Ok(Some(mut state))
+                            if state.recipients.len() == queued.envelope.recipients.len() =>
+                        {
+                            // After a restart, what is owed is tried again at once.
+                            state.next_attempt_ms = chrono::Utc::now().timestamp_millis();
+                            owned.push(RelayJob {
+                                envelope: queued.envelope,
+                                state,
+                                locals_just_tried: false,
+                            });
+                            continue;
+                        }
+                        Ok(_) => {}
+                        Err(err) => {
+                            warn!(queue_id = %queued.envelope.id, "delivery state unreadable, delivering again: {err}")
+                        }
+                    }
+                }
+                fresh.push(queued);
+            }
+            load_from_spool(&spool, &mut fresh);
+            (fresh, owned)
+        })
+        .await
+        .unwrap_or_default();
+        for job in owned {
+            self.hand_to_relay(job).await;
+        }
+        let (unreadable, batch): (Vec<Queued>, Vec<Queued>) =
+            batch.into_iter().partition(|q| q.message.is_none());
+        for queued in unreadable {
+            // Left in the spool; the next start tries again.
+            error!(queue_id = %queued.envelope.id, "message unreadable in the spool; left for the next start");
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let (batch, dispositions) = self.local.deliver(batch, None).await;
+        let spool = self.spool.clone();
+        let states = self.states.clone();
+        let jobs = tokio::task::spawn_blocking(move || {
+            let mut done = Vec::new();
+            let mut jobs = Vec::new();
+            for (queued, dispositions) in batch.into_iter().zip(dispositions) {
+                if dispositions.iter().all(|d| *d == Disposition::Done) {
+                    done.push(queued.envelope.id);
+                    continue;
+                }
+                // Recorded before anything else: the local copies made are never made again.
+                let state = DeliveryState::from_dispositions(&queued.envelope, &dispositions);
+                if let Err(err) = states.save(&queued.envelope.id, &state) {
+                    error!(queue_id = %queued.envelope.id, "cannot record local deliveries: {err}");
+                }
+                jobs.push(RelayJob {
+                    envelope: queued.envelope,
+                    state,
+                    locals_just_tried: true,
+                });
+            }
             if let Err(err) = spool.remove(&done) {
                 // Delivery is idempotent: they are delivered again (once) after a restart.
                 warn!("cannot remove delivered messages from the spool: {err}");
             }
-            (batch, outcomes)
-        })
-        .await;
-        let Ok((batch, outcomes)) = result else {
-            error!("local delivery task failed");
-            return;
-        };
-        for (queued, outcome) in batch.into_iter().zip(outcomes) {
-            let id = queued.envelope.id.clone();
-            match outcome {
-                Outcome::Done => debug!(queue_id = %id, "delivered"),
-                Outcome::Relay(dispositions) => match &self.relay {
-                    Some(relay) => {
-                        let job = RelayJob {
-                            envelope: queued.envelope,
-                            dispositions,
-                        };
-                        if relay.send(job).await.is_err() {
-                            warn!(queue_id = %id, "outbound relay stopped; the message stays spooled");
-                        }
-                    }
-                    None => info!(queue_id = %id, "no outbound relay; the message stays spooled"),
-                },
-                Outcome::TemporaryFailure(reason) => {
-                    warn!(queue_id = %id, "local delivery deferred: {reason}");
-                    self.retry_later(queued);
-                }
+            for id in &done {
+                debug!(queue_id = %id, "delivered");
             }
+            jobs
+        })
+        .await
+        .unwrap_or_default();
+        for job in jobs {
+            self.hand_to_relay(job).await;
         }
     }
 
-    fn retry_later(&self, mut queued: Queued) {
-        let delay = RETRY_DELAYS[(queued.attempts as usize).min(RETRY_DELAYS.len() - 1)];
-        queued.attempts += 1;
-        queued.retry = true;
-        let requeue = self.requeue.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(delay)).await;
-            let _ = requeue.send(queued).await;
-        });
+    async fn hand_to_relay(&self, job: RelayJob) {
+        let id = job.envelope.id.clone();
+        match &self.relay {
+            Some(relay) => {
+                if relay.send(job).await.is_err() {
+                    warn!(queue_id = %id, "outbound relay stopped; the message stays spooled");
+                }
+            }
+            None => info!(queue_id = %id, "no outbound relay; the message stays spooled"),
+        }
     }
 }
 
@@ -242,28 +321,33 @@ fn load_from_spool(spool: &Spool, batch: &mut [Queued]) {
     }
 }
 
+/// What became of each recipient: `Done` (stored, discarded, or not asked for), `Remote`,
+/// `Failed` or `Deferred`.
 fn deliver_locally(
     store: &dyn MailStore,
     users: &UserDirectory,
     batch: &[Queued],
-    routes: &[Vec<Routing>],
-) -> Vec<Outcome> {
+    routes: &[Vec<Option<Routing>>],
+) -> Vec<Vec<Disposition>> {
     let mut prepends = Vec::new();
     let mut ids = Vec::new();
     // (message, recipient, mailbox, folder) of each store delivery.
     let mut owners: Vec<(usize, usize, String, String)> = Vec::new();
-    let mut temporary: Vec<Option<String>> = vec![None; batch.len()];
     let mut dispositions: Vec<Vec<Disposition>> = batch
         .iter()
         .map(|q| vec![Disposition::Done; q.envelope.recipients.len()])
         .collect();
     for (m, queued) in batch.iter().enumerate() {
         let env = &queued.envelope;
-        if queued.message.is_none() {
-            temporary[m] = Some("message unreadable in the spool".into());
-            continue;
-        }
         for (r, rcpt) in env.recipients.iter().enumerate() {
+            let Some(routing) = &routes[m][r] else {
+                continue;
+            };
+            if queued.message.is_none() {
+                dispositions[m][r] =
+                    Disposition::Deferred("message unreadable in the spool".into());
+                continue;
+            }
             let Route::Local { mailbox } = &rcpt.route else {
                 dispositions[m][r] = Disposition::Remote(rcpt.address.clone());
                 continue;
@@ -273,7 +357,7 @@ fn deliver_locally(
             } else {
                 "INBOX"
             };
-            let (mailbox, folder) = match &routes[m][r] {
+            let (mailbox, folder) = match routing {
                 Routing::Default => (mailbox.clone(), default_folder.to_string()),
                 // Quarantine wins over a plugin's folder choice.
                 Routing::Folder(_) if env.quarantine.is_some() => {
@@ -307,7 +391,9 @@ fn deliver_locally(
                     continue;
                 }
                 Routing::Defer(reason) => {
-                    temporary[m] = Some(format!("{}: deferred by plugin: {reason}", rcpt.address));
+                    info!(queue_id = %env.id, "copy for {} deferred by plugin: {reason}", rcpt.address);
+                    dispositions[m][r] =
+                        Disposition::Deferred(format!("deferred by plugin: {reason}"));
                     continue;
                 }
                 Routing::Fail(reason) => {
@@ -348,7 +434,8 @@ fn deliver_locally(
     for ((m, r, mailbox, _), result) in owners.iter().zip(results) {
         if let Err(err) = result {
             if err.is_temporary() {
-                temporary[*m] = Some(format!("{mailbox}: {err}"));
+                warn!(queue_id = %batch[*m].envelope.id, "local delivery to {mailbox} deferred: {err}");
+                dispositions[*m][*r] = Disposition::Deferred(format!("4.3.0 {mailbox}: {err}"));
             } else {
                 error!(queue_id = %batch[*m].envelope.id, "cannot deliver to {mailbox}: {err}");
                 dispositions[*m][*r] = Disposition::Failed(format!("550 5.2.0 {err}"));
@@ -356,12 +443,4 @@ fn deliver_locally(
         }
     }
     dispositions
-        .into_iter()
-        .zip(temporary)
-        .map(|(dispositions, temporary)| match temporary {
-            Some(reason) => Outcome::TemporaryFailure(reason),
-            None if dispositions.iter().all(|d| *d == Disposition::Done) => Outcome::Done,
-            None => Outcome::Relay(dispositions),
-        })
-        .collect()
 }

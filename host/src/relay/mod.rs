@@ -28,6 +28,8 @@ use crate::address::Address;
 use crate::auth::UserDirectory;
 use crate::config::{Config, OutboundTls, TlsMode};
 use crate::dns::Dns;
+use crate::queue::scheduler::LocalDelivery;
+use crate::queue::Queued;
 use crate::queue::{Envelope, Queue, QueueId, Recipient, Route, Spool};
 use client::{HostOutcome, RcptOutcome, Reply, TlsPlan};
 use state::{Attempt, DeliveryState, RcptState, StateDir};
@@ -41,14 +43,17 @@ pub enum Disposition {
     Remote(String),
     /// Cannot be delivered: bounce with this reason.
     Failed(String),
+    /// A local recipient not delivered for now (temporary store failure, deliver-hook defer).
+    Deferred(String),
 }
 
-/// A message the relay takes over.
+/// A message the relay takes over, with its delivery state (already saved by the scheduler).
 #[derive(Debug)]
 pub struct RelayJob {
     pub envelope: Envelope,
-    /// One per envelope recipient.
-    pub dispositions: Vec<Disposition>,
+    pub state: DeliveryState,
+    /// Its local recipients were tried a moment ago (not again in the first attempt).
+    pub locals_just_tried: bool,
 }
 
 /// What every attempt needs, shared.
@@ -58,7 +63,8 @@ struct Context {
     spool: Spool,
     states: StateDir,
     queue: Queue,
-    users: Arc<UserDirectory>,
+    /// Retries of local recipients go through the same local delivery as first attempts.
+    local: Arc<LocalDelivery>,
     opportunistic: TlsConnector,
     verifying: Result<TlsConnector, String>,
     connections: Arc<Semaphore>,
@@ -69,6 +75,8 @@ struct Context {
 struct Pending {
     envelope: Envelope,
     state: DeliveryState,
+    /// Skip local retries in the next attempt (they were just tried).
+    skip_locals: bool,
 }
 
 pub struct Relay {
@@ -86,11 +94,10 @@ impl Relay {
         dns: Option<Arc<Dns>>,
         spool: Spool,
         queue: Queue,
-        users: Arc<UserDirectory>,
+        local: Arc<LocalDelivery>,
+        states: StateDir,
         inbox: mpsc::Receiver<RelayJob>,
-        spool_root: &std::path::Path,
     ) -> std::io::Result<Relay> {
-        let states = StateDir::open(&spool_root.join("relay"))?;
         let outbound = &config.outbound;
         let verifying = client::verifying_connector(&outbound.ca_file);
         if let Err(err) = &verifying {
@@ -107,7 +114,7 @@ impl Relay {
                 spool,
                 states,
                 queue,
-                users,
+                local,
             }),
             inbox,
         })
@@ -131,10 +138,11 @@ impl Relay {
                     if in_flight.contains(&id) || waiting.contains_key(&id) {
                         continue; // already ours (a local retry handed it over again)
                     }
-                    match self.take_over(job).await {
-                        Some(pending) => { waiting.insert(id, pending); }
-                        None => continue,
-                    }
+                    waiting.insert(id, Pending {
+                        envelope: job.envelope,
+                        state: job.state,
+                        skip_locals: job.locals_just_tried,
+                    });
                 }
                 finished = done_rx.recv() => {
                     if let Some((id, pending)) = finished {
@@ -170,53 +178,6 @@ impl Relay {
             }
         }
     }
-
-    /// Builds (or, after a restart, reloads) a message's delivery state.
-    async fn take_over(&self, job: RelayJob) -> Option<Pending> {
-        let states = self.context.states.clone();
-        let id = job.envelope.id.clone();
-        let saved = tokio::task::spawn_blocking(move || states.load(&id))
-            .await
-            .ok()?;
-        let state = match saved {
-            Ok(Some(state)) if state.recipients.len() == job.envelope.recipients.len() => state,
-            other => {
-                if let Err(err) = other {
-                    warn!(queue_id = %job.envelope.id, "delivery state unreadable, starting over: {err}");
-                }
-                DeliveryState {
-                    attempts: 0,
-                    next_attempt_ms: now_ms(),
-                    delay_notified: false,
-                    recipients: job
-                        .dispositions
-                        .iter()
-                        .zip(&job.envelope.recipients)
-                        .map(|(d, rcpt)| match d {
-                            Disposition::Done => RcptState::Done,
-                            Disposition::Remote(address) => RcptState::Pending {
-                                address: address.clone(),
-                                last: None,
-                            },
-                            // Failed local recipients report under their envelope address.
-                            Disposition::Failed(reason) => RcptState::Failed {
-                                address: rcpt.address.clone(),
-                                attempt: Attempt {
-                                    status: "5.0.0".into(),
-                                    remote_mta: None,
-                                    diagnostic: reason.clone(),
-                                },
-                            },
-                        })
-                        .collect(),
-                }
-            }
-        };
-        Some(Pending {
-            envelope: job.envelope,
-            state,
-        })
-    }
 }
 
 /// One delivery attempt for a message, then the bookkeeping. Returns the message when work
@@ -224,7 +185,12 @@ impl Relay {
 async fn attempt(context: &Arc<Context>, mut pending: Pending) -> Option<Pending> {
     let id = pending.envelope.id.clone();
     let targets = pending.state.pending();
-    let message = if targets.is_empty() && !has_failures(&pending.state) {
+    let locals = if std::mem::take(&mut pending.skip_locals) {
+        Vec::new()
+    } else {
+        pending.state.local()
+    };
+    let message = if targets.is_empty() && locals.is_empty() && !has_failures(&pending.state) {
         None
     } else {
         let spool = context.spool.clone();
@@ -239,6 +205,12 @@ async fn attempt(context: &Arc<Context>, mut pending: Pending) -> Option<Pending
             Err(_) => return Some(pending),
         }
     };
+    if let (Some(message), false) = (&message, locals.is_empty()) {
+        retry_local(context, &mut pending, message, &locals).await;
+    }
+    // Local retries may have made remote recipients (a deliver hook forwarding).
+    let targets = pending.state.pending();
+    let attempted = message.is_some() && !(locals.is_empty() && targets.is_empty());
     if let (Some(message), false) = (&message, targets.is_empty()) {
         let mut by_domain: HashMap<String, Vec<(usize, String)>> = HashMap::new();
         for (index, address) in targets {
@@ -297,6 +269,8 @@ async fn attempt(context: &Arc<Context>, mut pending: Pending) -> Option<Pending
                 save_state(context, &id, &pending.state).await;
             }
         }
+    }
+    if attempted {
         pending.state.attempts += 1;
     }
     settle(context, &mut pending, message.as_deref().map(Vec::as_slice)).await;
@@ -329,6 +303,58 @@ async fn save_state(context: &Context, id: &str, state: &DeliveryState) {
     }
 }
 
+/// Tries the local recipients that failed for now again, and records what came of them before
+/// anything else is tried.
+async fn retry_local(
+    context: &Context,
+    pending: &mut Pending,
+    message: &Arc<Vec<u8>>,
+    locals: &[usize],
+) {
+    let mut only = vec![false; pending.envelope.recipients.len()];
+    for &i in locals {
+        only[i] = true;
+    }
+    let queued = Queued {
+        envelope: pending.envelope.clone(),
+        message: Some(message.clone()),
+        retry: true,
+    };
+    let (_, mut dispositions) = context.local.deliver(vec![queued], Some(vec![only])).await;
+    let Some(dispositions) = dispositions.pop() else {
+        return; // the delivery task failed: all stay as they were
+    };
+    for &i in locals {
+        let address = pending.envelope.recipients[i].address.clone();
+        pending.state.recipients[i] = match &dispositions[i] {
+            Disposition::Done => {
+                info!(to = %address, "delivered locally on retry");
+                RcptState::Done
+            }
+            Disposition::Remote(to) => RcptState::Pending {
+                address: to.clone(),
+                last: None,
+            },
+            Disposition::Failed(reason) => RcptState::Failed {
+                address,
+                attempt: Attempt {
+                    status: "5.0.0".into(),
+                    remote_mta: None,
+                    diagnostic: reason.clone(),
+                },
+            },
+            Disposition::Deferred(reason) => RcptState::Local {
+                last: Some(Attempt {
+                    status: "4.3.0".into(),
+                    remote_mta: None,
+                    diagnostic: reason.clone(),
+                }),
+            },
+        };
+    }
+    save_state(context, &pending.envelope.id, &pending.state).await;
+}
+
 fn has_failures(state: &DeliveryState) -> bool {
     state
         .recipients
@@ -343,25 +369,30 @@ async fn settle(context: &Context, pending: &mut Pending, message: Option<&[u8]>
     let now = now_ms();
     let age_ms = now - pending.envelope.received_at * 1000;
     if age_ms >= outbound.max_age.as_millis() as i64 {
-        for rcpt in pending.state.recipients.iter_mut() {
-            if let RcptState::Pending { address, last } = rcpt {
-                let diagnostic = match last {
-                    Some(last) => format!(
-                        "gave up after {}: {}",
-                        humane(outbound.max_age),
-                        last.diagnostic
-                    ),
-                    None => format!("gave up after {}", humane(outbound.max_age)),
-                };
-                *rcpt = RcptState::Failed {
-                    address: address.clone(),
-                    attempt: Attempt {
-                        status: "4.4.7".into(),
-                        remote_mta: last.as_ref().and_then(|l| l.remote_mta.clone()),
-                        diagnostic,
-                    },
-                };
-            }
+        for (i, rcpt) in pending.state.recipients.iter_mut().enumerate() {
+            let (address, last) = match rcpt {
+                RcptState::Pending { address, last } => (address.clone(), last.clone()),
+                RcptState::Local { last } => {
+                    (pending.envelope.recipients[i].address.clone(), last.clone())
+                }
+                _ => continue,
+            };
+            let diagnostic = match &last {
+                Some(last) => format!(
+                    "gave up after {}: {}",
+                    humane(outbound.max_age),
+                    last.diagnostic
+                ),
+                None => format!("gave up after {}", humane(outbound.max_age)),
+            };
+            *rcpt = RcptState::Failed {
+                address,
+                attempt: Attempt {
+                    status: "4.4.7".into(),
+                    remote_mta: last.as_ref().and_then(|l| l.remote_mta.clone()),
+                    diagnostic,
+                },
+            };
         }
     }
     let failures: Vec<dsn::Failure> = pending
@@ -402,11 +433,13 @@ async fn settle(context: &Context, pending: &mut Pending, message: Option<&[u8]>
         now + outbound.retry_delay(pending.state.attempts).as_millis() as i64;
     let notice_after = outbound.delay_notice_after.as_millis() as i64;
     if notice_after > 0 && !pending.state.delay_notified && age_ms >= notice_after {
+        let envelope = &pending.envelope;
         let delayed: Vec<dsn::Failure> = pending
             .state
             .recipients
             .iter()
-            .filter_map(|r| match r {
+            .enumerate()
+            .filter_map(|(i, r)| match r {
                 RcptState::Pending { address, last } => Some(match last {
                     Some(last) => failure(address, last),
                     None => dsn::Failure {
@@ -416,6 +449,9 @@ async fn settle(context: &Context, pending: &mut Pending, message: Option<&[u8]>
                         diagnostic: "not yet delivered".into(),
                     },
                 }),
+                RcptState::Local { last: Some(last) } => {
+                    Some(failure(&envelope.recipients[i].address, last))
+                }
                 _ => None,
             })
             .collect();
@@ -467,7 +503,7 @@ async fn notify(
         return true;
     }
     let config = &context.config;
-    let Some(route) = notice_route(config, &context.users, &envelope.sender) else {
+    let Some(route) = notice_route(config, context.local.users(), &envelope.sender) else {
         warn!(sender = %envelope.sender, "the sender is an unknown local address: no notice");
         return true;
     };

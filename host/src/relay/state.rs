@@ -33,6 +33,10 @@ pub enum RcptState {
         /// The last temporary failure, for the delay notice and the final bounce.
         last: Option<Attempt>,
     },
+    /// A local recipient whose delivery failed for now (the store refused, a deliver hook
+    /// deferred): retried through local delivery on the relay's schedule, under the same
+    /// `max_age` and delay notice as remote ones.
+    Local { last: Option<Attempt> },
     /// Failed for good; the bounce is owed.
     Failed { address: String, attempt: Attempt },
     /// Delivered, discarded, or failed with the bounce sent: nothing more to do.
@@ -48,6 +52,55 @@ pub struct Attempt {
 }
 
 impl DeliveryState {
+    /// The first state of a message after local delivery decided each recipient.
+    pub fn from_dispositions(
+        envelope: &crate::queue::Envelope,
+        dispositions: &[crate::relay::Disposition],
+    ) -> DeliveryState {
+        use crate::relay::Disposition;
+        DeliveryState {
+            attempts: 0,
+            next_attempt_ms: chrono::Utc::now().timestamp_millis(),
+            delay_notified: false,
+            recipients: dispositions
+                .iter()
+                .zip(&envelope.recipients)
+                .map(|(d, rcpt)| match d {
+                    Disposition::Done => RcptState::Done,
+                    Disposition::Remote(address) => RcptState::Pending {
+                        address: address.clone(),
+                        last: None,
+                    },
+                    Disposition::Deferred(reason) => RcptState::Local {
+                        last: Some(Attempt {
+                            status: "4.3.0".into(),
+                            remote_mta: None,
+                            diagnostic: reason.clone(),
+                        }),
+                    },
+                    // Failed local recipients report under their envelope address.
+                    Disposition::Failed(reason) => RcptState::Failed {
+                        address: rcpt.address.clone(),
+                        attempt: Attempt {
+                            status: "5.0.0".into(),
+                            remote_mta: None,
+                            diagnostic: reason.clone(),
+                        },
+                    },
+                })
+                .collect(),
+        }
+    }
+
+    /// Indexes of the local recipients waiting for another try.
+    pub fn local(&self) -> Vec<usize> {
+        self.recipients
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| matches!(r, RcptState::Local { .. }).then_some(i))
+            .collect()
+    }
+
     pub fn is_finished(&self) -> bool {
         self.recipients.iter().all(|r| matches!(r, RcptState::Done))
     }
