@@ -623,3 +623,32 @@ def test_a_restart_never_brings_back_a_local_copy_the_user_deleted(tmp_path):
         still_serves(server)
     finally:
         server.stop()
+
+
+def test_long_sequence_sets_cost_their_size_not_its_product_with_the_folder(server):
+    """A 50 KB sequence set of 7,000 overlapping ranges (a command line may have 64 KiB), in
+    FETCH, STORE and SEARCH, over a folder of 300 messages: answered at once, and the server
+    goes on serving."""
+    import imaplib
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as s:
+        for n in range(300):
+            s.sendmail("friend@remote.test", ["alice@example.test"],
+                       MSG.replace(b"Subject: smtplib", b"Subject: n%d" % n))
+    assert len(server.wait_for_mail("alice", 300)) == 300
+    m = imaplib.IMAP4("127.0.0.1", server.ports["imap"], timeout=30)
+    m.starttls(ssl_context=ssl.create_default_context(cafile=server.cert))
+    m.login(*ALICE_LOGIN)
+    m.select("INBOX")
+    ranges = ",".join(f"{n % 290 + 1}:{n % 290 + 11}" for n in range(7000))
+    assert 50000 < len(ranges) < 64000, len(ranges)
+    started = time.time()
+    typ, data = m.fetch(ranges, "(FLAGS)")
+    assert typ == "OK" and len(data) == 300, (typ, len(data))
+    typ, data = m.uid("STORE", ranges, "+FLAGS", "(\\Flagged)")
+    assert typ == "OK"
+    typ, data = m.search(None, ranges)
+    assert typ == "OK" and len(data[0].split()) == 300
+    elapsed = time.time() - started
+    print(f"\nFETCH, STORE and SEARCH over a 7,000-range set: {elapsed * 1000:.0f} ms")
+    m.logout()
+    still_serves(server)

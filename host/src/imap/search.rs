@@ -12,13 +12,16 @@ use mail_parser::{HeaderName, MessageParser};
 
 use crate::store::{Flags, MessageInfo};
 
-/// (low, high) inclusive ranges with `*` resolved to `largest`.
+/// (low, high) inclusive ranges with `*` resolved to `largest`, sorted and merged, so that
+/// membership is a binary search and a walk over them never visits a number twice (a client
+/// may send thousands of ranges, overlapping, in any order).
 pub fn ranges(set: &SequenceSet, largest: u32) -> Vec<(u32, u32)> {
     let value = |v: &SeqOrUid| match v {
         SeqOrUid::Value(n) => n.get(),
         SeqOrUid::Asterisk => largest,
     };
-    set.0
+    let mut ranges: Vec<(u32, u32)> = set
+        .0
         .as_ref()
         .iter()
         .map(|sequence| match sequence {
@@ -28,11 +31,48 @@ pub fn ranges(set: &SequenceSet, largest: u32) -> Vec<(u32, u32)> {
                 (a.min(b), a.max(b))
             }
         })
-        .collect()
+        .collect();
+    ranges.sort_unstable();
+    let mut merged: Vec<(u32, u32)> = Vec::with_capacity(ranges.len());
+    for (low, high) in ranges {
+        match merged.last_mut() {
+            Some(last) if low <= last.1.saturating_add(1) => last.1 = last.1.max(high),
+            _ => merged.push((low, high)),
+        }
+    }
+    merged
 }
 
+/// Whether `n` is in sorted, merged `ranges` (see [`ranges`]).
 pub fn contains(ranges: &[(u32, u32)], n: u32) -> bool {
-    ranges.iter().any(|(low, high)| (*low..=*high).contains(&n))
+    let at = ranges.partition_point(|(_, high)| *high < n);
+    ranges.get(at).is_some_and(|(low, _)| *low <= n)
+}
+
+/// The ranges of each sequence set of one SEARCH key, computed once for the whole folder
+/// instead of once per message. Sets are told apart by their address, which is sound because
+/// the cache borrows the key for its whole life: no set of it can move or be dropped meanwhile.
+pub struct SetCache<'k> {
+    _key: std::marker::PhantomData<&'k ()>,
+    sets: std::cell::RefCell<std::collections::HashMap<(usize, u32), Arc<[(u32, u32)]>>>,
+}
+
+impl<'k> SetCache<'k> {
+    pub fn new(_key: &'k SearchKey<'_>) -> SetCache<'k> {
+        SetCache {
+            _key: std::marker::PhantomData,
+            sets: Default::default(),
+        }
+    }
+
+    fn ranges(&self, set: &SequenceSet, largest: u32) -> Arc<[(u32, u32)]> {
+        let key = (set as *const SequenceSet as usize, largest);
+        self.sets
+            .borrow_mut()
+            .entry(key)
+            .or_insert_with(|| ranges(set, largest).into())
+            .clone()
+    }
 }
 
 type Loader<'a, T> = &'a mut dyn FnMut() -> Option<T>;
@@ -167,6 +207,8 @@ pub struct Subject<'a> {
     pub last_uid: u32,
     /// The folder's keyword table (slot names).
     pub keywords: &'a [String],
+    /// Sequence sets of the search, resolved once.
+    pub sets: &'a SetCache<'a>,
 }
 
 /// Whether a message has a keyword, by name.
@@ -218,8 +260,13 @@ pub fn matches(key: &SearchKey<'_>, subject: &Subject<'_>, message: &mut Lazy<'_
         SearchKey::Or(a, b) => matches(a, subject, message) || matches(b, subject, message),
         SearchKey::Not(k) => !matches(k, subject, message),
         SearchKey::All => true,
-        SearchKey::SequenceSet(set) => contains(&ranges(set, subject.last_seq), subject.seq),
-        SearchKey::Uid(set) => contains(&ranges(set, subject.last_uid), subject.info.uid),
+        SearchKey::SequenceSet(set) => {
+            contains(&subject.sets.ranges(set, subject.last_seq), subject.seq)
+        }
+        SearchKey::Uid(set) => contains(
+            &subject.sets.ranges(set, subject.last_uid),
+            subject.info.uid,
+        ),
         SearchKey::Answered => flag(Flags::ANSWERED),
         SearchKey::Unanswered => !flag(Flags::ANSWERED),
         SearchKey::Deleted => flag(Flags::DELETED),
@@ -288,14 +335,16 @@ mod tests {
         let raw = b"From: Alice <alice@example.test>\r\nTo: =?utf-8?q?J=C3=B6rg?= <j@example.test>\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?= lunch\r\nDate: Sun, 22 Nov 2026 09:00:00 +0000\r\nX-Ticket: folded\r\n  value 42\r\n\r\nLet us meet at noon.\r\n".to_vec();
         let message = info(7, Flags::SEEN.union(Flags::keyword(1)), raw.len() as u64);
         let keywords = ["$Junk".to_string(), "Work".to_string()];
-        let subject = Subject {
-            seq: 3,
-            info: &message,
-            last_seq: 5,
-            last_uid: 9,
-            keywords: &keywords,
-        };
         let check = |key: SearchKey<'_>| {
+            let sets = SetCache::new(&key);
+            let subject = Subject {
+                seq: 3,
+                info: &message,
+                last_seq: 5,
+                last_uid: 9,
+                keywords: &keywords,
+                sets: &sets,
+            };
             let header: Arc<[u8]> = Arc::from(&raw[..crate::message::body_offset(&raw)]);
             let mut load_header = move || Some(header.clone());
             let raw = raw.clone();

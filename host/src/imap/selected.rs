@@ -7,7 +7,7 @@
 //! which keeps sequence numbers stable during FETCH, STORE and SEARCH as the RFC requires.
 
 use super::fetch;
-use super::search::{contains, ranges};
+use super::search::ranges;
 use crate::store::{Flags, FolderSnapshot, MessageInfo};
 use imap_codec::imap_types::sequence::SequenceSet;
 
@@ -94,22 +94,25 @@ impl Selected {
 
     /// Indexes (sequence number - 1) of the messages a set names, in increasing order. For UIDs,
     /// `*` is the highest UID present; a UID range names only messages that exist.
+    /// Costs the ranges' number times log(folder) plus what it returns, whatever the set.
     pub fn resolve(&self, set: &SequenceSet, uid: bool) -> Vec<usize> {
+        let mut out = Vec::new();
         if uid {
             // RFC 9051 §6.4.8: `n:*` includes the last message even when n is larger.
-            let ranges = ranges(set, self.last_uid());
-            self.messages
-                .iter()
-                .enumerate()
-                .filter(|(_, m)| contains(&ranges, m.uid))
-                .map(|(i, _)| i)
-                .collect()
+            for (low, high) in ranges(set, self.last_uid()) {
+                let start = self.messages.partition_point(|m| m.uid < low);
+                let end = self.messages.partition_point(|m| m.uid <= high);
+                out.extend(start..end.max(start));
+            }
         } else {
-            let ranges = ranges(set, self.exists());
-            (0..self.messages.len())
-                .filter(|i| contains(&ranges, *i as u32 + 1))
-                .collect()
+            let exists = self.messages.len();
+            for (low, high) in ranges(set, self.exists()) {
+                let start = (low.max(1) as usize - 1).min(exists);
+                let end = (high as usize).min(exists);
+                out.extend(start..end.max(start));
+            }
         }
+        out
     }
 
     /// Whether a sequence set names only messages that exist (RFC 9051 §6.4.5: otherwise BAD).
@@ -334,6 +337,34 @@ mod tests {
             messages,
             keywords: Vec::new(),
         }
+    }
+
+    #[test]
+    fn sets_resolve_in_order_once_each_whatever_their_shape() {
+        let e = Flags::empty();
+        let uids = [2, 3, 5, 8, 13, 21];
+        let view = Selected::new(
+            "INBOX".into(),
+            false,
+            snap(uids.iter().map(|u| info(*u, e)).collect()),
+        );
+        let set = |t: &str| SequenceSet::try_from(t).unwrap();
+        assert_eq!(
+            view.resolve(&set("4:2,1,6:*,3,2"), false),
+            vec![0, 1, 2, 3, 5]
+        );
+        assert_eq!(view.resolve(&set("*"), false), vec![5]);
+        assert_eq!(view.resolve(&set("7:9"), false), Vec::<usize>::new());
+        assert_eq!(view.resolve(&set("4:13,1,100:*"), true), vec![2, 3, 4, 5]);
+        assert_eq!(view.resolve(&set("22:30"), true), Vec::<usize>::new());
+        // Thousands of overlapping ranges cost their number, not their number × the folder.
+        let many: Vec<String> = (1..5000)
+            .map(|n| format!("{}:{}", n % 7 + 1, n % 11 + 1))
+            .collect();
+        assert_eq!(
+            view.resolve(&set(&many.join(",")), false),
+            vec![0, 1, 2, 3, 4, 5]
+        );
     }
 
     #[test]

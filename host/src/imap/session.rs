@@ -1612,6 +1612,7 @@ impl Session {
         let found = blocking(self.id, move || {
             let last_seq = messages.len() as u32;
             let last_uid = messages.last().map(|m| m.uid).unwrap_or(0);
+            let sets = search::SetCache::new(&key);
             let mut found = Vec::new();
             let mut highest = 0;
             for (i, info) in messages.iter().enumerate() {
@@ -1621,6 +1622,7 @@ impl Session {
                     last_seq,
                     last_uid,
                     keywords: &keywords,
+                    sets: &sets,
                 };
                 let mut load_header = || store.read_header(&user, &folder, info).ok();
                 let mut load = || store.read(&user, &folder, info).ok();
