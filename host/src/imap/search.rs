@@ -54,8 +54,12 @@ pub fn contains(ranges: &[(u32, u32)], n: u32) -> bool {
 /// the cache borrows the key for its whole life: no set of it can move or be dropped meanwhile.
 pub struct SetCache<'k> {
     _key: std::marker::PhantomData<&'k ()>,
-    sets: std::cell::RefCell<std::collections::HashMap<(usize, u32), Arc<[(u32, u32)]>>>,
+    /// (set address, what `*` means) → its ranges.
+    sets: std::cell::RefCell<std::collections::HashMap<(usize, u32), Ranges>>,
 }
+
+/// Sorted, merged inclusive ranges (see [`ranges`]).
+type Ranges = Arc<[(u32, u32)]>;
 
 impl<'k> SetCache<'k> {
     pub fn new(_key: &'k SearchKey<'_>) -> SetCache<'k> {
@@ -65,7 +69,7 @@ impl<'k> SetCache<'k> {
         }
     }
 
-    fn ranges(&self, set: &SequenceSet, largest: u32) -> Arc<[(u32, u32)]> {
+    fn ranges(&self, set: &SequenceSet, largest: u32) -> Ranges {
         let key = (set as *const SequenceSet as usize, largest);
         self.sets
             .borrow_mut()
