@@ -133,7 +133,7 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let config = Arc::new(config);
     let data_dir = config.server.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
+    crate::durable::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
         path: data_dir.clone(),
         source,
     })?;

@@ -394,6 +394,9 @@ impl MailStore for Maildir {
         };
         let log = state.modlog(&dir, validity).map_err(StoreError::from_io)?;
         let mut outcome = FlagOutcome::default();
+        // Directories whose entries the renames changed: flushed once, before the answer, so a
+        // STORE (or the implicit \Seen of a FETCH) that was told OK survives a power loss.
+        let (mut cur_changed, mut new_changed) = (false, false);
         for message in messages {
             let Some(location) = current_location(&dir, message).map_err(StoreError::from_io)?
             else {
@@ -411,7 +414,10 @@ impl MailStore for Maildir {
             let target = format!("cur/{}:2,{}", message.key, flag_letters(wanted));
             if target != location {
                 match fs::rename(dir.join(&location), dir.join(&target)) {
-                    Ok(()) => {}
+                    Ok(()) => {
+                        cur_changed = true;
+                        new_changed |= location.starts_with("new/");
+                    }
                     Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
                     Err(err) => return Err(StoreError::from_io(err)),
                 }
@@ -426,6 +432,12 @@ impl MailStore for Maildir {
             outcome.updated.push((message.uid, wanted, modseq));
         }
         log.flush(&dir).map_err(StoreError::from_io)?;
+        if new_changed {
+            durable::sync_dir(&dir.join("new")).map_err(StoreError::from_io)?;
+        }
+        if cur_changed {
+            durable::sync_dir(&dir.join("cur")).map_err(StoreError::from_io)?;
+        }
         Ok(outcome)
     }
 
