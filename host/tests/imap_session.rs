@@ -288,7 +288,7 @@ async fn append_select_fetch_store_search_copy_expunge() {
         S: A042 OK STATUS completed
         C: A142 SELECT saved-messages
         S: * 2 EXISTS
-        S: * 0 RECENT
+        S: * 2 RECENT
         S: * OK [UNSEEN 2] …
         S: * FLAGS (\Answered \Flagged \Deleted \Seen \Draft…)
         S: * OK [PERMANENTFLAGS (\Answered \Flagged \Deleted \Seen \Draft…)] …
@@ -297,7 +297,7 @@ async fn append_select_fetch_store_search_copy_expunge() {
         S: * OK [HIGHESTMODSEQ …] …
         S: A142 OK [READ-WRITE] SELECT completed
         C: A654 FETCH 2 (FLAGS INTERNALDATE RFC822.SIZE)
-        S: * 2 FETCH (FLAGS () INTERNALDATE "08-Feb-1994 05:52:25 +0000" RFC822.SIZE 326)
+        S: * 2 FETCH (FLAGS (\Recent) INTERNALDATE "08-Feb-1994 05:52:25 +0000" RFC822.SIZE 326)
         S: A654 OK FETCH completed
         C: A655 FETCH 1 (ENVELOPE)
         S: * 1 FETCH (ENVELOPE ("Mon, 7 Feb 1994 21:52:25 -0800 (PST)" "afternoon meeting" (("Fred Foobar" NIL "foobar" "Blurdybloop.example")) (("Fred Foobar" NIL "foobar" "Blurdybloop.example")) (("Fred Foobar" NIL "foobar" "Blurdybloop.example")) ((NIL NIL "mooch" "owatagu.siam.edu.example")) NIL NIL NIL "<B27397-0100000@Blurdybloop.example>"))
@@ -312,10 +312,10 @@ async fn append_select_fetch_store_search_copy_expunge() {
         C: A657 FETCH 2 BODY[TEXT]
         S: * 2 FETCH (BODY[TEXT] {55}
         S: Hello Joe, do you think we can meet at 3:30 tomorrow?
-        S:  FLAGS (\Seen))
+        S:  FLAGS (\Recent \Seen))
         S: A657 OK FETCH completed
         C: A003 STORE 2 +FLAGS (\Deleted)
-        S: * 2 FETCH (FLAGS (\Seen \Deleted))
+        S: * 2 FETCH (FLAGS (\Recent \Seen \Deleted))
         S: A003 OK STORE completed
         C: A282 SEARCH FLAGGED SINCE 1-Feb-1994 NOT FROM "Smith"
         S: * SEARCH
@@ -329,8 +329,8 @@ async fn append_select_fetch_store_search_copy_expunge() {
         C: A003 COPY 1:2 INBOX
         S: A003 OK [COPYUID … 1:2 1:2] COPY completed
         C: A999 UID FETCH 1:* (FLAGS)
-        S: * 1 FETCH (UID 1 FLAGS (\Seen))
-        S: * 2 FETCH (UID 2 FLAGS (\Seen \Deleted))
+        S: * 1 FETCH (UID 1 FLAGS (\Recent \Seen))
+        S: * 2 FETCH (UID 2 FLAGS (\Recent \Seen \Deleted))
         S: A999 OK …
         C: A202 EXPUNGE
         S: * 2 EXPUNGE
@@ -339,7 +339,7 @@ async fn append_select_fetch_store_search_copy_expunge() {
         S: A341 OK CLOSE completed
         C: A342 EXAMINE INBOX
         S: * 2 EXISTS
-        S: * 0 RECENT
+        S: * 2 RECENT
         S: * FLAGS …
         S: * OK [PERMANENTFLAGS ()] …
         S: * OK [UIDVALIDITY …] …
@@ -380,6 +380,7 @@ async fn idle_sees_another_sessions_append_and_flags() {
         C2: <MESSAGE>
         S2: B002 OK [APPENDUID … 1] APPEND completed
         S: * 1 EXISTS
+        S: * 1 RECENT
         C: DONE
         S: A003 OK IDLE terminated
         C2: B003 SELECT INBOX
@@ -395,7 +396,7 @@ async fn idle_sees_another_sessions_append_and_flags() {
         C2: B004 STORE 1 +FLAGS.SILENT (\Flagged)
         S2: B004 OK STORE completed
         C: A004 NOOP
-        S: * 1 FETCH (FLAGS (\Flagged))
+        S: * 1 FETCH (FLAGS (\Recent \Flagged))
         S: A004 OK NOOP completed
         C2: B005 STORE 1 +FLAGS.SILENT (\Deleted)
         S2: B005 OK STORE completed
@@ -403,7 +404,7 @@ async fn idle_sees_another_sessions_append_and_flags() {
         S2: * 1 EXPUNGE
         S2: B006 OK EXPUNGE completed
         C: A005 FETCH 1 (FLAGS)
-        S: * 1 FETCH (FLAGS (\Flagged))
+        S: * 1 FETCH (FLAGS (\Recent \Flagged))
         S: A005 OK FETCH completed
         C: A006 NOOP
         S: * 1 EXPUNGE
@@ -479,7 +480,7 @@ async fn keywords_condstore_qresync() {
         S: A004 OK [APPENDUID … 3] APPEND completed
         C: A005 SELECT INBOX (CONDSTORE)
         S: * 3 EXISTS
-        S: * 0 RECENT
+        S: * 3 RECENT
         S: * OK [UNSEEN 2] …
         S: * FLAGS (\Answered \Flagged \Deleted \Seen \Draft $Forwarded $Junk Work)
         S: * OK [PERMANENTFLAGS (\Answered \Flagged \Deleted \Seen \Draft $Forwarded $Junk Work \*)] …
@@ -488,8 +489,8 @@ async fn keywords_condstore_qresync() {
         S: * OK [HIGHESTMODSEQ 4] …
         S: A005 OK [READ-WRITE] SELECT completed
         C: A006 FETCH 1:* (FLAGS) (CHANGEDSINCE 2)
-        S: * 2 FETCH (FLAGS () MODSEQ (3))
-        S: * 3 FETCH (FLAGS ($Junk Work) MODSEQ (4))
+        S: * 2 FETCH (FLAGS (\Recent) MODSEQ (3))
+        S: * 3 FETCH (FLAGS (\Recent $Junk Work) MODSEQ (4))
         S: A006 OK FETCH completed
         C: A007 STORE 1:3 (UNCHANGEDSINCE 3) +FLAGS.SILENT (\Flagged NewWord)
         S: * FLAGS (\Answered \Flagged \Deleted \Seen \Draft $Forwarded $Junk Work NewWord)
@@ -529,7 +530,7 @@ async fn keywords_condstore_qresync() {
         S: * 2 EXPUNGE
         S: A010 OK NOOP completed
         C: A011 STORE 1 -FLAGS (NewWord)
-        S: * 1 FETCH (UID 1 FLAGS (\Seen \Flagged $Junk) MODSEQ (9))
+        S: * 1 FETCH (UID 1 FLAGS (\Recent \Seen \Flagged $Junk) MODSEQ (9))
         S: A011 OK STORE completed
         C2: B007 UNSELECT
         S2: B007 OK UNSELECT completed

@@ -285,6 +285,8 @@ def test_idle_wakes_on_smtp_delivery(server):
     threading.Thread(target=deliver, args=(server, [message(1)])).start()
     line = m.readline()
     assert line == b"* 1 EXISTS\r\n", line
+    # RFC 3501 §7.3.2: this (IMAP4rev1, read-write) session is the first to see it: \Recent.
+    assert m.readline() == b"* 1 RECENT\r\n"
     assert time.time() - started < 5
     m.send(b"DONE\r\n")
     assert m.readline() == f"{tag} OK IDLE terminated\r\n".encode()
@@ -542,9 +544,11 @@ def test_keywords_condstore_qresync_across_a_kill(tmp_path):
         h0 = int(untagged(a, "HIGHESTMODSEQ")[0])
         assert any("\\*" in p for p in untagged(a, "PERMANENTFLAGS"))
 
-        # Keywords: Maildir letters, named in Dovecot's keyword file, told with MODSEQ.
+        # Keywords: Maildir letters, named in Dovecot's keyword file, told with MODSEQ. This
+        # IMAP4rev1 session was the first to select the folder: the messages are \Recent to it.
         data = ok(a.store("1", "+FLAGS", "($Junk Work)"))
-        assert re.fullmatch(r"1 \(UID 1 FLAGS \(\$Junk Work\) MODSEQ \((\d+)\)\)", data[0].decode()), data
+        assert re.fullmatch(r"1 \(UID 1 FLAGS \(\\Recent \$Junk Work\) MODSEQ \((\d+)\)\)",
+                            data[0].decode()), data
         assert "$Junk Work" in untagged(a, "FLAGS")[-1]  # the table grew: FLAGS again
         inbox = server.data_dir / "mailboxes" / "example.test" / "alice"
         assert (inbox / "dovecot-keywords").read_text() == "0 $Junk\n1 Work\n"

@@ -15,9 +15,13 @@ use super::codec::{astring, literal, nstring, string};
 use crate::store::Flags;
 
 /// `(\Seen \Flagged $Junk)`: a message's flags; keyword slots are named by the folder's table.
-pub fn flags(out: &mut Vec<u8>, flags: Flags, keywords: &[String]) {
+/// `recent`: the session sees the message as \Recent (IMAP4rev1 only).
+pub fn flags(out: &mut Vec<u8>, flags: Flags, keywords: &[String], recent: bool) {
     out.push(b'(');
-    let mut first = true;
+    let mut first = !recent;
+    if recent {
+        out.extend_from_slice(b"\\Recent");
+    }
     let mut put = |out: &mut Vec<u8>, name: &str| {
         if !first {
             out.push(b' ');

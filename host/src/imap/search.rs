@@ -213,6 +213,8 @@ pub struct Subject<'a> {
     pub keywords: &'a [String],
     /// Sequence sets of the search, resolved once.
     pub sets: &'a SetCache<'a>,
+    /// The session sees the message as \Recent (always false under IMAP4rev2).
+    pub recent: bool,
 }
 
 /// Whether a message has a keyword, by name.
@@ -281,10 +283,10 @@ pub fn matches(key: &SearchKey<'_>, subject: &Subject<'_>, message: &mut Lazy<'_
         SearchKey::Unflagged => !flag(Flags::FLAGGED),
         SearchKey::Seen => flag(Flags::SEEN),
         SearchKey::Unseen => !flag(Flags::SEEN),
-        // No session sees a message as \Recent here (IMAP4rev2 dropped it), so NEW is UNSEEN.
-        SearchKey::New => !flag(Flags::SEEN),
-        SearchKey::Old => true,
-        SearchKey::Recent => false,
+        // RFC 3501 §6.4.4: NEW is RECENT UNSEEN, OLD is NOT RECENT.
+        SearchKey::New => subject.recent && !flag(Flags::SEEN),
+        SearchKey::Old => !subject.recent,
+        SearchKey::Recent => subject.recent,
         SearchKey::Keyword(word) => has_keyword(subject, word.as_ref()),
         SearchKey::Unkeyword(word) => !has_keyword(subject, word.as_ref()),
         // RFC 7162 §3.1.5: messages whose mod-sequence is at least the value (the entry
@@ -348,6 +350,7 @@ mod tests {
                 last_uid: 9,
                 keywords: &keywords,
                 sets: &sets,
+                recent: false,
             };
             let header: Arc<[u8]> = Arc::from(&raw[..crate::message::body_offset(&raw)]);
             let mut load_header = move || Some(header.clone());

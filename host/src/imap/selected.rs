@@ -18,6 +18,8 @@ pub struct Report {
     pub condstore: bool,
     /// Expunges are told as `VANISHED <uids>` instead of `<n> EXPUNGE`.
     pub qresync: bool,
+    /// An IMAP4rev1 session: `\Recent` and `* n RECENT` are told (IMAP4rev2 dropped them).
+    pub recent: bool,
 }
 
 pub struct Selected {
@@ -31,10 +33,27 @@ pub struct Selected {
     pub keywords: Vec<String>,
     /// The HIGHESTMODSEQ everything told so far adds up to.
     pub highest_modseq: u64,
+    /// UIDs this session sees as \Recent (RFC 3501 §2.3.2).
+    pub recent: std::collections::HashSet<u32>,
 }
 
 impl Selected {
-    pub fn new(folder: String, read_only: bool, snapshot: FolderSnapshot) -> Selected {
+    /// `recent_above`: messages with a higher UID are \Recent in this session (None: none).
+    pub fn new(
+        folder: String,
+        read_only: bool,
+        snapshot: FolderSnapshot,
+        recent_above: Option<u32>,
+    ) -> Selected {
+        let recent = match recent_above {
+            Some(boundary) => snapshot
+                .messages
+                .iter()
+                .filter(|m| m.uid > boundary)
+                .map(|m| m.uid)
+                .collect(),
+            None => Default::default(),
+        };
         Selected {
             folder,
             read_only,
@@ -43,7 +62,20 @@ impl Selected {
             messages: snapshot.messages,
             keywords: snapshot.keywords,
             highest_modseq: snapshot.highest_modseq,
+            recent,
         }
+    }
+
+    /// Whether the message at `index` is \Recent in this session.
+    pub fn is_recent(&self, index: usize) -> bool {
+        self.messages
+            .get(index)
+            .is_some_and(|m| self.recent.contains(&m.uid))
+    }
+
+    /// How many messages of the view are \Recent.
+    pub fn recent_count(&self) -> usize {
+        self.recent.len()
     }
 
     /// The FLAGS and PERMANENTFLAGS responses for the folder's current keyword table.
@@ -77,7 +109,8 @@ impl Selected {
             out.extend_from_slice(format!("UID {} ", message.uid).as_bytes());
         }
         out.extend_from_slice(b"FLAGS ");
-        fetch::flags(out, message.flags, &self.keywords);
+        let recent = report.recent && self.recent.contains(&message.uid);
+        fetch::flags(out, message.flags, &self.keywords, recent);
         if report.condstore {
             out.extend_from_slice(format!(" MODSEQ ({})", message.modseq).as_bytes());
         }
@@ -129,11 +162,13 @@ impl Selected {
     /// yet) and only additions and flag changes are told; under CONDSTORE flag changes then wait
     /// too, so that no MODSEQ a client sees is above an expunge it has not been told (RFC 7162
     /// erratum 1810).
+    /// New messages above `recent_above` become \Recent in this view.
     pub fn refresh(
         &mut self,
         snapshot: FolderSnapshot,
         expunge_allowed: bool,
         report: Report,
+        recent_above: Option<u32>,
     ) -> Vec<u8> {
         let mut out = Vec::new();
         if snapshot.uid_validity != self.uid_validity {
@@ -175,8 +210,15 @@ impl Selected {
         let before = self.messages.len();
         self.messages
             .extend(fresh.into_iter().filter(|m| m.uid > last));
+        if let Some(boundary) = recent_above {
+            let arrived = self.messages[before..].iter().map(|m| m.uid);
+            self.recent.extend(arrived.filter(|uid| *uid > boundary));
+        }
         if self.messages.len() != before {
             out.extend_from_slice(format!("* {} EXISTS\r\n", self.messages.len()).as_bytes());
+            if report.recent {
+                out.extend_from_slice(format!("* {} RECENT\r\n", self.recent_count()).as_bytes());
+            }
         }
         self.uid_next = snapshot.uid_next.max(self.uid_next);
         if !withheld {
@@ -198,6 +240,7 @@ impl Selected {
             }
         }
         for i in indexes.into_iter().rev() {
+            self.recent.remove(&self.messages[i].uid);
             self.messages.remove(i);
             if !report.qresync {
                 out.extend_from_slice(format!("* {} EXPUNGE\r\n", i + 1).as_bytes());
@@ -347,6 +390,7 @@ mod tests {
             "INBOX".into(),
             false,
             snap(uids.iter().map(|u| info(*u, e)).collect()),
+            None,
         );
         let set = |t: &str| SequenceSet::try_from(t).unwrap();
         assert_eq!(
@@ -374,16 +418,17 @@ mod tests {
             "INBOX".into(),
             false,
             snap(vec![info(1, e), info(2, e), info(3, e), info(4, e)]),
+            None,
         );
         let fresh = snap(vec![info(1, e), info(3, Flags::SEEN), info(5, e)]);
         let plain = Report::default();
-        let out = view.refresh(fresh.clone(), false, plain);
+        let out = view.refresh(fresh.clone(), false, plain, None);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "* 3 FETCH (FLAGS (\\Seen))\r\n* 5 EXISTS\r\n",
             "no EXPUNGE while not allowed; numbers stay"
         );
-        let out = view.refresh(fresh, true, plain);
+        let out = view.refresh(fresh, true, plain, None);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "* 4 EXPUNGE\r\n* 2 EXPUNGE\r\n"
@@ -395,26 +440,69 @@ mod tests {
     }
 
     #[test]
+    fn recent_messages_are_counted_and_flagged_for_imap4rev1() {
+        let e = Flags::empty();
+        let mut view = Selected::new(
+            "INBOX".into(),
+            false,
+            snap(vec![info(1, e), info(2, e)]),
+            Some(1),
+        );
+        assert_eq!(view.recent_count(), 1);
+        assert!(!view.is_recent(0) && view.is_recent(1));
+        let rev1 = Report {
+            recent: true,
+            ..Report::default()
+        };
+        let out = view.refresh(
+            snap(vec![info(1, e), info(2, e), info(3, e)]),
+            true,
+            rev1,
+            Some(2),
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "* 3 EXISTS\r\n* 2 RECENT\r\n"
+        );
+        let mut flags = Vec::new();
+        view.flags_fetch(&mut flags, 2, false, rev1);
+        assert_eq!(flags, b"* 3 FETCH (FLAGS (\\Recent))\r\n");
+        // Claimed by another session meanwhile: a new arrival is not recent here.
+        let out = view.refresh(
+            snap(vec![info(1, e), info(2, e), info(3, e), info(4, e)]),
+            true,
+            rev1,
+            Some(4),
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "* 4 EXISTS\r\n* 2 RECENT\r\n"
+        );
+    }
+
+    #[test]
     fn condstore_and_qresync_reports() {
         let e = Flags::empty();
         let mut view = Selected::new(
             "INBOX".into(),
             false,
             snap(vec![info(1, e), info(2, e), info(3, e)]),
+            None,
         );
         let report = Report {
             condstore: true,
             qresync: true,
+            recent: false,
         };
         let mut changed = info(3, Flags::keyword(0));
         changed.modseq = 9;
         let mut fresh = snap(vec![info(1, e), changed]);
         fresh.keywords = vec!["$Junk".into()];
         // While expunges must wait, so do flag changes under CONDSTORE.
-        let out = view.refresh(fresh.clone(), false, report);
+        let out = view.refresh(fresh.clone(), false, report, None);
         assert_eq!(out, b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Forwarded $Junk)\r\n* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Forwarded $Junk \\*)] Flags the store keeps\r\n");
         assert_eq!(view.highest_modseq, 3);
-        let out = view.refresh(fresh, true, report);
+        let out = view.refresh(fresh, true, report, None);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "* VANISHED 2\r\n* 2 FETCH (UID 3 FLAGS ($Junk) MODSEQ (9))\r\n"
@@ -427,7 +515,7 @@ mod tests {
         let e = Flags::empty();
         let mut s = snap(vec![info(3, e), info(4, e), info(9, e)]);
         s.uid_next = 12;
-        let view = Selected::new("INBOX".into(), false, s);
+        let view = Selected::new("INBOX".into(), false, s, None);
         assert_eq!(view.missing_uids(None), [(1, 2), (5, 8), (10, 11)]);
         let known = SequenceSet::try_from("2:5,4:10,4000000000").unwrap();
         assert_eq!(view.missing_uids(Some(&known)), [(2, 2), (5, 8), (10, 10)]);
@@ -437,7 +525,12 @@ mod tests {
     #[test]
     fn sets() {
         let e = Flags::empty();
-        let view = Selected::new("INBOX".into(), false, snap(vec![info(3, e), info(9, e)]));
+        let view = Selected::new(
+            "INBOX".into(),
+            false,
+            snap(vec![info(3, e), info(9, e)]),
+            None,
+        );
         assert_eq!(
             view.resolve(&SequenceSet::try_from("2:*").unwrap(), false),
             [1]

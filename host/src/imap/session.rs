@@ -295,6 +295,38 @@ fn list_match(pattern: &str, name: &str) -> bool {
     wildcard_match(fold(pattern).as_bytes(), fold(name).as_bytes())
 }
 
+/// How a session takes part in \Recent (RFC 3501 §2.3.2) when it opens or re-reads a folder.
+#[derive(Clone, Copy)]
+enum RecentMode {
+    /// IMAP4rev2 (no \Recent at all).
+    None,
+    /// Read-only (EXAMINE): sees what no session claimed, claims nothing.
+    Look,
+    /// Read-write: claims what it is the first to see.
+    Claim,
+}
+
+impl RecentMode {
+    /// The boundary above which the snapshot's messages are \Recent for this session.
+    fn boundary(
+        self,
+        store: &dyn MailStore,
+        user: &str,
+        folder: &str,
+        snapshot: &crate::store::FolderSnapshot,
+    ) -> Result<Option<u32>, StoreError> {
+        let last = snapshot.messages.last().map_or(0, |m| m.uid);
+        let claim = match self {
+            RecentMode::None => return Ok(None),
+            RecentMode::Look => None,
+            RecentMode::Claim => Some(last),
+        };
+        store
+            .recent_boundary(user, folder, snapshot.uid_validity, claim)
+            .map(Some)
+    }
+}
+
 /// The longest LIST/LSUB pattern (reference and mailbox together) taken.
 const MAX_LIST_PATTERN: usize = 1024;
 
@@ -577,10 +609,41 @@ impl Session {
         text
     }
 
+    /// RFC 7162 §3.1: a CONDSTORE-enabling command (FETCH MODSEQ, SEARCH MODSEQ, STORE
+    /// UNCHANGEDSINCE, STATUS HIGHESTMODSEQ) turns CONDSTORE on; when a mailbox is selected the
+    /// client then hears its HIGHESTMODSEQ, as it would have from SELECT.
+    fn enable_condstore<S>(&mut self, io: &mut Io<S>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        if self.condstore {
+            return;
+        }
+        self.condstore = true;
+        if let State::Selected(selected) = &self.state {
+            let highest = selected.highest_modseq.max(1);
+            io.queue(&codec::status(
+                None,
+                "OK",
+                Some(&format!("HIGHESTMODSEQ {highest}")),
+                "Highest",
+            ));
+        }
+    }
+
+    fn recent_mode(&self, read_only: bool) -> RecentMode {
+        match (self.rev2, read_only) {
+            (true, _) => RecentMode::None,
+            (false, true) => RecentMode::Look,
+            (false, false) => RecentMode::Claim,
+        }
+    }
+
     fn report(&self) -> Report {
         Report {
             condstore: self.condstore,
             qresync: self.qresync,
+            recent: !self.rev2,
         }
     }
 
@@ -616,19 +679,25 @@ impl Session {
         };
         let store = self.server.store.clone();
         let folder = selected.folder.clone();
-        let snapshot = blocking(self.id, move || store.snapshot(&user, &folder)).await;
+        let recent = self.recent_mode(selected.read_only);
+        let snapshot = blocking(self.id, move || {
+            let snapshot = store.snapshot(&user, &folder)?;
+            let boundary = recent.boundary(&*store, &user, &folder, &snapshot)?;
+            Ok((snapshot, boundary))
+        })
+        .await;
         let report = self.report();
         let State::Selected(selected) = &mut self.state else {
             return Vec::new();
         };
         match snapshot {
-            Ok(snapshot) => {
+            Ok((snapshot, boundary)) => {
                 // Only a complete report clears the flag; one that had to hold back EXPUNGEs
                 // leaves it for the next command.
                 if expunge_allowed {
                     self.dirty = false;
                 }
-                selected.refresh(snapshot, expunge_allowed, report)
+                selected.refresh(snapshot, expunge_allowed, report, boundary)
             }
             Err(StoreError::NoSuchFolder(_)) => {
                 b"* BYE Selected mailbox was deleted, please reconnect\r\n".to_vec()
@@ -1048,7 +1117,7 @@ impl Session {
                     Err(done) => return done,
                 };
                 if item_names.contains(&StatusDataItemName::HighestModSeq) {
-                    self.condstore = true; // RFC 7162 §3.1: a CONDSTORE enabling command
+                    self.enable_condstore(io);
                 }
                 match self.status_line(&name, item_names.as_ref()).await {
                     Ok(line) => {
@@ -1162,17 +1231,24 @@ impl Session {
             Err(done) => return done,
         };
         let (store, user, folder) = (self.server.store.clone(), self.user(), name.clone());
-        let snapshot = match blocking(self.id, move || store.snapshot(&user, &folder)).await {
-            Ok(snapshot) => snapshot,
+        let recent = self.recent_mode(read_only);
+        let opened = blocking(self.id, move || {
+            let snapshot = store.snapshot(&user, &folder)?;
+            let boundary = recent.boundary(&*store, &user, &folder, &snapshot)?;
+            Ok((snapshot, boundary))
+        })
+        .await;
+        let (snapshot, boundary) = match opened {
+            Ok(opened) => opened,
             Err(err) => return store_failure(&err),
         };
         self.drain_changes();
         self.dirty = false;
-        let selected = Selected::new(name, read_only, snapshot);
+        let selected = Selected::new(name, read_only, snapshot, boundary);
         let mut out = Vec::new();
         out.extend_from_slice(format!("* {} EXISTS\r\n", selected.exists()).as_bytes());
         if !self.rev2 {
-            out.extend_from_slice(b"* 0 RECENT\r\n");
+            out.extend_from_slice(format!("* {} RECENT\r\n", selected.recent_count()).as_bytes());
             if let Some(first) = selected.first_unseen() {
                 out.extend_from_slice(format!("* OK [UNSEEN {first}] First unseen\r\n").as_bytes());
             }
@@ -1238,12 +1314,30 @@ impl Session {
         items: &[StatusDataItemName],
     ) -> Result<Vec<u8>, StoreError> {
         let (store, user, folder) = (self.server.store.clone(), self.user(), name.to_string());
-        let snapshot = blocking(self.id, move || store.snapshot(&user, &folder)).await?;
+        let wants_recent = items.contains(&StatusDataItemName::Recent);
+        let (snapshot, recent_above) = blocking(self.id, move || {
+            let snapshot = store.snapshot(&user, &folder)?;
+            // STATUS only looks: what no session has claimed yet is recent (RFC 3501 §6.3.10).
+            let boundary = if wants_recent {
+                store.recent_boundary(&user, &folder, snapshot.uid_validity, None)?
+            } else {
+                0
+            };
+            Ok((snapshot, boundary))
+        })
+        .await?;
         let mut parts = Vec::new();
         for item in items {
             let value = match item {
                 StatusDataItemName::Messages => format!("MESSAGES {}", snapshot.messages.len()),
-                StatusDataItemName::Recent => "RECENT 0".into(),
+                StatusDataItemName::Recent => format!(
+                    "RECENT {}",
+                    snapshot
+                        .messages
+                        .iter()
+                        .filter(|m| m.uid > recent_above)
+                        .count()
+                ),
                 StatusDataItemName::UidNext => format!("UIDNEXT {}", snapshot.uid_next),
                 StatusDataItemName::UidValidity => format!("UIDVALIDITY {}", snapshot.uid_validity),
                 StatusDataItemName::Unseen => format!(
@@ -1599,22 +1693,27 @@ impl Session {
     {
         let user = self.user();
         let store = self.server.store.clone();
+        let rev2 = self.rev2;
         let Some(selected) = self.selected() else {
             return Done::Bad("No mailbox selected".into());
         };
         let messages = selected.messages.clone();
         let keywords = selected.keywords.clone();
         let folder = selected.folder.clone();
+        let recent = if rev2 {
+            Default::default()
+        } else {
+            selected.recent.clone()
+        };
         let by_modseq = search::uses_modseq(&key);
         if by_modseq {
-            self.condstore = true; // RFC 7162 §3.1: a CONDSTORE enabling command
+            self.enable_condstore(io);
         }
         let found = blocking(self.id, move || {
             let last_seq = messages.len() as u32;
             let last_uid = messages.last().map(|m| m.uid).unwrap_or(0);
             let sets = search::SetCache::new(&key);
             let mut found = Vec::new();
-            let mut highest = 0;
             for (i, info) in messages.iter().enumerate() {
                 let subject = Subject {
                     seq: i as u32 + 1,
@@ -1623,29 +1722,51 @@ impl Session {
                     last_uid,
                     keywords: &keywords,
                     sets: &sets,
+                    recent: recent.contains(&info.uid),
                 };
                 let mut load_header = || store.read_header(&user, &folder, info).ok();
                 let mut load = || store.read(&user, &folder, info).ok();
                 let mut lazy = Lazy::new(&mut load_header, &mut load);
                 if search::matches(&key, &subject, &mut lazy) {
-                    found.push(if uid { info.uid } else { i as u32 + 1 });
-                    highest = highest.max(info.modseq);
+                    found.push((if uid { info.uid } else { i as u32 + 1 }, info.modseq));
                 }
             }
-            Ok((found, highest))
+            Ok(found)
         })
         .await;
-        let (found, highest) = match found {
+        let found = match found {
             Ok(found) => found,
             Err(err) => return store_failure(&err),
         };
-        // RFC 7162 §3.1.5: a search by MODSEQ tells the highest mod-sequence of what it found.
-        let modseq = (by_modseq && !found.is_empty()).then_some(highest);
         let returns = match &extended.search_return {
             Some(options) => Some(options.clone()),
             None if self.rev2 => Some(vec!["ALL".into()]),
             None => None,
         };
+        // RFC 7162 §3.1.5: a search by MODSEQ tells the highest mod-sequence of what it returns:
+        // of the MIN and MAX messages when only those are asked for (RFC 4731 §3.2), else of
+        // every message found.
+        let only_ends = returns.as_ref().is_some_and(|options| {
+            !options.is_empty() && options.iter().all(|o| o == "MIN" || o == "MAX")
+        });
+        let modseq = if !by_modseq || found.is_empty() {
+            None
+        } else if only_ends {
+            let options = returns.as_deref().unwrap_or_default();
+            let min = found.iter().min_by_key(|(n, _)| *n);
+            let max = found.iter().max_by_key(|(n, _)| *n);
+            [
+                options.iter().any(|o| o == "MIN").then_some(min).flatten(),
+                options.iter().any(|o| o == "MAX").then_some(max).flatten(),
+            ]
+            .into_iter()
+            .flatten()
+            .map(|(_, modseq)| *modseq)
+            .max()
+        } else {
+            found.iter().map(|(_, modseq)| *modseq).max()
+        };
+        let found: Vec<u32> = found.into_iter().map(|(n, _)| n).collect();
         let mut out = Vec::new();
         match returns {
             None => {
@@ -1748,11 +1869,12 @@ impl Session {
             items.push(MessageDataItemName::ModSeq);
         }
         if items.contains(&MessageDataItemName::ModSeq) {
-            self.condstore = true;
+            self.enable_condstore(io);
         }
         let condstore = self.condstore;
         let user = self.user();
         let store = self.server.store.clone();
+        let rev2 = self.rev2;
         let Some(selected) = self.selected() else {
             return Done::Bad("No mailbox selected".into());
         };
@@ -1783,6 +1905,16 @@ impl Session {
         }
         let folder = selected.folder.clone();
         let keywords = Arc::new(selected.keywords.clone());
+        // The UIDs of the targets this (IMAP4rev1) session sees as \Recent.
+        let recent: Arc<std::collections::HashSet<u32>> = Arc::new(if rev2 {
+            Default::default()
+        } else {
+            indexes
+                .iter()
+                .filter(|i| selected.is_recent(**i))
+                .map(|i| selected.messages[*i].uid)
+                .collect()
+        });
         let targets: Vec<(usize, MessageInfo)> = indexes
             .iter()
             .map(|i| (*i, selected.messages[*i].clone()))
@@ -1813,12 +1945,13 @@ impl Session {
                 );
             };
             let mut batch = targets[start..end].to_vec();
-            let (store, user, folder, items, keywords) = (
+            let (store, user, folder, items, keywords, recent) = (
                 store.clone(),
                 user.clone(),
                 folder.clone(),
                 items.clone(),
                 keywords.clone(),
+                recent.clone(),
             );
             let rendered = blocking(self.id, move || {
                 // The implicit \Seen is stored first, so the FETCH can tell its mod-sequence.
@@ -1846,6 +1979,7 @@ impl Session {
                         keywords: &keywords,
                         flags_changed: now.is_some(),
                         condstore,
+                        recent: recent.contains(&info.uid),
                     };
                     match render(
                         &mut out, &*store, &user, &folder, *index, info, &items, &shown,
@@ -1888,7 +2022,7 @@ impl Session {
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
         if request.unchanged_since.is_some() {
-            self.condstore = true; // RFC 7162 §3.1: a CONDSTORE enabling command
+            self.enable_condstore(io);
         }
         let report = self.report();
         let user = self.user();
@@ -2072,6 +2206,8 @@ struct Shown<'a> {
     /// This FETCH set \Seen: FLAGS goes out even if not asked for.
     flags_changed: bool,
     condstore: bool,
+    /// The message is \Recent in this session.
+    recent: bool,
 }
 
 /// Renders one `* n FETCH (...)` response.
@@ -2141,7 +2277,7 @@ fn render(
             MessageDataItemName::Flags => {
                 sep(out);
                 out.extend_from_slice(b"FLAGS ");
-                fetch::flags(out, info.flags, shown.keywords);
+                fetch::flags(out, info.flags, shown.keywords, shown.recent);
                 flags_sent = true;
             }
             MessageDataItemName::ModSeq => {
@@ -2229,7 +2365,7 @@ fn render(
     if shown.flags_changed && !flags_sent {
         sep(out);
         out.extend_from_slice(b"FLAGS ");
-        fetch::flags(out, info.flags, shown.keywords);
+        fetch::flags(out, info.flags, shown.keywords, shown.recent);
     }
     // RFC 7162 §3.2.4: under CONDSTORE a flag change is told with its mod-sequence.
     if shown.flags_changed && shown.condstore && !modseq_sent {

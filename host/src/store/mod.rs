@@ -303,6 +303,18 @@ pub trait MailStore: Send + Sync {
     /// Subscribed folder names (IMAP LSUB, LIST's \Subscribed).
     fn subscriptions(&self, mailbox: &str) -> Result<Vec<String>, StoreError>;
 
+    /// IMAP4rev1 \Recent (RFC 3501 §2.3.2): messages with a UID above the returned boundary are
+    /// recent, for UIDVALIDITY `validity`. With `claim` the boundary moves up to that UID, so
+    /// no later session sees those messages as recent (a read-write session claims what it is
+    /// the first to see; a read-only one only looks). Advisory: kept without a flush.
+    fn recent_boundary(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        validity: u32,
+        claim: Option<u32>,
+    ) -> Result<u32, StoreError>;
+
     fn set_subscribed(
         &self,
         mailbox: &str,

@@ -197,6 +197,16 @@ impl MailStore for Watched {
         self.inner.subscriptions(mailbox)
     }
 
+    fn recent_boundary(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        validity: u32,
+        claim: Option<u32>,
+    ) -> Result<u32, StoreError> {
+        self.inner.recent_boundary(mailbox, folder, validity, claim)
+    }
+
     fn set_subscribed(
         &self,
         mailbox: &str,

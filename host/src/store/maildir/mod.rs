@@ -36,11 +36,16 @@ use crate::durable;
 use modseq::ModLog;
 use uidlist::UidList;
 
+/// The folder's \Recent boundary (see `MailStore::recent_boundary`): `V<validity> <uid>`.
+const RECENT: &str = "postern-recent";
+
 /// What this process keeps about a folder, behind the folder's lock.
 #[derive(Default)]
 struct FolderState {
     /// Loaded on first use.
     modlog: Option<ModLog>,
+    /// (UIDVALIDITY, highest UID claimed as recent), loaded on first use.
+    recent: Option<(u32, u32)>,
 }
 
 impl FolderState {
@@ -713,6 +718,44 @@ impl MailStore for Maildir {
             self.forget_folder(&root.join(new));
         }
         durable::sync_dir(&root).map_err(StoreError::from_io)
+    }
+
+    fn recent_boundary(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        validity: u32,
+        claim: Option<u32>,
+    ) -> Result<u32, StoreError> {
+        let dir = self.existing_folder(mailbox, folder)?;
+        let lock = self.folder_lock(&dir);
+        let mut state = lock.lock().expect("folder lock");
+        let (known_validity, boundary) = *state.recent.get_or_insert_with(|| {
+            fs::read_to_string(dir.join(RECENT))
+                .ok()
+                .and_then(|text| {
+                    let (v, uid) = text.trim().strip_prefix('V')?.split_once(' ')?;
+                    Some((v.parse().ok()?, uid.parse().ok()?))
+                })
+                .unwrap_or((validity, 0))
+        });
+        // A rebuilt index (new UIDVALIDITY) starts over: its messages are all new to clients.
+        let boundary = if known_validity == validity {
+            boundary
+        } else {
+            0
+        };
+        if let Some(upto) = claim.filter(|upto| *upto > boundary) {
+            state.recent = Some((validity, upto));
+            // Advisory (a crash makes a few messages recent again): no flush, but never torn.
+            let tmp = dir.join(format!("{RECENT}.tmp"));
+            if fs::write(&tmp, format!("V{validity} {upto}\n")).is_ok() {
+                let _ = fs::rename(&tmp, dir.join(RECENT));
+            }
+        } else {
+            state.recent = Some((validity, boundary));
+        }
+        Ok(boundary)
     }
 
     fn subscriptions(&self, mailbox: &str) -> Result<Vec<String>, StoreError> {
