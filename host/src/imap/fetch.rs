@@ -256,32 +256,46 @@ impl<'a> Parsed<'a> {
     }
 }
 
+/// Quoted-printable decoding (RFC 2045 §6.7), line by line: whitespace at the end of a line is
+/// transport padding and goes (rule 3); a line that then ends in `=` is a soft break and joins
+/// the next (rule 5); `=XX` is the octet XX; a stray `=` stays as it is.
 fn quoted_printable(raw: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        match raw[i] {
-            b'=' if raw.get(i + 1) == Some(&b'\r') && raw.get(i + 2) == Some(&b'\n') => i += 3,
-            b'=' if raw.get(i + 1) == Some(&b'\n') => i += 2,
-            b'=' => {
-                let hex = raw
-                    .get(i + 1..i + 3)
-                    .and_then(|h| std::str::from_utf8(h).ok());
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(byte) => {
-                        out.push(byte);
-                        i += 3;
-                    }
-                    None => {
-                        out.push(b'=');
-                        i += 1;
-                    }
+    let mut rest = raw;
+    while !rest.is_empty() {
+        let (line, ending, next) = match memchr::memchr(b'\n', rest) {
+            Some(at) if at > 0 && rest[at - 1] == b'\r' => {
+                (&rest[..at - 1], &b"\r\n"[..], &rest[at + 1..])
+            }
+            Some(at) => (&rest[..at], &b"\n"[..], &rest[at + 1..]),
+            None => (rest, &b""[..], &b""[..]),
+        };
+        rest = next;
+        let line = line.trim_ascii_end();
+        let (line, soft) = match line.strip_suffix(b"=") {
+            Some(joined) => (joined, true),
+            None => (line, false),
+        };
+        let mut i = 0;
+        while i < line.len() {
+            let byte = (line[i] == b'=')
+                .then(|| line.get(i + 1..i + 3))
+                .flatten()
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            match byte {
+                Some(byte) => {
+                    out.push(byte);
+                    i += 3;
+                }
+                None => {
+                    out.push(line[i]);
+                    i += 1;
                 }
             }
-            b => {
-                out.push(b);
-                i += 1;
-            }
+        }
+        if !soft {
+            out.extend_from_slice(ending);
         }
     }
     out
@@ -539,18 +553,24 @@ pub fn section_data(
         out.extend_from_slice(b" NIL");
         return;
     };
-    match partial {
+    let data = match partial {
         Some((start, length)) => {
             out.extend_from_slice(format!("<{start}> ").as_bytes());
             let start = (start as usize).min(data.len());
             let end = start.saturating_add(length.get() as usize).min(data.len());
-            literal(out, &data[start..end]);
+            &data[start..end]
         }
         None => {
             out.push(b' ');
-            literal(out, data);
+            data
         }
+    };
+    // RFC 3516 §4.3: decoded content with a NUL goes as a literal8; other literals may not
+    // carry one (RFC 9051 §4.3).
+    if data.contains(&0) && name.starts_with("BINARY[") {
+        out.push(b'~');
     }
+    literal(out, data);
 }
 
 /// The section's name in a response (`BODY[1.HEADER.FIELDS (FROM TO)]`).
@@ -703,5 +723,16 @@ mod tests {
     #[test]
     fn internal_date_format() {
         assert_eq!(internal_date(0), "\"01-Jan-1970 00:00:00 +0000\"");
+    }
+
+    #[test]
+    fn quoted_printable_drops_padding_and_joins_soft_breaks() {
+        // imaptest's fetch-binary-mime-qp part, RFC 2045 §6.7 rules 3 and 5.
+        let raw = b"hello  \r\nbar=\r\n\r\nfoo\t=\r\nbar\r\nfoo\t \t= \r\n=62\r\nfoo = \t\r\nbar\r\nfoo =\r\n=62\r\nfoo  \r\nbar=\r\n\r\nfoo_bar\r\n";
+        assert_eq!(
+            quoted_printable(raw),
+            b"hello\r\nbar\r\nfoo\tbar\r\nfoo\t \tb\r\nfoo bar\r\nfoo b\r\nfoo\r\nbar\r\nfoo_bar\r\n"
+        );
+        assert_eq!(quoted_printable(b"a=3Db =XY=\r\nc"), b"a=b =XYc");
     }
 }

@@ -2344,6 +2344,21 @@ fn render(
                 let data = parsed.as_ref().and_then(|p| p.binary(&path));
                 fetch::section_data(out, &name, data.as_deref(), *partial);
             }
+            // RFC 3516 §4.2: the size of the part as BINARY would send it (decoded).
+            MessageDataItemName::BinarySize { section } => {
+                sep(out);
+                let path: Vec<NonZeroU32> = section.clone();
+                let size = parsed
+                    .as_ref()
+                    .and_then(|p| p.binary(&path))
+                    .map_or(0, |data| data.len());
+                let name = path
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(".");
+                out.extend_from_slice(format!("BINARY.SIZE[{name}] {size}").as_bytes());
+            }
             MessageDataItemName::Rfc822 => {
                 sep(out);
                 fetch::section_data(out, "RFC822", raw.as_deref(), None);
