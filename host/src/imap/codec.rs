@@ -49,6 +49,9 @@ pub struct Extended {
     pub list_status: Vec<String>,
     /// Whether the command was LIST-EXTENDED at all (answers differ slightly).
     pub list_extended: bool,
+    /// RFC 5258 §3: patterns after the first of a parenthesized pattern list (the first stays
+    /// in the command, which imap-codec decodes with one pattern).
+    pub list_patterns: Vec<Vec<u8>>,
 }
 
 #[derive(Debug)]
@@ -404,6 +407,29 @@ pub fn lift_extensions(message: &[u8]) -> (Vec<u8>, Extended) {
                 extended.list_extended = true;
                 rest.truncate(at);
             }
+            // RFC 5258 §3: `LIST reference (pattern pattern …)`.
+            if let Some((reference, after)) = split_token(&rest) {
+                let after = after.trim_start();
+                if after.starts_with('(') {
+                    let Some((inner, tail)) = parenthesized(after) else {
+                        return (message.to_vec(), extended);
+                    };
+                    let mut patterns = Vec::new();
+                    let mut left = inner.trim_start();
+                    while let Some((token, more)) = split_token(left) {
+                        patterns.push(token.to_string());
+                        left = more.trim_start();
+                    }
+                    if patterns.is_empty() || !left.is_empty() {
+                        return (message.to_vec(), extended);
+                    }
+                    let first = patterns.remove(0);
+                    extended.list_patterns =
+                        patterns.iter().map(|p| unquote(p).into_bytes()).collect();
+                    extended.list_extended = true;
+                    rest = format!("{reference} {first}{tail}");
+                }
+            }
             if !extended.list_extended {
                 return (message.to_vec(), extended);
             }
@@ -414,6 +440,46 @@ pub fn lift_extensions(message: &[u8]) -> (Vec<u8>, Extended) {
     let mut out = rebuilt.into_bytes();
     out.extend_from_slice(&message[line_end..]);
     (out, extended)
+}
+
+/// The first token of `text`, a quoted string (with its quotes) or an atom, and what follows.
+fn split_token(text: &str) -> Option<(&str, &str)> {
+    if text.is_empty() {
+        return None;
+    }
+    if let Some(body) = text.strip_prefix('"') {
+        let mut escaped = false;
+        for (i, c) in body.char_indices() {
+            match c {
+                '\\' if !escaped => escaped = true,
+                '"' if !escaped => return Some((&text[..i + 2], &text[i + 2..])),
+                _ => escaped = false,
+            }
+        }
+        return None;
+    }
+    let end = text.find([' ', ')']).unwrap_or(text.len());
+    (end > 0).then(|| (&text[..end], &text[end..]))
+}
+
+/// A quoted string's content, or an atom as it is.
+fn unquote(token: &str) -> String {
+    match token.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+        Some(inner) => {
+            let mut out = String::new();
+            let mut escaped = false;
+            for c in inner.chars() {
+                if c == '\\' && !escaped {
+                    escaped = true;
+                    continue;
+                }
+                escaped = false;
+                out.push(c);
+            }
+            out
+        }
+        None => token.to_string(),
+    }
 }
 
 fn strip_prefix_ci<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {

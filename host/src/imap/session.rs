@@ -337,6 +337,9 @@ struct ListOptions {
     extended: bool,
     only_subscribed: bool,
     only_special: bool,
+    /// RFC 5258 §3.5 RECURSIVEMATCH: a matching folder that is not selected itself but has a
+    /// selected (subscribed) descendant is listed with `CHILDINFO ("SUBSCRIBED")`.
+    recursive: bool,
     show_subscribed: bool,
     /// LIST-STATUS: name the existing folders that need a STATUS line.
     want_status: bool,
@@ -347,7 +350,7 @@ struct ListOptions {
 fn list_lines(
     folders: &[String],
     subscribed: &[String],
-    pattern: &str,
+    patterns: &[String],
     options: &ListOptions,
     specials: &std::collections::BTreeMap<String, String>,
 ) -> (Vec<u8>, Vec<String>) {
@@ -379,12 +382,25 @@ fn list_lines(
     let mut out = Vec::new();
     let mut status_for = Vec::new();
     for name in ordered {
-        if !list_match(pattern, name) {
+        if !patterns.iter().any(|pattern| list_match(pattern, name)) {
             continue;
         }
         let is_subscribed = subscribed.contains(name);
+        // A folder not subscribed itself, with a subscribed descendant that this command does
+        // not list: LSUB shows it as \Noselect (RFC 3501 §6.3.9), RECURSIVEMATCH with CHILDINFO
+        // (RFC 5258 §3.5).
+        let mut child_info = false;
+        let mut lsub_parent = false;
         if options.only_subscribed && !is_subscribed {
-            continue;
+            let below = format!("{name}/");
+            let hidden_descendant = subscribed.iter().any(|s| {
+                s.starts_with(&below) && !patterns.iter().any(|pattern| list_match(pattern, s))
+            });
+            match (hidden_descendant, options.lsub, options.recursive) {
+                (true, true, _) => lsub_parent = true,
+                (true, false, true) => child_info = true,
+                _ => continue,
+            }
         }
         let exists = name == "INBOX" || existing.contains(name);
         let special = specials.get(name);
@@ -392,7 +408,9 @@ fn list_lines(
             continue;
         }
         let mut attributes: Vec<&str> = Vec::new();
-        if !exists {
+        if lsub_parent {
+            attributes.push("\\Noselect");
+        } else if !exists {
             attributes.push(if options.extended || options.lsub {
                 "\\NonExistent"
             } else {
@@ -414,6 +432,9 @@ fn list_lines(
         }
         out.extend_from_slice(format!("* {verb} ({}) \"/\" ", attributes.join(" ")).as_bytes());
         codec::astring(&mut out, name.as_bytes());
+        if child_info {
+            out.extend_from_slice(b" (CHILDINFO (\"SUBSCRIBED\"))");
+        }
         out.extend_from_slice(b"\r\n");
         if exists && options.want_status {
             status_for.push(name.to_string());
@@ -1399,12 +1420,45 @@ impl Session {
             ListMailbox::String(string) => String::from_utf8_lossy(string.as_ref()).into_owned(),
         };
         let verb = if lsub { "LSUB" } else { "LIST" };
+        // RFC 5258 §3: unknown options, and RECURSIVEMATCH alone (or with REMOTE only), are
+        // errors.
+        let known_select = ["SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"];
+        let known_return = ["SUBSCRIBED", "CHILDREN", "SPECIAL-USE"];
+        if let Some(bad) = extended
+            .list_select
+            .iter()
+            .find(|o| !known_select.contains(&o.as_str()))
+            .or_else(|| {
+                extended
+                    .list_return
+                    .iter()
+                    .find(|o| !known_return.contains(&o.as_str()))
+            })
+        {
+            return Done::Bad(format!("Unknown LIST option {bad}"));
+        }
+        if extended.list_select.iter().any(|o| o == "RECURSIVEMATCH")
+            && !extended
+                .list_select
+                .iter()
+                .any(|o| o == "SUBSCRIBED" || o == "SPECIAL-USE")
+        {
+            return Done::Bad("RECURSIVEMATCH needs another selection option".into());
+        }
         if pattern.is_empty() && !lsub {
             io.queue(b"* LIST (\\Noselect) \"/\" \"\"\r\n");
             return ok("LIST completed");
         }
-        let pattern = format!("{reference}{pattern}");
-        if pattern.len() > MAX_LIST_PATTERN {
+        let patterns: Vec<String> = std::iter::once(pattern)
+            .chain(
+                extended
+                    .list_patterns
+                    .iter()
+                    .map(|p| String::from_utf8_lossy(p).into_owned()),
+            )
+            .map(|p| format!("{reference}{p}"))
+            .collect();
+        if patterns.iter().map(String::len).sum::<usize>() > MAX_LIST_PATTERN {
             return no(Some("LIMIT"), "Mailbox pattern too long");
         }
         let (store, user) = (self.server.store.clone(), self.user());
@@ -1414,6 +1468,7 @@ impl Session {
             extended: extended.list_extended,
             only_subscribed: lsub || extended.list_select.iter().any(|o| o == "SUBSCRIBED"),
             only_special: extended.list_select.iter().any(|o| o == "SPECIAL-USE"),
+            recursive: extended.list_select.iter().any(|o| o == "RECURSIVEMATCH"),
             show_subscribed: lsub
                 || extended
                     .list_select
@@ -1430,7 +1485,7 @@ impl Session {
             Ok(list_lines(
                 &folders,
                 &subscribed,
-                &pattern,
+                &patterns,
                 &options,
                 &config.imap.special_folders,
             ))
