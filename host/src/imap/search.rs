@@ -79,6 +79,48 @@ impl<'k> SetCache<'k> {
     }
 }
 
+/// Fields whose values are address lists.
+const ADDRESS_FIELDS: [&str; 6] = ["From", "To", "Cc", "Bcc", "Sender", "Reply-To"];
+
+/// An address field's text with comments removed and no white space around `@` and `.`.
+fn without_comments(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let (mut depth, mut quoted, mut escaped) = (0u32, false, false);
+    for c in raw.chars() {
+        if escaped {
+            escaped = false;
+            if depth == 0 {
+                out.push(c);
+            }
+            continue;
+        }
+        match c {
+            '\\' => escaped = true,
+            '"' if depth == 0 => {
+                quoted = !quoted;
+                out.push(c);
+            }
+            '(' if !quoted => depth += 1,
+            ')' if !quoted && depth > 0 => depth -= 1,
+            _ if depth == 0 => out.push(c),
+            _ => {}
+        }
+    }
+    let mut tight = String::with_capacity(out.len());
+    let chars: Vec<char> = out.chars().collect();
+    for (i, c) in chars.iter().enumerate() {
+        if c.is_whitespace() {
+            let prev = chars[..i].iter().rev().find(|c| !c.is_whitespace());
+            let next = chars[i + 1..].iter().find(|c| !c.is_whitespace());
+            if matches!(prev, Some('@') | Some('.')) || matches!(next, Some('@') | Some('.')) {
+                continue;
+            }
+        }
+        tight.push(*c);
+    }
+    tight
+}
+
 type Loader<'a, T> = &'a mut dyn FnMut() -> Option<T>;
 
 /// The message's header and bytes, each read on first use (header criteria need only the
@@ -146,7 +188,14 @@ impl<'a> Lazy<'a> {
                     mail_parser::HeaderValue::Text(t) => t.to_string(),
                     _ => String::new(),
                 };
-                values.push(format!("{} {decoded}", raw.trim()));
+                let mut value = format!("{} {decoded}", raw.trim());
+                // Address fields also match their addresses as written without comments and
+                // folding (RFC 5322 §3.4.1: `<user (c)@ (c) domain>` is user@domain).
+                if ADDRESS_FIELDS.iter().any(|f| f.eq_ignore_ascii_case(name)) {
+                    value.push(' ');
+                    value.push_str(&without_comments(&raw));
+                }
+                values.push(value);
             }
         }
         values
@@ -161,10 +210,12 @@ impl<'a> Lazy<'a> {
         });
         let message = DATE_ONLY.parse_headers(bytes)?;
         let date = message.date()?;
-        Some(
-            Utc.timestamp_opt(date.to_timestamp(), 0)
-                .single()?
-                .date_naive(),
+        // RFC 3501 §6.4.4: the Date field's day "disregarding time and timezone": the day as
+        // written in the field's own zone, not converted to UTC.
+        NaiveDate::from_ymd_opt(
+            i32::from(date.year),
+            u32::from(date.month),
+            u32::from(date.day),
         )
     }
 
