@@ -338,7 +338,9 @@ fn envelope(out: &mut Vec<u8>, message: &Message<'_>) {
         (HeaderName::Bcc, None),
     ] {
         out.push(b' ');
-        addresses(out, message.header(name).or(fallback));
+        // RFC 3501 §7.4.2: Sender and Reply-To absent *or empty* are the From member.
+        let value = message.header(name).filter(|v| has_addresses(v));
+        addresses(out, value.or(fallback));
     }
     out.push(b' ');
     nstring(out, unfolded(message, HeaderName::InReplyTo).as_deref());
@@ -350,7 +352,17 @@ fn envelope(out: &mut Vec<u8>, message: &Message<'_>) {
 fn address(out: &mut Vec<u8>, name: Option<&str>, email: Option<&str>) {
     out.push(b'(');
     nstring(out, name.map(str::as_bytes));
-    out.extend_from_slice(b" NIL ");
+    out.push(b' ');
+    // RFC 5322 §4.4 obsolete source route `<@a,@b:user@domain>`: the envelope's adl member.
+    let (route, email) = match email.and_then(|e| e.strip_prefix('@').map(|_| e)) {
+        Some(routed) => match routed.split_once(':') {
+            Some((route, rest)) => (Some(route), Some(rest)),
+            None => (None, Some(routed)),
+        },
+        None => (None, email),
+    };
+    nstring(out, route.map(str::as_bytes));
+    out.push(b' ');
     let (local, domain) = match email {
         Some(email) => match email.rsplit_once('@') {
             Some((l, d)) => (Some(l), Some(d)),
@@ -362,6 +374,15 @@ fn address(out: &mut Vec<u8>, name: Option<&str>, email: Option<&str>) {
     out.push(b' ');
     nstring(out, domain.map(str::as_bytes));
     out.push(b')');
+}
+
+/// Whether an address field holds at least one address or group.
+fn has_addresses(value: &HeaderValue<'_>) -> bool {
+    match value {
+        HeaderValue::Address(Address::List(list)) => !list.is_empty(),
+        HeaderValue::Address(Address::Group(groups)) => !groups.is_empty(),
+        _ => false,
+    }
 }
 
 fn addresses(out: &mut Vec<u8>, value: Option<&HeaderValue<'_>>) {
@@ -385,7 +406,13 @@ fn addresses(out: &mut Vec<u8>, value: Option<&HeaderValue<'_>>) {
                     string(out, name.as_bytes());
                     out.extend_from_slice(b" NIL)");
                 }
+                // Inside a group, a member with no address is a comment or junk the parser
+                // kept (`group2: (foo) ;` has no members), not a mailbox.
+                let named = group.name.is_some();
                 for addr in &group.addresses {
+                    if named && addr.address.as_deref().is_none_or(str::is_empty) {
+                        continue;
+                    }
                     address(out, addr.name.as_deref(), addr.address.as_deref());
                 }
                 if group.name.is_some() {
