@@ -193,7 +193,14 @@ impl<'a> Parsed<'a> {
             None => Some(self.split().1),
             Some(nested) => {
                 let root = nested.parts.first()?;
-                Some(self.slice(root.offset_body, root.offset_end))
+                // The nested message's text runs to the end of the part that holds it: a
+                // multipart's epilogue is text too (the root part ends at its last boundary).
+                let end = part
+                    .and_then(|Part(path)| self.resolve(path.as_ref()))
+                    .map_or(root.offset_end, |(message, index)| {
+                        message.parts[index].offset_end
+                    });
+                Some(self.slice(root.offset_body, end.max(root.offset_body)))
             }
         }
     }
