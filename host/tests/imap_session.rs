@@ -560,3 +560,54 @@ async fn keywords_condstore_qresync() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn sort_and_thread() {
+    // RFC 5256 §3 SORT (ties by sequence number) and THREAD ORDEREDSUBJECT and REFERENCES (the
+    // "Re:" message joins its base subject's thread), with §4's thread-list syntax.
+    replay(
+        r#"
+        S: * OK …
+        S2: * OK …
+        C: A001 LOGIN alice@example.test alicepass
+        S: A001 OK …
+        C: A002 APPEND INBOX {10+}
+        C: Subject: b
+        S: A002 OK [APPENDUID … 1] APPEND completed
+        C: A003 APPEND INBOX {10+}
+        C: Subject: a
+        S: A003 OK [APPENDUID … 2] APPEND completed
+        C: A004 APPEND INBOX {14+}
+        C: Subject: Re: b
+        S: A004 OK [APPENDUID … 3] APPEND completed
+        C: A005 SELECT INBOX
+        S: * 3 EXISTS
+        S: * 3 RECENT
+        S: * OK [UNSEEN 1] …
+        S: * FLAGS …
+        S: * OK [PERMANENTFLAGS …] …
+        S: * OK [UIDVALIDITY …] …
+        S: * OK [UIDNEXT 4] …
+        S: * OK [HIGHESTMODSEQ …] …
+        S: A005 OK [READ-WRITE] SELECT completed
+        C: A006 SORT (SUBJECT) UTF-8 ALL
+        S: * SORT 2 1 3
+        S: A006 OK SORT completed
+        C: A007 SORT (REVERSE SUBJECT) UTF-8 ALL
+        S: * SORT 1 3 2
+        S: A007 OK SORT completed
+        C: A008 UID SORT (SIZE) US-ASCII NOT SUBJECT a
+        S: * SORT 1 3
+        S: A008 OK SORT completed
+        C: A009 THREAD ORDEREDSUBJECT UTF-8 ALL
+        S: * THREAD (1 3)(2)
+        S: A009 OK THREAD completed
+        C: A010 THREAD REFERENCES UTF-8 ALL
+        S: * THREAD (1 3)(2)
+        S: A010 OK THREAD completed
+        C: A011 SORT (SUBJECT) KOI8-R ALL
+        S: A011 NO [BADCHARSET (US-ASCII UTF-8)] …
+        "#,
+    )
+    .await;
+}

@@ -9,13 +9,16 @@
 //!
 //! `codec` frames and decodes commands (imap-codec) and encodes the few response shapes;
 //! `selected` is a session's view of its selected folder; `fetch` renders message data;
-//! `search` evaluates criteria; `session` is the state machine and the only place with I/O.
+//! `search` evaluates criteria; `sort` and `thread` order and thread what a search found (RFC
+//! 5256); `session` is the state machine and the only place with I/O.
 
 pub mod codec;
 pub mod fetch;
 pub mod search;
 pub mod selected;
 pub mod session;
+pub mod sort;
+pub mod thread;
 
 use std::sync::Arc;
 

@@ -104,6 +104,18 @@ fn no(code: Option<&str>, text: &str) -> Done {
     Done::No(code.map(str::to_string), text.to_string())
 }
 
+/// SEARCH, SORT and THREAD take US-ASCII and UTF-8 (RFC 9051 §6.4.4); anything else is refused
+/// with the charsets we take.
+fn unsupported_charset(charset: &imap_codec::imap_types::core::Charset<'_>) -> Option<Done> {
+    use imap_codec::imap_types::core::Charset;
+    let name = match charset {
+        Charset::Atom(atom) => atom.as_ref().to_ascii_uppercase(),
+        Charset::Quoted(quoted) => quoted.as_ref().to_ascii_uppercase(),
+    };
+    (name != "US-ASCII" && name != "UTF-8")
+        .then(|| no(Some("BADCHARSET (US-ASCII UTF-8)"), "Unsupported charset"))
+}
+
 /// The store's refusal in IMAP terms (RFC 5530 response codes).
 fn store_failure(err: &StoreError) -> Done {
     match err {
@@ -324,6 +336,60 @@ impl RecentMode {
         store
             .recent_boundary(user, folder, snapshot.uid_validity, claim)
             .map(Some)
+    }
+}
+
+/// The selected folder as a SEARCH, SORT or THREAD sees it, owned so it can go to a blocking
+/// thread.
+struct SearchScope {
+    user: String,
+    store: Arc<dyn MailStore>,
+    folder: String,
+    messages: Vec<MessageInfo>,
+    keywords: Vec<String>,
+    recent: std::collections::HashSet<u32>,
+}
+
+impl SearchScope {
+    /// Indexes of the messages `key` matches. Blocking: reads headers and bodies as needed.
+    fn matching(&self, key: &SearchKey<'_>) -> Vec<usize> {
+        let last_seq = self.messages.len() as u32;
+        let last_uid = self.messages.last().map(|m| m.uid).unwrap_or(0);
+        let sets = search::SetCache::new(key);
+        let mut found = Vec::new();
+        for (i, info) in self.messages.iter().enumerate() {
+            let subject = Subject {
+                seq: i as u32 + 1,
+                info,
+                last_seq,
+                last_uid,
+                keywords: &self.keywords,
+                sets: &sets,
+                recent: self.recent.contains(&info.uid),
+            };
+            let mut load_header = || self.store.read_header(&self.user, &self.folder, info).ok();
+            let mut load = || self.store.read(&self.user, &self.folder, info).ok();
+            let mut lazy = Lazy::new(&mut load_header, &mut load);
+            if search::matches(key, &subject, &mut lazy) {
+                found.push(i);
+            }
+        }
+        found
+    }
+
+    /// The sort and thread fields of the messages `key` matches, in sequence order.
+    fn fields(&self, key: &SearchKey<'_>) -> Vec<super::sort::Fields> {
+        self.matching(key)
+            .into_iter()
+            .map(|i| {
+                let info = &self.messages[i];
+                let header = self
+                    .store
+                    .read_header(&self.user, &self.folder, info)
+                    .unwrap_or_else(|_| Arc::from(&b""[..]));
+                super::sort::Fields::read(i as u32 + 1, info, &header)
+            })
+            .collect()
     }
 }
 
@@ -610,6 +676,10 @@ impl Session {
             "COMPRESS=DEFLATE",
             "CONDSTORE",
             "QRESYNC",
+            "SORT",
+            "SORT=DISPLAY",
+            "THREAD=ORDEREDSUBJECT",
+            "THREAD=REFERENCES",
         ];
         if matches!(self.state, State::NotAuthenticated) {
             if !self.tls && self.listener.tls == TlsMode::Starttls && self.server.tls.is_some() {
@@ -1627,21 +1697,52 @@ impl Session {
                 criteria,
                 uid,
             } => {
-                if let Some(charset) = charset {
-                    use imap_codec::imap_types::core::Charset;
-                    let name = match &charset {
-                        Charset::Atom(atom) => atom.as_ref().to_ascii_uppercase(),
-                        Charset::Quoted(quoted) => quoted.as_ref().to_ascii_uppercase(),
-                    };
-                    if name != "US-ASCII" && name != "UTF-8" {
-                        return no(Some("BADCHARSET (US-ASCII UTF-8)"), "Unsupported charset");
-                    }
+                if let Some(refused) = charset.as_ref().and_then(unsupported_charset) {
+                    return refused;
                 }
                 let key = match criteria.as_ref() {
                     [one] => one.clone(),
                     _ => SearchKey::And(criteria),
                 };
                 self.search(io, tag, key, uid, &extended).await
+            }
+            CommandBody::Sort {
+                sort_criteria,
+                charset,
+                search_criteria,
+                uid,
+            } => {
+                if let Some(refused) = unsupported_charset(&charset) {
+                    return refused;
+                }
+                let key = match search_criteria.as_ref() {
+                    [one] => one.clone(),
+                    _ => SearchKey::And(search_criteria),
+                };
+                self.sort(io, sort_criteria.into_inner(), key, uid).await
+            }
+            CommandBody::Thread {
+                algorithm,
+                charset,
+                search_criteria,
+                uid,
+            } => {
+                use imap_codec::imap_types::extensions::thread::ThreadingAlgorithm;
+                if let Some(refused) = unsupported_charset(&charset) {
+                    return refused;
+                }
+                let references = match algorithm {
+                    ThreadingAlgorithm::References => true,
+                    ThreadingAlgorithm::OrderedSubject => false,
+                    ThreadingAlgorithm::Other(_) => {
+                        return Done::Bad("Unknown threading algorithm".into())
+                    }
+                };
+                let key = match search_criteria.as_ref() {
+                    [one] => one.clone(),
+                    _ => SearchKey::And(search_criteria),
+                };
+                self.thread(io, references, key, uid).await
             }
             CommandBody::Fetch {
                 sequence_set,
@@ -1735,6 +1836,102 @@ impl Session {
         ok("EXPUNGE completed")
     }
 
+    /// What a SEARCH, SORT or THREAD looks through: the selected folder as this session sees
+    /// it, ready to be moved to a blocking thread.
+    fn search_scope(&mut self) -> Option<SearchScope> {
+        let user = self.user();
+        let store = self.server.store.clone();
+        let rev2 = self.rev2;
+        let selected = self.selected()?;
+        Some(SearchScope {
+            user,
+            store,
+            folder: selected.folder.clone(),
+            messages: selected.messages.clone(),
+            keywords: selected.keywords.clone(),
+            recent: if rev2 {
+                Default::default()
+            } else {
+                selected.recent.clone()
+            },
+        })
+    }
+
+    /// SORT (RFC 5256 §3): the messages a search finds, in the order the criteria give.
+    async fn sort<S>(
+        &mut self,
+        io: &mut Io<S>,
+        criteria: Vec<imap_codec::imap_types::extensions::sort::SortCriterion>,
+        key: SearchKey<'static>,
+        uid: bool,
+    ) -> Done
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let Some(scope) = self.search_scope() else {
+            return Done::Bad("No mailbox selected".into());
+        };
+        let sorted = blocking(self.id, move || {
+            let mut fields = scope.fields(&key);
+            super::sort::sort(&mut fields, &criteria);
+            Ok(fields)
+        })
+        .await;
+        let sorted = match sorted {
+            Ok(sorted) => sorted,
+            Err(err) => return store_failure(&err),
+        };
+        let mut out = b"* SORT".to_vec();
+        for f in &sorted {
+            out.extend_from_slice(format!(" {}", if uid { f.uid } else { f.seq }).as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        io.queue(&out);
+        ok("SORT completed")
+    }
+
+    /// THREAD (RFC 5256 §3) with ORDEREDSUBJECT or REFERENCES.
+    async fn thread<S>(
+        &mut self,
+        io: &mut Io<S>,
+        references: bool,
+        key: SearchKey<'static>,
+        uid: bool,
+    ) -> Done
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let Some(scope) = self.search_scope() else {
+            return Done::Bad("No mailbox selected".into());
+        };
+        let rendered = blocking(self.id, move || {
+            let fields = scope.fields(&key);
+            let threads = if references {
+                super::thread::references(&fields)
+            } else {
+                super::thread::ordered_subject(&fields)
+            };
+            let mut out = b"* THREAD ".to_vec();
+            super::thread::render(&mut out, &threads, &|m| {
+                if uid {
+                    fields[m].uid
+                } else {
+                    fields[m].seq
+                }
+            });
+            out.extend_from_slice(b"\r\n");
+            Ok(out)
+        })
+        .await;
+        match rendered {
+            Ok(out) => {
+                io.queue(&out);
+                ok("THREAD completed")
+            }
+            Err(err) => store_failure(&err),
+        }
+    }
+
     async fn search<S>(
         &mut self,
         io: &mut Io<S>,
@@ -1746,47 +1943,22 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        let user = self.user();
-        let store = self.server.store.clone();
-        let rev2 = self.rev2;
-        let Some(selected) = self.selected() else {
+        let Some(scope) = self.search_scope() else {
             return Done::Bad("No mailbox selected".into());
-        };
-        let messages = selected.messages.clone();
-        let keywords = selected.keywords.clone();
-        let folder = selected.folder.clone();
-        let recent = if rev2 {
-            Default::default()
-        } else {
-            selected.recent.clone()
         };
         let by_modseq = search::uses_modseq(&key);
         if by_modseq {
             self.enable_condstore(io);
         }
         let found = blocking(self.id, move || {
-            let last_seq = messages.len() as u32;
-            let last_uid = messages.last().map(|m| m.uid).unwrap_or(0);
-            let sets = search::SetCache::new(&key);
-            let mut found = Vec::new();
-            for (i, info) in messages.iter().enumerate() {
-                let subject = Subject {
-                    seq: i as u32 + 1,
-                    info,
-                    last_seq,
-                    last_uid,
-                    keywords: &keywords,
-                    sets: &sets,
-                    recent: recent.contains(&info.uid),
-                };
-                let mut load_header = || store.read_header(&user, &folder, info).ok();
-                let mut load = || store.read(&user, &folder, info).ok();
-                let mut lazy = Lazy::new(&mut load_header, &mut load);
-                if search::matches(&key, &subject, &mut lazy) {
-                    found.push((if uid { info.uid } else { i as u32 + 1 }, info.modseq));
-                }
-            }
-            Ok(found)
+            Ok(scope
+                .matching(&key)
+                .into_iter()
+                .map(|i| {
+                    let info = &scope.messages[i];
+                    (if uid { info.uid } else { i as u32 + 1 }, info.modseq)
+                })
+                .collect::<Vec<_>>())
         })
         .await;
         let found = match found {
