@@ -564,7 +564,8 @@ async fn keywords_condstore_qresync() {
 #[tokio::test]
 async fn sort_and_thread() {
     // RFC 5256 §3 SORT (ties by sequence number) and THREAD ORDEREDSUBJECT and REFERENCES (the
-    // "Re:" message joins its base subject's thread), with §4's thread-list syntax.
+    // "Re:" message joins its base subject's thread), with §4's thread-list syntax; RFC 5267
+    // ESORT (MIN first in sort order, ALL in sort order).
     replay(
         r#"
         S: * OK …
@@ -607,6 +608,9 @@ async fn sort_and_thread() {
         S: A010 OK THREAD completed
         C: A011 SORT (SUBJECT) KOI8-R ALL
         S: A011 NO [BADCHARSET (US-ASCII UTF-8)] …
+        C: A012 SORT RETURN (MIN COUNT ALL) (SUBJECT) UTF-8 ALL
+        S: * ESEARCH (TAG "A012") MIN 2 COUNT 3 ALL 2,1,3
+        S: A012 OK SORT completed
         "#,
     )
     .await;

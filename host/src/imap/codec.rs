@@ -351,7 +351,8 @@ pub fn lift_extensions(message: &[u8]) -> (Vec<u8>, Extended) {
         (format!("{tag} "), upper, rest)
     };
     let rebuilt = match verb.as_str() {
-        "SEARCH" => {
+        // RFC 4731 SEARCH RETURN, and RFC 5267 §3 SORT RETURN (ESORT).
+        "SEARCH" | "SORT" => {
             let Some(after) = strip_prefix_ci(rest, "RETURN ") else {
                 return (message.to_vec(), extended);
             };
@@ -364,7 +365,7 @@ pub fn lift_extensions(message: &[u8]) -> (Vec<u8>, Extended) {
                     .map(|o| o.to_ascii_uppercase())
                     .collect(),
             );
-            format!("{prefix}SEARCH {}", rest.trim_start())
+            format!("{prefix}{verb} {}", rest.trim_start())
         }
         "LIST" => {
             let mut rest = rest.to_string();

@@ -104,6 +104,26 @@ fn no(code: Option<&str>, text: &str) -> Done {
     Done::No(code.map(str::to_string), text.to_string())
 }
 
+/// Numbers in the order given as a sequence set: runs of consecutive ascending numbers become
+/// ranges, nothing is reordered (RFC 5267 §3.2 for ESORT's ALL).
+fn ordered_set(numbers: &[u32]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < numbers.len() {
+        let mut j = i;
+        while j + 1 < numbers.len() && numbers[j + 1] == numbers[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j {
+            numbers[i].to_string()
+        } else {
+            format!("{}:{}", numbers[i], numbers[j])
+        });
+        i = j + 1;
+    }
+    parts.join(",")
+}
+
 /// SEARCH, SORT and THREAD take US-ASCII and UTF-8 (RFC 9051 §6.4.4); anything else is refused
 /// with the charsets we take.
 fn unsupported_charset(charset: &imap_codec::imap_types::core::Charset<'_>) -> Option<Done> {
@@ -678,6 +698,7 @@ impl Session {
             "QRESYNC",
             "SORT",
             "SORT=DISPLAY",
+            "ESORT",
             "THREAD=ORDEREDSUBJECT",
             "THREAD=REFERENCES",
         ];
@@ -1719,7 +1740,8 @@ impl Session {
                     [one] => one.clone(),
                     _ => SearchKey::And(search_criteria),
                 };
-                self.sort(io, sort_criteria.into_inner(), key, uid).await
+                self.sort(io, tag, sort_criteria.into_inner(), key, uid, &extended)
+                    .await
             }
             CommandBody::Thread {
                 algorithm,
@@ -1861,9 +1883,11 @@ impl Session {
     async fn sort<S>(
         &mut self,
         io: &mut Io<S>,
+        tag: &str,
         criteria: Vec<imap_codec::imap_types::extensions::sort::SortCriterion>,
         key: SearchKey<'static>,
         uid: bool,
+        extended: &Extended,
     ) -> Done
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -1881,9 +1905,46 @@ impl Session {
             Ok(sorted) => sorted,
             Err(err) => return store_failure(&err),
         };
-        let mut out = b"* SORT".to_vec();
-        for f in &sorted {
-            out.extend_from_slice(format!(" {}", if uid { f.uid } else { f.seq }).as_bytes());
+        let numbers: Vec<u32> = sorted
+            .iter()
+            .map(|f| if uid { f.uid } else { f.seq })
+            .collect();
+        let mut out = Vec::new();
+        match &extended.search_return {
+            // RFC 5267 §3.2 ESORT: MIN and MAX are the first and last in sort order, ALL the
+            // numbers in sort order.
+            Some(options) => {
+                out.extend_from_slice(b"* ESEARCH (TAG ");
+                codec::string(&mut out, tag.as_bytes());
+                out.push(b')');
+                if uid {
+                    out.extend_from_slice(b" UID");
+                }
+                let all = options.is_empty() || options.iter().any(|o| o == "ALL");
+                for option in options {
+                    match (option.as_str(), numbers.first(), numbers.last()) {
+                        ("MIN", Some(first), _) => {
+                            out.extend_from_slice(format!(" MIN {first}").as_bytes())
+                        }
+                        ("MAX", _, Some(last)) => {
+                            out.extend_from_slice(format!(" MAX {last}").as_bytes())
+                        }
+                        ("COUNT", _, _) => {
+                            out.extend_from_slice(format!(" COUNT {}", numbers.len()).as_bytes())
+                        }
+                        _ => {}
+                    }
+                }
+                if all && !numbers.is_empty() {
+                    out.extend_from_slice(format!(" ALL {}", ordered_set(&numbers)).as_bytes());
+                }
+            }
+            None => {
+                out.extend_from_slice(b"* SORT");
+                for n in &numbers {
+                    out.extend_from_slice(format!(" {n}").as_bytes());
+                }
+            }
         }
         out.extend_from_slice(b"\r\n");
         io.queue(&out);
