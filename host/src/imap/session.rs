@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -149,7 +148,6 @@ fn store_failure(err: &StoreError) -> Done {
     }
 }
 
-static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
 
 pub struct Session {
     id: u64,
@@ -539,7 +537,7 @@ impl Session {
         // Until login, literals are capped at a few KiB (see `PREAUTH_LITERAL_LIMIT`).
         let reader = Reader::new(codec::PREAUTH_LITERAL_LIMIT);
         Session {
-            id: SESSION_IDS.fetch_add(1, Ordering::Relaxed),
+            id: crate::stream::next_session_id(),
             server,
             listener,
             peer,

@@ -3,7 +3,6 @@
 //! command is waiting, which is all PIPELINING (RFC 2449 §6.6) asks.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,7 +52,6 @@ pub struct Session {
     timestamp: Option<String>,
 }
 
-static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
 
 impl Session {
     pub fn new(
@@ -61,7 +59,7 @@ impl Session {
         listener: Arc<ListenerConfig>,
         peer: SocketAddr,
     ) -> Session {
-        let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
+        let id = crate::stream::next_session_id();
         let timestamp = server.users.apop_enabled().then(|| {
             let nanos = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

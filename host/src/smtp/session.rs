@@ -2,7 +2,6 @@
 //! deadline, act, answer). Verb handlers live in `smtp::cmd`, one file per group.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,7 +77,6 @@ pub struct Session {
     framer: LineFramer,
 }
 
-static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
 
 impl Session {
     pub fn new(
@@ -89,7 +87,7 @@ impl Session {
         let max_line = server.config.limits.max_line_length;
         let plugins = server.plugins.clone().map(PluginSession::new);
         Session {
-            id: SESSION_IDS.fetch_add(1, Ordering::Relaxed),
+            id: crate::stream::next_session_id(),
             plugins,
             disconnect_after_reply: false,
             server,
