@@ -353,4 +353,36 @@ mod tests {
         );
         assert_eq!(from_domain(b"Subject: none\r\n\r\n"), None);
     }
+
+    #[test]
+    fn signs_only_the_users_own_domains_or_those_it_is_listed_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pem, _) = generate_key("example.test", "s").unwrap();
+        let key = dir.path().join("k.pem");
+        std::fs::write(&key, pem).unwrap();
+        let mut config = Config::embedded_default();
+        config.mail_auth.verify_inbound = false;
+        config.dkim = vec![crate::config::DkimConfig {
+            domain: "example.test".into(),
+            selector: "s".into(),
+            key,
+            users: vec!["carol@other.test".into()],
+        }];
+        let auth = MessageAuth::new(&config, None).unwrap();
+        let message = b"From: Alice <alice@example.test>\r\nSubject: x\r\n\r\nbody\r\n";
+        assert!(
+            auth.sign(message, "alice@example.test").is_some(),
+            "own domain"
+        );
+        assert!(
+            auth.sign(message, "carol@other.test").is_some(),
+            "listed for it"
+        );
+        assert!(
+            auth.sign(message, "bob@other.test").is_none(),
+            "a user of another domain gets no signature for example.test"
+        );
+        let elsewhere = b"From: x@nokey.test\r\n\r\nbody\r\n";
+        assert!(auth.sign(elsewhere, "x@nokey.test").is_none(), "no key");
+    }
 }

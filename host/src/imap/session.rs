@@ -148,7 +148,6 @@ fn store_failure(err: &StoreError) -> Done {
     }
 }
 
-
 pub struct Session {
     id: u64,
     server: Arc<ImapServer>,

@@ -52,7 +52,6 @@ pub struct Session {
     timestamp: Option<String>,
 }
 
-
 impl Session {
     pub fn new(
         server: Arc<Pop3Server>,

@@ -77,7 +77,6 @@ pub struct Session {
     framer: LineFramer,
 }
 
-
 impl Session {
     pub fn new(
         server: Arc<SmtpServer>,
