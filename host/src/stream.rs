@@ -15,9 +15,6 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::framing::{LineEvent, LineFramer};
 
-/// A TLS handshake must finish within this time, whatever the command timeout: a stalled
-/// handshake should not hold a connection slot for minutes.
-
 /// A new session id, unique across SMTP, POP3 and IMAP for the life of the process, so log lines
 /// (`session=N`) and store change announcements (the writing session) never mix two sessions.
 pub fn next_session_id() -> u64 {
@@ -26,6 +23,8 @@ pub fn next_session_id() -> u64 {
     SESSION_IDS.fetch_add(1, Ordering::Relaxed)
 }
 
+/// A TLS handshake must finish within this time, whatever the command timeout: a stalled
+/// handshake should not hold a connection slot for minutes.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Most bytes asked of the socket per read (a bulk transfer ramps up to it).

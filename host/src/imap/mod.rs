@@ -10,8 +10,10 @@
 //! `codec` frames and decodes commands (imap-codec) and encodes the few response shapes;
 //! `selected` is a session's view of its selected folder; `fetch` renders message data;
 //! `search` evaluates criteria; `sort` and `thread` order and thread what a search found (RFC
-//! 5256); `session` is the state machine and the only place with I/O.
+//! 5256); `session` is the state machine and the only place with I/O; `cmd` holds the verbs,
+//! one file per group.
 
+mod cmd;
 pub mod codec;
 pub mod fetch;
 pub mod search;

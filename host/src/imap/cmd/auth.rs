@@ -1,0 +1,200 @@
+//! STARTTLS (RFC 9051 §6.2.1), AUTHENTICATE (§6.2.2, SASL-IR) and LOGIN (§6.2.3) through the login gate, and the special-use folders made at first login (RFC 6154).
+
+use crate::auth::{
+    AuthUser, Credentials, LoginVerdict, Mechanism, SaslError, SaslExchange, SaslStep, Secret,
+};
+use crate::config::TlsMode;
+use crate::imap::codec::{self, Event, Mode};
+use crate::store::StoreError;
+use crate::stream::Io;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::imap::session::*;
+
+impl Session {
+    pub(in crate::imap) async fn starttls<S>(&mut self, io: &mut Io<S>, tag: &str) -> Done
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let acceptor = match (&self.server.tls, self.listener.tls, self.tls, &self.state) {
+            (_, _, true, _) => return Done::Bad("TLS is already active".into()),
+            (_, _, _, State::Authenticated | State::Selected(_)) => {
+                return Done::Bad("Already logged in".into())
+            }
+            (Some(acceptor), TlsMode::Starttls, false, _) => acceptor.clone(),
+            _ => return Done::Bad("STARTTLS is not available here".into()),
+        };
+        io.queue(&codec::status(
+            Some(tag),
+            "OK",
+            None,
+            "Begin TLS negotiation now",
+        ));
+        if io.flush().await.is_err() {
+            return Done::Close;
+        }
+        match io
+            .start_tls(&acceptor, crate::stream::TLS_HANDSHAKE_TIMEOUT)
+            .await
+        {
+            Ok(_) => {
+                self.tls = true;
+                // Nothing sent before the handshake may be obeyed after it.
+                self.reader.reset();
+                Done::Sent
+            }
+            Err(err) => {
+                info!("STARTTLS handshake failed: {err}");
+                Done::Close
+            }
+        }
+    }
+
+    pub(in crate::imap) fn throttle_allows(&self) -> bool {
+        if self.server.login_gate.allows(self.peer.ip()) {
+            return true;
+        }
+        info!("login refused: too many failures from this address");
+        false
+    }
+
+    pub(in crate::imap) async fn authenticate<S>(
+        &mut self,
+        io: &mut Io<S>,
+        mechanism: &str,
+        initial: Option<String>,
+    ) -> Done
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        if !matches!(self.state, State::NotAuthenticated) {
+            return Done::Bad("Already logged in".into());
+        }
+        if !self.plaintext_allowed() {
+            return no(Some("PRIVACYREQUIRED"), "Use STARTTLS first");
+        }
+        let Some(mechanism) = Mechanism::parse(mechanism) else {
+            return no(Some("CANNOT"), "Unsupported authentication mechanism");
+        };
+        let (mut exchange, mut step) = SaslExchange::start(mechanism, initial.as_deref());
+        let (login, password) = loop {
+            step = match step {
+                SaslStep::Done(login, password) => break (login, password),
+                SaslStep::Failed(SaslError::Cancelled) => {
+                    return Done::Bad("Authentication cancelled".into())
+                }
+                SaslStep::Failed(SaslError::Malformed) => {
+                    return Done::Bad("Cannot decode the response".into())
+                }
+                SaslStep::Challenge(challenge) => {
+                    io.queue(format!("+ {challenge}\r\n").as_bytes());
+                    let deadline = Instant::now() + self.idle_timeout();
+                    match read_event(&mut self.reader, io, Mode::Line, deadline).await {
+                        Ok(Event::Line(line)) => exchange.respond(&String::from_utf8_lossy(&line)),
+                        Ok(_) => return Done::Bad("Malformed response".into()),
+                        Err(_) => return Done::Close,
+                    }
+                }
+            };
+        };
+        self.login(io, login, password.0, mechanism.name()).await
+    }
+
+    pub(in crate::imap) async fn login<S>(
+        &mut self,
+        io: &mut Io<S>,
+        login: String,
+        password: String,
+        method: &str,
+    ) -> Done
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        if !self.throttle_allows() {
+            return no(
+                Some("UNAVAILABLE"),
+                "Too many failed logins from your address, try again later",
+            );
+        }
+        let credentials = Credentials::Password {
+            login: login.clone(),
+            password: Secret(password),
+        };
+        let user = match self
+            .server
+            .login_gate
+            .check(self.peer.ip(), credentials)
+            .await
+        {
+            LoginVerdict::Accepted(AuthUser(user)) => Some(user),
+            LoginVerdict::Refused => None,
+            LoginVerdict::Throttled => {
+                return no(
+                    Some("UNAVAILABLE"),
+                    "Too many failed logins from your address, try again later",
+                )
+            }
+        };
+        let Some(user) = user else {
+            self.auth_failures += 1;
+            warn!(login = %login.chars().take(64).collect::<String>(), method, failures = self.auth_failures, "authentication failed");
+            tokio::time::sleep(crate::auth::FAILURE_DELAY * self.auth_failures).await;
+            if self.auth_failures >= self.server.config.limits.max_auth_failures {
+                io.queue(b"* BYE Too many failed logins, closing connection\r\n");
+                return Done::Close;
+            }
+            return no(Some("AUTHENTICATIONFAILED"), "Authentication failed");
+        };
+        info!(%user, method, "logged in");
+        self.make_special_folders(&user).await;
+        self.user = Some(user);
+        self.state = State::Authenticated;
+        self.reader.set_literal_limit(
+            self.server.config.imap.append_limit,
+            Some(self.server.budget.clone()),
+        );
+        self.drain_changes();
+        Done::Ok(
+            Some(format!("CAPABILITY {}", self.capabilities())),
+            "Logged in".into(),
+        )
+    }
+
+    /// Creates (and subscribes) the configured special-use folders a user does not have yet.
+    pub(in crate::imap) async fn make_special_folders(&self, user: &str) {
+        let wanted: Vec<String> = self
+            .server
+            .config
+            .imap
+            .special_folders
+            .keys()
+            .cloned()
+            .collect();
+        let store = self.server.store.clone();
+        let user = user.to_string();
+        let made = blocking(self.id, move || {
+            let existing = store.folders(&user)?;
+            let mut made = Vec::new();
+            for folder in wanted {
+                if existing.contains(&folder) {
+                    continue;
+                }
+                match store.create_folder(&user, &folder) {
+                    Ok(()) | Err(StoreError::Exists(_)) => {}
+                    Err(err) => return Err(err),
+                }
+                store.set_subscribed(&user, &folder, true)?;
+                made.push(folder);
+            }
+            Ok(made)
+        })
+        .await;
+        match made {
+            Ok(made) if !made.is_empty() => info!(folders = ?made, "special-use folders created"),
+            Ok(_) => {}
+            Err(err) => warn!("cannot create special-use folders: {err}"),
+        }
+    }
+}

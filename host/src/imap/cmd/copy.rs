@@ -1,0 +1,92 @@
+//! COPY and MOVE (RFC 9051 §6.4.7, RFC 6851) with UIDPLUS codes (RFC 4315).
+
+use crate::imap::selected::paired_sets;
+use crate::store::{MessageInfo, StoreError};
+use crate::stream::Io;
+use imap_codec::imap_types::mailbox::Mailbox;
+use imap_codec::imap_types::sequence::SequenceSet;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::imap::session::*;
+
+impl Session {
+    pub(in crate::imap) async fn copy<S>(
+        &mut self,
+        io: &mut Io<S>,
+        set: &SequenceSet,
+        mailbox: &Mailbox<'_>,
+        uid: bool,
+        moving: bool,
+    ) -> Done
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let target = match folder_name(mailbox) {
+            Ok(name) => name,
+            Err(done) => return done,
+        };
+        let user = self.user();
+        let store = self.server.store.clone();
+        let Some(selected) = self.selected() else {
+            return Done::Bad("No mailbox selected".into());
+        };
+        if moving && selected.read_only {
+            return no(Some("READ-ONLY"), "Mailbox is read-only");
+        }
+        if !uid && !selected.valid_sequence(set) {
+            return Done::Bad("Invalid message sequence number".into());
+        }
+        let indexes = selected.resolve(set, uid);
+        if indexes.is_empty() {
+            return ok(if moving {
+                "MOVE completed"
+            } else {
+                "COPY completed"
+            });
+        }
+        let messages: Vec<MessageInfo> = indexes
+            .iter()
+            .map(|i| selected.messages[*i].clone())
+            .collect();
+        let folder = selected.folder.clone();
+        let into_selected = target == folder;
+        let result = blocking(self.id, move || {
+            let refs: Vec<&MessageInfo> = messages.iter().collect();
+            let copied = store.copy(&user, &folder, &refs, &target)?;
+            if moving {
+                store.remove(&user, &folder, &refs)?;
+            }
+            Ok(copied)
+        })
+        .await;
+        let (validity, pairs) = match result {
+            Ok(copied) => copied,
+            Err(StoreError::NoSuchFolder(_)) => return no(Some("TRYCREATE"), "No such mailbox"),
+            Err(err) => return store_failure(&err),
+        };
+        // Our own write is not announced to us: a copy into the selected folder is seen by
+        // re-reading it at the next update.
+        if into_selected {
+            self.dirty = true;
+        }
+        let code = if pairs.is_empty() {
+            None
+        } else {
+            let (from, to) = paired_sets(&pairs);
+            Some(format!("COPYUID {validity} {from} {to}"))
+        };
+        if !moving {
+            return Done::Ok(code, "COPY completed".into());
+        }
+        if let Some(code) = &code {
+            io.queue(format!("* OK [{code}] Moved\r\n").as_bytes());
+        }
+        let report = self.report();
+        let Some(selected) = self.selected() else {
+            return Done::Bad("No mailbox selected".into());
+        };
+        let out = selected.expunged(indexes, report);
+        io.queue(&out);
+        ok("MOVE completed")
+    }
+}

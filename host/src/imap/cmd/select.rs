@@ -1,0 +1,181 @@
+//! SELECT and EXAMINE (RFC 9051 §6.3.2, with CONDSTORE and QRESYNC parameters of RFC 7162), EXPUNGE and UID EXPUNGE.
+
+use crate::imap::codec::{self};
+use crate::imap::selected::{range_set, Selected};
+use crate::store::{Flags, MessageInfo};
+use crate::stream::Io;
+use imap_codec::imap_types::command::SelectParameter;
+use imap_codec::imap_types::mailbox::Mailbox;
+use imap_codec::imap_types::sequence::SequenceSet;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::imap::session::*;
+
+impl Session {
+    pub(in crate::imap) async fn select<S>(
+        &mut self,
+        io: &mut Io<S>,
+        mailbox: &Mailbox<'_>,
+        read_only: bool,
+        parameters: Vec<SelectParameter>,
+    ) -> Done
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let mut resync = None;
+        for parameter in parameters {
+            match parameter {
+                SelectParameter::CondStore => self.condstore = true,
+                // RFC 7162 §3.2.5: QRESYNC parameters only after ENABLE QRESYNC.
+                SelectParameter::QResync { .. } if !self.qresync => {
+                    return Done::Bad("ENABLE QRESYNC first".into());
+                }
+                SelectParameter::QResync {
+                    uid_validity,
+                    mod_sequence_value,
+                    known_uids,
+                    ..
+                } => resync = Some((uid_validity.get(), mod_sequence_value.get(), known_uids)),
+            }
+        }
+        // RFC 9051 §6.3.2: a failed SELECT leaves no mailbox selected.
+        if matches!(self.state, State::Selected(_)) {
+            self.state = State::Authenticated;
+            if self.rev2 || self.qresync {
+                io.queue(b"* OK [CLOSED] Previous mailbox closed\r\n");
+            }
+        }
+        let name = match folder_name(mailbox) {
+            Ok(name) => name,
+            Err(done) => return done,
+        };
+        let (store, user, folder) = (self.server.store.clone(), self.user(), name.clone());
+        let recent = self.recent_mode(read_only);
+        let opened = blocking(self.id, move || {
+            let snapshot = store.snapshot(&user, &folder)?;
+            let boundary = recent.boundary(&*store, &user, &folder, &snapshot)?;
+            Ok((snapshot, boundary))
+        })
+        .await;
+        let (snapshot, boundary) = match opened {
+            Ok(opened) => opened,
+            Err(err) => return store_failure(&err),
+        };
+        self.drain_changes();
+        self.dirty = false;
+        let selected = Selected::new(name, read_only, snapshot, boundary);
+        let mut out = Vec::new();
+        out.extend_from_slice(format!("* {} EXISTS\r\n", selected.exists()).as_bytes());
+        if !self.rev2 {
+            out.extend_from_slice(format!("* {} RECENT\r\n", selected.recent_count()).as_bytes());
+            if let Some(first) = selected.first_unseen() {
+                out.extend_from_slice(format!("* OK [UNSEEN {first}] First unseen\r\n").as_bytes());
+            }
+        }
+        out.extend_from_slice(&selected.flag_responses());
+        out.extend_from_slice(
+            format!(
+                "* OK [UIDVALIDITY {}] UIDs valid\r\n",
+                selected.uid_validity
+            )
+            .as_bytes(),
+        );
+        out.extend_from_slice(
+            format!(
+                "* OK [UIDNEXT {}] Predicted next UID\r\n",
+                selected.uid_next
+            )
+            .as_bytes(),
+        );
+        // RFC 7162 §3.1.2.1: sent on every SELECT by a server that keeps mod-sequences.
+        out.extend_from_slice(
+            format!(
+                "* OK [HIGHESTMODSEQ {}] Highest\r\n",
+                selected.highest_modseq
+            )
+            .as_bytes(),
+        );
+        if self.rev2 {
+            // RFC 9051 §6.3.2: the mailbox's name as the server spells it (INBOX in any case).
+            out.extend_from_slice(b"* LIST () \"/\" ");
+            codec::astring(&mut out, selected.folder.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        // RFC 7162 §3.2.5.2: what changed since the client's last visit, when it still knows
+        // this folder (same UIDVALIDITY).
+        if let Some((validity, since, known)) = resync {
+            if validity == selected.uid_validity && since < selected.highest_modseq {
+                let missing = selected.missing_uids(known.as_ref());
+                if !missing.is_empty() {
+                    out.extend_from_slice(
+                        format!("* VANISHED (EARLIER) {}\r\n", range_set(&missing)).as_bytes(),
+                    );
+                }
+                for (index, message) in selected.messages.iter().enumerate() {
+                    if message.modseq > since {
+                        selected.flags_fetch(&mut out, index, true, self.report());
+                    }
+                }
+            }
+        }
+        io.queue(&out);
+        self.state = State::Selected(selected);
+        if read_only {
+            Done::Ok(Some("READ-ONLY".into()), "EXAMINE completed".into())
+        } else {
+            Done::Ok(Some("READ-WRITE".into()), "SELECT completed".into())
+        }
+    }
+
+    /// Removes \Deleted messages (all, or those in a UID set) and reports them.
+    pub(in crate::imap) async fn expunge<S>(
+        &mut self,
+        io: &mut Io<S>,
+        uids: Option<SequenceSet>,
+    ) -> Done
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let updates = self.updates(true).await;
+        io.queue(&updates);
+        let user = self.user();
+        let store = self.server.store.clone();
+        let Some(selected) = self.selected() else {
+            return Done::Bad("No mailbox selected".into());
+        };
+        if selected.read_only {
+            return no(Some("READ-ONLY"), "Mailbox is read-only");
+        }
+        let in_set: Vec<usize> = match &uids {
+            Some(set) => selected.resolve(set, true),
+            None => (0..selected.messages.len()).collect(),
+        };
+        let doomed: Vec<usize> = in_set
+            .into_iter()
+            .filter(|i| selected.messages[*i].flags.contains(Flags::DELETED))
+            .collect();
+        if doomed.is_empty() {
+            return ok("EXPUNGE completed");
+        }
+        let messages: Vec<MessageInfo> = doomed
+            .iter()
+            .map(|i| selected.messages[*i].clone())
+            .collect();
+        let folder = selected.folder.clone();
+        let result = blocking(self.id, move || {
+            let refs: Vec<&MessageInfo> = messages.iter().collect();
+            store.remove(&user, &folder, &refs)
+        })
+        .await;
+        if let Err(err) = result {
+            return store_failure(&err);
+        }
+        let report = self.report();
+        let Some(selected) = self.selected() else {
+            return Done::Bad("No mailbox selected".into());
+        };
+        let out = selected.expunged(doomed, report);
+        io.queue(&out);
+        ok("EXPUNGE completed")
+    }
+}
