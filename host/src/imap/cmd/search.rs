@@ -99,6 +99,16 @@ impl SearchScope {
     }
 }
 
+/// `* ESEARCH (TAG "t") [UID]`: how an ESEARCH answer to SEARCH or SORT begins (RFC 4731 §3.1).
+fn esearch_head(out: &mut Vec<u8>, tag: &str, uid: bool) {
+    out.extend_from_slice(b"* ESEARCH (TAG ");
+    codec::string(out, tag.as_bytes());
+    out.push(b')');
+    if uid {
+        out.extend_from_slice(b" UID");
+    }
+}
+
 impl Session {
     /// What a SEARCH, SORT or THREAD looks through: the selected folder as this session sees
     /// it, ready to be moved to a blocking thread.
@@ -156,12 +166,7 @@ impl Session {
             // RFC 5267 §3.2 ESORT: MIN and MAX are the first and last in sort order, ALL the
             // numbers in sort order.
             Some(options) => {
-                out.extend_from_slice(b"* ESEARCH (TAG ");
-                codec::string(&mut out, tag.as_bytes());
-                out.push(b')');
-                if uid {
-                    out.extend_from_slice(b" UID");
-                }
+                esearch_head(&mut out, tag, uid);
                 let all = options.is_empty() || options.iter().any(|o| o == "ALL");
                 for option in options {
                     match (option.as_str(), numbers.first(), numbers.last()) {
@@ -313,12 +318,7 @@ impl Session {
                 if options.is_empty() {
                     options.push("ALL".into());
                 }
-                out.extend_from_slice(b"* ESEARCH (TAG ");
-                codec::string(&mut out, tag.as_bytes());
-                out.push(b')');
-                if uid {
-                    out.extend_from_slice(b" UID");
-                }
+                esearch_head(&mut out, tag, uid);
                 for option in &options {
                     match option.as_str() {
                         "MIN" if !found.is_empty() => out.extend_from_slice(
