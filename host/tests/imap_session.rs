@@ -615,3 +615,29 @@ async fn sort_and_thread() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn multiappend_is_all_or_nothing() {
+    // RFC 3502 §6.3.11: several messages in one APPEND, one APPENDUID set; a refused message
+    // leaves none of them stored.
+    replay(
+        r#"
+        S: * OK …
+        S2: * OK …
+        C: A001 LOGIN alice@example.test alicepass
+        S: A001 OK …
+        C: A002 APPEND INBOX {10+}
+        C: Subject: a (\Seen) {10+}
+        C: Subject: b
+        S: A002 OK [APPENDUID … 1:2] APPEND completed
+        C: A003 APPEND INBOX {10+}
+        C: Subject: c {0+}
+        C: 
+        S: A003 NO …
+        C: A004 STATUS INBOX (MESSAGES UIDNEXT)
+        S: * STATUS INBOX (MESSAGES 2 UIDNEXT 3)
+        S: A004 OK STATUS completed
+        "#,
+    )
+    .await;
+}

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 
 use imap_codec::decode::Decoder;
 use imap_codec::fragmentizer::{FragmentInfo, Fragmentizer, LiteralAnnouncement};
-use imap_codec::imap_types::command::Command;
+use imap_codec::imap_types::command::{Command, CommandBody};
 use imap_codec::imap_types::core::LiteralMode;
 use imap_codec::imap_types::IntoStatic;
 use imap_codec::CommandCodec;
@@ -52,6 +52,9 @@ pub struct Extended {
     /// RFC 5258 §3: patterns after the first of a parenthesized pattern list (the first stays
     /// in the command, which imap-codec decodes with one pattern).
     pub list_patterns: Vec<Vec<u8>>,
+    /// RFC 3502 MULTIAPPEND: the messages after the first, each decoded as an APPEND of its own
+    /// to the same mailbox (imap-codec decodes APPEND with one message).
+    pub appends: Vec<Command<'static>>,
 }
 
 #[derive(Debug)]
@@ -308,18 +311,95 @@ impl Reader {
                 .unwrap_or(bytes);
             return Event::Line(line.to_vec());
         }
-        let (bytes, extended) = lift_extensions(bytes);
+        let (bytes, mut extended) = lift_extensions(bytes);
         match CommandCodec::default().decode(&bytes) {
             Ok((b"", command)) => Event::Command {
                 command: Box::new(command.into_static()),
                 extended,
             },
-            Ok(_) | Err(_) => Event::Bad {
-                tag,
-                text: "Syntax error in command".into(),
+            Ok(_) | Err(_) => match multiappend(&bytes) {
+                Some(mut commands) => {
+                    let first = commands.remove(0);
+                    extended.appends = commands;
+                    Event::Command {
+                        command: Box::new(first),
+                        extended,
+                    }
+                }
+                None => Event::Bad {
+                    tag,
+                    text: "Syntax error in command".into(),
+                },
             },
         }
     }
+}
+
+/// RFC 3502 MULTIAPPEND: `tag APPEND box [flags] [date] {n}<data> [flags] [date] {m}<data>…`
+/// split into one `tag APPEND box …` command per message, each decoded by imap-codec. None when
+/// the message is not an APPEND of two or more messages that all decode.
+fn multiappend(message: &[u8]) -> Option<Vec<Command<'static>>> {
+    // Lines and the literals they announce, in order.
+    let mut pieces: Vec<(&[u8], &[u8], &[u8])> = Vec::new(); // (line before {n}, {n}, data)
+    let mut pos = 0;
+    loop {
+        let nl = pos + message[pos..].iter().position(|b| *b == b'\n')?;
+        let line = message[pos..nl]
+            .strip_suffix(b"\r")
+            .unwrap_or(&message[pos..nl]);
+        let Some(open) = line.iter().rposition(|b| *b == b'{') else {
+            // The last line: nothing may follow the last literal but the line end.
+            if !line.is_empty() {
+                return None;
+            }
+            break;
+        };
+        let inner = line[open + 1..].strip_suffix(b"}")?;
+        let digits = inner.strip_suffix(b"+").unwrap_or(inner);
+        let length: usize = std::str::from_utf8(digits).ok()?.parse().ok()?;
+        let start = if open > 0 && line[open - 1] == b'~' {
+            open - 1
+        } else {
+            open
+        };
+        let data_end = nl + 1 + length;
+        let data = message.get(nl + 1..data_end)?;
+        pieces.push((&line[..start], &line[start..], data));
+        pos = data_end;
+    }
+    if pieces.len() < 2 {
+        return None;
+    }
+    let first_line = std::str::from_utf8(pieces[0].0).ok()?;
+    let (tag, rest) = first_line.split_once(' ')?;
+    let (verb, rest) = rest.split_once(' ')?;
+    if !verb.eq_ignore_ascii_case("APPEND") {
+        return None;
+    }
+    let (mailbox, _) = split_token(rest)?;
+    let mut commands = Vec::new();
+    for (i, (options, announcement, data)) in pieces.iter().enumerate() {
+        let mut one = if i == 0 {
+            options.to_vec()
+        } else {
+            format!("{tag} APPEND {mailbox}")
+                .into_bytes()
+                .into_iter()
+                .chain(options.iter().copied())
+                .collect()
+        };
+        one.extend_from_slice(announcement);
+        one.extend_from_slice(b"\r\n");
+        one.extend_from_slice(data);
+        one.extend_from_slice(b"\r\n");
+        match CommandCodec::default().decode(&one) {
+            Ok((b"", command)) if matches!(command.body, CommandBody::Append { .. }) => {
+                commands.push(command.into_static())
+            }
+            _ => return None,
+        }
+    }
+    Some(commands)
 }
 
 /// Takes ESEARCH and LIST-EXTENDED options off a command (see the module docs). Anything that

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use imap_codec::imap_types::command::{Command, CommandBody, StoreModifier};
-use imap_codec::imap_types::extensions::binary::LiteralOrLiteral8;
 use imap_codec::imap_types::mailbox::Mailbox;
 use imap_codec::imap_types::search::SearchKey;
 use imap_codec::imap_types::status::StatusDataItemName;
@@ -633,43 +632,28 @@ impl Session {
                 date,
                 message,
             } => {
-                let name = match folder_name(&mailbox) {
-                    Ok(name) => name,
-                    Err(done) => return done,
-                };
-                let bytes = match message {
-                    LiteralOrLiteral8::Literal(literal) => literal.as_ref().to_vec(),
-                    LiteralOrLiteral8::Literal8(literal) => literal.data.as_ref().to_vec(),
-                };
-                if bytes.is_empty() {
-                    return no(None, "Empty message");
-                }
-                let received_at = date
-                    .map(|d| d.as_ref().timestamp())
-                    .unwrap_or_else(|| chrono::Utc::now().timestamp());
-                let (system, names) = store_flags(&flags);
-                let (store, user) = (self.server.store.clone(), self.user());
-                let into_selected = matches!(&self.state, State::Selected(s) if s.folder == name);
-                match blocking(self.id, move || {
-                    let (flags, _) = flags_in_folder(&*store, &user, &name, system, &names)?;
-                    store.append(&user, &name, &bytes, flags, received_at)
-                })
-                .await
-                {
-                    Ok((validity, uid)) => {
-                        // Our own write is not announced to us: the next update re-reads the
-                        // selected folder when it gained the message (a Sent copy does not).
-                        if into_selected {
-                            self.dirty = true;
-                        }
-                        Done::Ok(
-                            Some(format!("APPENDUID {validity} {uid}")),
-                            "APPEND completed".into(),
-                        )
+                let mut messages = vec![AppendMessage {
+                    flags,
+                    date,
+                    message,
+                }];
+                // RFC 3502: the other messages of a MULTIAPPEND, for the same mailbox.
+                for more in extended.appends {
+                    match more.body {
+                        CommandBody::Append {
+                            mailbox: other,
+                            flags,
+                            date,
+                            message,
+                        } if other == mailbox => messages.push(AppendMessage {
+                            flags,
+                            date,
+                            message,
+                        }),
+                        _ => return Done::Bad("MULTIAPPEND to one mailbox only".into()),
                     }
-                    Err(StoreError::NoSuchFolder(_)) => no(Some("TRYCREATE"), "No such mailbox"),
-                    Err(err) => store_failure(&err),
                 }
+                self.append(&mailbox, messages).await
             }
             CommandBody::Idle => self.idle(io).await,
             _ if self.selected().is_none() => Done::Bad("No mailbox selected".into()),

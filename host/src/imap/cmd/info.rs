@@ -30,6 +30,7 @@ impl Session {
             "COMPRESS=DEFLATE",
             "CONDSTORE",
             "QRESYNC",
+            "MULTIAPPEND",
             "SORT",
             "SORT=DISPLAY",
             "ESORT",
