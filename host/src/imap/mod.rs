@@ -7,13 +7,14 @@
 //!  any state ──LOGOUT──► Logout ─► close
 //! ```
 //!
-//! `codec` frames and decodes commands (imap-codec) and encodes the few response shapes;
+//! `code` spells the response codes a handler names; `codec` frames and decodes commands (imap-codec) and encodes the few response shapes;
 //! `selected` is a session's view of its selected folder; `fetch` renders message data;
 //! `search` evaluates criteria; `sort` and `thread` order and thread what a search found (RFC
 //! 5256); `session` is the state machine and the only place with I/O; `cmd` holds the verbs,
 //! one file per group.
 
 mod cmd;
+pub mod code;
 pub mod codec;
 pub mod fetch;
 pub mod search;

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn, Instrument};
 
 use super::cmd::*;
+use super::code::Code;
 use super::codec::{self, Event, Extended, Mode, Reader, Refusal};
 use super::selected::{Report, Selected};
 use super::ImapServer;
@@ -32,8 +33,8 @@ pub(in crate::imap) enum State {
 
 /// How a command ended (its tagged response, or the end of the session).
 pub(in crate::imap) enum Done {
-    Ok(Option<String>, String),
-    No(Option<String>, String),
+    Ok(Option<Code>, String),
+    No(Option<Code>, String),
     Bad(String),
     /// The tagged response is already queued (STARTTLS answers before its handshake).
     Sent,
@@ -45,20 +46,20 @@ pub(in crate::imap) fn ok(text: &str) -> Done {
     Done::Ok(None, text.to_string())
 }
 
-pub(in crate::imap) fn no(code: Option<&str>, text: &str) -> Done {
-    Done::No(code.map(str::to_string), text.to_string())
+pub(in crate::imap) fn no(code: Option<Code>, text: &str) -> Done {
+    Done::No(code, text.to_string())
 }
 
 /// The store's refusal in IMAP terms (RFC 5530 response codes).
 pub(in crate::imap) fn store_failure(err: &StoreError) -> Done {
     match err {
-        StoreError::NoSuchFolder(_) => no(Some("NONEXISTENT"), "No such mailbox"),
-        StoreError::Exists(_) => no(Some("ALREADYEXISTS"), "Mailbox already exists"),
-        StoreError::InvalidName(_) => no(Some("CANNOT"), "Invalid mailbox name"),
-        StoreError::Full(_) => no(Some("OVERQUOTA"), "Mail storage is full"),
-        StoreError::Gone(_) => no(Some("EXPUNGEISSUED"), "Message was expunged"),
-        StoreError::TooManyKeywords(_) => no(Some("LIMIT"), "No room for another keyword"),
-        StoreError::Io(_) => no(Some("SERVERBUG"), "Internal error, try again later"),
+        StoreError::NoSuchFolder(_) => no(Some(Code::Nonexistent), "No such mailbox"),
+        StoreError::Exists(_) => no(Some(Code::AlreadyExists), "Mailbox already exists"),
+        StoreError::InvalidName(_) => no(Some(Code::Cannot), "Invalid mailbox name"),
+        StoreError::Full(_) => no(Some(Code::OverQuota), "Mail storage is full"),
+        StoreError::Gone(_) => no(Some(Code::ExpungeIssued), "Message was expunged"),
+        StoreError::TooManyKeywords(_) => no(Some(Code::Limit), "No room for another keyword"),
+        StoreError::Io(_) => no(Some(Code::ServerBug), "Internal error, try again later"),
     }
 }
 
@@ -124,13 +125,13 @@ pub(in crate::imap) fn folder_name(mailbox: &Mailbox<'_>) -> Result<String, Done
         Mailbox::Inbox => Ok("INBOX".into()),
         Mailbox::Other(other) => {
             let name = std::str::from_utf8(other.as_ref())
-                .map_err(|_| no(Some("CANNOT"), "Mailbox names must be UTF-8"))?;
+                .map_err(|_| no(Some(Code::Cannot), "Mailbox names must be UTF-8"))?;
             let name = name.trim_end_matches('/');
             if name.eq_ignore_ascii_case("INBOX") {
                 return Ok("INBOX".into());
             }
             if !crate::store::valid_folder_name(name) {
-                return Err(no(Some("CANNOT"), "Invalid mailbox name"));
+                return Err(no(Some(Code::Cannot), "Invalid mailbox name"));
             }
             Ok(name.to_string())
         }
@@ -271,7 +272,7 @@ impl Session {
                 } => {
                     let limit = self.literal_limit();
                     let text = format!("Literal of {length} octets is over the limit of {limit}");
-                    (tag, no(Some("TOOBIG"), &text))
+                    (tag, no(Some(Code::TooBig), &text))
                 }
                 Event::LiteralRefused {
                     tag,
@@ -280,9 +281,9 @@ impl Session {
                 } => {
                     warn!("literal refused: the memory budget is exhausted");
                     let text = "Server memory for messages in flight is exhausted, try again later";
-                    (tag, no(Some("LIMIT"), text))
+                    (tag, no(Some(Code::Limit), text))
                 }
-                Event::TooLong { tag } => (tag, no(Some("TOOBIG"), "Command too long")),
+                Event::TooLong { tag } => (tag, no(Some(Code::TooBig), "Command too long")),
                 Event::Bad { tag, text } => (tag, Done::Bad(text)),
                 Event::Line(_) => (None, Done::Bad("Unexpected line".into())),
                 Event::Command { command, extended } => {
@@ -294,12 +295,18 @@ impl Session {
             match done {
                 Done::Close => break,
                 Done::Sent => {}
-                Done::Ok(code, text) => {
-                    io.queue(&codec::status(tag.as_deref(), "OK", code.as_deref(), &text))
-                }
-                Done::No(code, text) => {
-                    io.queue(&codec::status(tag.as_deref(), "NO", code.as_deref(), &text))
-                }
+                Done::Ok(code, text) => io.queue(&codec::status(
+                    tag.as_deref(),
+                    "OK",
+                    code.map(|c| c.to_string()).as_deref(),
+                    &text,
+                )),
+                Done::No(code, text) => io.queue(&codec::status(
+                    tag.as_deref(),
+                    "NO",
+                    code.map(|c| c.to_string()).as_deref(),
+                    &text,
+                )),
                 Done::Bad(text) => {
                     self.errors += 1;
                     io.queue(&codec::status(tag.as_deref(), "BAD", None, &text));
@@ -430,7 +437,7 @@ impl Session {
                     return Done::Bad("Already logged in".into());
                 }
                 if !self.plaintext_allowed() {
-                    return no(Some("PRIVACYREQUIRED"), "Use STARTTLS first");
+                    return no(Some(Code::PrivacyRequired), "Use STARTTLS first");
                 }
                 let login = String::from_utf8_lossy(username.as_ref()).into_owned();
                 let password = String::from_utf8_lossy(password.declassify().as_ref()).into_owned();
@@ -487,7 +494,7 @@ impl Session {
             CommandBody::Compress { .. } => {
                 // RFC 4978 §3: DEFLATE is the only algorithm imap-codec parses.
                 if io.is_compressed() {
-                    return no(Some("COMPRESSIONACTIVE"), "DEFLATE is already active");
+                    return no(Some(Code::CompressionActive), "DEFLATE is already active");
                 }
                 // The OK goes out uncompressed; everything after it in both directions is not.
                 io.queue(&codec::status(Some(tag), "OK", None, "DEFLATE active"));
@@ -541,7 +548,7 @@ impl Session {
                     Err(done) => return done,
                 };
                 if name == "INBOX" {
-                    return no(Some("ALREADYEXISTS"), "INBOX always exists");
+                    return no(Some(Code::AlreadyExists), "INBOX always exists");
                 }
                 let (store, user) = (self.server.store.clone(), self.user());
                 let created = blocking(self.id, move || {
@@ -566,7 +573,7 @@ impl Session {
                     Err(done) => return done,
                 };
                 if name == "INBOX" {
-                    return no(Some("CANNOT"), "INBOX cannot be deleted");
+                    return no(Some(Code::Cannot), "INBOX cannot be deleted");
                 }
                 let (store, user) = (self.server.store.clone(), self.user());
                 let folder = name.clone();

@@ -6,6 +6,7 @@ use imap_codec::imap_types::extensions::binary::LiteralOrLiteral8;
 use imap_codec::imap_types::flag::Flag;
 use imap_codec::imap_types::mailbox::Mailbox;
 
+use crate::imap::code::Code;
 use crate::imap::selected::uid_set;
 use crate::imap::session::*;
 use crate::store::{MessageInfo, StoreError};
@@ -84,11 +85,14 @@ impl Session {
                     self.dirty = true;
                 }
                 Done::Ok(
-                    Some(format!("APPENDUID {validity} {}", uid_set(uids))),
+                    Some(Code::AppendUid {
+                        validity,
+                        uids: uid_set(uids),
+                    }),
                     "APPEND completed".into(),
                 )
             }
-            Err(StoreError::NoSuchFolder(_)) => no(Some("TRYCREATE"), "No such mailbox"),
+            Err(StoreError::NoSuchFolder(_)) => no(Some(Code::TryCreate), "No such mailbox"),
             Err(err) => store_failure(&err),
         }
     }

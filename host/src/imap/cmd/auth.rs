@@ -11,6 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::imap::code::Code;
 use crate::imap::session::*;
 
 impl Session {
@@ -73,10 +74,10 @@ impl Session {
             return Done::Bad("Already logged in".into());
         }
         if !self.plaintext_allowed() {
-            return no(Some("PRIVACYREQUIRED"), "Use STARTTLS first");
+            return no(Some(Code::PrivacyRequired), "Use STARTTLS first");
         }
         let Some(mechanism) = Mechanism::parse(mechanism) else {
-            return no(Some("CANNOT"), "Unsupported authentication mechanism");
+            return no(Some(Code::Cannot), "Unsupported authentication mechanism");
         };
         let (mut exchange, mut step) = SaslExchange::start(mechanism, initial.as_deref());
         let (login, password) = loop {
@@ -114,7 +115,7 @@ impl Session {
     {
         if !self.throttle_allows() {
             return no(
-                Some("UNAVAILABLE"),
+                Some(Code::Unavailable),
                 "Too many failed logins from your address, try again later",
             );
         }
@@ -132,7 +133,7 @@ impl Session {
             LoginVerdict::Refused => None,
             LoginVerdict::Throttled => {
                 return no(
-                    Some("UNAVAILABLE"),
+                    Some(Code::Unavailable),
                     "Too many failed logins from your address, try again later",
                 )
             }
@@ -145,7 +146,7 @@ impl Session {
                 io.queue(b"* BYE Too many failed logins, closing connection\r\n");
                 return Done::Close;
             }
-            return no(Some("AUTHENTICATIONFAILED"), "Authentication failed");
+            return no(Some(Code::AuthenticationFailed), "Authentication failed");
         };
         info!(%user, method, "logged in");
         self.make_special_folders(&user).await;
@@ -157,7 +158,7 @@ impl Session {
         );
         self.drain_changes();
         Done::Ok(
-            Some(format!("CAPABILITY {}", self.capabilities())),
+            Some(Code::Capability(self.capabilities())),
             "Logged in".into(),
         )
     }

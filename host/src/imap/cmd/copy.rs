@@ -7,6 +7,7 @@ use imap_codec::imap_types::mailbox::Mailbox;
 use imap_codec::imap_types::sequence::SequenceSet;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::imap::code::Code;
 use crate::imap::session::*;
 
 impl Session {
@@ -31,7 +32,7 @@ impl Session {
             return Done::Bad("No mailbox selected".into());
         };
         if moving && selected.read_only {
-            return no(Some("READ-ONLY"), "Mailbox is read-only");
+            return no(Some(Code::ReadOnly), "Mailbox is read-only");
         }
         if !uid && !selected.valid_sequence(set) {
             return Done::Bad("Invalid message sequence number".into());
@@ -61,7 +62,9 @@ impl Session {
         .await;
         let (validity, pairs) = match result {
             Ok(copied) => copied,
-            Err(StoreError::NoSuchFolder(_)) => return no(Some("TRYCREATE"), "No such mailbox"),
+            Err(StoreError::NoSuchFolder(_)) => {
+                return no(Some(Code::TryCreate), "No such mailbox")
+            }
             Err(err) => return store_failure(&err),
         };
         // Our own write is not announced to us: a copy into the selected folder is seen by
@@ -73,7 +76,7 @@ impl Session {
             None
         } else {
             let (from, to) = paired_sets(&pairs);
-            Some(format!("COPYUID {validity} {from} {to}"))
+            Some(Code::CopyUid { validity, from, to })
         };
         if !moving {
             return Done::Ok(code, "COPY completed".into());

@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::warn;
 
+use crate::imap::code::Code;
 use crate::imap::session::*;
 
 /// Messages rendered per blocking batch in FETCH, and the message octets one batch may read:
@@ -375,7 +376,7 @@ impl Session {
             else {
                 warn!("FETCH stopped: the memory budget is exhausted");
                 return no(
-                    Some("LIMIT"),
+                    Some(Code::Limit),
                     "Server memory for messages in flight is exhausted, try again later",
                 );
             };

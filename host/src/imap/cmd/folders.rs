@@ -7,6 +7,7 @@ use imap_codec::imap_types::mailbox::{ListMailbox, Mailbox};
 use imap_codec::imap_types::status::StatusDataItemName;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::imap::code::Code;
 use crate::imap::session::*;
 
 /// IMAP `list-wildcards` matching (RFC 9051 §6.3.9): `*` matches anything, `%` anything but
@@ -329,7 +330,7 @@ impl Session {
             .map(|p| format!("{reference}{p}"))
             .collect();
         if patterns.iter().map(String::len).sum::<usize>() > MAX_LIST_PATTERN {
-            return no(Some("LIMIT"), "Mailbox pattern too long");
+            return no(Some(Code::Limit), "Mailbox pattern too long");
         }
         let (store, user) = (self.server.store.clone(), self.user());
         let config = self.server.config.clone();

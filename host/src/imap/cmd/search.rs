@@ -9,6 +9,7 @@ use imap_codec::imap_types::search::SearchKey;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::imap::code::Code;
 use crate::imap::session::*;
 
 /// Numbers in the order given as a sequence set: runs of consecutive ascending numbers become
@@ -42,7 +43,7 @@ pub(in crate::imap) fn unsupported_charset(
         Charset::Quoted(quoted) => quoted.as_ref().to_ascii_uppercase(),
     };
     (name != "US-ASCII" && name != "UTF-8")
-        .then(|| no(Some("BADCHARSET (US-ASCII UTF-8)"), "Unsupported charset"))
+        .then(|| no(Some(Code::BadCharset), "Unsupported charset"))
 }
 
 /// The selected folder as a SEARCH, SORT or THREAD sees it, owned so it can go to a blocking

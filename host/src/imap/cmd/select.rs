@@ -9,6 +9,7 @@ use imap_codec::imap_types::mailbox::Mailbox;
 use imap_codec::imap_types::sequence::SequenceSet;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::imap::code::Code;
 use crate::imap::session::*;
 
 impl Session {
@@ -121,9 +122,9 @@ impl Session {
         io.queue(&out);
         self.state = State::Selected(selected);
         if read_only {
-            Done::Ok(Some("READ-ONLY".into()), "EXAMINE completed".into())
+            Done::Ok(Some(Code::ReadOnly), "EXAMINE completed".into())
         } else {
-            Done::Ok(Some("READ-WRITE".into()), "SELECT completed".into())
+            Done::Ok(Some(Code::ReadWrite), "SELECT completed".into())
         }
     }
 
@@ -144,7 +145,7 @@ impl Session {
             return Done::Bad("No mailbox selected".into());
         };
         if selected.read_only {
-            return no(Some("READ-ONLY"), "Mailbox is read-only");
+            return no(Some(Code::ReadOnly), "Mailbox is read-only");
         }
         let in_set: Vec<usize> = match &uids {
             Some(set) => selected.resolve(set, true),

@@ -7,6 +7,7 @@ use imap_codec::imap_types::flag::{Flag, StoreResponse, StoreType};
 use imap_codec::imap_types::sequence::SequenceSet;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::imap::code::Code;
 use crate::imap::session::*;
 
 /// The system flags of a flag list, and its keywords by name (`$Forwarded` is Maildir's `P`).
@@ -83,7 +84,7 @@ impl Session {
             return Done::Bad("No mailbox selected".into());
         };
         if selected.read_only {
-            return no(Some("READ-ONLY"), "Mailbox is read-only");
+            return no(Some(Code::ReadOnly), "Mailbox is read-only");
         }
         let uid = request.uid;
         if !uid && !selected.valid_sequence(set) {
@@ -154,7 +155,7 @@ impl Session {
             ok("STORE completed")
         } else {
             Done::Ok(
-                Some(format!("MODIFIED {}", uid_set(modified))),
+                Some(Code::Modified(uid_set(modified))),
                 "Conditional STORE failed for some messages".into(),
             )
         }
