@@ -25,10 +25,12 @@ use crate::store::watched::Change;
 use crate::store::{Flags, MailStore, MessageInfo, StoreError};
 use crate::stream::{Io, ReadError};
 
+/// RFC 9051 §3: each state holds what it needs — after login the user's mailbox key, once a
+/// folder is selected the session's view of it too.
 pub(in crate::imap) enum State {
     NotAuthenticated,
-    Authenticated,
-    Selected(Selected),
+    Authenticated { user: String },
+    Selected { user: String, selected: Selected },
 }
 
 /// How a command ended (its tagged response, or the end of the session).
@@ -70,8 +72,6 @@ pub struct Session {
     pub(in crate::imap) peer: SocketAddr,
     pub(in crate::imap) tls: bool,
     pub(in crate::imap) state: State,
-    /// The logged-in user's mailbox key.
-    pub(in crate::imap) user: Option<String>,
     /// ENABLE IMAP4rev2 was given: SEARCH answers in ESEARCH form, no RECENT.
     pub(in crate::imap) rev2: bool,
     /// RFC 7162: CONDSTORE was enabled (explicitly or by a command that uses it).
@@ -186,7 +186,6 @@ impl Session {
             peer,
             tls: false,
             state: State::NotAuthenticated,
-            user: None,
             rev2: false,
             condstore: false,
             qresync: false,
@@ -339,7 +338,7 @@ impl Session {
 
     /// Notes announcements about this user's mailbox.
     pub(in crate::imap) fn drain_changes(&mut self) {
-        let Some(user) = &self.user else {
+        let (State::Authenticated { user } | State::Selected { user, .. }) = &self.state else {
             return;
         };
         loop {
@@ -364,12 +363,12 @@ impl Session {
         if !self.dirty {
             return Vec::new();
         }
-        let (Some(user), State::Selected(selected)) = (self.user.clone(), &self.state) else {
+        let State::Selected { user, selected } = &self.state else {
             return Vec::new();
         };
+        let (user, folder, read_only) = (user.clone(), selected.folder.clone(), selected.read_only);
         let store = self.server.store.clone();
-        let folder = selected.folder.clone();
-        let recent = self.recent_mode(selected.read_only);
+        let recent = self.recent_mode(read_only);
         let snapshot = blocking(self.id, move || {
             let snapshot = store.snapshot(&user, &folder)?;
             let boundary = recent.boundary(&*store, &user, &folder, &snapshot)?;
@@ -377,7 +376,7 @@ impl Session {
         })
         .await;
         let report = self.report();
-        let State::Selected(selected) = &mut self.state else {
+        let State::Selected { selected, .. } = &mut self.state else {
             return Vec::new();
         };
         match snapshot {
@@ -469,13 +468,28 @@ impl Session {
         done
     }
 
+    /// Leaves the Selected state for Authenticated (CLOSE, UNSELECT, a new SELECT).
+    pub(in crate::imap) fn deselect(&mut self) {
+        if !matches!(self.state, State::Selected { .. }) {
+            return;
+        }
+        if let State::Selected { user, .. } =
+            std::mem::replace(&mut self.state, State::NotAuthenticated)
+        {
+            self.state = State::Authenticated { user };
+        }
+    }
+
     pub(in crate::imap) fn user(&self) -> String {
-        self.user.clone().unwrap_or_default()
+        match &self.state {
+            State::Authenticated { user } | State::Selected { user, .. } => user.clone(),
+            State::NotAuthenticated => String::new(),
+        }
     }
 
     pub(in crate::imap) fn selected(&mut self) -> Option<&mut Selected> {
         match &mut self.state {
-            State::Selected(selected) => Some(selected),
+            State::Selected { selected, .. } => Some(selected),
             _ => None,
         }
     }
@@ -580,7 +594,7 @@ impl Session {
                 match blocking(self.id, move || store.delete_folder(&user, &folder)).await {
                     Ok(()) => {
                         if self.selected().is_some_and(|s| s.folder == name) {
-                            self.state = State::Authenticated;
+                            self.deselect();
                         }
                         ok("DELETE completed")
                     }
@@ -681,7 +695,7 @@ impl Session {
         match body {
             CommandBody::Check => ok("CHECK completed"),
             CommandBody::Unselect => {
-                self.state = State::Authenticated;
+                self.deselect();
                 ok("UNSELECT completed")
             }
             CommandBody::Close => {
@@ -709,7 +723,7 @@ impl Session {
                         }
                     }
                 }
-                self.state = State::Authenticated;
+                self.deselect();
                 ok("CLOSE completed")
             }
             CommandBody::Expunge => self.expunge(io, None).await,

@@ -47,7 +47,8 @@ impl Session {
             prepared.push((bytes, received_at, system, names));
         }
         let (store, user) = (self.server.store.clone(), self.user());
-        let into_selected = matches!(&self.state, State::Selected(s) if s.folder == name);
+        let into_selected =
+            matches!(&self.state, State::Selected { selected, .. } if selected.folder == name);
         let stored = blocking(self.id, move || {
             let mut uids = Vec::new();
             let mut validity = 0;

@@ -21,7 +21,7 @@ impl Session {
     {
         let acceptor = match (&self.server.tls, self.listener.tls, self.tls, &self.state) {
             (_, _, true, _) => return Done::Bad("TLS is already active".into()),
-            (_, _, _, State::Authenticated | State::Selected(_)) => {
+            (_, _, _, State::Authenticated { .. } | State::Selected { .. }) => {
                 return Done::Bad("Already logged in".into())
             }
             (Some(acceptor), TlsMode::Starttls, false, _) => acceptor.clone(),
@@ -150,8 +150,7 @@ impl Session {
         };
         info!(%user, method, "logged in");
         self.make_special_folders(&user).await;
-        self.user = Some(user);
-        self.state = State::Authenticated;
+        self.state = State::Authenticated { user };
         self.reader.set_literal_limit(
             self.server.config.imap.append_limit,
             Some(self.server.budget.clone()),

@@ -67,7 +67,7 @@ impl Session {
             return;
         }
         self.condstore = true;
-        if let State::Selected(selected) = &self.state {
+        if let State::Selected { selected, .. } = &self.state {
             let highest = selected.highest_modseq.max(1);
             io.queue(&codec::status(
                 None,

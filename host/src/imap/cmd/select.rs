@@ -40,8 +40,8 @@ impl Session {
             }
         }
         // RFC 9051 §6.3.2: a failed SELECT leaves no mailbox selected.
-        if matches!(self.state, State::Selected(_)) {
-            self.state = State::Authenticated;
+        if matches!(self.state, State::Selected { .. }) {
+            self.deselect();
             if self.rev2 || self.qresync {
                 io.queue(b"* OK [CLOSED] Previous mailbox closed\r\n");
             }
@@ -120,7 +120,10 @@ impl Session {
             }
         }
         io.queue(&out);
-        self.state = State::Selected(selected);
+        self.state = State::Selected {
+            user: self.user(),
+            selected,
+        };
         if read_only {
             Done::Ok(Some(Code::ReadOnly), "EXAMINE completed".into())
         } else {
