@@ -656,3 +656,20 @@ def test_long_sequence_sets_cost_their_size_not_its_product_with_the_folder(serv
     print(f"\nFETCH, STORE and SEARCH over a 7,000-range set: {elapsed * 1000:.0f} ms")
     m.logout()
     still_serves(server)
+
+
+def test_literals_past_the_memory_budget_get_no_limit_after_login(make_server):
+    """After login literals take their memory from the budget SMTP bodies use: one that does
+    not fit is refused with NO [LIMIT] before the client sends it, and the session goes on."""
+    import imaplib
+    server = make_server(max_message_size=1048576, body_memory_budget=1048576)
+    m = imaplib.IMAP4("127.0.0.1", server.ports["imap"], timeout=30)
+    m.starttls(ssl_context=ssl.create_default_context(cafile=server.cert))
+    m.login(*ALICE_LOGIN)
+    tag = m._new_tag().decode()
+    m.send(f"{tag} APPEND INBOX {{2000000}}\r\n".encode())
+    line = m.readline()
+    assert line.startswith(f"{tag} NO [LIMIT]".encode()), line
+    assert m.noop()[0] == "OK"
+    m.logout()
+    still_serves(server)
