@@ -89,11 +89,11 @@ impl LoginGate {
         };
         match user {
             Some(user) => {
-                ticket.finish(&self.throttle, false);
+                ticket.finish(false);
                 LoginVerdict::Accepted(user)
             }
             None => {
-                ticket.finish(&self.throttle, true);
+                ticket.finish(true);
                 LoginVerdict::Refused
             }
         }
@@ -102,7 +102,7 @@ impl LoginGate {
 
 /// A fixed set of threads for password checks.
 struct PasswordPool {
-    jobs: Mutex<mpsc::Sender<Box<dyn FnOnce() + Send>>>,
+    jobs: mpsc::Sender<Box<dyn FnOnce() + Send>>,
 }
 
 impl PasswordPool {
@@ -125,9 +125,7 @@ impl PasswordPool {
                 })
                 .expect("spawn password check thread");
         }
-        PasswordPool {
-            jobs: Mutex::new(sender),
-        }
+        PasswordPool { jobs: sender }
     }
 
     /// Runs `work` on the pool; `None` if the pool is gone.
@@ -140,7 +138,7 @@ impl PasswordPool {
         let job: Box<dyn FnOnce() + Send> = Box::new(move || {
             let _ = tx.send(work());
         });
-        self.jobs.lock().ok()?.send(job).ok()?;
+        self.jobs.send(job).ok()?;
         rx.await.ok()
     }
 }
@@ -180,14 +178,26 @@ pub struct AuthThrottle {
 /// Clients tracked at most; past it, expired entries go, then the oldest tenth.
 const THROTTLE_CAPACITY: usize = 100_000;
 
-/// A reserved check; [`Ticket::finish`] records its outcome.
-pub struct Ticket {
+/// A reserved check; [`Ticket::finish`] records its outcome. A ticket dropped unfinished (the
+/// session went away during the check) counts as a failure, so a reservation never leaks.
+pub struct Ticket<'a> {
+    throttle: &'a AuthThrottle,
     key: IpAddr,
+    finished: bool,
 }
 
-impl Ticket {
-    fn finish(self, throttle: &AuthThrottle, failed: bool) {
-        throttle.finish(self.key, failed);
+impl Ticket<'_> {
+    fn finish(mut self, failed: bool) {
+        self.finished = true;
+        self.throttle.finish(self.key, failed);
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.throttle.finish(self.key, true);
+        }
     }
 }
 
@@ -226,7 +236,7 @@ impl AuthThrottle {
 
     /// Reserves one check for the client, or `None` when its failures and checks under way
     /// already reach the limit.
-    pub fn reserve(&self, ip: IpAddr) -> Option<Ticket> {
+    pub fn reserve(&self, ip: IpAddr) -> Option<Ticket<'_>> {
         let key = client_key(ip);
         let mut map = self.entries.lock().expect("throttle lock");
         if !map.contains_key(&key) && map.len() >= self.capacity {
@@ -242,7 +252,11 @@ impl AuthThrottle {
             return None;
         }
         entry.pending += 1;
-        Some(Ticket { key })
+        Some(Ticket {
+            throttle: self,
+            key,
+            finished: false,
+        })
     }
 
     fn finish(&self, key: IpAddr, failed: bool) {
@@ -302,7 +316,7 @@ mod tests {
     }
 
     fn fail(t: &AuthThrottle, addr: IpAddr) {
-        t.reserve(addr).expect("allowed").finish(t, true);
+        t.reserve(addr).expect("allowed").finish(true);
     }
 
     #[test]
@@ -324,9 +338,19 @@ mod tests {
         let tickets: Vec<Ticket> = (0..30).filter_map(|_| t.reserve(a)).collect();
         assert_eq!(tickets.len(), 10, "30 parallel attempts, 10 checks");
         for ticket in tickets {
-            ticket.finish(&t, true);
+            ticket.finish(true);
         }
         assert!(t.reserve(a).is_none());
+    }
+
+    #[test]
+    fn an_abandoned_check_counts_as_a_failure_and_frees_its_reservation() {
+        let t = AuthThrottle::new(2, Duration::from_secs(60));
+        let a = ip("192.0.2.8");
+        drop(t.reserve(a).unwrap());
+        let map = t.entries.lock().unwrap();
+        let entry = map.get(&a).unwrap();
+        assert_eq!((entry.pending, entry.failures), (0, 1));
     }
 
     #[test]
@@ -335,7 +359,7 @@ mod tests {
         let a = ip("192.0.2.9");
         fail(&t, a);
         fail(&t, a);
-        t.reserve(a).unwrap().finish(&t, false);
+        t.reserve(a).unwrap().finish(false);
         fail(&t, a);
         assert!(!t.allows(a), "the success did not reset the two failures");
     }
