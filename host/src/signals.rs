@@ -40,25 +40,19 @@ pub fn install(grace: Duration, cleanup: impl Fn() + Send + 'static) -> watch::R
             let first = wait();
             tracing::info!(signal = first, "stop requested");
             let _ = tx.send(true);
-            let deadline = std::thread::spawn(move || {
-                std::thread::sleep(grace + HARD_MARGIN);
-            });
             // Whichever comes first: a second signal, or the hard deadline.
-            let (done_tx, done_rx) = std::sync::mpsc::channel();
-            let on_signal = done_tx.clone();
-            std::thread::spawn(move || {
-                let _ = deadline.join();
-                let _ = done_tx.send("deadline");
-            });
+            let (second_tx, second_rx) = std::sync::mpsc::channel();
             std::thread::spawn(move || {
                 wait();
-                let _ = on_signal.send("second signal");
+                let _ = second_tx.send(());
             });
-            if let Ok(why) = done_rx.recv() {
-                tracing::warn!(why, "stopping now: sessions did not end in time");
-                cleanup();
-                std::process::exit(1);
-            }
+            let why = match second_rx.recv_timeout(grace + HARD_MARGIN) {
+                Ok(()) => "second signal",
+                Err(_) => "deadline",
+            };
+            tracing::warn!(why, "stopping now: sessions did not end in time");
+            cleanup();
+            std::process::exit(1);
         })
         .expect("spawn the signal thread");
     rx
