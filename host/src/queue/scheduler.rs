@@ -269,10 +269,20 @@ impl Scheduler {
                     done.push(queued.envelope.id);
                     continue;
                 }
-                // Recorded before anything else: the local copies made are never made again.
+                // Recorded before anything else when a local copy was made (or discarded): it is
+                // never made again. With none, there is nothing a restart could repeat, and the
+                // relay's first save is the first record (no extra flushes on the relay path).
                 let state = DeliveryState::from_dispositions(&queued.envelope, &dispositions);
-                if let Err(err) = states.save(&queued.envelope.id, &state) {
-                    error!(queue_id = %queued.envelope.id, "cannot record local deliveries: {err}");
+                let local_done = queued
+                    .envelope
+                    .recipients
+                    .iter()
+                    .zip(&dispositions)
+                    .any(|(r, d)| matches!(r.route, Route::Local { .. }) && *d == Disposition::Done);
+                if local_done {
+                    if let Err(err) = states.save(&queued.envelope.id, &state) {
+                        error!(queue_id = %queued.envelope.id, "cannot record local deliveries: {err}");
+                    }
                 }
                 jobs.push(RelayJob {
                     envelope: queued.envelope,
