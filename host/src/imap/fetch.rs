@@ -600,11 +600,20 @@ pub fn section_data(
         }
     };
     // RFC 3516 §4.3: decoded content with a NUL goes as a literal8; other literals may not
-    // carry one (RFC 9051 §4.3).
-    if data.contains(&0) && name.starts_with("BINARY[") {
+    // carry one (RFC 9051 §4.3: CHAR8 excludes NUL), so BODY[] data has each NUL sent as 0x80,
+    // as Dovecot does: the size and every other octet stay as stored.
+    if !data.contains(&0) {
+        literal(out, data);
+    } else if name.starts_with("BINARY[") {
         out.push(b'~');
+        literal(out, data);
+    } else {
+        let cleaned: Vec<u8> = data
+            .iter()
+            .map(|b| if *b == 0 { 0x80 } else { *b })
+            .collect();
+        literal(out, &cleaned);
     }
-    literal(out, data);
 }
 
 /// The section's name in a response (`BODY[1.HEADER.FIELDS (FROM TO)]`).

@@ -3,7 +3,9 @@
 //! Layout: `<root>/<domain>/<user>/{tmp,new,cur}` for INBOX and Maildir++ folders as
 //! `<root>/<domain>/<user>/.<Folder>/{tmp,new,cur}`. Files hold LF line endings as Postfix's local
 //! delivery writes them; the name carries Dovecot's `,S=<size>,W=<size with CRLF>` so POP3 and IMAP
-//! report exact RFC 822 sizes without reading the file.
+//! report exact RFC 822 sizes without reading the file. A message that has a bare LF of its own
+//! (binary content appended over IMAP, RFC 3516) cannot round-trip through LF endings, so it is
+//! kept as it came, and its name says so by `S` equal to `W` (the file is its own CRLF form).
 //!
 //! Delivery follows the Maildir protocol: write to `tmp/`, flush, rename into `new/`, flush the
 //! directory. Names are stable for a (message, recipient) pair (`<time>.Q<delivery id>.<host>`), so a
@@ -218,6 +220,34 @@ pub fn ensure_maildir(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// The bytes to store for a message and its `S=`/`W=` sizes: LF line endings, or the message as
+/// it came when it has a bare LF (which the LF form would turn into a CRLF on the way back).
+fn stored_form(prepend: &[u8], message: &[u8]) -> (Vec<u8>, usize, usize) {
+    let mut content = Vec::with_capacity(prepend.len() + message.len());
+    if has_bare_lf(prepend) || has_bare_lf(message) {
+        content.extend_from_slice(prepend);
+        content.extend_from_slice(message);
+        let size = content.len();
+        return (content, size, size);
+    }
+    let lf_count = to_lf(prepend, &mut content) + to_lf(message, &mut content);
+    let size = content.len();
+    (content, size, size + lf_count)
+}
+
+fn has_bare_lf(bytes: &[u8]) -> bool {
+    memchr::memchr_iter(b'\n', bytes).any(|at| at == 0 || bytes[at - 1] != b'\r')
+}
+
+/// A file stored as it came (see [`stored_form`]): its name gives equal `S=` and `W=`. A file
+/// without LFs at all also qualifies, and reads the same either way.
+fn stored_verbatim(name: &str) -> bool {
+    matches!(
+        (size_field(name, ",S="), size_field(name, ",W=")),
+        (Some(s), Some(w)) if s == w
+    )
+}
+
 /// Converts CRLF to LF (a lone CR stays) and returns the number of LFs written, which is what the
 /// CRLF form adds to the size.
 fn to_lf(input: &[u8], out: &mut Vec<u8>) -> usize {
@@ -340,21 +370,10 @@ impl MailStore for Maildir {
         message: &MessageInfo,
     ) -> Result<Vec<u8>, StoreError> {
         let dir = self.folder_path(mailbox, folder)?;
-        let content = match fs::read(dir.join(&message.location)) {
-            Ok(content) => content,
-            // Renamed since the listing (flags changed): find it by key.
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                let location = locate(&dir, &message.key)
-                    .map_err(StoreError::from_io)?
-                    .ok_or_else(|| StoreError::Gone(message.key.clone()))?;
-                fs::read(dir.join(location)).map_err(|err| match err.kind() {
-                    io::ErrorKind::NotFound => StoreError::Gone(message.key.clone()),
-                    _ => StoreError::from_io(err),
-                })?
-            }
-            Err(err) => return Err(StoreError::from_io(err)),
-        };
-        Ok(to_crlf(&content))
+        if stored_verbatim(&message.key) {
+            return self.read_file(&dir, message);
+        }
+        Ok(to_crlf(&self.read_file(&dir, message)?))
     }
 
     fn read_header(
@@ -471,14 +490,11 @@ impl MailStore for Maildir {
         received_at: i64,
     ) -> Result<(u32, u32), StoreError> {
         let dir = self.existing_folder(mailbox, folder)?;
-        let mut content = Vec::with_capacity(message.len());
-        let lf_count = to_lf(message, &mut content);
-        let size = content.len();
+        let (content, size, crlf_size) = stored_form(b"", message);
         let key = format!(
-            "{received_at}.{}.{},S={size},W={}",
+            "{received_at}.{}.{},S={size},W={crlf_size}",
             unique_part(),
             self.host,
-            size + lf_count
         );
         let name = format!("{key}:2,{}", flag_letters(flags));
         let tmp = dir.join("tmp").join(&key);
@@ -510,7 +526,7 @@ impl MailStore for Maildir {
                 Listed {
                     location: format!("cur/{name}"),
                     flags,
-                    size: Some((size + lf_count) as u64),
+                    size: Some(crlf_size as u64),
                     received_at,
                 },
             );
@@ -1151,6 +1167,24 @@ fn crlf_size(path: &Path) -> io::Result<u64> {
 type Written = (File, PathBuf, PathBuf, PathBuf);
 
 impl Maildir {
+    /// A message file's bytes as stored, wherever a rename since the listing took it.
+    fn read_file(&self, dir: &Path, message: &MessageInfo) -> Result<Vec<u8>, StoreError> {
+        match fs::read(dir.join(&message.location)) {
+            Ok(content) => Ok(content),
+            // Renamed since the listing (flags changed): find it by key.
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                let location = locate(dir, &message.key)
+                    .map_err(StoreError::from_io)?
+                    .ok_or_else(|| StoreError::Gone(message.key.clone()))?;
+                fs::read(dir.join(location)).map_err(|err| match err.kind() {
+                    io::ErrorKind::NotFound => StoreError::Gone(message.key.clone()),
+                    _ => StoreError::from_io(err),
+                })
+            }
+            Err(err) => Err(StoreError::from_io(err)),
+        }
+    }
+
     fn write_tmp(&self, delivery: &Delivery<'_>) -> Result<Option<Written>, StoreError> {
         let folder_dir = self.folder_path(delivery.mailbox, delivery.folder)?;
         ensure_maildir(&folder_dir).map_err(StoreError::from_io)?;
@@ -1160,11 +1194,8 @@ impl Maildir {
         {
             return Ok(None);
         }
-        let mut content = Vec::with_capacity(delivery.prepend.len() + delivery.message.len());
-        let mut lf_count = to_lf(delivery.prepend, &mut content);
-        lf_count += to_lf(delivery.message, &mut content);
-        let size = content.len();
-        let name = format!("{base},S={size},W={}", size + lf_count);
+        let (content, size, crlf_size) = stored_form(delivery.prepend, delivery.message);
+        let name = format!("{base},S={size},W={crlf_size}");
         let tmp_path = folder_dir.join("tmp").join(&name);
         let new_path = folder_dir.join("new").join(&name);
         let mut file = OpenOptions::new()
@@ -1195,6 +1226,42 @@ mod tests {
             prepend: b"Return-Path: <s@x.test>\r\n",
             message,
         }
+    }
+
+    #[test]
+    fn a_message_with_a_bare_lf_is_kept_as_it_came() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Maildir::new(dir.path(), "mx.test");
+        let user = "alice@example.test";
+        // RFC 3516 binary content: a bare LF, a CRLF and a NUL must come back unchanged.
+        let message = b"Subject: bin\r\nContent-Transfer-Encoding: binary\r\n\r\n\0-\xe4\n\r\n\n";
+        store
+            .append(user, "INBOX", message, Flags::empty(), 1700000000)
+            .unwrap();
+        let snapshot = store.snapshot(user, "INBOX").unwrap();
+        assert_eq!(snapshot.messages[0].size, message.len() as u64);
+        let read = store.read(user, "INBOX", &snapshot.messages[0]).unwrap();
+        assert_eq!(read, message);
+        // A clean message is still stored with LF endings.
+        store
+            .append(
+                user,
+                "INBOX",
+                b"Subject: t\r\n\r\nx\r\n",
+                Flags::empty(),
+                1700000001,
+            )
+            .unwrap();
+        let snapshot = store.snapshot(user, "INBOX").unwrap();
+        let clean = &snapshot.messages[1];
+        assert_eq!(
+            fs::read(dir.path().join("example.test/alice").join(&clean.location)).unwrap(),
+            b"Subject: t\n\nx\n"
+        );
+        assert_eq!(
+            store.read(user, "INBOX", clean).unwrap(),
+            b"Subject: t\r\n\r\nx\r\n"
+        );
     }
 
     #[test]
