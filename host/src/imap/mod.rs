@@ -10,8 +10,9 @@
 //! `code` spells the response codes a handler names; `codec` frames and decodes commands (imap-codec) and encodes the few response shapes;
 //! `selected` is a session's view of its selected folder; `fetch` renders message data;
 //! `search` evaluates criteria; `sort` and `thread` order and thread what a search found (RFC
-//! 5256); `session` is the state machine and the only place with I/O; `cmd` holds the verbs,
-//! one file per group.
+//! 5256); `session` holds a session's state (`State`: not authenticated, or logged in with a
+//! selected folder or none) and its read-answer loop, the only place with I/O; `cmd` holds the
+//! table of which command each state allows and the verbs, one file per group.
 
 mod cmd;
 pub mod code;

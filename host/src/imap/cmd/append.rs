@@ -7,9 +7,10 @@ use imap_codec::imap_types::flag::Flag;
 use imap_codec::imap_types::mailbox::Mailbox;
 
 use crate::imap::code::Code;
-use crate::imap::selected::uid_set;
+use crate::imap::selected::{uid_set, Selected};
 use crate::imap::session::*;
 use crate::store::{MessageInfo, StoreError};
+use imap_codec::imap_types::command::{Command, CommandBody};
 
 use super::{flags_in_folder, store_flags};
 
@@ -20,16 +21,37 @@ pub(in crate::imap) struct AppendMessage {
     pub(in crate::imap) message: LiteralOrLiteral8<'static>,
 }
 
-impl Session {
+impl Conn {
+    /// `first` is the APPEND's message; `more` the other messages of a MULTIAPPEND, each
+    /// decoded as an APPEND of its own (RFC 3502: to the same mailbox).
     pub(in crate::imap) async fn append(
         &mut self,
+        user: &str,
+        selected: Option<&Selected>,
         mailbox: &Mailbox<'_>,
-        messages: Vec<AppendMessage>,
+        first: AppendMessage,
+        more: Vec<Command<'static>>,
     ) -> Done {
         let name = match folder_name(mailbox) {
             Ok(name) => name,
             Err(done) => return done,
         };
+        let mut messages = vec![first];
+        for command in more {
+            match command.body {
+                CommandBody::Append {
+                    mailbox: other,
+                    flags,
+                    date,
+                    message,
+                } if other == *mailbox => messages.push(AppendMessage {
+                    flags,
+                    date,
+                    message,
+                }),
+                _ => return Done::Bad("MULTIAPPEND to one mailbox only".into()),
+            }
+        }
         let mut prepared = Vec::with_capacity(messages.len());
         for m in messages {
             let bytes = match m.message {
@@ -46,9 +68,8 @@ impl Session {
             let (system, names) = store_flags(&m.flags);
             prepared.push((bytes, received_at, system, names));
         }
-        let (store, user) = (self.server.store.clone(), self.user());
-        let into_selected =
-            matches!(&self.state, State::Selected { selected, .. } if selected.folder == name);
+        let (store, user) = (self.server.store.clone(), user.to_string());
+        let into_selected = selected.is_some_and(|s| s.folder == name);
         let stored = blocking(self.id, move || {
             let mut uids = Vec::new();
             let mut validity = 0;

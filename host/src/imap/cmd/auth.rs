@@ -1,12 +1,18 @@
-//! STARTTLS (RFC 9051 §6.2.1), AUTHENTICATE (§6.2.2, SASL-IR) and LOGIN (§6.2.3) through the login gate, and the special-use folders made at first login (RFC 6154).
+//! STARTTLS (RFC 9051 §6.2.1), AUTHENTICATE (§6.2.2, SASL-IR) and LOGIN (§6.2.3) through the
+//! login gate, the special-use folders made at first login (RFC 6154), and COMPRESS (RFC 4978).
+
+use std::borrow::Cow;
 
 use crate::auth::{
-    AuthUser, Credentials, LoginVerdict, Mechanism, SaslError, SaslExchange, SaslStep, Secret,
+    AuthUser, Credentials, LoginVerdict, Mechanism, SaslError, SaslExchange, SaslStep,
 };
 use crate::config::TlsMode;
 use crate::imap::codec::{self, Event, Mode};
 use crate::store::StoreError;
 use crate::stream::Io;
+use imap_codec::imap_types::auth::AuthMechanism;
+use imap_codec::imap_types::core::AString;
+use imap_codec::imap_types::secret::Secret;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -14,17 +20,14 @@ use tracing::{info, warn};
 use crate::imap::code::Code;
 use crate::imap::session::*;
 
-impl Session {
+impl Conn {
     pub(in crate::imap) async fn starttls<S>(&mut self, io: &mut Io<S>, tag: &str) -> Done
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        let acceptor = match (&self.server.tls, self.listener.tls, self.tls, &self.state) {
-            (_, _, true, _) => return Done::Bad("TLS is already active".into()),
-            (_, _, _, State::Authenticated { .. } | State::Selected { .. }) => {
-                return Done::Bad("Already logged in".into())
-            }
-            (Some(acceptor), TlsMode::Starttls, false, _) => acceptor.clone(),
+        let acceptor = match (&self.server.tls, self.listener.tls, self.tls) {
+            (_, _, true) => return Done::Bad("TLS is already active".into()),
+            (Some(acceptor), TlsMode::Starttls, false) => acceptor.clone(),
             _ => return Done::Bad("STARTTLS is not available here".into()),
         };
         io.queue(&codec::status(
@@ -61,18 +64,63 @@ impl Session {
         false
     }
 
-    pub(in crate::imap) async fn authenticate<S>(
+    /// RFC 4978 §3: DEFLATE is the only algorithm imap-codec parses.
+    pub(in crate::imap) async fn compress<S>(&mut self, io: &mut Io<S>, tag: &str) -> Done
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        if io.is_compressed() {
+            return no(Some(Code::CompressionActive), "DEFLATE is already active");
+        }
+        // The OK goes out uncompressed; everything after it in both directions is not.
+        io.queue(&codec::status(Some(tag), "OK", None, "DEFLATE active"));
+        if io.flush().await.is_err() {
+            return Done::Close;
+        }
+        io.start_deflate();
+        self.reader.reset();
+        Done::Sent
+    }
+
+    pub(in crate::imap) async fn login_command<S>(
         &mut self,
         io: &mut Io<S>,
-        mechanism: &str,
-        initial: Option<String>,
+        state: &mut State,
+        username: AString<'static>,
+        password: Secret<AString<'static>>,
     ) -> Done
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        if !matches!(self.state, State::NotAuthenticated) {
-            return Done::Bad("Already logged in".into());
+        if !self.plaintext_allowed() {
+            return no(Some(Code::PrivacyRequired), "Use STARTTLS first");
         }
+        let login = String::from_utf8_lossy(username.as_ref()).into_owned();
+        let password = String::from_utf8_lossy(password.declassify().as_ref()).into_owned();
+        self.login(io, state, login, password, "LOGIN").await
+    }
+
+    pub(in crate::imap) async fn authenticate<S>(
+        &mut self,
+        io: &mut Io<S>,
+        state: &mut State,
+        mechanism: AuthMechanism<'static>,
+        initial_response: Option<Secret<Cow<'static, [u8]>>>,
+    ) -> Done
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        // SASL-IR (RFC 4959 §3): an empty initial response is sent as `=`.
+        let initial = initial_response.map(|r| {
+            use base64::Engine as _;
+            let bytes = r.declassify();
+            if bytes.is_empty() {
+                "=".to_string()
+            } else {
+                base64::engine::general_purpose::STANDARD.encode(bytes.as_ref())
+            }
+        });
+        let mechanism = mechanism.as_ref();
         if !self.plaintext_allowed() {
             return no(Some(Code::PrivacyRequired), "Use STARTTLS first");
         }
@@ -100,12 +148,14 @@ impl Session {
                 }
             };
         };
-        self.login(io, login, password.0, mechanism.name()).await
+        self.login(io, state, login, password.0, mechanism.name())
+            .await
     }
 
     pub(in crate::imap) async fn login<S>(
         &mut self,
         io: &mut Io<S>,
+        state: &mut State,
         login: String,
         password: String,
         method: &str,
@@ -121,7 +171,7 @@ impl Session {
         }
         let credentials = Credentials::Password {
             login: login.clone(),
-            password: Secret(password),
+            password: crate::auth::Secret(password),
         };
         let user = match self
             .server
@@ -150,14 +200,17 @@ impl Session {
         };
         info!(%user, method, "logged in");
         self.make_special_folders(&user).await;
-        self.state = State::Authenticated { user };
+        self.drain_changes(&user);
+        *state = State::LoggedIn {
+            user,
+            selected: None,
+        };
         self.reader.set_literal_limit(
             self.server.config.imap.append_limit,
             Some(self.server.budget.clone()),
         );
-        self.drain_changes();
         Done::Ok(
-            Some(Code::Capability(self.capabilities())),
+            Some(Code::Capability(self.capabilities(state))),
             "Logged in".into(),
         )
     }

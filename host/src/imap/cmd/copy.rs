@@ -1,6 +1,6 @@
 //! COPY and MOVE (RFC 9051 §6.4.7, RFC 6851) with UIDPLUS codes (RFC 4315).
 
-use crate::imap::selected::paired_sets;
+use crate::imap::selected::{paired_sets, Selected};
 use crate::store::{MessageInfo, StoreError};
 use crate::stream::Io;
 use imap_codec::imap_types::mailbox::Mailbox;
@@ -10,27 +10,37 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::imap::code::Code;
 use crate::imap::session::*;
 
-impl Session {
+/// A COPY or MOVE as the client sent it.
+pub(in crate::imap) struct CopyRequest<'a> {
+    pub(in crate::imap) set: &'a SequenceSet,
+    pub(in crate::imap) mailbox: &'a Mailbox<'a>,
+    pub(in crate::imap) uid: bool,
+    pub(in crate::imap) moving: bool,
+}
+
+impl Conn {
     pub(in crate::imap) async fn copy<S>(
         &mut self,
         io: &mut Io<S>,
-        set: &SequenceSet,
-        mailbox: &Mailbox<'_>,
-        uid: bool,
-        moving: bool,
+        user: &str,
+        selected: &mut Selected,
+        request: CopyRequest<'_>,
     ) -> Done
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
+        let CopyRequest {
+            set,
+            mailbox,
+            uid,
+            moving,
+        } = request;
         let target = match folder_name(mailbox) {
             Ok(name) => name,
             Err(done) => return done,
         };
-        let user = self.user();
+        let user = user.to_string();
         let store = self.server.store.clone();
-        let Some(selected) = self.selected() else {
-            return Done::Bad("No mailbox selected".into());
-        };
         if moving && selected.read_only {
             return no(Some(Code::ReadOnly), "Mailbox is read-only");
         }
@@ -84,11 +94,7 @@ impl Session {
         if let Some(code) = &code {
             io.queue(format!("* OK [{code}] Moved\r\n").as_bytes());
         }
-        let report = self.report();
-        let Some(selected) = self.selected() else {
-            return Done::Bad("No mailbox selected".into());
-        };
-        let out = selected.expunged(indexes, report);
+        let out = selected.expunged(indexes, self.report());
         io.queue(&out);
         ok("MOVE completed")
     }

@@ -1,7 +1,7 @@
 //! FETCH (RFC 9051 §6.4.5): message data rendered in batches bounded by count, bytes and the server-wide memory budget, with the implicit \\Seen stored first.
 
 use crate::imap::fetch::{self, Parsed};
-use crate::imap::selected::range_set;
+use crate::imap::selected::{range_set, Selected};
 use crate::store::{FlagChange, Flags, MailStore, MessageInfo, StoreError};
 use crate::stream::Io;
 use imap_codec::imap_types::command::FetchModifier;
@@ -251,19 +251,32 @@ pub(in crate::imap) fn render(
     Ok(())
 }
 
-impl Session {
+/// A FETCH as the client sent it.
+pub(in crate::imap) struct FetchRequest<'a> {
+    pub(in crate::imap) set: &'a SequenceSet,
+    pub(in crate::imap) items: MacroOrMessageDataItemNames<'static>,
+    pub(in crate::imap) uid: bool,
+    pub(in crate::imap) modifiers: Vec<FetchModifier>,
+}
+
+impl Conn {
     #[allow(clippy::too_many_lines)]
     pub(in crate::imap) async fn fetch<S>(
         &mut self,
         io: &mut Io<S>,
-        set: &SequenceSet,
-        items: MacroOrMessageDataItemNames<'static>,
-        uid: bool,
-        modifiers: Vec<FetchModifier>,
+        user: &str,
+        selected: &mut Selected,
+        request: FetchRequest<'_>,
     ) -> Done
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
+        let FetchRequest {
+            set,
+            items,
+            uid,
+            modifiers,
+        } = request;
         let mut changed_since = None;
         let mut vanished = false;
         for modifier in modifiers {
@@ -305,15 +318,12 @@ impl Session {
             items.push(MessageDataItemName::ModSeq);
         }
         if items.contains(&MessageDataItemName::ModSeq) {
-            self.enable_condstore(io);
+            self.enable_condstore(io, Some(selected));
         }
         let condstore = self.condstore;
-        let user = self.user();
+        let user = user.to_string();
         let store = self.server.store.clone();
         let rev2 = self.rev2;
-        let Some(selected) = self.selected() else {
-            return Done::Bad("No mailbox selected".into());
-        };
         if !uid && !selected.valid_sequence(set) {
             return Done::Bad("Invalid message sequence number".into());
         }
@@ -432,12 +442,10 @@ impl Session {
                 Ok(rendered) => rendered,
                 Err(err) => return store_failure(&err),
             };
-            if let Some(selected) = self.selected() {
-                for (uid, flags, modseq) in seen {
-                    if let Ok(at) = selected.messages.binary_search_by_key(&uid, |m| m.uid) {
-                        selected.messages[at].flags = flags;
-                        selected.messages[at].modseq = modseq;
-                    }
+            for (uid, flags, modseq) in seen {
+                if let Ok(at) = selected.messages.binary_search_by_key(&uid, |m| m.uid) {
+                    selected.messages[at].flags = flags;
+                    selected.messages[at].modseq = modseq;
                 }
             }
             io.queue(&out);

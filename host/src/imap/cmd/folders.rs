@@ -1,4 +1,5 @@
-//! LIST and LSUB (RFC 9051 §6.3.9, RFC 5258 LIST-EXTENDED, RFC 5819 LIST-STATUS), STATUS, SUBSCRIBE and UNSUBSCRIBE.
+//! CREATE, DELETE and RENAME (RFC 9051 §6.3.4-6), LIST and LSUB (§6.3.9, RFC 5258 LIST-EXTENDED,
+//! RFC 5819 LIST-STATUS), STATUS (§6.3.11), SUBSCRIBE and UNSUBSCRIBE (§6.3.7-8).
 
 use crate::imap::codec::{self, Extended};
 use crate::store::{Flags, StoreError};
@@ -8,6 +9,7 @@ use imap_codec::imap_types::status::StatusDataItemName;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::imap::code::Code;
+use crate::imap::selected::Selected;
 use crate::imap::session::*;
 
 /// IMAP `list-wildcards` matching (RFC 9051 §6.3.9): `*` matches anything, `%` anything but
@@ -183,13 +185,89 @@ pub(in crate::imap) fn list_lines(
     (out, status_for)
 }
 
-impl Session {
-    pub(in crate::imap) async fn subscribe(&mut self, mailbox: &Mailbox<'_>, on: bool) -> Done {
+impl Conn {
+    pub(in crate::imap) async fn create(&mut self, user: &str, mailbox: &Mailbox<'_>) -> Done {
         let name = match folder_name(mailbox) {
             Ok(name) => name,
             Err(done) => return done,
         };
-        let (store, user) = (self.server.store.clone(), self.user());
+        if name == "INBOX" {
+            return no(Some(Code::AlreadyExists), "INBOX always exists");
+        }
+        let (store, user) = (self.server.store.clone(), user.to_string());
+        let created = blocking(self.id, move || {
+            // RFC 9051 §6.3.4: superior names are created as needed, so every level is a
+            // folder that can be selected, renamed and deleted.
+            for (end, _) in name.match_indices('/') {
+                match store.create_folder(&user, &name[..end]) {
+                    Ok(()) | Err(StoreError::Exists(_)) => {}
+                    Err(err) => return Err(err),
+                }
+            }
+            store.create_folder(&user, &name)
+        });
+        match created.await {
+            Ok(()) => ok("CREATE completed"),
+            Err(err) => store_failure(&err),
+        }
+    }
+
+    /// RFC 9051 §6.3.5. Deleting the selected folder leaves the Selected state.
+    pub(in crate::imap) async fn delete(
+        &mut self,
+        user: &str,
+        selected: &mut Option<Selected>,
+        mailbox: &Mailbox<'_>,
+    ) -> Done {
+        let name = match folder_name(mailbox) {
+            Ok(name) => name,
+            Err(done) => return done,
+        };
+        if name == "INBOX" {
+            return no(Some(Code::Cannot), "INBOX cannot be deleted");
+        }
+        let (store, user) = (self.server.store.clone(), user.to_string());
+        let folder = name.clone();
+        match blocking(self.id, move || store.delete_folder(&user, &folder)).await {
+            Ok(()) => {
+                if selected.as_ref().is_some_and(|s| s.folder == name) {
+                    *selected = None;
+                }
+                ok("DELETE completed")
+            }
+            Err(err) => store_failure(&err),
+        }
+    }
+
+    /// RFC 9051 §6.3.6 (renaming INBOX moves its messages: the store's concern).
+    pub(in crate::imap) async fn rename(
+        &mut self,
+        user: &str,
+        from: &Mailbox<'_>,
+        to: &Mailbox<'_>,
+    ) -> Done {
+        let (from, to) = match (folder_name(from), folder_name(to)) {
+            (Ok(from), Ok(to)) => (from, to),
+            (Err(done), _) | (_, Err(done)) => return done,
+        };
+        let (store, user) = (self.server.store.clone(), user.to_string());
+        match blocking(self.id, move || store.rename_folder(&user, &from, &to)).await {
+            Ok(()) => ok("RENAME completed"),
+            Err(err) => store_failure(&err),
+        }
+    }
+
+    pub(in crate::imap) async fn subscribe(
+        &mut self,
+        user: &str,
+        mailbox: &Mailbox<'_>,
+        on: bool,
+    ) -> Done {
+        let name = match folder_name(mailbox) {
+            Ok(name) => name,
+            Err(done) => return done,
+        };
+        let (store, user) = (self.server.store.clone(), user.to_string());
         match blocking(self.id, move || store.set_subscribed(&user, &name, on)).await {
             Ok(()) => ok(if on {
                 "SUBSCRIBE completed"
@@ -200,12 +278,45 @@ impl Session {
         }
     }
 
+    /// RFC 9051 §6.3.11 (with RFC 7162's HIGHESTMODSEQ and RFC 9208's DELETED-STORAGE).
+    pub(in crate::imap) async fn status<S>(
+        &mut self,
+        io: &mut Io<S>,
+        user: &str,
+        selected: Option<&Selected>,
+        mailbox: &Mailbox<'_>,
+        items: &[StatusDataItemName],
+    ) -> Done
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let name = match folder_name(mailbox) {
+            Ok(name) => name,
+            Err(done) => return done,
+        };
+        if items.contains(&StatusDataItemName::HighestModSeq) {
+            self.enable_condstore(io, selected);
+        }
+        match self.status_line(user, &name, items).await {
+            Ok(line) => {
+                io.queue(&line);
+                ok("STATUS completed")
+            }
+            Err(err) => store_failure(&err),
+        }
+    }
+
     pub(in crate::imap) async fn status_line(
         &self,
+        user: &str,
         name: &str,
         items: &[StatusDataItemName],
     ) -> Result<Vec<u8>, StoreError> {
-        let (store, user, folder) = (self.server.store.clone(), self.user(), name.to_string());
+        let (store, user, folder) = (
+            self.server.store.clone(),
+            user.to_string(),
+            name.to_string(),
+        );
         let wants_recent = items.contains(&StatusDataItemName::Recent);
         let (snapshot, recent_above) = blocking(self.id, move || {
             let snapshot = store.snapshot(&user, &folder)?;
@@ -274,6 +385,7 @@ impl Session {
     pub(in crate::imap) async fn list<S>(
         &mut self,
         io: &mut Io<S>,
+        user: &str,
         reference: &Mailbox<'_>,
         pattern: &ListMailbox<'_>,
         extended: &Extended,
@@ -332,7 +444,7 @@ impl Session {
         if patterns.iter().map(String::len).sum::<usize>() > MAX_LIST_PATTERN {
             return no(Some(Code::Limit), "Mailbox pattern too long");
         }
-        let (store, user) = (self.server.store.clone(), self.user());
+        let (store, owner) = (self.server.store.clone(), user.to_string());
         let config = self.server.config.clone();
         let options = ListOptions {
             lsub,
@@ -351,8 +463,8 @@ impl Session {
         // Matching and rendering are linear in the number of folders but still per folder:
         // they run on the blocking thread with the listing, never on the async executor.
         let listing = blocking(self.id, move || {
-            let folders = store.folders(&user)?;
-            let subscribed = store.subscriptions(&user)?;
+            let folders = store.folders(&owner)?;
+            let subscribed = store.subscriptions(&owner)?;
             Ok(list_lines(
                 &folders,
                 &subscribed,
@@ -382,7 +494,7 @@ impl Session {
                 })
                 .collect();
             for name in status_for {
-                if let Ok(line) = self.status_line(&name, &items).await {
+                if let Ok(line) = self.status_line(user, &name, &items).await {
                     io.queue(&line);
                 }
             }

@@ -1,6 +1,7 @@
 //! IDLE (RFC 2177, RFC 9051 §6.3.13): woken by the store's change announcements.
 
 use crate::imap::codec::{Event, Mode};
+use crate::imap::selected::Selected;
 use crate::store::watched::Change;
 use crate::stream::{Io, ReadError};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -9,17 +10,24 @@ use tokio::time::Instant;
 
 use crate::imap::session::*;
 
-impl Session {
-    pub(in crate::imap) async fn idle<S>(&mut self, io: &mut Io<S>) -> Done
+impl Conn {
+    pub(in crate::imap) async fn idle<S>(
+        &mut self,
+        io: &mut Io<S>,
+        user: &str,
+        mut selected: Option<&mut Selected>,
+    ) -> Done
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        let updates = self.updates(true).await;
-        io.queue(&updates);
+        if let Some(selected) = selected.as_deref_mut() {
+            let updates = self.updates(user, selected, true).await;
+            io.queue(&updates);
+        }
         io.queue(b"+ idling\r\n");
         let deadline = Instant::now() + self.idle_timeout();
         let mut shutdown = self.server.shutdown.clone();
-        let user = self.user().to_ascii_lowercase();
+        let mailbox = user.to_ascii_lowercase();
         loop {
             if io.flush().await.is_err() {
                 return Done::Close;
@@ -49,15 +57,17 @@ impl Session {
                     };
                 }
                 Woken::Change(Ok(change))
-                    if change.mailbox.as_ref() != user || change.writer == self.id =>
+                    if change.mailbox.as_ref() != mailbox || change.writer == self.id =>
                 {
                     continue
                 }
                 Woken::Change(Err(broadcast::error::RecvError::Closed)) => return Done::Close,
                 Woken::Change(_) => {
                     self.dirty = true;
-                    let updates = self.updates(true).await;
-                    io.queue(&updates);
+                    if let Some(selected) = selected.as_deref_mut() {
+                        let updates = self.updates(user, selected, true).await;
+                        io.queue(&updates);
+                    }
                 }
                 Woken::Shutdown => {
                     io.queue(b"* BYE Server shutting down\r\n");

@@ -2,9 +2,12 @@
 
 use crate::imap::codec::{self, Extended};
 use crate::imap::search::{self, Lazy, Subject};
-use crate::imap::selected::uid_set;
+use crate::imap::selected::{uid_set, Selected};
 use crate::store::{MailStore, MessageInfo};
 use crate::stream::Io;
+use imap_codec::imap_types::command::CommandBody;
+use imap_codec::imap_types::core::Vec1;
+use imap_codec::imap_types::extensions::thread::ThreadingAlgorithm;
 use imap_codec::imap_types::search::SearchKey;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -110,16 +113,83 @@ fn esearch_head(out: &mut Vec<u8>, tag: &str, uid: bool) {
     }
 }
 
-impl Session {
+impl Conn {
+    /// SEARCH, SORT and THREAD: the criteria in one key, the charset checked.
+    pub(in crate::imap) async fn search_command<S>(
+        &mut self,
+        io: &mut Io<S>,
+        user: &str,
+        selected: &mut Selected,
+        tag: &str,
+        body: CommandBody<'static>,
+        extended: &Extended,
+    ) -> Done
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        fn one_key(criteria: Vec1<SearchKey<'static>>) -> SearchKey<'static> {
+            match criteria.as_ref() {
+                [one] => one.clone(),
+                _ => SearchKey::And(criteria),
+            }
+        }
+        let scope = self.search_scope(user, selected);
+        match body {
+            CommandBody::Search {
+                charset,
+                criteria,
+                uid,
+            } => {
+                if let Some(refused) = charset.as_ref().and_then(unsupported_charset) {
+                    return refused;
+                }
+                self.search(io, selected, scope, tag, one_key(criteria), uid, extended)
+                    .await
+            }
+            CommandBody::Sort {
+                sort_criteria,
+                charset,
+                search_criteria,
+                uid,
+            } => {
+                if let Some(refused) = unsupported_charset(&charset) {
+                    return refused;
+                }
+                let criteria = sort_criteria.into_inner();
+                let key = one_key(search_criteria);
+                self.sort(io, scope, tag, criteria, key, uid, extended)
+                    .await
+            }
+            CommandBody::Thread {
+                algorithm,
+                charset,
+                search_criteria,
+                uid,
+            } => {
+                if let Some(refused) = unsupported_charset(&charset) {
+                    return refused;
+                }
+                let references = match algorithm {
+                    ThreadingAlgorithm::References => true,
+                    ThreadingAlgorithm::OrderedSubject => false,
+                    ThreadingAlgorithm::Other(_) => {
+                        return Done::Bad("Unknown threading algorithm".into())
+                    }
+                };
+                self.thread(io, scope, references, one_key(search_criteria), uid)
+                    .await
+            }
+            _ => Done::Bad("Not a search".into()),
+        }
+    }
+
     /// What a SEARCH, SORT or THREAD looks through: the selected folder as this session sees
     /// it, ready to be moved to a blocking thread.
-    pub(in crate::imap) fn search_scope(&mut self) -> Option<SearchScope> {
-        let user = self.user();
+    pub(in crate::imap) fn search_scope(&self, user: &str, selected: &Selected) -> SearchScope {
         let store = self.server.store.clone();
         let rev2 = self.rev2;
-        let selected = self.selected()?;
-        Some(SearchScope {
-            user,
+        SearchScope {
+            user: user.to_string(),
             store,
             folder: selected.folder.clone(),
             messages: selected.messages.clone(),
@@ -129,13 +199,15 @@ impl Session {
             } else {
                 selected.recent.clone()
             },
-        })
+        }
     }
 
     /// SORT (RFC 5256 §3): the messages a search finds, in the order the criteria give.
+    #[allow(clippy::too_many_arguments)]
     pub(in crate::imap) async fn sort<S>(
         &mut self,
         io: &mut Io<S>,
+        scope: SearchScope,
         tag: &str,
         criteria: Vec<imap_codec::imap_types::extensions::sort::SortCriterion>,
         key: SearchKey<'static>,
@@ -145,9 +217,6 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        let Some(scope) = self.search_scope() else {
-            return Done::Bad("No mailbox selected".into());
-        };
         let sorted = blocking(self.id, move || {
             let mut fields = scope.fields(&key);
             crate::imap::sort::sort(&mut fields, &criteria);
@@ -203,6 +272,7 @@ impl Session {
     pub(in crate::imap) async fn thread<S>(
         &mut self,
         io: &mut Io<S>,
+        scope: SearchScope,
         references: bool,
         key: SearchKey<'static>,
         uid: bool,
@@ -210,9 +280,6 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        let Some(scope) = self.search_scope() else {
-            return Done::Bad("No mailbox selected".into());
-        };
         let rendered = blocking(self.id, move || {
             let fields = scope.fields(&key);
             let threads = if references {
@@ -241,9 +308,12 @@ impl Session {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(in crate::imap) async fn search<S>(
         &mut self,
         io: &mut Io<S>,
+        selected: &Selected,
+        scope: SearchScope,
         tag: &str,
         key: SearchKey<'static>,
         uid: bool,
@@ -252,12 +322,9 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        let Some(scope) = self.search_scope() else {
-            return Done::Bad("No mailbox selected".into());
-        };
         let by_modseq = search::uses_modseq(&key);
         if by_modseq {
-            self.enable_condstore(io);
+            self.enable_condstore(io, Some(selected));
         }
         let found = blocking(self.id, move || {
             Ok(scope

@@ -1,4 +1,6 @@
-//! SELECT and EXAMINE (RFC 9051 §6.3.2, with CONDSTORE and QRESYNC parameters of RFC 7162), EXPUNGE and UID EXPUNGE.
+//! SELECT and EXAMINE (RFC 9051 §6.3.2, with CONDSTORE and QRESYNC parameters of RFC 7162),
+//! leaving the folder with CLOSE (§6.4.1) or UNSELECT (RFC 3691), EXPUNGE and UID EXPUNGE
+//! (§6.4.3, RFC 4315).
 
 use crate::imap::codec::{self};
 use crate::imap::selected::{range_set, Selected};
@@ -12,10 +14,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::imap::code::Code;
 use crate::imap::session::*;
 
-impl Session {
+impl Conn {
     pub(in crate::imap) async fn select<S>(
         &mut self,
         io: &mut Io<S>,
+        user: &str,
+        current: &mut Option<Selected>,
         mailbox: &Mailbox<'_>,
         read_only: bool,
         parameters: Vec<SelectParameter>,
@@ -40,8 +44,7 @@ impl Session {
             }
         }
         // RFC 9051 §6.3.2: a failed SELECT leaves no mailbox selected.
-        if matches!(self.state, State::Selected { .. }) {
-            self.deselect();
+        if current.take().is_some() {
             if self.rev2 || self.qresync {
                 io.queue(b"* OK [CLOSED] Previous mailbox closed\r\n");
             }
@@ -50,11 +53,12 @@ impl Session {
             Ok(name) => name,
             Err(done) => return done,
         };
-        let (store, user, folder) = (self.server.store.clone(), self.user(), name.clone());
+        let (store, folder) = (self.server.store.clone(), name.clone());
+        let owner = user.to_string();
         let recent = self.recent_mode(read_only);
         let opened = blocking(self.id, move || {
-            let snapshot = store.snapshot(&user, &folder)?;
-            let boundary = recent.boundary(&*store, &user, &folder, &snapshot)?;
+            let snapshot = store.snapshot(&owner, &folder)?;
+            let boundary = recent.boundary(&*store, &owner, &folder, &snapshot)?;
             Ok((snapshot, boundary))
         })
         .await;
@@ -62,7 +66,7 @@ impl Session {
             Ok(opened) => opened,
             Err(err) => return store_failure(&err),
         };
-        self.drain_changes();
+        self.drain_changes(user);
         self.dirty = false;
         let selected = Selected::new(name, read_only, snapshot, boundary);
         let mut out = Vec::new();
@@ -120,10 +124,7 @@ impl Session {
             }
         }
         io.queue(&out);
-        self.state = State::Selected {
-            user: self.user(),
-            selected,
-        };
+        *current = Some(selected);
         if read_only {
             Done::Ok(Some(Code::ReadOnly), "EXAMINE completed".into())
         } else {
@@ -131,22 +132,61 @@ impl Session {
         }
     }
 
+    /// RFC 3691: leaves the folder, expunging nothing.
+    pub(in crate::imap) fn unselect(&mut self, selected: &mut Option<Selected>) -> Done {
+        *selected = None;
+        ok("UNSELECT completed")
+    }
+
+    /// RFC 9051 §6.4.1: leaves the folder, silently removing its \Deleted messages first
+    /// (unless it was opened read-only).
+    pub(in crate::imap) async fn close(
+        &mut self,
+        user: &str,
+        selected: &mut Option<Selected>,
+    ) -> Done {
+        if let Some(open) = selected.as_ref().filter(|s| !s.read_only) {
+            let doomed: Vec<MessageInfo> = open
+                .messages
+                .iter()
+                .filter(|m| m.flags.contains(Flags::DELETED))
+                .cloned()
+                .collect();
+            if !doomed.is_empty() {
+                let (store, user, folder) = (
+                    self.server.store.clone(),
+                    user.to_string(),
+                    open.folder.clone(),
+                );
+                let result = blocking(self.id, move || {
+                    let refs: Vec<&MessageInfo> = doomed.iter().collect();
+                    store.remove(&user, &folder, &refs)
+                })
+                .await;
+                if let Err(err) = result {
+                    return store_failure(&err);
+                }
+            }
+        }
+        *selected = None;
+        ok("CLOSE completed")
+    }
+
     /// Removes \Deleted messages (all, or those in a UID set) and reports them.
     pub(in crate::imap) async fn expunge<S>(
         &mut self,
         io: &mut Io<S>,
+        user: &str,
+        selected: &mut Selected,
         uids: Option<SequenceSet>,
     ) -> Done
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        let updates = self.updates(true).await;
+        let updates = self.updates(user, selected, true).await;
         io.queue(&updates);
-        let user = self.user();
+        let user = user.to_string();
         let store = self.server.store.clone();
-        let Some(selected) = self.selected() else {
-            return Done::Bad("No mailbox selected".into());
-        };
         if selected.read_only {
             return no(Some(Code::ReadOnly), "Mailbox is read-only");
         }
@@ -174,11 +214,7 @@ impl Session {
         if let Err(err) = result {
             return store_failure(&err);
         }
-        let report = self.report();
-        let Some(selected) = self.selected() else {
-            return Done::Bad("No mailbox selected".into());
-        };
-        let out = selected.expunged(doomed, report);
+        let out = selected.expunged(doomed, self.report());
         io.queue(&out);
         ok("EXPUNGE completed")
     }

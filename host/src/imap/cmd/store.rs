@@ -1,8 +1,9 @@
 //! STORE (RFC 9051 §6.4.6) with CONDSTORE's UNCHANGEDSINCE (RFC 7162 §3.1.3), and the flag lists APPEND shares.
 
-use crate::imap::selected::uid_set;
+use crate::imap::selected::{uid_set, Selected};
 use crate::store::{FlagChange, FlagOutcome, Flags, MailStore, MessageInfo, StoreError};
 use crate::stream::Io;
+use imap_codec::imap_types::command::StoreModifier;
 use imap_codec::imap_types::flag::{Flag, StoreResponse, StoreType};
 use imap_codec::imap_types::sequence::SequenceSet;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -64,10 +65,34 @@ pub(in crate::imap) struct StoreRequest<'a> {
     pub(in crate::imap) unchanged_since: Option<u64>,
 }
 
-impl Session {
+impl<'a> StoreRequest<'a> {
+    pub(in crate::imap) fn new(
+        kind: StoreType,
+        response: StoreResponse,
+        flags: &'a [Flag<'a>],
+        uid: bool,
+        modifiers: &[StoreModifier],
+    ) -> StoreRequest<'a> {
+        let unchanged_since = modifiers
+            .iter()
+            .map(|StoreModifier::UnchangedSince(n)| *n)
+            .next();
+        StoreRequest {
+            kind,
+            response,
+            flags,
+            uid,
+            unchanged_since,
+        }
+    }
+}
+
+impl Conn {
     pub(in crate::imap) async fn store<S>(
         &mut self,
         io: &mut Io<S>,
+        user: &str,
+        selected: &mut Selected,
         set: &SequenceSet,
         request: StoreRequest<'_>,
     ) -> Done
@@ -75,14 +100,11 @@ impl Session {
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
         if request.unchanged_since.is_some() {
-            self.enable_condstore(io);
+            self.enable_condstore(io, Some(selected));
         }
         let report = self.report();
-        let user = self.user();
+        let user = user.to_string();
         let store = self.server.store.clone();
-        let Some(selected) = self.selected() else {
-            return Done::Bad("No mailbox selected".into());
-        };
         if selected.read_only {
             return no(Some(Code::ReadOnly), "Mailbox is read-only");
         }
@@ -114,9 +136,6 @@ impl Session {
         let (outcome, table): (FlagOutcome, _) = match result {
             Ok(done) => done,
             Err(err) => return store_failure(&err),
-        };
-        let Some(selected) = self.selected() else {
-            return Done::Bad("No mailbox selected".into());
         };
         let mut out = Vec::new();
         if let Some(table) = table {
