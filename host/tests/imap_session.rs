@@ -641,3 +641,121 @@ async fn multiappend_is_all_or_nothing() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn searchres_saves_a_result_for_later_commands() {
+    // RFC 5182 §2: SAVE alone answers no ESEARCH; `$` then names the saved messages in FETCH,
+    // STORE, COPY and SEARCH, in UID and non-UID forms alike; with MIN only the minimum is
+    // saved; a failed SEARCH empties `$`.
+    replay(
+        r#"
+        S: * OK …
+        S2: * OK …
+        C: A001 LOGIN alice@example.test alicepass
+        S: A001 OK …
+        C: A002 APPEND INBOX (\Flagged) {10+}
+        C: Subject: a
+        S: A002 OK [APPENDUID … 1] APPEND completed
+        C: A003 APPEND INBOX {10+}
+        C: Subject: b
+        S: A003 OK [APPENDUID … 2] APPEND completed
+        C: A004 APPEND INBOX (\Flagged) {10+}
+        C: Subject: c
+        S: A004 OK [APPENDUID … 3] APPEND completed
+        C: A005 EXAMINE INBOX
+        S: * 3 EXISTS
+        S: * 3 RECENT
+        S: * OK [UNSEEN 1] …
+        S: * FLAGS …
+        S: * OK [PERMANENTFLAGS …] …
+        S: * OK [UIDVALIDITY …] …
+        S: * OK [UIDNEXT 4] …
+        S: * OK [HIGHESTMODSEQ …] …
+        S: A005 OK [READ-ONLY] EXAMINE completed
+        C: A006 SEARCH RETURN (SAVE) FLAGGED
+        S: A006 OK SEARCH completed
+        C: A007 FETCH $ (UID)
+        S: * 1 FETCH (UID 1)
+        S: * 3 FETCH (UID 3)
+        S: A007 OK FETCH completed
+        C: A008 UID SEARCH $ SUBJECT c
+        S: * SEARCH 3
+        S: A008 OK SEARCH completed
+        C: A009 UID COPY $ Archive
+        S: A009 OK [COPYUID … 1,3 1:2] COPY completed
+        C: A010 SEARCH RETURN (SAVE MIN) FLAGGED
+        S: * ESEARCH (TAG "A010") MIN 1
+        S: A010 OK SEARCH completed
+        C: A011 UID FETCH $ (FLAGS)
+        S: * 1 FETCH (UID 1 FLAGS (\Recent \Flagged))
+        S: A011 OK FETCH completed
+        C: A012 SEARCH RETURN (SAVE BOGUS) ALL
+        S: A012 BAD …
+        C: A013 FETCH $ (UID)
+        S: A013 OK FETCH completed
+        "#,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn context_search_partial_and_updates() {
+    // RFC 9394 PARTIAL (positive and negative ranges, NIL past the end); RFC 5267 §4: a
+    // search with UPDATE is told ADDTO and REMOVEFROM as the folder changes, REMOVEFROM before
+    // the EXPUNGE of a message that leaves by being expunged, until CANCELUPDATE.
+    replay(
+        r#"
+        S: * OK …
+        S2: * OK …
+        C: A001 LOGIN alice@example.test alicepass
+        S: A001 OK …
+        C: A002 APPEND INBOX {10+}
+        C: Subject: a
+        S: A002 OK [APPENDUID … 1] APPEND completed
+        C: A003 APPEND INBOX {10+}
+        C: Subject: b
+        S: A003 OK [APPENDUID … 2] APPEND completed
+        C: A004 APPEND INBOX {10+}
+        C: Subject: c
+        S: A004 OK [APPENDUID … 3] APPEND completed
+        C: A005 SELECT INBOX
+        S: * 3 EXISTS
+        S: * 3 RECENT
+        S: * OK [UNSEEN 1] …
+        S: * FLAGS …
+        S: * OK [PERMANENTFLAGS …] …
+        S: * OK [UIDVALIDITY …] …
+        S: * OK [UIDNEXT 4] …
+        S: * OK [HIGHESTMODSEQ …] …
+        S: A005 OK [READ-WRITE] SELECT completed
+        C: A006 SEARCH RETURN (PARTIAL 2:3) ALL
+        S: * ESEARCH (TAG "A006") PARTIAL (2:3 2:3)
+        S: A006 OK SEARCH completed
+        C: A007 UID SEARCH RETURN (PARTIAL -1:-2) ALL
+        S: * ESEARCH (TAG "A007") UID PARTIAL (-2:-1 2:3)
+        S: A007 OK SEARCH completed
+        C: A008 SEARCH RETURN (PARTIAL 5:9) ALL
+        S: * ESEARCH (TAG "A008") PARTIAL (5:9 NIL)
+        S: A008 OK SEARCH completed
+        C: A009 SEARCH RETURN (PARTIAL 1:*) ALL
+        S: A009 BAD …
+        C: A010 SEARCH RETURN (UPDATE) SEEN
+        S: * ESEARCH (TAG "A010")
+        S: A010 OK SEARCH completed
+        C: A011 STORE 1:2 +FLAGS.SILENT (\Seen)
+        S: * ESEARCH (TAG "A010") ADDTO (0 1:2)
+        S: A011 OK STORE completed
+        C: A012 STORE 2 +FLAGS.SILENT (\Deleted)
+        S: A012 OK STORE completed
+        C: A013 EXPUNGE
+        S: * ESEARCH (TAG "A010") REMOVEFROM (0 2)
+        S: * 2 EXPUNGE
+        S: A013 OK EXPUNGE completed
+        C: A014 CANCELUPDATE "A010"
+        S: A014 OK CANCELUPDATE completed
+        C: A015 STORE 2 +FLAGS.SILENT (\Seen)
+        S: A015 OK STORE completed
+        "#,
+    )
+    .await;
+}

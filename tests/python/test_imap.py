@@ -243,6 +243,36 @@ def test_search_store_expunge_and_a_second_session_sees_it(server):
     b.logout()
 
 
+def test_searchres_partial_and_a_search_kept_up_to_date(server):
+    """RFC 5182 `$`, RFC 9394 PARTIAL and RFC 5267 UPDATE through imaplib, on SMTP-delivered mail."""
+    deliver(server, [message(n, subject=b"report " + str(n).encode()) for n in range(1, 6)])
+    a = connect(server)
+    b = connect(server)
+    assert "SEARCHRES" in a.capabilities and "CONTEXT=SEARCH" in a.capabilities
+    ok(a.select("INBOX"))
+    ok(b.select("INBOX"))
+    # SAVE alone answers nothing; FETCH $ then fetches what it found.
+    ok(a._simple_command("SEARCH", "RETURN (SAVE) OR SUBJECT \"report 2\" SUBJECT \"report 4\""))
+    assert "ESEARCH" not in a.untagged_responses
+    ok(a._simple_command("FETCH", "$", "(UID)"))
+    fetches = a.untagged_responses.pop("FETCH")
+    assert [f.split()[0] for f in fetches] == [b"2", b"4"], fetches
+    ok(a._simple_command("STORE", "$", "+FLAGS.SILENT", "(\\Flagged)"))
+    assert ok(a.search(None, "FLAGGED")) == [b"2 4"]
+    # PARTIAL: the last two of all five.
+    ok(a._simple_command("SEARCH", "RETURN (PARTIAL -1:-2) ALL"))
+    assert a.untagged_responses.pop("ESEARCH")[0].endswith(b"PARTIAL (-2:-1 4:5)")
+    # A search kept up to date hears of another session's changes at its next command.
+    tag = a._command("SEARCH", "RETURN (UPDATE) SEEN")
+    ok(a._command_complete("SEARCH", tag))
+    assert a.untagged_responses.pop("ESEARCH") == [b'(TAG "' + tag + b'")']
+    ok(b.store("1,3", "+FLAGS.SILENT", "(\\Seen)"))
+    ok(a.noop())
+    assert a.untagged_responses.pop("ESEARCH") == [b'(TAG "' + tag + b'") ADDTO (0 1,3)']
+    a.logout()
+    b.logout()
+
+
 def test_append_copy_move_with_uidplus(server):
     deliver(server, [message(1), message(2)])
     m = connect(server)

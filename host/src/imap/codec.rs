@@ -41,6 +41,12 @@ pub struct Extended {
     /// ESEARCH return options, upper-cased (`MIN`, `MAX`, `COUNT`, `ALL`, `SAVE`); `Some(empty)`
     /// for `RETURN ()`, which means `ALL`.
     pub search_return: Option<Vec<String>>,
+    /// RFC 9394 / RFC 5267 §4.4: the range after `PARTIAL` as sent (checked by the handler).
+    pub search_partial: Option<String>,
+    /// RFC 5182: the command named `$`, decoded as [`SAVED_RESULT_SET`].
+    pub saved_result: bool,
+    /// RFC 5267 §4.2: a CANCELUPDATE and its tags (decoded as NOOP).
+    pub cancel_update: Option<Vec<String>>,
     /// LIST selection options (`SUBSCRIBED`, `SPECIAL-USE`, `RECURSIVEMATCH`, `REMOTE`).
     pub list_select: Vec<String>,
     /// LIST return options (`SUBSCRIBED`, `CHILDREN`, `SPECIAL-USE`).
@@ -431,21 +437,62 @@ pub fn lift_extensions(message: &[u8]) -> (Vec<u8>, Extended) {
         (format!("{tag} "), upper, rest)
     };
     let rebuilt = match verb.as_str() {
-        // RFC 4731 SEARCH RETURN, and RFC 5267 §3 SORT RETURN (ESORT).
-        "SEARCH" | "SORT" => {
-            let Some(after) = strip_prefix_ci(rest, "RETURN ") else {
+        // RFC 4731 SEARCH RETURN, RFC 5267 §3 SORT RETURN (ESORT) and §4 (CONTEXT=SEARCH:
+        // UPDATE, PARTIAL, and RFC 9394's PARTIAL ranges); RFC 5182's `$` among the criteria.
+        "SEARCH" | "SORT" | "THREAD" => {
+            let mut rest = rest.to_string();
+            if verb != "THREAD" {
+                if let Some(after) = strip_prefix_ci(&rest, "RETURN ") {
+                    let Some((options, after)) = parenthesized(after) else {
+                        return (message.to_vec(), extended);
+                    };
+                    let mut names = Vec::new();
+                    let mut words = options.split_whitespace();
+                    while let Some(word) = words.next() {
+                        let word = word.to_ascii_uppercase();
+                        if word == "PARTIAL" {
+                            extended.search_partial = Some(words.next().unwrap_or("").to_string());
+                        }
+                        names.push(word);
+                    }
+                    extended.search_return = Some(names);
+                    rest = after.trim_start().to_string();
+                }
+            }
+            if let Some(replaced) = replace_saved_in_criteria(&rest) {
+                extended.saved_result = true;
+                rest = replaced;
+            }
+            if extended.search_return.is_none() && !extended.saved_result {
+                return (message.to_vec(), extended);
+            }
+            format!("{prefix}{verb} {rest}")
+        }
+        // RFC 5182: `$` as the sequence set of FETCH, STORE, COPY, MOVE and UID EXPUNGE.
+        "FETCH" | "STORE" | "COPY" | "MOVE" | "EXPUNGE" => {
+            let Some(after) = rest.strip_prefix('$') else {
                 return (message.to_vec(), extended);
             };
-            let Some((options, rest)) = parenthesized(after) else {
+            if !(after.is_empty() || after.starts_with(' ')) {
                 return (message.to_vec(), extended);
-            };
-            extended.search_return = Some(
-                options
-                    .split_whitespace()
-                    .map(|o| o.to_ascii_uppercase())
-                    .collect(),
-            );
-            format!("{prefix}{verb} {}", rest.trim_start())
+            }
+            extended.saved_result = true;
+            format!("{prefix}{verb} {SAVED_RESULT_SET}{after}")
+        }
+        // RFC 5267 §4.2 CANCELUPDATE, which imap-codec does not know: decoded as NOOP with
+        // the tags lifted off.
+        "CANCELUPDATE" => {
+            let mut tags = Vec::new();
+            let mut left = rest.trim_start();
+            while let Some((token, more)) = split_token(left) {
+                tags.push(unquote(token));
+                left = more.trim_start();
+            }
+            if tags.is_empty() || !left.is_empty() {
+                return (message.to_vec(), extended);
+            }
+            extended.cancel_update = Some(tags);
+            format!("{tag} NOOP")
         }
         "LIST" => {
             let mut rest = rest.to_string();
@@ -521,6 +568,43 @@ pub fn lift_extensions(message: &[u8]) -> (Vec<u8>, Extended) {
     let mut out = rebuilt.into_bytes();
     out.extend_from_slice(&message[line_end..]);
     (out, extended)
+}
+
+/// RFC 5182: `$` stands where a sequence set goes. imap-codec does not know it, so the command is
+/// decoded with this set in its place and [`Extended::saved_result`] says that it means `$`.
+pub const SAVED_RESULT_SET: &str = "4294967295";
+
+/// Replaces each `$` search key (a token of its own, outside quoted strings) with
+/// [`SAVED_RESULT_SET`]; `None` when there is none.
+fn replace_saved_in_criteria(criteria: &str) -> Option<String> {
+    let bytes = criteria.as_bytes();
+    let mut out = String::with_capacity(criteria.len() + 16);
+    let (mut quoted, mut escaped, mut found) = (false, false, false);
+    for (i, c) in criteria.char_indices() {
+        if quoted {
+            match c {
+                '\\' if !escaped => escaped = true,
+                '"' if !escaped => quoted = false,
+                _ => escaped = false,
+            }
+            out.push(c);
+            continue;
+        }
+        let before_ok = i == 0 || matches!(bytes[i - 1], b' ' | b'(');
+        let after_ok = matches!(bytes.get(i + 1), None | Some(b' ' | b')'));
+        match c {
+            '"' => {
+                quoted = true;
+                out.push(c);
+            }
+            '$' if before_ok && after_ok => {
+                found = true;
+                out.push_str(SAVED_RESULT_SET);
+            }
+            _ => out.push(c),
+        }
+    }
+    found.then_some(out)
 }
 
 /// The first token of `text`, a quoted string (with its quotes) or an atom, and what follows.
@@ -886,6 +970,27 @@ mod tests {
             let (rest, _) = lift_extensions(line.as_bytes());
             assert_eq!(rest, line.as_bytes());
         }
+    }
+
+    #[test]
+    fn saved_result_partial_and_cancelupdate_are_lifted() {
+        let (bytes, ext) = lift_extensions(b"t UID FETCH $ (FLAGS)\r\n");
+        assert_eq!(bytes, b"t UID FETCH 4294967295 (FLAGS)\r\n");
+        assert!(ext.saved_result);
+        let (bytes, ext) =
+            lift_extensions(b"t SEARCH RETURN (PARTIAL -1:-5 SAVE) OR $ SUBJECT \"$\"\r\n");
+        assert_eq!(bytes, b"t SEARCH OR 4294967295 SUBJECT \"$\"\r\n");
+        assert!(ext.saved_result);
+        assert_eq!(ext.search_partial.as_deref(), Some("-1:-5"));
+        let (bytes, ext) = lift_extensions(b"t CANCELUPDATE \"a1\" \"b2\"\r\n");
+        assert_eq!(bytes, b"t NOOP\r\n");
+        assert_eq!(
+            ext.cancel_update,
+            Some(vec!["a1".to_string(), "b2".to_string()])
+        );
+        // `$` inside a keyword or a quoted string is not the saved result.
+        let (_, ext) = lift_extensions(b"t SEARCH KEYWORD $Forwarded\r\n");
+        assert!(!ext.saved_result);
     }
 
     #[test]

@@ -17,6 +17,7 @@
 mod cmd;
 pub mod code;
 pub mod codec;
+pub mod context;
 pub mod fetch;
 pub mod search;
 pub mod selected;

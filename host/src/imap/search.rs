@@ -266,6 +266,13 @@ pub struct Subject<'a> {
     pub sets: &'a SetCache<'a>,
     /// The session sees the message as \Recent (always false under IMAP4rev2).
     pub recent: bool,
+    /// RFC 5182: when the command named `$`, the saved result (UIDs, ascending).
+    pub saved: Option<&'a [u32]>,
+}
+
+/// Whether `set` is the stand-in for `$` (see `codec::SAVED_RESULT_SET`).
+pub fn is_saved_set(set: &SequenceSet) -> bool {
+    matches!(set.0.as_ref(), [Sequence::Single(SeqOrUid::Value(n))] if n.get() == u32::MAX)
 }
 
 /// Whether a message has a keyword, by name.
@@ -317,6 +324,13 @@ pub fn matches(key: &SearchKey<'_>, subject: &Subject<'_>, message: &mut Lazy<'_
         SearchKey::Or(a, b) => matches(a, subject, message) || matches(b, subject, message),
         SearchKey::Not(k) => !matches(k, subject, message),
         SearchKey::All => true,
+        SearchKey::SequenceSet(set) | SearchKey::Uid(set)
+            if subject.saved.is_some() && is_saved_set(set) =>
+        {
+            subject
+                .saved
+                .is_some_and(|saved| saved.binary_search(&subject.info.uid).is_ok())
+        }
         SearchKey::SequenceSet(set) => {
             contains(&subject.sets.ranges(set, subject.last_seq), subject.seq)
         }
@@ -402,6 +416,7 @@ mod tests {
                 keywords: &keywords,
                 sets: &sets,
                 recent: false,
+                saved: None,
             };
             let header: Arc<[u8]> = Arc::from(&raw[..crate::message::body_offset(&raw)]);
             let mut load_header = move || Some(header.clone());

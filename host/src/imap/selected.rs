@@ -6,8 +6,9 @@
 //! client. Another session's expunge is therefore invisible here until it may be announced,
 //! which keeps sequence numbers stable during FETCH, STORE and SEARCH as the RFC requires.
 
+use super::context::Kept;
 use super::fetch;
-use super::search::ranges;
+use super::search::{is_saved_set, ranges};
 use crate::store::{Flags, FolderSnapshot, MessageInfo};
 use imap_codec::imap_types::sequence::SequenceSet;
 
@@ -35,6 +36,13 @@ pub struct Selected {
     pub highest_modseq: u64,
     /// UIDs this session sees as \Recent (RFC 3501 §2.3.2).
     pub recent: std::collections::HashSet<u32>,
+    /// RFC 5182: the saved search result (`$`), as UIDs, ascending; empty until a SEARCH
+    /// RETURN (SAVE).
+    pub saved: Vec<u32>,
+    /// The command being run named `$` (decoded as `codec::SAVED_RESULT_SET`).
+    pub saved_named: bool,
+    /// RFC 5267 §4: searches kept up to date.
+    pub kept: Vec<Kept>,
 }
 
 impl Selected {
@@ -63,6 +71,9 @@ impl Selected {
             keywords: snapshot.keywords,
             highest_modseq: snapshot.highest_modseq,
             recent,
+            saved: Vec::new(),
+            saved_named: false,
+            kept: Vec::new(),
         }
     }
 
@@ -130,6 +141,16 @@ impl Selected {
     /// Costs the ranges' number times log(folder) plus what it returns, whatever the set.
     pub fn resolve(&self, set: &SequenceSet, uid: bool) -> Vec<usize> {
         let mut out = Vec::new();
+        if self.saved_named && is_saved_set(set) {
+            // RFC 5182 §2.1: `$` names the same messages in UID and non-UID commands; those
+            // expunged since are simply not there any more.
+            out.extend(
+                self.saved
+                    .iter()
+                    .filter_map(|uid| self.messages.binary_search_by_key(uid, |m| m.uid).ok()),
+            );
+            return out;
+        }
         if uid {
             // RFC 9051 §6.4.8: `n:*` includes the last message even when n is larger.
             for (low, high) in ranges(set, self.last_uid()) {
@@ -150,6 +171,9 @@ impl Selected {
 
     /// Whether a sequence set names only messages that exist (RFC 9051 §6.4.5: otherwise BAD).
     pub fn valid_sequence(&self, set: &SequenceSet) -> bool {
+        if self.saved_named && is_saved_set(set) {
+            return true;
+        }
         ranges(set, self.exists())
             .iter()
             .all(|(low, high)| *low >= 1 && *high <= self.exists())
@@ -233,6 +257,9 @@ impl Selected {
         indexes.dedup();
         indexes.retain(|i| *i < self.messages.len());
         let mut out = Vec::new();
+        for kept in &mut self.kept {
+            kept.expunging(&mut out, &self.messages, &indexes);
+        }
         if report.qresync {
             let uids: Vec<u32> = indexes.iter().map(|i| self.messages[*i].uid).collect();
             if !uids.is_empty() {

@@ -25,6 +25,8 @@ use crate::stream::{Io, ReadError};
 /// RFC 9051 §3: each state holds what it needs. Authenticated and Selected share the user's
 /// mailbox key, so they are one variant: `selected: None` is the Authenticated state, `Some` the
 /// Selected state with the session's view of its folder. (Logout is the end of `serve`.)
+/// One per session, so the size of the Selected view inline costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub(in crate::imap) enum State {
     NotAuthenticated,
     LoggedIn {

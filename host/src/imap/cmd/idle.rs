@@ -67,6 +67,8 @@ impl Conn {
                     if let Some(selected) = selected.as_deref_mut() {
                         let updates = self.updates(user, selected, true).await;
                         io.queue(&updates);
+                        let kept = self.kept_searches(user, selected).await;
+                        io.queue(&kept);
                     }
                 }
                 Woken::Shutdown => {

@@ -112,6 +112,9 @@ impl Conn {
             "ESORT",
             "THREAD=ORDEREDSUBJECT",
             "THREAD=REFERENCES",
+            "SEARCHRES",
+            "CONTEXT=SEARCH",
+            "SEARCH=PARTIAL",
         ];
         if matches!(state, State::NotAuthenticated) {
             if !self.tls && self.listener.tls == TlsMode::Starttls && self.server.tls.is_some() {

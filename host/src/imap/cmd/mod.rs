@@ -83,7 +83,29 @@ impl Conn {
         );
         use CommandBody as C;
         use State::{LoggedIn, NotAuthenticated};
+        if let LoggedIn {
+            selected: Some(selected),
+            ..
+        } = state
+        {
+            selected.saved_named = extended.saved_result;
+        }
         let done = match (&mut *state, command.body) {
+            // RFC 5267 §4.2 CANCELUPDATE (decoded as NOOP, see `codec::lift_extensions`).
+            (
+                LoggedIn {
+                    selected: Some(selected),
+                    ..
+                },
+                C::Noop,
+            ) if extended.cancel_update.is_some() => {
+                let tags = extended.cancel_update.as_deref().unwrap_or_default();
+                self.cancel_update(selected, tags)
+            }
+            (_, C::Noop) if extended.cancel_update.is_some() => {
+                Done::Bad("No mailbox selected".into())
+            }
+
             // Any state.
             (state, C::Capability) => self.capability(io, state),
             (_, C::Noop) => ok("NOOP completed"),
@@ -331,6 +353,8 @@ impl Conn {
         {
             let updates = self.updates(user, selected, expunge_allowed).await;
             io.queue(&updates);
+            let kept = self.kept_searches(user, selected).await;
+            io.queue(&kept);
         }
         done
     }

@@ -1,6 +1,7 @@
 //! SEARCH (RFC 9051 §6.4.4, ESEARCH of RFC 4731), SORT and ESORT (RFC 5256, RFC 5267) and THREAD (RFC 5256) over the selected folder.
 
 use crate::imap::codec::{self, Extended};
+use crate::imap::context::{Kept, Reported};
 use crate::imap::search::{self, Lazy, Subject};
 use crate::imap::selected::{uid_set, Selected};
 use crate::store::{MailStore, MessageInfo};
@@ -58,6 +59,8 @@ pub(in crate::imap) struct SearchScope {
     messages: Vec<MessageInfo>,
     keywords: Vec<String>,
     recent: std::collections::HashSet<u32>,
+    /// RFC 5182: the saved result, when the command named `$`.
+    saved: Option<Vec<u32>>,
 }
 
 impl SearchScope {
@@ -76,6 +79,7 @@ impl SearchScope {
                 keywords: &self.keywords,
                 sets: &sets,
                 recent: self.recent.contains(&info.uid),
+                saved: self.saved.as_deref(),
             };
             let mut load_header = || self.store.read_header(&self.user, &self.folder, info).ok();
             let mut load = || self.store.read(&self.user, &self.folder, info).ok();
@@ -199,6 +203,7 @@ impl Conn {
             } else {
                 selected.recent.clone()
             },
+            saved: selected.saved_named.then(|| selected.saved.clone()),
         }
     }
 
@@ -308,11 +313,13 @@ impl Conn {
         }
     }
 
+    /// SEARCH with ESEARCH's return options (RFC 4731), SAVE (RFC 5182), PARTIAL (RFC 9394)
+    /// and UPDATE (RFC 5267 §4). IMAP4rev2 sessions always get ESEARCH.
     #[allow(clippy::too_many_arguments)]
     pub(in crate::imap) async fn search<S>(
         &mut self,
         io: &mut Io<S>,
-        selected: &Selected,
+        selected: &mut Selected,
         scope: SearchScope,
         tag: &str,
         key: SearchKey<'static>,
@@ -322,95 +329,325 @@ impl Conn {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
+        let options = match ReturnOptions::read(extended, self.rev2) {
+            Ok(options) => options,
+            Err(text) => {
+                selected.saved.clear();
+                return Done::Bad(text.into());
+            }
+        };
         let by_modseq = search::uses_modseq(&key);
         if by_modseq {
             self.enable_condstore(io, Some(selected));
         }
+        let kept_key = options.update.then(|| key.clone());
         let found = blocking(self.id, move || {
             Ok(scope
                 .matching(&key)
                 .into_iter()
-                .map(|i| {
-                    let info = &scope.messages[i];
-                    (if uid { info.uid } else { i as u32 + 1 }, info.modseq)
-                })
+                .map(|i| (i, scope.messages[i].uid, scope.messages[i].modseq))
                 .collect::<Vec<_>>())
         })
         .await;
         let found = match found {
             Ok(found) => found,
-            Err(err) => return store_failure(&err),
+            Err(err) => {
+                // RFC 5182 §2.1: a SEARCH that fails leaves `$` empty.
+                selected.saved.clear();
+                return store_failure(&err);
+            }
         };
-        let returns = match &extended.search_return {
-            Some(options) => Some(options.clone()),
-            None if self.rev2 => Some(vec!["ALL".into()]),
-            None => None,
-        };
+        let numbers: Vec<u32> = found
+            .iter()
+            .map(
+                |(index, message_uid, _)| {
+                    if uid {
+                        *message_uid
+                    } else {
+                        *index as u32 + 1
+                    }
+                },
+            )
+            .collect();
         // RFC 7162 §3.1.5: a search by MODSEQ tells the highest mod-sequence of what it returns:
         // of the MIN and MAX messages when only those are asked for (RFC 4731 §3.2), else of
         // every message found.
-        let only_ends = returns.as_ref().is_some_and(|options| {
-            !options.is_empty() && options.iter().all(|o| o == "MIN" || o == "MAX")
-        });
         let modseq = if !by_modseq || found.is_empty() {
             None
-        } else if only_ends {
-            let options = returns.as_deref().unwrap_or_default();
-            let min = found.iter().min_by_key(|(n, _)| *n);
-            let max = found.iter().max_by_key(|(n, _)| *n);
-            [
-                options.iter().any(|o| o == "MIN").then_some(min).flatten(),
-                options.iter().any(|o| o == "MAX").then_some(max).flatten(),
-            ]
-            .into_iter()
-            .flatten()
-            .map(|(_, modseq)| *modseq)
-            .max()
+        } else if options.only_ends() {
+            let ends = [
+                options.min.then(|| found.first()).flatten(),
+                options.max.then(|| found.last()).flatten(),
+            ];
+            ends.into_iter().flatten().map(|(_, _, m)| *m).max()
         } else {
-            found.iter().map(|(_, modseq)| *modseq).max()
+            found.iter().map(|(_, _, m)| *m).max()
         };
-        let found: Vec<u32> = found.into_iter().map(|(n, _)| n).collect();
+        let partial = options
+            .partial
+            .map(|range| (range, range.pick(found.len())));
+        if options.save {
+            // RFC 5182 §2.4: with MIN or MAX (and neither ALL nor COUNT) only those are saved;
+            // with PARTIAL, the part returned.
+            let saved: Vec<u32> = if let Some((_, (start, end))) = partial {
+                found[start..end].iter().map(|(_, uid, _)| *uid).collect()
+            } else if options.only_ends() {
+                let mut ends: Vec<u32> = [
+                    options.min.then(|| found.first()).flatten(),
+                    options.max.then(|| found.last()).flatten(),
+                ]
+                .into_iter()
+                .flatten()
+                .map(|(_, uid, _)| *uid)
+                .collect();
+                ends.dedup();
+                ends
+            } else {
+                found.iter().map(|(_, uid, _)| *uid).collect()
+            };
+            selected.saved = saved;
+        }
         let mut out = Vec::new();
-        match returns {
-            None => {
-                out.extend_from_slice(b"* SEARCH");
-                for n in &found {
-                    out.extend_from_slice(format!(" {n}").as_bytes());
-                }
-                if let Some(modseq) = modseq {
-                    out.extend_from_slice(format!(" (MODSEQ {modseq})").as_bytes());
-                }
-                out.extend_from_slice(b"\r\n");
+        if !options.esearch {
+            out.extend_from_slice(b"* SEARCH");
+            for n in &numbers {
+                out.extend_from_slice(format!(" {n}").as_bytes());
             }
-            Some(mut options) => {
-                if options.is_empty() {
-                    options.push("ALL".into());
-                }
-                esearch_head(&mut out, tag, uid);
-                for option in &options {
-                    match option.as_str() {
-                        "MIN" if !found.is_empty() => out.extend_from_slice(
-                            format!(" MIN {}", found.iter().min().unwrap_or(&0)).as_bytes(),
-                        ),
-                        "MAX" if !found.is_empty() => out.extend_from_slice(
-                            format!(" MAX {}", found.iter().max().unwrap_or(&0)).as_bytes(),
-                        ),
-                        "COUNT" => {
-                            out.extend_from_slice(format!(" COUNT {}", found.len()).as_bytes())
-                        }
-                        "ALL" if !found.is_empty() => out.extend_from_slice(
-                            format!(" ALL {}", uid_set(found.clone())).as_bytes(),
-                        ),
-                        _ => {}
-                    }
-                }
-                if let Some(modseq) = modseq {
-                    out.extend_from_slice(format!(" MODSEQ {modseq}").as_bytes());
-                }
-                out.extend_from_slice(b"\r\n");
+            if let Some(modseq) = modseq {
+                out.extend_from_slice(format!(" (MODSEQ {modseq})").as_bytes());
             }
+            out.extend_from_slice(b"\r\n");
+        } else if !options.save_only() {
+            esearch_head(&mut out, tag, uid);
+            if options.min && !numbers.is_empty() {
+                out.extend_from_slice(format!(" MIN {}", numbers[0]).as_bytes());
+            }
+            if options.max && !numbers.is_empty() {
+                out.extend_from_slice(format!(" MAX {}", numbers[numbers.len() - 1]).as_bytes());
+            }
+            if options.count {
+                out.extend_from_slice(format!(" COUNT {}", numbers.len()).as_bytes());
+            }
+            if options.all && !numbers.is_empty() {
+                out.extend_from_slice(format!(" ALL {}", uid_set(numbers.clone())).as_bytes());
+            }
+            if let Some((range, (start, end))) = partial {
+                let part = if start < end {
+                    uid_set(numbers[start..end].to_vec())
+                } else {
+                    "NIL".into()
+                };
+                out.extend_from_slice(format!(" PARTIAL ({range} {part})").as_bytes());
+            }
+            if let Some(modseq) = modseq {
+                out.extend_from_slice(format!(" MODSEQ {modseq}").as_bytes());
+            }
+            out.extend_from_slice(b"\r\n");
         }
         io.queue(&out);
+        let Some(key) = kept_key else {
+            return ok("SEARCH completed");
+        };
+        if selected.kept.len() >= crate::imap::context::MAX_UPDATES {
+            return Done::Ok(
+                Some(Code::NoUpdate(tag.to_string())),
+                "SEARCH completed, too many searches kept up to date".into(),
+            );
+        }
+        selected.kept.retain(|kept| kept.tag != tag);
+        selected.kept.push(Kept {
+            tag: tag.to_string(),
+            key,
+            uid,
+            reported: options.reported(),
+            result: found.iter().map(|(_, uid, _)| *uid).collect(),
+            seen: crate::imap::context::fingerprint(&selected.messages),
+        });
         ok("SEARCH completed")
+    }
+
+    /// RFC 5267 §4.3: after a command (or an IDLE wake-up) that changed the view, each search
+    /// kept up to date runs again and tells what changed.
+    pub(in crate::imap) async fn kept_searches(
+        &mut self,
+        user: &str,
+        selected: &mut Selected,
+    ) -> Vec<u8> {
+        if selected.kept.is_empty() {
+            return Vec::new();
+        }
+        let now = crate::imap::context::fingerprint(&selected.messages);
+        let stale: Vec<usize> = (0..selected.kept.len())
+            .filter(|i| selected.kept[*i].seen != now)
+            .collect();
+        if stale.is_empty() {
+            return Vec::new();
+        }
+        let keys: Vec<SearchKey<'static>> = stale
+            .iter()
+            .map(|i| selected.kept[*i].key.clone())
+            .collect();
+        selected.saved_named = false;
+        let scope = self.search_scope(user, selected);
+        let results = blocking(self.id, move || {
+            Ok(keys
+                .iter()
+                .map(|key| {
+                    scope
+                        .matching(key)
+                        .into_iter()
+                        .map(|i| scope.messages[i].uid)
+                        .collect::<Vec<u32>>()
+                })
+                .collect::<Vec<_>>())
+        })
+        .await;
+        let Ok(results) = results else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, result) in stale.into_iter().zip(results) {
+            let Selected { kept, messages, .. } = &mut *selected;
+            kept[i].changed(&mut out, messages, result);
+            kept[i].seen = now;
+        }
+        out
+    }
+
+    /// RFC 5267 §4.2 CANCELUPDATE: the searches with these tags are no longer kept.
+    pub(in crate::imap) fn cancel_update(
+        &mut self,
+        selected: &mut Selected,
+        tags: &[String],
+    ) -> Done {
+        selected.kept.retain(|kept| !tags.contains(&kept.tag));
+        ok("CANCELUPDATE completed")
+    }
+}
+
+/// A SEARCH's return options (RFC 4731 §3.1, RFC 5182 §2, RFC 5267 §4, RFC 9394).
+#[derive(Default)]
+struct ReturnOptions {
+    /// The answer is an ESEARCH (RETURN given, or an IMAP4rev2 session).
+    esearch: bool,
+    min: bool,
+    max: bool,
+    count: bool,
+    all: bool,
+    save: bool,
+    update: bool,
+    partial: Option<Partial>,
+}
+
+impl ReturnOptions {
+    fn read(extended: &Extended, rev2: bool) -> Result<ReturnOptions, &'static str> {
+        let Some(names) = &extended.search_return else {
+            return Ok(ReturnOptions {
+                esearch: rev2,
+                all: rev2,
+                ..Default::default()
+            });
+        };
+        let mut options = ReturnOptions {
+            esearch: true,
+            ..Default::default()
+        };
+        for name in names {
+            match name.as_str() {
+                "MIN" => options.min = true,
+                "MAX" => options.max = true,
+                "COUNT" => options.count = true,
+                "ALL" => options.all = true,
+                "SAVE" => options.save = true,
+                "UPDATE" => options.update = true,
+                // RFC 5267 §4.2: a hint that more searches will follow; nothing to do.
+                "CONTEXT" => {}
+                "PARTIAL" => {
+                    let range = extended.search_partial.as_deref().unwrap_or_default();
+                    options.partial = Some(Partial::parse(range).ok_or("Invalid PARTIAL range")?);
+                }
+                _ if extended.search_partial.as_deref() == Some(name.as_str()) => {}
+                _ => return Err("Unknown SEARCH return option"),
+            }
+        }
+        // RFC 9394 §3.1: PARTIAL and ALL exclude each other.
+        if options.partial.is_some() && options.all {
+            return Err("PARTIAL and ALL cannot be combined");
+        }
+        // RETURN () is RETURN (ALL) (RFC 4731 §3.1); so is UPDATE alone (RFC 5267 §4.1).
+        if !(options.min || options.max || options.count || options.partial.is_some())
+            && (names.is_empty() || options.update || !options.save)
+        {
+            options.all = true;
+        }
+        Ok(options)
+    }
+
+    /// Only MIN and/or MAX were asked for.
+    fn only_ends(&self) -> bool {
+        (self.min || self.max) && !self.count && !self.all && self.partial.is_none()
+    }
+
+    /// RFC 5182 §2.1: SAVE alone returns no ESEARCH.
+    fn save_only(&self) -> bool {
+        self.save && !(self.min || self.max || self.count || self.all || self.partial.is_some())
+    }
+
+    fn reported(&self) -> Reported {
+        if self.all || self.partial.is_some() {
+            Reported::All
+        } else {
+            Reported::Summary {
+                min: self.min,
+                max: self.max,
+                count: self.count,
+            }
+        }
+    }
+}
+
+/// RFC 9394 §3.1: a PARTIAL range of positions in the result, 1-based; negative positions
+/// count from the end (`-1` is the last).
+#[derive(Clone, Copy)]
+struct Partial {
+    low: i64,
+    high: i64,
+}
+
+impl Partial {
+    fn parse(text: &str) -> Option<Partial> {
+        let (a, b) = text.split_once(':')?;
+        let (a, b): (i64, i64) = (a.parse().ok()?, b.parse().ok()?);
+        // Both ends on the same side of zero, never zero (`*` does not parse).
+        if a == 0
+            || b == 0
+            || (a < 0) != (b < 0)
+            || a.abs() > u32::MAX as i64
+            || b.abs() > u32::MAX as i64
+        {
+            return None;
+        }
+        Some(Partial {
+            low: a.min(b),
+            high: a.max(b),
+        })
+    }
+
+    /// The slice `start..end` of a result of `len` messages the range covers.
+    fn pick(self, len: usize) -> (usize, usize) {
+        let len = len as i64;
+        let (start, end) = if self.low > 0 {
+            (self.low - 1, self.high)
+        } else {
+            (len + self.low, len + self.high + 1)
+        };
+        let clamp = |n: i64| n.clamp(0, len) as usize;
+        (clamp(start), clamp(end).max(clamp(start)))
+    }
+}
+
+impl std::fmt::Display for Partial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.low, self.high)
     }
 }

@@ -44,10 +44,8 @@ impl Conn {
             }
         }
         // RFC 9051 §6.3.2: a failed SELECT leaves no mailbox selected.
-        if current.take().is_some() {
-            if self.rev2 || self.qresync {
-                io.queue(b"* OK [CLOSED] Previous mailbox closed\r\n");
-            }
+        if current.take().is_some() && (self.rev2 || self.qresync) {
+            io.queue(b"* OK [CLOSED] Previous mailbox closed\r\n");
         }
         let name = match folder_name(mailbox) {
             Ok(name) => name,
