@@ -759,3 +759,45 @@ async fn context_search_partial_and_updates() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn catenate_builds_a_message_from_urls_and_text() {
+    // RFC 4469 §5: a new message from a part of a stored one (by IMAP URL) and new text;
+    // §6: a URL naming nothing is NO [BADURL], a missing target NO [TRYCREATE] first.
+    replay(
+        r#"
+        S: * OK …
+        S2: * OK …
+        C: A001 LOGIN alice@example.test alicepass
+        S: A001 OK …
+        C: A002 APPEND INBOX {25+}
+        C: Subject: base
+        C: 
+        C: old body
+        S: A002 OK [APPENDUID … 1] APPEND completed
+        C: A003 APPEND Drafts CATENATE (URL "/INBOX/;UID=1/;SECTION=HEADER" TEXT {8+}
+        C: new body) CATENATE (TEXT {5+}
+        C: Hello URL "/INBOX/;uid=1/;section=TEXT")
+        S: A003 OK [APPENDUID … 1:2] APPEND completed
+        C: A004 APPEND Drafts CATENATE (URL "/INBOX;UIDVALIDITY=1/;UID=1/;SECTION=HEADER")
+        S: A004 NO [BADURL "/INBOX;UIDVALIDITY=1/;UID=1/;SECTION=HEADER"] …
+        C: A005 APPEND Nowhere CATENATE (URL "/INBOX/;UID=9")
+        S: A005 NO [TRYCREATE] …
+        C: A006 EXAMINE Drafts
+        S: * 2 EXISTS
+        S: * 2 RECENT
+        S: * OK [UNSEEN 1] …
+        S: * FLAGS …
+        S: * OK [PERMANENTFLAGS …] …
+        S: * OK [UIDVALIDITY …] …
+        S: * OK [UIDNEXT 3] …
+        S: * OK [HIGHESTMODSEQ …] …
+        S: A006 OK [READ-ONLY] EXAMINE completed
+        C: A007 FETCH 1:2 RFC822.SIZE
+        S: * 1 FETCH (RFC822.SIZE 25)
+        S: * 2 FETCH (RFC822.SIZE 13)
+        S: A007 OK FETCH completed
+        "#,
+    )
+    .await;
+}

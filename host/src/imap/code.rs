@@ -36,6 +36,8 @@ pub enum Code {
     /// RFC 7162 §3.1.3: messages a conditional STORE left alone.
     Modified(String),
     Capability(String),
+    /// RFC 4469 §6: a CATENATE URL that cannot be used.
+    BadUrl(String),
     /// RFC 5267 §4.3.1: the search with this tag is not kept up to date.
     NoUpdate(String),
 }
@@ -63,6 +65,11 @@ impl fmt::Display for Code {
             Code::CopyUid { validity, from, to } => write!(f, "COPYUID {validity} {from} {to}"),
             Code::Modified(set) => write!(f, "MODIFIED {set}"),
             Code::Capability(list) => write!(f, "CAPABILITY {list}"),
+            Code::BadUrl(url) => {
+                let mut quoted = Vec::new();
+                crate::imap::codec::string(&mut quoted, url.as_bytes());
+                write!(f, "BADURL {}", String::from_utf8_lossy(&quoted))
+            }
             Code::NoUpdate(tag) => {
                 let mut quoted = Vec::new();
                 crate::imap::codec::string(&mut quoted, tag.as_bytes());

@@ -61,6 +61,17 @@ pub struct Extended {
     /// RFC 3502 MULTIAPPEND: the messages after the first, each decoded as an APPEND of its own
     /// to the same mailbox (imap-codec decodes APPEND with one message).
     pub appends: Vec<Command<'static>>,
+    /// RFC 4469 CATENATE: for each message of the APPEND (the first, then `appends`), its parts
+    /// when it was a CATENATE (the decoded APPEND then carries an empty literal); empty when no
+    /// message was.
+    pub catenate: Vec<Option<Vec<CatPart>>>,
+}
+
+/// One part of a CATENATE (RFC 4469 §5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CatPart {
+    Text(Vec<u8>),
+    Url(String),
 }
 
 #[derive(Debug)]
@@ -323,6 +334,21 @@ impl Reader {
                 command: Box::new(command.into_static()),
                 extended,
             },
+            Ok(_) | Err(_) if catenate::is_catenate(&bytes) => match catenate::split(&bytes) {
+                Some((mut commands, parts)) => {
+                    let first = commands.remove(0);
+                    extended.appends = commands;
+                    extended.catenate = parts;
+                    Event::Command {
+                        command: Box::new(first),
+                        extended,
+                    }
+                }
+                None => Event::Bad {
+                    tag,
+                    text: "Syntax error in CATENATE".into(),
+                },
+            },
             Ok(_) | Err(_) => match multiappend(&bytes) {
                 Some(mut commands) => {
                     let first = commands.remove(0);
@@ -338,6 +364,205 @@ impl Reader {
                 },
             },
         }
+    }
+}
+
+/// RFC 4469 CATENATE, which imap-codec does not parse: an APPEND (of one or more messages, RFC
+/// 3502) whose messages may be `CATENATE (TEXT literal / URL astring …)`.
+mod catenate {
+    use super::{CatPart, Command, CommandBody, CommandCodec, Decoder, IntoStatic};
+
+    pub fn is_catenate(message: &[u8]) -> bool {
+        let line_end = message
+            .iter()
+            .position(|b| *b == b'\n')
+            .unwrap_or(message.len());
+        let line = message[..line_end].to_ascii_uppercase();
+        line.windows(10).any(|w| w == b" CATENATE ") && line.windows(8).any(|w| w == b" APPEND ")
+    }
+
+    struct Cursor<'a> {
+        bytes: &'a [u8],
+        pos: usize,
+    }
+
+    impl<'a> Cursor<'a> {
+        fn peek(&self) -> Option<u8> {
+            self.bytes.get(self.pos).copied()
+        }
+
+        fn eat(&mut self, byte: u8) -> Option<()> {
+            (self.peek()? == byte).then(|| self.pos += 1)
+        }
+
+        fn word(&mut self) -> Option<&'a [u8]> {
+            let start = self.pos;
+            while let Some(b) = self.peek() {
+                if matches!(b, b' ' | b'(' | b')' | b'\r' | b'\n' | b'{' | b'"') {
+                    break;
+                }
+                self.pos += 1;
+            }
+            (self.pos > start).then(|| &self.bytes[start..self.pos])
+        }
+
+        /// A quoted string, as it is on the wire (quotes included).
+        fn quoted(&mut self) -> Option<&'a [u8]> {
+            let start = self.pos;
+            self.eat(b'"')?;
+            let mut escaped = false;
+            loop {
+                let b = self.peek()?;
+                self.pos += 1;
+                match b {
+                    b'\\' if !escaped => escaped = true,
+                    b'"' if !escaped => return Some(&self.bytes[start..self.pos]),
+                    b'\r' | b'\n' => return None,
+                    _ => escaped = false,
+                }
+            }
+        }
+
+        /// A literal or literal8: (what announced it, from `~`/`{` to its line end, and its data).
+        fn literal(&mut self) -> Option<(&'a [u8], &'a [u8])> {
+            let start = self.pos;
+            self.eat(b'~');
+            self.eat(b'{')?;
+            let digits = self.pos;
+            while self.peek()?.is_ascii_digit() {
+                self.pos += 1;
+            }
+            let length: usize = std::str::from_utf8(&self.bytes[digits..self.pos])
+                .ok()?
+                .parse()
+                .ok()?;
+            self.eat(b'+');
+            self.eat(b'}')?;
+            self.eat(b'\r');
+            self.eat(b'\n')?;
+            let announced = &self.bytes[start..self.pos];
+            let data = self.bytes.get(self.pos..self.pos + length)?;
+            self.pos += length;
+            Some((announced, data))
+        }
+
+        fn astring(&mut self) -> Option<Vec<u8>> {
+            match self.peek()? {
+                b'"' => {
+                    let quoted = self.quoted()?;
+                    let inner = &quoted[1..quoted.len() - 1];
+                    let mut out = Vec::with_capacity(inner.len());
+                    let mut escaped = false;
+                    for b in inner {
+                        if *b == b'\\' && !escaped {
+                            escaped = true;
+                            continue;
+                        }
+                        escaped = false;
+                        out.push(*b);
+                    }
+                    Some(out)
+                }
+                b'{' | b'~' => Some(self.literal()?.1.to_vec()),
+                _ => Some(self.word()?.to_vec()),
+            }
+        }
+    }
+
+    /// The APPEND split into one decoded APPEND per message (a CATENATE one with an empty
+    /// literal) and the CATENATE parts of each.
+    #[allow(clippy::type_complexity)]
+    pub fn split(message: &[u8]) -> Option<(Vec<Command<'static>>, Vec<Option<Vec<CatPart>>>)> {
+        let mut c = Cursor {
+            bytes: message,
+            pos: 0,
+        };
+        let tag = c.word()?;
+        c.eat(b' ')?;
+        if !c.word()?.eq_ignore_ascii_case(b"APPEND") {
+            return None;
+        }
+        c.eat(b' ')?;
+        let mailbox_start = c.pos;
+        match c.peek()? {
+            b'"' => {
+                c.quoted()?;
+            }
+            b'{' => {
+                c.literal()?;
+            }
+            _ => {
+                c.word()?;
+            }
+        }
+        let mailbox = &message[mailbox_start..c.pos];
+        let (mut commands, mut parts) = (Vec::new(), Vec::new());
+        loop {
+            c.eat(b' ')?;
+            let mut one = Vec::new();
+            one.extend_from_slice(tag);
+            one.extend_from_slice(b" APPEND ");
+            one.extend_from_slice(mailbox);
+            if c.peek()? == b'(' {
+                let start = c.pos;
+                while c.peek()? != b')' {
+                    c.pos += 1;
+                }
+                c.pos += 1;
+                one.push(b' ');
+                one.extend_from_slice(&message[start..c.pos]);
+                c.eat(b' ')?;
+            }
+            if c.peek()? == b'"' {
+                one.push(b' ');
+                one.extend_from_slice(c.quoted()?);
+                c.eat(b' ')?;
+            }
+            match c.peek()? {
+                b'{' | b'~' => {
+                    let (announced, data) = c.literal()?;
+                    one.push(b' ');
+                    one.extend_from_slice(announced);
+                    one.extend_from_slice(data);
+                    parts.push(None);
+                }
+                _ => {
+                    if !c.word()?.eq_ignore_ascii_case(b"CATENATE") {
+                        return None;
+                    }
+                    c.eat(b' ')?;
+                    c.eat(b'(')?;
+                    let mut cat = Vec::new();
+                    loop {
+                        let kind = c.word()?.to_ascii_uppercase();
+                        c.eat(b' ')?;
+                        match kind.as_slice() {
+                            b"TEXT" => cat.push(CatPart::Text(c.literal()?.1.to_vec())),
+                            b"URL" => cat.push(CatPart::Url(String::from_utf8(c.astring()?).ok()?)),
+                            _ => return None,
+                        }
+                        if c.eat(b')').is_some() {
+                            break;
+                        }
+                        c.eat(b' ')?;
+                    }
+                    one.extend_from_slice(b" {0}\r\n");
+                    parts.push(Some(cat));
+                }
+            }
+            one.extend_from_slice(b"\r\n");
+            match CommandCodec::default().decode(&one) {
+                Ok((b"", command)) if matches!(command.body, CommandBody::Append { .. }) => {
+                    commands.push(command.into_static())
+                }
+                _ => return None,
+            }
+            if c.eat(b'\r').is_some() || c.peek() == Some(b'\n') {
+                c.eat(b'\n')?;
+                break;
+            }
+        }
+        (c.pos == message.len()).then_some((commands, parts))
     }
 }
 
@@ -970,6 +1195,26 @@ mod tests {
             let (rest, _) = lift_extensions(line.as_bytes());
             assert_eq!(rest, line.as_bytes());
         }
+    }
+
+    #[test]
+    fn catenate_appends_are_split_into_parts() {
+        let message = b"t APPEND Drafts (\\Seen) CATENATE (URL \"/INBOX/;UID=1\" TEXT {3+}\r\nabc) {2+}\r\nhi\r\n";
+        assert!(catenate::is_catenate(message));
+        let (commands, parts) = catenate::split(message).unwrap();
+        assert_eq!(commands.len(), 2);
+        assert_eq!(
+            parts,
+            vec![
+                Some(vec![
+                    CatPart::Url("/INBOX/;UID=1".into()),
+                    CatPart::Text(b"abc".to_vec())
+                ]),
+                None
+            ]
+        );
+        assert!(catenate::split(b"t APPEND Drafts CATENATE (BOGUS x)\r\n").is_none());
+        assert!(catenate::split(b"t APPEND Drafts CATENATE (TEXT {9+}\r\nab)\r\n").is_none());
     }
 
     #[test]

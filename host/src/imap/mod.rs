@@ -24,6 +24,7 @@ pub mod selected;
 pub mod session;
 pub mod sort;
 pub mod thread;
+pub mod url;
 
 use std::sync::Arc;
 

@@ -115,6 +115,7 @@ impl Conn {
             "SEARCHRES",
             "CONTEXT=SEARCH",
             "SEARCH=PARTIAL",
+            "CATENATE",
         ];
         if matches!(state, State::NotAuthenticated) {
             if !self.tls && self.listener.tls == TlsMode::Starttls && self.server.tls.is_some() {

@@ -213,7 +213,8 @@ impl Conn {
                     date,
                     message,
                 };
-                self.append(user, selected.as_ref(), &mailbox, first, extended.appends)
+                let (more, catenate) = (extended.appends, extended.catenate);
+                self.append(user, selected.as_ref(), &mailbox, first, more, catenate)
                     .await
             }
             (LoggedIn { user, selected }, C::Idle) => self.idle(io, user, selected.as_mut()).await,
