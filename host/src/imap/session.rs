@@ -146,6 +146,15 @@ pub(in crate::imap) fn folder_name(mailbox: &Mailbox<'_>) -> Result<String, Done
     }
 }
 
+/// Whether another writer's change may alter the view of `selected` of `user`: one to its
+/// messages, or to the folder list (the folder may be gone). Our own writes are in our view
+/// already (APPEND and COPY into the selected folder mark it dirty).
+pub(in crate::imap) fn concerns(change: &Change, me: u64, user: &str, selected: Option<&str>) -> bool {
+    change.writer != me
+        && *change.mailbox == *user.to_ascii_lowercase()
+        && selected.is_some_and(|folder| change.folder.as_deref().is_none_or(|f| f == folder))
+}
+
 /// How a session takes part in \Recent (RFC 3501 §2.3.2) when it opens or re-reads a folder.
 #[derive(Clone, Copy)]
 pub(in crate::imap) enum RecentMode {
@@ -357,15 +366,13 @@ impl Conn {
         }
     }
 
-    /// Notes announcements about this user's mailbox.
-    pub(in crate::imap) fn drain_changes(&mut self, user: &str) {
+    /// Notes announcements about this user's mailbox that concern the selected folder (`None`:
+    /// nothing selected, so only the backlog is cleared).
+    pub(in crate::imap) fn drain_changes(&mut self, user: &str, selected: Option<&str>) {
         loop {
             match self.changes.try_recv() {
                 Ok(change) => {
-                    // Our own writes are in our view already (APPEND and COPY mark it dirty).
-                    if change.writer != self.id
-                        && change.mailbox.as_ref() == user.to_ascii_lowercase()
-                    {
+                    if concerns(&change, self.id, user, selected) {
                         self.dirty = true;
                     }
                 }
@@ -376,13 +383,14 @@ impl Conn {
     }
 
     /// Brings the client up to date on the selected folder, when something changed.
+    /// (`concerns` decides what counts.)
     pub(in crate::imap) async fn updates(
         &mut self,
         user: &str,
         selected: &mut Selected,
         expunge_allowed: bool,
     ) -> Vec<u8> {
-        self.drain_changes(user);
+        self.drain_changes(user, Some(&selected.folder));
         if !self.dirty {
             return Vec::new();
         }

@@ -1,7 +1,8 @@
 //! A store wrapper that announces every change to a mailbox, so IMAP sessions on it (IDLE, or
 //! another client's session) learn of new mail and flag changes without polling the disk.
 //!
-//! Announcements say only which mailbox changed (and who changed it); a session that hears one
+//! Announcements say only which mailbox changed (and in which folder, or that its folder list or
+//! subscriptions did), and who changed it; a session that hears one
 //! re-reads its folder and works out the differences itself, so a missed or merged announcement
 //! never loses an update. A session skips its own announcements: it already knows what it did.
 
@@ -25,6 +26,9 @@ pub struct Change {
     pub mailbox: Arc<str>,
     /// Who wrote: the id given to [`writing_as`], 0 for everyone else (delivery, POP3).
     pub writer: u64,
+    /// The folder whose messages changed; None when folders were created, deleted or renamed,
+    /// or subscriptions changed.
+    pub folder: Option<Arc<str>>,
 }
 
 thread_local! {
@@ -57,20 +61,22 @@ impl Watched {
         self.changes.subscribe()
     }
 
-    fn announce(&self, mailbox: &str) {
+    fn announce(&self, mailbox: &str, folder: Option<&str>) {
         let _ = self.changes.send(Change {
             mailbox: Arc::from(mailbox.to_ascii_lowercase()),
             writer: WRITER.with(Cell::get),
+            folder: folder.map(Arc::from),
         });
     }
 
     fn announce_if<T>(
         &self,
         mailbox: &str,
+        folder: Option<&str>,
         result: Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         if result.is_ok() {
-            self.announce(mailbox);
+            self.announce(mailbox, folder);
         }
         result
     }
@@ -79,11 +85,12 @@ impl Watched {
 impl MailStore for Watched {
     fn deliver(&self, batch: &[Delivery<'_>]) -> Vec<Result<(), StoreError>> {
         let results = self.inner.deliver(batch);
-        let mut told: Vec<&str> = Vec::new();
+        let mut told: Vec<(&str, &str)> = Vec::new();
         for (delivery, result) in batch.iter().zip(&results) {
-            if result.is_ok() && !told.contains(&delivery.mailbox) {
-                told.push(delivery.mailbox);
-                self.announce(delivery.mailbox);
+            let place = (delivery.mailbox, delivery.folder);
+            if result.is_ok() && !told.contains(&place) {
+                told.push(place);
+                self.announce(delivery.mailbox, Some(delivery.folder));
             }
         }
         results
@@ -126,7 +133,7 @@ impl MailStore for Watched {
             .as_ref()
             .is_ok_and(|outcome| !outcome.updated.is_empty())
         {
-            self.announce(mailbox);
+            self.announce(mailbox, Some(folder));
         }
         result
     }
@@ -147,7 +154,7 @@ impl MailStore for Watched {
         messages: &[&MessageInfo],
     ) -> Result<(), StoreError> {
         let result = self.inner.remove(mailbox, folder, messages);
-        self.announce_if(mailbox, result)
+        self.announce_if(mailbox, Some(folder), result)
     }
 
     fn append(
@@ -161,7 +168,7 @@ impl MailStore for Watched {
         let result = self
             .inner
             .append(mailbox, folder, message, flags, received_at);
-        self.announce_if(mailbox, result)
+        self.announce_if(mailbox, Some(folder), result)
     }
 
     fn copy(
@@ -172,7 +179,7 @@ impl MailStore for Watched {
         target: &str,
     ) -> Result<(u32, Vec<(u32, u32)>), StoreError> {
         let result = self.inner.copy(mailbox, folder, messages, target);
-        self.announce_if(mailbox, result)
+        self.announce_if(mailbox, Some(target), result)
     }
 
     fn folders(&self, mailbox: &str) -> Result<Vec<String>, StoreError> {
@@ -180,17 +187,18 @@ impl MailStore for Watched {
     }
 
     fn create_folder(&self, mailbox: &str, folder: &str) -> Result<(), StoreError> {
-        self.inner.create_folder(mailbox, folder)
+        let result = self.inner.create_folder(mailbox, folder);
+        self.announce_if(mailbox, None, result)
     }
 
     fn delete_folder(&self, mailbox: &str, folder: &str) -> Result<(), StoreError> {
         let result = self.inner.delete_folder(mailbox, folder);
-        self.announce_if(mailbox, result)
+        self.announce_if(mailbox, None, result)
     }
 
     fn rename_folder(&self, mailbox: &str, from: &str, to: &str) -> Result<(), StoreError> {
         let result = self.inner.rename_folder(mailbox, from, to);
-        self.announce_if(mailbox, result)
+        self.announce_if(mailbox, None, result)
     }
 
     fn subscriptions(&self, mailbox: &str) -> Result<Vec<String>, StoreError> {
@@ -213,7 +221,8 @@ impl MailStore for Watched {
         folder: &str,
         subscribed: bool,
     ) -> Result<(), StoreError> {
-        self.inner.set_subscribed(mailbox, folder, subscribed)
+        let result = self.inner.set_subscribed(mailbox, folder, subscribed);
+        self.announce_if(mailbox, None, result)
     }
 }
 

@@ -200,7 +200,7 @@ impl Conn {
         };
         info!(%user, method, "logged in");
         self.make_special_folders(&user).await;
-        self.drain_changes(&user);
+        self.drain_changes(&user, None);
         *state = State::LoggedIn {
             user,
             selected: None,

@@ -27,7 +27,6 @@ impl Conn {
         io.queue(b"+ idling\r\n");
         let deadline = Instant::now() + self.idle_timeout();
         let mut shutdown = self.server.shutdown.clone();
-        let mailbox = user.to_ascii_lowercase();
         loop {
             if io.flush().await.is_err() {
                 return Done::Close;
@@ -57,7 +56,7 @@ impl Conn {
                     };
                 }
                 Woken::Change(Ok(change))
-                    if change.mailbox.as_ref() != mailbox || change.writer == self.id =>
+                    if !concerns(&change, self.id, user, selected.as_deref().map(|s| &*s.folder)) =>
                 {
                     continue
                 }

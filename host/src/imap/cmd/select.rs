@@ -64,7 +64,7 @@ impl Conn {
             Ok(opened) => opened,
             Err(err) => return store_failure(&err),
         };
-        self.drain_changes(user);
+        self.drain_changes(user, None);
         self.dirty = false;
         let selected = Selected::new(name, read_only, snapshot, boundary);
         let mut out = Vec::new();
