@@ -801,3 +801,57 @@ async fn catenate_builds_a_message_from_urls_and_text() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn notify_tells_changes_between_commands() {
+    // RFC 5465: with NOTIFY SET, another session's changes reach this one while it sends
+    // nothing: the selected folder's as EXISTS and EXPUNGE (SELECTED), other folders' as
+    // STATUS, a new folder as LIST (MailboxName); STATUS asks for the initial state at once;
+    // unsupported events are NO [BADEVENT]; NOTIFY NONE stops it.
+    replay(
+        r#"
+        S: * OK …
+        S2: * OK …
+        C: A001 LOGIN alice@example.test alicepass
+        S: A001 OK …
+        C2: B001 LOGIN alice@example.test alicepass
+        S2: B001 OK …
+        C: A002 SELECT INBOX
+        S: * 0 EXISTS
+        S: * 0 RECENT
+        S: * FLAGS …
+        S: * OK [PERMANENTFLAGS …] …
+        S: * OK [UIDVALIDITY …] …
+        S: * OK [UIDNEXT 1] …
+        S: * OK [HIGHESTMODSEQ …] …
+        S: A002 OK [READ-WRITE] SELECT completed
+        C: A003 NOTIFY SET (SELECTED (MessageNew MessageExpunge)) (PERSONAL (ServerMetadataChange))
+        S: A003 NO [BADEVENT (MessageNew MessageExpunge FlagChange MailboxName SubscriptionChange)] …
+        C: A004 NOTIFY SET STATUS (SELECTED (MessageNew MessageExpunge)) (MAILBOXES Drafts (MessageNew MessageExpunge)) (PERSONAL (MailboxName))
+        S: * STATUS Drafts (MESSAGES 0 UIDNEXT 1 UIDVALIDITY …)
+        S: A004 OK NOTIFY completed
+        C2: B002 APPEND INBOX {10+}
+        C2: Subject: a
+        S2: B002 OK [APPENDUID … 1] APPEND completed
+        S: * 1 EXISTS
+        S: * 1 RECENT
+        C2: B003 APPEND Drafts {10+}
+        C2: Subject: d
+        S2: B003 OK [APPENDUID … 1] APPEND completed
+        S: * STATUS Drafts (MESSAGES 1 UIDNEXT 2 UIDVALIDITY …)
+        C2: B004 CREATE Projects
+        S2: B004 OK CREATE completed
+        S: * LIST () "/" Projects
+        C: A005 NOTIFY NONE
+        S: A005 OK NOTIFY completed
+        C2: B005 APPEND INBOX {10+}
+        C2: Subject: b
+        S2: B005 OK [APPENDUID … 2] APPEND completed
+        C: A006 NOOP
+        S: * 2 EXISTS
+        S: * 2 RECENT
+        S: A006 OK NOOP completed
+        "#,
+    )
+    .await;
+}

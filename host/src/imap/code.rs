@@ -36,6 +36,8 @@ pub enum Code {
     /// RFC 7162 §3.1.3: messages a conditional STORE left alone.
     Modified(String),
     Capability(String),
+    /// RFC 5465 §5.9: the NOTIFY events this server reports.
+    BadEvent(String),
     /// RFC 4469 §6: a CATENATE URL that cannot be used.
     BadUrl(String),
     /// RFC 5267 §4.3.1: the search with this tag is not kept up to date.
@@ -65,6 +67,7 @@ impl fmt::Display for Code {
             Code::CopyUid { validity, from, to } => write!(f, "COPYUID {validity} {from} {to}"),
             Code::Modified(set) => write!(f, "MODIFIED {set}"),
             Code::Capability(list) => write!(f, "CAPABILITY {list}"),
+            Code::BadEvent(events) => write!(f, "BADEVENT ({events})"),
             Code::BadUrl(url) => {
                 let mut quoted = Vec::new();
                 crate::imap::codec::string(&mut quoted, url.as_bytes());

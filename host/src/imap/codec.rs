@@ -45,6 +45,8 @@ pub struct Extended {
     pub search_partial: Option<String>,
     /// RFC 5182: the command named `$`, decoded as [`SAVED_RESULT_SET`].
     pub saved_result: bool,
+    /// RFC 5465: a NOTIFY and its arguments as sent (decoded as NOOP).
+    pub notify: Option<String>,
     /// RFC 5267 §4.2: a CANCELUPDATE and its tags (decoded as NOOP).
     pub cancel_update: Option<Vec<String>>,
     /// LIST selection options (`SUBSCRIBED`, `SPECIAL-USE`, `RECURSIVEMATCH`, `REMOTE`).
@@ -78,7 +80,7 @@ pub enum CatPart {
 pub enum Event {
     Command {
         command: Box<Command<'static>>,
-        extended: Extended,
+        extended: Box<Extended>,
     },
     /// A complete line in [`Mode::Line`], without its line end.
     Line(Vec<u8>),
@@ -332,7 +334,7 @@ impl Reader {
         match CommandCodec::default().decode(&bytes) {
             Ok((b"", command)) => Event::Command {
                 command: Box::new(command.into_static()),
-                extended,
+                extended: Box::new(extended),
             },
             Ok(_) | Err(_) if catenate::is_catenate(&bytes) => match catenate::split(&bytes) {
                 Some((mut commands, parts)) => {
@@ -341,7 +343,7 @@ impl Reader {
                     extended.catenate = parts;
                     Event::Command {
                         command: Box::new(first),
-                        extended,
+                        extended: Box::new(extended),
                     }
                 }
                 None => Event::Bad {
@@ -355,7 +357,7 @@ impl Reader {
                     extended.appends = commands;
                     Event::Command {
                         command: Box::new(first),
-                        extended,
+                        extended: Box::new(extended),
                     }
                 }
                 None => Event::Bad {
@@ -703,6 +705,12 @@ pub fn lift_extensions(message: &[u8]) -> (Vec<u8>, Extended) {
             }
             extended.saved_result = true;
             format!("{prefix}{verb} {SAVED_RESULT_SET}{after}")
+        }
+        // RFC 5465 NOTIFY, which imap-codec does not know: decoded as NOOP with the arguments
+        // lifted off (and parsed by its handler).
+        "NOTIFY" => {
+            extended.notify = Some(rest.to_string());
+            format!("{tag} NOOP")
         }
         // RFC 5267 §4.2 CANCELUPDATE, which imap-codec does not know: decoded as NOOP with
         // the tags lifted off.

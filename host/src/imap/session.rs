@@ -93,6 +93,8 @@ pub(in crate::imap) struct Conn {
     pub(in crate::imap) changes: broadcast::Receiver<Change>,
     /// A change to the user's mailbox was announced since the last look.
     pub(in crate::imap) dirty: bool,
+    /// RFC 5465: what NOTIFY SET asked for.
+    pub(in crate::imap) notify: Option<super::cmd::notify::Notify>,
 }
 
 /// Reads until the reader has an event, sending queued responses before waiting.
@@ -149,7 +151,12 @@ pub(in crate::imap) fn folder_name(mailbox: &Mailbox<'_>) -> Result<String, Done
 /// Whether another writer's change may alter the view of `selected` of `user`: one to its
 /// messages, or to the folder list (the folder may be gone). Our own writes are in our view
 /// already (APPEND and COPY into the selected folder mark it dirty).
-pub(in crate::imap) fn concerns(change: &Change, me: u64, user: &str, selected: Option<&str>) -> bool {
+pub(in crate::imap) fn concerns(
+    change: &Change,
+    me: u64,
+    user: &str,
+    selected: Option<&str>,
+) -> bool {
     change.writer != me
         && *change.mailbox == *user.to_ascii_lowercase()
         && selected.is_some_and(|folder| change.folder.as_deref().is_none_or(|f| f == folder))
@@ -210,6 +217,7 @@ impl Session {
             reader,
             changes,
             dirty: false,
+            notify: None,
         };
         Session {
             conn,
@@ -253,9 +261,29 @@ impl Session {
         let mut shutdown = conn.server.shutdown.clone();
         loop {
             let deadline = Instant::now() + conn.idle_timeout();
-            let event = tokio::select! {
-                event = read_event(&mut conn.reader, &mut io, Mode::Command, deadline) => event,
-                _ = shutdown.wait_for(|down| *down) => {
+            // Under NOTIFY (RFC 5465) changes are told between commands too.
+            let listening = conn.notify.is_some();
+            let woken = tokio::select! {
+                event = read_event(&mut conn.reader, &mut io, Mode::Command, deadline) => Woken::Input(Box::new(event)),
+                change = conn.changes.recv(), if listening => Woken::Change(change),
+                _ = shutdown.wait_for(|down| *down) => Woken::Shutdown,
+            };
+            let event = match woken {
+                Woken::Input(event) => *event,
+                Woken::Change(Err(broadcast::error::RecvError::Closed)) => break,
+                Woken::Change(change) => {
+                    if let (Ok(change), State::LoggedIn { user, .. }) = (&change, &state) {
+                        if change.writer != conn.id && *change.mailbox == *user.to_ascii_lowercase()
+                        {
+                            conn.note(change);
+                        }
+                    } else if let Some(notify) = &mut conn.notify {
+                        notify.lagged();
+                    }
+                    conn.notifications(&mut io, &mut state, true).await;
+                    continue;
+                }
+                Woken::Shutdown => {
                     io.queue(b"* BYE Server shutting down\r\n");
                     break;
                 }
@@ -299,7 +327,9 @@ impl Session {
                 Event::Line(_) => (None, Done::Bad("Unexpected line".into())),
                 Event::Command { command, extended } => {
                     let tag = command.tag.as_ref().to_string();
-                    let done = conn.dispatch(&mut io, &mut state, *command, extended).await;
+                    let done = conn
+                        .dispatch(&mut io, &mut state, *command, *extended)
+                        .await;
                     (Some(tag), done)
                 }
             };
@@ -331,6 +361,13 @@ impl Session {
         io.shutdown().await;
         debug!("closed");
     }
+}
+
+/// What woke a session waiting for its next command.
+enum Woken {
+    Input(Box<Result<Event, ReadError>>),
+    Change(Result<Change, broadcast::error::RecvError>),
+    Shutdown,
 }
 
 impl Conn {
@@ -375,8 +412,16 @@ impl Conn {
                     if concerns(&change, self.id, user, selected) {
                         self.dirty = true;
                     }
+                    if change.writer != self.id && *change.mailbox == *user.to_ascii_lowercase() {
+                        self.note(&change);
+                    }
                 }
-                Err(broadcast::error::TryRecvError::Lagged(_)) => self.dirty = true,
+                Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                    self.dirty = true;
+                    if let Some(notify) = &mut self.notify {
+                        notify.lagged();
+                    }
+                }
                 Err(_) => break,
             }
         }

@@ -56,7 +56,12 @@ impl Conn {
                     };
                 }
                 Woken::Change(Ok(change))
-                    if !concerns(&change, self.id, user, selected.as_deref().map(|s| &*s.folder)) =>
+                    if !concerns(
+                        &change,
+                        self.id,
+                        user,
+                        selected.as_deref().map(|s| &*s.folder),
+                    ) =>
                 {
                     continue
                 }

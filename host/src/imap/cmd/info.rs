@@ -116,6 +116,7 @@ impl Conn {
             "CONTEXT=SEARCH",
             "SEARCH=PARTIAL",
             "CATENATE",
+            "NOTIFY",
         ];
         if matches!(state, State::NotAuthenticated) {
             if !self.tls && self.listener.tls == TlsMode::Starttls && self.server.tls.is_some() {

@@ -9,6 +9,7 @@
 //! | `select` | SELECT, EXAMINE, CLOSE, UNSELECT, EXPUNGE, UID EXPUNGE |
 //! | `append` | APPEND, MULTIAPPEND |
 //! | `idle` | IDLE |
+//! | `notify` | NOTIFY |
 //! | `fetch` | FETCH, UID FETCH |
 //! | `search` | SEARCH, SORT, THREAD (and their UID forms) |
 //! | `store` | STORE, UID STORE |
@@ -24,6 +25,7 @@ pub(in crate::imap) mod fetch;
 pub(in crate::imap) mod folders;
 pub(in crate::imap) mod idle;
 pub(in crate::imap) mod info;
+pub(in crate::imap) mod notify;
 pub(in crate::imap) mod search;
 pub(in crate::imap) mod select;
 pub(in crate::imap) mod store;
@@ -104,6 +106,14 @@ impl Conn {
             }
             (_, C::Noop) if extended.cancel_update.is_some() => {
                 Done::Bad("No mailbox selected".into())
+            }
+            // RFC 5465 NOTIFY (decoded as NOOP, likewise).
+            (LoggedIn { user, selected }, C::Noop) if extended.notify.is_some() => {
+                let request = extended.notify.as_deref().unwrap_or_default();
+                self.notify(io, user, selected.as_ref(), request).await
+            }
+            (NotAuthenticated, C::Noop) if extended.notify.is_some() => {
+                Done::Bad("Log in first".into())
             }
 
             // Any state.
@@ -357,6 +367,7 @@ impl Conn {
             let kept = self.kept_searches(user, selected).await;
             io.queue(&kept);
         }
+        self.notifications(io, state, false).await;
         done
     }
 }
