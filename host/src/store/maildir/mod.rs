@@ -48,9 +48,98 @@ struct FolderState {
     modlog: Option<ModLog>,
     /// (UIDVALIDITY, highest UID claimed as recent), loaded on first use.
     recent: Option<(u32, u32)>,
+    /// The folder's last listing, while it can be trusted (see [`Listing`]).
+    listing: Option<Listing>,
+}
+
+/// A listing of `new/` and `cur/` kept so that an unchanged folder costs two `stat` calls
+/// instead of reading both directories (every snapshot lists them).
+///
+/// It is trusted while both directories keep the change times seen before and after it was
+/// read (a listing during which either changed is not kept). Linux 6.13 and later give a
+/// directory a new, fine-grained change time for any change after its time was looked at, so
+/// every change by another process (mutt, a deliverer, another Postern) is seen at the next
+/// snapshot. Changes this process makes update the kept listing in place and take the new
+/// times, but only when the times were still those kept just before the change; a change by
+/// someone else in that instant, or on a file system with coarse timestamps in the same tick,
+/// could go unseen, so a listing is never trusted for longer than [`LISTING_MAX_AGE`].
+struct Listing {
+    files: Arc<HashMap<String, Listed>>,
+    stamps: DirStamps,
+    taken: std::time::Instant,
+}
+
+/// How long a kept listing may be trusted: the longest another process's change can stay
+/// unseen (see [`Listing`]).
+const LISTING_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Change times (seconds, nanoseconds) of `new/` and `cur/`; None for a missing directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DirStamps {
+    new: Option<(i64, i64)>,
+    cur: Option<(i64, i64)>,
+}
+
+impl DirStamps {
+    fn read(dir: &Path) -> io::Result<DirStamps> {
+        use std::os::unix::fs::MetadataExt;
+        let stamp = |sub: &str| match fs::metadata(dir.join(sub)) {
+            Ok(meta) => Ok(Some((meta.mtime(), meta.mtime_nsec()))),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(err),
+        };
+        Ok(DirStamps {
+            new: stamp("new")?,
+            cur: stamp("cur")?,
+        })
+    }
 }
 
 impl FolderState {
+    /// The folder's files: the kept listing while it is trusted, else a fresh one (kept when
+    /// neither directory changed while it was read).
+    fn listed(&mut self, dir: &Path) -> io::Result<Arc<HashMap<String, Listed>>> {
+        let before = DirStamps::read(dir)?;
+        if let Some(kept) = &self.listing {
+            if kept.stamps == before && kept.taken.elapsed() < LISTING_MAX_AGE {
+                return Ok(kept.files.clone());
+            }
+        }
+        let taken = std::time::Instant::now();
+        let files = Arc::new(list_files(dir)?);
+        let after = DirStamps::read(dir)?;
+        self.listing = (before == after).then(|| Listing {
+            files: files.clone(),
+            stamps: after,
+            taken,
+        });
+        Ok(files)
+    }
+
+    /// Before this process changes the folder's files: the kept listing, if it is still
+    /// exact (so the change can be applied to it), else none (and it is dropped).
+    fn listing_before_change(&mut self, dir: &Path) -> Option<&mut Listing> {
+        let exact = match (&self.listing, DirStamps::read(dir)) {
+            (Some(kept), Ok(now)) => kept.stamps == now && kept.taken.elapsed() < LISTING_MAX_AGE,
+            _ => false,
+        };
+        if !exact {
+            self.listing = None;
+        }
+        self.listing.as_mut()
+    }
+
+    /// After this process changed the folder's files and applied the change to the kept
+    /// listing: the listing takes the directories' new times.
+    fn listing_after_change(&mut self, dir: &Path) {
+        if let Some(kept) = &mut self.listing {
+            match DirStamps::read(dir) {
+                Ok(now) => kept.stamps = now,
+                Err(_) => self.listing = None,
+            }
+        }
+    }
+
     /// The folder's mod-sequence log for this UIDVALIDITY, loaded (or started over) as needed.
     fn modlog(&mut self, dir: &Path, validity: u32) -> io::Result<&mut ModLog> {
         match &mut self.modlog {
@@ -331,7 +420,8 @@ impl MailStore for Maildir {
         let dir = self.existing_folder(mailbox, folder)?;
         let lock = self.folder_lock(&dir);
         let mut state = lock.lock().expect("folder lock");
-        let (index, files) = indexed(&dir)?;
+        let files = state.listed(&dir).map_err(StoreError::from_io)?;
+        let index = index_files(&dir, &files, &[])?;
         let mut messages = Vec::with_capacity(index.entries.len());
         for (uid, key) in &index.entries {
             let listed = &files[key];
@@ -416,6 +506,8 @@ impl MailStore for Maildir {
             Some(log) => log.validity(),
             None => read_index(&dir).map_err(StoreError::from_io)?.validity,
         };
+        let keeps_listing = state.listing_before_change(&dir).is_some();
+        let mut renamed: Vec<(&str, String, Flags)> = Vec::new();
         let log = state.modlog(&dir, validity).map_err(StoreError::from_io)?;
         let mut outcome = FlagOutcome::default();
         // Directories whose entries the renames changed: flushed once, before the answer, so a
@@ -441,6 +533,9 @@ impl MailStore for Maildir {
                     Ok(()) => {
                         cur_changed = true;
                         new_changed |= location.starts_with("new/");
+                        if keeps_listing {
+                            renamed.push((message.key.as_str(), target.clone(), wanted));
+                        }
                     }
                     Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
                     Err(err) => return Err(StoreError::from_io(err)),
@@ -456,6 +551,16 @@ impl MailStore for Maildir {
             outcome.updated.push((message.uid, wanted, modseq));
         }
         log.flush(&dir).map_err(StoreError::from_io)?;
+        if let Some(kept) = state.listing.as_mut().filter(|_| keeps_listing) {
+            let files = Arc::make_mut(&mut kept.files);
+            for (key, location, flags) in renamed {
+                if let Some(listed) = files.get_mut(key) {
+                    listed.location = location;
+                    listed.flags = flags;
+                }
+            }
+            state.listing_after_change(&dir);
+        }
         if new_changed {
             durable::sync_dir(&dir.join("new")).map_err(StoreError::from_io)?;
         }
@@ -500,9 +605,9 @@ impl MailStore for Maildir {
         let tmp = dir.join("tmp").join(&key);
         let file = durable::write_unsynced(&tmp, &content).map_err(StoreError::from_io)?;
         let lock = self.folder_lock(&dir);
-        let _guard = lock.lock().expect("folder lock");
+        let mut state = lock.lock().expect("folder lock");
         let failed = StoreError::from_io;
-        let appended = || -> Result<(u32, u32), StoreError> {
+        let mut appended = || -> Result<(u32, u32), StoreError> {
             let (mut index, on_disk) = read_index_as_stored(&dir).map_err(failed)?;
             if on_disk.is_some_and(|state| state.appendable(&index)) && index.next < u32::MAX {
                 // The index gains a line for the new key (no listing: other arrivals are
@@ -513,7 +618,20 @@ impl MailStore for Maildir {
                 let uid = index.next;
                 let index_file = append_index(&dir, &UidList::line(uid, &key)).map_err(failed)?;
                 durable::sync_all(&[&file, &index_file], &[]).map_err(failed)?;
+                let keeps_listing = state.listing_before_change(&dir).is_some();
                 fs::rename(&tmp, dir.join("cur").join(&name)).map_err(failed)?;
+                if let Some(kept) = state.listing.as_mut().filter(|_| keeps_listing) {
+                    Arc::make_mut(&mut kept.files).insert(
+                        key.clone(),
+                        Listed {
+                            location: format!("cur/{name}"),
+                            flags,
+                            size: Some(crlf_size as u64),
+                            received_at,
+                        },
+                    );
+                    state.listing_after_change(&dir);
+                }
                 durable::sync_all(&[], &[&dir.join("cur")]).map_err(failed)?;
                 return Ok((index.validity, uid));
             }
@@ -817,8 +935,12 @@ impl MailStore for Maildir {
         messages: &[&MessageInfo],
     ) -> Result<(), StoreError> {
         let dir = self.folder_path(mailbox, folder)?;
+        let lock = self.folder_lock(&dir);
+        let mut state = lock.lock().expect("folder lock");
+        let keeps_listing = state.listing_before_change(&dir).is_some();
         let mut touched = BTreeSet::new();
         let mut gone = Vec::new();
+        let mut gone_keys = Vec::new();
         for message in messages {
             let Some(location) = current_location(&dir, message).map_err(StoreError::from_io)?
             else {
@@ -828,28 +950,28 @@ impl MailStore for Maildir {
                 Ok(()) => {
                     touched.insert(location.split('/').next().unwrap_or("cur").to_string());
                     gone.push(message.uid);
+                    gone_keys.push(message.key.as_str());
                 }
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {}
                 Err(err) => return Err(StoreError::from_io(err)),
             }
         }
+        if let Some(kept) = state.listing.as_mut().filter(|_| keeps_listing) {
+            let files = Arc::make_mut(&mut kept.files);
+            for key in gone_keys {
+                files.remove(key);
+            }
+            state.listing_after_change(&dir);
+        }
         for sub in touched {
             durable::sync_dir(&dir.join(sub)).map_err(StoreError::from_io)?;
         }
         // The next listing would notice too; telling the log now moves HIGHESTMODSEQ on at once.
-        let lock = self.folder_lock(&dir);
-        let mut state = lock.lock().expect("folder lock");
         if let Some(log) = &mut state.modlog {
             log.expunged(&dir, &gone).map_err(StoreError::from_io)?;
         }
         Ok(())
     }
-}
-
-/// Lists a folder and brings its UID index up to date (new files get UIDs, vanished ones lose
-/// theirs), writing the index durably when it changed. The caller holds the folder lock.
-fn indexed(dir: &Path) -> Result<(UidList, HashMap<String, Listed>), StoreError> {
-    indexed_in_order(dir, &[])
 }
 
 /// [`indexed`], numbering the unindexed files named in `first` before the others and in that
@@ -859,7 +981,18 @@ fn indexed_in_order(
     first: &[&str],
 ) -> Result<(UidList, HashMap<String, Listed>), StoreError> {
     let files = list_files(dir).map_err(StoreError::from_io)?;
-    let (index, update) = renumbered(dir, &files, first)?;
+    let index = index_files(dir, &files, first)?;
+    Ok((index, files))
+}
+
+/// The UID index brought in line with a listing (see [`indexed_in_order`]), written durably
+/// when it changed. The caller holds the folder lock.
+fn index_files(
+    dir: &Path,
+    files: &HashMap<String, Listed>,
+    first: &[&str],
+) -> Result<UidList, StoreError> {
+    let (index, update) = renumbered(dir, files, first)?;
     match update {
         IndexUpdate::Keep => {}
         IndexUpdate::Append { from } => {
@@ -874,7 +1007,7 @@ fn indexed_in_order(
         }
         IndexUpdate::Rewrite => write_index(dir, &index).map_err(StoreError::from_io)?,
     }
-    Ok((index, files))
+    Ok(index)
 }
 
 /// How the index file must change after a listing.
@@ -952,6 +1085,7 @@ fn unique_part() -> String {
 }
 
 /// A message file found in `new/` or `cur/`.
+#[derive(Clone)]
 struct Listed {
     /// `new/<name>` or `cur/<name>`.
     location: String,
@@ -1226,6 +1360,51 @@ mod tests {
             prepend: b"Return-Path: <s@x.test>\r\n",
             message,
         }
+    }
+
+    #[test]
+    fn the_kept_listing_follows_changes_by_this_store_and_by_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Maildir::new(dir.path(), "mx.test");
+        let user = "alice@example.test";
+        let folder = dir.path().join("example.test/alice");
+        for n in 0..2 {
+            let message = format!("Subject: {n}\r\n\r\nbody\r\n");
+            store
+                .append(
+                    user,
+                    "INBOX",
+                    message.as_bytes(),
+                    Flags::empty(),
+                    1700000000 + n,
+                )
+                .unwrap();
+        }
+        let first = store.snapshot(user, "INBOX").unwrap();
+        assert_eq!(first.messages.len(), 2);
+        // This store's own changes keep the listing exact.
+        let target = [&first.messages[0]];
+        store
+            .change_flags(user, "INBOX", &target, FlagChange::Add(Flags::SEEN), None)
+            .unwrap();
+        store.remove(user, "INBOX", &[&first.messages[1]]).unwrap();
+        let after = store.snapshot(user, "INBOX").unwrap();
+        assert_eq!(after.messages.len(), 1);
+        assert!(after.messages[0].flags.contains(Flags::SEEN));
+        // Another program's changes (a deliverer writing into new/, mutt renaming for a flag)
+        // are seen at the next snapshot.
+        fs::write(
+            folder.join("new/1700000100.M1P1.other,S=10"),
+            b"Subject: x\n\nb\n",
+        )
+        .unwrap();
+        let seen = store.snapshot(user, "INBOX").unwrap();
+        assert_eq!(seen.messages.len(), 2);
+        let location = &seen.messages[0].location;
+        let flagged = location.replace(":2,S", ":2,FS");
+        fs::rename(folder.join(location), folder.join(&flagged)).unwrap();
+        let seen = store.snapshot(user, "INBOX").unwrap();
+        assert!(seen.messages[0].flags.contains(Flags::FLAGGED));
     }
 
     #[test]
