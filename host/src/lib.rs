@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //! - [`config`] — the TOML configuration, validated at load; the embedded default.
+//! - [`serve`] — the serve loop every protocol session runs in (implicit TLS, greeting,
+//!   deadlines, shutdown, the error cutoff).
 //! - [`server`] — listeners, connection limits, start-up and graceful shutdown.
 //! - [`signals`] — SIGTERM/SIGINT on a thread of their own, with a hard stop deadline.
 //! - [`stream`] — plain/TLS connections and the buffered I/O sessions read and write through.
@@ -36,6 +38,7 @@ pub mod plugin;
 pub mod pop3;
 pub mod queue;
 pub mod relay;
+pub mod serve;
 pub mod server;
 pub mod signals;
 pub mod smtp;

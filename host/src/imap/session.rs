@@ -11,13 +11,14 @@ use imap_codec::imap_types::mailbox::Mailbox;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::broadcast;
 use tokio::time::Instant;
-use tracing::{debug, warn, Instrument};
+use tracing::{warn, Instrument};
 
 use super::code::Code;
 use super::codec::{self, Event, Mode, Reader, Refusal};
 use super::selected::{Report, Selected};
 use super::ImapServer;
 use crate::config::{ListenerConfig, TlsMode};
+use crate::serve::{Farewell, Flow};
 use crate::store::watched::Change;
 use crate::store::{MailStore, StoreError};
 use crate::stream::{Io, ReadError};
@@ -238,136 +239,146 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        let Session {
-            mut conn,
-            mut state,
-        } = self;
-        let mut io = Io::new(stream, conn.idle_timeout());
-        if conn.listener.tls == TlsMode::Implicit {
-            if io
-                .start_implicit_tls(conn.server.tls.as_ref())
-                .await
-                .is_none()
-            {
-                return;
-            }
-            conn.tls = true;
-        }
-        let greeting = format!(
-            "[CAPABILITY {}] Postern IMAP ready",
-            conn.capabilities(&state)
-        );
-        io.queue(&codec::status(None, "OK", None, &greeting));
-        let mut shutdown = conn.server.shutdown.clone();
-        loop {
-            let deadline = Instant::now() + conn.idle_timeout();
-            // Under NOTIFY (RFC 5465) changes are told between commands too.
-            let listening = conn.notify.is_some();
-            let woken = tokio::select! {
-                event = read_event(&mut conn.reader, &mut io, Mode::Command, deadline) => Woken::Input(Box::new(event)),
-                change = conn.changes.recv(), if listening => Woken::Change(change),
-                _ = shutdown.wait_for(|down| *down) => Woken::Shutdown,
-            };
-            let event = match woken {
-                Woken::Input(event) => *event,
-                Woken::Change(Err(broadcast::error::RecvError::Closed)) => break,
-                Woken::Change(change) => {
-                    if let (Ok(change), State::LoggedIn { user, .. }) = (&change, &state) {
-                        if change.writer != conn.id && *change.mailbox == *user.to_ascii_lowercase()
-                        {
-                            conn.note(change);
-                        }
-                    } else if let Some(notify) = &mut conn.notify {
-                        notify.lagged();
-                    }
-                    conn.notifications(&mut io, &mut state, true).await;
-                    continue;
-                }
-                Woken::Shutdown => {
-                    io.queue(b"* BYE Server shutting down\r\n");
-                    break;
-                }
-            };
-            let event = match event {
-                Ok(event) => event,
-                Err(ReadError::Timeout) => {
-                    io.queue(b"* BYE Autologout: idle for too long\r\n");
-                    break;
-                }
-                Err(err) => {
-                    debug!("connection ended: {err}");
-                    return;
-                }
-            };
-            let (tag, done) = match event {
-                Event::LiteralWanted => {
-                    io.queue(b"+ Ready for literal data\r\n");
-                    continue;
-                }
-                Event::LiteralRefused {
-                    tag,
-                    length,
-                    why: Refusal::TooBig,
-                } => {
-                    let limit = conn.literal_limit(&state);
-                    let text = format!("Literal of {length} octets is over the limit of {limit}");
-                    (tag, no(Some(Code::TooBig), &text))
-                }
-                Event::LiteralRefused {
-                    tag,
-                    why: Refusal::NoMemory,
-                    ..
-                } => {
-                    warn!("literal refused: the memory budget is exhausted");
-                    let text = "Server memory for messages in flight is exhausted, try again later";
-                    (tag, no(Some(Code::Limit), text))
-                }
-                Event::TooLong { tag } => (tag, no(Some(Code::TooBig), "Command too long")),
-                Event::Bad { tag, text } => (tag, Done::Bad(text)),
-                Event::Line(_) => (None, Done::Bad("Unexpected line".into())),
-                Event::Command { command, extended } => {
-                    let tag = command.tag.as_ref().to_string();
-                    let done = conn
-                        .dispatch(&mut io, &mut state, *command, *extended)
-                        .await;
-                    (Some(tag), done)
-                }
-            };
-            match done {
-                Done::Close => break,
-                Done::Sent => {}
-                Done::Ok(code, text) => io.queue(&codec::status(
-                    tag.as_deref(),
-                    "OK",
-                    code.map(|c| c.to_string()).as_deref(),
-                    &text,
-                )),
-                Done::No(code, text) => io.queue(&codec::status(
-                    tag.as_deref(),
-                    "NO",
-                    code.map(|c| c.to_string()).as_deref(),
-                    &text,
-                )),
-                Done::Bad(text) => {
-                    conn.errors += 1;
-                    io.queue(&codec::status(tag.as_deref(), "BAD", None, &text));
-                }
-            }
-            if conn.errors >= conn.server.config.limits.max_errors {
-                io.queue(b"* BYE Too many errors, closing\r\n");
-                break;
-            }
-        }
-        io.shutdown().await;
-        debug!("closed");
+        let timeout = self.conn.idle_timeout();
+        crate::serve::serve(self, stream, timeout).await
     }
 }
 
-/// What woke a session waiting for its next command.
-enum Woken {
-    Input(Box<Result<Event, ReadError>>),
+/// What the serve loop hands a session: a decoded input, or (under NOTIFY) a change to tell.
+pub enum Input {
+    Event(Event),
     Change(Result<Change, broadcast::error::RecvError>),
-    Shutdown,
+}
+
+impl crate::serve::Protocol for Session {
+    type Input = Input;
+
+    fn tls_mode(&self) -> TlsMode {
+        self.conn.listener.tls
+    }
+
+    fn tls_acceptor(&self) -> Option<tokio_rustls::TlsAcceptor> {
+        self.conn.server.tls.clone()
+    }
+
+    fn tls_started(&mut self, _info: crate::stream::TlsInfo) {
+        self.conn.tls = true;
+    }
+
+    fn shutdown_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.conn.server.shutdown.clone()
+    }
+
+    fn errors(&self) -> (u32, u32) {
+        (self.conn.errors, self.conn.server.config.limits.max_errors)
+    }
+
+    async fn greet<S>(&mut self, io: &mut Io<S>) -> Flow
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let capabilities = self.conn.capabilities(&self.state);
+        let greeting = format!("[CAPABILITY {capabilities}] Postern IMAP ready");
+        io.queue(&codec::status(None, "OK", None, &greeting));
+        Flow::Continue
+    }
+
+    async fn next_input<S>(&mut self, io: &mut Io<S>) -> Result<Input, ReadError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let conn = &mut self.conn;
+        let deadline = Instant::now() + conn.idle_timeout();
+        // Under NOTIFY (RFC 5465) changes are told between commands too.
+        let listening = conn.notify.is_some();
+        tokio::select! {
+            event = read_event(&mut conn.reader, io, Mode::Command, deadline) => event.map(Input::Event),
+            change = conn.changes.recv(), if listening => Ok(Input::Change(change)),
+        }
+    }
+
+    async fn handle<S>(&mut self, io: &mut Io<S>, input: Input) -> Flow
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let Session { conn, state } = self;
+        let event = match input {
+            Input::Event(event) => event,
+            Input::Change(Err(broadcast::error::RecvError::Closed)) => return Flow::Close,
+            Input::Change(change) => {
+                if let (Ok(change), State::LoggedIn { user, .. }) = (&change, &*state) {
+                    if change.writer != conn.id && *change.mailbox == *user.to_ascii_lowercase() {
+                        conn.note(change);
+                    }
+                } else if let Some(notify) = &mut conn.notify {
+                    notify.lagged();
+                }
+                conn.notifications(io, state, true).await;
+                return Flow::Continue;
+            }
+        };
+        let (tag, done) = match event {
+            Event::LiteralWanted => {
+                io.queue(b"+ Ready for literal data\r\n");
+                return Flow::Continue;
+            }
+            Event::LiteralRefused {
+                tag,
+                length,
+                why: Refusal::TooBig,
+            } => {
+                let limit = conn.literal_limit(state);
+                let text = format!("Literal of {length} octets is over the limit of {limit}");
+                (tag, no(Some(Code::TooBig), &text))
+            }
+            Event::LiteralRefused {
+                tag,
+                why: Refusal::NoMemory,
+                ..
+            } => {
+                warn!("literal refused: the memory budget is exhausted");
+                let text = "Server memory for messages in flight is exhausted, try again later";
+                (tag, no(Some(Code::Limit), text))
+            }
+            Event::TooLong { tag } => (tag, no(Some(Code::TooBig), "Command too long")),
+            Event::Bad { tag, text } => (tag, Done::Bad(text)),
+            Event::Line(_) => (None, Done::Bad("Unexpected line".into())),
+            Event::Command { command, extended } => {
+                let tag = command.tag.as_ref().to_string();
+                let done = conn.dispatch(io, state, *command, *extended).await;
+                (Some(tag), done)
+            }
+        };
+        match done {
+            Done::Close => return Flow::Close,
+            Done::Sent => {}
+            Done::Ok(code, text) => io.queue(&codec::status(
+                tag.as_deref(),
+                "OK",
+                code.map(|c| c.to_string()).as_deref(),
+                &text,
+            )),
+            Done::No(code, text) => io.queue(&codec::status(
+                tag.as_deref(),
+                "NO",
+                code.map(|c| c.to_string()).as_deref(),
+                &text,
+            )),
+            Done::Bad(text) => {
+                conn.errors += 1;
+                io.queue(&codec::status(tag.as_deref(), "BAD", None, &text));
+            }
+        }
+        Flow::Continue
+    }
+
+    fn farewell(&self, why: Farewell) -> Vec<u8> {
+        match why {
+            Farewell::ShuttingDown => b"* BYE Server shutting down\r\n".to_vec(),
+            Farewell::IdleTimeout => b"* BYE Autologout: idle for too long\r\n".to_vec(),
+            Farewell::TooManyErrors => b"* BYE Too many errors, closing\r\n".to_vec(),
+        }
+    }
 }
 
 impl Conn {

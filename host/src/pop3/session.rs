@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{info, warn, Instrument};
 
 use super::codec::{self, Command, DotStuffer};
 use super::maildrop::Maildrop;
@@ -33,10 +33,7 @@ enum State {
     Transaction(Maildrop),
 }
 
-enum Flow {
-    Continue,
-    Close,
-}
+use crate::serve::Flow;
 
 pub struct Session {
     id: u64,
@@ -94,58 +91,12 @@ impl Session {
         self.serve(stream).instrument(span).await
     }
 
-    async fn serve<S>(mut self, stream: S)
+    async fn serve<S>(self, stream: S)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        let mut io = Io::new(stream, self.idle_timeout());
-        if self.listener.tls == TlsMode::Implicit {
-            if io
-                .start_implicit_tls(self.server.tls.as_ref())
-                .await
-                .is_none()
-            {
-                return;
-            }
-            self.tls = true;
-        }
-        let greeting = match &self.timestamp {
-            Some(stamp) => format!("Postern POP3 ready {stamp}"),
-            None => "Postern POP3 ready".to_string(),
-        };
-        io.queue(&codec::ok(&greeting));
-        let mut shutdown = self.server.shutdown.clone();
-        loop {
-            let line = tokio::select! {
-                line = self.read_line(&mut io) => line,
-                _ = shutdown.wait_for(|down| *down) => {
-                    io.queue(&codec::err(Some("SYS/TEMP"), "Server shutting down"));
-                    break;
-                }
-            };
-            let flow = match line {
-                Ok(LineEvent::Line(line)) => self.dispatch(&mut io, &line).await,
-                Ok(LineEvent::TooLong) => self.error(&mut io, None, "Line too long"),
-                Ok(LineEvent::Incomplete) => Flow::Continue,
-                Err(ReadError::Timeout) => {
-                    io.queue(&codec::err(None, "Idle for too long, closing"));
-                    break;
-                }
-                Err(err) => {
-                    debug!("connection ended: {err}");
-                    return;
-                }
-            };
-            if let Flow::Close = flow {
-                break;
-            }
-            if self.errors >= self.server.config.limits.max_errors {
-                io.queue(&codec::err(None, "Too many errors, closing"));
-                break;
-            }
-        }
-        io.shutdown().await;
-        debug!("closed");
+        let timeout = self.idle_timeout();
+        crate::serve::serve(self, stream, timeout).await
     }
 
     fn idle_timeout(&self) -> Duration {
@@ -613,5 +564,68 @@ impl Session {
             )),
         }
         Flow::Close
+    }
+}
+
+impl crate::serve::Protocol for Session {
+    type Input = LineEvent;
+
+    fn tls_mode(&self) -> TlsMode {
+        self.listener.tls
+    }
+
+    fn tls_acceptor(&self) -> Option<tokio_rustls::TlsAcceptor> {
+        self.server.tls.clone()
+    }
+
+    fn tls_started(&mut self, _info: crate::stream::TlsInfo) {
+        self.tls = true;
+    }
+
+    fn shutdown_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.server.shutdown.clone()
+    }
+
+    fn errors(&self) -> (u32, u32) {
+        (self.errors, self.server.config.limits.max_errors)
+    }
+
+    async fn greet<S>(&mut self, io: &mut Io<S>) -> Flow
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let greeting = match &self.timestamp {
+            Some(stamp) => format!("Postern POP3 ready {stamp}"),
+            None => "Postern POP3 ready".to_string(),
+        };
+        io.queue(&codec::ok(&greeting));
+        Flow::Continue
+    }
+
+    async fn next_input<S>(&mut self, io: &mut Io<S>) -> Result<LineEvent, ReadError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        self.read_line(io).await
+    }
+
+    async fn handle<S>(&mut self, io: &mut Io<S>, line: LineEvent) -> Flow
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        match line {
+            LineEvent::Line(line) => self.dispatch(io, &line).await,
+            LineEvent::TooLong => self.error(io, None, "Line too long"),
+            LineEvent::Incomplete => Flow::Continue,
+        }
+    }
+
+    fn farewell(&self, why: crate::serve::Farewell) -> Vec<u8> {
+        use crate::serve::Farewell;
+        match why {
+            Farewell::ShuttingDown => codec::err(Some("SYS/TEMP"), "Server shutting down"),
+            Farewell::IdleTimeout => codec::err(None, "Idle for too long, closing"),
+            Farewell::TooManyErrors => codec::err(None, "Too many errors, closing"),
+        }
     }
 }

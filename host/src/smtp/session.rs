@@ -8,7 +8,7 @@ use std::time::Duration;
 use smtp_proto::Request;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
-use tracing::{debug, info, Instrument};
+use tracing::{info, Instrument};
 
 use super::body::BodyBuffer;
 use super::codec::{LineEvent, LineFramer};
@@ -52,11 +52,7 @@ pub struct Helo {
     pub extended: bool,
 }
 
-/// What the loop does after a command.
-pub enum Flow {
-    Continue,
-    Close,
-}
+pub use crate::serve::Flow;
 
 pub struct Session {
     /// Unique per server run (logs, plugins).
@@ -112,70 +108,12 @@ impl Session {
         self.serve(stream).instrument(span).await
     }
 
-    async fn serve<S>(mut self, stream: S)
+    async fn serve<S>(self, stream: S)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        let limits = &self.server.config.limits;
-        let mut io = Io::new(stream, limits.command_timeout());
-        debug!("connected");
-        if self.listener.tls == TlsMode::Implicit {
-            match io.start_implicit_tls(self.server.tls.as_ref()).await {
-                Some(info) => self.tls = Some(info),
-                None => return,
-            }
-        }
-        if self.plugins_have(Stage::Connect) {
-            let info = self.session_info();
-            let plugins = self.plugins.as_mut().expect("checked by plugins_have");
-            let verdict = plugins.on_connect(&info).await;
-            if let Some(reply) = self.verdict_reply(verdict) {
-                // RFC 5321 §3.1: a server may refuse a client with 554 (or 421) instead of 220.
-                info!(code = reply.code, "connection refused by plugin");
-                io.queue(&reply.to_bytes());
-                io.shutdown().await;
-                return;
-            }
-        }
-        let banner = Reply::new(
-            220,
-            "",
-            format!("{} ESMTP Postern", self.server.config.server.hostname),
-        );
-        io.queue(&banner.to_bytes());
-        let mut shutdown = self.server.shutdown.clone();
-        loop {
-            let line = tokio::select! {
-                line = self.read_command(&mut io) => line,
-                _ = shutdown.wait_for(|down| *down) => {
-                    io.queue(&common::shutting_down().to_bytes());
-                    break;
-                }
-            };
-            let flow = match line {
-                Ok(LineEvent::Line(line)) => self.dispatch(&mut io, &line).await,
-                Ok(LineEvent::TooLong) => self.answer(&mut io, common::line_too_long()),
-                Ok(LineEvent::Incomplete) => Flow::Continue,
-                Err(ReadError::Timeout) => {
-                    io.queue(&common::timeout().to_bytes());
-                    break;
-                }
-                Err(err) => {
-                    debug!("connection ended: {err}");
-                    return;
-                }
-            };
-            if let Flow::Close = flow {
-                break;
-            }
-            if self.errors >= self.server.config.limits.max_errors {
-                info!(errors = self.errors, "too many errors, disconnecting");
-                io.queue(&common::too_many_errors().to_bytes());
-                break;
-            }
-        }
-        io.shutdown().await;
-        debug!("closed");
+        let timeout = self.server.config.limits.command_timeout();
+        crate::serve::serve(self, stream, timeout).await
     }
 
     /// Reads the next command line; the whole line must arrive within the command timeout, so a
@@ -325,5 +263,81 @@ fn parse_error_reply(err: smtp_proto::Error) -> Reply {
         Error::ResponseTooLong | Error::InvalidResponse { .. } => {
             Reply::new(500, "5.5.2", "Syntax error")
         }
+    }
+}
+
+impl crate::serve::Protocol for Session {
+    type Input = LineEvent;
+
+    fn tls_mode(&self) -> TlsMode {
+        self.listener.tls
+    }
+
+    fn tls_acceptor(&self) -> Option<tokio_rustls::TlsAcceptor> {
+        self.server.tls.clone()
+    }
+
+    fn tls_started(&mut self, info: TlsInfo) {
+        self.tls = Some(info);
+    }
+
+    fn shutdown_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.server.shutdown.clone()
+    }
+
+    fn errors(&self) -> (u32, u32) {
+        (self.errors, self.server.config.limits.max_errors)
+    }
+
+    async fn greet<S>(&mut self, io: &mut Io<S>) -> Flow
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        if self.plugins_have(Stage::Connect) {
+            let info = self.session_info();
+            let plugins = self.plugins.as_mut().expect("checked by plugins_have");
+            let verdict = plugins.on_connect(&info).await;
+            if let Some(reply) = self.verdict_reply(verdict) {
+                // RFC 5321 §3.1: a server may refuse a client with 554 (or 421) instead of 220.
+                info!(code = reply.code, "connection refused by plugin");
+                io.queue(&reply.to_bytes());
+                return Flow::Close;
+            }
+        }
+        let banner = Reply::new(
+            220,
+            "",
+            format!("{} ESMTP Postern", self.server.config.server.hostname),
+        );
+        io.queue(&banner.to_bytes());
+        Flow::Continue
+    }
+
+    async fn next_input<S>(&mut self, io: &mut Io<S>) -> Result<LineEvent, ReadError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        self.read_command(io).await
+    }
+
+    async fn handle<S>(&mut self, io: &mut Io<S>, line: LineEvent) -> Flow
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        match line {
+            LineEvent::Line(line) => self.dispatch(io, &line).await,
+            LineEvent::TooLong => self.answer(io, common::line_too_long()),
+            LineEvent::Incomplete => Flow::Continue,
+        }
+    }
+
+    fn farewell(&self, why: crate::serve::Farewell) -> Vec<u8> {
+        use crate::serve::Farewell;
+        match why {
+            Farewell::ShuttingDown => common::shutting_down(),
+            Farewell::IdleTimeout => common::timeout(),
+            Farewell::TooManyErrors => common::too_many_errors(),
+        }
+        .to_bytes()
     }
 }
