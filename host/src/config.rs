@@ -439,6 +439,10 @@ pub struct Limits {
     /// Received fields a message may carry (ours included) before it is refused as a mail loop
     /// (554 5.4.6; Postfix's hopcount_limit).
     pub max_hops: usize,
+    /// Per-user quota for users without their own `quota_mb` (MiB of stored mail; 0: none).
+    pub default_quota_mb: u64,
+    /// Per-user quota of messages for users without their own `quota_messages` (0: none).
+    pub default_quota_messages: u64,
 }
 
 impl Default for Limits {
@@ -457,6 +461,8 @@ impl Default for Limits {
             data_timeout_secs: 180,
             body_memory_budget: 1024 * 1024 * 1024,
             max_hops: 50,
+            default_quota_mb: 0,
+            default_quota_messages: 0,
         }
     }
 }
@@ -545,6 +551,13 @@ pub struct UserConfig {
     /// unless a client can only do APOP.
     #[serde(default)]
     pub apop_secret: Option<String>,
+    /// This user's quota in MiB of stored mail, all folders together (0: none); overrides
+    /// `limits.default_quota_mb`.
+    #[serde(default)]
+    pub quota_mb: Option<u64>,
+    /// This user's quota of messages, all folders together (0: none).
+    #[serde(default)]
+    pub quota_messages: Option<u64>,
 }
 
 impl Config {

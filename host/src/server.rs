@@ -224,6 +224,7 @@ pub async fn run(
         shutdown_rx.clone(),
     );
     smtp.plugins = Some(plugins.clone());
+    smtp.store = Some(store.clone());
     smtp.message_auth = Some(Arc::new(
         crate::message_auth::MessageAuth::new(&config, dns.as_deref())
             .map_err(ServerError::MessageAuth)?,

@@ -41,9 +41,14 @@ struct Harness {
 }
 
 fn harness() -> Harness {
+    harness_with(|_| {})
+}
+
+fn harness_with(edit: impl FnOnce(&mut Config)) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::embedded_default();
     config.server.data_dir = dir.path().to_path_buf();
+    edit(&mut config);
     let users = Arc::new(UserDirectory::from_config(&config));
     let maildir = Arc::new(Maildir::new(
         dir.path().join("mailboxes"),
@@ -138,7 +143,10 @@ fn matches(pattern: &str, line: &str) -> bool {
 }
 
 async fn replay(transcript: &str) {
-    let h = harness();
+    replay_in(harness(), transcript).await
+}
+
+async fn replay_in(h: Harness, transcript: &str) {
     let mut clients = [Client::start(&h), Client::start(&h)];
     let message_len = MESSAGE.len().to_string();
     let mut validity = String::new();
@@ -851,6 +859,58 @@ async fn notify_tells_changes_between_commands() {
         S: * 2 EXISTS
         S: * 2 RECENT
         S: A006 OK NOOP completed
+        "#,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn quota_is_reported_and_enforced() {
+    // RFC 9208 §4.2-4.3: one quota root ("") for all folders, STORAGE in KiB and MESSAGE;
+    // §4.1: an APPEND or COPY past it is NO [OVERQUOTA]; SETQUOTA is not offered.
+    let h = harness_with(|config| {
+        config.limits.default_quota_messages = 2;
+        config.limits.default_quota_mb = 1;
+    });
+    replay_in(
+        h,
+        r#"
+        S: * OK …
+        S2: * OK …
+        C: A001 LOGIN alice@example.test alicepass
+        S: A001 OK …
+        C: A002 APPEND INBOX {10+}
+        C: Subject: a
+        S: A002 OK [APPENDUID … 1] APPEND completed
+        C: A003 GETQUOTAROOT INBOX
+        S: * QUOTAROOT INBOX ""
+        S: * QUOTA "" (STORAGE 1 1024 MESSAGE 1 2)
+        S: A003 OK GETQUOTAROOT completed
+        C: A004 APPEND Drafts {10+}
+        C: Subject: b
+        S: A004 OK [APPENDUID … 1] APPEND completed
+        C: A005 APPEND INBOX {10+}
+        C: Subject: c
+        S: A005 NO [OVERQUOTA] Quota exceeded
+        C: A006 SELECT INBOX
+        S: * 1 EXISTS
+        S: * 1 RECENT
+        S: * OK [UNSEEN 1] …
+        S: * FLAGS …
+        S: * OK [PERMANENTFLAGS …] …
+        S: * OK [UIDVALIDITY …] …
+        S: * OK [UIDNEXT 2] …
+        S: * OK [HIGHESTMODSEQ …] …
+        S: A006 OK [READ-WRITE] SELECT completed
+        C: A007 COPY 1 Archive
+        S: A007 NO [OVERQUOTA] Quota exceeded
+        C: A008 GETQUOTA ""
+        S: * QUOTA "" (STORAGE 1 1024 MESSAGE 2 2)
+        S: A008 OK GETQUOTA completed
+        C: A009 GETQUOTA "other"
+        S: A009 NO [NONEXISTENT] …
+        C: A010 SETQUOTA "" (STORAGE 512)
+        S: A010 NO [CANNOT] …
         "#,
     )
     .await;

@@ -273,6 +273,31 @@ def test_searchres_partial_and_a_search_kept_up_to_date(server):
     b.logout()
 
 
+def test_quota_refuses_rcpt_and_append_and_is_reported(make_server):
+    """A mailbox at its quota: RCPT gets 452 4.2.2, APPEND NO [OVERQUOTA]; GETQUOTAROOT tells the
+    usage (RFC 9208); after an EXPUNGE there is room again."""
+    server = make_server(default_quota_messages=3)
+    deliver(server, [message(n) for n in range(1, 4)])
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"]) as s:
+        s.ehlo()
+        s.mail("sender@remote.test")
+        code, text = s.rcpt("alice@example.test")
+        assert (code, text[:5]) == (452, b"4.2.2"), (code, text)
+    m = connect(server)
+    assert "QUOTA" in m.capabilities
+    typ, data = m.getquotaroot("INBOX")
+    assert typ == "OK", data
+    assert data == [[b'INBOX ""'], [b'"" (MESSAGE 3 3)']], data
+    typ, data = m.append("INBOX", None, None, message(9))
+    assert typ == "NO" and b"[OVERQUOTA]" in data[0], data
+    ok(m.select("INBOX"))
+    ok(m.store("1", "+FLAGS", "(\\Deleted)"))
+    ok(m.expunge())
+    ok(m.append("INBOX", None, None, message(9)))
+    assert len(stored(server)) == 3
+    m.logout()
+
+
 def test_append_copy_move_with_uidplus(server):
     deliver(server, [message(1), message(2)])
     m = connect(server)

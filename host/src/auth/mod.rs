@@ -42,6 +42,31 @@ pub struct UserDirectory {
     aliases: HashMap<String, String>,
     /// user key → APOP shared secret, for the users that have one.
     apop: HashMap<String, Secret<String>>,
+    /// user key → quota, for the users that have one.
+    quotas: HashMap<String, Quota>,
+}
+
+/// A user's storage quota (RFC 9208 STORAGE and MESSAGE resources), all folders together.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Quota {
+    pub bytes: Option<u64>,
+    pub messages: Option<u64>,
+}
+
+impl Quota {
+    /// Whether a mailbox using `bytes` and `messages` may take `more_bytes` in `more_messages`
+    /// more messages.
+    pub fn allows(&self, used: crate::store::Usage, more_bytes: u64, more_messages: u64) -> bool {
+        self.bytes
+            .is_none_or(|limit| used.bytes.saturating_add(more_bytes) <= limit)
+            && self
+                .messages
+                .is_none_or(|limit| used.messages.saturating_add(more_messages) <= limit)
+    }
+
+    pub fn is_limited(&self) -> bool {
+        self.bytes.is_some() || self.messages.is_some()
+    }
 }
 
 /// Pause after a failed login, per failure in the session: guessing gets slow.
@@ -83,11 +108,41 @@ impl UserDirectory {
                 ))
             })
             .collect();
+        let nonzero = |n: u64| (n > 0).then_some(n);
+        let quotas = config
+            .users
+            .iter()
+            .filter_map(|u| {
+                let bytes = u
+                    .quota_mb
+                    .unwrap_or(config.limits.default_quota_mb)
+                    .saturating_mul(1024 * 1024);
+                let messages = u
+                    .quota_messages
+                    .unwrap_or(config.limits.default_quota_messages);
+                let quota = Quota {
+                    bytes: nonzero(bytes),
+                    messages: nonzero(messages),
+                };
+                quota
+                    .is_limited()
+                    .then(|| Some((Address::parse(&u.address)?.mailbox_key(), quota)))?
+            })
+            .collect();
         UserDirectory {
             users,
             aliases,
             apop,
+            quotas,
         }
+    }
+
+    /// A user's quota (none set: unlimited).
+    pub fn quota(&self, user: &str) -> Quota {
+        self.quotas
+            .get(&user.to_ascii_lowercase())
+            .copied()
+            .unwrap_or_default()
     }
 
     /// Whether any user can log in with APOP (the POP3 greeting then carries a timestamp).

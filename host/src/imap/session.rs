@@ -62,6 +62,7 @@ pub(in crate::imap) fn store_failure(err: &StoreError) -> Done {
         StoreError::Exists(_) => no(Some(Code::AlreadyExists), "Mailbox already exists"),
         StoreError::InvalidName(_) => no(Some(Code::Cannot), "Invalid mailbox name"),
         StoreError::Full(_) => no(Some(Code::OverQuota), "Mail storage is full"),
+        StoreError::OverQuota(_) => no(Some(Code::OverQuota), "Quota exceeded"),
         StoreError::Gone(_) => no(Some(Code::ExpungeIssued), "Message was expunged"),
         StoreError::TooManyKeywords(_) => no(Some(Code::Limit), "No room for another keyword"),
         StoreError::Io(_) => no(Some(Code::ServerBug), "Internal error, try again later"),

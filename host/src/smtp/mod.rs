@@ -40,6 +40,8 @@ pub struct SmtpServer {
     pub plugins: Option<Arc<PluginRuntime>>,
     /// DKIM signing and origin checks (none in session tests).
     pub message_auth: Option<Arc<crate::message_auth::MessageAuth>>,
+    /// The mailbox store, for quota checks at RCPT (none in session tests: no quota check).
+    pub store: Option<Arc<dyn crate::store::MailStore>>,
 }
 
 impl SmtpServer {
@@ -65,6 +67,7 @@ impl SmtpServer {
             shutdown,
             plugins: None,
             message_auth: None,
+            store: None,
         }
     }
 }

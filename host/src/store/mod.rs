@@ -48,6 +48,9 @@ pub enum StoreError {
     Exists(String),
     #[error("folder {0:?} has no room for another keyword")]
     TooManyKeywords(String),
+    /// The user's quota would be exceeded (checked by the protocols, RFC 9208).
+    #[error("mailbox {0:?} is over its quota")]
+    OverQuota(String),
 }
 
 impl StoreError {
@@ -197,6 +200,14 @@ pub struct FlagOutcome {
     pub refused: Vec<u32>,
 }
 
+/// What a mailbox holds, all folders together (for quotas, RFC 9208).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// RFC 822 sizes (CRLF line endings) summed.
+    pub bytes: u64,
+    pub messages: u64,
+}
+
 pub trait MailStore: Send + Sync {
     /// Delivers each message durably, or reports why not, one result per delivery in order. A
     /// delivery whose `delivery_id` is already stored succeeds without storing a second copy.
@@ -289,6 +300,7 @@ pub trait MailStore: Send + Sync {
     ) -> Result<(u32, Vec<(u32, u32)>), StoreError>;
 
     /// The mailbox's folders other than INBOX, `/`-separated, in no particular order.
+    /// The folders other than INBOX (which always exists).
     fn folders(&self, mailbox: &str) -> Result<Vec<String>, StoreError>;
 
     fn create_folder(&self, mailbox: &str, folder: &str) -> Result<(), StoreError>;
@@ -321,6 +333,24 @@ pub trait MailStore: Send + Sync {
         folder: &str,
         subscribed: bool,
     ) -> Result<(), StoreError>;
+
+    /// What the mailbox holds in all its folders. By default the sum of every folder's
+    /// snapshot; a store that can count more cheaply does.
+    fn usage(&self, mailbox: &str) -> Result<Usage, StoreError> {
+        let mut usage = Usage::default();
+        let mut folders = self.folders(mailbox)?;
+        folders.retain(|f| f != "INBOX");
+        for folder in std::iter::once("INBOX".to_string()).chain(folders) {
+            let snapshot = match self.snapshot(mailbox, &folder) {
+                Ok(snapshot) => snapshot,
+                Err(StoreError::NoSuchFolder(_)) => continue,
+                Err(err) => return Err(err),
+            };
+            usage.messages += snapshot.messages.len() as u64;
+            usage.bytes += snapshot.messages.iter().map(|m| m.size).sum::<u64>();
+        }
+        Ok(usage)
+    }
 
     /// Removes messages durably (POP3 UPDATE, IMAP EXPUNGE). Messages already gone are skipped.
     fn remove(

@@ -224,6 +224,10 @@ impl MailStore for Watched {
         let result = self.inner.set_subscribed(mailbox, folder, subscribed);
         self.announce_if(mailbox, None, result)
     }
+
+    fn usage(&self, mailbox: &str) -> Result<super::Usage, StoreError> {
+        self.inner.usage(mailbox)
+    }
 }
 
 #[cfg(test)]

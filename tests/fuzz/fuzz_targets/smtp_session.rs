@@ -120,11 +120,15 @@ fn harness() -> Harness {
             address: "alice@example.test".into(),
             password: hash.clone(),
             apop_secret: None,
+            quota_mb: None,
+            quota_messages: None,
         },
         UserConfig {
             address: "bob@example.test".into(),
             password: hash,
             apop_secret: None,
+            quota_mb: None,
+            quota_messages: None,
         },
     ];
     let config = Arc::new(config);

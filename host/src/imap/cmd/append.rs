@@ -29,6 +29,8 @@ enum Refused {
     BadUrl(String),
     TooBig,
     Empty,
+    /// RFC 9208 §4.1: the user's quota would be exceeded.
+    OverQuota,
 }
 
 /// The section a URL names, as FETCH decodes it (`BODY[<section>]`).
@@ -179,13 +181,14 @@ impl Conn {
         let (store, user) = (self.server.store.clone(), user.to_string());
         let into_selected = selected.is_some_and(|s| s.folder == name);
         let limit = self.server.config.imap.append_limit as usize;
+        let quota = self.server.users.quota(&user);
         let stored = blocking(self.id, move || {
             // RFC 4469 §5: a missing target is TRYCREATE whatever the URLs say, so it is
             // checked first; then every part is resolved before anything is stored.
             let catenates = prepared
                 .iter()
                 .any(|(content, ..)| matches!(content, Content::Catenate(_)));
-            if catenates && !store.folders(&user)?.contains(&name) {
+            if catenates && name != "INBOX" && !store.folders(&user)?.contains(&name) {
                 return Err(StoreError::NoSuchFolder(name.clone()));
             }
             let mut resolved = Vec::with_capacity(prepared.len());
@@ -200,6 +203,14 @@ impl Conn {
                 resolved.push((bytes, received_at, system, names));
             }
             let prepared = resolved;
+            // RFC 9208 §4.1: what would go over the quota is refused whole. (Checked, then
+            // stored: two APPENDs at once can each pass, going over by at most one message.)
+            if quota.is_limited() {
+                let bytes: u64 = prepared.iter().map(|(b, ..)| b.len() as u64).sum();
+                if !quota.allows(store.usage(&user)?, bytes, prepared.len() as u64) {
+                    return Ok(Err(Refused::OverQuota));
+                }
+            }
             let mut uids = Vec::new();
             let mut validity = 0;
             for (bytes, received_at, system, names) in &prepared {
@@ -232,6 +243,7 @@ impl Conn {
             Ok(Err(Refused::BadUrl(url))) => no(Some(Code::BadUrl(url)), "Cannot use that URL"),
             Ok(Err(Refused::TooBig)) => no(Some(Code::TooBig), "Message over the APPENDLIMIT"),
             Ok(Err(Refused::Empty)) => no(None, "Empty message"),
+            Ok(Err(Refused::OverQuota)) => no(Some(Code::OverQuota), "Quota exceeded"),
             Ok(Ok((validity, uids))) => {
                 // Our own write is not announced to us: the next update re-reads the selected
                 // folder when it gained the messages (a Sent copy does not).

@@ -61,8 +61,17 @@ impl Conn {
             .collect();
         let folder = selected.folder.clone();
         let into_selected = target == folder;
+        // RFC 9208 §4.1: a COPY that would go over the quota is refused (a MOVE within the
+        // mailbox adds nothing).
+        let quota = self.server.users.quota(&user);
         let result = blocking(self.id, move || {
             let refs: Vec<&MessageInfo> = messages.iter().collect();
+            if !moving && quota.is_limited() {
+                let bytes = messages.iter().map(|m| m.size).sum();
+                if !quota.allows(store.usage(&user)?, bytes, messages.len() as u64) {
+                    return Err(StoreError::OverQuota(user.clone()));
+                }
+            }
             let copied = store.copy(&user, &folder, &refs, &target)?;
             if moving {
                 store.remove(&user, &folder, &refs)?;

@@ -117,6 +117,9 @@ impl Conn {
             "SEARCH=PARTIAL",
             "CATENATE",
             "NOTIFY",
+            "QUOTA",
+            "QUOTA=RES-STORAGE",
+            "QUOTA=RES-MESSAGE",
         ];
         if matches!(state, State::NotAuthenticated) {
             if !self.tls && self.listener.tls == TlsMode::Starttls && self.server.tls.is_some() {

@@ -10,6 +10,7 @@
 //! | `append` | APPEND, MULTIAPPEND |
 //! | `idle` | IDLE |
 //! | `notify` | NOTIFY |
+//! | `quota` | GETQUOTA, GETQUOTAROOT, SETQUOTA |
 //! | `fetch` | FETCH, UID FETCH |
 //! | `search` | SEARCH, SORT, THREAD (and their UID forms) |
 //! | `store` | STORE, UID STORE |
@@ -26,6 +27,7 @@ pub(in crate::imap) mod folders;
 pub(in crate::imap) mod idle;
 pub(in crate::imap) mod info;
 pub(in crate::imap) mod notify;
+pub(in crate::imap) mod quota;
 pub(in crate::imap) mod search;
 pub(in crate::imap) mod select;
 pub(in crate::imap) mod store;
@@ -39,7 +41,7 @@ use imap_codec::imap_types::command::{Command, CommandBody};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::imap::codec::Extended;
-use crate::imap::session::{ok, Conn, Done, State};
+use crate::imap::session::{no, ok, Conn, Done, State};
 use crate::stream::Io;
 
 /// The commands only the Selected state allows (RFC 9051 §6.4).
@@ -228,6 +230,14 @@ impl Conn {
                     .await
             }
             (LoggedIn { user, selected }, C::Idle) => self.idle(io, user, selected.as_mut()).await,
+            (LoggedIn { user, .. }, C::GetQuotaRoot { mailbox }) => {
+                self.get_quota_root(io, user, &mailbox).await
+            }
+            (LoggedIn { user, .. }, C::GetQuota { root }) => self.get_quota(io, user, &root).await,
+            (LoggedIn { .. }, C::SetQuota { .. }) => no(
+                Some(crate::imap::code::Code::Cannot),
+                "Quotas are set in the server's configuration",
+            ),
 
             // Selected.
             (

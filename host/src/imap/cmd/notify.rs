@@ -289,7 +289,10 @@ impl Conn {
         };
         let (store, owner) = (self.server.store.clone(), user.to_string());
         let listed = blocking(self.id, move || {
-            Ok((store.folders(&owner)?, store.subscriptions(&owner)?))
+            // INBOX always exists; the store lists the other folders.
+            let mut folders = store.folders(&owner)?;
+            folders.insert(0, "INBOX".to_string());
+            Ok((folders, store.subscriptions(&owner)?))
         })
         .await;
         let (folders, subscribed) = match listed {
@@ -390,7 +393,10 @@ impl Conn {
         if lists_changed && notify.any(|e| e.name || e.subscription) {
             let (store, owner) = (self.server.store.clone(), user.clone());
             let listed = blocking(self.id, move || {
-                Ok((store.folders(&owner)?, store.subscriptions(&owner)?))
+                // INBOX always exists; the store lists the other folders.
+                let mut folders = store.folders(&owner)?;
+                folders.insert(0, "INBOX".to_string());
+                Ok((folders, store.subscriptions(&owner)?))
             })
             .await;
             if let Ok((now_folders, now_subscribed)) = listed {

@@ -11,10 +11,13 @@ use std::borrow::Cow;
 use smtp_proto::RcptTo;
 
 use crate::address::Address;
+use std::sync::Arc;
+
 use crate::plugin::{Stage, Verdict};
 use crate::queue::{Recipient, Route};
 use crate::smtp::reply::{common, Reply};
 use crate::smtp::session::{Phase, Session};
+use crate::smtp::SmtpServer;
 
 impl Session {
     /// Where mail for `address` goes, or the reply refusing it.
@@ -79,6 +82,11 @@ impl Session {
             Ok(route) => route,
             Err(reply) => return reply,
         };
+        if let Route::Local { mailbox } = &route {
+            if let Some(reply) = over_quota(self.server.clone(), mailbox.clone()).await {
+                return reply;
+            }
+        }
         let recipient = address.to_string();
         // One copy per mailbox: RCPT TO the same mailbox again (by any case, or through an
         // alias) is answered 250 as Postfix does, and merged, so fifty RCPTs of one address do
@@ -110,6 +118,22 @@ impl Session {
         }
         Reply::new(250, "2.1.5", "Recipient OK")
     }
+}
+
+/// RFC 3463 X.2.2 (mailbox full): a local mailbox already at its quota takes no more mail, told
+/// at RCPT so the sender's server keeps the message and retries (452, as Postfix and Dovecot's
+/// LMTP answer). A message that arrives just under the quota is still taken whole.
+async fn over_quota(server: Arc<SmtpServer>, mailbox: String) -> Option<Reply> {
+    let quota = server.users.quota(&mailbox);
+    let store = server.store.clone()?;
+    if !quota.is_limited() {
+        return None;
+    }
+    let used = tokio::task::spawn_blocking(move || store.usage(&mailbox))
+        .await
+        .ok()?
+        .ok()?;
+    (!quota.allows(used, 0, 1)).then(|| Reply::new(452, "4.2.2", "Mailbox full"))
 }
 
 /// Whether a recipient already in the transaction gets the same delivery as `address`: the

@@ -928,6 +928,31 @@ impl MailStore for Maildir {
             .map_err(StoreError::from_io)
     }
 
+    /// Sizes come from the file names (or the files, for names without them), listings from
+    /// the kept ones: no index is read or written.
+    fn usage(&self, mailbox: &str) -> Result<super::Usage, StoreError> {
+        let mut usage = super::Usage::default();
+        for folder in std::iter::once("INBOX".to_string()).chain(self.folders(mailbox)?) {
+            let Ok(dir) = self.existing_folder(mailbox, &folder) else {
+                continue;
+            };
+            let lock = self.folder_lock(&dir);
+            let files = lock
+                .lock()
+                .expect("folder lock")
+                .listed(&dir)
+                .map_err(StoreError::from_io)?;
+            for listed in files.values() {
+                usage.messages += 1;
+                usage.bytes += match listed.size {
+                    Some(size) => size,
+                    None => crlf_size(&dir.join(&listed.location)).unwrap_or(0),
+                };
+            }
+        }
+        Ok(usage)
+    }
+
     fn remove(
         &self,
         mailbox: &str,
