@@ -5,6 +5,7 @@
 //! blocking and batch-shaped: callers run it on blocking threads, and a batch lets an implementation
 //! make many deliveries durable with one flush.
 
+pub mod conformance;
 pub mod maildir;
 pub mod watched;
 
@@ -299,8 +300,8 @@ pub trait MailStore: Send + Sync {
         target: &str,
     ) -> Result<(u32, Vec<(u32, u32)>), StoreError>;
 
-    /// The mailbox's folders other than INBOX, `/`-separated, in no particular order.
-    /// The folders other than INBOX (which always exists).
+    /// The mailbox's folders other than INBOX (which always exists), `/`-separated, in no
+    /// particular order.
     fn folders(&self, mailbox: &str) -> Result<Vec<String>, StoreError>;
 
     fn create_folder(&self, mailbox: &str, folder: &str) -> Result<(), StoreError>;

@@ -237,6 +237,15 @@ mod tests {
     use crate::store::Flags;
 
     #[test]
+    fn the_watched_store_meets_the_mailbox_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        crate::store::conformance::run_all(&|| {
+            Arc::new(Watched::new(Arc::new(Maildir::new(&root, "host"))))
+        });
+    }
+
+    #[test]
     fn announcements_name_their_writer() {
         let dir = tempfile::tempdir().unwrap();
         let watched = Watched::new(Arc::new(Maildir::new(dir.path(), "host")));

@@ -1388,6 +1388,13 @@ mod tests {
     }
 
     #[test]
+    fn maildir_meets_the_mailbox_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        crate::store::conformance::run_all(&|| Arc::new(Maildir::new(&root, "mx.test")));
+    }
+
+    #[test]
     fn the_kept_listing_follows_changes_by_this_store_and_by_others() {
         let dir = tempfile::tempdir().unwrap();
         let store = Maildir::new(dir.path(), "mx.test");

@@ -1,0 +1,433 @@
+//! The mailbox contract as tests: what every [`MailStore`] backend must do, written once and run
+//! against each (Maildir in its tests; every backend added later runs the same [`run_all`]).
+//!
+//! `open` gives a store over the same storage each time it is called; a check that drops one
+//! store and opens another sees what a restart (or a crash: nothing is closed cleanly) would.
+//! Each check uses a mailbox of its own, so they share one storage. A failed check panics with
+//! what the contract says.
+
+use std::sync::Arc;
+
+use super::{Delivery, FlagChange, Flags, MailStore, MessageInfo, StoreError};
+
+/// Opens the store under test (again) over the same storage.
+pub type Open<'a> = &'a dyn Fn() -> Arc<dyn MailStore>;
+
+/// Runs every check of the contract.
+pub fn run_all(open: Open<'_>) {
+    delivery_is_idempotent(open);
+    uids_ascend_survive_a_restart_and_are_never_reused(open);
+    uidvalidity_changes_when_a_folder_is_made_again(open);
+    flags_and_keywords_are_kept(open);
+    mod_sequences_never_go_back(open);
+    unchanged_since_refuses_what_changed(open);
+    append_copy_and_move_report_their_uids(open);
+    folders_are_made_renamed_and_deleted_with_children(open);
+    subscriptions_are_kept(open);
+    reads_are_exact_and_removed_messages_are_gone(open);
+}
+
+const MESSAGE: &[u8] = b"From: a@example.test\r\nSubject: contract\r\n\r\nbody line\r\n";
+
+fn message(n: u32) -> Vec<u8> {
+    format!("From: a@example.test\r\nSubject: message {n}\r\n\r\nbody {n}\r\n").into_bytes()
+}
+
+fn delivery<'a>(mailbox: &'a str, id: &'a str, retry: bool, message: &'a [u8]) -> Delivery<'a> {
+    Delivery {
+        mailbox,
+        folder: "INBOX",
+        delivery_id: id,
+        retry,
+        received_at: 1_700_000_000,
+        prepend: b"Return-Path: <a@example.test>\r\n",
+        message,
+    }
+}
+
+fn uids(store: &dyn MailStore, mailbox: &str, folder: &str) -> Vec<u32> {
+    let snapshot = store.snapshot(mailbox, folder).expect("snapshot");
+    snapshot.messages.iter().map(|m| m.uid).collect()
+}
+
+fn append(store: &dyn MailStore, mailbox: &str, folder: &str, n: u32) -> u32 {
+    store
+        .append(
+            mailbox,
+            folder,
+            &message(n),
+            Flags::empty(),
+            1_700_000_000 + n as i64,
+        )
+        .expect("append")
+        .1
+}
+
+/// A retried delivery (same `delivery_id`) stores one copy; other deliveries their own.
+pub fn delivery_is_idempotent(open: Open<'_>) {
+    let store = open();
+    let user = "deliver@example.test";
+    let first = store.deliver(&[delivery(user, "Q1_0", false, MESSAGE)]);
+    assert!(first.iter().all(Result::is_ok), "delivery: {first:?}");
+    let again = store.deliver(&[delivery(user, "Q1_0", true, MESSAGE)]);
+    assert!(
+        again.iter().all(Result::is_ok),
+        "retried delivery: {again:?}"
+    );
+    assert_eq!(
+        uids(&*store, user, "INBOX").len(),
+        1,
+        "a retry stores no second copy"
+    );
+    let other = store.deliver(&[delivery(user, "Q2_0", true, MESSAGE)]);
+    assert!(other.iter().all(Result::is_ok));
+    assert_eq!(
+        uids(&*store, user, "INBOX").len(),
+        2,
+        "another delivery is stored"
+    );
+    // After a restart the retry is still recognised.
+    drop(store);
+    let store = open();
+    store.deliver(&[delivery(user, "Q2_0", true, MESSAGE)]);
+    assert_eq!(
+        uids(&*store, user, "INBOX").len(),
+        2,
+        "recognised after a restart"
+    );
+}
+
+/// UIDs ascend, are the same after a restart, and a removed message's UID is never given again.
+pub fn uids_ascend_survive_a_restart_and_are_never_reused(open: Open<'_>) {
+    let store = open();
+    let user = "uids@example.test";
+    let given: Vec<u32> = (1..=3).map(|n| append(&*store, user, "INBOX", n)).collect();
+    assert!(
+        given.windows(2).all(|w| w[0] < w[1]),
+        "UIDs ascend: {given:?}"
+    );
+    assert_eq!(
+        uids(&*store, user, "INBOX"),
+        given,
+        "the listing shows what APPEND said"
+    );
+    let snapshot = store.snapshot(user, "INBOX").unwrap();
+    let last = snapshot.messages.last().unwrap().clone();
+    store.remove(user, "INBOX", &[&last]).unwrap();
+    drop(store);
+    let store = open();
+    assert_eq!(
+        uids(&*store, user, "INBOX"),
+        &given[..2],
+        "same UIDs after a restart"
+    );
+    let next = append(&*store, user, "INBOX", 4);
+    assert!(
+        next > last.uid,
+        "UID {} given again after its message was removed",
+        last.uid
+    );
+    let snapshot = store.snapshot(user, "INBOX").unwrap();
+    assert!(snapshot.uid_next > next, "UIDNEXT above every UID");
+}
+
+/// A folder deleted and made again has a new UIDVALIDITY and none of the old messages.
+pub fn uidvalidity_changes_when_a_folder_is_made_again(open: Open<'_>) {
+    let store = open();
+    let user = "validity@example.test";
+    store.create_folder(user, "Box").unwrap();
+    append(&*store, user, "Box", 1);
+    let before = store.snapshot(user, "Box").unwrap().uid_validity;
+    store.delete_folder(user, "Box").unwrap();
+    assert!(matches!(
+        store.snapshot(user, "Box"),
+        Err(StoreError::NoSuchFolder(_))
+    ));
+    store.create_folder(user, "Box").unwrap();
+    let after = store.snapshot(user, "Box").unwrap();
+    assert_ne!(after.uid_validity, before, "a new UIDVALIDITY");
+    assert!(after.messages.is_empty(), "the old messages are gone");
+    append(&*store, user, "Box", 2);
+    assert_eq!(uids(&*store, user, "Box").len(), 1);
+}
+
+/// System flags and keywords (by name, through the folder's table) are kept, across a restart.
+pub fn flags_and_keywords_are_kept(open: Open<'_>) {
+    let store = open();
+    let user = "flags@example.test";
+    append(&*store, user, "INBOX", 1);
+    let snapshot = store.snapshot(user, "INBOX").unwrap();
+    let (work, table) = store.keyword_slots(user, "INBOX", &["Work"]).unwrap();
+    assert!(
+        table.iter().any(|k| k == "Work"),
+        "the table names the keyword"
+    );
+    let wanted = Flags::SEEN.union(Flags::FLAGGED).union(work);
+    let outcome = store
+        .change_flags(
+            user,
+            "INBOX",
+            &[&snapshot.messages[0]],
+            FlagChange::Replace(wanted),
+            None,
+        )
+        .unwrap();
+    assert_eq!(outcome.updated.len(), 1);
+    assert_eq!(outcome.updated[0].1, wanted);
+    drop(store);
+    let store = open();
+    let snapshot = store.snapshot(user, "INBOX").unwrap();
+    assert_eq!(snapshot.messages[0].flags, wanted, "flags after a restart");
+    let slot = snapshot.keywords.iter().position(|k| k == "Work");
+    assert_eq!(
+        slot.map(Flags::keyword),
+        Some(work),
+        "the keyword keeps its slot"
+    );
+    let (again, _) = store.keyword_slots(user, "INBOX", &["work"]).unwrap();
+    assert_eq!(again, work, "keywords match without case");
+    store
+        .change_flags(
+            user,
+            "INBOX",
+            &[&snapshot.messages[0]],
+            FlagChange::Remove(Flags::FLAGGED),
+            None,
+        )
+        .unwrap();
+    let flags = store.snapshot(user, "INBOX").unwrap().messages[0].flags;
+    assert!(!flags.contains(Flags::FLAGGED) && flags.contains(Flags::SEEN));
+}
+
+/// HIGHESTMODSEQ grows with every arrival, flag change and removal, and never goes back, not
+/// even across a restart; a message's mod-sequence is never above it.
+pub fn mod_sequences_never_go_back(open: Open<'_>) {
+    let store = open();
+    let user = "modseq@example.test";
+    let mut seen = store.snapshot(user, "INBOX").unwrap().highest_modseq;
+    let mut step = |store: &dyn MailStore, what: &str| {
+        let snapshot = store.snapshot(user, "INBOX").unwrap();
+        assert!(
+            snapshot.highest_modseq > seen,
+            "HIGHESTMODSEQ did not grow after {what}: {} then {}",
+            seen,
+            snapshot.highest_modseq
+        );
+        assert!(snapshot
+            .messages
+            .iter()
+            .all(|m| m.modseq >= 1 && m.modseq <= snapshot.highest_modseq));
+        seen = snapshot.highest_modseq;
+        snapshot
+    };
+    append(&*store, user, "INBOX", 1);
+    append(&*store, user, "INBOX", 2);
+    let snapshot = step(&*store, "APPEND");
+    store
+        .add_flags(user, "INBOX", &[&snapshot.messages[0]], Flags::SEEN)
+        .unwrap();
+    let snapshot = step(&*store, "a flag change");
+    store
+        .remove(user, "INBOX", &[&snapshot.messages[1]])
+        .unwrap();
+    step(&*store, "a removal");
+    drop(store);
+    let store = open();
+    let after = store.snapshot(user, "INBOX").unwrap().highest_modseq;
+    assert!(
+        after >= seen,
+        "HIGHESTMODSEQ went back across a restart: {seen} then {after}"
+    );
+    let snapshot = store.snapshot(user, "INBOX").unwrap();
+    store
+        .add_flags(user, "INBOX", &[&snapshot.messages[0]], Flags::FLAGGED)
+        .unwrap();
+    assert!(store.snapshot(user, "INBOX").unwrap().highest_modseq > after);
+}
+
+/// RFC 7162 UNCHANGEDSINCE: a message changed after the given mod-sequence is refused, others
+/// are changed.
+pub fn unchanged_since_refuses_what_changed(open: Open<'_>) {
+    let store = open();
+    let user = "unchanged@example.test";
+    append(&*store, user, "INBOX", 1);
+    append(&*store, user, "INBOX", 2);
+    let before = store.snapshot(user, "INBOX").unwrap();
+    let base = before.highest_modseq;
+    store
+        .add_flags(user, "INBOX", &[&before.messages[0]], Flags::SEEN)
+        .unwrap();
+    let now = store.snapshot(user, "INBOX").unwrap();
+    let refs: Vec<&MessageInfo> = now.messages.iter().collect();
+    let outcome = store
+        .change_flags(
+            user,
+            "INBOX",
+            &refs,
+            FlagChange::Add(Flags::FLAGGED),
+            Some(base),
+        )
+        .unwrap();
+    assert_eq!(
+        outcome.refused,
+        vec![now.messages[0].uid],
+        "the changed message is refused"
+    );
+    assert_eq!(outcome.updated.len(), 1);
+    assert_eq!(outcome.updated[0].0, now.messages[1].uid);
+}
+
+/// APPEND returns the UIDVALIDITY and UID the listing shows; COPY returns (source, target) UID
+/// pairs of copies with the same flags, date and bytes; a MOVE (COPY, then removal) leaves the
+/// source without them.
+pub fn append_copy_and_move_report_their_uids(open: Open<'_>) {
+    let store = open();
+    let user = "copy@example.test";
+    store.create_folder(user, "Archive").unwrap();
+    let (validity, uid) = store
+        .append(user, "INBOX", MESSAGE, Flags::SEEN, 1_650_000_000)
+        .unwrap();
+    append(&*store, user, "INBOX", 2);
+    let source = store.snapshot(user, "INBOX").unwrap();
+    assert_eq!(source.uid_validity, validity);
+    assert_eq!(source.messages[0].uid, uid);
+    assert_eq!(source.messages[0].received_at, 1_650_000_000);
+    let refs: Vec<&MessageInfo> = source.messages.iter().collect();
+    let (target_validity, pairs) = store.copy(user, "INBOX", &refs, "Archive").unwrap();
+    let target = store.snapshot(user, "Archive").unwrap();
+    assert_eq!(target.uid_validity, target_validity);
+    assert_eq!(pairs.len(), 2);
+    for (from, to) in &pairs {
+        let original = source.messages.iter().find(|m| m.uid == *from).unwrap();
+        let copy = target
+            .messages
+            .iter()
+            .find(|m| m.uid == *to)
+            .expect("copied UID listed");
+        assert_eq!(copy.flags, original.flags);
+        assert_eq!(copy.received_at, original.received_at);
+        assert_eq!(
+            store.read(user, "Archive", copy).unwrap(),
+            store.read(user, "INBOX", original).unwrap()
+        );
+    }
+    store.remove(user, "INBOX", &refs).unwrap();
+    assert!(uids(&*store, user, "INBOX").is_empty(), "moved away");
+    assert_eq!(uids(&*store, user, "Archive").len(), 2);
+    assert!(matches!(
+        store.copy(user, "Archive", &[&target.messages[0]], "Nowhere"),
+        Err(StoreError::NoSuchFolder(_))
+    ));
+}
+
+/// Folders are listed (INBOX aside), renamed with their children, deleted without them; a
+/// renamed INBOX leaves an empty INBOX.
+pub fn folders_are_made_renamed_and_deleted_with_children(open: Open<'_>) {
+    let store = open();
+    let user = "folders@example.test";
+    store.create_folder(user, "Lists").unwrap();
+    store.create_folder(user, "Lists/Rust").unwrap();
+    assert!(matches!(
+        store.create_folder(user, "Lists"),
+        Err(StoreError::Exists(_))
+    ));
+    append(&*store, user, "Lists/Rust", 1);
+    let mut folders = store.folders(user).unwrap();
+    folders.sort();
+    assert_eq!(folders, ["Lists", "Lists/Rust"]);
+    store.rename_folder(user, "Lists", "Old").unwrap();
+    let mut folders = store.folders(user).unwrap();
+    folders.sort();
+    assert_eq!(
+        folders,
+        ["Old", "Old/Rust"],
+        "children move with their parent"
+    );
+    assert_eq!(
+        uids(&*store, user, "Old/Rust").len(),
+        1,
+        "messages move too"
+    );
+    store.delete_folder(user, "Old/Rust").unwrap();
+    assert_eq!(store.folders(user).unwrap(), ["Old"]);
+    append(&*store, user, "INBOX", 2);
+    store.rename_folder(user, "INBOX", "Saved").unwrap();
+    assert!(
+        uids(&*store, user, "INBOX").is_empty(),
+        "INBOX is left empty"
+    );
+    assert_eq!(uids(&*store, user, "Saved").len(), 1);
+}
+
+/// Subscriptions are kept by name, across a restart.
+pub fn subscriptions_are_kept(open: Open<'_>) {
+    let store = open();
+    let user = "subscribe@example.test";
+    store.create_folder(user, "News").unwrap();
+    store.set_subscribed(user, "News", true).unwrap();
+    store.set_subscribed(user, "INBOX", true).unwrap();
+    drop(store);
+    let store = open();
+    let mut subscribed = store.subscriptions(user).unwrap();
+    subscribed.sort();
+    assert_eq!(subscribed, ["INBOX", "News"]);
+    store.set_subscribed(user, "News", false).unwrap();
+    assert_eq!(store.subscriptions(user).unwrap(), ["INBOX"]);
+}
+
+/// A read returns the message exactly (CRLF line endings, `size` octets), the header section
+/// ends at its blank line, usage adds up the sizes, and a removed message reads as gone.
+pub fn reads_are_exact_and_removed_messages_are_gone(open: Open<'_>) {
+    let store = open();
+    let user = "reads@example.test";
+    store.deliver(&[delivery(user, "Q9_0", false, MESSAGE)]);
+    // Delivered mail gets its UID at the listing after it arrives, so it comes first here.
+    assert_eq!(uids(&*store, user, "INBOX").len(), 1);
+    store
+        .append(
+            user,
+            "INBOX",
+            b"Subject: bare\r\n\r\n\0bin\nary\r\n",
+            Flags::empty(),
+            1,
+        )
+        .unwrap();
+    let snapshot = store.snapshot(user, "INBOX").unwrap();
+    let delivered = store.read(user, "INBOX", &snapshot.messages[0]).unwrap();
+    let mut expected = b"Return-Path: <a@example.test>\r\n".to_vec();
+    expected.extend_from_slice(MESSAGE);
+    assert_eq!(
+        delivered, expected,
+        "the delivered bytes, trace header first"
+    );
+    for message in &snapshot.messages {
+        let bytes = store.read(user, "INBOX", message).unwrap();
+        assert_eq!(bytes.len() as u64, message.size, "size is the bytes read");
+    }
+    assert_eq!(
+        store.read(user, "INBOX", &snapshot.messages[1]).unwrap(),
+        b"Subject: bare\r\n\r\n\0bin\nary\r\n",
+        "binary content comes back byte for byte"
+    );
+    let header = store
+        .read_header(user, "INBOX", &snapshot.messages[0])
+        .unwrap();
+    assert!(header.ends_with(b"\r\n\r\n") && !header.ends_with(b"body line\r\n"));
+    let usage = store.usage(user).unwrap();
+    assert_eq!(usage.messages, 2);
+    assert_eq!(
+        usage.bytes,
+        snapshot.messages.iter().map(|m| m.size).sum::<u64>()
+    );
+    store
+        .remove(user, "INBOX", &[&snapshot.messages[0]])
+        .unwrap();
+    assert!(matches!(
+        store.read(user, "INBOX", &snapshot.messages[0]),
+        Err(StoreError::Gone(_))
+    ));
+    // Removing it again is no error.
+    store
+        .remove(user, "INBOX", &[&snapshot.messages[0]])
+        .unwrap();
+}
