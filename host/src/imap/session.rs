@@ -80,6 +80,9 @@ pub struct Session {
 pub(in crate::imap) struct Conn {
     pub(in crate::imap) id: u64,
     pub(in crate::imap) server: Arc<ImapServer>,
+    /// The store as this session writes to it: its changes are announced as this session's
+    /// (`Watched::as_writer`), so it skips them when it hears them.
+    pub(in crate::imap) store: Arc<dyn MailStore>,
     pub(in crate::imap) listener: Arc<ListenerConfig>,
     pub(in crate::imap) peer: SocketAddr,
     pub(in crate::imap) tls: bool,
@@ -120,13 +123,13 @@ where
     }
 }
 
-/// Runs store work off the async threads, as session `writer` (see `watched::writing_as`).
-pub(in crate::imap) async fn blocking<T, F>(writer: u64, work: F) -> Result<T, StoreError>
+/// Runs store work off the async threads.
+pub(in crate::imap) async fn blocking<T, F>(work: F) -> Result<T, StoreError>
 where
     T: Send + 'static,
     F: FnOnce() -> Result<T, StoreError> + Send + 'static,
 {
-    tokio::task::spawn_blocking(move || crate::store::watched::writing_as(writer, work))
+    tokio::task::spawn_blocking(work)
         .await
         .unwrap_or_else(|_| Err(StoreError::Io(std::io::Error::other("store task failed"))))
 }
@@ -205,8 +208,10 @@ impl Session {
         let changes = server.watched.subscribe();
         // Until login, literals are capped at a few KiB (see `PREAUTH_LITERAL_LIMIT`).
         let reader = Reader::new(codec::PREAUTH_LITERAL_LIMIT);
+        let id = crate::stream::next_session_id();
         let conn = Conn {
-            id: crate::stream::next_session_id(),
+            id,
+            store: Arc::new(server.watched.as_writer(id)),
             server,
             listener,
             peer,
@@ -456,9 +461,9 @@ impl Conn {
             selected.folder.clone(),
             selected.read_only,
         );
-        let store = self.server.store.clone();
+        let store = self.store.clone();
         let recent = self.recent_mode(read_only);
-        let snapshot = blocking(self.id, move || {
+        let snapshot = blocking(move || {
             let snapshot = store.snapshot(&user, &folder)?;
             let boundary = recent.boundary(&*store, &user, &folder, &snapshot)?;
             Ok((snapshot, boundary))

@@ -6,7 +6,6 @@
 //! re-reads its folder and works out the differences itself, so a missed or merged announcement
 //! never loses an update. A session skips its own announcements: it already knows what it did.
 
-use std::cell::Cell;
 use std::sync::Arc;
 
 use tokio::sync::broadcast;
@@ -24,26 +23,23 @@ const BACKLOG: usize = 1024;
 pub struct Change {
     /// The mailbox (user key), lower-cased.
     pub mailbox: Arc<str>,
-    /// Who wrote: the id given to [`writing_as`], 0 for everyone else (delivery, POP3).
+    /// Who wrote: the session id of the handle it went through ([`Watched::as_writer`]), 0 for
+    /// everyone else (delivery, POP3).
     pub writer: u64,
     /// The folder whose messages changed; None when folders were created, deleted or renamed,
     /// or subscriptions changed.
     pub folder: Option<Arc<str>>,
 }
 
-thread_local! {
-    static WRITER: Cell<u64> = const { Cell::new(0) };
-}
-
-/// Runs store calls on this thread as `writer`, so the announcements they cause name it.
-pub fn writing_as<T>(writer: u64, work: impl FnOnce() -> T) -> T {
-    let before = WRITER.with(|w| w.replace(writer));
-    let result = work();
-    WRITER.with(|w| w.set(before));
-    result
-}
-
+/// The store, and who is writing through this handle: 0 for everyone but IMAP sessions
+/// (delivery, POP3), a session's id for the handle it was given ([`Watched::as_writer`]).
+#[derive(Clone)]
 pub struct Watched {
+    shared: Arc<Shared>,
+    writer: u64,
+}
+
+struct Shared {
     inner: Arc<dyn MailStore>,
     changes: broadcast::Sender<Change>,
 }
@@ -51,20 +47,36 @@ pub struct Watched {
 impl Watched {
     pub fn new(inner: Arc<dyn MailStore>) -> Watched {
         Watched {
-            inner,
-            changes: broadcast::channel(BACKLOG).0,
+            shared: Arc::new(Shared {
+                inner,
+                changes: broadcast::channel(BACKLOG).0,
+            }),
+            writer: 0,
+        }
+    }
+
+    /// The same store for session `writer`: what is changed through it is announced as that
+    /// session's, so the session can skip its own announcements.
+    pub fn as_writer(&self, writer: u64) -> Watched {
+        Watched {
+            shared: self.shared.clone(),
+            writer,
         }
     }
 
     /// Mailboxes as they change.
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {
-        self.changes.subscribe()
+        self.shared.changes.subscribe()
+    }
+
+    fn inner(&self) -> &dyn MailStore {
+        &*self.shared.inner
     }
 
     fn announce(&self, mailbox: &str, folder: Option<&str>) {
-        let _ = self.changes.send(Change {
+        let _ = self.shared.changes.send(Change {
             mailbox: Arc::from(mailbox.to_ascii_lowercase()),
-            writer: WRITER.with(Cell::get),
+            writer: self.writer,
             folder: folder.map(Arc::from),
         });
     }
@@ -84,7 +96,7 @@ impl Watched {
 
 impl MailStore for Watched {
     fn deliver(&self, batch: &[Delivery<'_>]) -> Vec<Result<(), StoreError>> {
-        let results = self.inner.deliver(batch);
+        let results = self.inner().deliver(batch);
         let mut told: Vec<(&str, &str)> = Vec::new();
         for (delivery, result) in batch.iter().zip(&results) {
             let place = (delivery.mailbox, delivery.folder);
@@ -97,7 +109,7 @@ impl MailStore for Watched {
     }
 
     fn snapshot(&self, mailbox: &str, folder: &str) -> Result<FolderSnapshot, StoreError> {
-        self.inner.snapshot(mailbox, folder)
+        self.inner().snapshot(mailbox, folder)
     }
 
     fn read(
@@ -106,7 +118,7 @@ impl MailStore for Watched {
         folder: &str,
         message: &MessageInfo,
     ) -> Result<Vec<u8>, StoreError> {
-        self.inner.read(mailbox, folder, message)
+        self.inner().read(mailbox, folder, message)
     }
 
     fn read_header(
@@ -115,7 +127,7 @@ impl MailStore for Watched {
         folder: &str,
         message: &MessageInfo,
     ) -> Result<Arc<[u8]>, StoreError> {
-        self.inner.read_header(mailbox, folder, message)
+        self.inner().read_header(mailbox, folder, message)
     }
 
     fn change_flags(
@@ -127,7 +139,7 @@ impl MailStore for Watched {
         unchanged_since: Option<u64>,
     ) -> Result<FlagOutcome, StoreError> {
         let result = self
-            .inner
+            .inner()
             .change_flags(mailbox, folder, messages, change, unchanged_since);
         if result
             .as_ref()
@@ -144,7 +156,7 @@ impl MailStore for Watched {
         folder: &str,
         names: &[&str],
     ) -> Result<(super::Flags, Vec<String>), StoreError> {
-        self.inner.keyword_slots(mailbox, folder, names)
+        self.inner().keyword_slots(mailbox, folder, names)
     }
 
     fn remove(
@@ -153,7 +165,7 @@ impl MailStore for Watched {
         folder: &str,
         messages: &[&MessageInfo],
     ) -> Result<(), StoreError> {
-        let result = self.inner.remove(mailbox, folder, messages);
+        let result = self.inner().remove(mailbox, folder, messages);
         self.announce_if(mailbox, Some(folder), result)
     }
 
@@ -166,7 +178,7 @@ impl MailStore for Watched {
         received_at: i64,
     ) -> Result<(u32, u32), StoreError> {
         let result = self
-            .inner
+            .inner()
             .append(mailbox, folder, message, flags, received_at);
         self.announce_if(mailbox, Some(folder), result)
     }
@@ -178,31 +190,31 @@ impl MailStore for Watched {
         messages: &[&MessageInfo],
         target: &str,
     ) -> Result<(u32, Vec<(u32, u32)>), StoreError> {
-        let result = self.inner.copy(mailbox, folder, messages, target);
+        let result = self.inner().copy(mailbox, folder, messages, target);
         self.announce_if(mailbox, Some(target), result)
     }
 
     fn folders(&self, mailbox: &str) -> Result<Vec<String>, StoreError> {
-        self.inner.folders(mailbox)
+        self.inner().folders(mailbox)
     }
 
     fn create_folder(&self, mailbox: &str, folder: &str) -> Result<(), StoreError> {
-        let result = self.inner.create_folder(mailbox, folder);
+        let result = self.inner().create_folder(mailbox, folder);
         self.announce_if(mailbox, None, result)
     }
 
     fn delete_folder(&self, mailbox: &str, folder: &str) -> Result<(), StoreError> {
-        let result = self.inner.delete_folder(mailbox, folder);
+        let result = self.inner().delete_folder(mailbox, folder);
         self.announce_if(mailbox, None, result)
     }
 
     fn rename_folder(&self, mailbox: &str, from: &str, to: &str) -> Result<(), StoreError> {
-        let result = self.inner.rename_folder(mailbox, from, to);
+        let result = self.inner().rename_folder(mailbox, from, to);
         self.announce_if(mailbox, None, result)
     }
 
     fn subscriptions(&self, mailbox: &str) -> Result<Vec<String>, StoreError> {
-        self.inner.subscriptions(mailbox)
+        self.inner().subscriptions(mailbox)
     }
 
     fn recent_boundary(
@@ -212,7 +224,8 @@ impl MailStore for Watched {
         validity: u32,
         claim: Option<u32>,
     ) -> Result<u32, StoreError> {
-        self.inner.recent_boundary(mailbox, folder, validity, claim)
+        self.inner()
+            .recent_boundary(mailbox, folder, validity, claim)
     }
 
     fn set_subscribed(
@@ -221,12 +234,12 @@ impl MailStore for Watched {
         folder: &str,
         subscribed: bool,
     ) -> Result<(), StoreError> {
-        let result = self.inner.set_subscribed(mailbox, folder, subscribed);
+        let result = self.inner().set_subscribed(mailbox, folder, subscribed);
         self.announce_if(mailbox, None, result)
     }
 
     fn usage(&self, mailbox: &str) -> Result<super::Usage, StoreError> {
-        self.inner.usage(mailbox)
+        self.inner().usage(mailbox)
     }
 }
 
@@ -251,16 +264,16 @@ mod tests {
         let watched = Watched::new(Arc::new(Maildir::new(dir.path(), "host")));
         let mut changes = watched.subscribe();
         let message = b"Subject: x\r\n\r\nbody\r\n";
-        writing_as(7, || {
-            watched.append("Alice@Example.Test", "INBOX", message, Flags::empty(), 0)
-        })
-        .unwrap();
+        watched
+            .as_writer(7)
+            .append("Alice@Example.Test", "INBOX", message, Flags::empty(), 0)
+            .unwrap();
         watched
             .append("alice@example.test", "INBOX", message, Flags::empty(), 0)
             .unwrap();
         let first = changes.try_recv().unwrap();
         assert_eq!((&*first.mailbox, first.writer), ("alice@example.test", 7));
         let second = changes.try_recv().unwrap();
-        assert_eq!(second.writer, 0, "the writer is reset after writing_as");
+        assert_eq!(second.writer, 0, "the shared handle writes as nobody");
     }
 }

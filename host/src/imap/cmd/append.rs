@@ -178,11 +178,11 @@ impl Conn {
             let (system, names) = store_flags(&m.flags);
             prepared.push((content, received_at, system, names));
         }
-        let (store, user) = (self.server.store.clone(), user.to_string());
+        let (store, user) = (self.store.clone(), user.to_string());
         let into_selected = selected.is_some_and(|s| s.folder == name);
         let limit = self.server.config.imap.append_limit as usize;
         let quota = self.server.users.quota(&user);
-        let stored = blocking(self.id, move || {
+        let stored = blocking(move || {
             // RFC 4469 §5: a missing target is TRYCREATE whatever the URLs say, so it is
             // checked first; then every part is resolved before anything is stored.
             let catenates = prepared

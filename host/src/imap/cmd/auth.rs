@@ -225,9 +225,9 @@ impl Conn {
             .keys()
             .cloned()
             .collect();
-        let store = self.server.store.clone();
+        let store = self.store.clone();
         let user = user.to_string();
-        let made = blocking(self.id, move || {
+        let made = blocking(move || {
             let existing = store.folders(&user)?;
             let mut made = Vec::new();
             for folder in wanted {

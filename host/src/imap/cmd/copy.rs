@@ -40,7 +40,7 @@ impl Conn {
             Err(done) => return done,
         };
         let user = user.to_string();
-        let store = self.server.store.clone();
+        let store = self.store.clone();
         if moving && selected.read_only {
             return no(Some(Code::ReadOnly), "Mailbox is read-only");
         }
@@ -64,7 +64,7 @@ impl Conn {
         // RFC 9208 §4.1: a COPY that would go over the quota is refused (a MOVE within the
         // mailbox adds nothing).
         let quota = self.server.users.quota(&user);
-        let result = blocking(self.id, move || {
+        let result = blocking(move || {
             let refs: Vec<&MessageInfo> = messages.iter().collect();
             if !moving && quota.is_limited() {
                 let bytes = messages.iter().map(|m| m.size).sum();

@@ -322,7 +322,7 @@ impl Conn {
         }
         let condstore = self.condstore;
         let user = user.to_string();
-        let store = self.server.store.clone();
+        let store = self.store.clone();
         let rev2 = self.rev2;
         if !uid && !selected.valid_sequence(set) {
             return Done::Bad("Invalid message sequence number".into());
@@ -399,7 +399,7 @@ impl Conn {
                 keywords.clone(),
                 recent.clone(),
             );
-            let rendered = blocking(self.id, move || {
+            let rendered = blocking(move || {
                 // The implicit \Seen is stored first, so the FETCH can tell its mod-sequence.
                 let mut seen = Vec::new();
                 if marks_seen {

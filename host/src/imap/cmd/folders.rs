@@ -194,8 +194,8 @@ impl Conn {
         if name == "INBOX" {
             return no(Some(Code::AlreadyExists), "INBOX always exists");
         }
-        let (store, user) = (self.server.store.clone(), user.to_string());
-        let created = blocking(self.id, move || {
+        let (store, user) = (self.store.clone(), user.to_string());
+        let created = blocking(move || {
             // RFC 9051 §6.3.4: superior names are created as needed, so every level is a
             // folder that can be selected, renamed and deleted.
             for (end, _) in name.match_indices('/') {
@@ -226,9 +226,9 @@ impl Conn {
         if name == "INBOX" {
             return no(Some(Code::Cannot), "INBOX cannot be deleted");
         }
-        let (store, user) = (self.server.store.clone(), user.to_string());
+        let (store, user) = (self.store.clone(), user.to_string());
         let folder = name.clone();
-        match blocking(self.id, move || store.delete_folder(&user, &folder)).await {
+        match blocking(move || store.delete_folder(&user, &folder)).await {
             Ok(()) => {
                 if selected.as_ref().is_some_and(|s| s.folder == name) {
                     *selected = None;
@@ -250,8 +250,8 @@ impl Conn {
             (Ok(from), Ok(to)) => (from, to),
             (Err(done), _) | (_, Err(done)) => return done,
         };
-        let (store, user) = (self.server.store.clone(), user.to_string());
-        match blocking(self.id, move || store.rename_folder(&user, &from, &to)).await {
+        let (store, user) = (self.store.clone(), user.to_string());
+        match blocking(move || store.rename_folder(&user, &from, &to)).await {
             Ok(()) => ok("RENAME completed"),
             Err(err) => store_failure(&err),
         }
@@ -267,8 +267,8 @@ impl Conn {
             Ok(name) => name,
             Err(done) => return done,
         };
-        let (store, user) = (self.server.store.clone(), user.to_string());
-        match blocking(self.id, move || store.set_subscribed(&user, &name, on)).await {
+        let (store, user) = (self.store.clone(), user.to_string());
+        match blocking(move || store.set_subscribed(&user, &name, on)).await {
             Ok(()) => ok(if on {
                 "SUBSCRIBE completed"
             } else {
@@ -312,13 +312,9 @@ impl Conn {
         name: &str,
         items: &[StatusDataItemName],
     ) -> Result<Vec<u8>, StoreError> {
-        let (store, user, folder) = (
-            self.server.store.clone(),
-            user.to_string(),
-            name.to_string(),
-        );
+        let (store, user, folder) = (self.store.clone(), user.to_string(), name.to_string());
         let wants_recent = items.contains(&StatusDataItemName::Recent);
-        let (snapshot, recent_above) = blocking(self.id, move || {
+        let (snapshot, recent_above) = blocking(move || {
             let snapshot = store.snapshot(&user, &folder)?;
             // STATUS only looks: what no session has claimed yet is recent (RFC 3501 §6.3.10).
             let boundary = if wants_recent {
@@ -444,7 +440,7 @@ impl Conn {
         if patterns.iter().map(String::len).sum::<usize>() > MAX_LIST_PATTERN {
             return no(Some(Code::Limit), "Mailbox pattern too long");
         }
-        let (store, owner) = (self.server.store.clone(), user.to_string());
+        let (store, owner) = (self.store.clone(), user.to_string());
         let config = self.server.config.clone();
         let options = ListOptions {
             lsub,
@@ -462,7 +458,7 @@ impl Conn {
         };
         // Matching and rendering are linear in the number of folders but still per folder:
         // they run on the blocking thread with the listing, never on the async executor.
-        let listing = blocking(self.id, move || {
+        let listing = blocking(move || {
             let folders = store.folders(&owner)?;
             let subscribed = store.subscriptions(&owner)?;
             Ok(list_lines(

@@ -287,8 +287,8 @@ impl Conn {
             }
             Err(done) => return done,
         };
-        let (store, owner) = (self.server.store.clone(), user.to_string());
-        let listed = blocking(self.id, move || {
+        let (store, owner) = (self.store.clone(), user.to_string());
+        let listed = blocking(move || {
             // INBOX always exists; the store lists the other folders.
             let mut folders = store.folders(&owner)?;
             folders.insert(0, "INBOX".to_string());
@@ -391,8 +391,8 @@ impl Conn {
             return;
         };
         if lists_changed && notify.any(|e| e.name || e.subscription) {
-            let (store, owner) = (self.server.store.clone(), user.clone());
-            let listed = blocking(self.id, move || {
+            let (store, owner) = (self.store.clone(), user.clone());
+            let listed = blocking(move || {
                 // INBOX always exists; the store lists the other folders.
                 let mut folders = store.folders(&owner)?;
                 folders.insert(0, "INBOX".to_string());

@@ -33,8 +33,8 @@ fn quota_line(quota: Quota, used: Usage) -> Vec<u8> {
 
 impl Conn {
     async fn usage(&self, user: &str) -> Result<Usage, Done> {
-        let (store, owner) = (self.server.store.clone(), user.to_string());
-        blocking(self.id, move || store.usage(&owner))
+        let (store, owner) = (self.store.clone(), user.to_string());
+        blocking(move || store.usage(&owner))
             .await
             .map_err(|err| store_failure(&err))
     }
@@ -54,8 +54,8 @@ impl Conn {
             Ok(name) => name,
             Err(done) => return done,
         };
-        let (store, owner, folder) = (self.server.store.clone(), user.to_string(), name.clone());
-        match blocking(self.id, move || store.folders(&owner)).await {
+        let (store, owner, folder) = (self.store.clone(), user.to_string(), name.clone());
+        match blocking(move || store.folders(&owner)).await {
             Ok(folders) if folder == "INBOX" || folders.contains(&folder) => {}
             Ok(_) => return no(Some(Code::Nonexistent), "No such mailbox"),
             Err(err) => return store_failure(&err),

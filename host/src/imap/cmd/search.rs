@@ -190,7 +190,7 @@ impl Conn {
     /// What a SEARCH, SORT or THREAD looks through: the selected folder as this session sees
     /// it, ready to be moved to a blocking thread.
     pub(in crate::imap) fn search_scope(&self, user: &str, selected: &Selected) -> SearchScope {
-        let store = self.server.store.clone();
+        let store = self.store.clone();
         let rev2 = self.rev2;
         SearchScope {
             user: user.to_string(),
@@ -222,7 +222,7 @@ impl Conn {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        let sorted = blocking(self.id, move || {
+        let sorted = blocking(move || {
             let mut fields = scope.fields(&key);
             crate::imap::sort::sort(&mut fields, &criteria);
             Ok(fields)
@@ -285,7 +285,7 @@ impl Conn {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        let rendered = blocking(self.id, move || {
+        let rendered = blocking(move || {
             let fields = scope.fields(&key);
             let threads = if references {
                 crate::imap::thread::references(&fields)
@@ -341,7 +341,7 @@ impl Conn {
             self.enable_condstore(io, Some(selected));
         }
         let kept_key = options.update.then(|| key.clone());
-        let found = blocking(self.id, move || {
+        let found = blocking(move || {
             Ok(scope
                 .matching(&key)
                 .into_iter()
@@ -489,7 +489,7 @@ impl Conn {
             .collect();
         selected.saved_named = false;
         let scope = self.search_scope(user, selected);
-        let results = blocking(self.id, move || {
+        let results = blocking(move || {
             Ok(keys
                 .iter()
                 .map(|key| {

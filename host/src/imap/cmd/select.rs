@@ -51,10 +51,10 @@ impl Conn {
             Ok(name) => name,
             Err(done) => return done,
         };
-        let (store, folder) = (self.server.store.clone(), name.clone());
+        let (store, folder) = (self.store.clone(), name.clone());
         let owner = user.to_string();
         let recent = self.recent_mode(read_only);
-        let opened = blocking(self.id, move || {
+        let opened = blocking(move || {
             let snapshot = store.snapshot(&owner, &folder)?;
             let boundary = recent.boundary(&*store, &owner, &folder, &snapshot)?;
             Ok((snapshot, boundary))
@@ -151,12 +151,9 @@ impl Conn {
                 .cloned()
                 .collect();
             if !doomed.is_empty() {
-                let (store, user, folder) = (
-                    self.server.store.clone(),
-                    user.to_string(),
-                    open.folder.clone(),
-                );
-                let result = blocking(self.id, move || {
+                let (store, user, folder) =
+                    (self.store.clone(), user.to_string(), open.folder.clone());
+                let result = blocking(move || {
                     let refs: Vec<&MessageInfo> = doomed.iter().collect();
                     store.remove(&user, &folder, &refs)
                 })
@@ -184,7 +181,7 @@ impl Conn {
         let updates = self.updates(user, selected, true).await;
         io.queue(&updates);
         let user = user.to_string();
-        let store = self.server.store.clone();
+        let store = self.store.clone();
         if selected.read_only {
             return no(Some(Code::ReadOnly), "Mailbox is read-only");
         }
@@ -204,7 +201,7 @@ impl Conn {
             .map(|i| selected.messages[*i].clone())
             .collect();
         let folder = selected.folder.clone();
-        let result = blocking(self.id, move || {
+        let result = blocking(move || {
             let refs: Vec<&MessageInfo> = messages.iter().collect();
             store.remove(&user, &folder, &refs)
         })

@@ -104,7 +104,7 @@ impl Conn {
         }
         let report = self.report();
         let user = user.to_string();
-        let store = self.server.store.clone();
+        let store = self.store.clone();
         if selected.read_only {
             return no(Some(Code::ReadOnly), "Mailbox is read-only");
         }
@@ -121,7 +121,7 @@ impl Conn {
             .map(|i| selected.messages[*i].clone())
             .collect();
         let folder = selected.folder.clone();
-        let result = blocking(self.id, move || {
+        let result = blocking(move || {
             let (wanted, table) = flags_in_folder(&*store, &user, &folder, system, &names)?;
             let change = match kind {
                 StoreType::Add => FlagChange::Add(wanted),
