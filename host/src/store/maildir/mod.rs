@@ -15,12 +15,27 @@
 //! Reading: a message's key is its file name up to the `:2,` info part, which carries the flags
 //! (`D`raft, `F`lagged, `P`assed, `R`eplied, `S`een, `T`rashed) as mutt and Dovecot write them.
 //! UIDs come from the folder's [`uidlist`].
+//!
+//! Files: `names` (file names, sizes and line-ending forms), `listing` (reading `new/` and
+//! `cur/`, and the kept listing), `index` (UIDs for a listing), `uidlist` (the index file),
+//! `modseq` (mod-sequences), `keywords` (the keyword letters' names), `headers` (the header
+//! cache); this file holds the store itself: folder locks, delivery, and the contract's
+//! operations.
 
+mod headers;
+mod index;
 pub mod keywords;
+mod listing;
 pub mod modseq;
+mod names;
 pub mod uidlist;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use headers::HeaderCache;
+use index::*;
+use listing::*;
+use names::*;
+
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -52,94 +67,7 @@ struct FolderState {
     listing: Option<Listing>,
 }
 
-/// A listing of `new/` and `cur/` kept so that an unchanged folder costs two `stat` calls
-/// instead of reading both directories (every snapshot lists them).
-///
-/// It is trusted while both directories keep the change times seen before and after it was
-/// read (a listing during which either changed is not kept). Linux 6.13 and later give a
-/// directory a new, fine-grained change time for any change after its time was looked at, so
-/// every change by another process (mutt, a deliverer, another Postern) is seen at the next
-/// snapshot. Changes this process makes update the kept listing in place and take the new
-/// times, but only when the times were still those kept just before the change; a change by
-/// someone else in that instant, or on a file system with coarse timestamps in the same tick,
-/// could go unseen, so a listing is never trusted for longer than [`LISTING_MAX_AGE`].
-struct Listing {
-    files: Arc<HashMap<String, Listed>>,
-    stamps: DirStamps,
-    taken: std::time::Instant,
-}
-
-/// How long a kept listing may be trusted: the longest another process's change can stay
-/// unseen (see [`Listing`]).
-const LISTING_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Change times (seconds, nanoseconds) of `new/` and `cur/`; None for a missing directory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct DirStamps {
-    new: Option<(i64, i64)>,
-    cur: Option<(i64, i64)>,
-}
-
-impl DirStamps {
-    fn read(dir: &Path) -> io::Result<DirStamps> {
-        use std::os::unix::fs::MetadataExt;
-        let stamp = |sub: &str| match fs::metadata(dir.join(sub)) {
-            Ok(meta) => Ok(Some((meta.mtime(), meta.mtime_nsec()))),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(err) => Err(err),
-        };
-        Ok(DirStamps {
-            new: stamp("new")?,
-            cur: stamp("cur")?,
-        })
-    }
-}
-
 impl FolderState {
-    /// The folder's files: the kept listing while it is trusted, else a fresh one (kept when
-    /// neither directory changed while it was read).
-    fn listed(&mut self, dir: &Path) -> io::Result<Arc<HashMap<String, Listed>>> {
-        let before = DirStamps::read(dir)?;
-        if let Some(kept) = &self.listing {
-            if kept.stamps == before && kept.taken.elapsed() < LISTING_MAX_AGE {
-                return Ok(kept.files.clone());
-            }
-        }
-        let taken = std::time::Instant::now();
-        let files = Arc::new(list_files(dir)?);
-        let after = DirStamps::read(dir)?;
-        self.listing = (before == after).then(|| Listing {
-            files: files.clone(),
-            stamps: after,
-            taken,
-        });
-        Ok(files)
-    }
-
-    /// Before this process changes the folder's files: the kept listing, if it is still
-    /// exact (so the change can be applied to it), else none (and it is dropped).
-    fn listing_before_change(&mut self, dir: &Path) -> Option<&mut Listing> {
-        let exact = match (&self.listing, DirStamps::read(dir)) {
-            (Some(kept), Ok(now)) => kept.stamps == now && kept.taken.elapsed() < LISTING_MAX_AGE,
-            _ => false,
-        };
-        if !exact {
-            self.listing = None;
-        }
-        self.listing.as_mut()
-    }
-
-    /// After this process changed the folder's files and applied the change to the kept
-    /// listing: the listing takes the directories' new times.
-    fn listing_after_change(&mut self, dir: &Path) {
-        if let Some(kept) = &mut self.listing {
-            match DirStamps::read(dir) {
-                Ok(now) => kept.stamps = now,
-                Err(_) => self.listing = None,
-            }
-        }
-    }
-
     /// The folder's mod-sequence log for this UIDVALIDITY, loaded (or started over) as needed.
     fn modlog(&mut self, dir: &Path, validity: u32) -> io::Result<&mut ModLog> {
         match &mut self.modlog {
@@ -159,37 +87,6 @@ pub struct Maildir {
     folder_locks: Mutex<HashMap<PathBuf, Arc<Mutex<FolderState>>>>,
     /// Message headers read recently, by folder directory and key (see [`HeaderCache`]).
     headers: Mutex<HeaderCache>,
-}
-
-/// Headers of messages, kept because SEARCH by header reads every message of a folder and
-/// FETCH ENVELOPE every listed one, again and again. A message never changes under its key, so
-/// an entry is never stale; a copy in another folder has another key. Bounded by bytes: when
-/// full it is emptied and fills again with what is used.
-#[derive(Default)]
-struct HeaderCache {
-    /// Folder directory → key → header.
-    folders: HashMap<PathBuf, HashMap<String, Arc<[u8]>>>,
-    bytes: usize,
-}
-
-impl HeaderCache {
-    const BUDGET: usize = 32 * 1024 * 1024;
-
-    fn get(&self, dir: &Path, key: &str) -> Option<Arc<[u8]>> {
-        self.folders.get(dir)?.get(key).cloned()
-    }
-
-    fn put(&mut self, dir: &Path, key: &str, header: Arc<[u8]>) {
-        if self.bytes + header.len() > Self::BUDGET {
-            self.folders.clear();
-            self.bytes = 0;
-        }
-        self.bytes += header.len();
-        self.folders
-            .entry(dir.to_path_buf())
-            .or_default()
-            .insert(key.to_string(), header);
-    }
 }
 
 impl Maildir {
@@ -289,15 +186,6 @@ impl Maildir {
     }
 }
 
-fn is_safe_component(part: &str) -> bool {
-    !part.is_empty()
-        && part != "."
-        && part != ".."
-        && !part.starts_with('.')
-        && !part.contains(['/', '\\', '\0'])
-        && !part.chars().any(char::is_control)
-}
-
 /// Creates `tmp`, `new` and `cur` (and their parents) if missing, durably: the parent of every
 /// directory made is flushed, so the first message delivered to a new user or folder cannot be
 /// lost with its directory after the 250 (see `durable::create_dir_all`).
@@ -307,54 +195,6 @@ pub fn ensure_maildir(dir: &Path) -> io::Result<()> {
         crate::durable::create_dir_all(&dir.join(sub))?;
     }
     Ok(())
-}
-
-/// The bytes to store for a message and its `S=`/`W=` sizes: LF line endings, or the message as
-/// it came when it has a bare LF (which the LF form would turn into a CRLF on the way back).
-fn stored_form(prepend: &[u8], message: &[u8]) -> (Vec<u8>, usize, usize) {
-    let mut content = Vec::with_capacity(prepend.len() + message.len());
-    if has_bare_lf(prepend) || has_bare_lf(message) {
-        content.extend_from_slice(prepend);
-        content.extend_from_slice(message);
-        let size = content.len();
-        return (content, size, size);
-    }
-    let lf_count = to_lf(prepend, &mut content) + to_lf(message, &mut content);
-    let size = content.len();
-    (content, size, size + lf_count)
-}
-
-fn has_bare_lf(bytes: &[u8]) -> bool {
-    memchr::memchr_iter(b'\n', bytes).any(|at| at == 0 || bytes[at - 1] != b'\r')
-}
-
-/// A file stored as it came (see [`stored_form`]): its name gives equal `S=` and `W=`. A file
-/// without LFs at all also qualifies, and reads the same either way.
-fn stored_verbatim(name: &str) -> bool {
-    matches!(
-        (size_field(name, ",S="), size_field(name, ",W=")),
-        (Some(s), Some(w)) if s == w
-    )
-}
-
-/// Converts CRLF to LF (a lone CR stays) and returns the number of LFs written, which is what the
-/// CRLF form adds to the size.
-fn to_lf(input: &[u8], out: &mut Vec<u8>) -> usize {
-    let mut lines = 0;
-    let mut rest = input;
-    while let Some(pos) = memchr::memchr(b'\n', rest) {
-        let line_end = if pos > 0 && rest[pos - 1] == b'\r' {
-            pos - 1
-        } else {
-            pos
-        };
-        out.extend_from_slice(&rest[..line_end]);
-        out.push(b'\n');
-        lines += 1;
-        rest = &rest[pos + 1..];
-    }
-    out.extend_from_slice(rest);
-    lines
 }
 
 struct Pending {
@@ -997,330 +837,6 @@ impl MailStore for Maildir {
         }
         Ok(())
     }
-}
-
-/// [`indexed`], numbering the unindexed files named in `first` before the others and in that
-/// order (a copy's messages in their source order); the rest by arrival.
-fn indexed_in_order(
-    dir: &Path,
-    first: &[&str],
-) -> Result<(UidList, HashMap<String, Listed>), StoreError> {
-    let files = list_files(dir).map_err(StoreError::from_io)?;
-    let index = index_files(dir, &files, first)?;
-    Ok((index, files))
-}
-
-/// The UID index brought in line with a listing (see [`indexed_in_order`]), written durably
-/// when it changed. The caller holds the folder lock.
-fn index_files(
-    dir: &Path,
-    files: &HashMap<String, Listed>,
-    first: &[&str],
-) -> Result<UidList, StoreError> {
-    let (index, update) = renumbered(dir, files, first)?;
-    match update {
-        IndexUpdate::Keep => {}
-        IndexUpdate::Append { from } => {
-            let lines: String = index
-                .entries
-                .iter()
-                .filter(|(uid, _)| *uid >= from)
-                .map(|(uid, key)| UidList::line(*uid, key))
-                .collect();
-            let file = append_index(dir, &lines).map_err(StoreError::from_io)?;
-            durable::sync_all(&[&file], &[]).map_err(StoreError::from_io)?;
-        }
-        IndexUpdate::Rewrite => write_index(dir, &index).map_err(StoreError::from_io)?,
-    }
-    Ok(index)
-}
-
-/// How the index file must change after a listing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum IndexUpdate {
-    /// Nothing new: entries of vanished messages leave the file at its next rewrite.
-    Keep,
-    /// Append the entries numbered from this UID on.
-    Append { from: u32 },
-    /// Replace it whole: it is new, damaged, torn, or mostly lines of messages gone.
-    Rewrite,
-}
-
-/// The folder's UID index brought in line with `files` (see [`indexed_in_order`]), and how the
-/// file must change. New messages are appended; when messages only went away nothing is
-/// written: the entries of vanished messages are dropped at every listing anyway, and leave the
-/// file when it is next rewritten (when they outnumber the rest). That spares an expunge two disk
-/// flushes; what it costs is that a message which comes back under the same name (the same
-/// delivery retried after a crash, see `already_delivered`) is recognised rather than numbered
-/// anew.
-fn renumbered(
-    dir: &Path,
-    files: &HashMap<String, Listed>,
-    first: &[&str],
-) -> Result<(UidList, IndexUpdate), StoreError> {
-    let (mut index, file) = read_index_as_stored(dir).map_err(StoreError::from_io)?;
-    let next_before = index.next;
-    let present: HashSet<&str> = files.keys().map(String::as_str).collect();
-    let indexed: HashSet<&str> = index.entries.iter().map(|(_, k)| k.as_str()).collect();
-    let mut arrivals: Vec<(&String, &Listed)> = files
-        .iter()
-        .filter(|(key, _)| !indexed.contains(key.as_str()))
-        .collect();
-    let rank = |key: &str| first.iter().position(|k| *k == key).unwrap_or(usize::MAX);
-    arrivals
-        .sort_by(|a, b| (rank(a.0), a.1.received_at, a.0).cmp(&(rank(b.0), b.1.received_at, b.0)));
-    let update = match index.reconcile(&present, arrivals.iter().map(|(k, _)| k.as_str())) {
-        Ok(_) => match file {
-            Some(file) if file.appendable(&index) => {
-                if index.next == next_before {
-                    IndexUpdate::Keep
-                } else {
-                    IndexUpdate::Append { from: next_before }
-                }
-            }
-            _ => IndexUpdate::Rewrite,
-        },
-        Err(uidlist::UidsExhausted) => {
-            warn!(dir = %dir.display(), "UIDs exhausted, rebuilding the index");
-            index = UidList::fresh(fresh_validity(), Some(index.validity));
-            let mut all: Vec<_> = files.iter().collect();
-            all.sort_by(|a, b| (a.1.received_at, a.0).cmp(&(b.1.received_at, b.0)));
-            index
-                .reconcile(&present, all.iter().map(|(k, _)| k.as_str()))
-                .map_err(|_| StoreError::Io(io::Error::other("folder has too many messages")))?;
-            IndexUpdate::Rewrite
-        }
-    };
-    Ok((index, update))
-}
-
-/// A name no other message of this process or host will get: time, process and a counter.
-fn unique_part() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!(
-        "P{}N{nanos}C{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// A message file found in `new/` or `cur/`.
-#[derive(Clone)]
-struct Listed {
-    /// `new/<name>` or `cur/<name>`.
-    location: String,
-    flags: Flags,
-    /// CRLF size from the `,W=` part of the name, when the deliverer wrote one.
-    size: Option<u64>,
-    received_at: i64,
-}
-
-/// Lists a folder's messages by key. `new/` is read before `cur/`: a message moved from one to
-/// the other between the two reads is then seen at least once (and `cur/` wins).
-fn list_files(dir: &Path) -> io::Result<HashMap<String, Listed>> {
-    let mut files = HashMap::new();
-    for sub in ["new", "cur"] {
-        let entries = match fs::read_dir(dir.join(sub)) {
-            Ok(entries) => entries,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
-            Err(err) => return Err(err),
-        };
-        for entry in entries {
-            let entry = entry?;
-            let Ok(name) = entry.file_name().into_string() else {
-                continue; // not UTF-8: not something a Maildir deliverer writes
-            };
-            if name.starts_with('.') || name.contains(['\n', '\r', ' ']) {
-                continue;
-            }
-            let (key, flags) = parse_name(&name);
-            let received_at = key
-                .split('.')
-                .next()
-                .and_then(|t| t.parse::<i64>().ok())
-                .or_else(|| {
-                    let modified = entry.metadata().ok()?.modified().ok()?;
-                    let secs = modified.duration_since(std::time::UNIX_EPOCH).ok()?;
-                    i64::try_from(secs.as_secs()).ok()
-                })
-                .unwrap_or(0);
-            files.insert(
-                key.to_string(),
-                Listed {
-                    location: format!("{sub}/{name}"),
-                    flags,
-                    size: size_field(key, ",W="),
-                    received_at,
-                },
-            );
-        }
-    }
-    Ok(files)
-}
-
-/// Splits a Maildir file name into its key and flags (`key:2,FS`).
-fn parse_name(name: &str) -> (&str, Flags) {
-    match name.split_once(':') {
-        Some((key, info)) => {
-            let mut flags = Flags::empty();
-            if let Some(letters) = info.strip_prefix("2,") {
-                for letter in letters.chars() {
-                    flags = flags.union(match letter {
-                        'D' => Flags::DRAFT,
-                        'F' => Flags::FLAGGED,
-                        'P' => Flags::FORWARDED,
-                        'R' => Flags::ANSWERED,
-                        'S' => Flags::SEEN,
-                        'T' => Flags::DELETED,
-                        'a'..='z' => Flags::keyword(usize::from(letter as u8 - b'a')),
-                        _ => Flags::empty(),
-                    });
-                }
-            }
-            (key, flags)
-        }
-        None => (name, Flags::empty()),
-    }
-}
-
-/// Flag letters in the ASCII order the Maildir spec asks for: system flags, then keywords.
-fn flag_letters(flags: Flags) -> String {
-    let system = [
-        ('D', Flags::DRAFT),
-        ('F', Flags::FLAGGED),
-        ('P', Flags::FORWARDED),
-        ('R', Flags::ANSWERED),
-        ('S', Flags::SEEN),
-        ('T', Flags::DELETED),
-    ]
-    .into_iter()
-    .filter(|(_, flag)| flags.contains(*flag))
-    .map(|(letter, _)| letter);
-    let keywords = flags
-        .keyword_slots()
-        .map(|slot| char::from(b'a' + slot as u8));
-    system.chain(keywords).collect()
-}
-
-fn size_field(key: &str, field: &str) -> Option<u64> {
-    let start = key.find(field)? + field.len();
-    let digits: &str = &key[start..];
-    let end = digits
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(digits.len());
-    digits[..end].parse().ok()
-}
-
-/// Where a message is now: its listed location, or wherever a rename took it. A session that
-/// changed the flags itself knows them, so the name they gave the file is tried before the
-/// folder is scanned.
-fn current_location(dir: &Path, message: &MessageInfo) -> io::Result<Option<String>> {
-    if dir.join(&message.location).exists() {
-        return Ok(Some(message.location.clone()));
-    }
-    let renamed = format!("cur/{}:2,{}", message.key, flag_letters(message.flags));
-    if renamed != message.location && dir.join(&renamed).exists() {
-        return Ok(Some(renamed));
-    }
-    locate(dir, &message.key)
-}
-
-fn locate(dir: &Path, key: &str) -> io::Result<Option<String>> {
-    Ok(list_files(dir)?.remove(key).map(|listed| listed.location))
-}
-
-/// A UIDVALIDITY for a new or rebuilt index: the time, but never one this process handed out
-/// before, so a folder deleted and created again within the same second (or rebuilt twice) gets
-/// a different UIDVALIDITY and no client can trust its stale UIDs (RFC 9051 §2.3.1.1).
-fn fresh_validity() -> u32 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static LAST: AtomicU32 = AtomicU32::new(0);
-    let now = unix_now();
-    let mut last = LAST.load(Ordering::Relaxed);
-    loop {
-        let next = now.max(last.wrapping_add(1)).max(1);
-        match LAST.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
-            Ok(_) => return next,
-            Err(seen) => last = seen,
-        }
-    }
-}
-
-fn read_index(dir: &Path) -> io::Result<UidList> {
-    read_index_as_stored(dir).map(|(index, _)| index)
-}
-
-/// The folder's UID index, and what its file held (None: missing or damaged, so this is a new
-/// index with a new UIDVALIDITY that must be written before anyone sees it).
-fn read_index_as_stored(dir: &Path) -> io::Result<(UidList, Option<uidlist::FileState>)> {
-    match fs::read_to_string(dir.join(uidlist::FILE_NAME)) {
-        Ok(text) => Ok(match UidList::parse(&text) {
-            Some((index, file)) => (index, Some(file)),
-            None => {
-                warn!(dir = %dir.display(), "damaged UID index, rebuilding with a new UIDVALIDITY");
-                let previous = text
-                    .split_whitespace()
-                    .find_map(|f| f.strip_prefix('V')?.parse::<u32>().ok());
-                (UidList::fresh(fresh_validity(), previous), None)
-            }
-        }),
-        Err(err)
-            if matches!(
-                err.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::InvalidData
-            ) =>
-        {
-            Ok((UidList::fresh(fresh_validity(), None), None))
-        }
-        Err(err) => Err(err),
-    }
-}
-
-/// Appends entry lines to the index file, to be flushed by the caller.
-fn append_index(dir: &Path, lines: &str) -> io::Result<File> {
-    durable::append_unsynced(&dir.join(uidlist::FILE_NAME), lines.as_bytes())
-}
-
-/// Replaces the index atomically and durably.
-fn write_index(dir: &Path, index: &UidList) -> io::Result<()> {
-    let tmp = dir.join(format!("{}.tmp", uidlist::FILE_NAME));
-    durable::write_and_rename(
-        &tmp,
-        &dir.join(uidlist::FILE_NAME),
-        index.render().as_bytes(),
-    )?;
-    durable::sync_dir(dir)
-}
-
-fn unix_now() -> u32 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
-        .unwrap_or(1)
-}
-
-/// LF to CRLF: the inverse of [`to_lf`] (every LF came from a CRLF).
-fn to_crlf(content: &[u8]) -> Vec<u8> {
-    let lines = memchr::memchr_iter(b'\n', content).count();
-    let mut out = Vec::with_capacity(content.len() + lines);
-    for (i, part) in content.split(|b| *b == b'\n').enumerate() {
-        if i > 0 {
-            out.extend_from_slice(b"\r\n");
-        }
-        out.extend_from_slice(part);
-    }
-    out
-}
-
-/// The CRLF size of a file whose name does not say it.
-fn crlf_size(path: &Path) -> io::Result<u64> {
-    let content = fs::read(path)?;
-    Ok((content.len() + memchr::memchr_iter(b'\n', &content).count()) as u64)
 }
 
 type Written = (File, PathBuf, PathBuf, PathBuf);
