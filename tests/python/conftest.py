@@ -87,6 +87,11 @@ class Server:
             time.sleep(0.02)
         return self.maildir(user, domain)
 
+    def log_text(self):
+        """What the server has logged so far."""
+        self.log.flush()
+        return pathlib.Path(self.log.name).read_text(errors="replace")
+
     def spooled(self):
         d = self.data_dir / "spool" / "queue"
         return sorted(os.listdir(d)) if d.exists() else []

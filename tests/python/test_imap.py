@@ -298,6 +298,23 @@ def test_quota_refuses_rcpt_and_append_and_is_reported(make_server):
     m.logout()
 
 
+def test_quota_at_delivery_keeps_the_message_spooled(make_server):
+    """RCPT cannot know the size: a message accepted while there was room but too big for what
+    is left stays in the spool, deferred with 4.2.2 (bounced after max_age like any deferral)."""
+    server = make_server(default_quota_mb=1)
+    big = message(1, body=b"x" * 76 + b"\r\n")
+    big = big.replace(b"x" * 76 + b"\r\n", (b"x" * 76 + b"\r\n") * 11000)  # ~860 KB
+    deliver(server, [big])
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"]) as s:
+        assert s.sendmail("sender@remote.test", ["alice@example.test"], message(2, body=(b"y" * 76 + b"\r\n") * 3000)) == {}
+    deadline = time.time() + 10
+    while time.time() < deadline and "mailbox full" not in server.log_text():
+        time.sleep(0.05)
+    assert "local delivery to alice@example.test deferred: mailbox full" in server.log_text()
+    assert len(server.maildir("alice")) == 1
+    assert len(server.spooled()) >= 1
+
+
 def test_append_copy_move_with_uidplus(server):
     deliver(server, [message(1), message(2)])
     m = connect(server)

@@ -333,6 +333,47 @@ fn load_from_spool(spool: &Spool, batch: &mut [Queued]) {
 
 /// What became of each recipient: `Done` (stored, discarded, or not asked for), `Remote`,
 /// `Failed` or `Deferred`.
+/// Quota checks for one batch: each mailbox's usage is read once, and what the batch adds is
+/// counted on top, so a batch cannot take a mailbox past its quota either.
+#[derive(Default)]
+struct QuotaCheck {
+    used: std::collections::HashMap<String, crate::store::Usage>,
+}
+
+impl QuotaCheck {
+    fn allows(
+        &mut self,
+        store: &dyn MailStore,
+        users: &UserDirectory,
+        mailbox: &str,
+        size: u64,
+    ) -> bool {
+        let quota = users.quota(mailbox);
+        if !quota.is_limited() {
+            return true;
+        }
+        let used = match self.used.get(mailbox) {
+            Some(used) => *used,
+            None => match store.usage(mailbox) {
+                Ok(used) => used,
+                // An unreadable mailbox is the delivery's problem, not the quota's.
+                Err(_) => return true,
+            },
+        };
+        let allowed = quota.allows(used, size, 1);
+        if allowed {
+            self.used.insert(
+                mailbox.to_string(),
+                crate::store::Usage {
+                    bytes: used.bytes + size,
+                    messages: used.messages + 1,
+                },
+            );
+        }
+        allowed
+    }
+}
+
 fn deliver_locally(
     store: &dyn MailStore,
     users: &UserDirectory,
@@ -347,6 +388,7 @@ fn deliver_locally(
         .iter()
         .map(|q| vec![Disposition::Done; q.envelope.recipients.len()])
         .collect();
+    let mut quotas = QuotaCheck::default();
     for (m, queued) in batch.iter().enumerate() {
         let env = &queued.envelope;
         for (r, rcpt) in env.recipients.iter().enumerate() {
@@ -412,13 +454,22 @@ fn deliver_locally(
                     continue;
                 }
             };
-            prepends.push(
-                format!(
-                    "Return-Path: <{}>\r\nDelivered-To: {}\r\n",
-                    env.sender, rcpt.address
-                )
-                .into_bytes(),
-            );
+            let prepend = format!(
+                "Return-Path: <{}>\r\nDelivered-To: {}\r\n",
+                env.sender, rcpt.address
+            )
+            .into_bytes();
+            // A mailbox over its quota takes the message later, or bounces it after max_age
+            // like any deferred delivery (RFC 3463 X.2.2). A retry is not checked: it may
+            // find its own earlier copy, which the quota already counts.
+            let size = prepend.len() + queued.message.as_ref().map_or(0, |m| m.len());
+            if !queued.retry && !quotas.allows(store, users, &mailbox, size as u64) {
+                info!(queue_id = %env.id, "local delivery to {mailbox} deferred: mailbox full");
+                dispositions[m][r] =
+                    Disposition::Deferred(format!("4.2.2 {mailbox}: mailbox full"));
+                continue;
+            }
+            prepends.push(prepend);
             ids.push(format!("{}_{r}", env.id));
             owners.push((m, r, mailbox, folder));
         }
