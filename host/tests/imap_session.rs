@@ -915,3 +915,42 @@ async fn quota_is_reported_and_enforced() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn metadata_on_folders_and_the_server() {
+    // RFC 5464 §4.2-4.3 (examples adapted): SETMETADATA sets and NIL removes; GETMETADATA
+    // returns what exists, DEPTH reaches below, MAXSIZE leaves out with LONGENTRIES; "" is
+    // the server; bad names are BAD; a missing folder is NONEXISTENT.
+    replay(
+        r#"
+        S: * OK …
+        S2: * OK …
+        C: A001 LOGIN alice@example.test alicepass
+        S: A001 OK …
+        C: A002 SETMETADATA INBOX (/private/comment "My own comment" /shared/vendor/x/a "1")
+        S: A002 OK SETMETADATA completed
+        C: A003 GETMETADATA INBOX /private/comment
+        S: * METADATA INBOX (/private/comment "My own comment")
+        S: A003 OK GETMETADATA completed
+        C: A004 GETMETADATA (DEPTH infinity) INBOX (/shared/vendor /private/comment)
+        S: * METADATA INBOX (/private/comment "My own comment" /shared/vendor/x/a "1")
+        S: A004 OK GETMETADATA completed
+        C: A005 GETMETADATA (MAXSIZE 5) INBOX /private/comment
+        S: A005 OK [METADATA LONGENTRIES 14] GETMETADATA completed
+        C: A006 SETMETADATA "" (/shared/admin "mailto:admin@example.test")
+        S: A006 OK SETMETADATA completed
+        C: A007 GETMETADATA "" /shared/admin
+        S: * METADATA "" (/shared/admin "mailto:admin@example.test")
+        S: A007 OK GETMETADATA completed
+        C: A008 SETMETADATA INBOX (/private/comment NIL)
+        S: A008 OK SETMETADATA completed
+        C: A009 GETMETADATA INBOX /private/comment
+        S: A009 OK GETMETADATA completed
+        C: A010 SETMETADATA INBOX (/nowhere/x "1")
+        S: A010 BAD …
+        C: A011 GETMETADATA Missing /private/comment
+        S: A011 NO [NONEXISTENT] …
+        "#,
+    )
+    .await;
+}

@@ -15,7 +15,7 @@ import pytest
 ALICE = ("alice@example.test", "alicepass")
 
 # imaplib knows only the commands of its time; these are sent through _simple_command.
-for _name in ("ID", "MOVE", "ENABLE", "UNSELECT"):
+for _name in ("ID", "MOVE", "ENABLE", "UNSELECT", "GETMETADATA", "SETMETADATA"):
     imaplib.Commands.setdefault(_name, ("NONAUTH", "AUTH", "SELECTED"))
 
 
@@ -313,6 +313,23 @@ def test_quota_at_delivery_keeps_the_message_spooled(make_server):
     assert "local delivery to alice@example.test deferred: mailbox full" in server.log_text()
     assert len(server.maildir("alice")) == 1
     assert len(server.spooled()) >= 1
+
+
+def test_metadata_survives_a_kill(tmp_path):
+    """RFC 5464 through imaplib: an annotation set is there after a kill -9 and restart."""
+    from conftest import Server
+
+    server = Server(tmp_path / "run")
+    m = connect(server)
+    assert "METADATA" in m.capabilities
+    ok(m._simple_command("SETMETADATA", "INBOX", '(/private/comment "Read me")'))
+    server.stop()
+    server = Server(tmp_path / "run")
+    m = connect(server)
+    ok(m._simple_command("GETMETADATA", "INBOX", "/private/comment"))
+    assert m.untagged_responses.pop("METADATA") == [b'INBOX (/private/comment "Read me")']
+    m.logout()
+    server.stop()
 
 
 def test_append_copy_move_with_uidplus(server):

@@ -36,6 +36,12 @@ pub enum Code {
     /// RFC 7162 §3.1.3: messages a conditional STORE left alone.
     Modified(String),
     Capability(String),
+    /// RFC 5464 §4.2.1: GETMETADATA left out entries over MAXSIZE; the longest's size.
+    MetadataLongEntries(usize),
+    /// RFC 5464 §4.3: the largest value SETMETADATA takes.
+    MetadataMaxSize(usize),
+    /// RFC 5464 §4.3: the folder has as many entries as it may.
+    MetadataTooMany,
     /// RFC 5465 §5.9: the NOTIFY events this server reports.
     BadEvent(String),
     /// RFC 4469 §6: a CATENATE URL that cannot be used.
@@ -68,6 +74,9 @@ impl fmt::Display for Code {
             Code::Modified(set) => write!(f, "MODIFIED {set}"),
             Code::Capability(list) => write!(f, "CAPABILITY {list}"),
             Code::BadEvent(events) => write!(f, "BADEVENT ({events})"),
+            Code::MetadataLongEntries(n) => write!(f, "METADATA LONGENTRIES {n}"),
+            Code::MetadataMaxSize(n) => write!(f, "METADATA MAXSIZE {n}"),
+            Code::MetadataTooMany => f.write_str("METADATA TOOMANY"),
             Code::BadUrl(url) => {
                 let mut quoted = Vec::new();
                 crate::imap::codec::string(&mut quoted, url.as_bytes());

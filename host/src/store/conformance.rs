@@ -25,6 +25,7 @@ pub fn run_all(open: Open<'_>) {
     folders_are_made_renamed_and_deleted_with_children(open);
     subscriptions_are_kept(open);
     reads_are_exact_and_removed_messages_are_gone(open);
+    annotations_are_kept_and_follow_their_folder(open);
 }
 
 const MESSAGE: &[u8] = b"From: a@example.test\r\nSubject: contract\r\n\r\nbody line\r\n";
@@ -430,4 +431,48 @@ pub fn reads_are_exact_and_removed_messages_are_gone(open: Open<'_>) {
     store
         .remove(user, "INBOX", &[&snapshot.messages[0]])
         .unwrap();
+}
+
+/// RFC 5464 annotations: set and removed durably, kept across a restart, the mailbox's apart
+/// from INBOX's, and they go with their folder when it is renamed or deleted.
+pub fn annotations_are_kept_and_follow_their_folder(open: Open<'_>) {
+    let store = open();
+    let user = "metadata@example.test";
+    let comment = "/private/comment".to_string();
+    store.create_folder(user, "Notes").unwrap();
+    store
+        .set_metadata(
+            user,
+            Some("Notes"),
+            &[(comment.clone(), Some(b"kept".to_vec()))],
+        )
+        .unwrap();
+    store
+        .set_metadata(user, None, &[(comment.clone(), Some(b"server".to_vec()))])
+        .unwrap();
+    drop(store);
+    let store = open();
+    assert_eq!(
+        store.metadata(user, Some("Notes")).unwrap()[&comment],
+        b"kept"
+    );
+    assert_eq!(store.metadata(user, None).unwrap()[&comment], b"server");
+    assert!(
+        store.metadata(user, Some("INBOX")).unwrap().is_empty(),
+        "INBOX has its own"
+    );
+    store.rename_folder(user, "Notes", "Old notes").unwrap();
+    assert_eq!(
+        store.metadata(user, Some("Old notes")).unwrap()[&comment],
+        b"kept"
+    );
+    store
+        .set_metadata(user, Some("Old notes"), &[(comment.clone(), None)])
+        .unwrap();
+    assert!(store.metadata(user, Some("Old notes")).unwrap().is_empty());
+    store.delete_folder(user, "Old notes").unwrap();
+    assert!(matches!(
+        store.metadata(user, Some("Old notes")),
+        Err(StoreError::NoSuchFolder(_))
+    ));
 }

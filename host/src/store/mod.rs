@@ -335,6 +335,22 @@ pub trait MailStore: Send + Sync {
         subscribed: bool,
     ) -> Result<(), StoreError>;
 
+    /// RFC 5464 annotations of a folder (`Some`) or of the mailbox as a whole (`None`, the
+    /// server annotations of IMAP METADATA), by entry name (`/private/…`, `/shared/…`).
+    fn metadata(
+        &self,
+        mailbox: &str,
+        folder: Option<&str>,
+    ) -> Result<std::collections::BTreeMap<String, Vec<u8>>, StoreError>;
+
+    /// Sets (`Some`) or removes (`None`) annotations, all durably before it returns.
+    fn set_metadata(
+        &self,
+        mailbox: &str,
+        folder: Option<&str>,
+        changes: &[(String, Option<Vec<u8>>)],
+    ) -> Result<(), StoreError>;
+
     /// What the mailbox holds in all its folders. By default the sum of every folder's
     /// snapshot; a store that can count more cheaply does.
     fn usage(&self, mailbox: &str) -> Result<Usage, StoreError> {

@@ -238,6 +238,23 @@ impl MailStore for Watched {
         self.announce_if(mailbox, None, result)
     }
 
+    fn metadata(
+        &self,
+        mailbox: &str,
+        folder: Option<&str>,
+    ) -> Result<std::collections::BTreeMap<String, Vec<u8>>, StoreError> {
+        self.inner().metadata(mailbox, folder)
+    }
+
+    fn set_metadata(
+        &self,
+        mailbox: &str,
+        folder: Option<&str>,
+        changes: &[(String, Option<Vec<u8>>)],
+    ) -> Result<(), StoreError> {
+        self.inner().set_metadata(mailbox, folder, changes)
+    }
+
     fn usage(&self, mailbox: &str) -> Result<super::Usage, StoreError> {
         self.inner().usage(mailbox)
     }

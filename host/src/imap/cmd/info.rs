@@ -117,6 +117,7 @@ impl Conn {
             "SEARCH=PARTIAL",
             "CATENATE",
             "NOTIFY",
+            "METADATA",
             "QUOTA",
             "QUOTA=RES-STORAGE",
             "QUOTA=RES-MESSAGE",

@@ -9,6 +9,7 @@
 //! | `select` | SELECT, EXAMINE, CLOSE, UNSELECT, EXPUNGE, UID EXPUNGE |
 //! | `append` | APPEND, MULTIAPPEND |
 //! | `idle` | IDLE |
+//! | `metadata` | GETMETADATA, SETMETADATA |
 //! | `notify` | NOTIFY |
 //! | `quota` | GETQUOTA, GETQUOTAROOT, SETQUOTA |
 //! | `fetch` | FETCH, UID FETCH |
@@ -26,6 +27,7 @@ pub(in crate::imap) mod fetch;
 pub(in crate::imap) mod folders;
 pub(in crate::imap) mod idle;
 pub(in crate::imap) mod info;
+pub(in crate::imap) mod metadata;
 pub(in crate::imap) mod notify;
 pub(in crate::imap) mod quota;
 pub(in crate::imap) mod search;
@@ -234,6 +236,24 @@ impl Conn {
                 self.get_quota_root(io, user, &mailbox).await
             }
             (LoggedIn { user, .. }, C::GetQuota { root }) => self.get_quota(io, user, &root).await,
+            (
+                LoggedIn { user, .. },
+                C::GetMetadata {
+                    options,
+                    mailbox,
+                    entries,
+                },
+            ) => {
+                self.get_metadata(io, user, options, &mailbox, entries)
+                    .await
+            }
+            (
+                LoggedIn { user, .. },
+                C::SetMetadata {
+                    mailbox,
+                    entry_values,
+                },
+            ) => self.set_metadata(user, &mailbox, entry_values).await,
             (LoggedIn { .. }, C::SetQuota { .. }) => no(
                 Some(crate::imap::code::Code::Cannot),
                 "Quotas are set in the server's configuration",

@@ -26,6 +26,7 @@ mod headers;
 mod index;
 pub mod keywords;
 mod listing;
+mod metadata;
 pub mod modseq;
 mod names;
 pub mod uidlist;
@@ -768,6 +769,42 @@ impl MailStore for Maildir {
             .map_err(StoreError::from_io)
     }
 
+    /// Annotations live in `postern-metadata` in the folder's directory, and the mailbox's own
+    /// in `postern-mailbox-metadata` at its root (which is also INBOX's directory): one line
+    /// per entry, `<name> <value in hex>`, so they go and move with their folder.
+    fn metadata(
+        &self,
+        mailbox: &str,
+        folder: Option<&str>,
+    ) -> Result<std::collections::BTreeMap<String, Vec<u8>>, StoreError> {
+        let (dir, file) = self.metadata_file(mailbox, folder)?;
+        metadata::read(&dir.join(file)).map_err(StoreError::from_io)
+    }
+
+    fn set_metadata(
+        &self,
+        mailbox: &str,
+        folder: Option<&str>,
+        changes: &[(String, Option<Vec<u8>>)],
+    ) -> Result<(), StoreError> {
+        let (dir, file) = self.metadata_file(mailbox, folder)?;
+        ensure_maildir(&dir).map_err(StoreError::from_io)?;
+        let lock = self.folder_lock(&dir.join(file));
+        let _guard = lock.lock().expect("metadata lock");
+        let path = dir.join(file);
+        let mut entries = metadata::read(&path).map_err(StoreError::from_io)?;
+        for (name, value) in changes {
+            match value {
+                Some(value) => entries.insert(name.clone(), value.clone()),
+                None => entries.remove(name),
+            };
+        }
+        let tmp = dir.join(format!("{file}.tmp"));
+        durable::write_and_rename(&tmp, &path, metadata::render(&entries).as_bytes())
+            .and_then(|()| durable::sync_dir(&dir))
+            .map_err(StoreError::from_io)
+    }
+
     /// Sizes come from the file names (or the files, for names without them), listings from
     /// the kept ones: no index is read or written.
     fn usage(&self, mailbox: &str) -> Result<super::Usage, StoreError> {
@@ -843,6 +880,21 @@ type Written = (File, PathBuf, PathBuf, PathBuf);
 
 impl Maildir {
     /// A message file's bytes as stored, wherever a rename since the listing took it.
+    /// Where a folder's (or the mailbox's) annotations are kept.
+    fn metadata_file(
+        &self,
+        mailbox: &str,
+        folder: Option<&str>,
+    ) -> Result<(PathBuf, &'static str), StoreError> {
+        Ok(match folder {
+            Some(folder) => (
+                self.existing_folder(mailbox, folder)?,
+                metadata::FOLDER_FILE,
+            ),
+            None => (self.folder_path(mailbox, "INBOX")?, metadata::MAILBOX_FILE),
+        })
+    }
+
     fn read_file(&self, dir: &Path, message: &MessageInfo) -> Result<Vec<u8>, StoreError> {
         match fs::read(dir.join(&message.location)) {
             Ok(content) => Ok(content),
