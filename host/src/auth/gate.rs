@@ -11,6 +11,11 @@
 //! - A success does not wipe failures an address earned with other accounts, and the table, when
 //!   full, sheds its oldest entries instead of every counter. IPv6 clients count by /64, the
 //!   smallest network a single customer is usually given (RFC 6177).
+//! - Verified passwords are kept a few minutes (Dovecot's `auth_cache`): clients open several
+//!   connections and log in again and again, and a LOGIN that was right a minute ago need not
+//!   pay argon2 again. Only successes are kept, by a keyed hash of login and password, and only
+//!   while the user's stored hash is the one they were verified against; failures always pay
+//!   the full check and count against the client.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -51,6 +56,7 @@ pub struct LoginGate {
     users: Arc<UserDirectory>,
     throttle: AuthThrottle,
     checkers: PasswordPool,
+    verified: CredentialCache,
 }
 
 impl LoginGate {
@@ -60,6 +66,7 @@ impl LoginGate {
             users,
             throttle: AuthThrottle::new(max_failures, window),
             checkers: PasswordPool::new(threads),
+            verified: CredentialCache::new(CACHE_TTL, CACHE_CAPACITY),
         }
     }
 
@@ -80,11 +87,23 @@ impl LoginGate {
                 digest,
             } => self.users.verify_apop(&login, &timestamp, &digest),
             Credentials::Password { login, password } => {
-                let users = self.users.clone();
-                self.checkers
-                    .run(move || users.verify_blocking(&login, &password))
-                    .await
-                    .flatten()
+                let stored = self.users.password_hash(&login);
+                let key = self.verified.key(&login, &password);
+                match self.verified.get(&key, stored.as_deref()) {
+                    Some(user) => Some(user),
+                    None => {
+                        let users = self.users.clone();
+                        let user = self
+                            .checkers
+                            .run(move || users.verify_blocking(&login, &password))
+                            .await
+                            .flatten();
+                        if let (Some(user), Some(stored)) = (&user, stored) {
+                            self.verified.put(key, user.clone(), stored);
+                        }
+                        user
+                    }
+                }
             }
         };
         match user {
@@ -97,6 +116,91 @@ impl LoginGate {
                 LoginVerdict::Refused
             }
         }
+    }
+}
+
+/// How long a verified password is kept, and how many are.
+const CACHE_TTL: Duration = Duration::from_secs(300);
+const CACHE_CAPACITY: usize = 10_000;
+
+/// Verified (login, password) pairs, by a keyed hash, with the stored hash they matched.
+struct CredentialCache {
+    /// Per process, random: a memory dump shows no hash anyone can test guesses against
+    /// without it.
+    secret: [u8; 32],
+    entries: Mutex<HashMap<[u8; 32], Verified>>,
+    ttl: Duration,
+    capacity: usize,
+}
+
+struct Verified {
+    user: AuthUser,
+    /// The user's stored password hash when the password was checked against it.
+    stored: String,
+    until: Instant,
+}
+
+impl CredentialCache {
+    fn new(ttl: Duration, capacity: usize) -> CredentialCache {
+        use std::hash::{BuildHasher, Hasher};
+        // RandomState is seeded from the operating system's randomness.
+        let mut secret = [0u8; 32];
+        for chunk in secret.chunks_mut(8) {
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_u64(Instant::now().elapsed().as_nanos() as u64);
+            chunk.copy_from_slice(&hasher.finish().to_le_bytes());
+        }
+        CredentialCache {
+            secret,
+            entries: Mutex::new(HashMap::new()),
+            ttl,
+            capacity,
+        }
+    }
+
+    fn key(&self, login: &str, password: &Secret<String>) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let inner = Sha256::new()
+            .chain_update(login.to_ascii_lowercase().as_bytes())
+            .chain_update([0u8])
+            .chain_update(password.0.as_bytes())
+            .finalize();
+        Sha256::new()
+            .chain_update(self.secret)
+            .chain_update(inner)
+            .finalize()
+            .into()
+    }
+
+    /// The user a pair was verified as, while it is fresh and the stored hash unchanged.
+    fn get(&self, key: &[u8; 32], stored: Option<&str>) -> Option<AuthUser> {
+        let stored = stored?;
+        let mut entries = self.entries.lock().expect("credential cache");
+        let entry = entries.get(key)?;
+        if entry.until > Instant::now() && entry.stored == stored {
+            return Some(entry.user.clone());
+        }
+        entries.remove(key);
+        None
+    }
+
+    fn put(&self, key: [u8; 32], user: AuthUser, stored: String) {
+        let mut entries = self.entries.lock().expect("credential cache");
+        if entries.len() >= self.capacity {
+            let now = Instant::now();
+            entries.retain(|_, e| e.until > now);
+            if entries.len() >= self.capacity {
+                entries.clear();
+            }
+        }
+        entries.insert(
+            key,
+            Verified {
+                user,
+                stored,
+                until: Instant::now() + self.ttl,
+            },
+        );
     }
 }
 
@@ -329,6 +433,38 @@ mod tests {
         assert!(!t.allows(a));
         assert!(t.reserve(a).is_none());
         assert!(t.allows(ip("192.0.2.2")));
+    }
+
+    #[test]
+    fn verified_passwords_are_kept_while_fresh_and_the_hash_unchanged() {
+        let cache = CredentialCache::new(Duration::from_millis(200), 2);
+        let secret = |p: &str| Secret(p.to_string());
+        let key = cache.key("Alice@example.test", &secret("right"));
+        assert_eq!(key, cache.key("alice@example.test", &secret("right")));
+        assert_ne!(key, cache.key("alice@example.test", &secret("wrong")));
+        cache.put(key, AuthUser("alice@example.test".into()), "$hash1".into());
+        assert!(cache.get(&key, Some("$hash1")).is_some());
+        assert!(
+            cache.get(&key, Some("$hash2")).is_none(),
+            "a changed password drops it"
+        );
+        assert!(
+            cache.get(&key, Some("$hash1")).is_none(),
+            "and it stays dropped"
+        );
+        cache.put(key, AuthUser("alice@example.test".into()), "$hash1".into());
+        assert!(
+            cache.get(&key, None).is_none(),
+            "a deleted user is not let in"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(cache.get(&key, Some("$hash1")).is_none(), "expired");
+        let other = CredentialCache::new(Duration::from_secs(60), 2);
+        assert_ne!(
+            other.key("alice@example.test", &secret("right")),
+            key,
+            "keys differ per process"
+        );
     }
 
     #[test]

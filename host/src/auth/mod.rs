@@ -182,6 +182,12 @@ impl UserDirectory {
         self.users.len()
     }
 
+    /// The stored password hash (PHC string) of a login's user, if there is one.
+    pub fn password_hash(&self, login: &str) -> Option<String> {
+        let key = Address::parse(login)?.mailbox_key();
+        self.users.get(&key).cloned()
+    }
+
     /// Checks a login (blocking: call from a blocking thread). The login is an address; a bare
     /// local part is not accepted, since the same name may exist in several domains.
     pub fn verify_blocking(&self, login: &str, password: &Secret<String>) -> Option<AuthUser> {
