@@ -29,6 +29,9 @@ enum Command {
         /// Overrides server.data_dir.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// `text` (the default) or `json` (one JSON object per line, for log collectors).
+        #[arg(long, value_enum, default_value_t)]
+        log_format: crate::telemetry::LogFormat,
     },
     /// Check a configuration file and print what is wrong with it.
     CheckConfig {
@@ -101,13 +104,17 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { config, data_dir } => {
+        Command::Serve {
+            config,
+            data_dir,
+            log_format,
+        } => {
             let config_path = config.clone();
             let mut config = load_config(config.as_ref())?;
             if let Some(dir) = data_dir {
                 config.server.data_dir = dir;
             }
-            crate::telemetry::init(&config.server.log);
+            crate::telemetry::init(&config.server.log, log_format);
             // Before the runtime's threads exist, so that they inherit the blocked signals.
             let grace = std::time::Duration::from_secs(config.server.shutdown_grace_secs);
             let pid_file = crate::server::pid_path(&config.server.data_dir);

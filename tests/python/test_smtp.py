@@ -264,3 +264,39 @@ def test_swaks_starttls_auth_login(server):
     # swaks sends the body followed by two empty lines (see its transcript), stored as LF lines.
     assert stored.endswith(b"\n\nswaks body line\n\n\n"), stored
     assert b"with ESMTPSA id" in stored
+
+
+def test_json_log_lines(tmp_path):
+    """`serve --log-format json`: every log line is one JSON object, with the level, the message
+    and the session's span fields, for log collectors."""
+    import json
+    import subprocess
+
+    from conftest import postern_bin, test_config
+
+    config = tmp_path / "postern.toml"
+    config.write_text(test_config(tmp_path / "data"))
+    log = open(tmp_path / "postern.log", "wb")
+    proc = subprocess.Popen([postern_bin(), "serve", "--config", str(config), "--log-format", "json"],
+                            stdout=subprocess.PIPE, stderr=log)
+    try:
+        ports = {}
+        for raw in proc.stdout:
+            line = raw.decode()
+            if line.startswith("postern: ready"):
+                break
+            parts = line.split()
+            if len(parts) >= 4 and parts[0] == "postern:" and parts[1] == "listening":
+                ports[parts[2]] = int(parts[3].rsplit(":", 1)[1])
+        with smtplib.SMTP("127.0.0.1", ports["smtp"]) as s:
+            assert s.sendmail("sender@remote.test", ["alice@example.test"], b"Subject: j\r\n\r\nx\r\n") == {}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+    records = [json.loads(line) for line in (tmp_path / "postern.log").read_text().splitlines() if line.strip()]
+    assert records and all({"timestamp", "level", "fields"} <= r.keys() for r in records)
+    queued = [r for r in records if r["fields"].get("message") == "queued"]
+    assert len(queued) == 1, records
+    assert queued[0]["level"] == "INFO" and queued[0]["fields"]["rcpts"] == 1
+    assert queued[0]["spans"][0]["name"] == "smtp" and "session" in queued[0]["spans"][0]
