@@ -300,3 +300,22 @@ def test_json_log_lines(tmp_path):
     assert len(queued) == 1, records
     assert queued[0]["level"] == "INFO" and queued[0]["fields"]["rcpts"] == 1
     assert queued[0]["spans"][0]["name"] == "smtp" and "session" in queued[0]["spans"][0]
+
+
+def test_the_systemd_unit_verifies(tmp_path):
+    """examples/postern.service passes `systemd-analyze verify` (pointed at the built binary)."""
+    import shutil
+    import subprocess
+
+    from conftest import ROOT, postern_bin
+
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    unit = (ROOT / "examples" / "postern.service").read_text()
+    assert "NoNewPrivileges=yes" in unit and "CapabilityBoundingSet=CAP_NET_BIND_SERVICE" in unit
+    copy = tmp_path / "postern.service"
+    copy.write_text(unit.replace("/usr/local/bin/postern", postern_bin()))
+    result = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "postern.service" not in result.stderr, result.stderr
