@@ -87,6 +87,7 @@ impl Conn {
                 | CommandBody::Store { uid: false, .. }
                 | CommandBody::Search { uid: false, .. }
         );
+        let moving = matches!(command.body, CommandBody::Move { .. });
         use CommandBody as C;
         use State::{LoggedIn, NotAuthenticated};
         if let LoggedIn {
@@ -350,22 +351,8 @@ impl Conn {
                     sequence_set,
                     mailbox,
                     uid,
-                },
-            ) => {
-                let request = CopyRequest {
-                    set: &sequence_set,
-                    mailbox: &mailbox,
-                    uid,
-                    moving: false,
-                };
-                self.copy(io, user, selected, request).await
-            }
-            (
-                LoggedIn {
-                    user,
-                    selected: Some(selected),
-                },
-                C::Move {
+                }
+                | C::Move {
                     sequence_set,
                     mailbox,
                     uid,
@@ -375,7 +362,7 @@ impl Conn {
                     set: &sequence_set,
                     mailbox: &mailbox,
                     uid,
-                    moving: true,
+                    moving,
                 };
                 self.copy(io, user, selected, request).await
             }

@@ -266,6 +266,20 @@ fn status_items(events: Events, condstore: bool) -> Vec<StatusDataItemName> {
     items
 }
 
+/// The user's folders (INBOX, which always exists, first) and subscriptions.
+async fn folder_lists(
+    store: std::sync::Arc<dyn crate::store::MailStore>,
+    user: &str,
+) -> Result<(Vec<String>, Vec<String>), crate::store::StoreError> {
+    let owner = user.to_string();
+    blocking(move || {
+        let mut folders = store.folders(&owner)?;
+        folders.insert(0, "INBOX".to_string());
+        Ok((folders, store.subscriptions(&owner)?))
+    })
+    .await
+}
+
 impl Conn {
     /// NOTIFY SET or NONE. With STATUS, each watched folder but the selected one is told at
     /// once as STATUS (RFC 5465 §3.1).
@@ -287,15 +301,7 @@ impl Conn {
             }
             Err(done) => return done,
         };
-        let (store, owner) = (self.store.clone(), user.to_string());
-        let listed = blocking(move || {
-            // INBOX always exists; the store lists the other folders.
-            let mut folders = store.folders(&owner)?;
-            folders.insert(0, "INBOX".to_string());
-            Ok((folders, store.subscriptions(&owner)?))
-        })
-        .await;
-        let (folders, subscribed) = match listed {
+        let (folders, subscribed) = match folder_lists(self.store.clone(), user).await {
             Ok(listed) => listed,
             Err(err) => return store_failure(&err),
         };
@@ -391,15 +397,8 @@ impl Conn {
             return;
         };
         if lists_changed && notify.any(|e| e.name || e.subscription) {
-            let (store, owner) = (self.store.clone(), user.clone());
-            let listed = blocking(move || {
-                // INBOX always exists; the store lists the other folders.
-                let mut folders = store.folders(&owner)?;
-                folders.insert(0, "INBOX".to_string());
-                Ok((folders, store.subscriptions(&owner)?))
-            })
-            .await;
-            if let Ok((now_folders, now_subscribed)) = listed {
+            if let Ok((now_folders, now_subscribed)) = folder_lists(self.store.clone(), user).await
+            {
                 let mut out = Vec::new();
                 let list = |out: &mut Vec<u8>, attributes: &str, name: &str| {
                     out.extend_from_slice(format!("* LIST ({attributes}) \"/\" ").as_bytes());
