@@ -89,14 +89,6 @@ impl Kept {
         }
     }
 
-    /// The search's answer the first time (what SEARCH RETURN sends), for the result `found`
-    /// (UIDs, ascending) in the view `messages`.
-    pub fn first_answer(&self, out: &mut Vec<u8>, messages: &[MessageInfo]) {
-        head(out, self);
-        self.items(out, messages, &self.result);
-        out.extend_from_slice(b"\r\n");
-    }
-
     fn items(&self, out: &mut Vec<u8>, messages: &[MessageInfo], found: &[u32]) {
         let number = |uid: u32| -> u32 {
             if self.uid {

@@ -35,14 +35,13 @@ use crate::auth::{LoginGate, UserDirectory};
 use crate::budget::MemoryBudget;
 use crate::config::Config;
 use crate::store::watched::Watched;
-use crate::store::MailStore;
 
 /// Everything IMAP sessions share.
 pub struct ImapServer {
     pub config: Arc<Config>,
     pub users: Arc<UserDirectory>,
-    pub store: Arc<dyn MailStore>,
-    /// The same store, for its change announcements (IDLE and other sessions' updates).
+    /// The store: each session writes through its own handle (`Watched::as_writer`) and hears
+    /// the others' changes (IDLE, updates, NOTIFY).
     pub watched: Arc<Watched>,
     pub tls: Option<TlsAcceptor>,
     pub login_gate: Arc<LoginGate>,
@@ -64,7 +63,6 @@ impl ImapServer {
         ImapServer {
             config,
             users,
-            store: watched.clone(),
             watched,
             tls,
             login_gate,

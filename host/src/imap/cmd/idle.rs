@@ -32,18 +32,18 @@ impl Conn {
                 return Done::Close;
             }
             enum Woken {
-                Input(Box<Result<Event, ReadError>>),
+                Input(Result<Event, ReadError>),
                 Change(Result<Change, broadcast::error::RecvError>),
                 Shutdown,
             }
             let woken = tokio::select! {
-                event = read_event(&mut self.reader, io, Mode::Line, deadline) => Woken::Input(Box::new(event)),
+                event = read_event(&mut self.reader, io, Mode::Line, deadline) => Woken::Input(event),
                 change = self.changes.recv() => Woken::Change(change),
                 _ = shutdown.wait_for(|down| *down) => Woken::Shutdown,
             };
             match woken {
                 Woken::Input(event) => {
-                    return match *event {
+                    return match event {
                         Ok(Event::Line(line)) if line.eq_ignore_ascii_case(b"DONE") => {
                             ok("IDLE terminated")
                         }
