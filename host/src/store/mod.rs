@@ -304,6 +304,19 @@ pub trait MailStore: Send + Sync {
     /// particular order.
     fn folders(&self, mailbox: &str) -> Result<Vec<String>, StoreError>;
 
+    /// Every folder of the mailbox, INBOX first.
+    fn all_folders(&self, mailbox: &str) -> Result<Vec<String>, StoreError> {
+        let mut folders = self.folders(mailbox)?;
+        folders.retain(|f| f != "INBOX");
+        folders.insert(0, "INBOX".to_string());
+        Ok(folders)
+    }
+
+    /// Whether the mailbox has this folder (INBOX always).
+    fn has_folder(&self, mailbox: &str, folder: &str) -> Result<bool, StoreError> {
+        Ok(folder == "INBOX" || self.folders(mailbox)?.iter().any(|f| f == folder))
+    }
+
     fn create_folder(&self, mailbox: &str, folder: &str) -> Result<(), StoreError>;
 
     /// Deletes a folder and its messages (not its sub-folders).
@@ -355,9 +368,7 @@ pub trait MailStore: Send + Sync {
     /// snapshot; a store that can count more cheaply does.
     fn usage(&self, mailbox: &str) -> Result<Usage, StoreError> {
         let mut usage = Usage::default();
-        let mut folders = self.folders(mailbox)?;
-        folders.retain(|f| f != "INBOX");
-        for folder in std::iter::once("INBOX".to_string()).chain(folders) {
+        for folder in self.all_folders(mailbox)? {
             let snapshot = match self.snapshot(mailbox, &folder) {
                 Ok(snapshot) => snapshot,
                 Err(StoreError::NoSuchFolder(_)) => continue,

@@ -188,7 +188,7 @@ impl Conn {
             let catenates = prepared
                 .iter()
                 .any(|(content, ..)| matches!(content, Content::Catenate(_)));
-            if catenates && name != "INBOX" && !store.folders(&user)?.contains(&name) {
+            if catenates && !store.has_folder(&user, &name)? {
                 return Err(StoreError::NoSuchFolder(name.clone()));
             }
             let mut resolved = Vec::with_capacity(prepared.len());

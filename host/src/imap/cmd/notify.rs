@@ -272,12 +272,7 @@ async fn folder_lists(
     user: &str,
 ) -> Result<(Vec<String>, Vec<String>), crate::store::StoreError> {
     let owner = user.to_string();
-    blocking(move || {
-        let mut folders = store.folders(&owner)?;
-        folders.insert(0, "INBOX".to_string());
-        Ok((folders, store.subscriptions(&owner)?))
-    })
-    .await
+    blocking(move || Ok((store.all_folders(&owner)?, store.subscriptions(&owner)?))).await
 }
 
 impl Conn {

@@ -55,9 +55,9 @@ impl Conn {
             Err(done) => return done,
         };
         let (store, owner, folder) = (self.store.clone(), user.to_string(), name.clone());
-        match blocking(move || store.folders(&owner)).await {
-            Ok(folders) if folder == "INBOX" || folders.contains(&folder) => {}
-            Ok(_) => return no(Some(Code::Nonexistent), "No such mailbox"),
+        match blocking(move || store.has_folder(&owner, &folder)).await {
+            Ok(true) => {}
+            Ok(false) => return no(Some(Code::Nonexistent), "No such mailbox"),
             Err(err) => return store_failure(&err),
         }
         let quota = self.server.users.quota(user);

@@ -809,7 +809,7 @@ impl MailStore for Maildir {
     /// the kept ones: no index is read or written.
     fn usage(&self, mailbox: &str) -> Result<super::Usage, StoreError> {
         let mut usage = super::Usage::default();
-        for folder in std::iter::once("INBOX".to_string()).chain(self.folders(mailbox)?) {
+        for folder in self.all_folders(mailbox)? {
             let Ok(dir) = self.existing_folder(mailbox, &folder) else {
                 continue;
             };
