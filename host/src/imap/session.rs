@@ -153,6 +153,12 @@ pub(in crate::imap) fn folder_name(mailbox: &Mailbox<'_>) -> Result<String, Done
     }
 }
 
+/// Whether a change to `user`'s mailbox was made by another writer than session `me`. (The
+/// announcement carries the mailbox lower-cased.)
+pub(in crate::imap) fn by_another(change: &Change, me: u64, user: &str) -> bool {
+    change.writer != me && change.mailbox.eq_ignore_ascii_case(user)
+}
+
 /// Whether another writer's change may alter the view of `selected` of `user`: one to its
 /// messages, or to the folder list (the folder may be gone). Our own writes are in our view
 /// already (APPEND and COPY into the selected folder mark it dirty).
@@ -162,8 +168,7 @@ pub(in crate::imap) fn concerns(
     user: &str,
     selected: Option<&str>,
 ) -> bool {
-    change.writer != me
-        && *change.mailbox == *user.to_ascii_lowercase()
+    by_another(change, me, user)
         && selected.is_some_and(|folder| change.folder.as_deref().is_none_or(|f| f == folder))
 }
 
@@ -313,7 +318,7 @@ impl crate::serve::Protocol for Session {
             Input::Change(Err(broadcast::error::RecvError::Closed)) => return Flow::Close,
             Input::Change(change) => {
                 if let (Ok(change), State::LoggedIn { user, .. }) = (&change, &*state) {
-                    if change.writer != conn.id && *change.mailbox == *user.to_ascii_lowercase() {
+                    if by_another(change, conn.id, user) {
                         conn.note(change);
                     }
                 } else if let Some(notify) = &mut conn.notify {
@@ -429,7 +434,7 @@ impl Conn {
                     if concerns(&change, self.id, user, selected) {
                         self.dirty = true;
                     }
-                    if change.writer != self.id && *change.mailbox == *user.to_ascii_lowercase() {
+                    if by_another(&change, self.id, user) {
                         self.note(&change);
                     }
                 }
