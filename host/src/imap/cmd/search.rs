@@ -369,17 +369,26 @@ impl Conn {
                 },
             )
             .collect();
+        // MIN and MAX alone: the messages the answer is about (RFC 4731 §3.2), which are also
+        // all that SAVE keeps (RFC 5182 §2.4).
+        let ends: Option<Vec<&(usize, u32, u64)>> = options.only_ends().then(|| {
+            let mut ends: Vec<_> = [
+                options.min.then(|| found.first()).flatten(),
+                options.max.then(|| found.last()).flatten(),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            ends.dedup();
+            ends
+        });
         // RFC 7162 §3.1.5: a search by MODSEQ tells the highest mod-sequence of what it returns:
         // of the MIN and MAX messages when only those are asked for (RFC 4731 §3.2), else of
         // every message found.
         let modseq = if !by_modseq || found.is_empty() {
             None
-        } else if options.only_ends() {
-            let ends = [
-                options.min.then(|| found.first()).flatten(),
-                options.max.then(|| found.last()).flatten(),
-            ];
-            ends.into_iter().flatten().map(|(_, _, m)| *m).max()
+        } else if let Some(ends) = &ends {
+            ends.iter().map(|(_, _, m)| *m).max()
         } else {
             found.iter().map(|(_, _, m)| *m).max()
         };
@@ -391,17 +400,8 @@ impl Conn {
             // with PARTIAL, the part returned.
             let saved: Vec<u32> = if let Some((_, (start, end))) = partial {
                 found[start..end].iter().map(|(_, uid, _)| *uid).collect()
-            } else if options.only_ends() {
-                let mut ends: Vec<u32> = [
-                    options.min.then(|| found.first()).flatten(),
-                    options.max.then(|| found.last()).flatten(),
-                ]
-                .into_iter()
-                .flatten()
-                .map(|(_, uid, _)| *uid)
-                .collect();
-                ends.dedup();
-                ends
+            } else if let Some(ends) = &ends {
+                ends.iter().map(|(_, uid, _)| *uid).collect()
             } else {
                 found.iter().map(|(_, uid, _)| *uid).collect()
             };
