@@ -336,7 +336,9 @@ impl Reader {
                 command: Box::new(command.into_static()),
                 extended: Box::new(extended),
             },
-            Ok(_) | Err(_) if catenate::is_catenate(&bytes) => match catenate::split(&bytes) {
+            // An APPEND of several messages (RFC 3502) or with CATENATE (RFC 4469): imap-codec
+            // decodes APPEND with one literal message only.
+            Ok(_) | Err(_) => match appends::split(&bytes) {
                 Some((mut commands, parts)) => {
                     let first = commands.remove(0);
                     extended.appends = commands;
@@ -348,30 +350,21 @@ impl Reader {
                 }
                 None => Event::Bad {
                     tag,
-                    text: "Syntax error in CATENATE".into(),
-                },
-            },
-            Ok(_) | Err(_) => match multiappend(&bytes) {
-                Some(mut commands) => {
-                    let first = commands.remove(0);
-                    extended.appends = commands;
-                    Event::Command {
-                        command: Box::new(first),
-                        extended: Box::new(extended),
-                    }
-                }
-                None => Event::Bad {
-                    tag,
-                    text: "Syntax error in command".into(),
+                    text: if appends::is_catenate(&bytes) {
+                        "Syntax error in CATENATE".into()
+                    } else {
+                        "Syntax error in command".into()
+                    },
                 },
             },
         }
     }
 }
 
-/// RFC 4469 CATENATE, which imap-codec does not parse: an APPEND (of one or more messages, RFC
-/// 3502) whose messages may be `CATENATE (TEXT literal / URL astring …)`.
-mod catenate {
+/// The APPENDs imap-codec does not parse: several messages (RFC 3502 MULTIAPPEND, `tag APPEND
+/// box [flags] [date] {n}<data> [flags] [date] {m}<data>…`), each of which may be
+/// `CATENATE (TEXT literal / URL astring …)` (RFC 4469), split into one APPEND per message.
+mod appends {
     use super::{CatPart, Command, CommandBody, CommandCodec, Decoder, IntoStatic};
 
     pub fn is_catenate(message: &[u8]) -> bool {
@@ -566,73 +559,6 @@ mod catenate {
         }
         (c.pos == message.len()).then_some((commands, parts))
     }
-}
-
-/// RFC 3502 MULTIAPPEND: `tag APPEND box [flags] [date] {n}<data> [flags] [date] {m}<data>…`
-/// split into one `tag APPEND box …` command per message, each decoded by imap-codec. None when
-/// the message is not an APPEND of two or more messages that all decode.
-fn multiappend(message: &[u8]) -> Option<Vec<Command<'static>>> {
-    // Lines and the literals they announce, in order.
-    let mut pieces: Vec<(&[u8], &[u8], &[u8])> = Vec::new(); // (line before {n}, {n}, data)
-    let mut pos = 0;
-    loop {
-        let nl = pos + message[pos..].iter().position(|b| *b == b'\n')?;
-        let line = message[pos..nl]
-            .strip_suffix(b"\r")
-            .unwrap_or(&message[pos..nl]);
-        let Some(open) = line.iter().rposition(|b| *b == b'{') else {
-            // The last line: nothing may follow the last literal but the line end.
-            if !line.is_empty() {
-                return None;
-            }
-            break;
-        };
-        let inner = line[open + 1..].strip_suffix(b"}")?;
-        let digits = inner.strip_suffix(b"+").unwrap_or(inner);
-        let length: usize = std::str::from_utf8(digits).ok()?.parse().ok()?;
-        let start = if open > 0 && line[open - 1] == b'~' {
-            open - 1
-        } else {
-            open
-        };
-        let data_end = nl + 1 + length;
-        let data = message.get(nl + 1..data_end)?;
-        pieces.push((&line[..start], &line[start..], data));
-        pos = data_end;
-    }
-    if pieces.len() < 2 {
-        return None;
-    }
-    let first_line = std::str::from_utf8(pieces[0].0).ok()?;
-    let (tag, rest) = first_line.split_once(' ')?;
-    let (verb, rest) = rest.split_once(' ')?;
-    if !verb.eq_ignore_ascii_case("APPEND") {
-        return None;
-    }
-    let (mailbox, _) = split_token(rest)?;
-    let mut commands = Vec::new();
-    for (i, (options, announcement, data)) in pieces.iter().enumerate() {
-        let mut one = if i == 0 {
-            options.to_vec()
-        } else {
-            format!("{tag} APPEND {mailbox}")
-                .into_bytes()
-                .into_iter()
-                .chain(options.iter().copied())
-                .collect()
-        };
-        one.extend_from_slice(announcement);
-        one.extend_from_slice(b"\r\n");
-        one.extend_from_slice(data);
-        one.extend_from_slice(b"\r\n");
-        match CommandCodec::default().decode(&one) {
-            Ok((b"", command)) if matches!(command.body, CommandBody::Append { .. }) => {
-                commands.push(command.into_static())
-            }
-            _ => return None,
-        }
-    }
-    Some(commands)
 }
 
 /// Takes ESEARCH and LIST-EXTENDED options off a command (see the module docs). Anything that
@@ -1208,8 +1134,8 @@ mod tests {
     #[test]
     fn catenate_appends_are_split_into_parts() {
         let message = b"t APPEND Drafts (\\Seen) CATENATE (URL \"/INBOX/;UID=1\" TEXT {3+}\r\nabc) {2+}\r\nhi\r\n";
-        assert!(catenate::is_catenate(message));
-        let (commands, parts) = catenate::split(message).unwrap();
+        assert!(appends::is_catenate(message));
+        let (commands, parts) = appends::split(message).unwrap();
         assert_eq!(commands.len(), 2);
         assert_eq!(
             parts,
@@ -1221,8 +1147,8 @@ mod tests {
                 None
             ]
         );
-        assert!(catenate::split(b"t APPEND Drafts CATENATE (BOGUS x)\r\n").is_none());
-        assert!(catenate::split(b"t APPEND Drafts CATENATE (TEXT {9+}\r\nab)\r\n").is_none());
+        assert!(appends::split(b"t APPEND Drafts CATENATE (BOGUS x)\r\n").is_none());
+        assert!(appends::split(b"t APPEND Drafts CATENATE (TEXT {9+}\r\nab)\r\n").is_none());
     }
 
     #[test]
