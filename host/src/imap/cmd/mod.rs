@@ -88,6 +88,7 @@ impl Conn {
                 | CommandBody::Search { uid: false, .. }
         );
         let moving = matches!(command.body, CommandBody::Move { .. });
+        let examine = matches!(command.body, CommandBody::Examine { .. });
         use CommandBody as C;
         use State::{LoggedIn, NotAuthenticated};
         if let LoggedIn {
@@ -158,19 +159,13 @@ impl Conn {
                 C::Select {
                     mailbox,
                     parameters,
-                },
-            ) => {
-                self.select(io, user, selected, &mailbox, false, parameters)
-                    .await
-            }
-            (
-                LoggedIn { user, selected },
-                C::Examine {
+                }
+                | C::Examine {
                     mailbox,
                     parameters,
                 },
             ) => {
-                self.select(io, user, selected, &mailbox, true, parameters)
+                self.select(io, user, selected, &mailbox, examine, parameters)
                     .await
             }
             (LoggedIn { user, .. }, C::Create { mailbox }) => self.create(user, &mailbox).await,
