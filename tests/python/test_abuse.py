@@ -673,3 +673,47 @@ def test_literals_past_the_memory_budget_get_no_limit_after_login(make_server):
     assert m.noop()[0] == "OK"
     m.logout()
     still_serves(server)
+
+
+def test_imap_extension_state_is_bounded(make_server):
+    """What a client can make the server keep through this stop's IMAP extensions is bounded:
+    NOTIFY and CANCELUPDATE before login are BAD; a 6th kept search is answered once with
+    NOUPDATE; a METADATA value over 64 KiB and a 101st entry are refused; a CATENATE repeating a
+    URL past APPENDLIMIT is NO [TOOBIG] and stores nothing; the server still serves."""
+    import imaplib
+    for name in ("SETMETADATA", "GETMETADATA"):
+        imaplib.Commands.setdefault(name, ("AUTH", "SELECTED"))
+    server = make_server(append_limit=200000)
+    m = imaplib.IMAP4("127.0.0.1", server.ports["imap"], timeout=30)
+    for line in (b"n1 NOTIFY SET (PERSONAL (MessageNew MessageExpunge))",
+                 b'n2 CANCELUPDATE "x"'):
+        m.send(line + b"\r\n")
+        answer = m.readline()
+        assert answer.startswith(line[:3] + b"BAD"), answer
+    m.starttls(ssl_context=ssl.create_default_context(cafile=server.cert))
+    m.login(*ALICE_LOGIN)
+    body = b"Subject: part\r\n\r\n" + b"x" * 60000 + b"\r\n"
+    typ, data = m.append("INBOX", None, None, body)
+    assert typ == "OK", data
+    m.select("INBOX")
+    codes = []
+    for n in range(6):
+        tag = m._command("SEARCH", "RETURN (UPDATE) UNSEEN")
+        typ, data = m._command_complete("SEARCH", tag)
+        codes.append(b"[NOUPDATE" in data[0])
+    assert codes == [False] * 5 + [True], codes
+    m.untagged_responses.clear()
+    typ, data = m._simple_command("SETMETADATA", "INBOX", "(/private/big {70000+}\r\n" + "v" * 70000 + ")")
+    assert typ == "NO" and b"[METADATA MAXSIZE 65536]" in data[0], (typ, data)
+    for n in range(100):
+        ok_typ, _ = m._simple_command("SETMETADATA", "INBOX", f'(/private/e{n} "1")')
+        assert ok_typ == "OK"
+    typ, data = m._simple_command("SETMETADATA", "INBOX", '(/private/one-more "1")')
+    assert typ == "NO" and b"[METADATA TOOMANY]" in data[0], (typ, data)
+    url = '"/INBOX/;UID=1"'
+    typ, data = m._simple_command("APPEND", "INBOX", "CATENATE (" + " ".join(["URL " + url] * 4) + ")")
+    assert typ == "NO" and b"[TOOBIG]" in data[0], (typ, data)
+    typ, data = m.status("INBOX", "(MESSAGES)")
+    assert b"MESSAGES 1" in data[0], data
+    m.logout()
+    still_serves(server)
