@@ -12,11 +12,11 @@ use imap_codec::imap_types::fetch::{Part, Section};
 use mail_parser::{Address, HeaderName, HeaderValue, Message, MessagePart, MimeHeaders, PartType};
 
 use super::codec::{astring, literal, nstring, string};
-use crate::store::Flags;
+use crate::store::{Flags, Keywords};
 
-/// `(\Seen \Flagged $Junk)`: a message's flags; keyword slots are named by the folder's table.
+/// `(\Seen \Flagged $Junk)`: a message's flags and keywords.
 /// `recent`: the session sees the message as \Recent (IMAP4rev1 only).
-pub fn flags(out: &mut Vec<u8>, flags: Flags, keywords: &[String], recent: bool) {
+pub fn flags(out: &mut Vec<u8>, flags: Flags, keywords: &Keywords, recent: bool) {
     out.push(b'(');
     let mut first = !recent;
     if recent {
@@ -41,24 +41,21 @@ pub fn flags(out: &mut Vec<u8>, flags: Flags, keywords: &[String], recent: bool)
             put(out, name);
         }
     }
-    for slot in flags.keyword_slots() {
-        // A letter the table does not name (written by another tool) is not shown.
-        if let Some(name) = keywords.get(slot).filter(|k| !k.starts_with('\\')) {
-            put(out, name);
-        }
+    for name in keywords.iter() {
+        put(out, name);
     }
     out.push(b')');
 }
 
-/// The flags a folder can have, for the FLAGS response and (with `\*` when more keywords fit)
-/// PERMANENTFLAGS.
-pub fn flag_list(keywords: &[String], permanent: bool) -> String {
+/// The flags a folder can have, for the FLAGS response and (with `\*` when the store takes new
+/// keywords) PERMANENTFLAGS.
+pub fn flag_list(keywords: &[String], permanent: bool, more_keywords: bool) -> String {
     let mut list = String::from("(\\Answered \\Flagged \\Deleted \\Seen \\Draft $Forwarded");
     for keyword in keywords.iter().filter(|k| !k.starts_with('\\')) {
         list.push(' ');
         list.push_str(keyword);
     }
-    if permanent && keywords.len() < Flags::MAX_KEYWORDS {
+    if permanent && more_keywords {
         list.push_str(" \\*");
     }
     list.push(')');

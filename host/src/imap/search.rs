@@ -260,8 +260,6 @@ pub struct Subject<'a> {
     /// The highest sequence number and UID in the mailbox (what `*` means).
     pub last_seq: u32,
     pub last_uid: u32,
-    /// The folder's keyword table (slot names).
-    pub keywords: &'a [String],
     /// Sequence sets of the search, resolved once.
     pub sets: &'a SetCache<'a>,
     /// The session sees the message as \Recent (always false under IMAP4rev2).
@@ -280,11 +278,7 @@ fn has_keyword(subject: &Subject<'_>, word: &str) -> bool {
     if word.eq_ignore_ascii_case("$Forwarded") {
         return subject.info.flags.contains(Flags::FORWARDED);
     }
-    subject
-        .keywords
-        .iter()
-        .position(|k| k.eq_ignore_ascii_case(word))
-        .is_some_and(|slot| subject.info.flags.contains(Flags::keyword(slot)))
+    subject.info.keywords.contains(word)
 }
 
 fn has(haystack: &str, needle: &[u8]) -> bool {
@@ -393,9 +387,10 @@ mod tests {
         MessageInfo {
             uid,
             key: format!("k{uid}"),
-            location: String::new(),
+            handle: Default::default(),
             size,
             flags,
+            keywords: Default::default(),
             received_at: 1_795_300_000,
             modseq: 40,
         }
@@ -404,8 +399,8 @@ mod tests {
     #[test]
     fn criteria() {
         let raw = b"From: Alice <alice@example.test>\r\nTo: =?utf-8?q?J=C3=B6rg?= <j@example.test>\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?= lunch\r\nDate: Sun, 22 Nov 2026 09:00:00 +0000\r\nX-Ticket: folded\r\n  value 42\r\n\r\nLet us meet at noon.\r\n".to_vec();
-        let message = info(7, Flags::SEEN.union(Flags::keyword(1)), raw.len() as u64);
-        let keywords = ["$Junk".to_string(), "Work".to_string()];
+        let mut message = info(7, Flags::SEEN, raw.len() as u64);
+        message.keywords = crate::store::Keywords::from_names(["Work"]);
         let check = |key: SearchKey<'_>| {
             let sets = SetCache::new(&key);
             let subject = Subject {
@@ -413,7 +408,6 @@ mod tests {
                 info: &message,
                 last_seq: 5,
                 last_uid: 9,
-                keywords: &keywords,
                 sets: &sets,
                 recent: false,
                 saved: None,

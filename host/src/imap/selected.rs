@@ -32,6 +32,8 @@ pub struct Selected {
     pub messages: Vec<MessageInfo>,
     /// The folder's keyword table as last told to the client (FLAGS).
     pub keywords: Vec<String>,
+    /// Whether the store takes keywords the folder has not defined yet (PERMANENTFLAGS `\*`).
+    pub more_keywords: bool,
     /// The HIGHESTMODSEQ everything told so far adds up to.
     pub highest_modseq: u64,
     /// UIDs this session sees as \Recent (RFC 3501 §2.3.2).
@@ -69,6 +71,7 @@ impl Selected {
             uid_next: snapshot.uid_next,
             messages: snapshot.messages,
             keywords: snapshot.keywords,
+            more_keywords: snapshot.more_keywords,
             highest_modseq: snapshot.highest_modseq,
             recent,
             saved: Vec::new(),
@@ -94,19 +97,25 @@ impl Selected {
         let permanent = if self.read_only {
             "()".to_string()
         } else {
-            fetch::flag_list(&self.keywords, true)
+            fetch::flag_list(&self.keywords, true, self.more_keywords)
         };
         format!(
             "* FLAGS {}\r\n* OK [PERMANENTFLAGS {permanent}] Flags the store keeps\r\n",
-            fetch::flag_list(&self.keywords, false)
+            fetch::flag_list(&self.keywords, false, false)
         )
         .into_bytes()
     }
 
-    /// Takes a keyword table the store returned; tells the client when it grew.
-    pub fn learn_keywords(&mut self, table: Vec<String>) -> Vec<u8> {
-        if table.len() > self.keywords.len() {
-            self.keywords = table;
+    /// Takes keywords the store named (a listing's, or a message's after a change); tells the
+    /// client the new FLAGS when the folder has keywords it did not know (RFC 9051 §7.3.5).
+    pub fn learn_keywords<'k>(&mut self, names: impl IntoIterator<Item = &'k str>) -> Vec<u8> {
+        let before = self.keywords.len();
+        for name in names {
+            if !self.keywords.iter().any(|k| k.eq_ignore_ascii_case(name)) {
+                self.keywords.push(name.to_string());
+            }
+        }
+        if self.keywords.len() > before {
             return self.flag_responses();
         }
         Vec::new()
@@ -121,7 +130,7 @@ impl Selected {
         }
         out.extend_from_slice(b"FLAGS ");
         let recent = report.recent && self.recent.contains(&message.uid);
-        fetch::flags(out, message.flags, &self.keywords, recent);
+        fetch::flags(out, message.flags, &message.keywords, recent);
         if report.condstore {
             out.extend_from_slice(format!(" MODSEQ ({})", message.modseq).as_bytes());
         }
@@ -213,17 +222,20 @@ impl Selected {
         if !withheld {
             out.extend_from_slice(&self.expunged(vanished, report));
         }
-        out.extend_from_slice(&self.learn_keywords(snapshot.keywords));
+        self.more_keywords = snapshot.more_keywords;
+        out.extend_from_slice(&self.learn_keywords(snapshot.keywords.iter().map(String::as_str)));
         if !(withheld && report.condstore) {
             for i in 0..self.messages.len() {
                 let message = &mut self.messages[i];
                 if let Ok(at) = fresh.binary_search_by_key(&message.uid, |m| m.uid) {
                     let now = &fresh[at];
                     let told = now.flags != message.flags
+                        || now.keywords != message.keywords
                         || (report.condstore && now.modseq != message.modseq);
                     message.flags = now.flags;
+                    message.keywords.clone_from(&now.keywords);
                     message.modseq = now.modseq;
-                    message.location.clone_from(&now.location);
+                    message.handle.clone_from(&now.handle);
                     if told {
                         self.flags_fetch(&mut out, i, false, report);
                     }
@@ -391,9 +403,10 @@ mod tests {
         MessageInfo {
             uid,
             key: format!("k{uid}"),
-            location: String::new(),
+            handle: Default::default(),
             size: 10,
             flags,
+            keywords: Default::default(),
             received_at: 0,
             modseq: u64::from(uid),
         }
@@ -406,6 +419,7 @@ mod tests {
             highest_modseq: messages.iter().map(|m| m.modseq).max().unwrap_or(1),
             messages,
             keywords: Vec::new(),
+            more_keywords: true,
         }
     }
 
@@ -521,7 +535,8 @@ mod tests {
             qresync: true,
             recent: false,
         };
-        let mut changed = info(3, Flags::keyword(0));
+        let mut changed = info(3, e);
+        changed.keywords = crate::store::Keywords::from_names(["$Junk"]);
         changed.modseq = 9;
         let mut fresh = snap(vec![info(1, e), changed]);
         fresh.keywords = vec!["$Junk".into()];

@@ -66,6 +66,10 @@ pub(in crate::imap) fn store_failure(err: &StoreError) -> Done {
         StoreError::Gone(_) => no(Some(Code::ExpungeIssued), "Message was expunged"),
         StoreError::TooManyKeywords(_) => no(Some(Code::Limit), "No room for another keyword"),
         StoreError::Io(_) => no(Some(Code::ServerBug), "Internal error, try again later"),
+        StoreError::Unavailable { .. } => no(
+            Some(Code::Unavailable),
+            "Mail storage is unavailable, try again later",
+        ),
     }
 }
 

@@ -150,9 +150,10 @@ mod tests {
             .map(|uid| MessageInfo {
                 uid,
                 key: format!("k{uid}"),
-                location: format!("new/k{uid}"),
+                handle: crate::store::MessageHandle::new(format!("new/k{uid}")),
                 size: 100 * uid as u64,
                 flags: Flags::empty(),
+                keywords: Default::default(),
                 received_at: 0,
                 modseq: 1,
             })
@@ -162,6 +163,7 @@ mod tests {
             uid_next: 4,
             messages,
             keywords: Vec::new(),
+            more_keywords: true,
             highest_modseq: 1,
         };
         Maildrop::new("a@x".into(), snapshot, locks.try_lock("a@x").unwrap())

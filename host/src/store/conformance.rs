@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use super::{Delivery, FlagChange, Flags, MailStore, MessageInfo, StoreError};
+use super::{Delivery, FlagChange, FlagMode, Flags, Keywords, MailStore, MessageInfo, StoreError};
 
 /// Opens the store under test (again) over the same storage.
 pub type Open<'a> = &'a dyn Fn() -> Arc<dyn MailStore>;
@@ -58,6 +58,7 @@ fn append(store: &dyn MailStore, mailbox: &str, folder: &str, n: u32) -> u32 {
             folder,
             &message(n),
             Flags::empty(),
+            &Keywords::new(),
             1_700_000_000 + n as i64,
         )
         .expect("append")
@@ -152,52 +153,95 @@ pub fn uidvalidity_changes_when_a_folder_is_made_again(open: Open<'_>) {
     assert_eq!(uids(&*store, user, "Box").len(), 1);
 }
 
-/// System flags and keywords (by name, through the folder's table) are kept, across a restart.
+/// System flags and keywords (by name, matched without case) are kept, across a restart; the
+/// folder lists the keywords its messages have; APPEND keeps the keywords it is given.
 pub fn flags_and_keywords_are_kept(open: Open<'_>) {
     let store = open();
     let user = "flags@example.test";
     append(&*store, user, "INBOX", 1);
     let snapshot = store.snapshot(user, "INBOX").unwrap();
-    let (work, table) = store.keyword_slots(user, "INBOX", &["Work"]).unwrap();
-    assert!(
-        table.iter().any(|k| k == "Work"),
-        "the table names the keyword"
-    );
-    let wanted = Flags::SEEN.union(Flags::FLAGGED).union(work);
+    let change = |mode, flags, names: &[&str]| FlagChange {
+        mode,
+        flags,
+        keywords: Keywords::from_names(names),
+    };
+    let wanted = Flags::SEEN.union(Flags::FLAGGED);
     let outcome = store
         .change_flags(
             user,
             "INBOX",
             &[&snapshot.messages[0]],
-            FlagChange::Replace(wanted),
+            &change(FlagMode::Replace, wanted, &["Work", "$Junk"]),
             None,
         )
         .unwrap();
     assert_eq!(outcome.updated.len(), 1);
-    assert_eq!(outcome.updated[0].1, wanted);
+    assert_eq!(outcome.updated[0].flags, wanted);
+    assert_eq!(
+        outcome.updated[0].keywords,
+        Keywords::from_names(["$Junk", "Work"]),
+        "the outcome names the keywords"
+    );
     drop(store);
     let store = open();
     let snapshot = store.snapshot(user, "INBOX").unwrap();
     assert_eq!(snapshot.messages[0].flags, wanted, "flags after a restart");
-    let slot = snapshot.keywords.iter().position(|k| k == "Work");
-    assert_eq!(
-        slot.map(Flags::keyword),
-        Some(work),
-        "the keyword keeps its slot"
+    assert!(
+        snapshot.messages[0].keywords.contains("work") && snapshot.messages[0].keywords.len() == 2,
+        "keywords after a restart: {:?}",
+        snapshot.messages[0].keywords
     );
-    let (again, _) = store.keyword_slots(user, "INBOX", &["work"]).unwrap();
-    assert_eq!(again, work, "keywords match without case");
+    for name in ["Work", "$Junk"] {
+        assert!(
+            snapshot.keywords.iter().any(|k| k == name),
+            "the folder lists {name}: {:?}",
+            snapshot.keywords
+        );
+    }
     store
         .change_flags(
             user,
             "INBOX",
             &[&snapshot.messages[0]],
-            FlagChange::Remove(Flags::FLAGGED),
+            &change(FlagMode::Remove, Flags::FLAGGED, &["WORK", "Never-set"]),
             None,
         )
         .unwrap();
-    let flags = store.snapshot(user, "INBOX").unwrap().messages[0].flags;
-    assert!(!flags.contains(Flags::FLAGGED) && flags.contains(Flags::SEEN));
+    let after = &store.snapshot(user, "INBOX").unwrap().messages[0];
+    assert!(!after.flags.contains(Flags::FLAGGED) && after.flags.contains(Flags::SEEN));
+    assert_eq!(
+        after.keywords,
+        Keywords::from_names(["$Junk"]),
+        "a keyword is removed whatever its case"
+    );
+    store
+        .change_flags(
+            user,
+            "INBOX",
+            &[after],
+            &change(FlagMode::Add, Flags::empty(), &["$Label1"]),
+            None,
+        )
+        .unwrap();
+    let after = &store.snapshot(user, "INBOX").unwrap().messages[0];
+    assert_eq!(after.keywords, Keywords::from_names(["$Junk", "$Label1"]));
+    let (_, uid) = store
+        .append(
+            user,
+            "INBOX",
+            MESSAGE,
+            Flags::DRAFT,
+            &Keywords::from_names(["$MDNSent"]),
+            0,
+        )
+        .unwrap();
+    let snapshot = store.snapshot(user, "INBOX").unwrap();
+    let appended = snapshot.messages.iter().find(|m| m.uid == uid).unwrap();
+    assert_eq!(
+        (appended.flags, &appended.keywords),
+        (Flags::DRAFT, &Keywords::from_names(["$MDNSent"])),
+        "APPEND keeps flags and keywords"
+    );
 }
 
 /// HIGHESTMODSEQ grows with every arrival, flag change and removal, and never goes back, not
@@ -265,7 +309,7 @@ pub fn unchanged_since_refuses_what_changed(open: Open<'_>) {
             user,
             "INBOX",
             &refs,
-            FlagChange::Add(Flags::FLAGGED),
+            &FlagChange::add(Flags::FLAGGED),
             Some(base),
         )
         .unwrap();
@@ -275,7 +319,7 @@ pub fn unchanged_since_refuses_what_changed(open: Open<'_>) {
         "the changed message is refused"
     );
     assert_eq!(outcome.updated.len(), 1);
-    assert_eq!(outcome.updated[0].0, now.messages[1].uid);
+    assert_eq!(outcome.updated[0].uid, now.messages[1].uid);
 }
 
 /// APPEND returns the UIDVALIDITY and UID the listing shows; COPY returns (source, target) UID
@@ -286,7 +330,14 @@ pub fn append_copy_and_move_report_their_uids(open: Open<'_>) {
     let user = "copy@example.test";
     store.create_folder(user, "Archive").unwrap();
     let (validity, uid) = store
-        .append(user, "INBOX", MESSAGE, Flags::SEEN, 1_650_000_000)
+        .append(
+            user,
+            "INBOX",
+            MESSAGE,
+            Flags::SEEN,
+            &Keywords::from_names(["$Important"]),
+            1_650_000_000,
+        )
         .unwrap();
     append(&*store, user, "INBOX", 2);
     let source = store.snapshot(user, "INBOX").unwrap();
@@ -306,6 +357,10 @@ pub fn append_copy_and_move_report_their_uids(open: Open<'_>) {
             .find(|m| m.uid == *to)
             .expect("copied UID listed");
         assert_eq!(copy.flags, original.flags);
+        assert_eq!(
+            copy.keywords, original.keywords,
+            "keywords travel with a copy"
+        );
         assert_eq!(copy.received_at, original.received_at);
         assert_eq!(
             store.read(user, "Archive", copy).unwrap(),
@@ -390,6 +445,7 @@ pub fn reads_are_exact_and_removed_messages_are_gone(open: Open<'_>) {
             "INBOX",
             b"Subject: bare\r\n\r\n\0bin\nary\r\n",
             Flags::empty(),
+            &Keywords::new(),
             1,
         )
         .unwrap();
@@ -414,6 +470,31 @@ pub fn reads_are_exact_and_removed_messages_are_gone(open: Open<'_>) {
         .read_header(user, "INBOX", &snapshot.messages[0])
         .unwrap();
     assert!(header.ends_with(b"\r\n\r\n") && !header.ends_with(b"body line\r\n"));
+    let all: Vec<&MessageInfo> = snapshot.messages.iter().collect();
+    let headers = store.read_headers(user, "INBOX", &all);
+    assert_eq!(headers.len(), 2, "one header per message asked for");
+    assert_eq!(&*headers[0].as_ref().unwrap().clone(), &*header);
+    assert!(headers[1]
+        .as_ref()
+        .unwrap()
+        .starts_with(b"Subject: bare\r\n"));
+    let size = snapshot.messages[0].size;
+    for range in [
+        0..5,
+        3..12,
+        size - 4..size,
+        size - 2..size + 100,
+        size + 5..size + 9,
+    ] {
+        let expected = &delivered[(range.start.min(size)) as usize..(range.end.min(size)) as usize];
+        assert_eq!(
+            store
+                .read_range(user, "INBOX", &snapshot.messages[0], range.clone())
+                .unwrap(),
+            expected,
+            "bytes {range:?} of the message, cut to its end"
+        );
+    }
     let usage = store.usage(user).unwrap();
     assert_eq!(usage.messages, 2);
     assert_eq!(

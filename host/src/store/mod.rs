@@ -49,6 +49,10 @@ pub enum StoreError {
     Exists(String),
     #[error("folder {0:?} has no room for another keyword")]
     TooManyKeywords(String),
+    /// The backend failed or answered nonsense (a Wasm backend that trapped, ran out of time
+    /// or memory, or broke the contract): temporary, the next call gets a fresh instance.
+    #[error("mailbox backend {name:?} failed: {reason}")]
+    Unavailable { name: String, reason: String },
     /// The user's quota would be exceeded (checked by the protocols, RFC 9208).
     #[error("mailbox {0:?} is over its quota")]
     OverQuota(String),
@@ -89,11 +93,11 @@ pub fn valid_folder_name(folder: &str) -> bool {
             }))
 }
 
-/// Message flags: the system flags of RFC 9051 §2.3.2 (stored by Maildir as file name letters)
-/// and up to [`Flags::MAX_KEYWORDS`] keywords, each a slot in its folder's keyword table
-/// ([`FolderSnapshot::keywords`]; Maildir's lower-case letters `a`..`z`, as Dovecot keeps them).
+/// A message's system flags (RFC 9051 §2.3.2), plus `$Forwarded`, which mutt and Maildir keep as
+/// a flag of its own. Keywords travel by name beside them ([`Keywords`]); how a backend stores
+/// either is its own business (Maildir: file name letters).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct Flags(u64);
+pub struct Flags(u8);
 
 impl Flags {
     pub const SEEN: Flags = Flags(1);
@@ -103,32 +107,18 @@ impl Flags {
     pub const DRAFT: Flags = Flags(16);
     /// Maildir's "passed" (forwarded); IMAP shows it as the `$Forwarded` keyword.
     pub const FORWARDED: Flags = Flags(32);
-    /// Keyword slots per folder: Maildir has 26 letters for them.
-    pub const MAX_KEYWORDS: usize = 26;
-    const KEYWORD_SHIFT: usize = 32;
+    const ALL: u8 = 63;
 
     pub const fn empty() -> Flags {
         Flags(0)
     }
-    /// The keyword in slot `slot` of the folder's table (`slot < MAX_KEYWORDS`).
-    pub fn keyword(slot: usize) -> Flags {
-        debug_assert!(slot < Self::MAX_KEYWORDS);
-        Flags(1 << (Self::KEYWORD_SHIFT + slot))
-    }
-    /// The keyword slots set, in increasing order.
-    pub fn keyword_slots(self) -> impl Iterator<Item = usize> {
-        (0..Self::MAX_KEYWORDS).filter(move |slot| self.contains(Flags::keyword(*slot)))
-    }
-    /// The flags without their keywords.
-    pub fn system(self) -> Flags {
-        Flags(self.0 & ((1 << Self::KEYWORD_SHIFT) - 1))
-    }
-    /// The raw bits, for stores that keep flags as a number.
-    pub fn bits(self) -> u64 {
+    /// The raw bits (`SEEN` = 1 … `FORWARDED` = 32), for stores that keep flags as a number.
+    pub fn bits(self) -> u8 {
         self.0
     }
-    pub fn from_bits(bits: u64) -> Flags {
-        Flags(bits)
+    /// Flags from [`Flags::bits`]; unknown bits are dropped.
+    pub fn from_bits(bits: u8) -> Flags {
+        Flags(bits & Self::ALL)
     }
     pub fn contains(self, other: Flags) -> bool {
         self.0 & other.0 == other.0
@@ -141,21 +131,121 @@ impl Flags {
     }
 }
 
+/// A message's keywords (RFC 9051 §2.3.2 flag-keywords such as `$Junk`), by name. Names compare
+/// case-insensitively (as IMAP flags do); each is kept once, in the spelling first given, ordered
+/// by its lower-case form so equal sets compare equal.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Keywords(Vec<Arc<str>>);
+
+impl Keywords {
+    pub const fn new() -> Keywords {
+        Keywords(Vec::new())
+    }
+
+    pub fn from_names<S: AsRef<str>>(names: impl IntoIterator<Item = S>) -> Keywords {
+        let mut keywords = Keywords::new();
+        for name in names {
+            keywords.insert(name.as_ref());
+        }
+        keywords
+    }
+
+    /// Adds a name unless it is there already (in any case).
+    pub fn insert(&mut self, name: &str) {
+        let key = name.to_ascii_lowercase();
+        if let Err(at) = self
+            .0
+            .binary_search_by(|have| have.to_ascii_lowercase().cmp(&key))
+        {
+            self.0.insert(at, Arc::from(name));
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.iter().any(|have| have.eq_ignore_ascii_case(name))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|name| &**name)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn union(&self, other: &Keywords) -> Keywords {
+        let mut all = self.clone();
+        for name in other.iter() {
+            all.insert(name);
+        }
+        all
+    }
+
+    pub fn without(&self, other: &Keywords) -> Keywords {
+        Keywords(
+            self.0
+                .iter()
+                .filter(|name| !other.contains(name))
+                .cloned()
+                .collect(),
+        )
+    }
+}
+
 /// How a flag update combines with the flags a message has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FlagChange {
-    Add(Flags),
-    Remove(Flags),
-    Replace(Flags),
+pub enum FlagMode {
+    Add,
+    Remove,
+    Replace,
+}
+
+/// A flag update: system flags and keywords, added, removed or put in place of the old ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlagChange {
+    pub mode: FlagMode,
+    pub flags: Flags,
+    pub keywords: Keywords,
 }
 
 impl FlagChange {
-    pub fn apply(self, old: Flags) -> Flags {
-        match self {
-            FlagChange::Add(flags) => old.union(flags),
-            FlagChange::Remove(flags) => old.without(flags),
-            FlagChange::Replace(flags) => flags,
+    /// Adds system flags only (for example `\Seen` after a POP3 RETR).
+    pub fn add(flags: Flags) -> FlagChange {
+        FlagChange {
+            mode: FlagMode::Add,
+            flags,
+            keywords: Keywords::new(),
         }
+    }
+
+    /// The flags and keywords a message with `flags` and `keywords` has after the change.
+    pub fn apply(&self, flags: Flags, keywords: &Keywords) -> (Flags, Keywords) {
+        match self.mode {
+            FlagMode::Add => (flags.union(self.flags), keywords.union(&self.keywords)),
+            FlagMode::Remove => (flags.without(self.flags), keywords.without(&self.keywords)),
+            FlagMode::Replace => (self.flags, self.keywords.clone()),
+        }
+    }
+}
+
+/// The backend's own reference to a stored message, handed out in a listing and given back on
+/// reads and changes, so a backend finds the message without searching (Maildir: where the file
+/// was, `cur/<file name>`; a database: a row id). Opaque to callers, and only a hint: a backend
+/// must still find the message by its key when the handle is stale.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct MessageHandle(Arc<str>);
+
+impl MessageHandle {
+    pub fn new(handle: impl Into<Arc<str>>) -> MessageHandle {
+        MessageHandle(handle.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 
@@ -166,12 +256,12 @@ pub struct MessageInfo {
     pub uid: u32,
     /// The store's stable name for the message (Maildir: the unique part of the file name).
     pub key: String,
-    /// Where the store found it at listing time (Maildir: `cur/<file name>`); a hint that lets
-    /// reads skip a directory scan. Opaque to callers.
-    pub location: String,
+    /// The backend's reference to it (see [`MessageHandle`]).
+    pub handle: MessageHandle,
     /// RFC 822 size: the message with CRLF line endings, as POP3 and IMAP send it.
     pub size: u64,
     pub flags: Flags,
+    pub keywords: Keywords,
     /// Unix seconds the message arrived (IMAP INTERNALDATE).
     pub received_at: i64,
     /// When its flags last changed or it arrived (RFC 7162 mod-sequence, never 0 in a listing).
@@ -184,19 +274,32 @@ pub struct FolderSnapshot {
     pub uid_validity: u32,
     pub uid_next: u32,
     pub messages: Vec<MessageInfo>,
-    /// The folder's keyword table: slot `i` of [`Flags::keyword`] is `keywords[i]`. Slots are
-    /// only ever added, so a slot keeps its name for the life of the folder.
+    /// The keywords defined in the folder (IMAP's FLAGS response): every keyword a message of it
+    /// has, and those it had. A backend may keep more than its messages use, never fewer.
     pub keywords: Vec<String>,
+    /// Whether messages can be given keywords the folder has not defined yet (IMAP's `\*` in
+    /// PERMANENTFLAGS); a backend with a fixed table says false when it is full.
+    pub more_keywords: bool,
     /// The highest mod-sequence of the folder (RFC 7162 HIGHESTMODSEQ): grows with every flag
     /// change, arrival and expunge, and never goes back, not even across a crash.
     pub highest_modseq: u64,
 }
 
+/// One message's flags after a change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Updated {
+    pub uid: u32,
+    pub flags: Flags,
+    pub keywords: Keywords,
+    /// Its mod-sequence now (unchanged when the change changed nothing, RFC 7162 §3.1.3).
+    pub modseq: u64,
+}
+
 /// What a flag change did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FlagOutcome {
-    /// (UID, flags now, mod-sequence now) of each message still there and not refused.
-    pub updated: Vec<(u32, Flags, u64)>,
+    /// Each message still there and not refused.
+    pub updated: Vec<Updated>,
     /// UIDs left alone because they changed after `unchanged_since` (RFC 7162 MODIFIED).
     pub refused: Vec<u32>,
 }
@@ -243,6 +346,37 @@ pub trait MailStore: Send + Sync {
         Ok(Arc::from(whole))
     }
 
+    /// Bytes `range` of the message with CRLF line endings, cut to its end (IMAP's partial
+    /// FETCH, `BODY[]<start.length>`). A store that can seek does, so a backend behind a
+    /// boundary does not hand over the whole message for a slice of it.
+    fn read_range(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        message: &MessageInfo,
+        range: std::ops::Range<u64>,
+    ) -> Result<Vec<u8>, StoreError> {
+        let whole = self.read(mailbox, folder, message)?;
+        let end = (range.end.min(whole.len() as u64)) as usize;
+        let start = (range.start as usize).min(end);
+        Ok(whole[start..end].to_vec())
+    }
+
+    /// The header sections of many messages, one result per message in order (SEARCH by
+    /// header, FETCH ENVELOPE of a range): one call, so a backend behind a boundary answers
+    /// a range in one round trip.
+    fn read_headers(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        messages: &[&MessageInfo],
+    ) -> Vec<Result<Arc<[u8]>, StoreError>> {
+        messages
+            .iter()
+            .map(|message| self.read_header(mailbox, folder, message))
+            .collect()
+    }
+
     /// Adds flags to messages (for example `\Seen` after a POP3 RETR). Messages already gone are
     /// skipped.
     fn add_flags(
@@ -252,11 +386,11 @@ pub trait MailStore: Send + Sync {
         messages: &[&MessageInfo],
         flags: Flags,
     ) -> Result<(), StoreError> {
-        self.change_flags(mailbox, folder, messages, FlagChange::Add(flags), None)
+        self.change_flags(mailbox, folder, messages, &FlagChange::add(flags), None)
             .map(|_| ())
     }
 
-    /// Changes messages' flags (IMAP STORE); with `unchanged_since`, only those whose
+    /// Changes messages' flags and keywords (IMAP STORE); with `unchanged_since`, only those whose
     /// mod-sequence is not above it (RFC 7162 UNCHANGEDSINCE, checked and applied atomically).
     /// Messages already gone are skipped.
     fn change_flags(
@@ -264,19 +398,9 @@ pub trait MailStore: Send + Sync {
         mailbox: &str,
         folder: &str,
         messages: &[&MessageInfo],
-        change: FlagChange,
+        change: &FlagChange,
         unchanged_since: Option<u64>,
     ) -> Result<FlagOutcome, StoreError>;
-
-    /// The keyword slots for these keyword names in a folder's table, adding the names it lacks
-    /// (matched case-insensitively), and the table as it is now.
-    /// [`StoreError::TooManyKeywords`] when the table is full.
-    fn keyword_slots(
-        &self,
-        mailbox: &str,
-        folder: &str,
-        names: &[&str],
-    ) -> Result<(Flags, Vec<String>), StoreError>;
 
     /// Stores a message a client hands over (IMAP APPEND) durably, with its flags and arrival
     /// time, and returns (UIDVALIDITY, UID) of the new message.
@@ -286,6 +410,7 @@ pub trait MailStore: Send + Sync {
         folder: &str,
         message: &[u8],
         flags: Flags,
+        keywords: &Keywords,
         received_at: i64,
     ) -> Result<(u32, u32), StoreError>;
 

@@ -130,12 +130,31 @@ impl MailStore for Watched {
         self.inner().read_header(mailbox, folder, message)
     }
 
+    fn read_range(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        message: &MessageInfo,
+        range: std::ops::Range<u64>,
+    ) -> Result<Vec<u8>, StoreError> {
+        self.inner().read_range(mailbox, folder, message, range)
+    }
+
+    fn read_headers(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        messages: &[&MessageInfo],
+    ) -> Vec<Result<Arc<[u8]>, StoreError>> {
+        self.inner().read_headers(mailbox, folder, messages)
+    }
+
     fn change_flags(
         &self,
         mailbox: &str,
         folder: &str,
         messages: &[&MessageInfo],
-        change: FlagChange,
+        change: &FlagChange,
         unchanged_since: Option<u64>,
     ) -> Result<FlagOutcome, StoreError> {
         let result = self
@@ -148,15 +167,6 @@ impl MailStore for Watched {
             self.announce(mailbox, Some(folder));
         }
         result
-    }
-
-    fn keyword_slots(
-        &self,
-        mailbox: &str,
-        folder: &str,
-        names: &[&str],
-    ) -> Result<(super::Flags, Vec<String>), StoreError> {
-        self.inner().keyword_slots(mailbox, folder, names)
     }
 
     fn remove(
@@ -175,11 +185,12 @@ impl MailStore for Watched {
         folder: &str,
         message: &[u8],
         flags: super::Flags,
+        keywords: &super::Keywords,
         received_at: i64,
     ) -> Result<(u32, u32), StoreError> {
         let result = self
             .inner()
-            .append(mailbox, folder, message, flags, received_at);
+            .append(mailbox, folder, message, flags, keywords, received_at);
         self.announce_if(mailbox, Some(folder), result)
     }
 
@@ -283,10 +294,24 @@ mod tests {
         let message = b"Subject: x\r\n\r\nbody\r\n";
         watched
             .as_writer(7)
-            .append("Alice@Example.Test", "INBOX", message, Flags::empty(), 0)
+            .append(
+                "Alice@Example.Test",
+                "INBOX",
+                message,
+                Flags::empty(),
+                &Default::default(),
+                0,
+            )
             .unwrap();
         watched
-            .append("alice@example.test", "INBOX", message, Flags::empty(), 0)
+            .append(
+                "alice@example.test",
+                "INBOX",
+                message,
+                Flags::empty(),
+                &Default::default(),
+                0,
+            )
             .unwrap();
         let first = changes.try_recv().unwrap();
         assert_eq!((&*first.mailbox, first.writer), ("alice@example.test", 7));

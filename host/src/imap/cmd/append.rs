@@ -12,7 +12,7 @@ use crate::imap::session::*;
 use crate::store::{MessageInfo, StoreError};
 use imap_codec::imap_types::command::{Command, CommandBody};
 
-use super::{flags_in_folder, store_flags};
+use super::store_flags;
 use crate::imap::codec::CatPart;
 use crate::imap::url::MessageUrl;
 use crate::store::MailStore;
@@ -214,8 +214,7 @@ impl Conn {
             let mut uids = Vec::new();
             let mut validity = 0;
             for (bytes, received_at, system, names) in &prepared {
-                let appended = flags_in_folder(&*store, &user, &name, *system, names)
-                    .and_then(|(flags, _)| store.append(&user, &name, bytes, flags, *received_at));
+                let appended = store.append(&user, &name, bytes, *system, names, *received_at);
                 match appended {
                     Ok((v, uid)) => {
                         validity = v;

@@ -60,9 +60,7 @@ pub(in crate::imap) fn fetch_batches(
 }
 
 /// How a FETCH shows what the listing does not say by itself.
-pub(in crate::imap) struct Shown<'a> {
-    /// The folder's keyword table.
-    keywords: &'a [String],
+pub(in crate::imap) struct Shown {
     /// This FETCH set \Seen: FLAGS goes out even if not asked for.
     flags_changed: bool,
     condstore: bool,
@@ -80,7 +78,7 @@ pub(in crate::imap) fn render(
     index: usize,
     info: &MessageInfo,
     items: &[MessageDataItemName<'_>],
-    shown: &Shown<'_>,
+    shown: &Shown,
 ) -> Result<(), StoreError> {
     let needs_message = items.iter().any(|item| {
         !matches!(
@@ -137,7 +135,7 @@ pub(in crate::imap) fn render(
             MessageDataItemName::Flags => {
                 sep(out);
                 out.extend_from_slice(b"FLAGS ");
-                fetch::flags(out, info.flags, shown.keywords, shown.recent);
+                fetch::flags(out, info.flags, &info.keywords, shown.recent);
                 flags_sent = true;
             }
             MessageDataItemName::ModSeq => {
@@ -240,7 +238,7 @@ pub(in crate::imap) fn render(
     if shown.flags_changed && !flags_sent {
         sep(out);
         out.extend_from_slice(b"FLAGS ");
-        fetch::flags(out, info.flags, shown.keywords, shown.recent);
+        fetch::flags(out, info.flags, &info.keywords, shown.recent);
     }
     // RFC 7162 §3.2.4: under CONDSTORE a flag change is told with its mod-sequence.
     if shown.flags_changed && shown.condstore && !modseq_sent {
@@ -350,7 +348,6 @@ impl Conn {
             }
         }
         let folder = selected.folder.clone();
-        let keywords = Arc::new(selected.keywords.clone());
         // The UIDs of the targets this (IMAP4rev1) session sees as \Recent.
         let recent: Arc<std::collections::HashSet<u32>> = Arc::new(if rev2 {
             Default::default()
@@ -391,12 +388,11 @@ impl Conn {
                 );
             };
             let mut batch = targets[start..end].to_vec();
-            let (store, user, folder, items, keywords, recent) = (
+            let (store, user, folder, items, recent) = (
                 store.clone(),
                 user.clone(),
                 folder.clone(),
                 items.clone(),
-                keywords.clone(),
                 recent.clone(),
             );
             let rendered = blocking(move || {
@@ -409,20 +405,20 @@ impl Conn {
                         .filter(|info| !info.flags.contains(Flags::SEEN))
                         .collect();
                     if !unseen.is_empty() {
-                        let change = FlagChange::Add(Flags::SEEN);
-                        let outcome = store.change_flags(&user, &folder, &unseen, change, None)?;
+                        let change = FlagChange::add(Flags::SEEN);
+                        let outcome = store.change_flags(&user, &folder, &unseen, &change, None)?;
                         seen = outcome.updated;
                     }
                 }
                 let mut out = Vec::new();
                 for (index, info) in &mut batch {
-                    let now = seen.iter().find(|(uid, _, _)| *uid == info.uid);
-                    if let Some((_, flags, modseq)) = now {
-                        info.flags = *flags;
-                        info.modseq = *modseq;
+                    let now = seen.iter().find(|u| u.uid == info.uid);
+                    if let Some(now) = now {
+                        info.flags = now.flags;
+                        info.keywords.clone_from(&now.keywords);
+                        info.modseq = now.modseq;
                     }
                     let shown = Shown {
-                        keywords: &keywords,
                         flags_changed: now.is_some(),
                         condstore,
                         recent: recent.contains(&info.uid),
@@ -442,10 +438,12 @@ impl Conn {
                 Ok(rendered) => rendered,
                 Err(err) => return store_failure(&err),
             };
-            for (uid, flags, modseq) in seen {
-                if let Ok(at) = selected.messages.binary_search_by_key(&uid, |m| m.uid) {
-                    selected.messages[at].flags = flags;
-                    selected.messages[at].modseq = modseq;
+            for now in seen {
+                if let Ok(at) = selected.messages.binary_search_by_key(&now.uid, |m| m.uid) {
+                    let message = &mut selected.messages[at];
+                    message.flags = now.flags;
+                    message.keywords = now.keywords;
+                    message.modseq = now.modseq;
                 }
             }
             io.queue(&out);

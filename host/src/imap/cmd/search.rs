@@ -57,7 +57,6 @@ pub(in crate::imap) struct SearchScope {
     store: Arc<dyn MailStore>,
     folder: String,
     messages: Vec<MessageInfo>,
-    keywords: Vec<String>,
     recent: std::collections::HashSet<u32>,
     /// RFC 5182: the saved result, when the command named `$`.
     saved: Option<Vec<u32>>,
@@ -76,7 +75,6 @@ impl SearchScope {
                 info,
                 last_seq,
                 last_uid,
-                keywords: &self.keywords,
                 sets: &sets,
                 recent: self.recent.contains(&info.uid),
                 saved: self.saved.as_deref(),
@@ -197,7 +195,6 @@ impl Conn {
             store,
             folder: selected.folder.clone(),
             messages: selected.messages.clone(),
-            keywords: selected.keywords.clone(),
             recent: if rev2 {
                 Default::default()
             } else {

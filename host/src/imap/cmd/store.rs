@@ -1,7 +1,7 @@
 //! STORE (RFC 9051 §6.4.6) with CONDSTORE's UNCHANGEDSINCE (RFC 7162 §3.1.3), and the flag lists APPEND shares.
 
 use crate::imap::selected::{uid_set, Selected};
-use crate::store::{FlagChange, FlagOutcome, Flags, MailStore, MessageInfo, StoreError};
+use crate::store::{FlagChange, FlagMode, FlagOutcome, Flags, Keywords, MessageInfo};
 use crate::stream::Io;
 use imap_codec::imap_types::command::StoreModifier;
 use imap_codec::imap_types::flag::{Flag, StoreResponse, StoreType};
@@ -11,10 +11,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::imap::code::Code;
 use crate::imap::session::*;
 
-/// The system flags of a flag list, and its keywords by name (`$Forwarded` is Maildir's `P`).
-pub(in crate::imap) fn store_flags(flags: &[Flag<'_>]) -> (Flags, Vec<String>) {
+/// The system flags of a flag list, and its keywords by name (`$Forwarded` is a system flag of
+/// the store's: Maildir's `P`).
+pub(in crate::imap) fn store_flags(flags: &[Flag<'_>]) -> (Flags, Keywords) {
     let mut system = Flags::empty();
-    let mut names: Vec<String> = Vec::new();
+    let mut names = Keywords::new();
     for flag in flags {
         system = system.union(match flag {
             Flag::Seen => Flags::SEEN,
@@ -24,35 +25,13 @@ pub(in crate::imap) fn store_flags(flags: &[Flag<'_>]) -> (Flags, Vec<String>) {
             Flag::Draft => Flags::DRAFT,
             Flag::Keyword(k) if k.as_ref().eq_ignore_ascii_case("$Forwarded") => Flags::FORWARDED,
             Flag::Keyword(k) => {
-                let name = k.as_ref();
-                if crate::store::maildir::keywords::valid(name)
-                    && !names.iter().any(|n| n.eq_ignore_ascii_case(name))
-                {
-                    names.push(name.to_string());
-                }
+                names.insert(k.as_ref());
                 Flags::empty()
             }
             _ => Flags::empty(),
         });
     }
     (system, names)
-}
-
-/// Flags with their keywords given slots in the folder's table (which may grow), and the
-/// table when keywords were named.
-pub(in crate::imap) fn flags_in_folder(
-    store: &dyn MailStore,
-    user: &str,
-    folder: &str,
-    system: Flags,
-    names: &[String],
-) -> Result<(Flags, Option<Vec<String>>), StoreError> {
-    if names.is_empty() {
-        return Ok((system, None));
-    }
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let (slots, table) = store.keyword_slots(user, folder, &names)?;
-    Ok((system.union(slots), Some(table)))
 }
 
 /// A STORE command's arguments.
@@ -112,7 +91,7 @@ impl Conn {
         if !uid && !selected.valid_sequence(set) {
             return Done::Bad("Invalid message sequence number".into());
         }
-        let (system, names) = store_flags(request.flags);
+        let (flags, keywords) = store_flags(request.flags);
         let kind = request.kind;
         let unchanged_since = request.unchanged_since;
         let indexes = selected.resolve(set, uid);
@@ -121,26 +100,31 @@ impl Conn {
             .map(|i| selected.messages[*i].clone())
             .collect();
         let folder = selected.folder.clone();
+        let change = FlagChange {
+            mode: match kind {
+                StoreType::Add => FlagMode::Add,
+                StoreType::Remove => FlagMode::Remove,
+                StoreType::Replace => FlagMode::Replace,
+            },
+            flags,
+            keywords,
+        };
         let result = blocking(move || {
-            let (wanted, table) = flags_in_folder(&*store, &user, &folder, system, &names)?;
-            let change = match kind {
-                StoreType::Add => FlagChange::Add(wanted),
-                StoreType::Remove => FlagChange::Remove(wanted),
-                StoreType::Replace => FlagChange::Replace(wanted),
-            };
             let refs: Vec<&MessageInfo> = messages.iter().collect();
-            let outcome = store.change_flags(&user, &folder, &refs, change, unchanged_since)?;
-            Ok((outcome, table))
+            store.change_flags(&user, &folder, &refs, &change, unchanged_since)
         })
         .await;
-        let (outcome, table): (FlagOutcome, _) = match result {
+        let outcome: FlagOutcome = match result {
             Ok(done) => done,
             Err(err) => return store_failure(&err),
         };
         let mut out = Vec::new();
-        if let Some(table) = table {
-            out.extend_from_slice(&selected.learn_keywords(table));
-        }
+        let named: Vec<&str> = outcome
+            .updated
+            .iter()
+            .flat_map(|u| u.keywords.iter())
+            .collect();
+        out.extend_from_slice(&selected.learn_keywords(named));
         let mut modified = Vec::new();
         for index in indexes {
             let message_uid = selected.messages[index].uid;
@@ -148,14 +132,15 @@ impl Conn {
                 modified.push(if uid { message_uid } else { index as u32 + 1 });
                 continue;
             }
-            let Some((_, flags, modseq)) = outcome.updated.iter().find(|u| u.0 == message_uid)
-            else {
+            let Some(now) = outcome.updated.iter().find(|u| u.uid == message_uid) else {
                 continue;
             };
+            let modseq = now.modseq;
             let message = &mut selected.messages[index];
-            let moved = message.modseq != *modseq;
-            message.flags = *flags;
-            message.modseq = *modseq;
+            let moved = message.modseq != modseq;
+            message.flags = now.flags;
+            message.keywords.clone_from(&now.keywords);
+            message.modseq = modseq;
             if request.response == StoreResponse::Answer {
                 selected.flags_fetch(&mut out, index, uid, report);
             } else if report.condstore && moved {

@@ -10,8 +10,9 @@ use std::fs;
 use std::io;
 use std::path::Path;
 
+use super::letters::Letters;
 use crate::durable;
-use crate::store::Flags;
+use crate::store::Keywords;
 
 pub const FILE_NAME: &str = "dovecot-keywords";
 
@@ -36,7 +37,7 @@ pub fn parse(text: &str) -> Vec<String> {
         let Ok(slot) = slot.parse::<usize>() else {
             continue;
         };
-        if slot >= Flags::MAX_KEYWORDS || !valid(name) {
+        if slot >= Letters::MAX_KEYWORDS || !valid(name) {
             continue;
         }
         if slots.len() <= slot {
@@ -71,14 +72,29 @@ pub fn valid(name: &str) -> bool {
         })
 }
 
+/// The letters of the names the table has (others are left out).
+pub fn find(table: &[String], names: &Keywords) -> Letters {
+    names
+        .iter()
+        .filter_map(|name| table.iter().position(|k| k.eq_ignore_ascii_case(name)))
+        .fold(Letters::empty(), |acc, slot| {
+            acc.union(Letters::keyword(slot))
+        })
+}
+
 /// Finds each name's slot, adding those the table lacks; writes the table durably when it grew.
-pub fn slots(dir: &Path, table: &mut Vec<String>, names: &[&str]) -> io::Result<Option<Flags>> {
+/// None (and the table as it was) when the table has no room for them all.
+pub fn slots(dir: &Path, table: &mut Vec<String>, names: &Keywords) -> io::Result<Option<Letters>> {
     let before = table.len();
-    let mut flags = Flags::empty();
-    for name in names {
+    let mut flags = Letters::empty();
+    for name in names.iter() {
+        // A name the table cannot hold on a line is not kept (IMAP atoms always fit).
+        if !valid(name) {
+            continue;
+        }
         let slot = match table.iter().position(|k| k.eq_ignore_ascii_case(name)) {
             Some(slot) => slot,
-            None if table.len() < Flags::MAX_KEYWORDS => {
+            None if table.len() < Letters::MAX_KEYWORDS => {
                 table.push(name.to_string());
                 table.len() - 1
             }
@@ -87,7 +103,7 @@ pub fn slots(dir: &Path, table: &mut Vec<String>, names: &[&str]) -> io::Result<
                 return Ok(None);
             }
         };
-        flags = flags.union(Flags::keyword(slot));
+        flags = flags.union(Letters::keyword(slot));
     }
     if table.len() != before {
         let tmp = dir.join(format!("{FILE_NAME}.tmp"));
@@ -113,16 +129,25 @@ mod tests {
     fn slots_are_added_durably_and_matched_case_insensitively() {
         let dir = tempfile::tempdir().unwrap();
         let mut table = read(dir.path()).unwrap();
-        let flags = slots(dir.path(), &mut table, &["$Junk", "Work"]).unwrap();
-        assert_eq!(flags, Some(Flags::keyword(0).union(Flags::keyword(1))));
-        let again = slots(dir.path(), &mut table, &["work"]).unwrap();
-        assert_eq!(again, Some(Flags::keyword(1)));
+        let flags = slots(
+            dir.path(),
+            &mut table,
+            &Keywords::from_names(["$Junk", "Work"]),
+        )
+        .unwrap();
+        assert_eq!(flags, Some(Letters::keyword(0).union(Letters::keyword(1))));
+        let again = slots(dir.path(), &mut table, &Keywords::from_names(["work"])).unwrap();
+        assert_eq!(again, Some(Letters::keyword(1)));
         assert_eq!(read(dir.path()).unwrap(), ["$Junk", "Work"]);
         let many: Vec<String> = (0..24).map(|i| format!("k{i}")).collect();
-        let refs: Vec<&str> = many.iter().map(String::as_str).collect();
-        assert!(slots(dir.path(), &mut table, &refs).unwrap().is_some());
+        assert!(slots(dir.path(), &mut table, &Keywords::from_names(&many))
+            .unwrap()
+            .is_some());
         assert_eq!(table.len(), 26);
-        assert_eq!(slots(dir.path(), &mut table, &["one-more"]).unwrap(), None);
+        assert_eq!(
+            slots(dir.path(), &mut table, &Keywords::from_names(["one-more"])).unwrap(),
+            None
+        );
         assert_eq!(table.len(), 26, "a refused name leaves the table as it was");
     }
 }

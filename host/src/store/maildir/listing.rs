@@ -57,7 +57,7 @@ impl DirStamps {
 pub(super) struct Listed {
     /// `new/<name>` or `cur/<name>`.
     pub(super) location: String,
-    pub(super) flags: Flags,
+    pub(super) flags: Letters,
     /// CRLF size from the `,W=` part of the name, when the deliverer wrote one.
     pub(super) size: Option<u64>,
     pub(super) received_at: i64,
@@ -110,11 +110,25 @@ pub(super) fn list_files(dir: &Path) -> io::Result<HashMap<String, Listed>> {
 /// changed the flags itself knows them, so the name they gave the file is tried before the
 /// folder is scanned.
 pub(super) fn current_location(dir: &Path, message: &MessageInfo) -> io::Result<Option<String>> {
-    if dir.join(&message.location).exists() {
-        return Ok(Some(message.location.clone()));
+    if dir.join(message.handle.as_str()).exists() {
+        return Ok(Some(message.handle.as_str().to_string()));
     }
-    let renamed = format!("cur/{}:2,{}", message.key, flag_letters(message.flags));
-    if renamed != message.location && dir.join(&renamed).exists() {
+    let renamed = format!(
+        "cur/{}:2,{}",
+        message.key,
+        flag_letters(
+            parse_name(
+                message
+                    .handle
+                    .as_str()
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or_default()
+            )
+            .1
+        )
+    );
+    if renamed != message.handle.as_str() && dir.join(&renamed).exists() {
         return Ok(Some(renamed));
     }
     locate(dir, &message.key)

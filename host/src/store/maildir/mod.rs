@@ -25,6 +25,7 @@
 mod headers;
 mod index;
 pub mod keywords;
+mod letters;
 mod listing;
 mod metadata;
 pub mod modseq;
@@ -33,6 +34,7 @@ pub mod uidlist;
 
 use headers::HeaderCache;
 use index::*;
+use letters::Letters;
 use listing::*;
 use names::*;
 
@@ -45,7 +47,8 @@ use std::sync::{Arc, Mutex};
 use tracing::warn;
 
 use super::{
-    Delivery, FlagChange, FlagOutcome, Flags, FolderSnapshot, MailStore, MessageInfo, StoreError,
+    Delivery, FlagChange, FlagMode, FlagOutcome, Flags, FolderSnapshot, Keywords, MailStore,
+    MessageHandle, MessageInfo, StoreError, Updated,
 };
 
 /// The subscribed folder names, one a line, in the mailbox's root (as Dovecot keeps them).
@@ -263,8 +266,19 @@ impl MailStore for Maildir {
         let mut state = lock.lock().expect("folder lock");
         let files = state.listed(&dir).map_err(StoreError::from_io)?;
         let index = index_files(&dir, &files, &[])?;
+        let table = keywords::read(&dir).map_err(StoreError::from_io)?;
+        let mut letters: Vec<(u32, Letters, u64)> = index
+            .entries
+            .iter()
+            .map(|(uid, key)| (*uid, files[key].flags, 0))
+            .collect();
+        let log = state
+            .modlog(&dir, index.validity)
+            .map_err(StoreError::from_io)?;
+        log.reconcile(&dir, &mut letters)
+            .map_err(StoreError::from_io)?;
         let mut messages = Vec::with_capacity(index.entries.len());
-        for (uid, key) in &index.entries {
+        for ((uid, key), (_, flags, modseq)) in index.entries.iter().zip(letters) {
             let listed = &files[key];
             let size = match listed.size {
                 Some(size) => size,
@@ -273,23 +287,20 @@ impl MailStore for Maildir {
             messages.push(MessageInfo {
                 uid: *uid,
                 key: key.clone(),
-                location: listed.location.clone(),
+                handle: MessageHandle::new(listed.location.as_str()),
                 size,
-                flags: listed.flags,
+                flags: flags.system(),
+                keywords: flags.keywords(&table),
                 received_at: listed.received_at,
-                modseq: 0,
+                modseq,
             });
         }
-        let log = state
-            .modlog(&dir, index.validity)
-            .map_err(StoreError::from_io)?;
-        log.reconcile(&dir, &mut messages)
-            .map_err(StoreError::from_io)?;
         Ok(FolderSnapshot {
             uid_validity: index.validity,
             uid_next: index.next,
             messages,
-            keywords: keywords::read(&dir).map_err(StoreError::from_io)?,
+            more_keywords: table.len() < Letters::MAX_KEYWORDS,
+            keywords: table.into_iter().filter(|k| !k.starts_with('\\')).collect(),
             highest_modseq: log.highest(),
         })
     }
@@ -337,18 +348,29 @@ impl MailStore for Maildir {
         mailbox: &str,
         folder: &str,
         messages: &[&MessageInfo],
-        change: FlagChange,
+        change: &FlagChange,
         unchanged_since: Option<u64>,
     ) -> Result<FlagOutcome, StoreError> {
         let dir = self.folder_path(mailbox, folder)?;
         let lock = self.folder_lock(&dir);
         let mut state = lock.lock().expect("folder lock");
+        // Keywords become letters of the folder's table; a name it lacks gets a letter before any
+        // file name uses it (a removal needs none).
+        let mut table = keywords::read(&dir).map_err(StoreError::from_io)?;
+        let slots = if change.mode == FlagMode::Remove {
+            keywords::find(&table, &change.keywords)
+        } else {
+            keywords::slots(&dir, &mut table, &change.keywords)
+                .map_err(StoreError::from_io)?
+                .ok_or_else(|| StoreError::TooManyKeywords(folder.into()))?
+        };
+        let change_letters = Letters::from_system(change.flags).union(slots);
         let validity = match &state.modlog {
             Some(log) => log.validity(),
             None => read_index(&dir).map_err(StoreError::from_io)?.validity,
         };
         let keeps_listing = state.listing_before_change(&dir).is_some();
-        let mut renamed: Vec<(&str, String, Flags)> = Vec::new();
+        let mut renamed: Vec<(&str, String, Letters)> = Vec::new();
         let log = state.modlog(&dir, validity).map_err(StoreError::from_io)?;
         let mut outcome = FlagOutcome::default();
         // Directories whose entries the renames changed: flushed once, before the answer, so a
@@ -367,7 +389,11 @@ impl MailStore for Maildir {
                 }
             }
             let (_, old_flags) = parse_name(location.rsplit('/').next().unwrap_or_default());
-            let wanted = change.apply(old_flags);
+            let wanted = match change.mode {
+                FlagMode::Add => old_flags.union(change_letters),
+                FlagMode::Remove => old_flags.without(change_letters),
+                FlagMode::Replace => change_letters,
+            };
             let target = format!("cur/{}:2,{}", message.key, flag_letters(wanted));
             if target != location {
                 match fs::rename(dir.join(&location), dir.join(&target)) {
@@ -389,7 +415,12 @@ impl MailStore for Maildir {
                     .record(&dir, message.uid, wanted)
                     .map_err(StoreError::from_io)?,
             };
-            outcome.updated.push((message.uid, wanted, modseq));
+            outcome.updated.push(Updated {
+                uid: message.uid,
+                flags: wanted.system(),
+                keywords: wanted.keywords(&table),
+                modseq,
+            });
         }
         log.flush(&dir).map_err(StoreError::from_io)?;
         if let Some(kept) = state.listing.as_mut().filter(|_| keeps_listing) {
@@ -411,31 +442,18 @@ impl MailStore for Maildir {
         Ok(outcome)
     }
 
-    fn keyword_slots(
-        &self,
-        mailbox: &str,
-        folder: &str,
-        names: &[&str],
-    ) -> Result<(Flags, Vec<String>), StoreError> {
-        let dir = self.existing_folder(mailbox, folder)?;
-        let lock = self.folder_lock(&dir);
-        let _guard = lock.lock().expect("folder lock");
-        let mut table = keywords::read(&dir).map_err(StoreError::from_io)?;
-        let flags = keywords::slots(&dir, &mut table, names)
-            .map_err(StoreError::from_io)?
-            .ok_or_else(|| StoreError::TooManyKeywords(folder.into()))?;
-        Ok((flags, table))
-    }
-
     fn append(
         &self,
         mailbox: &str,
         folder: &str,
         message: &[u8],
         flags: Flags,
+        keywords: &Keywords,
         received_at: i64,
     ) -> Result<(u32, u32), StoreError> {
         let dir = self.existing_folder(mailbox, folder)?;
+        let flags =
+            Letters::from_system(flags).union(self.keyword_letters(&dir, folder, keywords)?);
         let (content, size, crlf_size) = stored_form(b"", message);
         let key = format!(
             "{received_at}.{}.{},S={size},W={crlf_size}",
@@ -547,16 +565,18 @@ impl MailStore for Maildir {
                 }
             }
         }
-        keywords::slots(&dest, &mut dest_table, &names)
+        keywords::slots(&dest, &mut dest_table, &Keywords::from_names(&names))
             .map_err(StoreError::from_io)?
             .ok_or_else(|| StoreError::TooManyKeywords(target.into()))?;
-        let remap = |flags: Flags| {
-            flags.keyword_slots().fold(flags.system(), |acc, slot| {
-                let slot = source_table
-                    .get(slot)
-                    .and_then(|name| dest_table.iter().position(|k| k.eq_ignore_ascii_case(name)));
-                slot.map_or(acc, |slot| acc.union(Flags::keyword(slot)))
-            })
+        let remap = |flags: Letters| {
+            flags
+                .keyword_slots()
+                .fold(Letters::from_system(flags.system()), |acc, slot| {
+                    let slot = source_table.get(slot).and_then(|name| {
+                        dest_table.iter().position(|k| k.eq_ignore_ascii_case(name))
+                    });
+                    slot.map_or(acc, |slot| acc.union(Letters::keyword(slot)))
+                })
         };
         let mut copied = Vec::new();
         for (uid, location) in found {
@@ -895,8 +915,27 @@ impl Maildir {
         })
     }
 
+    /// The letters for these keywords in the folder's table, adding those it lacks (under the
+    /// folder's lock, so two sessions naming a new keyword at once agree on its letter).
+    fn keyword_letters(
+        &self,
+        dir: &Path,
+        folder: &str,
+        names: &Keywords,
+    ) -> Result<Letters, StoreError> {
+        if names.is_empty() {
+            return Ok(Letters::empty());
+        }
+        let lock = self.folder_lock(dir);
+        let _guard = lock.lock().expect("folder lock");
+        let mut table = keywords::read(dir).map_err(StoreError::from_io)?;
+        keywords::slots(dir, &mut table, names)
+            .map_err(StoreError::from_io)?
+            .ok_or_else(|| StoreError::TooManyKeywords(folder.into()))
+    }
+
     fn read_file(&self, dir: &Path, message: &MessageInfo) -> Result<Vec<u8>, StoreError> {
-        match fs::read(dir.join(&message.location)) {
+        match fs::read(dir.join(message.handle.as_str())) {
             Ok(content) => Ok(content),
             // Renamed since the listing (flags changed): find it by key.
             Err(err) if err.kind() == io::ErrorKind::NotFound => {
@@ -976,6 +1015,7 @@ mod tests {
                     "INBOX",
                     message.as_bytes(),
                     Flags::empty(),
+                    &Keywords::new(),
                     1700000000 + n,
                 )
                 .unwrap();
@@ -985,7 +1025,7 @@ mod tests {
         // This store's own changes keep the listing exact.
         let target = [&first.messages[0]];
         store
-            .change_flags(user, "INBOX", &target, FlagChange::Add(Flags::SEEN), None)
+            .change_flags(user, "INBOX", &target, &FlagChange::add(Flags::SEEN), None)
             .unwrap();
         store.remove(user, "INBOX", &[&first.messages[1]]).unwrap();
         let after = store.snapshot(user, "INBOX").unwrap();
@@ -1000,7 +1040,7 @@ mod tests {
         .unwrap();
         let seen = store.snapshot(user, "INBOX").unwrap();
         assert_eq!(seen.messages.len(), 2);
-        let location = &seen.messages[0].location;
+        let location = &seen.messages[0].handle.as_str();
         let flagged = location.replace(":2,S", ":2,FS");
         fs::rename(folder.join(location), folder.join(&flagged)).unwrap();
         let seen = store.snapshot(user, "INBOX").unwrap();
@@ -1015,7 +1055,14 @@ mod tests {
         // RFC 3516 binary content: a bare LF, a CRLF and a NUL must come back unchanged.
         let message = b"Subject: bin\r\nContent-Transfer-Encoding: binary\r\n\r\n\0-\xe4\n\r\n\n";
         store
-            .append(user, "INBOX", message, Flags::empty(), 1700000000)
+            .append(
+                user,
+                "INBOX",
+                message,
+                Flags::empty(),
+                &Keywords::new(),
+                1700000000,
+            )
             .unwrap();
         let snapshot = store.snapshot(user, "INBOX").unwrap();
         assert_eq!(snapshot.messages[0].size, message.len() as u64);
@@ -1028,13 +1075,19 @@ mod tests {
                 "INBOX",
                 b"Subject: t\r\n\r\nx\r\n",
                 Flags::empty(),
+                &Keywords::new(),
                 1700000001,
             )
             .unwrap();
         let snapshot = store.snapshot(user, "INBOX").unwrap();
         let clean = &snapshot.messages[1];
         assert_eq!(
-            fs::read(dir.path().join("example.test/alice").join(&clean.location)).unwrap(),
+            fs::read(
+                dir.path()
+                    .join("example.test/alice")
+                    .join(clean.handle.as_str())
+            )
+            .unwrap(),
             b"Subject: t\n\nx\n"
         );
         assert_eq!(
@@ -1074,7 +1127,14 @@ mod tests {
         for round in 0..3 {
             store.create_folder(user, "Box").unwrap();
             let (validity, uid) = store
-                .append(user, "Box", b"Subject: r\r\n\r\nx\r\n", Flags::empty(), 0)
+                .append(
+                    user,
+                    "Box",
+                    b"Subject: r\r\n\r\nx\r\n",
+                    Flags::empty(),
+                    &Keywords::new(),
+                    0,
+                )
                 .unwrap();
             assert_eq!(uid, 1, "round {round}");
             let snap = store.snapshot(user, "Box").unwrap();
@@ -1085,7 +1145,7 @@ mod tests {
                     user,
                     "Box",
                     &[&snap.messages[0]],
-                    FlagChange::Add(Flags::SEEN),
+                    &FlagChange::add(Flags::SEEN),
                     None,
                 )
                 .unwrap();
@@ -1156,8 +1216,8 @@ mod tests {
         assert_eq!(snap2.uid_validity, snap.uid_validity);
         assert_eq!(snap2.messages[0].uid, 1);
         assert!(snap2.messages[0].flags.contains(Flags::SEEN));
-        assert!(snap2.messages[0].location.starts_with("cur/"));
-        assert!(snap2.messages[0].location.ends_with(":2,S"));
+        assert!(snap2.messages[0].handle.as_str().starts_with("cur/"));
+        assert!(snap2.messages[0].handle.as_str().ends_with(":2,S"));
 
         store
             .remove("alice@example.test", "INBOX", &[&snap2.messages[0]])
@@ -1213,6 +1273,7 @@ mod tests {
                     "INBOX",
                     message.as_bytes(),
                     Flags::empty(),
+                    &Keywords::new(),
                     1_700_000_000,
                 )
                 .unwrap()
@@ -1288,6 +1349,7 @@ mod tests {
                 "Work/2026",
                 b"Subject: a\r\n\r\nx\r\n",
                 Flags::SEEN,
+                &Keywords::new(),
                 1_700_000_000,
             )
             .unwrap();
@@ -1302,7 +1364,7 @@ mod tests {
             b"Subject: a\r\n\r\nx\r\n"
         );
         assert!(matches!(
-            store.append(user, "Nope", b"x\r\n", Flags::empty(), 0),
+            store.append(user, "Nope", b"x\r\n", Flags::empty(), &Keywords::new(), 0),
             Err(StoreError::NoSuchFolder(_))
         ));
 
@@ -1320,7 +1382,11 @@ mod tests {
                 user,
                 "INBOX",
                 &[&inbox.messages[0]],
-                FlagChange::Replace(Flags::FLAGGED),
+                &FlagChange {
+                    mode: FlagMode::Replace,
+                    flags: Flags::FLAGGED,
+                    keywords: Keywords::new(),
+                },
                 None,
             )
             .unwrap();
@@ -1364,20 +1430,22 @@ mod tests {
         let store = Maildir::new(dir.path(), "mx.test");
         let user = "alice@example.test";
         store.create_folder(user, "Archive").unwrap();
-        // The target folder already uses slot 0 for another keyword.
-        let (archive_work, _) = store.keyword_slots(user, "Archive", &["Other"]).unwrap();
-        assert_eq!(archive_work, Flags::keyword(0));
-        let (slots, table) = store
-            .keyword_slots(user, "INBOX", &["$Junk", "Work"])
-            .unwrap();
-        assert_eq!(table, ["$Junk", "Work"]);
-        let flags = Flags::SEEN.union(slots);
+        // The target folder already uses slot 0 (letter a) for another keyword.
+        let archive_dir = store.folder_path(user, "Archive").unwrap();
+        assert_eq!(
+            store
+                .keyword_letters(&archive_dir, "Archive", &Keywords::from_names(["Other"]))
+                .unwrap(),
+            Letters::keyword(0)
+        );
+        let keywords = Keywords::from_names(["$Junk", "Work"]);
         store
             .append(
                 user,
                 "INBOX",
                 b"Subject: k\r\n\r\nx\r\n",
-                flags,
+                Flags::SEEN,
+                &keywords,
                 1_700_000_000,
             )
             .unwrap();
@@ -1394,7 +1462,8 @@ mod tests {
             "0 $Junk\n1 Work\n"
         );
         let snap = store.snapshot(user, "INBOX").unwrap();
-        assert_eq!(snap.messages[0].flags, flags);
+        assert_eq!(snap.messages[0].flags, Flags::SEEN);
+        assert_eq!(snap.messages[0].keywords, keywords);
         assert_eq!(snap.keywords, ["$Junk", "Work"]);
         let first_modseq = snap.messages[0].modseq;
         assert_eq!(snap.highest_modseq, first_modseq);
@@ -1404,12 +1473,16 @@ mod tests {
             .unwrap();
         let archive = store.snapshot(user, "Archive").unwrap();
         assert_eq!(archive.keywords, ["Other", "$Junk", "Work"]);
-        assert_eq!(
-            archive.messages[0].flags,
-            Flags::SEEN
-                .union(Flags::keyword(1))
-                .union(Flags::keyword(2)),
-            "keywords travel by name, not by letter"
+        assert_eq!(archive.messages[0].keywords, keywords);
+        let copied = fs::read_dir(archive_dir.join("cur"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .file_name();
+        assert!(
+            copied.to_string_lossy().ends_with(":2,Sbc"),
+            "keywords travel by name, not by letter: {copied:?}"
         );
 
         // UNCHANGEDSINCE: refused when the message changed after the given mod-sequence.
@@ -1419,7 +1492,7 @@ mod tests {
                 user,
                 "INBOX",
                 &[message],
-                FlagChange::Add(Flags::FLAGGED),
+                &FlagChange::add(Flags::FLAGGED),
                 Some(first_modseq - 1),
             )
             .unwrap();
@@ -1429,12 +1502,13 @@ mod tests {
                 user,
                 "INBOX",
                 &[message],
-                FlagChange::Add(Flags::FLAGGED),
+                &FlagChange::add(Flags::FLAGGED),
                 Some(first_modseq),
             )
             .unwrap();
-        let (_, now, modseq) = outcome.updated[0];
+        let (now, modseq) = (outcome.updated[0].flags, outcome.updated[0].modseq);
         assert!(now.contains(Flags::FLAGGED) && modseq > first_modseq);
+        assert_eq!(outcome.updated[0].keywords, keywords);
         let again = store.snapshot(user, "INBOX").unwrap();
         assert_eq!(again.messages[0].modseq, modseq);
         store.remove(user, "INBOX", &[&again.messages[0]]).unwrap();

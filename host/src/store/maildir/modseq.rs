@@ -21,8 +21,8 @@ use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::path::Path;
 
+use super::letters::Letters;
 use crate::durable;
-use crate::store::{Flags, MessageInfo};
 
 pub const FILE_NAME: &str = "postern-modseq";
 const MAGIC: &str = "postern-modseq 1";
@@ -35,7 +35,7 @@ pub struct ModLog {
     highest: u64,
     reserved: u64,
     /// UID → (mod-sequence, flags when it was given).
-    known: HashMap<u32, (u64, Flags)>,
+    known: HashMap<u32, (u64, Letters)>,
     /// Lines in the file (for compaction).
     lines: usize,
     /// Lines not yet appended.
@@ -86,7 +86,7 @@ impl ModLog {
                         continue;
                     };
                     log.highest = log.highest.max(modseq);
-                    log.known.insert(uid, (modseq, Flags::from_bits(flags)));
+                    log.known.insert(uid, (modseq, Letters::from_bits(flags)));
                 }
                 _ => {}
             }
@@ -114,7 +114,7 @@ impl ModLog {
     }
 
     /// (mod-sequence, flags it was given for) of a message.
-    pub fn known(&self, uid: u32) -> Option<(u64, Flags)> {
+    pub fn known(&self, uid: u32) -> Option<(u64, Letters)> {
         self.known.get(&uid).copied()
     }
 
@@ -132,15 +132,16 @@ impl ModLog {
     /// Gives each listed message its mod-sequence: the remembered one when its flags are as
     /// remembered, a new one when they changed or it is new. Forgets UIDs no longer listed and
     /// raises the highest mod-sequence once if any were (an expunge is a change too).
-    pub fn reconcile(&mut self, dir: &Path, messages: &mut [MessageInfo]) -> io::Result<()> {
-        for message in messages.iter_mut() {
-            match self.known.get(&message.uid) {
-                Some((modseq, flags)) if *flags == message.flags => message.modseq = *modseq,
-                _ => message.modseq = self.record(dir, message.uid, message.flags)?,
+    /// `listed` is (UID, flags, mod-sequence): the mod-sequence is filled in.
+    pub fn reconcile(&mut self, dir: &Path, listed: &mut [(u32, Letters, u64)]) -> io::Result<()> {
+        for (uid, letters, modseq) in listed.iter_mut() {
+            match self.known.get(uid) {
+                Some((known, flags)) if flags == letters => *modseq = *known,
+                _ => *modseq = self.record(dir, *uid, *letters)?,
             }
         }
-        if self.known.len() > messages.len() {
-            let listed: std::collections::HashSet<u32> = messages.iter().map(|m| m.uid).collect();
+        if self.known.len() > listed.len() {
+            let listed: std::collections::HashSet<u32> = listed.iter().map(|m| m.0).collect();
             self.known.retain(|uid, _| listed.contains(uid));
             let modseq = self.next(dir)?;
             self.pending.push_str(&format!("H {modseq}\n"));
@@ -149,7 +150,7 @@ impl ModLog {
     }
 
     /// Notes new flags for a message and returns its new mod-sequence.
-    pub fn record(&mut self, dir: &Path, uid: u32, flags: Flags) -> io::Result<u64> {
+    pub fn record(&mut self, dir: &Path, uid: u32, flags: Letters) -> io::Result<u64> {
         let modseq = self.next(dir)?;
         self.known.insert(uid, (modseq, flags));
         self.pending
@@ -217,38 +218,33 @@ impl ModLog {
 mod tests {
     use super::*;
 
-    fn message(uid: u32, flags: Flags) -> MessageInfo {
-        MessageInfo {
-            uid,
-            key: format!("k{uid}"),
-            location: String::new(),
-            size: 1,
-            flags,
-            received_at: 0,
-            modseq: 0,
-        }
+    const SEEN: Letters = Letters::from_bits(1);
+    const NONE: Letters = Letters::empty();
+
+    fn message(uid: u32, flags: Letters) -> (u32, Letters, u64) {
+        (uid, flags, 0)
     }
 
     #[test]
     fn changes_get_new_numbers_and_survive_a_reload() {
         let dir = tempfile::tempdir().unwrap();
         let mut log = ModLog::load(dir.path(), 7).unwrap();
-        let mut listed = vec![message(1, Flags::empty()), message(2, Flags::SEEN)];
+        let mut listed = vec![message(1, NONE), message(2, SEEN)];
         log.reconcile(dir.path(), &mut listed).unwrap();
-        assert_eq!((listed[0].modseq, listed[1].modseq), (2, 3));
+        assert_eq!((listed[0].2, listed[1].2), (2, 3));
         // Unchanged: same numbers. Changed outside (a rename by another tool): a new one.
-        listed[1].flags = Flags::empty();
+        listed[1].1 = NONE;
         log.reconcile(dir.path(), &mut listed).unwrap();
-        assert_eq!((listed[0].modseq, listed[1].modseq), (2, 4));
+        assert_eq!((listed[0].2, listed[1].2), (2, 4));
         assert_eq!(log.highest(), 4);
 
         // A new process resumes above the reserved block, keeping what was recorded.
         let mut again = ModLog::load(dir.path(), 7).unwrap();
         assert_eq!(again.modseq(2), Some(4));
         assert_eq!(again.highest(), 1 + BLOCK);
-        let mut listed = vec![message(2, Flags::empty())];
+        let mut listed = vec![message(2, NONE)];
         again.reconcile(dir.path(), &mut listed).unwrap();
-        assert_eq!(listed[0].modseq, 4);
+        assert_eq!(listed[0].2, 4);
         assert_eq!(
             again.highest(),
             BLOCK + 2,
@@ -260,15 +256,15 @@ mod tests {
     fn lost_lines_are_redetected_above_anything_handed_out() {
         let dir = tempfile::tempdir().unwrap();
         let mut log = ModLog::load(dir.path(), 7).unwrap();
-        let mut listed = vec![message(1, Flags::empty())];
+        let mut listed = vec![message(1, NONE)];
         log.reconcile(dir.path(), &mut listed).unwrap();
-        let handed_out = log.record(dir.path(), 1, Flags::SEEN).unwrap();
+        let handed_out = log.record(dir.path(), 1, SEEN).unwrap();
         // The crash: the pending line is never written, but the file was renamed (flags \Seen).
         drop(log);
         let mut again = ModLog::load(dir.path(), 7).unwrap();
-        let mut listed = vec![message(1, Flags::SEEN)];
+        let mut listed = vec![message(1, SEEN)];
         again.reconcile(dir.path(), &mut listed).unwrap();
-        assert!(listed[0].modseq > handed_out);
+        assert!(listed[0].2 > handed_out);
     }
 
     #[test]

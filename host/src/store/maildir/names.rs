@@ -81,32 +81,37 @@ pub(super) fn unique_part() -> String {
 }
 
 /// Splits a Maildir file name into its key and flags (`key:2,FS`).
-pub(super) fn parse_name(name: &str) -> (&str, Flags) {
+pub(super) fn parse_name(name: &str) -> (&str, Letters) {
+    let system = |flag: Flags| Letters::from_system(flag);
     match name.split_once(':') {
         Some((key, info)) => {
-            let mut flags = Flags::empty();
+            let mut flags = Letters::empty();
             if let Some(letters) = info.strip_prefix("2,") {
                 for letter in letters.chars() {
                     flags = flags.union(match letter {
-                        'D' => Flags::DRAFT,
-                        'F' => Flags::FLAGGED,
-                        'P' => Flags::FORWARDED,
-                        'R' => Flags::ANSWERED,
-                        'S' => Flags::SEEN,
-                        'T' => Flags::DELETED,
-                        'a'..='z' => Flags::keyword(usize::from(letter as u8 - b'a')),
-                        _ => Flags::empty(),
+                        'D' => system(Flags::DRAFT),
+                        'F' => system(Flags::FLAGGED),
+                        'P' => system(Flags::FORWARDED),
+                        'R' => system(Flags::ANSWERED),
+                        'S' => system(Flags::SEEN),
+                        'T' => system(Flags::DELETED),
+                        'a'..='z' => Letters::keyword(usize::from(letter as u8 - b'a')),
+                        _ => Letters::empty(),
                     });
                 }
             }
             (key, flags)
         }
-        None => (name, Flags::empty()),
+        None => (name, Letters::empty()),
     }
 }
 
 /// Flag letters in the ASCII order the Maildir spec asks for: system flags, then keywords.
-pub(super) fn flag_letters(flags: Flags) -> String {
+pub(super) fn flag_letters(flags: Letters) -> String {
+    let keywords = flags
+        .keyword_slots()
+        .map(|slot| char::from(b'a' + slot as u8));
+    let flags = flags.system();
     let system = [
         ('D', Flags::DRAFT),
         ('F', Flags::FLAGGED),
@@ -118,9 +123,6 @@ pub(super) fn flag_letters(flags: Flags) -> String {
     .into_iter()
     .filter(|(_, flag)| flags.contains(*flag))
     .map(|(letter, _)| letter);
-    let keywords = flags
-        .keyword_slots()
-        .map(|slot| char::from(b'a' + slot as u8));
     system.chain(keywords).collect()
 }
 
