@@ -67,6 +67,49 @@ pub struct Config {
     /// Plugins, called in this order at every hook they export.
     #[serde(default, rename = "plugin")]
     pub plugin_list: Vec<PluginConfig>,
+    /// Mailbox backends (Wasm components) and the local domains whose mail each stores; every
+    /// other local domain keeps the embedded Maildir.
+    #[serde(default, rename = "mailbox_backend")]
+    pub mailbox_backends: Vec<MailboxBackendConfig>,
+}
+
+/// A mailbox backend: a component exporting `postern:plugin/mailbox` (`wit/mailbox.wit`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MailboxBackendConfig {
+    pub name: String,
+    /// The component (`.wasm`), relative to the configuration file's directory. A changed file
+    /// is loaded between calls; sessions stay open.
+    pub path: PathBuf,
+    /// The local domains whose mailboxes it stores.
+    pub domains: Vec<String>,
+    /// Its own directory, seen inside the sandbox as `/data` (default
+    /// `<data_dir>/mailbox-backends/<name>`, made at start). Nothing else of the filesystem is
+    /// visible to it.
+    pub directory: Option<PathBuf>,
+    /// Deadline for one call (default 5000 ms: a call may flush the disk several times).
+    #[serde(default = "default_backend_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Memory of one instance, all its memories and tables together (default: plugins.default_memory_mb).
+    pub memory_mb: Option<u64>,
+    /// Instances at most (calls for different mailboxes run in parallel on them; calls for one
+    /// mailbox never do). Default 8.
+    #[serde(default = "default_backend_instances")]
+    pub instances: usize,
+    /// Capabilities granted: `log`, `config`, `kv` and `clock` only.
+    #[serde(default)]
+    pub capabilities: Vec<Capability>,
+    /// The backend's own settings, read through the `config` capability.
+    #[serde(default)]
+    pub config: toml::Table,
+}
+
+fn default_backend_timeout_ms() -> u64 {
+    5000
+}
+
+fn default_backend_instances() -> usize {
+    8
 }
 
 /// The resolver used for DNSBL checks (plugins' `dns` capability) and MX lookups.
@@ -605,6 +648,43 @@ impl Config {
         if self.relay.local_domains.is_empty() {
             return Err("relay.local_domains must name at least one domain".into());
         }
+        let mut served = std::collections::HashSet::new();
+        for backend in &self.mailbox_backends {
+            if backend.instances < 1 || backend.timeout_ms < 1 {
+                return Err(format!(
+                    "mailbox_backend {:?}: instances and timeout_ms must be at least 1",
+                    backend.name
+                ));
+            }
+            if let Some(capability) = backend
+                .capabilities
+                .iter()
+                .find(|c| matches!(c, Capability::Directory | Capability::Dns))
+            {
+                return Err(format!(
+                    "mailbox_backend {:?}: {capability:?} cannot be granted to a mailbox backend (only log, config, kv and clock)",
+                    backend.name
+                ));
+            }
+            for domain in &backend.domains {
+                if !self
+                    .relay
+                    .local_domains
+                    .iter()
+                    .any(|d| d.eq_ignore_ascii_case(domain))
+                {
+                    return Err(format!(
+                        "mailbox_backend {:?}: {domain:?} is not in relay.local_domains",
+                        backend.name
+                    ));
+                }
+                if !served.insert(domain.to_ascii_lowercase()) {
+                    return Err(format!(
+                        "domain {domain:?} is given to two mailbox backends"
+                    ));
+                }
+            }
+        }
         if self.limits.max_line_length < 512 {
             return Err("limits.max_line_length must be at least 512 (RFC 5321 §4.5.3.1.4)".into());
         }
@@ -712,6 +792,14 @@ impl Config {
         for key in &mut self.dkim {
             if key.key.is_relative() {
                 key.key = base.join(&key.key);
+            }
+        }
+        for backend in &mut self.mailbox_backends {
+            if backend.path.is_relative() {
+                backend.path = base.join(&backend.path);
+            }
+            if let Some(dir) = backend.directory.as_mut().filter(|d| d.is_relative()) {
+                *dir = base.join(&*dir);
             }
         }
         for plugin in &mut self.plugin_list {

@@ -40,6 +40,8 @@ pub enum ServerError {
     },
     #[error("cannot open the spool: {0}")]
     Spool(std::io::Error),
+    #[error("{0}")]
+    MailboxBackend(String),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
@@ -160,13 +162,6 @@ pub async fn run(
     };
     let users = Arc::new(UserDirectory::from_config(&config));
     let spool = Spool::open(&data_dir.join("spool")).map_err(ServerError::Spool)?;
-    let maildir: Arc<dyn MailStore> = Arc::new(Maildir::new(
-        data_dir.join("mailboxes"),
-        &config.server.hostname,
-    ));
-    // Every writer goes through the watched store, so IMAP sessions hear of every change.
-    let watched = Arc::new(Watched::new(maildir));
-    let store: Arc<dyn MailStore> = watched.clone();
     let recovered = spool.list().map_err(ServerError::Spool)?;
     let (to_scheduler, scheduler_inbox) = mpsc::channel(256);
 
@@ -183,6 +178,40 @@ pub async fn run(
         users.clone(),
         dns.clone(),
     )?);
+    let maildir: Arc<dyn MailStore> = Arc::new(Maildir::new(
+        data_dir.join("mailboxes"),
+        &config.server.hostname,
+    ));
+    let mut mailboxes = crate::store::by_domain::ByDomain::new(maildir);
+    for backend in &config.mailbox_backends {
+        let (backend, settings, engine, dir, directory) = (
+            backend.clone(),
+            config.plugins.clone(),
+            plugins.engine.clone(),
+            data_dir.clone(),
+            users.clone(),
+        );
+        let name = backend.name.clone();
+        // Compiling may take a while: not on a runtime thread.
+        let loaded = tokio::task::spawn_blocking(move || {
+            crate::store::wasm::WasmStore::new(&backend, &settings, engine, &dir, directory)
+                .map(|store| (store, backend.domains))
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        let (store, domains) = loaded.map_err(|reason| {
+            ServerError::MailboxBackend(format!("mailbox_backend {name:?} did not load: {reason}"))
+        })?;
+        info!(backend = %name, ?domains, "mailbox backend loaded");
+        let store: Arc<dyn MailStore> = Arc::new(store);
+        for domain in domains {
+            mailboxes.route(&domain, store.clone());
+        }
+    }
+    // Every writer goes through the watched store, so IMAP sessions hear of every change.
+    let watched = Arc::new(Watched::new(Arc::new(mailboxes)));
+    let store: Arc<dyn MailStore> = watched.clone();
     let report = plugins.load(&config.plugin_list).await;
     if let Some((name, reason)) = report.failed.first() {
         // At start there is no previous version to fall back on: refuse to run half-configured.

@@ -43,12 +43,69 @@ def test_config(data_dir, edits=None, transform=None):
     return transform(text) if transform else text
 
 
+MAILBOX_LOG = ROOT / "plugins" / "target" / "wasm32-wasip2" / "release" / "mailbox_log.wasm"
+
+
+def with_backend(backend, transform=None):
+    """A config transform that also stores example.test's mailboxes in `backend` ("maildir",
+    the embedded default, or "mailbox-log", the shipped Wasm backend)."""
+    def apply(text):
+        text = transform(text) if transform else text
+        if backend == "mailbox-log":
+            text += (
+                '\n[[mailbox_backend]]\nname = "mailbox-log"\n'
+                f'path = "{MAILBOX_LOG}"\ndomains = ["example.test"]\n'
+            )
+        return text
+    return apply
+
+
+def _encode(text):
+    """The mailbox-log backend's file name encoding (plugins/mailbox-log/src/names.rs)."""
+    return "".join(
+        chr(b) if chr(b).isalnum() and b < 128 or chr(b) in "@-_+" else f"%{b:02X}"
+        for b in text.encode()
+    )
+
+
+# Maildir's letters for the system flags, in the backend's bit order (seen, answered, flagged,
+# deleted, draft, forwarded), so tests can read either store the same way.
+_LETTERS = [(1, "S"), (2, "R"), (4, "F"), (8, "T"), (16, "D"), (32, "P")]
+
+
+def read_mailbox_log(folder_dir):
+    """The messages of a mailbox-log folder as Maildir would show them: (name, bytes with LF
+    endings), the name `<received>.<uid>:2,<flag letters>`."""
+    current = folder_dir / "current"
+    if not current.exists():
+        return []
+    generation = current.read_text().strip()
+    data = (folder_dir / f"messages.{generation}").read_bytes()
+    messages = {}
+    for line in (folder_dir / f"index.{generation}").read_text().split("\n"):
+        f = line.split(" ")
+        if f[0] == "A" and len(f) == 9:
+            uid, offset, size = int(f[1]), int(f[2]), int(f[3])
+            messages[uid] = [f[4], int(f[6]), data[offset:offset + size]]
+        elif f[0] == "F" and len(f) == 5 and int(f[1]) in messages:
+            messages[int(f[1])][1] = int(f[3])
+        elif f[0] == "X" and len(f) == 3:
+            messages.pop(int(f[1]), None)
+    out = []
+    for uid, (received, bits, content) in sorted(messages.items()):
+        letters = "".join(sorted(l for bit, l in _LETTERS if bits & bit))
+        out.append((f"{received}.{uid}:2,{letters}", content.replace(b"\r\n", b"\n")))
+    return out
+
+
 class Server:
-    def __init__(self, tmp_path, edits=None, transform=None):
+    def __init__(self, tmp_path, edits=None, transform=None, backend="maildir"):
         tmp_path.mkdir(parents=True, exist_ok=True)
+        self.backend = backend
         self.data_dir = tmp_path / "data"
         self.config = tmp_path / "postern.toml"
-        self.config.write_text(test_config(self.data_dir, edits, transform))
+        self.config.write_text(
+            test_config(self.data_dir, edits, with_backend(backend, transform)))
         self.log = open(tmp_path / "postern.log", "wb")
         self.proc = subprocess.Popen(
             [postern_bin(), "serve", "--config", str(self.config)],
@@ -69,14 +126,34 @@ class Server:
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()
         self.cert = str(self.data_dir / "tls" / "cert.pem")
 
-    def maildir(self, user, domain="example.test"):
+    def maildir(self, user, domain="example.test", folder="INBOX"):
+        """A folder as stored: (Maildir file name, bytes with LF endings)."""
+        if self.backend == "mailbox-log" and domain == "example.test":
+            root = self.data_dir / "mailbox-backends" / "mailbox-log"
+            return read_mailbox_log(root / _encode(f"{user}@{domain}") / f"f.{_encode(folder)}")
         base = self.data_dir / "mailboxes" / domain / user
+        if folder != "INBOX":
+            base = base / ("." + folder.replace("/", "."))
         out = []
         for sub in ("new", "cur"):
             d = base / sub
             if d.exists():
                 out += [(p.name, p.read_bytes()) for p in sorted(d.iterdir())]
         return out
+
+    def uid_index(self, user, domain="example.test"):
+        """(UIDVALIDITY, UIDs) of the user's INBOX as the store's index keeps them."""
+        if self.backend == "mailbox-log":
+            folder = (self.data_dir / "mailbox-backends" / "mailbox-log"
+                      / _encode(f"{user}@{domain}") / "f.INBOX")
+            generation = (folder / "current").read_text().strip()
+            lines = [l.split(" ") for l in (folder / f"index.{generation}").read_text().splitlines()]
+            validity = next(int(f[1]) for f in lines if f[0] == "V")
+            gone = {int(f[1]) for f in lines if f[0] == "X"}
+            return validity, [int(f[1]) for f in lines if f[0] == "A" and int(f[1]) not in gone]
+        index = (self.data_dir / "mailboxes" / domain / user / "postern-uidlist").read_text().splitlines()
+        validity = int(re.search(r" V(\d+) ", index[0]).group(1))
+        return validity, [int(line.split()[0]) for line in index[1:]]
 
     def wait_for_mail(self, user, count, domain="example.test"):
         deadline = time.time() + 20
@@ -104,18 +181,25 @@ class Server:
 
 
 @pytest.fixture
-def server(tmp_path):
-    s = Server(tmp_path)
+def backend():
+    """Where the test server keeps mailboxes; the IMAP and POP3 tests run on every backend
+    (their modules override this fixture with parameters)."""
+    return "maildir"
+
+
+@pytest.fixture
+def server(tmp_path, backend):
+    s = Server(tmp_path, backend=backend)
     yield s
     s.stop()
 
 
 @pytest.fixture
-def make_server(tmp_path):
+def make_server(tmp_path, backend):
     made = []
 
     def make(transform=None, **edits):
-        s = Server(tmp_path / f"s{len(made)}", edits, transform)
+        s = Server(tmp_path / f"s{len(made)}", edits, transform, backend)
         made.append(s)
         return s
 

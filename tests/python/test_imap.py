@@ -12,6 +12,13 @@ import zlib
 
 import pytest
 
+
+@pytest.fixture(params=["maildir", "mailbox-log"])
+def backend(request):
+    """Every test here runs on the embedded Maildir and on the shipped Wasm backend."""
+    return request.param
+
+
 ALICE = ("alice@example.test", "alicepass")
 
 # imaplib knows only the commands of its time; these are sent through _simple_command.
@@ -556,8 +563,7 @@ set mail_check = 1000
     # Saved to Archive (COPY) and deleted (mutt's save deletes) then expunged: INBOX keeps 2.
     inbox = server.maildir("alice")
     assert [c for _, c in inbox] == [delivered[False]]
-    archive = server.data_dir / "mailboxes" / "example.test" / "alice" / ".Archive"
-    archived = [p.read_bytes() for sub in ("cur", "new") for p in (archive / sub).iterdir()]
+    archived = [c for _, c in server.maildir("alice", folder="Archive")]
     assert archived == [delivered[True]]
 
 

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+pub use wasmtime::Engine;
+use wasmtime::{Config, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::PluginError;
 use crate::config::PluginsConfig;

@@ -351,14 +351,14 @@ fn same_config(a: &PluginConfig, b: &PluginConfig) -> bool {
 
 /// Refuses a component that imports a host capability it was not granted, or anything that is
 /// neither ours nor WASI.
-fn check_imports(
+pub(crate) fn check_imports(
     engine: &Engine,
     component: &Component,
     granted: &[Capability],
 ) -> Result<(), String> {
     for (name, item) in component.component_type().imports(engine) {
         let needed = match name.split('@').next().unwrap_or(name) {
-            "postern:plugin/types" => None,
+            "postern:plugin/types" | "postern:plugin/mailbox-types" => None,
             "postern:plugin/log" => Some(Capability::Log),
             "postern:plugin/config" => Some(Capability::Config),
             "postern:plugin/kv" => Some(Capability::Kv),

@@ -5,8 +5,10 @@
 //! blocking and batch-shaped: callers run it on blocking threads, and a batch lets an implementation
 //! make many deliveries durable with one flush.
 
+pub mod by_domain;
 pub mod conformance;
 pub mod maildir;
+pub mod wasm;
 pub mod watched;
 
 use std::io;
