@@ -124,6 +124,9 @@ impl From<wasmtime::Error> for Fault {
         let text = format!("{err:#}");
         if text.contains(DEADLINE_PASSED) {
             Fault::Broken("it ran past its deadline".into())
+        } else if let Some(trap) = err.downcast_ref::<wasmtime::Trap>() {
+            // The trap itself, not the backtrace wasmtime puts in front of it.
+            Fault::Broken(format!("wasm trap: {trap}"))
         } else {
             Fault::Broken(text.chars().take(500).collect())
         }
