@@ -3,6 +3,10 @@ every message that got a 250 is in its Maildir exactly once, byte for byte, and 
 mailboxes and their UID indexes read back consistently (through POP3 and IMAP, and directly).
 
     tests/.venv/bin/python tests/crash/crash_test.py [--cycles 50] [--clients 8] [--bin PATH]
+        [--backend maildir|mailbox-log]
+
+`--backend mailbox-log` stores example.test's mail in the shipped Wasm backend instead of the
+embedded Maildir, and checks its logs the same way.
 
 Prints one line per cycle and a summary; exits non-zero on any lost, duplicated or damaged
 message. Messages whose 250 never arrived (the kill came first) may be delivered once or not at
@@ -31,7 +35,7 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "python"))
-from conftest import test_config  # noqa: E402
+from conftest import _encode, read_mailbox_log, test_config, with_backend  # noqa: E402
 USERS = {"alice@example.test": "alicepass", "bob@example.test": "bobpass"}
 TOKEN = re.compile(rb"X-Crash-Token: (\S+)")
 
@@ -42,11 +46,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def config(data_dir, ports):
+def config(data_dir, ports, backend):
     """The end-to-end tests' configuration (tests/python/conftest.py), with a quiet log, room for
     the load, fixed ports (restarts must find the server where the clients left it) and plain
     LOGIN on loopback for the readers."""
-    text = test_config(data_dir, {"log": '"warn"', "max_connections_per_ip": "500"})
+    text = test_config(data_dir, {"log": '"warn"', "max_connections_per_ip": "500"},
+                       with_backend(backend))
 
     def port_for(match):
         return f'name = "{match.group(1)}"{match.group(2)}address = "127.0.0.1:{ports[match.group(1)]}"'
@@ -56,11 +61,12 @@ def config(data_dir, ports):
 
 
 class Server:
-    def __init__(self, binary, workdir, ports):
+    def __init__(self, binary, workdir, ports, backend):
         self.binary, self.workdir, self.ports = binary, workdir, ports
+        self.backend = backend
         self.config = workdir / "postern.toml"
         self.data = workdir / "data"
-        self.config.write_text(config(self.data, ports))
+        self.config.write_text(config(self.data, ports, backend))
         self.log = open(workdir / "postern.log", "ab")
         self.proc = None
 
@@ -188,15 +194,21 @@ def reader(n, cycle, port, pop3_port, ledger, stop, rng):
             time.sleep(0.05)
 
 
-def maildir_files(data, user):
+def stored(data, user, backend):
+    """(where, raw bytes) of each message of the user's INBOX, and how many half-written
+    leftovers the store holds (Maildir's tmp/; the log backend keeps none apart)."""
     local, domain = user.split("@")
+    if backend == "mailbox-log":
+        folder = data / "mailbox-backends" / "mailbox-log" / _encode(user) / "f.INBOX"
+        return [(f"{folder}:{name}", raw) for name, raw in read_mailbox_log(folder)], 0
     base = data / "mailboxes" / domain / local
     files = []
     for sub in ("new", "cur"):
         d = base / sub
         if d.exists():
             files += sorted(d.iterdir())
-    return base, files
+    leftovers = len(list((base / "tmp").iterdir())) if (base / "tmp").exists() else 0
+    return [(str(p), p.read_bytes()) for p in files], leftovers
 
 
 def stored_body(raw):
@@ -212,17 +224,15 @@ def check(server, ledger):
     seen = collections.defaultdict(list)  # (user, token) -> digests
     counts = {}
     for user in USERS:
-        base, files = maildir_files(server.data, user)
-        counts[user] = len(files)
-        for path in files:
-            raw = path.read_bytes()
+        messages, leftovers = stored(server.data, user, server.backend)
+        counts[user] = len(messages)
+        for path, raw in messages:
             m = TOKEN.search(raw)
             if not m:
                 problems.append(f"{path}: no token (damaged or foreign message)")
                 continue
             seen[(user, m.group(1).decode())].append(hashlib.sha256(stored_body(raw)).hexdigest())
-        leftovers = list((base / "tmp").iterdir()) if (base / "tmp").exists() else []
-        counts[user + " tmp"] = len(leftovers)
+        counts[user + " tmp"] = leftovers
 
     def expect(token, recipients, digest, at_most_once):
         for user in USERS:
@@ -253,7 +263,7 @@ def check_through_protocols(server, ledger):
     problems = []
     ctx = ssl.create_default_context(cafile=str(server.data / "tls" / "cert.pem"))
     for user, password in USERS.items():
-        _, files = maildir_files(server.data, user)
+        files, _ = stored(server.data, user, server.backend)
         imap = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=ctx)
         imap.login(user, password)
         typ, data = imap.select("INBOX", readonly=True)
@@ -297,14 +307,16 @@ def main():
     parser.add_argument("--bin", default=str(ROOT / "target" / "release" / "postern"))
     parser.add_argument("--seed", type=int, default=int(time.time()))
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--backend", default="maildir", choices=["maildir", "mailbox-log"])
     args = parser.parse_args()
     rng = random.Random(args.seed)
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="postern-crash."))
     ports = {name: free_port() for name in
              ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")}
-    server = Server(args.bin, workdir, ports)
+    server = Server(args.bin, workdir, ports, args.backend)
     ledger = Ledger()
-    print(f"seed {args.seed}, {args.cycles} cycles, {args.clients} clients, work dir {workdir}")
+    print(f"seed {args.seed}, {args.cycles} cycles, {args.clients} clients, "
+          f"{args.backend} store, work dir {workdir}")
     started = time.time()
     spooled_at_kill = []
     try:
@@ -345,7 +357,7 @@ def main():
         print(f"acknowledged messages: {len(ledger.acked)} ({len(ledger.appended)} by IMAP APPEND); "
               f"unacknowledged when killed: "
               f"{len(ledger.unacked)} ({unacked_delivered} of them delivered once, the rest never)")
-        print(f"Maildir files: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        print(f"{args.backend} messages: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
         print(f"spool at each kill: max {max(spooled_at_kill)}, mean "
               f"{sum(spooled_at_kill) / len(spooled_at_kill):.1f}; left at the end: {len(server.spooled())}")
         print(f"index/Maildir repairs logged: {damaged}")
