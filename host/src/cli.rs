@@ -53,6 +53,30 @@ enum Command {
         #[command(subcommand)]
         command: DkimCommand,
     },
+    /// Mailboxes in their stores.
+    Mailbox {
+        #[command(subcommand)]
+        command: MailboxCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum MailboxCommand {
+    /// Copy mailboxes from one store to another (the embedded `maildir`, or a
+    /// `[[mailbox_backend]]` by name), keeping UIDVALIDITY, UIDs, flags, keywords, dates,
+    /// subscriptions and annotations, so clients keep their caches. Run it with the server
+    /// stopped, then point the domain at the new store (`domains = [...]`) and start it.
+    /// Running it again copies only what is missing.
+    Migrate {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        /// Mailboxes (`alice@example.test`); every configured user when none is given.
+        users: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -201,6 +225,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Mailbox {
+            command:
+                MailboxCommand::Migrate {
+                    config,
+                    from,
+                    to,
+                    users,
+                },
+        } => migrate(load_config(config.as_ref())?, &from, &to, users),
         Command::User {
             command: UserCommand::HashPassword,
         } => {
@@ -214,4 +247,97 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `postern mailbox migrate`: opens both stores as the server would and copies mailbox by
+/// mailbox, with a progress bar on stderr.
+fn migrate(config: Config, from: &str, to: &str, users: Vec<String>) -> anyhow::Result<()> {
+    use crate::store::MailStore;
+    use std::sync::Arc;
+    anyhow::ensure!(from != to, "--from and --to name the same store");
+    let data_dir = config.server.data_dir.clone();
+    crate::durable::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot use {}", data_dir.display()))?;
+    // The server's own lock: no migration under a running server, and no server during one.
+    let _lock = crate::durable::DirectoryLock::acquire(&crate::server::pid_path(&data_dir))
+        .map_err(|err| match err {
+            crate::durable::LockError::Held { pid } => anyhow::anyhow!(
+                "a server (pid {pid}) is running on {}: stop it first",
+                data_dir.display()
+            ),
+            crate::durable::LockError::Io(e) => {
+                anyhow::anyhow!("cannot lock the data directory: {e}")
+            }
+        })?;
+    let engine = crate::plugin::engine::build(&config.plugins)
+        .map_err(|e| anyhow::anyhow!("cannot start the Wasm engine: {e}"))?;
+    let users_dir = Arc::new(crate::auth::UserDirectory::from_config(&config));
+    let open = |name: &str| -> anyhow::Result<Arc<dyn MailStore>> {
+        if name == "maildir" {
+            return Ok(Arc::new(crate::store::maildir::Maildir::new(
+                data_dir.join("mailboxes"),
+                &config.server.hostname,
+            )));
+        }
+        let backend = config
+            .mailbox_backends
+            .iter()
+            .find(|b| b.name == name)
+            .with_context(|| {
+                format!("no store {name:?}: give maildir or a [[mailbox_backend]] name")
+            })?;
+        let store = crate::store::wasm::WasmStore::new(
+            backend,
+            &config.plugins,
+            engine.clone(),
+            &data_dir,
+            users_dir.clone(),
+        )
+        .map_err(|e| anyhow::anyhow!("mailbox_backend {name:?} did not load: {e}"))?;
+        Ok(Arc::new(store))
+    };
+    let (source, target) = (open(from)?, open(to)?);
+    let mailboxes: Vec<String> = if users.is_empty() {
+        config
+            .users
+            .iter()
+            .map(|u| u.address.to_ascii_lowercase())
+            .collect()
+    } else {
+        users.iter().map(|u| u.to_ascii_lowercase()).collect()
+    };
+    let style = indicatif::ProgressStyle::with_template(
+        "{prefix:>28} [{bar:30}] {bytes}/{total_bytes} {msg}",
+    )
+    .expect("progress template")
+    .progress_chars("=> ");
+    let mut total = crate::store::migrate::Copied::default();
+    for mailbox in &mailboxes {
+        let size = crate::store::migrate::size(&*source, mailbox)
+            .with_context(|| format!("{mailbox}: cannot read {from}"))?;
+        let bar = indicatif::ProgressBar::new(size.bytes).with_style(style.clone());
+        bar.set_prefix(mailbox.clone());
+        let copied = crate::store::migrate::mailbox(&*source, &*target, mailbox, &mut |p| {
+            bar.set_position(p.bytes);
+            bar.set_message(format!("{} messages, {}", p.messages, p.folder));
+        })
+        .with_context(|| {
+            format!("{mailbox}: migration from {from} to {to} stopped (run it again to resume)")
+        })?;
+        bar.finish_with_message(format!(
+            "{} messages in {} folders",
+            copied.messages, copied.folders
+        ));
+        total.folders += copied.folders;
+        total.messages += copied.messages;
+        total.bytes += copied.bytes;
+    }
+    println!(
+        "migrated {} mailboxes from {from} to {to}: {} folders, {} messages, {} bytes",
+        mailboxes.len(),
+        total.folders,
+        total.messages,
+        total.bytes
+    );
+    Ok(())
 }

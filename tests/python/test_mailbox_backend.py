@@ -89,3 +89,94 @@ def test_a_failing_backend_is_contained_and_a_fixed_one_takes_over(make_server, 
     typ, data = m.fetch("1", "(BODY.PEEK[TEXT])")
     assert data[0][1] == b"Still here.\r\n"
     m.logout()
+
+
+def backend_block(domains):
+    return (
+        '\n[[mailbox_backend]]\nname = "mailbox-log"\n'
+        f'path = "{MAILBOX_LOG}"\ndomains = {domains}\n'
+    )
+
+
+def imap_view(server):
+    """(UIDVALIDITY, [(UID, FLAGS, body)]) of alice's INBOX over IMAP."""
+    ctx = ssl.create_default_context(cafile=server.cert)
+    m = imaplib.IMAP4("127.0.0.1", server.ports["imap"], timeout=10)
+    m.starttls(ssl_context=ctx)
+    m.login(*ALICE)
+    typ, _ = m.select("INBOX", readonly=True)
+    assert typ == "OK"
+    validity = int(m.untagged_responses["UIDVALIDITY"][0])
+    typ, data = m.uid("FETCH", "1:*", "(FLAGS INTERNALDATE BODY.PEEK[])")
+    view = [(item[0], item[1]) for item in data if isinstance(item, tuple)]
+    m.logout()
+    return validity, view
+
+
+def test_migrate_maildir_to_the_backend_and_back(tmp_path):
+    """`postern mailbox migrate` moves a Maildir into the mailbox-log backend and back; clients
+    see the same UIDVALIDITY, UIDs, flags, keywords, dates and bytes on either side."""
+    import subprocess
+    from conftest import Server, postern_bin
+
+    def start(domains):
+        # The same directory each time: same data, the config written anew.
+        return Server(tmp_path / "run", transform=lambda t: t + backend_block(domains))
+
+    def migrate(config, src, dst):
+        out = subprocess.run([postern_bin(), "mailbox", "migrate", "--config", str(config),
+                              "--from", src, "--to", dst],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    server = start("[]")
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"]) as s:
+        for n in range(3):
+            s.sendmail("sender@remote.test", ["alice@example.test"],
+                       MESSAGE.replace(b"Still here.", f"Message {n}.".encode()))
+    deadline = time.time() + 10
+    while len(server.maildir("alice")) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    m = imaplib.IMAP4("127.0.0.1", server.ports["imap"], timeout=10)
+    m.starttls(ssl_context=ssl.create_default_context(cafile=server.cert))
+    m.login(*ALICE)
+    m.select("INBOX")
+    assert m.store("1", "+FLAGS", "(\\Flagged $Work)")[0] == "OK"
+    assert m.store("3", "+FLAGS", "(\\Seen)")[0] == "OK"
+    m.create("Archive")
+    m.subscribe("Archive")
+    m.logout()
+    before = imap_view(server)
+    server.stop()
+    out = migrate(server.config, "maildir", "mailbox-log")
+    assert "migrated 2 mailboxes from maildir to mailbox-log" in out and ", 3 messages," in out, out
+
+    server = start('["example.test"]')
+    assert imap_view(server) == before, "same UIDVALIDITY, UIDs, flags, dates and bytes"
+    m = imaplib.IMAP4("127.0.0.1", server.ports["imap"], timeout=10)
+    m.starttls(ssl_context=ssl.create_default_context(cafile=server.cert))
+    m.login(*ALICE)
+    typ, data = m.lsub()
+    assert any(b"Archive" in line for line in data), data
+    m.logout()
+    # While a server runs on the data directory, a migration refuses.
+    running = subprocess.run([postern_bin(), "mailbox", "migrate", "--config", str(server.config),
+                              "--from", "mailbox-log", "--to", "maildir"],
+                             capture_output=True, text=True, timeout=60)
+    assert running.returncode != 0 and "stop it first" in running.stderr, running.stderr
+    # A message that arrives on the backend goes back to Maildir with the rest.
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"]) as s:
+        s.sendmail("sender@remote.test", ["alice@example.test"], MESSAGE)
+    deadline = time.time() + 10
+    while len(imap_view(server)[1]) < 4 and time.time() < deadline:
+        time.sleep(0.1)
+    on_backend = imap_view(server)
+    assert len(on_backend[1]) == 4
+    server.stop()
+    out = migrate(server.config, "mailbox-log", "maildir")
+    assert ", 4 messages," in out, out
+
+    server = start("[]")
+    assert imap_view(server) == on_backend, "and back, the fourth message with its UID"
+    server.stop()

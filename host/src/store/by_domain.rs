@@ -227,6 +227,17 @@ impl MailStore for ByDomain {
         self.store(mailbox).set_metadata(mailbox, folder, changes)
     }
 
+    fn import(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        numbers: super::ImportedFolder,
+        messages: &[super::Imported<'_>],
+    ) -> Result<(), StoreError> {
+        self.store(mailbox)
+            .import(mailbox, folder, numbers, messages)
+    }
+
     fn usage(&self, mailbox: &str) -> Result<Usage, StoreError> {
         self.store(mailbox).usage(mailbox)
     }

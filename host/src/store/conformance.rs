@@ -8,7 +8,10 @@
 
 use std::sync::Arc;
 
-use super::{Delivery, FlagChange, FlagMode, Flags, Keywords, MailStore, MessageInfo, StoreError};
+use super::{
+    Delivery, FlagChange, FlagMode, Flags, Imported, ImportedFolder, Keywords, MailStore,
+    MessageInfo, StoreError,
+};
 
 /// Opens the store under test (again) over the same storage.
 pub type Open<'a> = &'a dyn Fn() -> Arc<dyn MailStore>;
@@ -26,6 +29,7 @@ pub fn run_all(open: Open<'_>) {
     subscriptions_are_kept(open);
     reads_are_exact_and_removed_messages_are_gone(open);
     annotations_are_kept_and_follow_their_folder(open);
+    imports_keep_uids_validity_flags_and_dates(open);
 }
 
 const MESSAGE: &[u8] = b"From: a@example.test\r\nSubject: contract\r\n\r\nbody line\r\n";
@@ -555,5 +559,91 @@ pub fn annotations_are_kept_and_follow_their_folder(open: Open<'_>) {
     assert!(matches!(
         store.metadata(user, Some("Old notes")),
         Err(StoreError::NoSuchFolder(_))
+    ));
+}
+
+/// A migration's import: the folder takes the UIDVALIDITY it had, every message its UID, flags,
+/// keywords, date and bytes; UIDNEXT and HIGHESTMODSEQ do not go below the old store's; a second
+/// run adds nothing; a folder holding messages under another UIDVALIDITY refuses.
+pub fn imports_keep_uids_validity_flags_and_dates(open: Open<'_>) {
+    let store = open();
+    let user = "import@example.test";
+    let junk = Keywords::from_names(["$Junk"]);
+    let none = Keywords::new();
+    let bodies: Vec<Vec<u8>> = (1..=3).map(message).collect();
+    let imported = [
+        Imported {
+            uid: 5,
+            flags: Flags::SEEN,
+            keywords: &junk,
+            received_at: 1_600_000_000,
+            message: &bodies[0],
+        },
+        Imported {
+            uid: 9,
+            flags: Flags::empty(),
+            keywords: &none,
+            received_at: 1_600_000_100,
+            message: &bodies[1],
+        },
+        Imported {
+            uid: 12,
+            flags: Flags::ANSWERED.union(Flags::FLAGGED),
+            keywords: &none,
+            received_at: 1_600_000_200,
+            message: &bodies[2],
+        },
+    ];
+    let numbers = ImportedFolder {
+        uid_validity: 777,
+        uid_next: 20,
+        highest_modseq: 500,
+    };
+    for folder in ["INBOX", "Archive/2020"] {
+        store.import(user, folder, numbers, &imported).unwrap();
+        // Run again (an interrupted migration restarted): nothing is added.
+        store.import(user, folder, numbers, &imported).unwrap();
+        drop(store.snapshot(user, folder).unwrap());
+    }
+    drop(store);
+    let store = open();
+    for folder in ["INBOX", "Archive/2020"] {
+        let snapshot = store.snapshot(user, folder).unwrap();
+        assert_eq!(snapshot.uid_validity, 777, "{folder}: UIDVALIDITY kept");
+        assert!(
+            snapshot.uid_next >= 20,
+            "{folder}: UIDNEXT {}",
+            snapshot.uid_next
+        );
+        assert!(
+            snapshot.highest_modseq >= 500,
+            "{folder}: HIGHESTMODSEQ {}",
+            snapshot.highest_modseq
+        );
+        assert_eq!(
+            snapshot.messages.iter().map(|m| m.uid).collect::<Vec<_>>(),
+            [5, 9, 12],
+            "{folder}: UIDs kept, each once"
+        );
+        for (m, want) in snapshot.messages.iter().zip(&imported) {
+            assert_eq!((m.flags, &m.keywords), (want.flags, want.keywords));
+            assert_eq!(m.received_at, want.received_at);
+            assert_eq!(store.read(user, folder, m).unwrap(), want.message);
+        }
+    }
+    let (_, uid) = store
+        .append(user, "INBOX", MESSAGE, Flags::empty(), &Keywords::new(), 0)
+        .unwrap();
+    assert!(
+        uid >= 20,
+        "a new message gets a UID the old store never gave: {uid}"
+    );
+    let other = ImportedFolder {
+        uid_validity: 778,
+        ..numbers
+    };
+    assert!(matches!(
+        store.import(user, "INBOX", other, &imported),
+        Err(StoreError::Exists(_))
     ));
 }

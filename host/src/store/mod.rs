@@ -8,6 +8,7 @@
 pub mod by_domain;
 pub mod conformance;
 pub mod maildir;
+pub mod migrate;
 pub mod wasm;
 pub mod watched;
 
@@ -306,6 +307,28 @@ pub struct FlagOutcome {
     pub refused: Vec<u32>,
 }
 
+/// A message brought from another store under its own UID ([`MailStore::import`]).
+#[derive(Debug)]
+pub struct Imported<'a> {
+    pub uid: u32,
+    pub flags: Flags,
+    pub keywords: &'a Keywords,
+    /// Unix seconds (IMAP INTERNALDATE), kept.
+    pub received_at: i64,
+    /// The message with CRLF line endings.
+    pub message: &'a [u8],
+}
+
+/// The numbers a folder brought from another store keeps ([`MailStore::import`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImportedFolder {
+    pub uid_validity: u32,
+    /// UIDNEXT becomes at least this, so no UID the old store gave out is given again.
+    pub uid_next: u32,
+    /// HIGHESTMODSEQ becomes at least this, so a client's CONDSTORE state stays behind it.
+    pub highest_modseq: u64,
+}
+
 /// What a mailbox holds, all folders together (for quotas, RFC 9208).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -506,6 +529,20 @@ pub trait MailStore: Send + Sync {
         }
         Ok(usage)
     }
+
+    /// Brings messages from another store (`postern mailbox migrate`) keeping what clients
+    /// cached: the folder (made if missing) takes `numbers.uid_validity` when it has no
+    /// messages, and refuses with [`StoreError::Exists`] when it has messages under another
+    /// UIDVALIDITY; each message keeps its UID, flags, keywords and arrival time, and one whose
+    /// UID is there already is skipped (so an interrupted migration can run again). UIDs must
+    /// ascend and be above those already there. Durable before it returns.
+    fn import(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        numbers: ImportedFolder,
+        messages: &[Imported<'_>],
+    ) -> Result<(), StoreError>;
 
     /// Removes messages durably (POP3 UPDATE, IMAP EXPUNGE). Messages already gone are skipped.
     fn remove(

@@ -169,6 +169,17 @@ impl MailStore for Watched {
         result
     }
 
+    fn import(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        numbers: super::ImportedFolder,
+        messages: &[super::Imported<'_>],
+    ) -> Result<(), StoreError> {
+        let result = self.inner().import(mailbox, folder, numbers, messages);
+        self.announce_if(mailbox, Some(folder), result)
+    }
+
     fn remove(
         &self,
         mailbox: &str,

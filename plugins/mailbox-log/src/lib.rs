@@ -34,8 +34,8 @@ wit_bindgen::generate!({
 
 use exports::postern::plugin::mailbox::Guest;
 use postern::plugin::mailbox_types::{
-    Delivery, FlagChange, FlagMode, FlagOutcome, FolderSnapshot, Incoming, MailboxUsage,
-    MessageInfo, MessageRef, StoreError, SystemFlags, Updated,
+    Delivery, FlagChange, FlagMode, FlagOutcome, FolderSnapshot, Imported, ImportedFolder,
+    Incoming, MailboxUsage, MessageInfo, MessageRef, StoreError, SystemFlags, Updated,
 };
 
 const ROOT: &str = "/data";
@@ -779,6 +779,72 @@ impl Guest for Backend {
             })
             .collect();
         Ok(write_whole(&dir, file, text.as_bytes())?)
+    }
+
+    fn import_messages(
+        mailbox: String,
+        folder: String,
+        numbers: ImportedFolder,
+        messages: Vec<Imported>,
+    ) -> Result<(), StoreError> {
+        if !valid_folder(&folder) {
+            return Err(StoreError::InvalidName(folder));
+        }
+        let parent = ensure_mailbox(&mailbox)?;
+        let dir = folder_dir(&mailbox, &folder);
+        forget(&dir);
+        match Folder::open(&dir)? {
+            None => Folder::create(&parent, &dir, numbers.uid_validity)?,
+            Some(f) if f.validity != numbers.uid_validity => {
+                if !f.messages.is_empty() || f.next_uid > 1 {
+                    return Err(StoreError::Exists(folder));
+                }
+                // An empty folder takes the imported UIDVALIDITY: made again under it.
+                let doomed = parent.join(format!("trash.{:016x}", random()));
+                fs::rename(&dir, &doomed).map_err(io("replace folder"))?;
+                sync_dir(&parent)?;
+                fs::remove_dir_all(&doomed).map_err(io("replace folder"))?;
+                Folder::create(&parent, &dir, numbers.uid_validity)?;
+            }
+            Some(_) => {}
+        }
+        Ok(with_folder(&mailbox, &folder, false, |f| {
+            let (mut out, mut at) = f.data_appender()?;
+            let mut lines = Vec::new();
+            let mut modseq = f.next_modseq();
+            // Above the UIDs present (not UIDNEXT: an earlier batch raised it already).
+            let mut last = f.messages.keys().next_back().copied().unwrap_or(0);
+            for m in &messages {
+                if f.messages.contains_key(&m.uid) {
+                    continue; // brought by an earlier run
+                }
+                if m.uid <= last {
+                    return Err(Error::Exists(format!("{folder}: UID {}", m.uid)));
+                }
+                let size = stream_in(&mut out, &[], &m.message)?;
+                lines.push(Folder::append_line(&Message {
+                    uid: m.uid,
+                    offset: at,
+                    size,
+                    received_at: m.received_at,
+                    modseq,
+                    flags: bits(m.flags),
+                    keywords: unique(&m.keywords),
+                    delivery: None,
+                }));
+                at += size;
+                modseq += 1;
+                last = m.uid;
+            }
+            out.sync_data().map_err(io("message log"))?;
+            f.note_appended(at);
+            lines.push(format!("N {}", numbers.uid_next.max(last + 1)));
+            lines.push(format!(
+                "H {}",
+                numbers.highest_modseq.max(modseq - 1).max(1)
+            ));
+            f.commit(&lines)
+        })?)
     }
 
     fn usage(mailbox: String) -> Result<MailboxUsage, StoreError> {

@@ -14,8 +14,8 @@ wit_bindgen::generate!({
 use exports::postern::plugin::mailbox::Guest;
 use postern::plugin::config;
 use postern::plugin::mailbox_types::{
-    Delivery, FlagChange, FlagOutcome, FolderSnapshot, Incoming, MailboxUsage, MessageInfo,
-    MessageRef, StoreError, SystemFlags,
+    Delivery, FlagChange, FlagOutcome, FolderSnapshot, Imported, ImportedFolder, Incoming,
+    MailboxUsage, MessageInfo, MessageRef, StoreError, SystemFlags,
 };
 
 /// Fails as configured; returns only for `liar`, whose lies each function tells itself.
@@ -179,6 +179,15 @@ impl Guest for Faulty {
         _mailbox: String,
         _folder: Option<String>,
         _changes: Vec<(String, Option<Vec<u8>>)>,
+    ) -> Result<(), StoreError> {
+        lie()
+    }
+
+    fn import_messages(
+        _mailbox: String,
+        _folder: String,
+        _numbers: ImportedFolder,
+        _messages: Vec<Imported>,
     ) -> Result<(), StoreError> {
         lie()
     }

@@ -23,6 +23,7 @@
 //! operations.
 
 mod headers;
+mod import;
 mod index;
 pub mod keywords;
 mod letters;
@@ -848,6 +849,16 @@ impl MailStore for Maildir {
             }
         }
         Ok(usage)
+    }
+
+    fn import(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        numbers: super::ImportedFolder,
+        messages: &[super::Imported<'_>],
+    ) -> Result<(), StoreError> {
+        self.import_messages(mailbox, folder, numbers, messages)
     }
 
     fn remove(

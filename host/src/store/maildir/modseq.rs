@@ -158,6 +158,19 @@ impl ModLog {
         Ok(modseq)
     }
 
+    /// Raises the highest mod-sequence to at least `at_least`, durably (an imported folder keeps
+    /// its clients' CONDSTORE state behind it).
+    pub fn raise_to(&mut self, dir: &Path, at_least: u64) -> io::Result<()> {
+        if self.highest >= at_least {
+            return Ok(());
+        }
+        self.highest = at_least;
+        self.reserved = self.reserved.max(at_least + BLOCK);
+        self.pending
+            .push_str(&format!("R {}\nH {at_least}\n", self.reserved));
+        self.append(dir, true)
+    }
+
     /// Notes that messages were expunged: the highest mod-sequence moves on.
     pub fn expunged(&mut self, dir: &Path, uids: &[u32]) -> io::Result<()> {
         if uids.is_empty() {

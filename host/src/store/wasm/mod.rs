@@ -1011,6 +1011,45 @@ impl MailStore for WasmStore {
         })
     }
 
+    fn import(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        numbers: super::ImportedFolder,
+        messages: &[super::Imported<'_>],
+    ) -> Result<(), StoreError> {
+        self.call(mailbox, "import-messages", |live| {
+            let mut wit = Vec::with_capacity(messages.len());
+            for m in messages {
+                let handle = live
+                    .store
+                    .data_mut()
+                    .table
+                    .push(Incoming(Arc::from(m.message)))?;
+                wit.push(types::Imported {
+                    uid: m.uid,
+                    flags: check::to_wit_flags(m.flags),
+                    keywords: m.keywords.iter().map(str::to_string).collect(),
+                    received_at: m.received_at,
+                    message: handle,
+                });
+            }
+            let numbers = types::ImportedFolder {
+                uid_validity: numbers.uid_validity,
+                uid_next: numbers.uid_next,
+                highest_modseq: numbers.highest_modseq,
+            };
+            finish(live.guest.postern_plugin_mailbox().call_import_messages(
+                &mut live.store,
+                mailbox,
+                folder,
+                numbers,
+                &wit,
+            ))?
+            .map_err(refused)
+        })
+    }
+
     fn usage(&self, mailbox: &str) -> Result<Usage, StoreError> {
         self.call(mailbox, "usage", |live| {
             let usage = finish(
