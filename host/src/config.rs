@@ -93,7 +93,7 @@ pub struct MailboxBackendConfig {
     /// Memory of one instance, all its memories and tables together (default: plugins.default_memory_mb).
     pub memory_mb: Option<u64>,
     /// Instances at most (calls for different mailboxes run in parallel on them; calls for one
-    /// mailbox never do). Default 8.
+    /// mailbox never do). Default 16.
     #[serde(default = "default_backend_instances")]
     pub instances: usize,
     /// Capabilities granted: `log`, `config`, `kv` and `clock` only.
@@ -109,7 +109,7 @@ fn default_backend_timeout_ms() -> u64 {
 }
 
 fn default_backend_instances() -> usize {
-    8
+    16
 }
 
 /// The resolver used for DNSBL checks (plugins' `dns` capability) and MX lookups.

@@ -30,6 +30,10 @@ pub struct PluginMeta {
     pub memory_bytes: usize,
     /// Granted `clock`: WASI's wall clock tells the real time (else it is frozen, see below).
     pub wall_clock: bool,
+    /// Its calls run on a blocking thread of their own (mailbox backends, `store::wasm`): WASI
+    /// file operations then block that thread instead of hopping to another one and back,
+    /// which would cost more than most of the calls themselves.
+    pub blocking_io: bool,
 }
 
 /// Where a granted directory appears inside the sandbox.
@@ -63,6 +67,7 @@ impl PluginState {
         if !meta.wall_clock {
             wasi.wall_clock(FrozenWallClock);
         }
+        wasi.allow_blocking_current_thread(meta.blocking_io);
         if let Some(dir) = &meta.directory_grant {
             wasi.preopened_dir(dir, GRANTED_DIRECTORY, wasmtime_wasi::FsPerms::ReadWrite)?;
         }

@@ -324,6 +324,7 @@ impl PluginRuntime {
                 directory_grant: config.directory.clone(),
                 memory_bytes: (memory_mb as usize) << 20,
                 wall_clock: config.capabilities.contains(&Capability::Clock),
+                blocking_io: false,
             }),
             pre,
             hooks,

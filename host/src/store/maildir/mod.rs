@@ -16,12 +16,16 @@
 //! (`D`raft, `F`lagged, `P`assed, `R`eplied, `S`een, `T`rashed) as mutt and Dovecot write them.
 //! UIDs come from the folder's [`uidlist`].
 //!
-//! Files: `names` (file names, sizes and line-ending forms), `listing` (reading `new/` and
-//! `cur/`, and the kept listing), `index` (UIDs for a listing), `uidlist` (the index file),
-//! `modseq` (mod-sequences), `keywords` (the keyword letters' names), `headers` (the header
-//! cache); this file holds the store itself: folder locks, delivery, and the contract's
-//! operations.
+//! Files: `names` (file names, sizes and line-ending forms), `letters` (flags as file name
+//! letters), `keywords` (the keyword letters' names), `listing` (reading `new/` and `cur/`, and
+//! the kept listing), `index` (UIDs for a listing), `uidlist` (the index file), `modseq`
+//! (mod-sequences), `headers` (the header cache), `delivery` (the batched Maildir protocol),
+//! `folders` (folders and subscriptions), `import` (messages under their own UIDs, for
+//! migrations), `metadata` (annotations); this file holds the store itself: folder locks and
+//! the contract's message operations (listing, reads, flags, APPEND, COPY, removal).
 
+mod delivery;
+mod folders;
 mod headers;
 mod import;
 mod index;
@@ -40,8 +44,8 @@ use listing::*;
 use names::*;
 
 use std::collections::{BTreeSet, HashMap};
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs::{self, File};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -158,37 +162,6 @@ impl Maildir {
         }
         Ok(path)
     }
-
-    fn base_name(&self, delivery: &Delivery<'_>) -> String {
-        format!(
-            "{}.Q{}.{}",
-            delivery.received_at, delivery.delivery_id, self.host
-        )
-    }
-
-    /// True when a file for this delivery already exists in `new/` or `cur/`, or did (its key is
-    /// still in the UID index: the user expunged it since), so a retry never brings back a
-    /// message the user deleted.
-    fn already_delivered(dir: &Path, base: &str) -> io::Result<bool> {
-        let prefix = format!("{base},");
-        let indexed = read_index(dir)?
-            .entries
-            .iter()
-            .any(|(_, key)| key.starts_with(&prefix) || key == base);
-        if indexed {
-            return Ok(true);
-        }
-        for sub in ["new", "cur"] {
-            for entry in fs::read_dir(dir.join(sub))? {
-                let name = entry?.file_name();
-                let name = name.to_string_lossy();
-                if name.starts_with(&prefix) || name == base {
-                    return Ok(true);
-                }
-            }
-        }
-        Ok(false)
-    }
 }
 
 /// Creates `tmp`, `new` and `cur` (and their parents) if missing, durably: the parent of every
@@ -202,63 +175,9 @@ pub fn ensure_maildir(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-struct Pending {
-    index: usize,
-    file: File,
-    tmp_path: PathBuf,
-    new_path: PathBuf,
-    folder_dir: PathBuf,
-}
-
 impl MailStore for Maildir {
     fn deliver(&self, batch: &[Delivery<'_>]) -> Vec<Result<(), StoreError>> {
-        let mut results: Vec<Result<(), StoreError>> = (0..batch.len()).map(|_| Ok(())).collect();
-        let mut pending = Vec::new();
-        for (index, delivery) in batch.iter().enumerate() {
-            match self.write_tmp(delivery) {
-                Ok(Some((file, tmp_path, new_path, folder_dir))) => pending.push(Pending {
-                    index,
-                    file,
-                    tmp_path,
-                    new_path,
-                    folder_dir,
-                }),
-                Ok(None) => {} // already delivered by an earlier attempt
-                Err(err) => results[index] = Err(err),
-            }
-        }
-        if pending.is_empty() {
-            return results;
-        }
-        let files: Vec<&File> = pending.iter().map(|p| &p.file).collect();
-        let synced = durable::sync_files(&files).map_err(StoreError::from_io);
-        let mut dirs = BTreeSet::new();
-        for p in &pending {
-            let outcome = match &synced {
-                Ok(()) => fs::rename(&p.tmp_path, &p.new_path).map_err(StoreError::from_io),
-                Err(err) => Err(StoreError::Io(io::Error::other(err.to_string()))),
-            };
-            match outcome {
-                Ok(()) => {
-                    dirs.insert(p.folder_dir.join("new"));
-                }
-                Err(err) => {
-                    let _ = fs::remove_file(&p.tmp_path);
-                    results[p.index] = Err(err);
-                }
-            }
-        }
-        for dir in dirs {
-            if let Err(err) = durable::sync_dir(&dir) {
-                for p in pending.iter().filter(|p| p.folder_dir.join("new") == dir) {
-                    results[p.index] = Err(StoreError::from_io(io::Error::new(
-                        err.kind(),
-                        err.to_string(),
-                    )));
-                }
-            }
-        }
-        results
+        self.deliver_batch(batch)
     }
 
     fn snapshot(&self, mailbox: &str, folder: &str) -> Result<FolderSnapshot, StoreError> {
@@ -620,100 +539,19 @@ impl MailStore for Maildir {
     }
 
     fn folders(&self, mailbox: &str) -> Result<Vec<String>, StoreError> {
-        let root = self.folder_path(mailbox, "INBOX")?;
-        let entries = match fs::read_dir(&root) {
-            Ok(entries) => entries,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(err) => return Err(StoreError::from_io(err)),
-        };
-        let mut folders = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(StoreError::from_io)?;
-            let Ok(name) = entry.file_name().into_string() else {
-                continue;
-            };
-            let Some(folder) = name.strip_prefix('.') else {
-                continue;
-            };
-            let folder = folder.replace('.', "/");
-            if super::valid_folder_name(&folder) && entry.path().join("cur").is_dir() {
-                folders.push(folder);
-            }
-        }
-        Ok(folders)
+        self.list_folders(mailbox)
     }
 
     fn create_folder(&self, mailbox: &str, folder: &str) -> Result<(), StoreError> {
-        if folder.eq_ignore_ascii_case("INBOX") || !super::valid_folder_name(folder) {
-            return Err(StoreError::InvalidName(folder.into()));
-        }
-        let dir = self.folder_path(mailbox, folder)?;
-        if dir.exists() {
-            return Err(StoreError::Exists(folder.into()));
-        }
-        let root = self.folder_path(mailbox, "INBOX")?;
-        ensure_maildir(&root).map_err(StoreError::from_io)?;
-        // Built under a temporary name and renamed, so a crash never leaves half a folder.
-        let building = root.join(format!("..creating.{}", unique_part()));
-        ensure_maildir(&building).map_err(StoreError::from_io)?;
-        fs::rename(&building, &dir).map_err(|err| {
-            let _ = fs::remove_dir_all(&building);
-            StoreError::from_io(err)
-        })?;
-        durable::sync_dir(&root).map_err(StoreError::from_io)
+        self.make_folder(mailbox, folder)
     }
 
     fn delete_folder(&self, mailbox: &str, folder: &str) -> Result<(), StoreError> {
-        if folder.eq_ignore_ascii_case("INBOX") {
-            return Err(StoreError::InvalidName(folder.into()));
-        }
-        let dir = self.existing_folder(mailbox, folder)?;
-        let root = self.folder_path(mailbox, "INBOX")?;
-        // Out of sight first (one atomic rename), then removed at leisure.
-        let doomed = root.join(format!("..deleting.{}", unique_part()));
-        fs::rename(&dir, &doomed).map_err(StoreError::from_io)?;
-        self.forget_folder(&dir);
-        durable::sync_dir(&root).map_err(StoreError::from_io)?;
-        fs::remove_dir_all(&doomed).map_err(StoreError::from_io)
+        self.remove_folder(mailbox, folder)
     }
 
     fn rename_folder(&self, mailbox: &str, from: &str, to: &str) -> Result<(), StoreError> {
-        if to.eq_ignore_ascii_case("INBOX") || !super::valid_folder_name(to) {
-            return Err(StoreError::InvalidName(to.into()));
-        }
-        let target = self.folder_path(mailbox, to)?;
-        if target.exists() {
-            return Err(StoreError::Exists(to.into()));
-        }
-        let root = self.folder_path(mailbox, "INBOX")?;
-        if from.eq_ignore_ascii_case("INBOX") {
-            self.create_folder(mailbox, to)?;
-            let snapshot = self.snapshot(mailbox, "INBOX")?;
-            let all: Vec<&MessageInfo> = snapshot.messages.iter().collect();
-            self.copy(mailbox, "INBOX", &all, to)?;
-            return self.remove(mailbox, "INBOX", &all);
-        }
-        self.existing_folder(mailbox, from)?;
-        let old_prefix = format!(".{}", from.replace('/', "."));
-        let new_prefix = format!(".{}", to.replace('/', "."));
-        let mut moves = Vec::new();
-        for entry in fs::read_dir(&root).map_err(StoreError::from_io)? {
-            let entry = entry.map_err(StoreError::from_io)?;
-            let Ok(name) = entry.file_name().into_string() else {
-                continue;
-            };
-            if name == old_prefix || name.starts_with(&format!("{old_prefix}.")) {
-                moves.push(format!("{new_prefix}{}", &name[old_prefix.len()..]));
-                moves.push(name);
-            }
-        }
-        for pair in moves.chunks(2) {
-            let (new, old) = (&pair[0], &pair[1]);
-            fs::rename(root.join(old), root.join(new)).map_err(StoreError::from_io)?;
-            self.forget_folder(&root.join(old));
-            self.forget_folder(&root.join(new));
-        }
-        durable::sync_dir(&root).map_err(StoreError::from_io)
+        self.move_folder(mailbox, from, to)
     }
 
     fn recent_boundary(
@@ -755,16 +593,7 @@ impl MailStore for Maildir {
     }
 
     fn subscriptions(&self, mailbox: &str) -> Result<Vec<String>, StoreError> {
-        let path = self.folder_path(mailbox, "INBOX")?.join(SUBSCRIPTIONS);
-        match fs::read_to_string(path) {
-            Ok(text) => Ok(text
-                .lines()
-                .filter(|l| !l.is_empty())
-                .map(str::to_string)
-                .collect()),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(err) => Err(StoreError::from_io(err)),
-        }
+        self.read_subscriptions(mailbox)
     }
 
     fn set_subscribed(
@@ -773,21 +602,7 @@ impl MailStore for Maildir {
         folder: &str,
         subscribed: bool,
     ) -> Result<(), StoreError> {
-        let root = self.folder_path(mailbox, "INBOX")?;
-        ensure_maildir(&root).map_err(StoreError::from_io)?;
-        let lock = self.folder_lock(&root.join(SUBSCRIPTIONS));
-        let _guard = lock.lock().expect("subscriptions lock");
-        let mut names = self.subscriptions(mailbox)?;
-        names.retain(|n| n != folder);
-        if subscribed {
-            names.push(folder.to_string());
-        }
-        let mut text = names.join("\n");
-        text.push('\n');
-        let tmp = root.join(format!("{SUBSCRIPTIONS}.tmp"));
-        durable::write_and_rename(&tmp, &root.join(SUBSCRIPTIONS), text.as_bytes())
-            .and_then(|()| durable::sync_dir(&root))
-            .map_err(StoreError::from_io)
+        self.write_subscribed(mailbox, folder, subscribed)
     }
 
     /// Annotations live in `postern-metadata` in the folder's directory, and the mailbox's own
@@ -907,8 +722,6 @@ impl MailStore for Maildir {
     }
 }
 
-type Written = (File, PathBuf, PathBuf, PathBuf);
-
 impl Maildir {
     /// A message file's bytes as stored, wherever a rename since the listing took it.
     /// Where a folder's (or the mailbox's) annotations are kept.
@@ -960,32 +773,6 @@ impl Maildir {
             }
             Err(err) => Err(StoreError::from_io(err)),
         }
-    }
-
-    fn write_tmp(&self, delivery: &Delivery<'_>) -> Result<Option<Written>, StoreError> {
-        let folder_dir = self.folder_path(delivery.mailbox, delivery.folder)?;
-        ensure_maildir(&folder_dir).map_err(StoreError::from_io)?;
-        let base = self.base_name(delivery);
-        if delivery.retry
-            && Self::already_delivered(&folder_dir, &base).map_err(StoreError::from_io)?
-        {
-            return Ok(None);
-        }
-        let (content, size, crlf_size) = stored_form(delivery.prepend, delivery.message);
-        let name = format!("{base},S={size},W={crlf_size}");
-        let tmp_path = folder_dir.join("tmp").join(&name);
-        let new_path = folder_dir.join("new").join(&name);
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp_path)
-            .map_err(StoreError::from_io)?;
-        if let Err(err) = file.write_all(&content) {
-            let _ = fs::remove_file(&tmp_path);
-            return Err(StoreError::from_io(err));
-        }
-        Ok(Some((file, tmp_path, new_path, folder_dir)))
     }
 }
 

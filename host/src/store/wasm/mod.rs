@@ -204,6 +204,7 @@ impl WasmStore {
             directory_grant: Some(directory),
             memory_bytes: (memory_mb as usize) << 20,
             wall_clock: config.capabilities.contains(&Capability::Clock),
+            blocking_io: true,
         });
         let cache_dir = plugins
             .cache_dir
