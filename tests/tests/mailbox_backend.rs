@@ -20,12 +20,13 @@ local_domains = ["example.test"]
 
 fn backend_config(path: &Path, directory: &Path) -> MailboxBackendConfig {
     MailboxBackendConfig {
-        name: "mailbox-log".into(),
+        name: path.file_stem().unwrap().to_string_lossy().into_owned(),
         path: path.to_path_buf(),
         domains: vec!["example.test".into()],
         directory: Some(directory.to_path_buf()),
         timeout_ms: 5000,
-        memory_mb: None,
+        // Python components carry an interpreter.
+        memory_mb: Some(128),
         instances: 4,
         capabilities: Vec::new(),
         config: Default::default(),
@@ -66,4 +67,20 @@ fn the_log_backend_meets_the_mailbox_contract() {
             && names.iter().any(|n| n.starts_with("index.")),
         "{names:?}"
     );
+}
+
+/// The example backend in Python (componentize-py, examples/plugins/python-mailbox) meets the
+/// same contract: storage too can be written in any language that compiles to a component.
+#[test]
+fn the_python_backend_meets_the_mailbox_contract() {
+    let wasm = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/plugins/python-mailbox/python_mailbox.wasm");
+    assert!(
+        wasm.exists(),
+        "{} is missing: examples/plugins/build makes it (scripts/test does)",
+        wasm.display()
+    );
+    let data = tempfile::tempdir().unwrap();
+    let engine = postern::plugin::engine::build(&PluginsConfig::default()).unwrap();
+    postern::store::conformance::run_all(&|| open(&engine, data.path(), &wasm));
 }
