@@ -293,6 +293,27 @@ fn internal_day(info: &MessageInfo) -> NaiveDate {
         .date_naive()
 }
 
+/// Whether the criteria read header fields, so a search can fetch every header at once (one
+/// store call, one crossing for a backend behind a boundary) instead of one at a time.
+pub fn uses_header(key: &SearchKey<'_>) -> bool {
+    match key {
+        SearchKey::From(_)
+        | SearchKey::To(_)
+        | SearchKey::Cc(_)
+        | SearchKey::Bcc(_)
+        | SearchKey::Subject(_)
+        | SearchKey::Header(..)
+        | SearchKey::SentBefore(_)
+        | SearchKey::SentOn(_)
+        | SearchKey::SentSince(_)
+        | SearchKey::Text(_) => true,
+        SearchKey::And(keys) => keys.as_ref().iter().any(uses_header),
+        SearchKey::Or(a, b) => uses_header(a) || uses_header(b),
+        SearchKey::Not(k) => uses_header(k),
+        _ => false,
+    }
+}
+
 /// Whether the criteria use MODSEQ (the SEARCH response then tells the highest one found).
 pub fn uses_modseq(key: &SearchKey<'_>) -> bool {
     match key {

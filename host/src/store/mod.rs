@@ -7,6 +7,7 @@
 
 pub mod by_domain;
 pub mod conformance;
+pub mod headers;
 pub mod maildir;
 pub mod migrate;
 pub mod wasm;

@@ -69,6 +69,17 @@ impl SearchScope {
         let last_uid = self.messages.last().map(|m| m.uid).unwrap_or(0);
         let sets = search::SetCache::new(key);
         let mut found = Vec::new();
+        // Every header in one store call when the criteria read headers.
+        let mut headers: Vec<Option<Arc<[u8]>>> = if search::uses_header(key) {
+            let all: Vec<&MessageInfo> = self.messages.iter().collect();
+            self.store
+                .read_headers(&self.user, &self.folder, &all)
+                .into_iter()
+                .map(Result::ok)
+                .collect()
+        } else {
+            Vec::new()
+        };
         for (i, info) in self.messages.iter().enumerate() {
             let subject = Subject {
                 seq: i as u32 + 1,
@@ -79,7 +90,11 @@ impl SearchScope {
                 recent: self.recent.contains(&info.uid),
                 saved: self.saved.as_deref(),
             };
-            let mut load_header = || self.store.read_header(&self.user, &self.folder, info).ok();
+            let prefetched = headers.get_mut(i).and_then(Option::take);
+            let mut load_header = || match prefetched.clone() {
+                Some(header) => Some(header),
+                None => self.store.read_header(&self.user, &self.folder, info).ok(),
+            };
             let mut load = || self.store.read(&self.user, &self.folder, info).ok();
             let mut lazy = Lazy::new(&mut load_header, &mut load);
             if search::matches(key, &subject, &mut lazy) {

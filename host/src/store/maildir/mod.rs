@@ -19,14 +19,13 @@
 //! Files: `names` (file names, sizes and line-ending forms), `letters` (flags as file name
 //! letters), `keywords` (the keyword letters' names), `listing` (reading `new/` and `cur/`, and
 //! the kept listing), `index` (UIDs for a listing), `uidlist` (the index file), `modseq`
-//! (mod-sequences), `headers` (the header cache), `delivery` (the batched Maildir protocol),
+//! (mod-sequences), `delivery` (the batched Maildir protocol),
 //! `folders` (folders and subscriptions), `import` (messages under their own UIDs, for
 //! migrations), `metadata` (annotations); this file holds the store itself: folder locks and
 //! the contract's message operations (listing, reads, flags, APPEND, COPY, removal).
 
 mod delivery;
 mod folders;
-mod headers;
 mod import;
 mod index;
 pub mod keywords;
@@ -37,7 +36,7 @@ pub mod modseq;
 mod names;
 pub mod uidlist;
 
-use headers::HeaderCache;
+use crate::store::headers::HeaderCache;
 use index::*;
 use letters::Letters;
 use listing::*;
@@ -95,7 +94,7 @@ pub struct Maildir {
     /// never interleave.
     folder_locks: Mutex<HashMap<PathBuf, Arc<Mutex<FolderState>>>>,
     /// Message headers read recently, by folder directory and key (see [`HeaderCache`]).
-    headers: Mutex<HeaderCache>,
+    headers: Mutex<HeaderCache<PathBuf>>,
 }
 
 impl Maildir {

@@ -37,6 +37,7 @@ use wasmtime::component::{Linker, Resource};
 use wasmtime::{Engine, Store};
 
 use self::bindings::{types, MailboxBackend, MailboxBackendPre};
+use super::headers::HeaderCache;
 use super::{
     Delivery, FlagChange, FlagMode, FlagOutcome, Flags, FolderSnapshot, Keywords, MailStore,
     MessageInfo, StoreError, Updated, Usage,
@@ -154,6 +155,11 @@ pub struct WasmStore {
     /// Per (mailbox, folder): the UIDVALIDITY, UIDNEXT and HIGHESTMODSEQ last seen, so a
     /// backend whose numbers go back is caught (RFC 9051 §2.3.1.1, RFC 7162 §3.1.1).
     seen: Mutex<HashMap<(String, String), Numbers>>,
+    /// Headers read, by (mailbox, folder) and key: SEARCH and ENVELOPE read them again and
+    /// again, and each read would cross the boundary. A backend's keys may come back in a
+    /// folder made again under an old name, so a mailbox's entries go when a folder of it is
+    /// deleted, renamed or imported into (all of which pass through here).
+    headers: Mutex<HeaderCache<(String, String)>>,
 }
 
 impl WasmStore {
@@ -233,6 +239,7 @@ impl WasmStore {
             freed: Condvar::new(),
             mailboxes: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
+            headers: Mutex::new(HeaderCache::default()),
         })
     }
 
@@ -277,6 +284,15 @@ impl WasmStore {
             }
         }
         version.0.clone()
+    }
+
+    /// Forgets the kept headers of a mailbox whose folders changed.
+    fn forget_headers(&self, mailbox: &str) {
+        let mailbox = mailbox.to_ascii_lowercase();
+        self.headers
+            .lock()
+            .expect("header cache")
+            .forget(|(m, _)| *m == mailbox);
     }
 
     fn mailbox_lock(&self, mailbox: &str) -> Arc<Mutex<()>> {
@@ -700,42 +716,72 @@ impl MailStore for WasmStore {
         folder: &str,
         messages: &[&MessageInfo],
     ) -> Vec<Result<Arc<[u8]>, StoreError>> {
+        let place = (mailbox.to_ascii_lowercase(), folder.to_string());
+        let mut headers: Vec<Option<Result<Arc<[u8]>, StoreError>>> = {
+            let cache = self.headers.lock().expect("header cache");
+            messages
+                .iter()
+                .map(|m| cache.get(&place, &m.key).map(Ok))
+                .collect()
+        };
+        let missing: Vec<&MessageInfo> = messages
+            .iter()
+            .zip(&headers)
+            .filter(|(_, h)| h.is_none())
+            .map(|(m, _)| *m)
+            .collect();
+        if missing.is_empty() {
+            return headers.into_iter().flatten().collect();
+        }
         let answered = self.call(mailbox, "read-headers", |live| {
             let answer = finish(live.guest.postern_plugin_mailbox().call_read_headers(
                 &mut live.store,
                 mailbox,
                 folder,
-                &references(messages),
+                &references(&missing),
             ))?;
-            if answer.len() != messages.len() {
+            if answer.len() != missing.len() {
                 return Err(Fault::Broken(format!(
                     "read-headers answered {} headers for {} messages",
                     answer.len(),
-                    messages.len()
+                    missing.len()
                 )));
             }
-            let mut headers = Vec::with_capacity(answer.len());
-            for (message, header) in messages.iter().zip(answer) {
-                headers.push(match header {
+            let mut read = Vec::with_capacity(answer.len());
+            for (message, header) in missing.iter().zip(answer) {
+                read.push(match header {
                     Ok(header) if header.len() as u64 > message.size => {
                         return Err(Fault::Broken(format!(
                             "the header of message {} is longer than the message",
                             message.uid
                         )))
                     }
-                    Ok(header) => Ok(Arc::from(header)),
+                    Ok(header) => Ok(Arc::<[u8]>::from(header)),
                     Err(err) => Err(check::store_error(err)),
                 });
             }
-            Ok(headers)
+            // Kept under the mailbox's lock, so a folder deleted meanwhile cannot leave its
+            // headers behind (forget_headers runs under it too).
+            let mut cache = self.headers.lock().expect("header cache");
+            for (message, header) in missing.iter().zip(&read) {
+                if let Ok(header) = header {
+                    cache.put(&place, &message.key, header.clone());
+                }
+            }
+            Ok(read)
         });
-        match answered {
-            Ok(headers) => headers,
-            Err(err) => messages
+        let mut read = match answered {
+            Ok(read) => read.into_iter(),
+            Err(err) => missing
                 .iter()
                 .map(|_| Err(check::same_error(&err)))
-                .collect(),
+                .collect::<Vec<_>>()
+                .into_iter(),
+        };
+        for slot in headers.iter_mut().filter(|slot| slot.is_none()) {
+            *slot = Some(read.next().expect("one answer per missing header"));
         }
+        headers.into_iter().flatten().collect()
     }
 
     fn change_flags(
@@ -908,6 +954,7 @@ impl MailStore for WasmStore {
             return Err(StoreError::InvalidName(folder.into()));
         }
         self.call(mailbox, "delete-folder", |live| {
+            self.forget_headers(mailbox);
             finish(live.guest.postern_plugin_mailbox().call_delete_folder(
                 &mut live.store,
                 mailbox,
@@ -922,6 +969,7 @@ impl MailStore for WasmStore {
             return Err(StoreError::InvalidName(to.into()));
         }
         self.call(mailbox, "rename-folder", |live| {
+            self.forget_headers(mailbox);
             finish(live.guest.postern_plugin_mailbox().call_rename_folder(
                 &mut live.store,
                 mailbox,
@@ -1020,6 +1068,7 @@ impl MailStore for WasmStore {
         messages: &[super::Imported<'_>],
     ) -> Result<(), StoreError> {
         self.call(mailbox, "import-messages", |live| {
+            self.forget_headers(mailbox);
             let mut wit = Vec::with_capacity(messages.len());
             for m in messages {
                 let handle = live
