@@ -37,6 +37,10 @@ struct Args {
     /// Print one machine-readable line: `msgs_per_sec p50_ms p99_ms errors`.
     #[arg(long)]
     raw: bool,
+    /// Speak LMTP (RFC 2033: LHLO, one reply per recipient after the data), for Dovecot's
+    /// delivery service, which answers only once the message is in the mailbox.
+    #[arg(long)]
+    lmtp: bool,
 }
 
 struct Conn {
@@ -56,7 +60,12 @@ impl Conn {
             line: String::new(),
         };
         conn.expect(220).await?;
-        conn.writer.write_all(b"EHLO load.test\r\n").await?;
+        let greeting: &[u8] = if args.lmtp {
+            b"LHLO load.test\r\n"
+        } else {
+            b"EHLO load.test\r\n"
+        };
+        conn.writer.write_all(greeting).await?;
         conn.expect(250).await?;
         Ok(conn)
     }

@@ -119,9 +119,13 @@ def test_migrate_maildir_to_the_backend_and_back(tmp_path):
     import subprocess
     from conftest import Server, postern_bin
 
+    started = []
+
     def start(domains):
         # The same directory each time: same data, the config written anew.
-        return Server(tmp_path / "run", transform=lambda t: t + backend_block(domains))
+        s = Server(tmp_path / "run", transform=lambda t: t + backend_block(domains))
+        started.append(s)
+        return s
 
     def migrate(config, src, dst):
         out = subprocess.run([postern_bin(), "mailbox", "migrate", "--config", str(config),
@@ -130,53 +134,57 @@ def test_migrate_maildir_to_the_backend_and_back(tmp_path):
         assert out.returncode == 0, out.stderr
         return out.stdout
 
-    server = start("[]")
-    with smtplib.SMTP("127.0.0.1", server.ports["smtp"]) as s:
-        for n in range(3):
-            s.sendmail("sender@remote.test", ["alice@example.test"],
-                       MESSAGE.replace(b"Still here.", f"Message {n}.".encode()))
-    deadline = time.time() + 10
-    while len(server.maildir("alice")) < 3 and time.time() < deadline:
-        time.sleep(0.05)
-    m = imaplib.IMAP4("127.0.0.1", server.ports["imap"], timeout=10)
-    m.starttls(ssl_context=ssl.create_default_context(cafile=server.cert))
-    m.login(*ALICE)
-    m.select("INBOX")
-    assert m.store("1", "+FLAGS", "(\\Flagged $Work)")[0] == "OK"
-    assert m.store("3", "+FLAGS", "(\\Seen)")[0] == "OK"
-    m.create("Archive")
-    m.subscribe("Archive")
-    m.logout()
-    before = imap_view(server)
-    server.stop()
-    out = migrate(server.config, "maildir", "mailbox-log")
-    assert "migrated 2 mailboxes from maildir to mailbox-log" in out and ", 3 messages," in out, out
+    try:
+        server = start("[]")
+        with smtplib.SMTP("127.0.0.1", server.ports["smtp"]) as s:
+            for n in range(3):
+                s.sendmail("sender@remote.test", ["alice@example.test"],
+                           MESSAGE.replace(b"Still here.", f"Message {n}.".encode()))
+        deadline = time.time() + 10
+        while len(server.maildir("alice")) < 3 and time.time() < deadline:
+            time.sleep(0.05)
+        m = imaplib.IMAP4("127.0.0.1", server.ports["imap"], timeout=10)
+        m.starttls(ssl_context=ssl.create_default_context(cafile=server.cert))
+        m.login(*ALICE)
+        m.select("INBOX")
+        assert m.store("1", "+FLAGS", "(\\Flagged $Work)")[0] == "OK"
+        assert m.store("3", "+FLAGS", "(\\Seen)")[0] == "OK"
+        m.create("Archive")
+        m.subscribe("Archive")
+        m.logout()
+        before = imap_view(server)
+        server.stop()
+        out = migrate(server.config, "maildir", "mailbox-log")
+        assert "migrated 2 mailboxes from maildir to mailbox-log" in out and ", 3 messages," in out, out
 
-    server = start('["example.test"]')
-    assert imap_view(server) == before, "same UIDVALIDITY, UIDs, flags, dates and bytes"
-    m = imaplib.IMAP4("127.0.0.1", server.ports["imap"], timeout=10)
-    m.starttls(ssl_context=ssl.create_default_context(cafile=server.cert))
-    m.login(*ALICE)
-    typ, data = m.lsub()
-    assert any(b"Archive" in line for line in data), data
-    m.logout()
-    # While a server runs on the data directory, a migration refuses.
-    running = subprocess.run([postern_bin(), "mailbox", "migrate", "--config", str(server.config),
-                              "--from", "mailbox-log", "--to", "maildir"],
-                             capture_output=True, text=True, timeout=60)
-    assert running.returncode != 0 and "stop it first" in running.stderr, running.stderr
-    # A message that arrives on the backend goes back to Maildir with the rest.
-    with smtplib.SMTP("127.0.0.1", server.ports["smtp"]) as s:
-        s.sendmail("sender@remote.test", ["alice@example.test"], MESSAGE)
-    deadline = time.time() + 10
-    while len(imap_view(server)[1]) < 4 and time.time() < deadline:
-        time.sleep(0.1)
-    on_backend = imap_view(server)
-    assert len(on_backend[1]) == 4
-    server.stop()
-    out = migrate(server.config, "mailbox-log", "maildir")
-    assert ", 4 messages," in out, out
+        server = start('["example.test"]')
+        assert imap_view(server) == before, "same UIDVALIDITY, UIDs, flags, dates and bytes"
+        m = imaplib.IMAP4("127.0.0.1", server.ports["imap"], timeout=10)
+        m.starttls(ssl_context=ssl.create_default_context(cafile=server.cert))
+        m.login(*ALICE)
+        typ, data = m.lsub()
+        assert any(b"Archive" in line for line in data), data
+        m.logout()
+        # While a server runs on the data directory, a migration refuses.
+        running = subprocess.run([postern_bin(), "mailbox", "migrate", "--config", str(server.config),
+                                  "--from", "mailbox-log", "--to", "maildir"],
+                                 capture_output=True, text=True, timeout=60)
+        assert running.returncode != 0 and "stop it first" in running.stderr, running.stderr
+        # A message that arrives on the backend goes back to Maildir with the rest.
+        with smtplib.SMTP("127.0.0.1", server.ports["smtp"]) as s:
+            s.sendmail("sender@remote.test", ["alice@example.test"], MESSAGE)
+        deadline = time.time() + 10
+        while len(imap_view(server)[1]) < 4 and time.time() < deadline:
+            time.sleep(0.1)
+        on_backend = imap_view(server)
+        assert len(on_backend[1]) == 4
+        server.stop()
+        out = migrate(server.config, "mailbox-log", "maildir")
+        assert ", 4 messages," in out, out
 
-    server = start("[]")
-    assert imap_view(server) == on_backend, "and back, the fourth message with its UID"
-    server.stop()
+        server = start("[]")
+        assert imap_view(server) == on_backend, "and back, the fourth message with its UID"
+        server.stop()
+    finally:
+        for s in started:
+            s.stop()
