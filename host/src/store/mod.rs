@@ -71,6 +71,25 @@ impl StoreError {
         }
     }
 
+    /// The same error again, for every item of a batch that failed whole.
+    pub fn again(&self) -> StoreError {
+        let io = |e: &io::Error| io::Error::new(e.kind(), e.to_string());
+        match self {
+            StoreError::Full(e) => StoreError::Full(io(e)),
+            StoreError::Io(e) => StoreError::Io(io(e)),
+            StoreError::InvalidName(s) => StoreError::InvalidName(s.clone()),
+            StoreError::NoSuchFolder(s) => StoreError::NoSuchFolder(s.clone()),
+            StoreError::Gone(s) => StoreError::Gone(s.clone()),
+            StoreError::Exists(s) => StoreError::Exists(s.clone()),
+            StoreError::TooManyKeywords(s) => StoreError::TooManyKeywords(s.clone()),
+            StoreError::OverQuota(s) => StoreError::OverQuota(s.clone()),
+            StoreError::Unavailable { name, reason } => StoreError::Unavailable {
+                name: name.clone(),
+                reason: reason.clone(),
+            },
+        }
+    }
+
     /// Whether retrying later can succeed.
     pub fn is_temporary(&self) -> bool {
         !matches!(
@@ -133,6 +152,17 @@ impl Flags {
     pub fn without(self, other: Flags) -> Flags {
         Flags(self.0 & !other.0)
     }
+}
+
+/// Whether a name is a keyword a client could set: an IMAP atom (RFC 9051 §9 `flag-keyword`)
+/// of at most 128 bytes, so it fits a line of any store's table.
+pub fn valid_keyword(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name.bytes().all(|b| {
+            b.is_ascii_graphic()
+                && !matches!(b, b'(' | b')' | b'{' | b'%' | b'*' | b'"' | b'\\' | b']')
+        })
 }
 
 /// A message's keywords (RFC 9051 §2.3.2 flag-keywords such as `$Junk`), by name. Names compare

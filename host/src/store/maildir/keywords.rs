@@ -37,7 +37,7 @@ pub fn parse(text: &str) -> Vec<String> {
         let Ok(slot) = slot.parse::<usize>() else {
             continue;
         };
-        if slot >= Letters::MAX_KEYWORDS || !valid(name) {
+        if slot >= Letters::MAX_KEYWORDS || !crate::store::valid_keyword(name) {
             continue;
         }
         if slots.len() <= slot {
@@ -62,16 +62,6 @@ pub fn render(names: &[String]) -> String {
         .collect()
 }
 
-/// An IMAP flag-keyword (an atom without `\`) that fits a line of the table.
-pub fn valid(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name.bytes().all(|b| {
-            b.is_ascii_graphic()
-                && !matches!(b, b'(' | b')' | b'{' | b'%' | b'*' | b'"' | b'\\' | b']')
-        })
-}
-
 /// The letters of the names the table has (others are left out).
 pub fn find(table: &[String], names: &Keywords) -> Letters {
     names
@@ -89,7 +79,7 @@ pub fn slots(dir: &Path, table: &mut Vec<String>, names: &Keywords) -> io::Resul
     let mut flags = Letters::empty();
     for name in names.iter() {
         // A name the table cannot hold on a line is not kept (IMAP atoms always fit).
-        if !valid(name) {
+        if !crate::store::valid_keyword(name) {
             continue;
         }
         let slot = match table.iter().position(|k| k.eq_ignore_ascii_case(name)) {
@@ -122,7 +112,12 @@ mod tests {
         let names = parse("0 $Junk\n1 NonJunk\nbroken\n30 far\n3 after-gap\n");
         assert_eq!(names, ["$Junk", "NonJunk", "\\unused2", "after-gap"]);
         assert_eq!(render(&names), "0 $Junk\n1 NonJunk\n3 after-gap\n");
-        assert!(!valid("a b") && !valid("\\Seen") && !valid("") && valid("$MDNSent"));
+        assert!(
+            !crate::store::valid_keyword("a b")
+                && !crate::store::valid_keyword("\\Seen")
+                && !crate::store::valid_keyword("")
+                && crate::store::valid_keyword("$MDNSent")
+        );
     }
 
     #[test]

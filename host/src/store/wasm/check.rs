@@ -33,18 +33,8 @@ fn pairs() -> [(Flags, types::SystemFlags); 6] {
     ]
 }
 
-/// A keyword a client could have set: an IMAP atom (RFC 9051 §9 `flag-keyword`) of sane length.
-fn valid_keyword(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name.bytes().all(|b| {
-            b.is_ascii_graphic()
-                && !matches!(b, b'(' | b')' | b'{' | b'%' | b'*' | b'"' | b'\\' | b']')
-        })
-}
-
 pub fn keywords(names: Vec<String>) -> Result<Keywords, String> {
-    if let Some(bad) = names.iter().find(|n| !valid_keyword(n)) {
+    if let Some(bad) = names.iter().find(|n| !crate::store::valid_keyword(n)) {
         return Err(format!("keyword {bad:?} is not an IMAP atom"));
     }
     Ok(Keywords::from_names(names))
@@ -59,24 +49,6 @@ pub fn store_error(err: types::StoreError) -> StoreError {
         types::StoreError::Gone(key) => StoreError::Gone(key),
         types::StoreError::Exists(name) => StoreError::Exists(name),
         types::StoreError::TooManyKeywords(name) => StoreError::TooManyKeywords(name),
-    }
-}
-
-/// The same error again, for every message of a batch that failed whole.
-pub fn same_error(err: &StoreError) -> StoreError {
-    match err {
-        StoreError::Full(e) => StoreError::Full(std::io::Error::new(e.kind(), e.to_string())),
-        StoreError::Io(e) => StoreError::Io(std::io::Error::new(e.kind(), e.to_string())),
-        StoreError::InvalidName(s) => StoreError::InvalidName(s.clone()),
-        StoreError::NoSuchFolder(s) => StoreError::NoSuchFolder(s.clone()),
-        StoreError::Gone(s) => StoreError::Gone(s.clone()),
-        StoreError::Exists(s) => StoreError::Exists(s.clone()),
-        StoreError::TooManyKeywords(s) => StoreError::TooManyKeywords(s.clone()),
-        StoreError::OverQuota(s) => StoreError::OverQuota(s.clone()),
-        StoreError::Unavailable { name, reason } => StoreError::Unavailable {
-            name: name.clone(),
-            reason: reason.clone(),
-        },
     }
 }
 

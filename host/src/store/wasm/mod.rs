@@ -624,7 +624,7 @@ impl MailStore for WasmStore {
                 }
                 Err(err) => {
                     for index in &indexes {
-                        results[*index] = Err(check::same_error(&err));
+                        results[*index] = Err(err.again());
                     }
                 }
             }
@@ -774,7 +774,7 @@ impl MailStore for WasmStore {
             Ok(read) => read.into_iter(),
             Err(err) => missing
                 .iter()
-                .map(|_| Err(check::same_error(&err)))
+                .map(|_| Err(err.again()))
                 .collect::<Vec<_>>()
                 .into_iter(),
         };
