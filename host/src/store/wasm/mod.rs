@@ -449,26 +449,36 @@ impl WasmStore {
         Ok(())
     }
 
-    /// Every byte of a message, read in chunks; the bytes must come to exactly its size.
-    fn read_all(
+    /// Bytes `start..end` of a message (`end` at most its size), read in chunks of at most
+    /// [`CHUNK`]. With `whole` (the message from 0 to its size), one byte past the end is asked
+    /// for too, so a backend with more bytes than it listed is caught, and a short chunk before
+    /// the end is a backend that listed more bytes than it has.
+    #[allow(clippy::too_many_arguments)]
+    fn read_chunks(
         &self,
         live: &mut Live,
         mailbox: &str,
         folder: &str,
         message: &MessageInfo,
+        start: u64,
+        end: u64,
+        whole: bool,
     ) -> Result<Vec<u8>, Fault> {
         let reference = reference(message);
-        let mut bytes = Vec::with_capacity(message.size.min(64 << 20) as usize);
+        let mut bytes = Vec::with_capacity((end - start).min(64 << 20) as usize);
+        let mut offset = start;
         loop {
-            let left = message.size - bytes.len() as u64;
-            // One byte more than is left: a backend with more bytes than it listed says so.
-            let ask = (left + 1).min(u64::from(CHUNK)) as u32;
+            let left = end - offset;
+            if left == 0 && !whole {
+                return Ok(bytes);
+            }
+            let ask = (left + u64::from(whole)).min(u64::from(CHUNK)) as u32;
             let chunk = finish(live.guest.postern_plugin_mailbox().call_read(
                 &mut live.store,
                 mailbox,
                 folder,
                 &reference,
-                bytes.len() as u64,
+                offset,
                 ask,
             ))?
             .map_err(refused)?;
@@ -479,16 +489,15 @@ impl WasmStore {
                 )));
             }
             let short = chunk.len() < ask as usize;
+            offset += chunk.len() as u64;
             bytes.extend_from_slice(&chunk);
-            if bytes.len() as u64 == message.size {
+            if offset == end {
                 return Ok(bytes);
             }
-            if chunk.is_empty() || short {
+            if chunk.is_empty() || (whole && short) {
                 return Err(Fault::Broken(format!(
-                    "message {} has {} bytes, its listing said {}",
-                    message.uid,
-                    bytes.len(),
-                    message.size
+                    "message {} ends at {offset}, its listing said {}",
+                    message.uid, message.size
                 )));
             }
         }
@@ -653,7 +662,7 @@ impl MailStore for WasmStore {
         message: &MessageInfo,
     ) -> Result<Vec<u8>, StoreError> {
         self.call(mailbox, "read", |live| {
-            self.read_all(live, mailbox, folder, message)
+            self.read_chunks(live, mailbox, folder, message, 0, message.size, true)
         })
     }
 
@@ -665,37 +674,9 @@ impl MailStore for WasmStore {
         range: std::ops::Range<u64>,
     ) -> Result<Vec<u8>, StoreError> {
         let end = range.end.min(message.size);
-        let mut offset = range.start.min(end);
+        let start = range.start.min(end);
         self.call(mailbox, "read", |live| {
-            let reference = reference(message);
-            let mut bytes = Vec::new();
-            while offset < end {
-                let ask = (end - offset).min(u64::from(CHUNK)) as u32;
-                let chunk = finish(live.guest.postern_plugin_mailbox().call_read(
-                    &mut live.store,
-                    mailbox,
-                    folder,
-                    &reference,
-                    offset,
-                    ask,
-                ))?
-                .map_err(refused)?;
-                if chunk.len() > ask as usize {
-                    return Err(Fault::Broken(format!(
-                        "read of {ask} bytes answered {}",
-                        chunk.len()
-                    )));
-                }
-                if chunk.is_empty() {
-                    return Err(Fault::Broken(format!(
-                        "message {} ends at {offset}, its listing said {}",
-                        message.uid, message.size
-                    )));
-                }
-                offset += chunk.len() as u64;
-                bytes.extend_from_slice(&chunk);
-            }
-            Ok(bytes)
+            self.read_chunks(live, mailbox, folder, message, start, end, false)
         })
     }
 
