@@ -88,26 +88,32 @@ pub fn mailbox(
             to.recent_boundary(mailbox, &folder, numbers.uid_validity, Some(boundary))?;
         }
         if let Ok(entries) = from.metadata(mailbox, Some(&folder)) {
-            if !entries.is_empty() {
-                let changes: Vec<(String, Option<Vec<u8>>)> =
-                    entries.into_iter().map(|(k, v)| (k, Some(v))).collect();
-                to.set_metadata(mailbox, Some(&folder), &changes)?;
-            }
+            put_metadata(to, mailbox, Some(&folder), entries)?;
         }
         copied.folders += 1;
     }
     for folder in from.subscriptions(mailbox)? {
         to.set_subscribed(mailbox, &folder, true)?;
     }
-    let entries = from.metadata(mailbox, None)?;
-    if !entries.is_empty() {
-        let changes: Vec<(String, Option<Vec<u8>>)> =
-            entries.into_iter().map(|(k, v)| (k, Some(v))).collect();
-        to.set_metadata(mailbox, None, &changes)?;
-    }
+    put_metadata(to, mailbox, None, from.metadata(mailbox, None)?)?;
     copied.messages = done.messages;
     copied.bytes = done.bytes;
     Ok(copied)
+}
+
+/// Sets annotations read from the other store (of a folder, or of the mailbox with `None`).
+fn put_metadata(
+    to: &dyn MailStore,
+    mailbox: &str,
+    folder: Option<&str>,
+    entries: std::collections::BTreeMap<String, Vec<u8>>,
+) -> Result<(), StoreError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let changes: Vec<(String, Option<Vec<u8>>)> =
+        entries.into_iter().map(|(k, v)| (k, Some(v))).collect();
+    to.set_metadata(mailbox, folder, &changes)
 }
 
 /// The listing cut into import batches.
