@@ -50,6 +50,9 @@ pub(in crate::imap) fn unsupported_charset(
         .then(|| no(Some(Code::BadCharset), "Unsupported charset"))
 }
 
+/// Headers read per store call when a search reads header fields.
+const HEADER_BATCH: usize = 256;
+
 /// The selected folder as a SEARCH, SORT or THREAD sees it, owned so it can go to a blocking
 /// thread.
 pub(in crate::imap) struct SearchScope {
@@ -69,18 +72,22 @@ impl SearchScope {
         let last_uid = self.messages.last().map(|m| m.uid).unwrap_or(0);
         let sets = search::SetCache::new(key);
         let mut found = Vec::new();
-        // Every header in one store call when the criteria read headers.
-        let mut headers: Vec<Option<Arc<[u8]>>> = if search::uses_header(key) {
-            let all: Vec<&MessageInfo> = self.messages.iter().collect();
-            self.store
-                .read_headers(&self.user, &self.folder, &all)
-                .into_iter()
-                .map(Result::ok)
-                .collect()
-        } else {
-            Vec::new()
-        };
+        // Headers a batch at a time, one store call each, when the criteria read headers: a
+        // backend behind a boundary is not called per message, and a large folder's headers
+        // are never all in memory at once.
+        let prefetch = search::uses_header(key);
+        let mut headers: Vec<Option<Arc<[u8]>>> = Vec::new();
         for (i, info) in self.messages.iter().enumerate() {
+            if prefetch && i % HEADER_BATCH == 0 {
+                let batch: Vec<&MessageInfo> =
+                    self.messages[i..].iter().take(HEADER_BATCH).collect();
+                headers = self
+                    .store
+                    .read_headers(&self.user, &self.folder, &batch)
+                    .into_iter()
+                    .map(Result::ok)
+                    .collect();
+            }
             let subject = Subject {
                 seq: i as u32 + 1,
                 info,
@@ -90,7 +97,7 @@ impl SearchScope {
                 recent: self.recent.contains(&info.uid),
                 saved: self.saved.as_deref(),
             };
-            let prefetched = headers.get_mut(i).and_then(Option::take);
+            let prefetched = headers.get_mut(i % HEADER_BATCH).and_then(Option::take);
             let mut load_header = || match prefetched.clone() {
                 Some(header) => Some(header),
                 None => self.store.read_header(&self.user, &self.folder, info).ok(),
