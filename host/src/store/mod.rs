@@ -10,6 +10,7 @@ pub mod conformance;
 pub mod headers;
 pub mod maildir;
 pub mod migrate;
+pub mod postgres;
 pub mod wasm;
 pub mod watched;
 
