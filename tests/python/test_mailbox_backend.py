@@ -62,7 +62,8 @@ def test_a_failing_backend_is_contained_and_a_fixed_one_takes_over(make_server, 
     m.login(*ALICE)
     typ, data = m.select("INBOX")
     assert typ == "NO" and data[0].startswith(b"[UNAVAILABLE]"), data
-    m.logout()
+    # This session stays open across the reload below.
+    kept = m
 
     p = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=10)
     p.stls(context=ctx)
@@ -80,6 +81,10 @@ def test_a_failing_backend_is_contained_and_a_fixed_one_takes_over(make_server, 
         time.sleep(0.1)
     assert not server.spooled(), "delivered after the reload"
     assert "mailbox backend reloaded" in server.log_text()
+    # The session opened before the reload was not dropped, and now reads the fixed backend.
+    typ, data = kept.select("INBOX")
+    assert typ == "OK" and data == [b"1"], data
+    kept.logout()
 
     m = imaplib.IMAP4("127.0.0.1", server.ports["imap"], timeout=10)
     m.starttls(ssl_context=ctx)
