@@ -58,12 +58,26 @@ enum Command {
         #[command(subcommand)]
         command: MailboxCommand,
     },
+    /// The PostgreSQL database (`[database]`).
+    Db {
+        #[command(subcommand)]
+        command: DbCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DbCommand {
+    /// Create the schema, or bring it to this version (versioned migrations, run once each).
+    Migrate {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
 enum MailboxCommand {
-    /// Copy mailboxes from one store to another (the embedded `maildir`, or a
-    /// `[[mailbox_backend]]` by name), keeping UIDVALIDITY, UIDs, flags, keywords, dates,
+    /// Copy mailboxes from one store to another (the embedded `maildir`, `postgres` for
+    /// `[database]`, or a `[[mailbox_backend]]` by name), keeping UIDVALIDITY, UIDs, flags, keywords, dates,
     /// subscriptions and annotations, so clients keep their caches. Run it with the server
     /// stopped, then point the domain at the new store (`domains = [...]`) and start it.
     /// Running it again copies only what is missing.
@@ -234,6 +248,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     users,
                 },
         } => migrate(load_config(config.as_ref())?, &from, &to, users),
+        Command::Db {
+            command: DbCommand::Migrate { config },
+        } => {
+            let config = load_config(config.as_ref())?;
+            let database = config
+                .database
+                .context("the configuration has no [database]")?;
+            let store = crate::store::postgres::PgStore::connect(&database.url, 1)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let version = store.migrate().map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("schema at version {version}");
+            Ok(())
+        }
         Command::User {
             command: UserCommand::HashPassword,
         } => {
@@ -278,6 +305,16 @@ fn migrate(config: Config, from: &str, to: &str, users: Vec<String>) -> anyhow::
                 data_dir.join("mailboxes"),
                 &config.server.hostname,
             )));
+        }
+        if name == "postgres" {
+            let database = config
+                .database
+                .as_ref()
+                .context("--from/--to postgres needs a [database]")?;
+            let store = crate::store::postgres::PgStore::connect(&database.url, 4)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            store.migrate().map_err(|e| anyhow::anyhow!("{e}"))?;
+            return Ok(Arc::new(store));
         }
         let backend = config
             .mailbox_backends

@@ -71,6 +71,29 @@ pub struct Config {
     /// other local domain keeps the embedded Maildir.
     #[serde(default, rename = "mailbox_backend")]
     pub mailbox_backends: Vec<MailboxBackendConfig>,
+    /// PostgreSQL, for the local domains whose mailboxes several nodes share.
+    pub database: Option<DatabaseConfig>,
+}
+
+/// `[database]`: a PostgreSQL server (`store::postgres`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `postgres://user:password@host:port/database`.
+    pub url: String,
+    /// Connections at most (default 16).
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// Local domains whose mailboxes live in the database.
+    #[serde(default)]
+    pub domains: Vec<String>,
+    /// Create or update the schema at start (else `postern db migrate` does it).
+    #[serde(default)]
+    pub migrate: bool,
+}
+
+fn default_pool_size() -> usize {
+    16
 }
 
 /// A mailbox backend: a component exporting `postern:plugin/mailbox` (`wit/mailbox.wit`).
@@ -685,6 +708,23 @@ impl Config {
                 }
             }
         }
+        if let Some(database) = &self.database {
+            for domain in &database.domains {
+                if !self
+                    .relay
+                    .local_domains
+                    .iter()
+                    .any(|d| d.eq_ignore_ascii_case(domain))
+                {
+                    return Err(format!(
+                        "database: {domain:?} is not in relay.local_domains"
+                    ));
+                }
+                if !served.insert(domain.to_ascii_lowercase()) {
+                    return Err(format!("domain {domain:?} is given to two mailbox stores"));
+                }
+            }
+        }
         if self.limits.max_line_length < 512 {
             return Err("limits.max_line_length must be at least 512 (RFC 5321 §4.5.3.1.4)".into());
         }
@@ -840,6 +880,27 @@ mod tests {
             .iter()
             .all(|l| l.address.ip().is_loopback()));
         assert_eq!(config.users.len(), 2);
+    }
+
+    #[test]
+    fn database_domains_must_be_local_and_stored_once() {
+        let with = |domains: &str| {
+            format!(
+                "{EMBEDDED_DEFAULT}\n[database]\nurl = \"postgres://postern@127.0.0.1/db\"\ndomains = {domains}\n"
+            )
+        };
+        let config = Config::parse(&with("[\"example.test\"]"), "t").unwrap();
+        let database = config.database.unwrap();
+        assert_eq!(database.pool_size, 16);
+        assert!(!database.migrate);
+        let err = Config::parse(&with("[\"elsewhere.test\"]"), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not in relay.local_domains"), "{err}");
+        let err = Config::parse(&with("[\"example.test\", \"EXAMPLE.test\"]"), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("two mailbox stores"), "{err}");
     }
 
     #[test]

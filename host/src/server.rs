@@ -209,8 +209,39 @@ pub async fn run(
             mailboxes.route(&domain, store.clone());
         }
     }
+    let mut database_store = None;
+    if let Some(database) = config.database.clone() {
+        let opened = tokio::task::spawn_blocking(move || {
+            let store =
+                crate::store::postgres::PgStore::connect(&database.url, database.pool_size)?;
+            if database.migrate {
+                store.migrate()?;
+            }
+            Ok::<_, crate::store::StoreError>((store, database.domains))
+        })
+        .await
+        .map_err(|e| ServerError::MailboxBackend(e.to_string()))?
+        .map_err(|e| ServerError::MailboxBackend(format!("database: {e}")))?;
+        let (store, domains) = opened;
+        info!(?domains, "mailboxes in PostgreSQL");
+        let store = Arc::new(store);
+        for domain in domains {
+            mailboxes.route(&domain, store.clone());
+        }
+        database_store = Some(store);
+    }
     // Every writer goes through the watched store, so IMAP sessions hear of every change.
     let watched = Arc::new(Watched::new(Arc::new(mailboxes)));
+    if let Some(database) = &database_store {
+        // ...and of the other nodes' changes to the mailboxes they share.
+        let told = (*watched).clone();
+        database.listen(move |notice| match notice {
+            crate::store::postgres::Notice::Changed { mailbox, folder } => {
+                told.changed_elsewhere(Some(&mailbox), folder.as_deref())
+            }
+            crate::store::postgres::Notice::Anything => told.changed_elsewhere(None, None),
+        });
+    }
     let store: Arc<dyn MailStore> = watched.clone();
     let report = plugins.load(&config.plugin_list).await;
     if let Some((name, reason)) = report.failed.first() {

@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+import pg
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 # The abuse tests open a thousand connections: as many descriptors as the hard limit allows, for
@@ -46,11 +48,15 @@ def test_config(data_dir, edits=None, transform=None):
 MAILBOX_LOG = ROOT / "plugins" / "target" / "wasm32-wasip2" / "release" / "mailbox_log.wasm"
 
 
-def with_backend(backend, transform=None):
+def with_backend(backend, transform=None, database_url=None):
     """A config transform that also stores example.test's mailboxes in `backend` ("maildir",
-    the embedded default, or "mailbox-log", the shipped Wasm backend)."""
+    the embedded default, "mailbox-log", the shipped Wasm backend, or "postgres", the database
+    at `database_url`)."""
     def apply(text):
         text = transform(text) if transform else text
+        if backend == "postgres":
+            text += (f'\n[database]\nurl = "{database_url}"\n'
+                     'domains = ["example.test"]\nmigrate = true\n')
         if backend == "mailbox-log":
             text += (
                 '\n[[mailbox_backend]]\nname = "mailbox-log"\n'
@@ -99,13 +105,21 @@ def read_mailbox_log(folder_dir):
 
 
 class Server:
-    def __init__(self, tmp_path, edits=None, transform=None, backend="maildir"):
+    def __init__(self, tmp_path, edits=None, transform=None, backend="maildir", cluster=None,
+                 database=None, host="127.0.0.1"):
+        """`cluster` (a pg.Cluster) for the postgres backend, with `database` to share one
+        between servers (a fresh one otherwise); `host` is the loopback address listened on."""
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.backend = backend
+        self.cluster = cluster
+        self.database = database or (cluster.new_database() if backend == "postgres" else None)
         self.data_dir = tmp_path / "data"
         self.config = tmp_path / "postern.toml"
-        self.config.write_text(
-            test_config(self.data_dir, edits, with_backend(backend, transform)))
+        url = cluster.url(self.database) if self.database else None
+        text = test_config(self.data_dir, edits, with_backend(backend, transform, url))
+        text = re.sub(r'(?m)^address = "127\.0\.0\.1:0"', f'address = "{host}:0"', text)
+        self.host = host
+        self.config.write_text(text)
         self.log = open(tmp_path / "postern.log", "wb")
         self.proc = subprocess.Popen(
             [postern_bin(), "serve", "--config", str(self.config)],
@@ -128,6 +142,8 @@ class Server:
 
     def maildir(self, user, domain="example.test", folder="INBOX"):
         """A folder as stored: (Maildir file name, bytes with LF endings)."""
+        if self.backend == "postgres" and domain == "example.test":
+            return self._database_folder(f"{user}@{domain}", folder)
         if self.backend == "mailbox-log" and domain == "example.test":
             root = self.data_dir / "mailbox-backends" / "mailbox-log"
             return read_mailbox_log(root / _encode(f"{user}@{domain}") / f"f.{_encode(folder)}")
@@ -141,8 +157,28 @@ class Server:
                 out += [(p.name, p.read_bytes()) for p in sorted(d.iterdir())]
         return out
 
+    def _database_folder(self, mailbox, folder):
+        """A folder in the database, named as read_mailbox_log names them."""
+        rows = self.cluster.sql(self.database, f"""
+            SELECT m.received_at, m.uid, m.flags, encode(m.prepend || b.bytes, 'hex')
+            FROM messages m JOIN bodies b ON b.id = m.body JOIN folders f ON f.id = m.folder
+            JOIN mailboxes x ON x.id = f.mailbox
+            WHERE x.name = '{mailbox}' AND f.name = '{folder}' ORDER BY m.uid""")
+        out = []
+        for received, uid, bits, content in rows:
+            letters = "".join(sorted(l for bit, l in _LETTERS if int(bits) & bit))
+            out.append((f"{received}.{uid}:2,{letters}",
+                        bytes.fromhex(content).replace(b"\r\n", b"\n")))
+        return out
+
     def uid_index(self, user, domain="example.test"):
         """(UIDVALIDITY, UIDs) of the user's INBOX as the store's index keeps them."""
+        if self.backend == "postgres":
+            rows = self.cluster.sql(self.database, f"""
+                SELECT f.uid_validity, m.uid FROM folders f JOIN mailboxes x ON x.id = f.mailbox
+                LEFT JOIN messages m ON m.folder = f.id
+                WHERE x.name = '{user}@{domain}' AND f.name = 'INBOX' ORDER BY m.uid""")
+            return int(rows[0][0]), [int(r[1]) for r in rows if r[1]]
         if self.backend == "mailbox-log":
             folder = (self.data_dir / "mailbox-backends" / "mailbox-log"
                       / _encode(f"{user}@{domain}") / "f.INBOX")
@@ -187,19 +223,32 @@ def backend():
     return "maildir"
 
 
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """One PostgreSQL cluster for the whole run; each server gets a database of its own."""
+    cluster = pg.Cluster()
+    yield cluster
+    cluster.close()
+
+
+def _cluster_for(request, backend):
+    return request.getfixturevalue("pg_cluster") if backend == "postgres" else None
+
+
 @pytest.fixture
-def server(tmp_path, backend):
-    s = Server(tmp_path, backend=backend)
+def server(tmp_path, backend, request):
+    s = Server(tmp_path, backend=backend, cluster=_cluster_for(request, backend))
     yield s
     s.stop()
 
 
 @pytest.fixture
-def make_server(tmp_path, backend):
+def make_server(tmp_path, backend, request):
     made = []
+    cluster = _cluster_for(request, backend)
 
     def make(transform=None, **edits):
-        s = Server(tmp_path / f"s{len(made)}", edits, transform, backend)
+        s = Server(tmp_path / f"s{len(made)}", edits, transform, backend, cluster)
         made.append(s)
         return s
 

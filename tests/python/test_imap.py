@@ -13,9 +13,10 @@ import zlib
 import pytest
 
 
-@pytest.fixture(params=["maildir", "mailbox-log"])
+@pytest.fixture(params=["maildir", "mailbox-log", "postgres"])
 def backend(request):
-    """Every test here runs on the embedded Maildir and on the shipped Wasm backend."""
+    """Every test here runs on the embedded Maildir, on the shipped Wasm backend and on
+    PostgreSQL."""
     return request.param
 
 

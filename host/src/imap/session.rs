@@ -160,7 +160,9 @@ pub(in crate::imap) fn folder_name(mailbox: &Mailbox<'_>) -> Result<String, Done
 /// Whether a change to `user`'s mailbox was made by another writer than session `me`. (The
 /// announcement carries the mailbox lower-cased.)
 pub(in crate::imap) fn by_another(change: &Change, me: u64, user: &str) -> bool {
-    change.writer != me && change.mailbox.eq_ignore_ascii_case(user)
+    change.writer != me
+        && (change.mailbox.eq_ignore_ascii_case(user)
+            || &*change.mailbox == crate::store::watched::ANY_MAILBOX)
 }
 
 /// Whether another writer's change may alter the view of `selected` of `user`: one to its

@@ -18,10 +18,13 @@ use super::{
 /// behind just treats the lag as "something changed".
 const BACKLOG: usize = 1024;
 
+/// The mailbox of an announcement that concerns every mailbox (no address is `*`).
+pub const ANY_MAILBOX: &str = "*";
+
 /// One announcement.
 #[derive(Debug, Clone)]
 pub struct Change {
-    /// The mailbox (user key), lower-cased.
+    /// The mailbox (user key), lower-cased, or [`ANY_MAILBOX`].
     pub mailbox: Arc<str>,
     /// Who wrote: the session id of the handle it went through ([`Watched::as_writer`]), 0 for
     /// everyone else (delivery, POP3).
@@ -67,6 +70,16 @@ impl Watched {
     /// Mailboxes as they change.
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.shared.changes.subscribe()
+    }
+
+    /// A change made elsewhere (another node sharing the store): `mailbox` None when anything
+    /// may have changed, as after a lost connection to the other nodes' announcements.
+    pub fn changed_elsewhere(&self, mailbox: Option<&str>, folder: Option<&str>) {
+        let _ = self.shared.changes.send(Change {
+            mailbox: Arc::from(mailbox.map_or(ANY_MAILBOX.to_string(), str::to_ascii_lowercase)),
+            writer: 0,
+            folder: folder.map(Arc::from),
+        });
     }
 
     fn inner(&self) -> &dyn MailStore {

@@ -329,7 +329,11 @@ impl Conn {
     /// Remembers a change for the next look (see [`Conn::notifications`]).
     pub(in crate::imap) fn note(&mut self, change: &Change) {
         if let Some(notify) = &mut self.notify {
-            if notify.pending.len() >= MAX_PENDING {
+            if &*change.mailbox == crate::store::watched::ANY_MAILBOX {
+                // Anything may have changed (another node's announcements were lost for a
+                // while): as when the backlog overflows.
+                notify.lagged();
+            } else if notify.pending.len() >= MAX_PENDING {
                 notify.overflow = true;
             } else {
                 notify.pending.push(change.clone());

@@ -25,7 +25,27 @@ pub use schema::MIGRATIONS;
 pub struct PgStore {
     runtime: tokio::runtime::Runtime,
     pool: Pool,
+    config: tokio_postgres::Config,
+    /// This process's name to the database (its `application_name`): the change notifications
+    /// its own transactions cause carry it, so [`PgStore::listen`] can skip them.
+    node: String,
 }
+
+/// What [`PgStore::listen`] hears.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// Another node changed a mailbox: the messages of `folder`, or (None) its folder list or
+    /// subscriptions.
+    Changed {
+        mailbox: String,
+        folder: Option<String>,
+    },
+    /// Listening (re)started: whatever changed while it was not may have been missed.
+    Anything,
+}
+
+/// The channel of migration 2's triggers.
+const CHANNEL: &str = "postern_changes";
 
 type Result<T> = std::result::Result<T, StoreError>;
 
@@ -60,9 +80,22 @@ impl PgStore {
     /// Connects (lazily: the pool opens connections when a call needs one). `pool_size`
     /// connections at most.
     pub fn connect(url: &str, pool_size: usize) -> Result<PgStore> {
-        let config: tokio_postgres::Config = url.parse().map_err(db)?;
+        let mut config: tokio_postgres::Config = url.parse().map_err(db)?;
+        let node = {
+            use std::hash::{BuildHasher, Hasher};
+            let random = std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish();
+            format!("postern-{}-{random:016x}", std::process::id())
+        };
+        // Keepalives, so a database host that vanished (rather than closed the connection) is
+        // noticed and the listener reconnects.
+        config
+            .application_name(&node)
+            .keepalives(true)
+            .keepalives_idle(std::time::Duration::from_secs(10));
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -84,7 +117,12 @@ impl PgStore {
                 .build()
                 .map_err(db)?
         };
-        Ok(PgStore { runtime, pool })
+        Ok(PgStore {
+            runtime,
+            pool,
+            config,
+            node,
+        })
     }
 
     /// Runs the migrations not yet run; returns the schema version now.
@@ -115,6 +153,24 @@ impl PgStore {
         })
     }
 
+    /// Hears other nodes' changes (migration 2's notifications) for as long as the store lives,
+    /// on a connection of its own, reconnecting a second after it is lost; `on_notice` runs on
+    /// the store's runtime and must not block. After each (re)connection it is told
+    /// [`Notice::Anything`], so a session re-reads rather than miss what changed meanwhile.
+    pub fn listen(&self, on_notice: impl Fn(Notice) + Send + Sync + 'static) {
+        let config = self.config.clone();
+        let node = self.node.clone();
+        self.runtime.spawn(async move {
+            loop {
+                match listen_once(&config, &node, &on_notice).await {
+                    Ok(()) => tracing::warn!("database: change notifications ended; reconnecting"),
+                    Err(err) => tracing::warn!(error = %err, "database: change notifications lost; reconnecting"),
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        });
+    }
+
     fn block<T>(&self, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
         self.runtime.block_on(f)
     }
@@ -122,6 +178,48 @@ impl PgStore {
     async fn client(&self) -> Result<deadpool_postgres::Object> {
         self.pool.get().await.map_err(db)
     }
+}
+
+/// One listening connection, until it is lost.
+async fn listen_once(
+    config: &tokio_postgres::Config,
+    node: &str,
+    on_notice: &(impl Fn(Notice) + Send + Sync),
+) -> Result<()> {
+    let (client, mut connection) = config.connect(NoTls).await.map_err(db)?;
+    let listen = format!("LISTEN {CHANNEL}");
+    // The connection must be polled for the LISTEN to complete, and then for notifications.
+    let mut listening = std::pin::pin!(client.batch_execute(&listen));
+    let mut listened = false;
+    loop {
+        tokio::select! {
+            done = &mut listening, if !listened => {
+                done.map_err(db)?;
+                listened = true;
+                on_notice(Notice::Anything);
+            }
+            message = std::future::poll_fn(|cx| connection.poll_message(cx)) => match message {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                    if let Some(notice) = parse_notice(n.payload(), node) {
+                        on_notice(notice);
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(err)) => return Err(db(err)),
+                None => return Ok(()),
+            },
+        }
+    }
+}
+
+/// A notification's payload ("<writer>\t<mailbox>\t<folder>"), unless this node wrote it.
+fn parse_notice(payload: &str, node: &str) -> Option<Notice> {
+    let mut fields = payload.splitn(3, '\t');
+    let (writer, mailbox, folder) = (fields.next()?, fields.next()?, fields.next()?);
+    (writer != node).then(|| Notice::Changed {
+        mailbox: mailbox.to_string(),
+        folder: (!folder.is_empty()).then(|| folder.to_string()),
+    })
 }
 
 /// The mailbox's row id, made when missing.
@@ -998,5 +1096,38 @@ impl MailStore for PgStore {
             }
             tx.commit().await.map_err(db)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notices_name_mailbox_and_folder_and_skip_our_own() {
+        assert_eq!(
+            parse_notice("postern-1-ab\talice@example.test\tINBOX", "postern-2-cd"),
+            Some(Notice::Changed {
+                mailbox: "alice@example.test".into(),
+                folder: Some("INBOX".into())
+            })
+        );
+        // Empty folder: the folder list or subscriptions; a tab inside a folder name stays.
+        assert_eq!(
+            parse_notice("x\tbob@example.test\t", "y"),
+            Some(Notice::Changed {
+                mailbox: "bob@example.test".into(),
+                folder: None
+            })
+        );
+        assert_eq!(
+            parse_notice("x\tbob@example.test\ta\tb", "y"),
+            Some(Notice::Changed {
+                mailbox: "bob@example.test".into(),
+                folder: Some("a\tb".into())
+            })
+        );
+        assert_eq!(parse_notice("me\tbob@example.test\tINBOX", "me"), None);
+        assert_eq!(parse_notice("garbage", "me"), None);
     }
 }

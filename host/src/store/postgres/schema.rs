@@ -60,4 +60,50 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (mailbox, folder, name)
     );
     "#,
+    // 2: change notifications. A change to a folder (a message stored, flagged or expunged:
+    // each moves uid_next or highest_modseq; a folder made, renamed or deleted) or to a
+    // mailbox's subscriptions is announced on channel `postern_changes` when its transaction
+    // commits, as "<writer's application_name>\t<mailbox>\t<folder, or empty for the folder
+    // list>", so IMAP sessions on every node learn of it (`PgStore::listen`). PostgreSQL folds
+    // identical notifications of one transaction into one. A claim of \Recent changes neither
+    // number and announces nothing.
+    r#"
+    CREATE FUNCTION postern_folder_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        box text;
+        folder text := '';
+        owner bigint;
+    BEGIN
+        IF TG_OP = 'DELETE' THEN owner := OLD.mailbox; ELSE owner := NEW.mailbox; END IF;
+        IF TG_OP = 'UPDATE' THEN
+            IF NEW.name IS DISTINCT FROM OLD.name THEN
+                folder := '';
+            ELSIF NEW.uid_next IS DISTINCT FROM OLD.uid_next
+                OR NEW.highest_modseq IS DISTINCT FROM OLD.highest_modseq
+                OR NEW.uid_validity IS DISTINCT FROM OLD.uid_validity
+                OR NEW.keywords IS DISTINCT FROM OLD.keywords THEN
+                folder := NEW.name;
+            ELSE
+                RETURN NULL;
+            END IF;
+        END IF;
+        SELECT name INTO box FROM mailboxes WHERE id = owner;
+        IF box IS NOT NULL THEN
+            PERFORM pg_notify('postern_changes',
+                current_setting('application_name') || E'\t' || box || E'\t' || folder);
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER folders_changed AFTER INSERT OR UPDATE OR DELETE ON folders
+        FOR EACH ROW EXECUTE FUNCTION postern_folder_changed();
+    CREATE FUNCTION postern_subscriptions_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('postern_changes',
+            current_setting('application_name') || E'\t' || NEW.name || E'\t');
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER subscriptions_changed AFTER UPDATE OF subscriptions ON mailboxes
+        FOR EACH ROW WHEN (NEW.subscriptions IS DISTINCT FROM OLD.subscriptions)
+        EXECUTE FUNCTION postern_subscriptions_changed();
+    "#,
 ];

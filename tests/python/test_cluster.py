@@ -1,0 +1,179 @@
+"""Several nodes sharing mailboxes through one PostgreSQL database (`[database]`): three
+servers on 127.0.0.2-4, each with its own data directory (spool, TLS key), one database.
+Mail sent to one node is read from the others byte for byte, IDLE on one node is woken by a
+delivery on another, and a flag set through one node is seen through another."""
+
+import imaplib
+import poplib
+import smtplib
+import ssl
+import time
+
+import pytest
+
+from conftest import Server
+
+ALICE = ("alice@example.test", "alicepass")
+
+
+@pytest.fixture
+def nodes(tmp_path, pg_cluster):
+    database = pg_cluster.new_database()
+    made = []
+    for n in (2, 3, 4):
+        made.append(Server(tmp_path / f"node{n}", backend="postgres", cluster=pg_cluster,
+                           database=database, host=f"127.0.0.{n}"))
+    yield made
+    for s in made:
+        s.stop()
+
+
+def tls(node):
+    context = ssl.create_default_context(cafile=node.cert)
+    # Each node's certificate is its own, made for its hostname, not for 127.0.0.N.
+    context.check_hostname = False
+    return context
+
+
+def imap(node):
+    m = imaplib.IMAP4(node.host, node.ports["imap"], timeout=10)
+    m.starttls(ssl_context=tls(node))
+    assert m.login(*ALICE)[0] == "OK"
+    return m
+
+
+def send(node, body):
+    message = (b"From: Sender <sender@remote.test>\r\nTo: alice@example.test\r\n"
+               b"Subject: cluster\r\nMessage-ID: <" + body[:8] + b"@remote.test>\r\n\r\n" + body)
+    with smtplib.SMTP(node.host, node.ports["smtp"]) as s:
+        assert s.sendmail("sender@remote.test", ["alice@example.test"], message) == {}
+    return message
+
+
+def wait_stored(node, count):
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        mail = node.maildir("alice")
+        if len(mail) >= count:
+            return mail
+        time.sleep(0.05)
+    raise AssertionError("not delivered")
+
+
+def test_sent_to_one_node_read_from_the_others(nodes):
+    a, b, c = nodes
+    sent = send(a, b"First through node 2.\r\n")
+    stored = wait_stored(a, 1)[0][1].replace(b"\n", b"\r\n")
+    assert stored.endswith(sent)
+    m = imap(b)
+    assert m.select("INBOX") == ("OK", [b"1"])
+    typ, data = m.uid("FETCH", "1", "(BODY.PEEK[])")
+    assert typ == "OK" and data[0][1] == stored
+    m.logout()
+    p = poplib.POP3(c.host, c.ports["pop3"], timeout=10)
+    p.stls(context=tls(c))
+    p.user(ALICE[0])
+    p.pass_(ALICE[1])
+    _, lines, _ = p.retr(1)
+    assert b"\r\n".join(lines) + b"\r\n" == stored
+    p.quit()
+
+
+def test_idle_on_one_node_woken_by_a_delivery_on_another(nodes):
+    a, _, c = nodes
+    m = imap(c)
+    m.select("INBOX")
+    tag = m._new_tag().decode()
+    m.send(f"{tag} IDLE\r\n".encode())
+    assert m.readline().startswith(b"+ ")
+    send(a, b"Wake the other node.\r\n")
+    # Timed from when the message is in the database, not from the SMTP reply.
+    wait_stored(a, 1)
+    committed = time.time()
+    assert m.readline() == b"* 1 EXISTS\r\n"
+    assert time.time() - committed < 1.0
+    m.send(b"DONE\r\n")
+    while not (line := m.readline()).startswith(tag.encode()):
+        pass
+    assert b"OK" in line
+    m.logout()
+
+
+def test_flags_and_folders_changed_through_one_node_seen_through_another(nodes):
+    a, b, c = nodes
+    send(a, b"Flag me.\r\n")
+    wait_stored(a, 1)
+    watcher = imap(c)
+    watcher.select("INBOX")
+    changer = imap(b)
+    changer.select("INBOX")
+    assert changer.uid("STORE", "1", "+FLAGS", r"(\Flagged)")[0] == "OK"
+    assert changer.create("Projects")[0] == "OK"
+    deadline = time.time() + 2
+    seen = []
+    while time.time() < deadline and not any(b"\\Flagged" in x for x in seen if x):
+        typ, _ = watcher.noop()
+        seen = watcher.untagged_responses.pop("FETCH", [])
+        time.sleep(0.05)
+    assert any(b"\\Flagged" in x for x in seen if x), seen
+    typ, folders = watcher.list()
+    assert any(b"Projects" in f for f in folders)
+    watcher.logout()
+    changer.logout()
+
+
+def test_database_outage_defers_delivery_and_loses_nothing(tmp_path):
+    """PostgreSQL stopped at once (as a crash would) with mail arriving: what SMTP acknowledged
+    waits in the node's spool, IMAP answers with a temporary error, and when the database is
+    back every acknowledged message is in the mailbox exactly once, with nobody's help."""
+    import pg
+    cluster = pg.Cluster()
+    node = Server(tmp_path / "node", edits={"retry_schedule": '["1s"]'}, backend="postgres",
+                  cluster=cluster)
+    try:
+        sent = [send(node, b"before the outage\r\n")]
+        wait_stored(node, 1)
+        cluster.stop(immediate=True)
+        for n in range(5):
+            sent.append(send(node, f"during the outage {n}\r\n".encode()))
+        m = imap(node)
+        typ, data = m.select("INBOX")
+        assert typ == "NO" and b"[UNAVAILABLE]" in data[0], data
+        m.logout()
+        cluster.start()
+        deadline = time.time() + 30
+        while time.time() < deadline and len(node.maildir("alice")) < len(sent):
+            time.sleep(0.2)
+        stored = [content.replace(b"\n", b"\r\n") for _, content in node.maildir("alice")]
+        assert len(stored) == len(sent)
+        for message in sent:
+            assert sum(s.endswith(message) for s in stored) == 1
+        while time.time() < deadline and node.spooled():
+            time.sleep(0.1)  # the spool entry goes once the delivery is recorded
+        assert node.spooled() == []
+        m = imap(node)
+        assert m.select("INBOX") == ("OK", [str(len(sent)).encode()])
+        m.logout()
+    finally:
+        node.stop()
+        cluster.close()
+
+
+def test_db_migrate_creates_the_schema_once(tmp_path, pg_cluster):
+    """`postern db migrate` brings an empty database to the current schema version; run again
+    it changes nothing."""
+    import subprocess
+    from conftest import postern_bin, test_config, with_backend
+    database = pg_cluster.new_database()
+    config = tmp_path / "postern.toml"
+    config.write_text(test_config(tmp_path / "data", None,
+                                  with_backend("postgres", None, pg_cluster.url(database))))
+    for _ in range(2):
+        out = subprocess.run([postern_bin(), "db", "migrate", "--config", str(config)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "schema at version 2"
+    assert pg_cluster.sql(database, "SELECT version FROM schema_version ORDER BY 1") == [["1"], ["2"]]
+    tables = {r[0] for r in pg_cluster.sql(
+        database, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+    assert {"mailboxes", "folders", "bodies", "messages", "deliveries", "metadata"} <= tables
