@@ -90,6 +90,10 @@ pub struct DatabaseConfig {
     /// Create or update the schema at start (else `postern db migrate` does it).
     #[serde(default)]
     pub migrate: bool,
+    /// Keep the live user directory (`postern user`, `postern alias`) in the database, shared
+    /// by every node, instead of `data_dir/directory.toml`.
+    #[serde(default)]
+    pub users: bool,
 }
 
 fn default_pool_size() -> usize {

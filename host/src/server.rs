@@ -42,6 +42,8 @@ pub enum ServerError {
     Spool(std::io::Error),
     #[error("{0}")]
     MailboxBackend(String),
+    #[error("user directory: {0}")]
+    Directory(String),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
@@ -230,6 +232,28 @@ pub async fn run(
         }
         database_store = Some(store);
     }
+    // The live user directory: the database's when it holds users, else the data directory's
+    // file. A damaged file refuses the start; an unreachable database is only warned about
+    // (the configuration's users still log in, and the directory is read once it answers).
+    let users_in_database = config.database.as_ref().is_some_and(|d| d.users);
+    let directory: Arc<dyn crate::auth::directory::Directory> = match &database_store {
+        Some(store) if users_in_database => store.clone(),
+        _ => Arc::new(crate::auth::directory::file::FileDirectory::new(&data_dir)),
+    };
+    let directory_stamp = {
+        let (d, u) = (directory.clone(), users.clone());
+        match tokio::task::spawn_blocking(move || crate::auth::directory::load_into(&*d, &u))
+            .await
+            .map_err(|e| ServerError::Directory(e.to_string()))?
+        {
+            Ok(stamp) => Some(stamp),
+            Err(err) if !users_in_database => return Err(ServerError::Directory(err.to_string())),
+            Err(err) => {
+                warn!(error = %err, "user directory unreadable at start; retrying");
+                None
+            }
+        }
+    };
     // Every writer goes through the watched store, so IMAP sessions hear of every change.
     let watched = Arc::new(Watched::new(Arc::new(mailboxes)));
     if let Some(database) = &database_store {
@@ -276,6 +300,12 @@ pub async fn run(
         Scheduler::new(spool.clone(), local, states, scheduler_inbox).with_relay(to_relay);
     tokio::spawn(scheduler.run(recovered));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    tokio::spawn(crate::auth::directory::keep_fresh(
+        directory,
+        users.clone(),
+        directory_stamp,
+        shutdown_rx.clone(),
+    ));
     let mut smtp = SmtpServer::new(
         config.clone(),
         users.clone(),

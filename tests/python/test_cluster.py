@@ -1,7 +1,8 @@
-"""Several nodes sharing mailboxes through one PostgreSQL database (`[database]`): three
-servers on 127.0.0.2-4, each with its own data directory (spool, TLS key), one database.
+"""Several nodes sharing mailboxes and users through one PostgreSQL database (`[database]`):
+three servers on 127.0.0.2-4, each with its own data directory (spool, TLS key), one database.
 Mail sent to one node is read from the others byte for byte, IDLE on one node is woken by a
-delivery on another, and a flag set through one node is seen through another."""
+delivery on another, a flag set through one node is seen through another, and a user added
+through one node logs in on the others."""
 
 import imaplib
 import poplib
@@ -22,7 +23,7 @@ def nodes(tmp_path, pg_cluster):
     made = []
     for n in (2, 3, 4):
         made.append(Server(tmp_path / f"node{n}", backend="postgres", cluster=pg_cluster,
-                           database=database, host=f"127.0.0.{n}"))
+                           database=database, host=f"127.0.0.{n}", database_users=True))
     yield made
     for s in made:
         s.stop()
@@ -35,10 +36,10 @@ def tls(node):
     return context
 
 
-def imap(node):
+def imap(node, user=ALICE):
     m = imaplib.IMAP4(node.host, node.ports["imap"], timeout=10)
     m.starttls(ssl_context=tls(node))
-    assert m.login(*ALICE)[0] == "OK"
+    assert m.login(*user)[0] == "OK"
     return m
 
 
@@ -172,8 +173,39 @@ def test_db_migrate_creates_the_schema_once(tmp_path, pg_cluster):
         out = subprocess.run([postern_bin(), "db", "migrate", "--config", str(config)],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
-        assert out.stdout.strip() == "schema at version 2"
-    assert pg_cluster.sql(database, "SELECT version FROM schema_version ORDER BY 1") == [["1"], ["2"]]
+        assert out.stdout.strip() == "schema at version 3"
+    assert pg_cluster.sql(database, "SELECT version FROM schema_version ORDER BY 1") == [
+        ["1"], ["2"], ["3"]]
     tables = {r[0] for r in pg_cluster.sql(
         database, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
-    assert {"mailboxes", "folders", "bodies", "messages", "deliveries", "metadata"} <= tables
+    assert {"mailboxes", "folders", "bodies", "messages", "deliveries", "metadata", "users",
+            "aliases", "directory_version"} <= tables
+
+
+def test_a_user_added_through_one_node_logs_in_on_the_others(nodes):
+    import subprocess
+    from conftest import postern_bin
+    a, b, c = nodes
+    carol = ("carol@example.test", "carol's pass")
+    out = subprocess.run([postern_bin(), "user", "add", carol[0], "--config", str(a.config)],
+                         input=carol[1] + "\n", capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for node in (b, c):
+        deadline = time.time() + 5
+        while True:
+            try:
+                imap(node, carol).logout()
+                break
+            except imaplib.IMAP4.error:
+                assert time.time() < deadline, "the user never reached the node"
+                time.sleep(0.2)
+    # And receives mail through any node, read through another.
+    with smtplib.SMTP(c.host, c.ports["smtp"]) as s:
+        assert s.sendmail("sender@remote.test", [carol[0]],
+                          b"Subject: hi\r\n\r\nfor carol\r\n") == {}
+    deadline = time.time() + 20
+    while time.time() < deadline and not b.maildir("carol"):
+        time.sleep(0.1)
+    m = imap(b, carol)
+    assert m.select("INBOX") == ("OK", [b"1"])
+    m.logout()

@@ -4,12 +4,14 @@
 //! Shared by SMTP AUTH, POP3 and IMAP. Passwords are PHC strings (argon2id), checked on the
 //! gate's own threads because a good hash is deliberately slow and large.
 
+pub mod directory;
 pub mod gate;
 
 pub use gate::{Credentials, LoginGate, LoginVerdict};
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use argon2::password_hash::PasswordHash;
@@ -34,8 +36,18 @@ impl<T> fmt::Debug for Secret<T> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthUser(pub String);
 
-/// Users and aliases from the configuration.
+/// Users and aliases: the configuration's (fixed) and the live directory's
+/// (`directory`, replaced by [`UserDirectory::refresh`] whenever it changes).
 pub struct UserDirectory {
+    fixed: Tables,
+    /// `limits.default_quota_mb` in bytes and `default_quota_messages`, for directory users
+    /// without their own.
+    default_quota: (u64, u64),
+    current: RwLock<Arc<Tables>>,
+}
+
+#[derive(Clone, Default)]
+struct Tables {
     /// user key → PHC hash.
     users: HashMap<String, String>,
     /// canonical alias → user key.
@@ -44,6 +56,8 @@ pub struct UserDirectory {
     apop: HashMap<String, Secret<String>>,
     /// user key → quota, for the users that have one.
     quotas: HashMap<String, Quota>,
+    /// Users who may not log in.
+    disabled: HashSet<String>,
 }
 
 /// A user's storage quota (RFC 9208 STORAGE and MESSAGE resources), all folders together.
@@ -108,38 +122,90 @@ impl UserDirectory {
                 ))
             })
             .collect();
-        let nonzero = |n: u64| (n > 0).then_some(n);
         let quotas = config
             .users
             .iter()
             .filter_map(|u| {
-                let bytes = u
-                    .quota_mb
-                    .unwrap_or(config.limits.default_quota_mb)
-                    .saturating_mul(1024 * 1024);
-                let messages = u
-                    .quota_messages
-                    .unwrap_or(config.limits.default_quota_messages);
-                let quota = Quota {
-                    bytes: nonzero(bytes),
-                    messages: nonzero(messages),
-                };
+                let quota = quota_of(
+                    u.quota_mb.unwrap_or(config.limits.default_quota_mb),
+                    u.quota_messages
+                        .unwrap_or(config.limits.default_quota_messages),
+                );
                 quota
                     .is_limited()
                     .then(|| Some((Address::parse(&u.address)?.mailbox_key(), quota)))?
             })
             .collect();
-        UserDirectory {
+        let fixed = Tables {
             users,
             aliases,
             apop,
             quotas,
+            disabled: HashSet::new(),
+        };
+        UserDirectory {
+            current: RwLock::new(Arc::new(fixed.clone())),
+            fixed,
+            default_quota: (
+                config.limits.default_quota_mb,
+                config.limits.default_quota_messages,
+            ),
         }
+    }
+
+    /// Takes the live directory's entries in place of the last ones; the configuration's stay
+    /// and win over them. Returns how many users there are now.
+    pub fn refresh(&self, live: &directory::Entries) -> usize {
+        let mut tables = self.fixed.clone();
+        for user in &live.users {
+            let Some(key) = Address::parse(&user.address).map(|a| a.mailbox_key()) else {
+                continue;
+            };
+            if self.fixed.users.contains_key(&key) {
+                continue;
+            }
+            let quota = quota_of(
+                user.quota_mb.unwrap_or(self.default_quota.0),
+                user.quota_messages.unwrap_or(self.default_quota.1),
+            );
+            if quota.is_limited() {
+                tables.quotas.insert(key.clone(), quota);
+            }
+            if user.disabled {
+                tables.disabled.insert(key.clone());
+            }
+            tables.users.insert(key, user.password.clone());
+        }
+        for (alias, target) in &live.aliases {
+            let (Some(alias), Some(target)) = (Address::parse(alias), Address::parse(target))
+            else {
+                continue;
+            };
+            tables
+                .aliases
+                .entry(alias.canonical())
+                .or_insert(target.mailbox_key());
+        }
+        let count = tables.users.len();
+        *self.current.write().expect("directory lock") = Arc::new(tables);
+        count
+    }
+
+    fn tables(&self) -> Arc<Tables> {
+        self.current.read().expect("directory lock").clone()
+    }
+
+    /// Whether an address (a user key or a login) is in the configuration's `[[user]]`s or
+    /// `[aliases]`, which the live directory cannot change.
+    pub fn is_fixed(&self, address: &Address) -> bool {
+        self.fixed.users.contains_key(&address.mailbox_key())
+            || self.fixed.aliases.contains_key(&address.canonical())
     }
 
     /// A user's quota (none set: unlimited).
     pub fn quota(&self, user: &str) -> Quota {
-        self.quotas
+        self.tables()
+            .quotas
             .get(&user.to_ascii_lowercase())
             .copied()
             .unwrap_or_default()
@@ -147,14 +213,18 @@ impl UserDirectory {
 
     /// Whether any user can log in with APOP (the POP3 greeting then carries a timestamp).
     pub fn apop_enabled(&self) -> bool {
-        !self.apop.is_empty()
+        !self.tables().apop.is_empty()
     }
 
     /// Checks an APOP digest: hex MD5 of the greeting's timestamp followed by the shared secret.
     pub fn verify_apop(&self, login: &str, timestamp: &str, digest: &str) -> Option<AuthUser> {
         use md5::{Digest, Md5};
         let key = Address::parse(login).map(|a| a.mailbox_key())?;
-        let secret = self.apop.get(&key)?;
+        let tables = self.tables();
+        if tables.disabled.contains(&key) {
+            return None;
+        }
+        let secret = tables.apop.get(&key)?;
         let mut hasher = Md5::new();
         hasher.update(timestamp.as_bytes());
         hasher.update(secret.0.as_bytes());
@@ -168,34 +238,53 @@ impl UserDirectory {
 
     /// The user key a local address delivers to, through an alias or a `+detail`, if any.
     pub fn resolve(&self, address: &Address) -> Option<String> {
-        if let Some(target) = self.aliases.get(&address.canonical()) {
+        let tables = self.tables();
+        if let Some(target) = tables.aliases.get(&address.canonical()) {
             return Some(target.clone());
         }
         let key = address.mailbox_key();
-        if let Some(target) = self.aliases.get(&key) {
+        if let Some(target) = tables.aliases.get(&key) {
             return Some(target.clone());
         }
-        self.users.contains_key(&key).then_some(key)
+        tables.users.contains_key(&key).then_some(key)
     }
 
     pub fn user_count(&self) -> usize {
-        self.users.len()
+        self.tables().users.len()
     }
 
-    /// The stored password hash (PHC string) of a login's user, if there is one.
+    /// The stored password hash (PHC string) of a login's user, if there is one and it may
+    /// log in.
     pub fn password_hash(&self, login: &str) -> Option<String> {
         let key = Address::parse(login)?.mailbox_key();
-        self.users.get(&key).cloned()
+        let tables = self.tables();
+        if tables.disabled.contains(&key) {
+            return None;
+        }
+        tables.users.get(&key).cloned()
     }
 
     /// Checks a login (blocking: call from a blocking thread). The login is an address; a bare
     /// local part is not accepted, since the same name may exist in several domains.
     pub fn verify_blocking(&self, login: &str, password: &Secret<String>) -> Option<AuthUser> {
         let key = Address::parse(login).map(|a| a.mailbox_key());
-        let stored = key.as_ref().and_then(|k| self.users.get(k));
+        let tables = self.tables();
+        // A disabled user is checked against the dummy hash: the same time as anyone else.
+        let stored = key
+            .as_ref()
+            .filter(|k| !tables.disabled.contains(*k))
+            .and_then(|k| tables.users.get(k));
         let hash = stored.map(String::as_str).unwrap_or(DUMMY_HASH);
         let ok = verify_phc(password.0.as_bytes(), hash);
         (ok && stored.is_some()).then(|| AuthUser(key.expect("stored implies key")))
+    }
+}
+
+fn quota_of(mb: u64, messages: u64) -> Quota {
+    let nonzero = |n: u64| (n > 0).then_some(n);
+    Quota {
+        bytes: nonzero(mb.saturating_mul(1024 * 1024)),
+        messages: nonzero(messages),
     }
 }
 
@@ -463,6 +552,55 @@ mod tests {
         assert!(users
             .verify_blocking("nobody@example.test", &Secret("s3cret".into()))
             .is_none());
+    }
+
+    #[test]
+    fn the_live_directory_adds_users_but_never_overrides_the_configuration() {
+        let config = crate::config::Config::parse(crate::config::EMBEDDED_DEFAULT, "t").unwrap();
+        let users = UserDirectory::from_config(&config);
+        let alice = config.users[0].address.clone();
+        let alice_hash = users.password_hash(&alice).unwrap();
+        let record = |address: &str, disabled| directory::UserRecord {
+            address: address.into(),
+            password: hash_password("pw").unwrap(),
+            quota_mb: Some(1),
+            quota_messages: None,
+            disabled,
+        };
+        let mut live = directory::Entries {
+            users: vec![record("carol@example.test", false), record(&alice, true)],
+            aliases: [(
+                "c@example.test".to_string(),
+                "carol@example.test".to_string(),
+            )]
+            .into(),
+        };
+        assert_eq!(users.refresh(&live), 3);
+        let carol = Address::parse("carol@example.test").unwrap();
+        assert!(users
+            .verify_blocking("Carol@example.test", &Secret("pw".into()))
+            .is_some());
+        assert_eq!(users.quota("carol@example.test").bytes, Some(1024 * 1024));
+        assert_eq!(
+            users.resolve(&Address::parse("c@example.test").unwrap()),
+            Some("carol@example.test".into())
+        );
+        // The configuration's alice is neither replaced nor disabled.
+        assert_eq!(users.password_hash(&alice), Some(alice_hash));
+        assert!(users.is_fixed(&Address::parse(&alice).unwrap()));
+        assert!(!users.is_fixed(&carol));
+        // Disabled: no login, same refusal as a wrong password, but mail still resolves.
+        live.users[0].disabled = true;
+        users.refresh(&live);
+        assert!(users
+            .verify_blocking("carol@example.test", &Secret("pw".into()))
+            .is_none());
+        assert!(users.password_hash("carol@example.test").is_none());
+        assert_eq!(users.resolve(&carol), Some("carol@example.test".into()));
+        // Gone from the directory: gone.
+        users.refresh(&directory::Entries::default());
+        assert_eq!(users.resolve(&carol), None);
+        assert_eq!(users.user_count(), 2);
     }
 
     #[test]

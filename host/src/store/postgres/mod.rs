@@ -8,6 +8,7 @@
 //! connections (tokio-postgres through a deadpool pool) and blocks the calling thread, which is
 //! always a blocking one, on each call.
 
+mod directory;
 mod schema;
 
 use std::collections::{BTreeMap, HashMap};

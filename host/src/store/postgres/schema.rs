@@ -106,4 +106,31 @@ pub const MIGRATIONS: &[&str] = &[
         FOR EACH ROW WHEN (NEW.subscriptions IS DISTINCT FROM OLD.subscriptions)
         EXECUTE FUNCTION postern_subscriptions_changed();
     "#,
+    // 3: the user directory (`auth::directory`), shared by every node. directory_version moves
+    // on with every change to users or aliases, by trigger (an edit made with psql counts too);
+    // nodes read it once a second and reload when it moved.
+    r#"
+    CREATE TABLE users (
+        address text PRIMARY KEY CHECK (address = lower(address)),
+        password text NOT NULL,
+        quota_mb bigint CHECK (quota_mb >= 0),
+        quota_messages bigint CHECK (quota_messages >= 0),
+        disabled boolean NOT NULL DEFAULT false
+    );
+    CREATE TABLE aliases (
+        alias text PRIMARY KEY,
+        target text NOT NULL
+    );
+    CREATE TABLE directory_version (version bigint NOT NULL);
+    INSERT INTO directory_version VALUES (1);
+    CREATE FUNCTION postern_directory_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        UPDATE directory_version SET version = version + 1;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER users_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON users
+        FOR EACH STATEMENT EXECUTE FUNCTION postern_directory_changed();
+    CREATE TRIGGER aliases_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON aliases
+        FOR EACH STATEMENT EXECUTE FUNCTION postern_directory_changed();
+    "#,
 ];

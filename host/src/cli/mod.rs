@@ -1,6 +1,7 @@
 //! The `postern` command line.
 
-use std::io::BufRead;
+mod users;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -38,10 +39,15 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Manage users.
+    /// Users of the live directory (and a hash for a `[[user]]` entry).
     User {
         #[command(subcommand)]
         command: UserCommand,
+    },
+    /// Aliases of the live directory.
+    Alias {
+        #[command(subcommand)]
+        command: AliasCommand,
     },
     /// Manage plugins of a running server.
     Plugin {
@@ -117,11 +123,7 @@ enum PluginCommand {
     },
 }
 
-#[derive(Subcommand)]
-enum UserCommand {
-    /// Print an argon2id hash for a `[[user]]` entry; reads the password from stdin.
-    HashPassword,
-}
+use users::{AliasCommand, UserCommand};
 
 pub fn main() -> ExitCode {
     match run(Cli::parse()) {
@@ -261,17 +263,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("schema at version {version}");
             Ok(())
         }
-        Command::User {
-            command: UserCommand::HashPassword,
-        } => {
-            let mut line = String::new();
-            std::io::stdin().lock().read_line(&mut line)?;
-            let password = line.trim_end_matches(['\r', '\n']);
-            anyhow::ensure!(!password.is_empty(), "empty password on stdin");
-            let hash = crate::auth::hash_password(password)
-                .map_err(|e| anyhow::anyhow!("cannot hash: {e}"))?;
-            println!("{hash}");
-            Ok(())
+        Command::User { command } => {
+            let config = load_config(command.config())?;
+            users::user(config, command)
+        }
+        Command::Alias { command } => {
+            let config = load_config(command.config())?;
+            users::alias(config, command)
         }
     }
 }
