@@ -68,18 +68,17 @@ pub(in crate::imap) struct Shown {
     recent: bool,
 }
 
-/// Renders one `* n FETCH (...)` response.
-#[allow(clippy::too_many_arguments)]
-pub(in crate::imap) fn render(
-    out: &mut Vec<u8>,
-    store: &dyn MailStore,
-    user: &str,
-    folder: &str,
-    index: usize,
-    info: &MessageInfo,
-    items: &[MessageDataItemName<'_>],
-    shown: &Shown,
-) -> Result<(), StoreError> {
+/// What of a message a FETCH's items need.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(in crate::imap) enum Reads {
+    /// Flags, dates, sizes: the listing has them.
+    Nothing,
+    /// ENVELOPE and header sections, which the store may have at hand (and reads in batches).
+    Header,
+    Whole,
+}
+
+pub(in crate::imap) fn reads(items: &[MessageDataItemName<'_>]) -> Reads {
     let needs_message = items.iter().any(|item| {
         !matches!(
             item,
@@ -90,7 +89,6 @@ pub(in crate::imap) fn render(
                 | MessageDataItemName::ModSeq
         )
     });
-    // ENVELOPE and header sections need only the header, which the store may have at hand.
     let header_only = items.iter().all(|item| match item {
         MessageDataItemName::BodyExt { section, .. } => matches!(
             section,
@@ -110,10 +108,32 @@ pub(in crate::imap) fn render(
                 | MessageDataItemName::Rfc822Text
         ),
     });
-    let raw: Option<std::borrow::Cow<'_, [u8]>> = match (needs_message, header_only) {
-        (false, _) => None,
-        (true, true) => Some(store.read_header(user, folder, info)?.to_vec().into()),
-        (true, false) => Some(store.read(user, folder, info)?.into()),
+    match (needs_message, header_only) {
+        (false, _) => Reads::Nothing,
+        (true, true) => Reads::Header,
+        (true, false) => Reads::Whole,
+    }
+}
+
+/// Renders one `* n FETCH (...)` response; `header` is the message's header when the batch
+/// read it already (`Reads::Header`).
+#[allow(clippy::too_many_arguments)]
+pub(in crate::imap) fn render(
+    out: &mut Vec<u8>,
+    store: &dyn MailStore,
+    user: &str,
+    folder: &str,
+    index: usize,
+    info: &MessageInfo,
+    items: &[MessageDataItemName<'_>],
+    header: Option<Result<Arc<[u8]>, StoreError>>,
+    shown: &Shown,
+) -> Result<(), StoreError> {
+    let raw: Option<std::borrow::Cow<'_, [u8]>> = match (reads(items), header) {
+        (Reads::Nothing, _) => None,
+        (Reads::Header, Some(header)) => Some(header?.to_vec().into()),
+        (Reads::Header, None) => Some(store.read_header(user, folder, info)?.to_vec().into()),
+        (Reads::Whole, _) => Some(store.read(user, folder, info)?.into()),
     };
     let parsed = raw.as_deref().map(Parsed::new);
     out.extend_from_slice(format!("* {} FETCH (", index + 1).as_bytes());
@@ -410,8 +430,21 @@ impl Conn {
                         seen = outcome.updated;
                     }
                 }
+                // Headers for the whole batch in one store call (one round trip for a
+                // backend behind a boundary or a database).
+                let mut headers = if reads(&items) == Reads::Header {
+                    let infos: Vec<&MessageInfo> = batch.iter().map(|(_, info)| info).collect();
+                    store
+                        .read_headers(&user, &folder, &infos)
+                        .into_iter()
+                        .map(Some)
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                headers.resize_with(batch.len(), || None);
                 let mut out = Vec::new();
-                for (index, info) in &mut batch {
+                for ((index, info), header) in batch.iter_mut().zip(headers) {
                     let now = seen.iter().find(|u| u.uid == info.uid);
                     if let Some(now) = now {
                         info.flags = now.flags;
@@ -424,7 +457,7 @@ impl Conn {
                         recent: recent.contains(&info.uid),
                     };
                     match render(
-                        &mut out, &*store, &user, &folder, *index, info, &items, &shown,
+                        &mut out, &*store, &user, &folder, *index, info, &items, header, &shown,
                     ) {
                         Ok(()) => {}
                         Err(StoreError::Gone(_)) => continue,

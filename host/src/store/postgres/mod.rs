@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
+use super::headers::HeaderCache;
 use super::{
     Delivery, FlagChange, FlagMode, FlagOutcome, Flags, FolderSnapshot, Imported, ImportedFolder,
     Keywords, MailStore, MessageHandle, MessageInfo, StoreError, Updated, Usage,
@@ -30,6 +31,9 @@ pub struct PgStore {
     /// This process's name to the database (its `application_name`): the change notifications
     /// its own transactions cause carry it, so [`PgStore::listen`] can skip them.
     node: String,
+    /// Headers by folder id (never reused, so an entry is never stale) and UID: SEARCH by
+    /// header and FETCH ENVELOPE read them again and again.
+    headers: std::sync::Mutex<HeaderCache<i64>>,
 }
 
 /// What [`PgStore::listen`] hears.
@@ -123,6 +127,7 @@ impl PgStore {
             pool,
             config,
             node,
+            headers: Default::default(),
         })
     }
 
@@ -225,15 +230,62 @@ fn parse_notice(payload: &str, node: &str) -> Option<Notice> {
 
 /// The mailbox's row id, made when missing.
 async fn mailbox_id(c: &impl GenericClient, mailbox: &str) -> Result<i64> {
+    let name = mailbox.to_ascii_lowercase();
+    // Looked up first: an upsert writes (and so makes the commit flush the WAL) even when the
+    // row exists, which made every read a disk flush.
+    let select = "SELECT id FROM mailboxes WHERE name = $1";
+    if let Some(row) = c.query_opt(select, &[&name]).await.map_err(db)? {
+        return Ok(row.get(0));
+    }
     let row = c
         .query_one(
             "INSERT INTO mailboxes (name) VALUES ($1)
              ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING id",
-            &[&mailbox.to_ascii_lowercase()],
+            &[&name],
         )
         .await
         .map_err(db)?;
     Ok(row.get(0))
+}
+
+/// The folder's row as a reader sees it (not locked: readers never write, so their commits
+/// cost no WAL flush); None when it does not exist.
+async fn folder_view(
+    c: &impl GenericClient,
+    mailbox: i64,
+    folder: &str,
+) -> Result<Option<FolderRow>> {
+    let row = c
+        .query_opt(
+            "SELECT id, uid_validity, uid_next, highest_modseq, keywords FROM folders
+             WHERE mailbox = $1 AND name = $2",
+            &[&mailbox, &folder_name(folder)],
+        )
+        .await
+        .map_err(db)?;
+    Ok(row.map(|row| FolderRow {
+        id: row.get(0),
+        validity: row.get(1),
+        uid_next: row.get(2),
+        highest: row.get(3),
+        keywords: row.get(4),
+    }))
+}
+
+/// The folder for a reader; a missing INBOX is made first (in a transaction of its own).
+async fn existing_folder(
+    client: &mut deadpool_postgres::Object,
+    mailbox: &str,
+    folder: &str,
+) -> Result<(i64, i64)> {
+    let id = mailbox_id(&*client, mailbox).await?;
+    if let Some(row) = folder_view(&*client, id, folder).await? {
+        return Ok((id, row.id));
+    }
+    let tx = client.transaction().await.map_err(db)?;
+    let row = folder_row(&tx, id, folder, false).await?;
+    tx.commit().await.map_err(db)?;
+    Ok((id, row.id))
 }
 
 /// A folder as a transaction sees it (its row locked).
@@ -466,9 +518,20 @@ impl MailStore for PgStore {
     fn snapshot(&self, mailbox: &str, folder: &str) -> Result<FolderSnapshot> {
         self.block(async {
             let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(db)?;
-            let mailbox = mailbox_id(&tx, mailbox).await?;
-            let row = folder_row(&tx, mailbox, folder, false).await?;
+            let (mailbox, _) = existing_folder(&mut client, mailbox, folder).await?;
+            // One snapshot of the database for the folder's row and its messages (repeatable
+            // read), so a message committed in between is in both or neither, without locking
+            // out writers.
+            let tx = client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(db)?;
+            let row = folder_view(&tx, mailbox, folder)
+                .await?
+                .ok_or_else(|| StoreError::NoSuchFolder(folder.into()))?;
             let rows = tx
                 .query(
                     "SELECT uid, size, flags, keywords, received_at, modseq FROM messages
@@ -510,6 +573,102 @@ impl MailStore for PgStore {
                 highest_modseq: row.highest as u64,
             })
         })
+    }
+
+    fn read_header(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        message: &MessageInfo,
+    ) -> Result<std::sync::Arc<[u8]>> {
+        self.read_headers(mailbox, folder, &[message])
+            .pop()
+            .expect("one answer per message")
+    }
+
+    fn read_headers(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        messages: &[&MessageInfo],
+    ) -> Vec<Result<std::sync::Arc<[u8]>>> {
+        let found = self.block(async {
+            let client = self.client().await?;
+            let id = mailbox_id(&client, mailbox).await?;
+            let folder_id = folder_view(&client, id, folder)
+                .await?
+                .ok_or_else(|| StoreError::NoSuchFolder(folder.into()))?
+                .id;
+            let mut found: HashMap<u32, std::sync::Arc<[u8]>> = HashMap::new();
+            let mut missing = Vec::new();
+            {
+                let cache = self.headers.lock().expect("header cache");
+                for m in messages {
+                    match cache.get(&folder_id, &m.key) {
+                        Some(header) => {
+                            found.insert(m.uid, header);
+                        }
+                        None => missing.push(i64::from(m.uid)),
+                    }
+                }
+            }
+            if missing.is_empty() {
+                return Ok(found);
+            }
+            // One round trip for the batch, reading only the start of each body: a header
+            // longer than that is read whole, alone.
+            const PREFIX: i32 = 64 * 1024;
+            let rows = client
+                .query(
+                    "SELECT m.uid, m.prepend, substring(b.bytes FROM 1 FOR $3), length(b.bytes)
+                     FROM messages m JOIN bodies b ON b.id = m.body
+                     WHERE m.folder = $1 AND m.uid = ANY($2)",
+                    &[&folder_id, &missing, &PREFIX],
+                )
+                .await
+                .map_err(db)?;
+            for row in rows {
+                let uid: i64 = row.get(0);
+                let mut bytes: Vec<u8> = row.get(1);
+                let part: &[u8] = row.get(2);
+                let whole: i32 = row.get(3);
+                bytes.extend_from_slice(part);
+                let mut end = crate::message::body_offset(&bytes);
+                if end == bytes.len() && part.len() < whole as usize {
+                    let row = client
+                        .query_one(
+                            "SELECT m.prepend || b.bytes FROM messages m
+                             JOIN bodies b ON b.id = m.body WHERE m.folder = $1 AND m.uid = $2",
+                            &[&folder_id, &uid],
+                        )
+                        .await
+                        .map_err(db)?;
+                    bytes = row.get(0);
+                    end = crate::message::body_offset(&bytes);
+                }
+                bytes.truncate(end);
+                found.insert(uid as u32, std::sync::Arc::from(bytes));
+            }
+            let mut cache = self.headers.lock().expect("header cache");
+            for m in messages {
+                if let Some(header) = found.get(&m.uid) {
+                    cache.put(&folder_id, &m.key, header.clone());
+                }
+            }
+            Ok(found)
+        });
+        match found {
+            Ok(found) => messages
+                .iter()
+                .map(|m| {
+                    found
+                        .get(&m.uid)
+                        .cloned()
+                        .ok_or_else(|| StoreError::Gone(m.key.clone()))
+                })
+                .collect(),
+            Err(err) => messages.iter().map(|_| Err(err.again())).collect(),
+        }
     }
 
     fn read(&self, mailbox: &str, folder: &str, message: &MessageInfo) -> Result<Vec<u8>> {
@@ -865,18 +1024,35 @@ impl MailStore for PgStore {
     ) -> Result<u32> {
         self.block(async {
             let mut client = self.client().await?;
+            let (_, id) = existing_folder(&mut client, mailbox, folder).await?;
+            let boundary_of = |r: tokio_postgres::Row| {
+                let (known, uid): (i64, i64) = (r.get(0), r.get(1));
+                if known == i64::from(validity) {
+                    uid
+                } else {
+                    0
+                }
+            };
+            let select = "SELECT recent_validity, recent_uid FROM folders WHERE id = $1";
+            // Nothing new to claim (the common case): a plain read.
+            let seen = boundary_of(client.query_one(select, &[&id]).await.map_err(db)?);
+            if claim.is_none_or(|u| i64::from(u) <= seen) {
+                return Ok(seen as u32);
+            }
+            // A claim: under the row's lock, so two sessions never both claim the same messages.
             let tx = client.transaction().await.map_err(db)?;
-            let mailbox = mailbox_id(&tx, mailbox).await?;
-            let row = folder_row(&tx, mailbox, folder, false).await?;
             let r = tx
-                .query_one(
-                    "SELECT recent_validity, recent_uid FROM folders WHERE id = $1",
-                    &[&row.id],
-                )
+                .query_one(&format!("{select} FOR UPDATE"), &[&id])
                 .await
                 .map_err(db)?;
-            let (known, uid): (i64, i64) = (r.get(0), r.get(1));
-            let boundary = if known == i64::from(validity) { uid } else { 0 };
+            let boundary = boundary_of(r);
+            let row = FolderRow {
+                id,
+                validity: 0,
+                uid_next: 0,
+                highest: 0,
+                keywords: Vec::new(),
+            };
             if let Some(upto) = claim.filter(|u| i64::from(*u) > boundary) {
                 tx.execute(
                     "UPDATE folders SET recent_validity = $2, recent_uid = $3 WHERE id = $1",
@@ -893,20 +1069,17 @@ impl MailStore for PgStore {
     fn metadata(&self, mailbox: &str, folder: Option<&str>) -> Result<BTreeMap<String, Vec<u8>>> {
         self.block(async {
             let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(db)?;
-            let mailbox = mailbox_id(&tx, mailbox).await?;
-            let folder = match folder {
-                Some(folder) => folder_row(&tx, mailbox, folder, false).await?.id,
-                None => 0,
+            let (mailbox, folder) = match folder {
+                Some(folder) => existing_folder(&mut client, mailbox, folder).await?,
+                None => (mailbox_id(&client, mailbox).await?, 0),
             };
-            let rows = tx
+            let rows = client
                 .query(
                     "SELECT name, value FROM metadata WHERE mailbox = $1 AND folder = $2",
                     &[&mailbox, &folder],
                 )
                 .await
                 .map_err(db)?;
-            tx.commit().await.map_err(db)?;
             Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
         })
     }
