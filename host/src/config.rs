@@ -94,6 +94,10 @@ pub struct DatabaseConfig {
     /// by every node, instead of `data_dir/directory.toml`.
     #[serde(default)]
     pub users: bool,
+    /// Keep the plugins' `kv` namespaces in the database, shared by every node (greylisting
+    /// and rate limits then hold across nodes), instead of `data_dir/plugin-kv`.
+    #[serde(default)]
+    pub kv: bool,
 }
 
 fn default_pool_size() -> usize {

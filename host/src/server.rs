@@ -267,6 +267,12 @@ pub async fn run(
         });
     }
     let store: Arc<dyn MailStore> = watched.clone();
+    if let Some(database) = database_store
+        .as_ref()
+        .filter(|_| config.database.as_ref().is_some_and(|d| d.kv))
+    {
+        plugins.share_kv(database.clone());
+    }
     let report = plugins.load(&config.plugin_list).await;
     if let Some((name, reason)) = report.failed.first() {
         // At start there is no previous version to fall back on: refuse to run half-configured.

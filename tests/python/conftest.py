@@ -48,7 +48,8 @@ def test_config(data_dir, edits=None, transform=None):
 MAILBOX_LOG = ROOT / "plugins" / "target" / "wasm32-wasip2" / "release" / "mailbox_log.wasm"
 
 
-def with_backend(backend, transform=None, database_url=None, database_users=False):
+def with_backend(backend, transform=None, database_url=None, database_users=False,
+                 database_kv=False):
     """A config transform that also stores example.test's mailboxes in `backend` ("maildir",
     the embedded default, "mailbox-log", the shipped Wasm backend, or "postgres", the database
     at `database_url`)."""
@@ -59,6 +60,8 @@ def with_backend(backend, transform=None, database_url=None, database_users=Fals
                      'domains = ["example.test"]\nmigrate = true\n')
             if database_users:
                 text += "users = true\n"
+            if database_kv:
+                text += "kv = true\n"
         if backend == "mailbox-log":
             text += (
                 '\n[[mailbox_backend]]\nname = "mailbox-log"\n'
@@ -108,7 +111,7 @@ def read_mailbox_log(folder_dir):
 
 class Server:
     def __init__(self, tmp_path, edits=None, transform=None, backend="maildir", cluster=None,
-                 database=None, host="127.0.0.1", database_users=False):
+                 database=None, host="127.0.0.1", database_users=False, database_kv=False):
         """`cluster` (a pg.Cluster) for the postgres backend, with `database` to share one
         between servers (a fresh one otherwise); `host` is the loopback address listened on."""
         tmp_path.mkdir(parents=True, exist_ok=True)
@@ -119,7 +122,7 @@ class Server:
         self.config = tmp_path / "postern.toml"
         url = cluster.url(self.database) if self.database else None
         text = test_config(self.data_dir, edits,
-                           with_backend(backend, transform, url, database_users))
+                           with_backend(backend, transform, url, database_users, database_kv))
         text = re.sub(r'(?m)^address = "127\.0\.0\.1:0"', f'address = "{host}:0"', text)
         self.host = host
         self.config.write_text(text)

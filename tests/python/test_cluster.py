@@ -173,13 +173,13 @@ def test_db_migrate_creates_the_schema_once(tmp_path, pg_cluster):
         out = subprocess.run([postern_bin(), "db", "migrate", "--config", str(config)],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
-        assert out.stdout.strip() == "schema at version 3"
+        assert out.stdout.strip() == "schema at version 4"
     assert pg_cluster.sql(database, "SELECT version FROM schema_version ORDER BY 1") == [
-        ["1"], ["2"], ["3"]]
+        ["1"], ["2"], ["3"], ["4"]]
     tables = {r[0] for r in pg_cluster.sql(
         database, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
     assert {"mailboxes", "folders", "bodies", "messages", "deliveries", "metadata", "users",
-            "aliases", "directory_version"} <= tables
+            "aliases", "directory_version", "kv", "kv_usage"} <= tables
 
 
 def test_a_user_added_through_one_node_logs_in_on_the_others(nodes):
@@ -209,3 +209,49 @@ def test_a_user_added_through_one_node_logs_in_on_the_others(nodes):
     m = imap(b, carol)
     assert m.select("INBOX") == ("OK", [b"1"])
     m.logout()
+
+
+GREYLIST = """
+[[plugin]]
+name = "greylist"
+path = "{path}"
+capabilities = ["config", "kv", "clock", "log"]
+[plugin.config]
+delay_secs = 1
+retry_window_secs = 600
+pass_ttl_secs = 600
+whitelist_networks = []
+ip_limit = 0
+sender_limit = 0
+rate_window_secs = 60
+"""
+
+
+def test_greylisting_holds_across_nodes_with_shared_kv(tmp_path, pg_cluster):
+    """With `[database] kv = true` the greylist plugin's triplets are in the database: a
+    sender greylisted by one node passes on another after the delay (with per-node kv it would
+    be greylisted again there)."""
+    from conftest import ROOT
+    wasm = ROOT / "plugins" / "target" / "wasm32-wasip2" / "release" / "greylist.wasm"
+    database = pg_cluster.new_database()
+    nodes = [Server(tmp_path / f"node{n}", backend="postgres", cluster=pg_cluster,
+                    database=database, host=f"127.0.0.{n}", database_kv=True,
+                    transform=lambda text: text + GREYLIST.format(path=wasm))
+             for n in (2, 3)]
+    try:
+        a, b = nodes
+        message = b"Subject: grey\r\n\r\nretried elsewhere\r\n"
+        with smtplib.SMTP(a.host, a.ports["smtp"]) as s:
+            s.ehlo()
+            s.mail("sender@remote.test")
+            code, reply = s.rcpt("alice@example.test")
+            assert code == 451 and b"4.7.1" in reply, reply
+        time.sleep(1.5)
+        with smtplib.SMTP(b.host, b.ports["smtp"]) as s:
+            assert s.sendmail("sender@remote.test", ["alice@example.test"], message) == {}
+        assert wait_stored(b, 1)[0][1].replace(b"\n", b"\r\n").endswith(message)
+        rows = pg_cluster.sql(database, "SELECT count(*) FROM kv WHERE namespace = 'greylist'")
+        assert int(rows[0][0]) >= 1
+    finally:
+        for n in nodes:
+            n.stop()

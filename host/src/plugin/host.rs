@@ -301,7 +301,9 @@ impl PluginState {
 
 impl kv::Host for PluginState {
     fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
-        Ok(self.kv()?.get(&key))
+        self.kv()?
+            .get(&key)
+            .map_err(|e| wasmtime::format_err!("{e}"))
     }
 
     fn set(&mut self, key: String, value: Vec<u8>, ttl_secs: Option<u64>) -> wasmtime::Result<()> {

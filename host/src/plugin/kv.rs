@@ -41,6 +41,155 @@ pub enum KvError {
     Quota(usize),
     #[error("kv log: {0}")]
     Io(#[from] io::Error),
+    #[error("kv database: {0}")]
+    Unavailable(String),
+}
+
+/// A plugin's namespace: in the data directory, or (`[database] kv = true`) in PostgreSQL,
+/// shared by every node, so greylisting and rate limits hold across them.
+pub enum Namespace {
+    File(FileNamespace),
+    Shared(SharedNamespace),
+}
+
+impl Namespace {
+    /// The namespace stored at `<dir>/<name>.log`.
+    pub fn open(dir: &Path, name: &str) -> io::Result<Namespace> {
+        FileNamespace::open(dir, name).map(Namespace::File)
+    }
+
+    /// The namespace `name` in the database.
+    pub fn shared(db: Arc<crate::store::postgres::PgStore>, name: &str) -> Namespace {
+        Namespace::Shared(SharedNamespace {
+            db,
+            name: name.to_string(),
+            quota: AtomicUsize::new(usize::MAX),
+        })
+    }
+
+    pub fn set_quota(&self, bytes: usize) {
+        match self {
+            Namespace::File(ns) => ns.set_quota(bytes),
+            Namespace::Shared(ns) => ns.quota.store(bytes, Ordering::Relaxed),
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        match self {
+            Namespace::File(ns) => ns.bytes(),
+            Namespace::Shared(ns) => {
+                off_executor(|| ns.db.kv_bytes(&ns.name)).unwrap_or(0) as usize
+            }
+        }
+    }
+
+    /// The value, unless absent or expired (or, shared, the database cannot be reached).
+    pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        match self {
+            Namespace::File(ns) => Ok(ns.get(key)),
+            Namespace::Shared(ns) => {
+                off_executor(|| ns.db.kv_get(&ns.name, key, now_ms())).map_err(unavailable)
+            }
+        }
+    }
+
+    pub fn set(&self, key: &str, value: Vec<u8>, ttl_secs: Option<u64>) -> Result<(), KvError> {
+        match self {
+            Namespace::File(ns) => ns.set(key, value, ttl_secs),
+            Namespace::Shared(ns) => {
+                check_sizes(key, &value)?;
+                let now = now_ms();
+                let expires = ttl_secs.map(|t| now.saturating_add(t.saturating_mul(1000)));
+                let quota = ns.quota.load(Ordering::Relaxed);
+                let fitted = off_executor(|| {
+                    ns.db
+                        .kv_write(&ns.name, key, now, quota, |_| Some((value, expires)))
+                })
+                .map_err(unavailable)?;
+                fitted.map(|_| ()).ok_or(KvError::Quota(quota))
+            }
+        }
+    }
+
+    pub fn delete(&self, key: &str) -> Result<bool, KvError> {
+        match self {
+            Namespace::File(ns) => ns.delete(key),
+            Namespace::Shared(ns) => {
+                off_executor(|| ns.db.kv_delete(&ns.name, key, now_ms())).map_err(unavailable)
+            }
+        }
+    }
+
+    /// As [`FileNamespace::increment`]: atomic across nodes too (the database serialises the
+    /// writers of a namespace).
+    pub fn increment(&self, key: &str, delta: i64, ttl_secs: Option<u64>) -> Result<i64, KvError> {
+        match self {
+            Namespace::File(ns) => ns.increment(key, delta, ttl_secs),
+            Namespace::Shared(ns) => {
+                if key.len() > MAX_KEY {
+                    return Err(KvError::KeyTooLong);
+                }
+                let now = now_ms();
+                let quota = ns.quota.load(Ordering::Relaxed);
+                let mut next = 0;
+                let fitted = off_executor(|| {
+                    ns.db.kv_write(&ns.name, key, now, quota, |live| {
+                        let (current, expires) = match live {
+                            Some((value, expires)) => (counter(&value), expires),
+                            None => (
+                                0,
+                                ttl_secs.map(|t| now.saturating_add(t.saturating_mul(1000))),
+                            ),
+                        };
+                        next = current.saturating_add(delta);
+                        Some((next.to_string().into_bytes(), expires))
+                    })
+                })
+                .map_err(unavailable)?;
+                fitted.map(|_| next).ok_or(KvError::Quota(quota))
+            }
+        }
+    }
+}
+
+/// A namespace in the database (`store::postgres::kv`).
+pub struct SharedNamespace {
+    db: Arc<crate::store::postgres::PgStore>,
+    name: String,
+    quota: AtomicUsize,
+}
+
+fn unavailable(err: crate::store::StoreError) -> KvError {
+    KvError::Unavailable(err.to_string())
+}
+
+fn check_sizes(key: &str, value: &[u8]) -> Result<(), KvError> {
+    if key.len() > MAX_KEY {
+        return Err(KvError::KeyTooLong);
+    }
+    if value.len() > MAX_VALUE {
+        return Err(KvError::ValueTooLong);
+    }
+    Ok(())
+}
+
+/// A counter's value as stored (decimal text; anything else counts as 0).
+fn counter(value: &[u8]) -> i64 {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|s| s.parse::<i64>().ok())
+        .unwrap_or(0)
+}
+
+/// Runs a blocking database call from a host function: plugins run on the async executor,
+/// whose worker must be told it is about to block (on a blocking thread it just runs).
+fn off_executor<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
 }
 
 #[derive(Clone)]
@@ -59,8 +208,8 @@ struct Record {
     e: Option<u64>,
 }
 
-/// One plugin's namespace.
-pub struct Namespace {
+/// One plugin's namespace in the data directory.
+pub struct FileNamespace {
     path: PathBuf,
     state: Arc<Mutex<State>>,
     /// Bytes (keys and values) the namespace may hold.
@@ -90,9 +239,9 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-impl Namespace {
+impl FileNamespace {
     /// Opens (creating) the namespace stored at `<dir>/<name>.log`.
-    pub fn open(dir: &Path, name: &str) -> io::Result<Namespace> {
+    pub fn open(dir: &Path, name: &str) -> io::Result<FileNamespace> {
         fs::create_dir_all(dir)?;
         let path = dir.join(format!("{name}.log"));
         let mut entries = HashMap::new();
@@ -123,7 +272,7 @@ impl Namespace {
         entries.retain(|_, e: &mut Entry| e.expires.is_none_or(|t| t > now));
         let log = write_snapshot(&path, &entries)?;
         let bytes = entries.iter().map(|(k, e)| size_of(k, e)).sum();
-        Ok(Namespace {
+        Ok(FileNamespace {
             path,
             state: Arc::new(Mutex::new(State {
                 records: entries.len(),
@@ -378,7 +527,7 @@ mod tests {
     fn values_counters_and_expiry_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let ns = Namespace::open(dir.path(), "greylist").unwrap();
+            let ns = FileNamespace::open(dir.path(), "greylist").unwrap();
             ns.set("a", b"1".to_vec(), None).unwrap();
             ns.set("gone", b"x".to_vec(), Some(0)).unwrap();
             assert_eq!(ns.increment("hits", 2, Some(3600)).unwrap(), 2);
@@ -387,7 +536,7 @@ mod tests {
             ns.set("b", vec![0, 255], None).unwrap();
             assert_eq!(ns.get("gone"), None, "ttl 0 expires at once");
         }
-        let ns = Namespace::open(dir.path(), "greylist").unwrap();
+        let ns = FileNamespace::open(dir.path(), "greylist").unwrap();
         assert_eq!(ns.get("a"), None);
         assert_eq!(ns.get("b"), Some(vec![0, 255]));
         assert_eq!(ns.get("hits"), Some(b"5".to_vec()));
@@ -398,21 +547,21 @@ mod tests {
     fn torn_last_line_is_skipped() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let ns = Namespace::open(dir.path(), "n").unwrap();
+            let ns = FileNamespace::open(dir.path(), "n").unwrap();
             ns.set("k", b"v".to_vec(), None).unwrap();
         }
         let path = dir.path().join("n.log");
         let mut text = fs::read_to_string(&path).unwrap();
         text.push_str("{\"k\":\"half");
         fs::write(&path, text).unwrap();
-        let ns = Namespace::open(dir.path(), "n").unwrap();
+        let ns = FileNamespace::open(dir.path(), "n").unwrap();
         assert_eq!(ns.get("k"), Some(b"v".to_vec()));
     }
 
     #[test]
     fn limits_are_enforced() {
         let dir = tempfile::tempdir().unwrap();
-        let ns = Namespace::open(dir.path(), "n").unwrap();
+        let ns = FileNamespace::open(dir.path(), "n").unwrap();
         assert!(matches!(
             ns.set(&"k".repeat(2000), vec![], None),
             Err(KvError::KeyTooLong)
@@ -426,7 +575,7 @@ mod tests {
     #[test]
     fn the_quota_refuses_writes_past_it_and_counts_replacements_once() {
         let dir = tempfile::tempdir().unwrap();
-        let ns = Namespace::open(dir.path(), "q").unwrap();
+        let ns = FileNamespace::open(dir.path(), "q").unwrap();
         ns.set_quota(10_000);
         ns.set("a", vec![0; 6000], None).unwrap();
         // Replacing a value counts only the difference.
@@ -449,7 +598,7 @@ mod tests {
     fn compaction_runs_beside_writes_and_loses_none_of_them() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let ns = Namespace::open(dir.path(), "c").unwrap();
+            let ns = FileNamespace::open(dir.path(), "c").unwrap();
             // Rewriting one key over and over grows the log until it is compacted (more than
             // once), while writes go on.
             for n in 0..40_000u32 {
@@ -471,7 +620,7 @@ mod tests {
                 .count();
             assert!(lines < 40_000, "compacted: {lines} lines");
         }
-        let ns = Namespace::open(dir.path(), "c").unwrap();
+        let ns = FileNamespace::open(dir.path(), "c").unwrap();
         assert_eq!(ns.get("hot"), Some(b"39999".to_vec()));
         assert_eq!(ns.get("k39000"), Some(b"v".to_vec()));
         assert_eq!(ns.get("k0"), Some(b"v".to_vec()));

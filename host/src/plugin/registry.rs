@@ -136,6 +136,8 @@ pub struct PluginRuntime {
     generation: AtomicU64,
     /// KV namespaces stay open across reloads (one writer per file).
     namespaces: Mutex<HashMap<String, Arc<Namespace>>>,
+    /// The database the namespaces live in instead, when `[database] kv = true`.
+    shared_kv: std::sync::OnceLock<Arc<crate::store::postgres::PgStore>>,
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
 }
@@ -149,6 +151,11 @@ pub struct ReloadReport {
 }
 
 impl PluginRuntime {
+    /// Keeps the plugins' kv namespaces in the database from now on (before the first load).
+    pub fn share_kv(&self, db: Arc<crate::store::postgres::PgStore>) {
+        let _ = self.shared_kv.set(db);
+    }
+
     pub fn new(
         settings: &PluginsConfig,
         data_dir: &std::path::Path,
@@ -181,6 +188,7 @@ impl PluginRuntime {
             })),
             generation: AtomicU64::new(0),
             namespaces: Mutex::new(HashMap::new()),
+            shared_kv: std::sync::OnceLock::new(),
             reloading: tokio::sync::Mutex::new(()),
         })
     }
@@ -295,10 +303,11 @@ impl PluginRuntime {
             let ns = match namespaces.get(&config.name) {
                 Some(ns) => ns.clone(),
                 None => {
-                    let ns = Arc::new(
-                        Namespace::open(&self.kv_dir, &config.name)
+                    let ns = Arc::new(match self.shared_kv.get() {
+                        Some(db) => Namespace::shared(db.clone(), &config.name),
+                        None => Namespace::open(&self.kv_dir, &config.name)
                             .map_err(|e| fail(format!("kv store: {e}")))?,
-                    );
+                    });
                     namespaces.insert(config.name.clone(), ns.clone());
                     ns
                 }

@@ -9,6 +9,7 @@
 //! always a blocking one, on each call.
 
 mod directory;
+mod kv;
 mod schema;
 
 use std::collections::{BTreeMap, HashMap};
@@ -22,6 +23,7 @@ use super::{
     Keywords, MailStore, MessageHandle, MessageInfo, StoreError, Updated, Usage,
 };
 
+pub use kv::KvEntry;
 pub use schema::MIGRATIONS;
 
 pub struct PgStore {

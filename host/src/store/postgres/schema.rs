@@ -133,4 +133,21 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER aliases_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON aliases
         FOR EACH STATEMENT EXECUTE FUNCTION postern_directory_changed();
     "#,
+    // 4: the plugins' kv namespaces, shared by every node (`plugin::kv`). kv_usage holds each
+    // namespace's bytes (keys and values, expired or not until purged) and its row is locked by
+    // every write, which serialises a namespace's writers across nodes: counters are atomic.
+    r#"
+    CREATE TABLE kv (
+        namespace text NOT NULL,
+        key text NOT NULL,
+        value bytea NOT NULL,
+        expires_ms bigint,
+        PRIMARY KEY (namespace, key)
+    );
+    CREATE INDEX kv_expiry ON kv (namespace, expires_ms) WHERE expires_ms IS NOT NULL;
+    CREATE TABLE kv_usage (
+        namespace text PRIMARY KEY,
+        bytes bigint NOT NULL DEFAULT 0
+    );
+    "#,
 ];
