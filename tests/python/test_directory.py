@@ -93,3 +93,40 @@ def test_configuration_users_and_foreign_domains_are_refused(server):
     out = cli(server, "alias", "add", "x@example.test", "nobody@example.test")
     assert out.returncode != 0 and "not a user" in out.stderr
     assert login(server, "alice@example.test", "alicepass")
+
+
+def test_disabling_a_user_ends_its_open_sessions(server):
+    """Disabling stops logins at once and ends the user's open IMAP (idle or not) and POP3
+    sessions; other users' sessions stay."""
+    import poplib
+    carol = "carol@example.test"
+    assert cli(server, "user", "add", carol, password="pw").returncode == 0
+    assert eventually(lambda: login(server, carol, "pw"))
+    context = ssl.create_default_context(cafile=server.cert)
+    context.check_hostname = False
+
+    def imap_session(user, password):
+        m = imaplib.IMAP4(server.host, server.ports["imap"], timeout=10)
+        m.starttls(ssl_context=context)
+        m.login(user, password)
+        m.select("INBOX")
+        return m
+
+    idle = imap_session(carol, "pw")
+    tag = idle._new_tag().decode()
+    idle.send(f"{tag} IDLE\r\n".encode())
+    assert idle.readline().startswith(b"+ ")
+    busy = imap_session(carol, "pw")
+    other = imap_session("alice@example.test", "alicepass")
+    pop = poplib.POP3(server.host, server.ports["pop3"], timeout=10)
+    pop.stls(context=context)
+    pop.user(carol)
+    pop.pass_("pw")
+
+    assert cli(server, "user", "disable", carol).returncode == 0
+    assert idle.readline() == b"* BYE Account disabled\r\n"
+    assert busy.readline() == b"* BYE Account disabled\r\n"
+    assert pop.file.readline() == b"-ERR [AUTH] Account disabled\r\n"
+    assert other.noop()[0] == "OK"
+    other.logout()
+    assert not login(server, carol, "pw")

@@ -44,6 +44,9 @@ pub struct UserDirectory {
     /// without their own.
     default_quota: (u64, u64),
     current: RwLock<Arc<Tables>>,
+    /// User keys that could log in and no longer can (disabled or removed): their open IMAP
+    /// and POP3 sessions end.
+    revoked: tokio::sync::broadcast::Sender<String>,
 }
 
 #[derive(Clone, Default)]
@@ -144,6 +147,7 @@ impl UserDirectory {
             disabled: HashSet::new(),
         };
         UserDirectory {
+            revoked: tokio::sync::broadcast::channel(256).0,
             current: RwLock::new(Arc::new(fixed.clone())),
             fixed,
             default_quota: (
@@ -187,8 +191,24 @@ impl UserDirectory {
                 .or_insert(target.mailbox_key());
         }
         let count = tables.users.len();
-        *self.current.write().expect("directory lock") = Arc::new(tables);
+        let tables = Arc::new(tables);
+        let old = std::mem::replace(
+            &mut *self.current.write().expect("directory lock"),
+            tables.clone(),
+        );
+        let could =
+            |t: &Tables, key: &String| t.users.contains_key(key) && !t.disabled.contains(key);
+        for key in old.users.keys() {
+            if could(&old, key) && !could(&tables, key) {
+                let _ = self.revoked.send(key.clone());
+            }
+        }
         count
+    }
+
+    /// Users as they lose the right to log in (a session ends when its user is named).
+    pub fn revocations(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.revoked.subscribe()
     }
 
     fn tables(&self) -> Arc<Tables> {
@@ -590,8 +610,14 @@ mod tests {
         assert!(users.is_fixed(&Address::parse(&alice).unwrap()));
         assert!(!users.is_fixed(&carol));
         // Disabled: no login, same refusal as a wrong password, but mail still resolves.
+        let mut revoked = users.revocations();
         live.users[0].disabled = true;
         users.refresh(&live);
+        assert_eq!(revoked.try_recv().unwrap(), "carol@example.test");
+        assert!(
+            revoked.try_recv().is_err(),
+            "only who lost the right to log in"
+        );
         assert!(users
             .verify_blocking("carol@example.test", &Secret("pw".into()))
             .is_none());

@@ -11,7 +11,7 @@ use imap_codec::imap_types::mailbox::Mailbox;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::broadcast;
 use tokio::time::Instant;
-use tracing::{warn, Instrument};
+use tracing::{info, warn, Instrument};
 
 use super::code::Code;
 use super::codec::{self, Event, Mode, Reader, Refusal};
@@ -100,6 +100,9 @@ pub(in crate::imap) struct Conn {
     pub(in crate::imap) auth_failures: u32,
     pub(in crate::imap) reader: Reader,
     pub(in crate::imap) changes: broadcast::Receiver<Change>,
+    /// Users who may no longer log in (`UserDirectory::revocations`): this session ends when
+    /// its user is one.
+    pub(in crate::imap) revoked: broadcast::Receiver<String>,
     /// A change to the user's mailbox was announced since the last look.
     pub(in crate::imap) dirty: bool,
     /// RFC 5465: what NOTIFY SET asked for.
@@ -217,6 +220,7 @@ impl Session {
         peer: SocketAddr,
     ) -> Session {
         let changes = server.watched.subscribe();
+        let revoked = server.users.revocations();
         // Until login, literals are capped at a few KiB (see `PREAUTH_LITERAL_LIMIT`).
         let reader = Reader::new(codec::PREAUTH_LITERAL_LIMIT);
         let id = crate::stream::next_session_id();
@@ -234,6 +238,7 @@ impl Session {
             auth_failures: 0,
             reader,
             changes,
+            revoked,
             dirty: false,
             notify: None,
         };
@@ -265,6 +270,8 @@ impl Session {
 pub enum Input {
     Event(Event),
     Change(Result<Change, broadcast::error::RecvError>),
+    /// A user lost the right to log in.
+    Revoked(String),
 }
 
 impl crate::serve::Protocol for Session {
@@ -311,6 +318,7 @@ impl crate::serve::Protocol for Session {
         tokio::select! {
             event = read_event(&mut conn.reader, io, Mode::Command, deadline) => event.map(Input::Event),
             change = conn.changes.recv(), if listening => Ok(Input::Change(change)),
+            Ok(user) = conn.revoked.recv() => Ok(Input::Revoked(user)),
         }
     }
 
@@ -321,6 +329,15 @@ impl crate::serve::Protocol for Session {
         let Session { conn, state } = self;
         let event = match input {
             Input::Event(event) => event,
+            Input::Revoked(revoked) => {
+                if matches!(&*state, State::LoggedIn { user, .. } if user.eq_ignore_ascii_case(&revoked))
+                {
+                    info!(user = %revoked, "login revoked; closing the session");
+                    io.queue(b"* BYE Account disabled\r\n");
+                    return Flow::Close;
+                }
+                return Flow::Continue;
+            }
             Input::Change(Err(broadcast::error::RecvError::Closed)) => return Flow::Close,
             Input::Change(change) => {
                 if let (Ok(change), State::LoggedIn { user, .. }) = (&change, &*state) {

@@ -35,6 +35,12 @@ enum State {
 
 use crate::serve::Flow;
 
+/// What wakes a POP3 session: a command line, or a user losing the right to log in.
+pub enum Input {
+    Line(LineEvent),
+    Revoked(String),
+}
+
 pub struct Session {
     id: u64,
     server: Arc<Pop3Server>,
@@ -45,6 +51,8 @@ pub struct Session {
     errors: u32,
     auth_failures: u32,
     framer: LineFramer,
+    /// Users who may no longer log in: the session ends when its user is one.
+    revoked: tokio::sync::broadcast::Receiver<String>,
     /// The APOP timestamp from the greeting (RFC 1939 §7), when APOP is offered.
     timestamp: Option<String>,
 }
@@ -69,6 +77,7 @@ impl Session {
         });
         Session {
             id,
+            revoked: server.users.revocations(),
             server,
             listener,
             peer,
@@ -568,7 +577,7 @@ impl Session {
 }
 
 impl crate::serve::Protocol for Session {
-    type Input = LineEvent;
+    type Input = Input;
 
     fn tls_mode(&self) -> TlsMode {
         self.listener.tls
@@ -602,21 +611,34 @@ impl crate::serve::Protocol for Session {
         Flow::Continue
     }
 
-    async fn next_input<S>(&mut self, io: &mut Io<S>) -> Result<LineEvent, ReadError>
+    async fn next_input<S>(&mut self, io: &mut Io<S>) -> Result<Input, ReadError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        self.read_line(io).await
+        let deadline = Instant::now() + self.idle_timeout();
+        tokio::select! {
+            line = io.read_line(&mut self.framer, deadline) => line.map(Input::Line),
+            Ok(user) = self.revoked.recv() => Ok(Input::Revoked(user)),
+        }
     }
 
-    async fn handle<S>(&mut self, io: &mut Io<S>, line: LineEvent) -> Flow
+    async fn handle<S>(&mut self, io: &mut Io<S>, input: Input) -> Flow
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        match line {
-            LineEvent::Line(line) => self.dispatch(io, &line).await,
-            LineEvent::TooLong => self.error(io, None, "Line too long"),
-            LineEvent::Incomplete => Flow::Continue,
+        match input {
+            Input::Line(LineEvent::Line(line)) => self.dispatch(io, &line).await,
+            Input::Line(LineEvent::TooLong) => self.error(io, None, "Line too long"),
+            Input::Line(LineEvent::Incomplete) => Flow::Continue,
+            Input::Revoked(user) => match &self.state {
+                State::Transaction(maildrop) if maildrop.user.eq_ignore_ascii_case(&user) => {
+                    tracing::info!(%user, "login revoked; closing the session");
+                    // Nothing is expunged: the session did not end with QUIT (RFC 1939 §6).
+                    io.queue(&codec::err(Some("AUTH"), "Account disabled"));
+                    Flow::Close
+                }
+                _ => Flow::Continue,
+            },
         }
     }
 

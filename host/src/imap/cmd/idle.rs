@@ -34,11 +34,13 @@ impl Conn {
             enum Woken {
                 Input(Result<Event, ReadError>),
                 Change(Result<Change, broadcast::error::RecvError>),
+                Revoked(String),
                 Shutdown,
             }
             let woken = tokio::select! {
                 event = read_event(&mut self.reader, io, Mode::Line, deadline) => Woken::Input(event),
                 change = self.changes.recv() => Woken::Change(change),
+                Ok(revoked) = self.revoked.recv() => Woken::Revoked(revoked),
                 _ = shutdown.wait_for(|down| *down) => Woken::Shutdown,
             };
             match woken {
@@ -75,6 +77,11 @@ impl Conn {
                         io.queue(&kept);
                     }
                 }
+                Woken::Revoked(revoked) if revoked.eq_ignore_ascii_case(user) => {
+                    io.queue(b"* BYE Account disabled\r\n");
+                    return Done::Close;
+                }
+                Woken::Revoked(_) => {}
                 Woken::Shutdown => {
                     io.queue(b"* BYE Server shutting down\r\n");
                     return Done::Close;
