@@ -33,3 +33,53 @@ pub fn init(default_filter: &str, format: LogFormat) {
             .try_init(),
     };
 }
+
+/// One line per message event that greps like Postfix's `mail.log`: the queue id first, then
+/// `key=value` fields in Postfix's order, so `grep QUEUEID` follows a message from acceptance
+/// to each recipient's outcome, and tools written for Postfix logs (pflogsumm-style counting of
+/// `status=sent`) find what they expect. Logged under the target `postern::outcome`.
+pub mod outcome {
+    use tracing::info;
+
+    /// What came of one recipient.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Status {
+        Sent,
+        Deferred,
+        Bounced,
+    }
+
+    impl Status {
+        fn as_str(self) -> &'static str {
+            match self {
+                Status::Sent => "sent",
+                Status::Deferred => "deferred",
+                Status::Bounced => "bounced",
+            }
+        }
+    }
+
+    /// A message accepted into the queue (Postfix's qmgr `from=` line).
+    pub fn accepted(queue_id: &str, sender: &str, size: usize, recipients: usize) {
+        info!(target: "postern::outcome", "{queue_id}: from=<{sender}>, size={size}, nrcpt={recipients} (queue active)");
+    }
+
+    /// One recipient's outcome (Postfix's delivery agent line). `relay` is `local` or the
+    /// remote host; `received_at` (Unix seconds) gives the delay; `dsn` the RFC 3463 status.
+    pub fn delivery(
+        queue_id: &str,
+        to: &str,
+        relay: &str,
+        received_at: i64,
+        dsn: &str,
+        status: Status,
+        detail: &str,
+    ) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let delay = (now - received_at).max(0);
+        let status = status.as_str();
+        info!(target: "postern::outcome", "{queue_id}: to=<{to}>, relay={relay}, delay={delay}, dsn={dsn}, status={status} ({detail})");
+    }
+}

@@ -296,9 +296,9 @@ def test_json_log_lines(tmp_path):
         log.close()
     records = [json.loads(line) for line in (tmp_path / "postern.log").read_text().splitlines() if line.strip()]
     assert records and all({"timestamp", "level", "fields"} <= r.keys() for r in records)
-    queued = [r for r in records if r["fields"].get("message") == "queued"]
+    queued = [r for r in records if "(queue active)" in r["fields"].get("message", "")]
     assert len(queued) == 1, records
-    assert queued[0]["level"] == "INFO" and queued[0]["fields"]["rcpts"] == 1
+    assert queued[0]["level"] == "INFO" and "nrcpt=1" in queued[0]["fields"]["message"]
     assert queued[0]["spans"][0]["name"] == "smtp" and "session" in queued[0]["spans"][0]
 
 
@@ -319,3 +319,28 @@ def test_the_systemd_unit_verifies(tmp_path):
     result = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "postern.service" not in result.stderr, result.stderr
+
+
+def test_outcome_lines_grep_like_postfix(server):
+    """One line at acceptance and one per recipient outcome, queue id first, in Postfix's
+    `key=value` form: `grep QUEUEID` follows the message, `status=` counts outcomes."""
+    import re as _re
+    import time as _time
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"]) as s:
+        s.ehlo()
+        s.mail("sender@remote.test")
+        s.rcpt("alice@example.test")
+        s.rcpt("bob@example.test")
+        code, reply = s.data(b"Subject: log\r\n\r\nlines\r\n")
+        assert code == 250
+    queue_id = _re.search(rb"queued as (\w+)", reply).group(1).decode()
+    deadline = _time.time() + 10
+    while _time.time() < deadline and server.log_text().count(f"{queue_id}: to=") < 2:
+        _time.sleep(0.05)
+    lines = [l for l in server.log_text().splitlines() if f"{queue_id}:" in l]
+    assert any(_re.search(rf"{queue_id}: from=<sender@remote\.test>, size=\d+, nrcpt=2 \(queue active\)", l)
+               for l in lines), lines
+    for user in ("alice", "bob"):
+        assert any(_re.search(
+            rf"{queue_id}: to=<{user}@example\.test>, relay=local, delay=\d+, dsn=2\.0\.0, "
+            rf"status=sent \(delivered to {user}@example\.test/INBOX\)", l) for l in lines), lines

@@ -464,7 +464,15 @@ fn deliver_locally(
             // find its own earlier copy, which the quota already counts.
             let size = prepend.len() + queued.message.as_ref().map_or(0, |m| m.len());
             if !queued.retry && !quotas.allows(store, users, &mailbox, size as u64) {
-                info!(queue_id = %env.id, "local delivery to {mailbox} deferred: mailbox full");
+                crate::telemetry::outcome::delivery(
+                    &env.id,
+                    &rcpt.address,
+                    "local",
+                    env.received_at,
+                    "4.2.2",
+                    crate::telemetry::outcome::Status::Deferred,
+                    &format!("{mailbox}: mailbox full"),
+                );
                 dispositions[m][r] =
                     Disposition::Deferred(format!("4.2.2 {mailbox}: mailbox full"));
                 continue;
@@ -492,13 +500,42 @@ fn deliver_locally(
         })
         .collect();
     let results = store.deliver(&deliveries);
-    for ((m, r, mailbox, _), result) in owners.iter().zip(results) {
-        if let Err(err) = result {
-            if err.is_temporary() {
-                warn!(queue_id = %batch[*m].envelope.id, "local delivery to {mailbox} deferred: {err}");
+    for ((m, r, mailbox, folder), result) in owners.iter().zip(results) {
+        use crate::telemetry::outcome::{delivery, Status};
+        let env = &batch[*m].envelope;
+        let to = &env.recipients[*r].address;
+        match result {
+            Ok(()) => delivery(
+                &env.id,
+                to,
+                "local",
+                env.received_at,
+                "2.0.0",
+                Status::Sent,
+                &format!("delivered to {mailbox}/{folder}"),
+            ),
+            Err(err) if err.is_temporary() => {
+                delivery(
+                    &env.id,
+                    to,
+                    "local",
+                    env.received_at,
+                    "4.3.0",
+                    Status::Deferred,
+                    &err.to_string(),
+                );
                 dispositions[*m][*r] = Disposition::Deferred(format!("4.3.0 {mailbox}: {err}"));
-            } else {
-                error!(queue_id = %batch[*m].envelope.id, "cannot deliver to {mailbox}: {err}");
+            }
+            Err(err) => {
+                delivery(
+                    &env.id,
+                    to,
+                    "local",
+                    env.received_at,
+                    "5.2.0",
+                    Status::Bounced,
+                    &err.to_string(),
+                );
                 dispositions[*m][*r] = Disposition::Failed(format!("550 5.2.0 {err}"));
             }
         }

@@ -242,20 +242,32 @@ async fn attempt(context: &Arc<Context>, mut pending: Pending) -> Option<Pending
                     remote_mta: remote_mta.clone(),
                     diagnostic: reply.to_string(),
                 };
+                let logged = |reply: &Reply, status| {
+                    crate::telemetry::outcome::delivery(
+                        &pending.envelope.id,
+                        &address,
+                        remote_mta.as_deref().unwrap_or("none"),
+                        pending.envelope.received_at,
+                        &dsn::status_of(reply.code, reply.status()),
+                        status,
+                        &reply.to_string(),
+                    )
+                };
+                use crate::telemetry::outcome::Status;
                 pending.state.recipients[index] = match outcome {
                     RcptOutcome::Delivered(reply) => {
-                        info!(to = %address, relay = remote_mta.as_deref().unwrap_or("-"), reply = %reply, "delivered");
+                        logged(&reply, Status::Sent);
                         RcptState::Done
                     }
                     RcptOutcome::Temporary(reply) => {
-                        info!(to = %address, reply = %reply, "deferred");
+                        logged(&reply, Status::Deferred);
                         RcptState::Pending {
                             address,
                             last: Some(attempt_of(&reply)),
                         }
                     }
                     RcptOutcome::Permanent(reply) => {
-                        info!(to = %address, reply = %reply, "failed");
+                        logged(&reply, Status::Bounced);
                         RcptState::Failed {
                             address,
                             attempt: attempt_of(&reply),

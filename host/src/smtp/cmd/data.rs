@@ -261,9 +261,10 @@ impl Session {
         envelope.message_len = message.len() as u64;
         let size = message.len();
         let rcpts = envelope.recipients.len();
+        let sender = envelope.sender.clone();
         match self.server.queue.submit(envelope, message).await {
             Ok(()) => {
-                info!(queue_id = %tx.id, size, rcpts, "queued");
+                crate::telemetry::outcome::accepted(&tx.id, &sender, size, rcpts);
                 self.answer(
                     io,
                     Reply::new(250, "2.0.0", format!("OK: queued as {}", tx.id)),
