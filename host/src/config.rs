@@ -635,6 +635,30 @@ pub struct UserConfig {
 }
 
 impl Config {
+    /// Gives `domains` to one mailbox store (`who`): each must be local, and no domain may go
+    /// to two stores (`served` holds those given so far).
+    fn claim_domains(
+        &self,
+        served: &mut std::collections::HashSet<String>,
+        who: &str,
+        domains: &[String],
+    ) -> Result<(), String> {
+        for domain in domains {
+            if !self
+                .relay
+                .local_domains
+                .iter()
+                .any(|d| d.eq_ignore_ascii_case(domain))
+            {
+                return Err(format!("{who}: {domain:?} is not in relay.local_domains"));
+            }
+            if !served.insert(domain.to_ascii_lowercase()) {
+                return Err(format!("domain {domain:?} is given to two mailbox stores"));
+            }
+        }
+        Ok(())
+    }
+
     /// Parses and validates configuration text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|err| {
@@ -697,41 +721,14 @@ impl Config {
                     backend.name
                 ));
             }
-            for domain in &backend.domains {
-                if !self
-                    .relay
-                    .local_domains
-                    .iter()
-                    .any(|d| d.eq_ignore_ascii_case(domain))
-                {
-                    return Err(format!(
-                        "mailbox_backend {:?}: {domain:?} is not in relay.local_domains",
-                        backend.name
-                    ));
-                }
-                if !served.insert(domain.to_ascii_lowercase()) {
-                    return Err(format!(
-                        "domain {domain:?} is given to two mailbox backends"
-                    ));
-                }
-            }
+            self.claim_domains(
+                &mut served,
+                &format!("mailbox_backend {:?}", backend.name),
+                &backend.domains,
+            )?;
         }
         if let Some(database) = &self.database {
-            for domain in &database.domains {
-                if !self
-                    .relay
-                    .local_domains
-                    .iter()
-                    .any(|d| d.eq_ignore_ascii_case(domain))
-                {
-                    return Err(format!(
-                        "database: {domain:?} is not in relay.local_domains"
-                    ));
-                }
-                if !served.insert(domain.to_ascii_lowercase()) {
-                    return Err(format!("domain {domain:?} is given to two mailbox stores"));
-                }
-            }
+            self.claim_domains(&mut served, "database", &database.domains)?;
         }
         if self.limits.max_line_length < 512 {
             return Err("limits.max_line_length must be at least 512 (RFC 5321 §4.5.3.1.4)".into());

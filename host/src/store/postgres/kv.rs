@@ -13,6 +13,25 @@ fn size(key: &str, value: &[u8]) -> i64 {
     (key.len() + value.len()) as i64
 }
 
+/// Locks the namespace's usage row (made when missing) for the transaction: the namespace's
+/// writers take turns. Returns the bytes it holds.
+async fn lock_usage(tx: &deadpool_postgres::Transaction<'_>, namespace: &str) -> Result<i64> {
+    tx.execute(
+        "INSERT INTO kv_usage (namespace) VALUES ($1) ON CONFLICT DO NOTHING",
+        &[&namespace],
+    )
+    .await
+    .map_err(db)?;
+    Ok(tx
+        .query_one(
+            "SELECT bytes FROM kv_usage WHERE namespace = $1 FOR UPDATE",
+            &[&namespace],
+        )
+        .await
+        .map_err(db)?
+        .get(0))
+}
+
 impl PgStore {
     pub fn kv_get(&self, namespace: &str, key: &str, now_ms: u64) -> Result<Option<Vec<u8>>> {
         self.block(async {
@@ -57,20 +76,7 @@ impl PgStore {
         self.block(async {
             let mut c = self.client().await?;
             let tx = c.transaction().await.map_err(db)?;
-            tx.execute(
-                "INSERT INTO kv_usage (namespace) VALUES ($1) ON CONFLICT DO NOTHING",
-                &[&namespace],
-            )
-            .await
-            .map_err(db)?;
-            let mut bytes: i64 = tx
-                .query_one(
-                    "SELECT bytes FROM kv_usage WHERE namespace = $1 FOR UPDATE",
-                    &[&namespace],
-                )
-                .await
-                .map_err(db)?
-                .get(0);
+            let mut bytes = lock_usage(&tx, namespace).await?;
             let current = tx
                 .query_opt(
                     "SELECT value, expires_ms FROM kv WHERE namespace = $1 AND key = $2",
@@ -143,18 +149,7 @@ impl PgStore {
         self.block(async {
             let mut c = self.client().await?;
             let tx = c.transaction().await.map_err(db)?;
-            tx.execute(
-                "INSERT INTO kv_usage (namespace) VALUES ($1) ON CONFLICT DO NOTHING",
-                &[&namespace],
-            )
-            .await
-            .map_err(db)?;
-            tx.execute(
-                "SELECT 1 FROM kv_usage WHERE namespace = $1 FOR UPDATE",
-                &[&namespace],
-            )
-            .await
-            .map_err(db)?;
+            lock_usage(&tx, namespace).await?;
             let gone = tx
                 .query_opt(
                     "DELETE FROM kv WHERE namespace = $1 AND key = $2
