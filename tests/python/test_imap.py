@@ -318,7 +318,8 @@ def test_quota_at_delivery_keeps_the_message_spooled(make_server):
     deadline = time.time() + 10
     while time.time() < deadline and "mailbox full" not in server.log_text():
         time.sleep(0.05)
-    assert "local delivery to alice@example.test deferred: mailbox full" in server.log_text()
+    assert re.search(r"to=<alice@example\.test>, relay=local, delay=\d+, dsn=4\.2\.2, "
+                     r"status=deferred \(alice@example\.test: mailbox full\)", server.log_text())
     assert len(server.maildir("alice")) == 1
     assert len(server.spooled()) >= 1
 
