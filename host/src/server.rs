@@ -235,11 +235,8 @@ pub async fn run(
     // The live user directory: the database's when it holds users, else the data directory's
     // file. A damaged file refuses the start; an unreachable database is only warned about
     // (the configuration's users still log in, and the directory is read once it answers).
-    let users_in_database = config.database.as_ref().is_some_and(|d| d.users);
-    let directory: Arc<dyn crate::auth::directory::Directory> = match &database_store {
-        Some(store) if users_in_database => store.clone(),
-        _ => Arc::new(crate::auth::directory::file::FileDirectory::new(&data_dir)),
-    };
+    let users_in_database = crate::auth::directory::users_in_database(&config);
+    let directory = crate::auth::directory::configured(&config, database_store.clone());
     let directory_stamp = {
         let (d, u) = (directory.clone(), users.clone());
         match tokio::task::spawn_blocking(move || crate::auth::directory::load_into(&*d, &u))

@@ -84,21 +84,21 @@ pub enum AliasCommand {
     },
 }
 
-/// The configured directory: the database's with `[database] users = true`, else the file.
+/// The configured directory (`directory::configured`), with its own connection when it is
+/// the database.
 fn open(config: &Config) -> anyhow::Result<Arc<dyn Directory>> {
-    match &config.database {
-        Some(database) if database.users => {
+    let store = match &config.database {
+        Some(database) if crate::auth::directory::users_in_database(config) => {
             let store = crate::store::postgres::PgStore::connect(&database.url, 1)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             if database.migrate {
                 store.migrate().map_err(|e| anyhow::anyhow!("{e}"))?;
             }
-            Ok(Arc::new(store))
+            Some(Arc::new(store))
         }
-        _ => Ok(Arc::new(crate::auth::directory::file::FileDirectory::new(
-            &config.server.data_dir,
-        ))),
-    }
+        _ => None,
+    };
+    Ok(crate::auth::directory::configured(config, store))
 }
 
 /// A new password: twice at a prompt, or one line of stdin.

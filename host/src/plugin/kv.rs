@@ -98,15 +98,7 @@ impl Namespace {
             Namespace::File(ns) => ns.set(key, value, ttl_secs),
             Namespace::Shared(ns) => {
                 check_sizes(key, &value)?;
-                let now = now_ms();
-                let expires = ttl_secs.map(|t| now.saturating_add(t.saturating_mul(1000)));
-                let quota = ns.quota.load(Ordering::Relaxed);
-                let fitted = off_executor(|| {
-                    ns.db
-                        .kv_write(&ns.name, key, now, quota, |_| Some((value, expires)))
-                })
-                .map_err(unavailable)?;
-                fitted.map(|_| ()).ok_or(KvError::Quota(quota))
+                ns.write(key, |now, _| (value, expiry(now, ttl_secs)))
             }
         }
     }
@@ -129,24 +121,16 @@ impl Namespace {
                 if key.len() > MAX_KEY {
                     return Err(KvError::KeyTooLong);
                 }
-                let now = now_ms();
-                let quota = ns.quota.load(Ordering::Relaxed);
                 let mut next = 0;
-                let fitted = off_executor(|| {
-                    ns.db.kv_write(&ns.name, key, now, quota, |live| {
-                        let (current, expires) = match live {
-                            Some((value, expires)) => (counter(&value), expires),
-                            None => (
-                                0,
-                                ttl_secs.map(|t| now.saturating_add(t.saturating_mul(1000))),
-                            ),
-                        };
-                        next = current.saturating_add(delta);
-                        Some((next.to_string().into_bytes(), expires))
-                    })
-                })
-                .map_err(unavailable)?;
-                fitted.map(|_| next).ok_or(KvError::Quota(quota))
+                ns.write(key, |now, live| {
+                    let (current, expires) = match live {
+                        Some((value, expires)) => (counter(&value), expires),
+                        None => (0, expiry(now, ttl_secs)),
+                    };
+                    next = current.saturating_add(delta);
+                    (next.to_string().into_bytes(), expires)
+                })?;
+                Ok(next)
             }
         }
     }
@@ -157,6 +141,33 @@ pub struct SharedNamespace {
     db: Arc<crate::store::postgres::PgStore>,
     name: String,
     quota: AtomicUsize,
+}
+
+impl SharedNamespace {
+    /// Replaces `key`'s entry with what `change` makes of the live one, given the time, within
+    /// the quota.
+    fn write(
+        &self,
+        key: &str,
+        change: impl FnOnce(
+            u64,
+            Option<crate::store::postgres::KvEntry>,
+        ) -> crate::store::postgres::KvEntry,
+    ) -> Result<(), KvError> {
+        let now = now_ms();
+        let quota = self.quota.load(Ordering::Relaxed);
+        let fitted = off_executor(|| {
+            self.db
+                .kv_write(&self.name, key, now, quota, |live| change(now, live))
+        })
+        .map_err(unavailable)?;
+        fitted.ok_or(KvError::Quota(quota))
+    }
+}
+
+/// When an entry written at `now` with `ttl_secs` expires (Unix milliseconds).
+fn expiry(now: u64, ttl_secs: Option<u64>) -> Option<u64> {
+    ttl_secs.map(|t| now.saturating_add(t.saturating_mul(1000)))
 }
 
 fn unavailable(err: crate::store::StoreError) -> KvError {
@@ -305,13 +316,8 @@ impl FileNamespace {
     }
 
     pub fn set(&self, key: &str, value: Vec<u8>, ttl_secs: Option<u64>) -> Result<(), KvError> {
-        if key.len() > MAX_KEY {
-            return Err(KvError::KeyTooLong);
-        }
-        if value.len() > MAX_VALUE {
-            return Err(KvError::ValueTooLong);
-        }
-        let expires = ttl_secs.map(|t| now_ms().saturating_add(t.saturating_mul(1000)));
+        check_sizes(key, &value)?;
+        let expires = expiry(now_ms(), ttl_secs);
         let mut state = self.state.lock().expect("kv lock");
         self.put(&mut state, key, Entry { value, expires })
     }
@@ -348,17 +354,8 @@ impl FileNamespace {
             .filter(|e| e.expires.is_none_or(|t| t > now))
             .cloned();
         let (current, expires) = match live {
-            Some(entry) => (
-                std::str::from_utf8(&entry.value)
-                    .ok()
-                    .and_then(|s| s.parse::<i64>().ok())
-                    .unwrap_or(0),
-                entry.expires,
-            ),
-            None => (
-                0,
-                ttl_secs.map(|t| now.saturating_add(t.saturating_mul(1000))),
-            ),
+            Some(entry) => (counter(&entry.value), entry.expires),
+            None => (0, expiry(now, ttl_secs)),
         };
         let next = current.saturating_add(delta);
         self.put(

@@ -87,6 +87,23 @@ pub trait Directory: Send + Sync {
     fn remove_alias(&self, alias: &str) -> Result<Outcome, DirectoryError>;
 }
 
+/// The directory the configuration names: the database's (`store`, the configuration's
+/// `[database]` opened) with `[database] users = true`, else `data_dir/directory.toml`.
+pub fn configured(
+    config: &crate::config::Config,
+    store: Option<std::sync::Arc<crate::store::postgres::PgStore>>,
+) -> std::sync::Arc<dyn Directory> {
+    match store {
+        Some(store) if users_in_database(config) => store,
+        _ => std::sync::Arc::new(file::FileDirectory::new(&config.server.data_dir)),
+    }
+}
+
+/// Whether the configuration keeps the directory in the database.
+pub fn users_in_database(config: &crate::config::Config) -> bool {
+    config.database.as_ref().is_some_and(|d| d.users)
+}
+
 /// Loads the directory into `users` now (blocking); returns the stamp it had.
 pub fn load_into(
     directory: &dyn Directory,

@@ -70,7 +70,7 @@ impl PgStore {
         key: &str,
         now_ms: u64,
         quota: usize,
-        change: impl FnOnce(Option<KvEntry>) -> Option<KvEntry>,
+        change: impl FnOnce(Option<KvEntry>) -> KvEntry,
     ) -> Result<Option<()>> {
         let quota = quota.min(i64::MAX as usize) as i64;
         self.block(async {
@@ -90,9 +90,7 @@ impl PgStore {
             let live = current
                 .filter(|(_, e)| e.is_none_or(|e| e > now))
                 .map(|(v, e)| (v, e.map(|e| e as u64)));
-            let Some((value, expires)) = change(live) else {
-                return Ok(Some(()));
-            };
+            let (value, expires) = change(live);
             let new = size(key, &value);
             if bytes - old + new > quota {
                 // Expired entries make room first.

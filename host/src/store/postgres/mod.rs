@@ -258,20 +258,10 @@ async fn folder_view(
     folder: &str,
 ) -> Result<Option<FolderRow>> {
     let row = c
-        .query_opt(
-            "SELECT id, uid_validity, uid_next, highest_modseq, keywords FROM folders
-             WHERE mailbox = $1 AND name = $2",
-            &[&mailbox, &folder_name(folder)],
-        )
+        .query_opt(FOLDER_SELECT, &[&mailbox, &folder_name(folder)])
         .await
         .map_err(db)?;
-    Ok(row.map(|row| FolderRow {
-        id: row.get(0),
-        validity: row.get(1),
-        uid_next: row.get(2),
-        highest: row.get(3),
-        keywords: row.get(4),
-    }))
+    Ok(row.as_ref().map(FolderRow::from_row))
 }
 
 /// The folder for a reader; a missing INBOX is made first (in a transaction of its own).
@@ -290,13 +280,29 @@ async fn existing_folder(
     Ok((id, row.id))
 }
 
-/// A folder as a transaction sees it (its row locked).
+/// A folder's row (locked when read by `folder_row`, not by `folder_view`).
 struct FolderRow {
     id: i64,
     validity: i64,
     uid_next: i64,
     highest: i64,
     keywords: Vec<String>,
+}
+
+/// A folder's row by mailbox id and name, in [`FolderRow`]'s column order.
+const FOLDER_SELECT: &str = "SELECT id, uid_validity, uid_next, highest_modseq, keywords
+                             FROM folders WHERE mailbox = $1 AND name = $2";
+
+impl FolderRow {
+    fn from_row(row: &tokio_postgres::Row) -> FolderRow {
+        FolderRow {
+            id: row.get(0),
+            validity: row.get(1),
+            uid_next: row.get(2),
+            highest: row.get(3),
+            keywords: row.get(4),
+        }
+    }
 }
 
 /// The folder's row, locked; INBOX (and with `create`, any folder) is made when missing.
@@ -307,29 +313,16 @@ async fn folder_row(
     create: bool,
 ) -> Result<FolderRow> {
     let name = folder_name(folder);
-    let query = "SELECT id, uid_validity, uid_next, highest_modseq, keywords FROM folders
-                 WHERE mailbox = $1 AND name = $2 FOR UPDATE";
-    if let Some(row) = c.query_opt(query, &[&mailbox, &name]).await.map_err(db)? {
-        return Ok(FolderRow {
-            id: row.get(0),
-            validity: row.get(1),
-            uid_next: row.get(2),
-            highest: row.get(3),
-            keywords: row.get(4),
-        });
+    let query = format!("{FOLDER_SELECT} FOR UPDATE");
+    if let Some(row) = c.query_opt(&query, &[&mailbox, &name]).await.map_err(db)? {
+        return Ok(FolderRow::from_row(&row));
     }
     if !(create || name == "INBOX") {
         return Err(StoreError::NoSuchFolder(folder.into()));
     }
     make_folder(c, mailbox, name, None).await?;
-    let row = c.query_one(query, &[&mailbox, &name]).await.map_err(db)?;
-    Ok(FolderRow {
-        id: row.get(0),
-        validity: row.get(1),
-        uid_next: row.get(2),
-        highest: row.get(3),
-        keywords: row.get(4),
-    })
+    let row = c.query_one(&query, &[&mailbox, &name]).await.map_err(db)?;
+    Ok(FolderRow::from_row(&row))
 }
 
 /// Makes a folder with a UIDVALIDITY no folder of the mailbox had (or the given one).
@@ -1048,17 +1041,10 @@ impl MailStore for PgStore {
                 .await
                 .map_err(db)?;
             let boundary = boundary_of(r);
-            let row = FolderRow {
-                id,
-                validity: 0,
-                uid_next: 0,
-                highest: 0,
-                keywords: Vec::new(),
-            };
             if let Some(upto) = claim.filter(|u| i64::from(*u) > boundary) {
                 tx.execute(
                     "UPDATE folders SET recent_validity = $2, recent_uid = $3 WHERE id = $1",
-                    &[&row.id, &i64::from(validity), &i64::from(upto)],
+                    &[&id, &i64::from(validity), &i64::from(upto)],
                 )
                 .await
                 .map_err(db)?;
