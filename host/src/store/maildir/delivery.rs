@@ -2,8 +2,8 @@
 //! each directory that gained an entry once (the Maildir protocol, batched). Names are stable for
 //! a (message, recipient) pair, so a retry after a crash finds the first copy.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs::{self, File};
+use std::io;
 
 use super::*;
 
@@ -112,16 +112,13 @@ impl Maildir {
         let name = format!("{base},S={size},W={crlf_size}");
         let tmp_path = folder_dir.join("tmp").join(&name);
         let new_path = folder_dir.join("new").join(&name);
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp_path)
-            .map_err(StoreError::from_io)?;
-        if let Err(err) = file.write_all(&content) {
-            let _ = fs::remove_file(&tmp_path);
-            return Err(StoreError::from_io(err));
-        }
+        let spare = self
+            .folder_lock(&folder_dir)
+            .lock()
+            .expect("folder lock")
+            .spares
+            .take(&folder_dir);
+        let file = spares::write_new(spare, &tmp_path, &content).map_err(StoreError::from_io)?;
         Ok(Some((file, tmp_path, new_path, folder_dir)))
     }
 }

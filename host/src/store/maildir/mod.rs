@@ -34,6 +34,7 @@ mod listing;
 mod metadata;
 pub mod modseq;
 mod names;
+mod spares;
 pub mod uidlist;
 
 use crate::store::headers::HeaderCache;
@@ -73,6 +74,8 @@ struct FolderState {
     recent: Option<(u32, u32)>,
     /// The folder's last listing, while it can be trusted (see [`Listing`]).
     listing: Option<Listing>,
+    /// Emptied files of expunged messages, for the next new ones (see [`spares`]).
+    spares: spares::Spares,
 }
 
 impl FolderState {
@@ -381,8 +384,9 @@ impl MailStore for Maildir {
         );
         let name = format!("{key}:2,{}", flag_letters(flags));
         let tmp = dir.join("tmp").join(&key);
-        let file = durable::write_unsynced(&tmp, &content).map_err(StoreError::from_io)?;
         let lock = self.folder_lock(&dir);
+        let spare = lock.lock().expect("folder lock").spares.take(&dir);
+        let file = spares::write_new(spare, &tmp, &content).map_err(StoreError::from_io)?;
         let mut state = lock.lock().expect("folder lock");
         let failed = StoreError::from_io;
         let mut appended = || -> Result<(u32, u32), StoreError> {
@@ -515,7 +519,8 @@ impl MailStore for Maildir {
                 if err.kind() == io::ErrorKind::NotFound {
                     continue;
                 }
-                let bytes = fs::read(source.join(&location)).map_err(StoreError::from_io)?;
+                let bytes =
+                    spares::read_in_place(&source.join(&location)).map_err(StoreError::from_io)?;
                 let tmp = dest.join("tmp").join(&new_key);
                 durable::write_and_rename(&tmp, &target_path, &bytes)
                     .map_err(StoreError::from_io)?;
@@ -690,7 +695,7 @@ impl MailStore for Maildir {
             else {
                 continue;
             };
-            match fs::remove_file(dir.join(&location)) {
+            match state.spares.discard(&dir, &location) {
                 Ok(()) => {
                     touched.insert(location.split('/').next().unwrap_or("cur").to_string());
                     gone.push(message.uid);
@@ -755,14 +760,14 @@ impl Maildir {
     }
 
     fn read_file(&self, dir: &Path, message: &MessageInfo) -> Result<Vec<u8>, StoreError> {
-        match fs::read(dir.join(message.handle.as_str())) {
+        match spares::read_in_place(&dir.join(message.handle.as_str())) {
             Ok(content) => Ok(content),
             // Renamed since the listing (flags changed): find it by key.
             Err(err) if err.kind() == io::ErrorKind::NotFound => {
                 let location = locate(dir, &message.key)
                     .map_err(StoreError::from_io)?
                     .ok_or_else(|| StoreError::Gone(message.key.clone()))?;
-                fs::read(dir.join(location)).map_err(|err| match err.kind() {
+                spares::read_in_place(&dir.join(location)).map_err(|err| match err.kind() {
                     io::ErrorKind::NotFound => StoreError::Gone(message.key.clone()),
                     _ => StoreError::from_io(err),
                 })
