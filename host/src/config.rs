@@ -98,10 +98,22 @@ pub struct DatabaseConfig {
     /// and rate limits then hold across nodes), instead of `data_dir/plugin-kv`.
     #[serde(default)]
     pub kv: bool,
+    /// Keep the queue in the database, shared by every node, instead of `data_dir/spool`: any
+    /// node delivers what any node accepted, and takes over what a dead node held.
+    #[serde(default)]
+    pub queue: bool,
+    /// How long a node holds a queued message without renewing its lease (renewed every third
+    /// of it); a dead node's messages are taken over this long after it stopped.
+    #[serde(default = "default_lease_seconds")]
+    pub lease_seconds: u64,
 }
 
 fn default_pool_size() -> usize {
     16
+}
+
+fn default_lease_seconds() -> u64 {
+    30
 }
 
 /// A mailbox backend: a component exporting `postern:plugin/mailbox` (`wit/mailbox.wit`).
@@ -729,6 +741,23 @@ impl Config {
         }
         if let Some(database) = &self.database {
             self.claim_domains(&mut served, "database", &database.domains)?;
+            if database.queue {
+                if database.lease_seconds < 3 {
+                    return Err("database.lease_seconds must be at least 3".into());
+                }
+                // A node that takes over a message delivers it into its own stores: only the
+                // database's mailboxes are the same on every node.
+                if let Some(domain) = self.relay.local_domains.iter().find(|domain| {
+                    !database
+                        .domains
+                        .iter()
+                        .any(|d| d.eq_ignore_ascii_case(domain))
+                }) {
+                    return Err(format!(
+                        "database.queue: local domain {domain:?} keeps its mailboxes on this node; a node taking over its mail could not deliver there (list it in database.domains)"
+                    ));
+                }
+            }
         }
         if self.limits.max_line_length < 512 {
             return Err("limits.max_line_length must be at least 512 (RFC 5321 §4.5.3.1.4)".into());
@@ -906,6 +935,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("two mailbox stores"), "{err}");
+        // A shared queue needs every local domain's mailboxes shared too.
+        let queued = |domains: &str| format!("{}queue = true\n", with(domains));
+        assert!(Config::parse(&queued("[\"example.test\", \"localhost\"]"), "t").is_ok());
+        let err = Config::parse(&queued("[\"example.test\"]"), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"localhost\" keeps its mailboxes"), "{err}");
     }
 
     #[test]

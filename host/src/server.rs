@@ -163,9 +163,6 @@ pub async fn run(
         None
     };
     let users = Arc::new(UserDirectory::from_config(&config));
-    let spool = Spool::open(&data_dir.join("spool")).map_err(ServerError::Spool)?;
-    let recovered = spool.list().map_err(ServerError::Spool)?;
-    let (to_scheduler, scheduler_inbox) = mpsc::channel(256);
 
     let dns = match crate::dns::Dns::new(&config.dns) {
         Ok(dns) => Some(Arc::new(dns)),
@@ -279,10 +276,53 @@ pub async fn run(
         }));
     }
     let (to_relay, relay_inbox) = mpsc::channel(256);
-    // Per-recipient delivery states beside the spool, shared by the scheduler (which writes the
+    // The queue: files under data_dir/spool, or the database's rows shared by every node. The
+    // per-recipient delivery states live beside it, shared by the scheduler (which writes the
     // first) and the relay (which owns the message from then on).
-    let states = crate::relay::state::StateDir::open(&data_dir.join("spool").join("relay"))
-        .map_err(ServerError::Spool)?;
+    let shared_queue = database_store
+        .clone()
+        .zip(config.database.as_ref().filter(|d| d.queue));
+    let (spool, states) = match shared_queue {
+        Some((database, settings)) => {
+            let lease = std::time::Duration::from_secs(settings.lease_seconds);
+            info!(
+                lease_seconds = settings.lease_seconds,
+                "queue in PostgreSQL, shared"
+            );
+            (
+                Spool::shared(database.clone(), lease).map_err(ServerError::Spool)?,
+                crate::relay::state::StateDir::Database(database),
+            )
+        }
+        None => (
+            Spool::open(&data_dir.join("spool")).map_err(ServerError::Spool)?,
+            crate::relay::state::StateDir::open(&data_dir.join("spool").join("relay"))
+                .map_err(ServerError::Spool)?,
+        ),
+    };
+    // What an earlier run left (with the shared queue: what dead nodes' leases left), read
+    // off the runtime: the database may be slow to answer.
+    let recovered = {
+        let spool = spool.clone();
+        let shared = spool.database().is_some();
+        match tokio::task::spawn_blocking(move || spool.list())
+            .await
+            .map_err(|e| ServerError::Spool(std::io::Error::other(e.to_string())))?
+        {
+            Ok(ids) => ids,
+            // Taken over later by the lease keeper, once the database answers.
+            Err(err) if shared => {
+                warn!(error = %err, "queue database unreachable at start; recovering later");
+                Vec::new()
+            }
+            Err(err) => return Err(ServerError::Spool(err)),
+        }
+    };
+    let (to_scheduler, scheduler_inbox) = mpsc::channel(256);
+    tokio::spawn(crate::queue::keep_leases(
+        spool.clone(),
+        to_scheduler.clone(),
+    ));
     let local = Arc::new(LocalDelivery::new(
         store.clone(),
         users.clone(),

@@ -49,15 +49,19 @@ MAILBOX_LOG = ROOT / "plugins" / "target" / "wasm32-wasip2" / "release" / "mailb
 
 
 def with_backend(backend, transform=None, database_url=None, database_users=False,
-                 database_kv=False):
+                 database_kv=False, database_queue=False):
     """A config transform that also stores example.test's mailboxes in `backend` ("maildir",
     the embedded default, "mailbox-log", the shipped Wasm backend, or "postgres", the database
     at `database_url`)."""
     def apply(text):
         text = transform(text) if transform else text
         if backend == "postgres":
+            # A shared queue needs every local domain's mailboxes in the database.
+            domains = '["example.test", "localhost"]' if database_queue else '["example.test"]'
             text += (f'\n[database]\nurl = "{database_url}"\n'
-                     'domains = ["example.test"]\nmigrate = true\n')
+                     f'domains = {domains}\nmigrate = true\n')
+            if database_queue:
+                text += "queue = true\nlease_seconds = 3\n"
             if database_users:
                 text += "users = true\n"
             if database_kv:
@@ -111,7 +115,8 @@ def read_mailbox_log(folder_dir):
 
 class Server:
     def __init__(self, tmp_path, edits=None, transform=None, backend="maildir", cluster=None,
-                 database=None, host="127.0.0.1", database_users=False, database_kv=False):
+                 database=None, host="127.0.0.1", database_users=False, database_kv=False,
+                 database_queue=False):
         """`cluster` (a pg.Cluster) for the postgres backend, with `database` to share one
         between servers (a fresh one otherwise); `host` is the loopback address listened on."""
         tmp_path.mkdir(parents=True, exist_ok=True)
@@ -122,7 +127,8 @@ class Server:
         self.config = tmp_path / "postern.toml"
         url = cluster.url(self.database) if self.database else None
         text = test_config(self.data_dir, edits,
-                           with_backend(backend, transform, url, database_users, database_kv))
+                           with_backend(backend, transform, url, database_users, database_kv,
+                                        database_queue))
         text = re.sub(r'(?m)^address = "127\.0\.0\.1:0"', f'address = "{host}:0"', text)
         self.host = host
         self.config.write_text(text)

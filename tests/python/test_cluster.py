@@ -1,5 +1,5 @@
-"""Several nodes sharing mailboxes and users through one PostgreSQL database (`[database]`):
-three servers on 127.0.0.2-4, each with its own data directory (spool, TLS key), one database.
+"""Several nodes sharing mailboxes, queue and users through one PostgreSQL database
+(`[database]`, `queue = true`): three servers on 127.0.0.2-4, each with its own data directory (spool, TLS key), one database.
 Mail sent to one node is read from the others byte for byte, IDLE on one node is woken by a
 delivery on another, a flag set through one node is seen through another, and a user added
 through one node logs in on the others."""
@@ -23,7 +23,8 @@ def nodes(tmp_path, pg_cluster):
     made = []
     for n in (2, 3, 4):
         made.append(Server(tmp_path / f"node{n}", backend="postgres", cluster=pg_cluster,
-                           database=database, host=f"127.0.0.{n}", database_users=True))
+                           database=database, host=f"127.0.0.{n}", database_users=True,
+                           database_queue=True))
     yield made
     for s in made:
         s.stop()
@@ -173,13 +174,13 @@ def test_db_migrate_creates_the_schema_once(tmp_path, pg_cluster):
         out = subprocess.run([postern_bin(), "db", "migrate", "--config", str(config)],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
-        assert out.stdout.strip() == "schema at version 4"
+        assert out.stdout.strip() == "schema at version 5"
     assert pg_cluster.sql(database, "SELECT version FROM schema_version ORDER BY 1") == [
-        ["1"], ["2"], ["3"], ["4"]]
+        ["1"], ["2"], ["3"], ["4"], ["5"]]
     tables = {r[0] for r in pg_cluster.sql(
         database, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
     assert {"mailboxes", "folders", "bodies", "messages", "deliveries", "metadata", "users",
-            "aliases", "directory_version", "kv", "kv_usage"} <= tables
+            "aliases", "directory_version", "kv", "kv_usage", "queue"} <= tables
 
 
 def test_a_user_added_through_one_node_logs_in_on_the_others(nodes):

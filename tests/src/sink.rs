@@ -23,6 +23,8 @@ pub struct SinkMessage {
     pub data: Vec<u8>,
     pub tls: bool,
     pub auth: Option<String>,
+    /// When the sink said 250 to it.
+    pub received: std::time::Instant,
 }
 
 /// Decides the reply to RCPT: (recipient, transaction number from 0) → reply line.
@@ -280,6 +282,7 @@ async fn serve(
                     data,
                     tls,
                     auth: auth.clone(),
+                    received: std::time::Instant::now(),
                 });
                 "250 2.0.0 queued at sink\r\n".into()
             }

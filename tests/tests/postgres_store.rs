@@ -110,3 +110,140 @@ fn shared_kv_namespaces_count_exactly_across_nodes() {
     on_b.set("small", vec![b'y'; 10], None).unwrap();
     assert!(on_a.bytes() <= used + 20);
 }
+
+/// The shared queue (`[database] queue = true`): two handles on two pools stand for two nodes.
+/// A message is the node's that stored it until its lease runs out; then the other node takes
+/// it over, with the per-recipient outcomes saved so far, and the first finds it gone (it must
+/// not deliver it too). A commit batch that cannot reach the database acknowledges nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_queue_hands_a_dead_nodes_messages_to_another_by_lease() {
+    use postern::queue::{Envelope, Recipient, Route, Spool, SpoolError};
+    use postern::relay::state::{DeliveryState, RcptState, StateDir};
+    use std::time::Duration;
+
+    let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+    let url = cluster.url();
+    let node = move |lease_ms: u64| {
+        let store = Arc::new(PgStore::connect(&url, 4).expect("connect"));
+        store.migrate().unwrap();
+        let spool = Spool::shared(store.clone(), Duration::from_millis(lease_ms)).unwrap();
+        (spool, StateDir::Database(store))
+    };
+    let ((a, a_states), (b, b_states)) =
+        tokio::task::spawn_blocking(move || (node(1500), node(1500)))
+            .await
+            .unwrap();
+    let envelope = |id: String| Envelope {
+        id,
+        received_at: 1,
+        sender: "s@remote.test".into(),
+        recipients: vec![
+            Recipient {
+                address: "alice@example.test".into(),
+                route: Route::Local {
+                    mailbox: "alice@example.test".into(),
+                },
+            },
+            Recipient {
+                address: "bob@remote.test".into(),
+                route: Route::Remote,
+            },
+        ],
+        helo: "client".into(),
+        peer: "127.0.0.1".into(),
+        auth_user: None,
+        smtputf8: false,
+        message_len: 7,
+        quarantine: None,
+    };
+    // Concurrent stores commit (in batches) and each is the storing node's.
+    let mut stored = Vec::new();
+    for _ in 0..20 {
+        let (a, id) = (a.clone(), a.new_id());
+        stored.push(tokio::spawn(async move {
+            a.store(&envelope(id.clone()), Arc::new(b"hello\r\n".to_vec()))
+                .await
+                .map(|()| id)
+        }));
+    }
+    let mut ids = Vec::new();
+    for s in stored {
+        ids.push(s.await.unwrap().expect("stored"));
+    }
+    ids.sort();
+    let first = ids[0].clone();
+    let (a2, b2, sa, sb, id) = (
+        a.clone(),
+        b.clone(),
+        a_states.clone(),
+        b_states.clone(),
+        first.clone(),
+    );
+    let removed = ids[1].clone();
+    let state = tokio::task::spawn_blocking(move || {
+        let (env, bytes) = a2.read(&id).unwrap();
+        assert_eq!(
+            (env.recipients.len(), bytes.as_slice()),
+            (2, &b"hello\r\n"[..])
+        );
+        assert!(matches!(b2.read(&id), Err(SpoolError::Gone(_))));
+        // Node A delivered the local copy and recorded it; bob is still owed.
+        let state = DeliveryState {
+            attempts: 1,
+            next_attempt_ms: 0,
+            delay_notified: false,
+            recipients: vec![
+                RcptState::Done,
+                RcptState::Pending {
+                    address: "bob@remote.test".into(),
+                    last: None,
+                },
+            ],
+        };
+        sa.save(&id, &state).unwrap();
+        assert!(sb.save(&id, &state).is_err(), "B cannot write A's message");
+        // A's lease is live: B takes nothing.
+        assert!(b2.list().unwrap().is_empty());
+        a2.remove(&ids[1..2]).unwrap();
+        state
+    })
+    .await
+    .unwrap();
+    let b2 = b.clone();
+    tokio::task::spawn_blocking(move || {
+        let b = b2;
+        // A dies (stops renewing); its leases run out and B takes its messages over.
+        std::thread::sleep(Duration::from_millis(2000));
+        let taken = b.list().unwrap();
+        assert_eq!(taken.len(), 19, "every message A held but had not finished");
+        assert!(!taken.contains(&removed), "a removed message stays removed");
+        assert_eq!(
+            b_states.load(&first).unwrap(),
+            Some(state),
+            "bob still owed, alice not"
+        );
+        assert!(matches!(a.read(&first), Err(SpoolError::Gone(_))));
+        assert!(a_states
+            .save(&first, &b_states.load(&first).unwrap().unwrap())
+            .is_err());
+        // B renews: the messages stay B's.
+        b.database()
+            .unwrap()
+            .0
+            .queue_renew(Duration::from_millis(1500))
+            .unwrap();
+        assert!(a.list().unwrap().is_empty());
+        b.remove(&taken).unwrap();
+    })
+    .await
+    .unwrap();
+    // With the database gone, a store is refused (451 at SMTP), never acknowledged.
+    tokio::task::spawn_blocking(move || cluster.stop(true))
+        .await
+        .unwrap();
+    let refused = b
+        .store(&envelope(b.new_id()), Arc::new(b"lost?\r\n".to_vec()))
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, SpoolError::Unavailable(_)), "{refused}");
+}

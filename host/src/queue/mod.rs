@@ -33,6 +33,73 @@ pub struct Queue {
     scheduler: mpsc::Sender<Queued>,
 }
 
+/// While the queue is shared through the database: renews this node's leases every third of the
+/// lease, and takes over the messages of nodes whose leases ran out, handing them to the
+/// scheduler as recovered (their delivery states say what is still owed). Returns at once for
+/// the file spool.
+pub async fn keep_leases(spool: Spool, scheduler: mpsc::Sender<Queued>) {
+    let Some((store, lease)) = spool.database() else {
+        return;
+    };
+    // Renewing never waits behind a busy scheduler: a lease must not run out because this
+    // node is slow to take on more work.
+    let renewing = store.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(lease / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let store = renewing.clone();
+            if let Ok(Err(err)) =
+                tokio::task::spawn_blocking(move || store.queue_renew(lease)).await
+            {
+                tracing::warn!(error = %err, "queue: cannot renew this node's leases");
+            }
+        }
+    });
+    let mut tick = tokio::time::interval(lease / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (store, spool) = (store.clone(), spool.clone());
+        let taken = tokio::task::spawn_blocking(move || {
+            let ids = match store.queue_claim(lease, 100) {
+                Ok(ids) => ids,
+                Err(err) => {
+                    tracing::warn!(error = %err, "queue: cannot take over expired leases");
+                    return Vec::new();
+                }
+            };
+            ids.iter()
+                .filter_map(|id| match spool.read(id) {
+                    Ok((envelope, message)) => Some(Queued {
+                        envelope,
+                        message: Some(Arc::new(message)),
+                        retry: true,
+                    }),
+                    Err(err) => {
+                        tracing::warn!(queue_id = %id, error = %err, "queue: taken over but unreadable");
+                        None
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        if !taken.is_empty() {
+            tracing::info!(
+                count = taken.len(),
+                "queue: took over messages of a node whose lease ran out"
+            );
+        }
+        for queued in taken {
+            if scheduler.send(queued).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
 impl Queue {
     pub fn new(spool: Spool, scheduler: mpsc::Sender<Queued>) -> Queue {
         Queue { spool, scheduler }

@@ -5,10 +5,16 @@
 //! before the client hears 250, so a file in `queue/` is always complete; a file in `tmp/` never was
 //! acknowledged and is removed at start.
 //!
+//! With `[database] queue = true` the spool is the database's `queue` table instead (see
+//! `store::postgres::queue`), shared by every node: a message and its envelope are one row,
+//! committed before the 250, and the node that stored it holds it by a lease that it renews while
+//! it lives ([`keep_leases`](super::keep_leases)); another node takes over what a dead one held.
+//!
 //! Flushing is group-committed: sessions hand their written files to one committer thread, which
 //! takes everything that queued up while it was busy and makes the whole batch durable with one
 //! flush of the files and one of the directory. Throughput then grows with concurrency instead of
-//! being capped at one message per disk flush.
+//! being capped at one message per disk flush. The database spool commits its batch as one
+//! transaction the same way.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -16,12 +22,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::oneshot;
 
 use super::envelope::{Envelope, QueueId};
 use crate::durable;
+use crate::store::postgres::{PgStore, QueueRow};
 
 const MAGIC: &[u8] = b"POSTERN-SPOOL 1\n";
 /// The most files one group commit takes; bounds the latency of the first in the batch.
@@ -37,6 +44,11 @@ pub enum SpoolError {
     Damaged { path: PathBuf, reason: String },
     #[error("spool committer has stopped")]
     Stopped,
+    #[error("queue database unavailable: {0}")]
+    Unavailable(String),
+    /// Delivered, or taken over by another node after this node's lease ran out.
+    #[error("message {0} is no longer this node's to deliver")]
+    Gone(QueueId),
 }
 
 impl SpoolError {
@@ -50,10 +62,32 @@ impl SpoolError {
 }
 
 struct CommitRequest {
-    file: File,
-    tmp_path: PathBuf,
-    final_path: PathBuf,
+    item: Item,
     done: oneshot::Sender<Result<(), SpoolError>>,
+}
+
+/// What a session hands the committer.
+enum Item {
+    /// Written to `tmp/`, to be flushed and renamed into `queue/`.
+    File {
+        file: File,
+        tmp_path: PathBuf,
+        final_path: PathBuf,
+    },
+    /// A row to insert.
+    Row(QueueRow),
+}
+
+/// Where the spool keeps its messages.
+enum Backing {
+    Files {
+        tmp_dir: PathBuf,
+        queue_dir: PathBuf,
+    },
+    Database {
+        store: Arc<PgStore>,
+        lease: Duration,
+    },
 }
 
 /// Handle to the spool; cheap to clone.
@@ -63,8 +97,7 @@ pub struct Spool {
 }
 
 struct SpoolInner {
-    tmp_dir: PathBuf,
-    queue_dir: PathBuf,
+    backing: Arc<Backing>,
     committer: std_mpsc::Sender<CommitRequest>,
     sequence: AtomicU64,
     /// Random per process: ids stay unique when the clock steps back across a restart.
@@ -93,20 +126,38 @@ impl Spool {
         for entry in fs::read_dir(&tmp_dir)? {
             let _ = fs::remove_file(entry?.path());
         }
+        Spool::start(Backing::Files { tmp_dir, queue_dir })
+    }
+
+    /// The queue shared by every node through the database: messages this node stores are
+    /// leased to it for `lease` at a time.
+    pub fn shared(store: Arc<PgStore>, lease: Duration) -> io::Result<Spool> {
+        Spool::start(Backing::Database { store, lease })
+    }
+
+    fn start(backing: Backing) -> io::Result<Spool> {
+        let backing = Arc::new(backing);
         let (tx, rx) = std_mpsc::channel();
-        let dir = queue_dir.clone();
+        let committing = backing.clone();
         std::thread::Builder::new()
             .name("spool-commit".into())
-            .spawn(move || run_committer(rx, &dir))?;
+            .spawn(move || run_committer(rx, &committing))?;
         Ok(Spool {
             inner: Arc::new(SpoolInner {
-                tmp_dir,
-                queue_dir,
+                backing,
                 committer: tx,
                 sequence: AtomicU64::new(0),
                 instance: random_u32()?,
             }),
         })
+    }
+
+    /// The database and lease, when the queue is shared.
+    pub fn database(&self) -> Option<(Arc<PgStore>, Duration)> {
+        match &*self.inner.backing {
+            Backing::Database { store, lease } => Some((store.clone(), *lease)),
+            Backing::Files { .. } => None,
+        }
     }
 
     /// A new queue id: microseconds since the epoch (so ids roughly sort by arrival), this
@@ -133,58 +184,96 @@ impl Spool {
         envelope: &Envelope,
         message: Arc<Vec<u8>>,
     ) -> Result<(), SpoolError> {
-        let mut header = Vec::with_capacity(512);
-        header.extend_from_slice(MAGIC);
-        serde_json::to_writer(&mut header, envelope).map_err(io::Error::other)?;
-        header.push(b'\n');
-        let tmp_path = self.inner.tmp_dir.join(&envelope.id);
-        let final_path = self.inner.queue_dir.join(&envelope.id);
-        let write_path = tmp_path.clone();
-        let file = tokio::task::spawn_blocking(move || -> Result<File, SpoolError> {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&write_path)
-                .map_err(SpoolError::from_write)?;
-            let written = file
-                .write_all(&header)
-                .and_then(|_| file.write_all(&message));
-            if let Err(err) = written {
-                drop(file);
-                let _ = fs::remove_file(&write_path);
-                return Err(SpoolError::from_write(err));
+        let item = match &*self.inner.backing {
+            Backing::Files { tmp_dir, queue_dir } => {
+                let mut header = Vec::with_capacity(512);
+                header.extend_from_slice(MAGIC);
+                serde_json::to_writer(&mut header, envelope).map_err(io::Error::other)?;
+                header.push(b'\n');
+                let tmp_path = tmp_dir.join(&envelope.id);
+                let final_path = queue_dir.join(&envelope.id);
+                let write_path = tmp_path.clone();
+                let file = tokio::task::spawn_blocking(move || -> Result<File, SpoolError> {
+                    let mut file = OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&write_path)
+                        .map_err(SpoolError::from_write)?;
+                    let written = file
+                        .write_all(&header)
+                        .and_then(|_| file.write_all(&message));
+                    if let Err(err) = written {
+                        drop(file);
+                        let _ = fs::remove_file(&write_path);
+                        return Err(SpoolError::from_write(err));
+                    }
+                    Ok(file)
+                })
+                .await
+                .map_err(|_| SpoolError::Stopped)??;
+                Item::File {
+                    file,
+                    tmp_path,
+                    final_path,
+                }
             }
-            Ok(file)
-        })
-        .await
-        .map_err(|_| SpoolError::Stopped)??;
-
+            Backing::Database { .. } => {
+                let json = serde_json::to_string(envelope).map_err(io::Error::other)?;
+                Item::Row((envelope.id.clone(), json, message))
+            }
+        };
         let (done, wait) = oneshot::channel();
         self.inner
             .committer
-            .send(CommitRequest {
-                file,
-                tmp_path,
-                final_path,
-                done,
-            })
+            .send(CommitRequest { item, done })
             .map_err(|_| SpoolError::Stopped)?;
         wait.await.map_err(|_| SpoolError::Stopped)?
     }
 
-    /// Ids of every message in the queue, oldest first.
+    /// Ids of every message in the queue, oldest first (blocking). With the shared queue: the
+    /// messages whose lease ran out (a node died, or this one restarted), now leased to this
+    /// node.
     pub fn list(&self) -> io::Result<Vec<QueueId>> {
-        let mut ids: Vec<QueueId> = fs::read_dir(&self.inner.queue_dir)?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().into_string().ok())
-            .collect();
-        ids.sort();
-        Ok(ids)
+        match &*self.inner.backing {
+            Backing::Files { queue_dir, .. } => {
+                let mut ids: Vec<QueueId> = fs::read_dir(queue_dir)?
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect();
+                ids.sort();
+                Ok(ids)
+            }
+            Backing::Database { store, lease } => {
+                let mut ids = Vec::new();
+                loop {
+                    let claimed = store.queue_claim(*lease, 500).map_err(io::Error::other)?;
+                    if claimed.is_empty() {
+                        return Ok(ids);
+                    }
+                    ids.extend(claimed);
+                }
+            }
+        }
     }
 
     /// Reads a spooled message (blocking).
     pub fn read(&self, id: &str) -> Result<(Envelope, Vec<u8>), SpoolError> {
-        let path = self.inner.queue_dir.join(id);
+        let queue_dir = match &*self.inner.backing {
+            Backing::Files { queue_dir, .. } => queue_dir,
+            Backing::Database { store, .. } => {
+                let (json, message) = store
+                    .queue_read(id)
+                    .map_err(|e| SpoolError::Unavailable(e.to_string()))?
+                    .ok_or_else(|| SpoolError::Gone(id.to_string()))?;
+                let envelope: Envelope =
+                    serde_json::from_str(&json).map_err(|e| SpoolError::Damaged {
+                        path: PathBuf::from(format!("queue row {id}")),
+                        reason: format!("envelope: {e}"),
+                    })?;
+                return Ok((envelope, message));
+            }
+        };
+        let path = queue_dir.join(id);
         let damaged = |reason: &str| SpoolError::Damaged {
             path: path.clone(),
             reason: reason.to_string(),
@@ -210,18 +299,24 @@ impl Spool {
     /// Removes delivered messages (blocking). The directory is flushed so that a crash does not
     /// bring them back; if it did, delivery is idempotent (see `store::maildir`).
     pub fn remove(&self, ids: &[QueueId]) -> io::Result<()> {
+        let queue_dir = match &*self.inner.backing {
+            Backing::Files { queue_dir, .. } => queue_dir,
+            Backing::Database { store, .. } => {
+                return store.queue_delete(ids).map_err(io::Error::other)
+            }
+        };
         for id in ids {
-            match fs::remove_file(self.inner.queue_dir.join(id)) {
+            match fs::remove_file(queue_dir.join(id)) {
                 Ok(()) => {}
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {}
                 Err(err) => return Err(err),
             }
         }
-        durable::sync_dir(&self.inner.queue_dir)
+        durable::sync_dir(queue_dir)
     }
 }
 
-fn run_committer(rx: std_mpsc::Receiver<CommitRequest>, queue_dir: &Path) {
+fn run_committer(rx: std_mpsc::Receiver<CommitRequest>, backing: &Backing) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -230,34 +325,76 @@ fn run_committer(rx: std_mpsc::Receiver<CommitRequest>, queue_dir: &Path) {
                 Err(_) => break,
             }
         }
-        let result = commit_batch(&batch, queue_dir);
-        for (n, request) in batch.into_iter().enumerate() {
-            let outcome = match &result {
-                Ok(()) => Ok(()),
-                Err((renamed, err)) => {
-                    let _ = fs::remove_file(&request.tmp_path);
-                    // Only a file this batch renamed into place is removed: a name that was
-                    // taken belongs to another message.
-                    if n < *renamed {
-                        let _ = fs::remove_file(&request.final_path);
-                    }
-                    Err(SpoolError::from_write(io::Error::new(
-                        err.kind(),
-                        err.to_string(),
-                    )))
-                }
-            };
-            let _ = request.done.send(outcome);
+        match backing {
+            Backing::Files { queue_dir, .. } => commit_files(batch, queue_dir),
+            Backing::Database { store, lease } => commit_rows(batch, store, *lease),
         }
     }
 }
 
+/// Flushes and renames a batch into `queue/`, and tells each session how it went.
+fn commit_files(batch: Vec<CommitRequest>, queue_dir: &Path) {
+    let (files, rest): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .map(|request| match request.item {
+            Item::File {
+                file,
+                tmp_path,
+                final_path,
+            } => ((file, tmp_path, final_path), request.done),
+            Item::Row(_) => unreachable!("a file spool is handed files"),
+        })
+        .unzip();
+    let result = commit_batch(&files, queue_dir);
+    for (n, ((_, tmp_path, final_path), done)) in files.iter().zip(rest).enumerate() {
+        let outcome = match &result {
+            Ok(()) => Ok(()),
+            Err((renamed, err)) => {
+                let _ = fs::remove_file(tmp_path);
+                // Only a file this batch renamed into place is removed: a name that was
+                // taken belongs to another message.
+                if n < *renamed {
+                    let _ = fs::remove_file(final_path);
+                }
+                Err(SpoolError::from_write(io::Error::new(
+                    err.kind(),
+                    err.to_string(),
+                )))
+            }
+        };
+        let _ = done.send(outcome);
+    }
+}
+
+/// Inserts a batch in one transaction, and tells each session how it went: nothing of a batch
+/// whose commit failed is in the queue, so every session answers 451 and its client retries.
+fn commit_rows(batch: Vec<CommitRequest>, store: &PgStore, lease: Duration) {
+    let (rows, dones): (Vec<QueueRow>, Vec<_>) = batch
+        .into_iter()
+        .map(|request| match request.item {
+            Item::Row(row) => (row, request.done),
+            Item::File { .. } => unreachable!("a database spool is handed rows"),
+        })
+        .unzip();
+    let result = store.queue_insert(&rows, lease);
+    for done in dones {
+        let _ = done.send(
+            result
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| SpoolError::Unavailable(e.to_string())),
+        );
+    }
+}
+
+type Written = (File, PathBuf, PathBuf);
+
 /// Flushes and renames a batch into `queue/`. On failure: how many were renamed, and why.
-fn commit_batch(batch: &[CommitRequest], queue_dir: &Path) -> Result<(), (usize, io::Error)> {
-    let files: Vec<&File> = batch.iter().map(|r| &r.file).collect();
+fn commit_batch(batch: &[Written], queue_dir: &Path) -> Result<(), (usize, io::Error)> {
+    let files: Vec<&File> = batch.iter().map(|(file, _, _)| file).collect();
     durable::sync_files(&files).map_err(|err| (0, err))?;
-    for (n, request) in batch.iter().enumerate() {
-        durable::rename_new(&request.tmp_path, &request.final_path).map_err(|err| (n, err))?;
+    for (n, (_, tmp_path, final_path)) in batch.iter().enumerate() {
+        durable::rename_new(tmp_path, final_path).map_err(|err| (n, err))?;
     }
     durable::sync_dir(queue_dir).map_err(|err| (batch.len(), err))
 }

@@ -197,6 +197,12 @@ async fn attempt(context: &Arc<Context>, mut pending: Pending) -> Option<Pending
         let read_id = id.clone();
         match tokio::task::spawn_blocking(move || spool.read(&read_id)).await {
             Ok(Ok((_, message))) => Some(Arc::new(message)),
+            Ok(Err(crate::queue::SpoolError::Gone(_))) => {
+                // The shared queue gave it to another node while this one was cut off: that
+                // node delivers it, this one must not as well.
+                warn!("no longer this node's to deliver; dropped here");
+                return None;
+            }
             Ok(Err(err)) => {
                 error!("cannot read the spooled message: {err}");
                 pending.state.next_attempt_ms = now_ms() + 60_000;

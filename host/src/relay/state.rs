@@ -118,42 +118,69 @@ impl DeliveryState {
     }
 }
 
+/// Where delivery states are kept: files beside the spool, or the shared queue's rows.
 #[derive(Clone)]
-pub struct StateDir {
-    dir: PathBuf,
+pub enum StateDir {
+    Dir(PathBuf),
+    /// `queue.state` of the rows this node holds (`store::postgres::queue`).
+    Database(std::sync::Arc<crate::store::postgres::PgStore>),
 }
 
 impl StateDir {
     pub fn open(dir: &Path) -> io::Result<StateDir> {
         crate::durable::create_dir_all(dir)?;
-        Ok(StateDir {
-            dir: dir.to_path_buf(),
-        })
+        Ok(StateDir::Dir(dir.to_path_buf()))
     }
 
     pub fn load(&self, id: &str) -> io::Result<Option<DeliveryState>> {
-        match fs::read(self.dir.join(id)) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(err) => Err(err),
+        let bytes = match self {
+            StateDir::Dir(dir) => match fs::read(dir.join(id)) {
+                Ok(bytes) => bytes,
+                Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(err) => return Err(err),
+            },
+            StateDir::Database(store) => match store.queue_state(id).map_err(io::Error::other)? {
+                Some(json) => json.into_bytes(),
+                None => return Ok(None),
+            },
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    /// Replaces the state durably (committed, in the database).
+    pub fn save(&self, id: &str, state: &DeliveryState) -> io::Result<()> {
+        let bytes = serde_json::to_vec(state).map_err(io::Error::other)?;
+        match self {
+            StateDir::Dir(dir) => {
+                let tmp = dir.join(format!(".{id}.tmp"));
+                durable::write_and_rename(&tmp, &dir.join(id), &bytes)?;
+                durable::sync_dir(dir)
+            }
+            StateDir::Database(store) => {
+                let json = String::from_utf8(bytes).map_err(io::Error::other)?;
+                match store.queue_save_state(id, &json) {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        "no longer this node's (another node took it over)",
+                    )),
+                    Err(err) => Err(io::Error::other(err)),
+                }
+            }
         }
     }
 
-    /// Replaces the state durably.
-    pub fn save(&self, id: &str, state: &DeliveryState) -> io::Result<()> {
-        let bytes = serde_json::to_vec(state).map_err(io::Error::other)?;
-        let tmp = self.dir.join(format!(".{id}.tmp"));
-        durable::write_and_rename(&tmp, &self.dir.join(id), &bytes)?;
-        durable::sync_dir(&self.dir)
-    }
-
     pub fn remove(&self, id: &str) -> io::Result<()> {
-        match fs::remove_file(self.dir.join(id)) {
-            Ok(()) => Ok(()),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(err) => Err(err),
+        match self {
+            StateDir::Dir(dir) => match fs::remove_file(dir.join(id)) {
+                Ok(()) => Ok(()),
+                Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(err) => Err(err),
+            },
+            // The state goes with its row, which the spool removes.
+            StateDir::Database(_) => Ok(()),
         }
     }
 }

@@ -10,6 +10,7 @@
 
 mod directory;
 mod kv;
+mod queue;
 mod schema;
 
 use std::collections::{BTreeMap, HashMap};
@@ -24,6 +25,7 @@ use super::{
 };
 
 pub use kv::KvEntry;
+pub use queue::QueueRow;
 pub use schema::MIGRATIONS;
 
 pub struct PgStore {

@@ -150,4 +150,22 @@ pub const MIGRATIONS: &[&str] = &[
         bytes bigint NOT NULL DEFAULT 0
     );
     "#,
+    // 5: the shared queue (`queue::spool`, `[database] queue = true`). A message and its
+    // envelope are one row, committed before the 250. The node delivering it holds a lease
+    // (lease_owner, its application_name; lease_until, renewed while it lives); a lease that ran
+    // out is taken by another node with FOR UPDATE SKIP LOCKED, so a dead node's messages are
+    // delivered by the others. state holds the per-recipient outcomes (`relay::state`), so the
+    // node that takes a message over does not send a recipient a second copy.
+    r#"
+    CREATE TABLE queue (
+        id text PRIMARY KEY,
+        envelope text NOT NULL,
+        message bytea NOT NULL,
+        state text,
+        lease_owner text NOT NULL,
+        lease_until timestamptz NOT NULL
+    );
+    CREATE INDEX queue_lease ON queue (lease_until);
+    CREATE INDEX queue_owner ON queue (lease_owner);
+    "#,
 ];

@@ -1,0 +1,411 @@
+//! Three nodes sharing mailboxes and the queue through one PostgreSQL cluster
+//! (`[database] queue = true`), under load spread over them, while a random node is killed
+//! with SIGKILL at random moments and started again. Every message sent to a local and a remote
+//! recipient that was acknowledged with 250 must end up once in the mailbox and once at the
+//! remote sink; mailboxes read the same (count, UIDs) from every node; a node's messages are
+//! taken over by the others once its lease runs out. Then the database is stopped: SMTP answers
+//! 451 4.3.0, never 250; started again, mail flows with no restart of the nodes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use postern::store::postgres::PgStore;
+use postern::store::MailStore;
+use postern_e2e::dns::{Rr, TestDns};
+use postern_e2e::postgres::Cluster;
+use postern_e2e::sink::{loopback_ip, Sink, SinkScript};
+use postern_e2e::{set_key, SmtpClient, TestServer};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+const NODES: usize = 3;
+const KILLS: usize = 4;
+const LEASE_SECONDS: u64 = 3;
+
+fn node_config(config: String, url: &str, dns: &TestDns, mx_port: u16) -> String {
+    let config = config.replace(
+        "nameservers = [\"127.0.0.1:9\"]",
+        &format!("nameservers = [\"{}\"]", dns.addr),
+    );
+    let config = set_key(&config, "relay", "trusted_networks", "[\"127.0.0.0/8\"]");
+    let config = set_key(&config, "outbound", "mx_port", &mx_port.to_string());
+    let config = set_key(&config, "outbound", "retry_schedule", "[\"1s\"]");
+    // A plaintext IMAP listener the test may log in on (loopback only).
+    let config = config.replace("name = \"imap\"\n", "name = \"imap\"\ntrusted = true\n");
+    format!(
+        "{config}\n[database]\nurl = {url:?}\ndomains = [\"example.test\", \"localhost\"]\n\
+         migrate = true\nqueue = true\nlease_seconds = {LEASE_SECONDS}\n"
+    )
+}
+
+fn message(n: usize) -> Vec<u8> {
+    format!(
+        "From: Load <load@example.test>\r\nTo: alice@example.test, bob@example.net\r\n\
+         Subject: cluster crash {n}\r\nMessage-ID: <crash-{n}@example.test>\r\n\r\n\
+         Message {n}, sent to a node that may die.\r\n"
+    )
+    .into_bytes()
+}
+
+/// The `crash-N` of a message's Message-ID.
+fn number(bytes: &[u8]) -> Option<usize> {
+    let text = String::from_utf8_lossy(bytes);
+    let at = text.find("Message-ID: <crash-")? + "Message-ID: <crash-".len();
+    text[at..].split('@').next()?.parse().ok()
+}
+
+/// One message through one node: Some(true) on 250, Some(false) on a refusal, None when the
+/// connection broke (the outcome is unknown to the client: it may or may not have been stored).
+async fn send(port: u16, n: usize) -> Option<bool> {
+    let (mut client, _) = SmtpClient::connect(port).await.ok()?;
+    client.expect("EHLO load.test", 250).await.ok()?;
+    client
+        .expect("MAIL FROM:<load@example.test>", 250)
+        .await
+        .ok()?;
+    for rcpt in ["alice@example.test", "bob@example.net"] {
+        client
+            .expect(&format!("RCPT TO:<{rcpt}>"), 250)
+            .await
+            .ok()?;
+    }
+    let (code, _) = client.data(&message(n)).await.ok()?;
+    let _ = client.cmd("QUIT").await;
+    Some(code == 250)
+}
+
+/// One tagged IMAP command's untagged lines (the tagged reply must be OK).
+async fn answer(
+    r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    w: &mut tokio::net::tcp::OwnedWriteHalf,
+    command: &str,
+) -> Vec<String> {
+    w.write_all(format!("t {command}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut lines = Vec::new();
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).await.unwrap();
+        assert!(!line.is_empty(), "connection closed");
+        if line.starts_with("t ") {
+            assert!(line.starts_with("t OK"), "{command}: {line}");
+            return lines;
+        }
+        lines.push(line);
+    }
+}
+
+/// (message count, UIDs) of alice's INBOX as one node's IMAP server reads it.
+async fn imap_view(port: u16) -> (usize, Vec<u32>) {
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    let mut greeting = String::new();
+    r.read_line(&mut greeting).await.unwrap();
+    answer(&mut r, &mut w, "LOGIN alice@example.test alicepass").await;
+    let selected = answer(&mut r, &mut w, "SELECT INBOX").await;
+    let exists = selected
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("* ")?
+                .strip_suffix(" EXISTS\r\n")?
+                .parse()
+                .ok()
+        })
+        .unwrap();
+    let searched = answer(&mut r, &mut w, "UID SEARCH ALL").await;
+    let uids = searched
+        .iter()
+        .find_map(|l| l.strip_prefix("* SEARCH"))
+        .unwrap_or("")
+        .split_whitespace()
+        .map(|u| u.parse().unwrap())
+        .collect();
+    answer(&mut r, &mut w, "LOGOUT").await;
+    (exists, uids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_nodes_lose_nothing_and_send_nothing_twice() {
+    let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+    let url = cluster.url();
+    let sink_ip = loopback_ip();
+    let sink = Sink::start(sink_ip, 0, SinkScript::default()).await;
+    let dns = TestDns::start(vec![
+        ("example.net", Rr::Mx(10, "mx.example.net".into())),
+        ("mx.example.net", Rr::A(sink_ip)),
+    ]);
+    let nodes: Vec<Arc<Mutex<TestServer>>> = (0..NODES)
+        .map(|_| {
+            let server =
+                TestServer::start(|c| node_config(c, &url, &dns, sink.addr.port())).unwrap();
+            Arc::new(Mutex::new(server))
+        })
+        .collect();
+    let smtp_ports = Arc::new(Mutex::new(
+        nodes
+            .iter()
+            .map(|n| n.lock().unwrap().port("smtp"))
+            .collect::<Vec<u16>>(),
+    ));
+
+    // Load: four senders, each to a node chosen in turn, until the kills are over.
+    let outcomes: Arc<Mutex<BTreeMap<usize, Option<bool>>>> = Default::default();
+    let running = Arc::new(AtomicBool::new(true));
+    let mut senders = Vec::new();
+    for s in 0..4 {
+        let (outcomes, running, ports) = (outcomes.clone(), running.clone(), smtp_ports.clone());
+        senders.push(tokio::spawn(async move {
+            let mut n = s;
+            while running.load(Ordering::Relaxed) {
+                let port = ports.lock().unwrap()[(n / 4 + s) % NODES];
+                let outcome = send(port, n).await;
+                outcomes.lock().unwrap().insert(n, outcome);
+                n += 4;
+            }
+        }));
+    }
+    // Kills at random moments (0.3 to 1.5 s apart), each node started again at once.
+    let mut kills = Vec::new();
+    let mut seed = std::process::id() as u64;
+    let mut random = move |below: u64| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) % below
+    };
+    for _ in 0..KILLS {
+        tokio::time::sleep(Duration::from_millis(300 + random(1200))).await;
+        let victim = random(NODES as u64) as usize;
+        let node = nodes[victim].clone();
+        kills.push(Instant::now());
+        let port = tokio::task::spawn_blocking(move || {
+            let mut node = node.lock().unwrap();
+            node.kill9();
+            std::thread::sleep(Duration::from_millis(200));
+            node.restart().unwrap();
+            node.port("smtp")
+        })
+        .await
+        .unwrap();
+        smtp_ports.lock().unwrap()[victim] = port;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    running.store(false, Ordering::Relaxed);
+    for s in senders {
+        s.await.unwrap();
+    }
+    let outcomes = outcomes.lock().unwrap().clone();
+    let acknowledged: Vec<usize> = outcomes
+        .iter()
+        .filter(|(_, o)| **o == Some(true))
+        .map(|(n, _)| *n)
+        .collect();
+    let unknown: Vec<usize> = outcomes
+        .iter()
+        .filter(|(_, o)| o.is_none())
+        .map(|(n, _)| *n)
+        .collect();
+    assert!(acknowledged.len() > 20, "too little load: {outcomes:?}");
+
+    // Everything acknowledged arrives: in alice's mailbox (read from the database) and at the
+    // sink, within a few leases (a killed node's messages wait for its lease to run out).
+    let store = {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || Arc::new(PgStore::connect(&url, 2).unwrap()))
+            .await
+            .unwrap()
+    };
+    let stored_counts = || {
+        let store = store.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let snapshot = store.snapshot("alice@example.test", "INBOX").unwrap();
+                let mut counts: HashMap<usize, usize> = HashMap::new();
+                for m in &snapshot.messages {
+                    let bytes = store.read("alice@example.test", "INBOX", m).unwrap();
+                    *counts
+                        .entry(number(&bytes).expect("a load message"))
+                        .or_default() += 1;
+                }
+                counts
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(6 * LEASE_SECONDS + 30);
+    let (stored, relayed) = loop {
+        let stored = stored_counts().await;
+        let relayed = sink.messages();
+        let relayed_numbers: Vec<usize> = relayed.iter().filter_map(|m| number(&m.data)).collect();
+        if acknowledged
+            .iter()
+            .all(|n| stored.contains_key(n) && relayed_numbers.contains(n))
+        {
+            break (stored, relayed);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "acknowledged but not delivered after {} s; logs:\n{}",
+            6 * LEASE_SECONDS + 30,
+            nodes[0].lock().unwrap().log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Local copies: each exactly once (deliveries are recorded by id in the transaction that
+    // stores them, so a retry by another node finds the first copy).
+    for (n, count) in &stored {
+        assert_eq!(*count, 1, "message {n} stored {count} times");
+        assert!(
+            outcomes.get(n) != Some(&Some(false)),
+            "message {n} was refused yet stored"
+        );
+    }
+    // Remote copies: once, unless a node died between the sink's 250 and the commit of that
+    // outcome (SMTP cannot close that window, RFC 5321 §6.1: the only alternative is to lose
+    // mail); such a second copy must follow a kill that came right after the first.
+    let mut at_sink: BTreeMap<usize, Vec<Instant>> = BTreeMap::new();
+    for m in &relayed {
+        at_sink
+            .entry(number(&m.data).expect("a load message"))
+            .or_default()
+            .push(m.received);
+    }
+    let mut excused = 0;
+    for (n, times) in &at_sink {
+        assert!(
+            outcomes.get(n) != Some(&Some(false)),
+            "message {n} was refused yet relayed"
+        );
+        if times.len() > 1 {
+            let first = times[0];
+            assert!(
+                times.len() == 2
+                    && kills
+                        .iter()
+                        .any(|k| *k >= first && *k - first < Duration::from_millis(500)),
+                "message {n} relayed {} times with no kill right after the first",
+                times.len()
+            );
+            excused += 1;
+        }
+    }
+    // Each node reads the same mailbox.
+    let expected: Vec<u32> = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || {
+            store
+                .snapshot("alice@example.test", "INBOX")
+                .unwrap()
+                .messages
+                .iter()
+                .map(|m| m.uid)
+                .collect()
+        })
+        .await
+        .unwrap()
+    };
+    assert!(expected.windows(2).all(|w| w[0] < w[1]));
+    for node in &nodes {
+        let port = node.lock().unwrap().port("imap");
+        assert_eq!(imap_view(port).await, (expected.len(), expected.clone()));
+    }
+    // Nothing is left in the queue.
+    let left = {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            let c = PgStore::connect(&url, 1).unwrap();
+            c.queue_claim(Duration::from_secs(1), 1000).unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    assert!(left.is_empty(), "still queued: {left:?}");
+    // The killed nodes' messages were delivered by lease takeover, not only by restarts.
+    let taken_over: usize = nodes
+        .iter()
+        .map(|n| {
+            n.lock()
+                .unwrap()
+                .log()
+                .lines()
+                .filter(|l| l.contains("queue: took over messages"))
+                .filter_map(|l| {
+                    l.split("count=")
+                        .nth(1)?
+                        .split_whitespace()
+                        .next()?
+                        .parse::<usize>()
+                        .ok()
+                })
+                .sum::<usize>()
+        })
+        .sum();
+    assert!(
+        taken_over > 0,
+        "no kill left a message for the others to take over"
+    );
+    eprintln!(
+        "cluster crash: {} acknowledged, {} unknown to the client, {} kills, {} messages taken over by lease; stored {} (each once), relayed {} ({} second copies right after a kill)",
+        acknowledged.len(),
+        unknown.len(),
+        kills.len(),
+        taken_over,
+        stored.len(),
+        at_sink.len(),
+        excused
+    );
+
+    // The database goes away: no 250 without a commit.
+    let cluster = Arc::new(cluster);
+    let down = cluster.clone();
+    tokio::task::spawn_blocking(move || down.stop(true))
+        .await
+        .unwrap();
+    let port = nodes[1].lock().unwrap().port("smtp");
+    let (mut client, _) = SmtpClient::connect(port).await.unwrap();
+    client.expect("EHLO load.test", 250).await.unwrap();
+    client
+        .expect("MAIL FROM:<load@example.test>", 250)
+        .await
+        .unwrap();
+    client
+        .expect("RCPT TO:<alice@example.test>", 250)
+        .await
+        .unwrap();
+    let (code, text) = client.data(&message(100_000)).await.unwrap();
+    assert_eq!(code, 451, "{text}");
+    assert!(text.contains("4.3.0"), "{text}");
+    drop(client);
+    let up = cluster.clone();
+    tokio::task::spawn_blocking(move || up.restart())
+        .await
+        .unwrap();
+    // It resumes by itself: the pool reconnects.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while send(port, 100_001).await != Some(true) {
+        assert!(
+            Instant::now() < deadline,
+            "no 250 after the database came back"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !stored_counts().await.contains_key(&100_001) {
+        assert!(
+            Instant::now() < deadline,
+            "not delivered after the database came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!stored_counts().await.contains_key(&100_000));
+    // The store's own runtime may not be dropped on this one.
+    tokio::task::spawn_blocking(move || drop(store))
+        .await
+        .unwrap();
+}
