@@ -1,8 +1,8 @@
 """Several nodes sharing mailboxes, queue and users through one PostgreSQL database
-(`[database]`, `queue = true`): three servers on 127.0.0.2-4, each with its own data directory (spool, TLS key), one database.
-Mail sent to one node is read from the others byte for byte, IDLE on one node is woken by a
-delivery on another, a flag set through one node is seen through another, and a user added
-through one node logs in on the others."""
+(`[database]`, `queue = true`): three servers on 127.0.0.2-4, each with its own data directory
+(TLS key), one database. Mail sent to one node is read from the others byte for byte, IDLE on
+one node is woken by a delivery on another, a flag set through one node is seen through
+another, and a user added through one node logs in on the others."""
 
 import imaplib
 import poplib
