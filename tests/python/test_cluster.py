@@ -174,9 +174,9 @@ def test_db_migrate_creates_the_schema_once(tmp_path, pg_cluster):
         out = subprocess.run([postern_bin(), "db", "migrate", "--config", str(config)],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
-        assert out.stdout.strip() == "schema at version 5"
+        assert out.stdout.strip() == "schema at version 6"
     assert pg_cluster.sql(database, "SELECT version FROM schema_version ORDER BY 1") == [
-        ["1"], ["2"], ["3"], ["4"], ["5"]]
+        ["1"], ["2"], ["3"], ["4"], ["5"], ["6"]]
     tables = {r[0] for r in pg_cluster.sql(
         database, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
     assert {"mailboxes", "folders", "bodies", "messages", "deliveries", "metadata", "users",

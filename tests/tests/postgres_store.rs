@@ -247,3 +247,75 @@ async fn the_shared_queue_hands_a_dead_nodes_messages_to_another_by_lease() {
         .unwrap_err();
     assert!(matches!(refused, SpoolError::Unavailable(_)), "{refused}");
 }
+
+/// The body-store interface (`store::postgres::bodies`): bodies kept outside the database, here
+/// in a directory standing for an S3-compatible store. The conformance suite passes on it; a
+/// message's bytes live only in that store, and an expunge forgets the body once committed.
+#[test]
+fn bodies_kept_outside_the_database_meet_the_mailbox_contract() {
+    use postern::store::postgres::bodies::BodyStore;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    struct DirBodies {
+        dir: std::path::PathBuf,
+        next: AtomicU64,
+    }
+    impl BodyStore for DirBodies {
+        fn put(&self, bytes: &[u8]) -> Result<Option<String>, StoreError> {
+            let name = format!(
+                "{}-{}",
+                std::process::id(),
+                self.next.fetch_add(1, Ordering::Relaxed)
+            );
+            std::fs::write(self.dir.join(&name), bytes).map_err(StoreError::Io)?;
+            Ok(Some(name))
+        }
+        fn get(&self, location: &str) -> Result<Vec<u8>, StoreError> {
+            std::fs::read(self.dir.join(location)).map_err(StoreError::Io)
+        }
+        fn delete(&self, locations: &[String]) -> Result<(), StoreError> {
+            for l in locations {
+                std::fs::remove_file(self.dir.join(l)).map_err(StoreError::Io)?;
+            }
+            Ok(())
+        }
+    }
+
+    let cluster = Cluster::start();
+    let url = cluster.url();
+    let objects = tempfile::tempdir().unwrap();
+    let bodies = Arc::new(DirBodies {
+        dir: objects.path().to_path_buf(),
+        next: AtomicU64::new(0),
+    });
+    PgStore::connect(&url, 1).unwrap().migrate().unwrap();
+    postern::store::conformance::run_all(&|| -> Arc<dyn MailStore> {
+        Arc::new(PgStore::connect_with_bodies(&url, 4, bodies.clone()).expect("connect"))
+    });
+
+    let store = PgStore::connect_with_bodies(&url, 2, bodies.clone()).unwrap();
+    let user = "objects@example.test";
+    let message = b"Subject: elsewhere\r\n\r\nkept in the body store\r\n";
+    let before = std::fs::read_dir(objects.path()).unwrap().count();
+    store
+        .append(user, "INBOX", message, Flags::empty(), &Keywords::new(), 9)
+        .unwrap();
+    assert_eq!(
+        std::fs::read_dir(objects.path()).unwrap().count(),
+        before + 1
+    );
+    let snapshot = store.snapshot(user, "INBOX").unwrap();
+    let info = &snapshot.messages[0];
+    assert_eq!(store.read(user, "INBOX", info).unwrap(), message);
+    let headers = store.read_headers(user, "INBOX", &[info]);
+    assert_eq!(
+        &*headers[0].as_ref().unwrap().clone(),
+        &b"Subject: elsewhere\r\n\r\n"[..]
+    );
+    store.remove(user, "INBOX", &[info]).unwrap();
+    assert_eq!(
+        std::fs::read_dir(objects.path()).unwrap().count(),
+        before,
+        "the expunged body is forgotten"
+    );
+}

@@ -8,6 +8,7 @@
 //! connections (tokio-postgres through a deadpool pool) and blocks the calling thread, which is
 //! always a blocking one, on each call.
 
+pub mod bodies;
 mod directory;
 mod kv;
 mod queue;
@@ -38,6 +39,8 @@ pub struct PgStore {
     /// Headers by folder id (never reused, so an entry is never stale) and UID: SEARCH by
     /// header and FETCH ENVELOPE read them again and again.
     headers: std::sync::Mutex<HeaderCache<i64>>,
+    /// Where bodies live (`bodies`): the database itself unless told otherwise.
+    bodies: std::sync::Arc<dyn bodies::BodyStore>,
 }
 
 /// What [`PgStore::listen`] hears.
@@ -89,6 +92,15 @@ impl PgStore {
     /// Connects (lazily: the pool opens connections when a call needs one). `pool_size`
     /// connections at most.
     pub fn connect(url: &str, pool_size: usize) -> Result<PgStore> {
+        PgStore::connect_with_bodies(url, pool_size, std::sync::Arc::new(bodies::InDatabase))
+    }
+
+    /// As [`PgStore::connect`], with message bodies kept by `bodies`.
+    pub fn connect_with_bodies(
+        url: &str,
+        pool_size: usize,
+        bodies: std::sync::Arc<dyn bodies::BodyStore>,
+    ) -> Result<PgStore> {
         let mut config: tokio_postgres::Config = url.parse().map_err(db)?;
         let node = {
             use std::hash::{BuildHasher, Hasher};
@@ -132,6 +144,7 @@ impl PgStore {
             config,
             node,
             headers: Default::default(),
+            bodies,
         })
     }
 
@@ -183,6 +196,17 @@ impl PgStore {
 
     fn block<T>(&self, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
         self.runtime.block_on(f)
+    }
+
+    /// Tells the body store the bodies a committed transaction dropped. A failure here only
+    /// leaves unreferenced objects behind: the messages are gone either way.
+    fn forget_bodies(&self, locations: &[String]) {
+        if locations.is_empty() {
+            return;
+        }
+        if let Err(err) = self.bodies.delete(locations) {
+            tracing::warn!(error = %err, count = locations.len(), "body store: cannot delete unreferenced bodies");
+        }
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {
@@ -398,14 +422,42 @@ async fn define(c: &impl GenericClient, folder: &FolderRow, keywords: &Keywords)
     Ok(())
 }
 
-async fn insert_body(c: &impl GenericClient, bytes: &[u8]) -> Result<i64> {
-    Ok(c.query_one(
-        "INSERT INTO bodies (bytes) VALUES ($1) RETURNING id",
-        &[&bytes],
-    )
-    .await
-    .map_err(db)?
-    .get(0))
+/// Stores a body: its bytes in the row, or where the body store keeps them.
+async fn insert_body(
+    c: &impl GenericClient,
+    bodies: &dyn bodies::BodyStore,
+    bytes: &[u8],
+) -> Result<i64> {
+    let row = match bodies.put(bytes)? {
+        None => {
+            c.query_one(
+                "INSERT INTO bodies (bytes) VALUES ($1) RETURNING id",
+                &[&bytes],
+            )
+            .await
+        }
+        Some(location) => {
+            c.query_one(
+                "INSERT INTO bodies (location) VALUES ($1) RETURNING id",
+                &[&location],
+            )
+            .await
+        }
+    };
+    Ok(row.map_err(db)?.get(0))
+}
+
+/// A body's bytes from its row: there, or at the location the body store gave.
+fn body_bytes(
+    bodies: &dyn bodies::BodyStore,
+    bytes: Option<Vec<u8>>,
+    location: Option<String>,
+) -> Result<Vec<u8>> {
+    match (bytes, location) {
+        (Some(bytes), _) => Ok(bytes),
+        (None, Some(location)) => bodies.get(&location),
+        (None, None) => Err(StoreError::Gone("body".into())),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -441,18 +493,22 @@ async fn insert_message(
     Ok(())
 }
 
-/// Removes bodies no message points at any more.
-async fn drop_bodies(c: &impl GenericClient, bodies: &[i64]) -> Result<()> {
-    if !bodies.is_empty() {
-        c.execute(
+/// Removes bodies no message points at any more. Returns the locations of those kept by the
+/// body store, which it forgets once the transaction committed ([`PgStore::forget_bodies`]).
+async fn drop_bodies(c: &impl GenericClient, bodies: &[i64]) -> Result<Vec<String>> {
+    if bodies.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = c
+        .query(
             "DELETE FROM bodies b WHERE b.id = ANY($1)
-             AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.body = b.id)",
+             AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.body = b.id)
+             RETURNING b.location",
             &[&bodies],
         )
         .await
         .map_err(db)?;
-    }
-    Ok(())
+    Ok(rows.iter().filter_map(|r| r.get(0)).collect())
 }
 
 fn uids(messages: &[&MessageInfo]) -> Vec<i64> {
@@ -483,7 +539,7 @@ impl MailStore for PgStore {
                 let body = match bodies.get(&d.message.as_ptr()) {
                     Some(id) => *id,
                     None => {
-                        let id = insert_body(&tx, d.message).await?;
+                        let id = insert_body(&tx, &*self.bodies, d.message).await?;
                         bodies.insert(d.message.as_ptr(), id);
                         id
                     }
@@ -617,7 +673,8 @@ impl MailStore for PgStore {
             const PREFIX: i32 = 64 * 1024;
             let rows = client
                 .query(
-                    "SELECT m.uid, m.prepend, substring(b.bytes FROM 1 FOR $3), length(b.bytes)
+                    "SELECT m.uid, m.prepend, substring(b.bytes FROM 1 FOR $3), length(b.bytes),
+                            b.location
                      FROM messages m JOIN bodies b ON b.id = m.body
                      WHERE m.folder = $1 AND m.uid = ANY($2)",
                     &[&folder_id, &missing, &PREFIX],
@@ -627,20 +684,28 @@ impl MailStore for PgStore {
             for row in rows {
                 let uid: i64 = row.get(0);
                 let mut bytes: Vec<u8> = row.get(1);
-                let part: &[u8] = row.get(2);
-                let whole: i32 = row.get(3);
-                bytes.extend_from_slice(part);
+                let (part, whole): (Vec<u8>, usize) = match row.get::<_, Option<Vec<u8>>>(2) {
+                    Some(part) => (part, row.get::<_, i32>(3) as usize),
+                    None => {
+                        // Kept by the body store: read whole (its headers are what is cached).
+                        let body = body_bytes(&*self.bodies, None, row.get(4))?;
+                        let whole = body.len();
+                        (body, whole)
+                    }
+                };
+                bytes.extend_from_slice(&part);
                 let mut end = crate::message::body_offset(&bytes);
-                if end == bytes.len() && part.len() < whole as usize {
+                if end == bytes.len() && part.len() < whole {
                     let row = client
                         .query_one(
-                            "SELECT m.prepend || b.bytes FROM messages m
+                            "SELECT m.prepend, b.bytes, b.location FROM messages m
                              JOIN bodies b ON b.id = m.body WHERE m.folder = $1 AND m.uid = $2",
                             &[&folder_id, &uid],
                         )
                         .await
                         .map_err(db)?;
                     bytes = row.get(0);
+                    bytes.extend(body_bytes(&*self.bodies, row.get(1), row.get(2))?);
                     end = crate::message::body_offset(&bytes);
                 }
                 bytes.truncate(end);
@@ -673,7 +738,7 @@ impl MailStore for PgStore {
             let client = self.client().await?;
             let row = client
                 .query_opt(
-                    "SELECT m.prepend, b.bytes FROM messages m
+                    "SELECT m.prepend, b.bytes, b.location FROM messages m
                      JOIN folders f ON f.id = m.folder
                      JOIN mailboxes x ON x.id = f.mailbox
                      JOIN bodies b ON b.id = m.body
@@ -688,8 +753,7 @@ impl MailStore for PgStore {
                 .map_err(db)?
                 .ok_or_else(|| StoreError::Gone(message.key.clone()))?;
             let mut bytes: Vec<u8> = row.get(0);
-            let body: &[u8] = row.get(1);
-            bytes.extend_from_slice(body);
+            bytes.extend(body_bytes(&*self.bodies, row.get(1), row.get(2))?);
             Ok(bytes)
         })
     }
@@ -796,7 +860,7 @@ impl MailStore for PgStore {
             let tx = client.transaction().await.map_err(db)?;
             let mailbox = mailbox_id(&tx, mailbox).await?;
             let row = folder_row(&tx, mailbox, folder, false).await?;
-            let body = insert_body(&tx, message).await?;
+            let body = insert_body(&tx, &*self.bodies, message).await?;
             let (uid, modseq) = allocate(&tx, row.id, 1).await?;
             insert_message(
                 &tx,
@@ -931,8 +995,10 @@ impl MailStore for PgStore {
             )
             .await
             .map_err(db)?;
-            drop_bodies(&tx, &bodies).await?;
-            tx.commit().await.map_err(db)
+            let dropped = drop_bodies(&tx, &bodies).await?;
+            tx.commit().await.map_err(db)?;
+            self.forget_bodies(&dropped);
+            Ok(())
         })
     }
 
@@ -1196,7 +1262,7 @@ impl MailStore for PgStore {
                 if uid <= last {
                     return Err(StoreError::Exists(format!("{folder}: UID {uid}")));
                 }
-                let body = insert_body(&tx, m.message).await?;
+                let body = insert_body(&tx, &*self.bodies, m.message).await?;
                 modseq += 1;
                 insert_message(
                     &tx,
@@ -1248,6 +1314,7 @@ impl MailStore for PgStore {
                 .iter()
                 .map(|r| r.get(0))
                 .collect();
+            let mut dropped = Vec::new();
             if !bodies.is_empty() {
                 // An expunge is a change too (RFC 7162 §3.2.10).
                 tx.execute(
@@ -1256,9 +1323,11 @@ impl MailStore for PgStore {
                 )
                 .await
                 .map_err(db)?;
-                drop_bodies(&tx, &bodies).await?;
+                dropped = drop_bodies(&tx, &bodies).await?;
             }
-            tx.commit().await.map_err(db)
+            tx.commit().await.map_err(db)?;
+            self.forget_bodies(&dropped);
+            Ok(())
         })
     }
 }

@@ -168,4 +168,12 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX queue_lease ON queue (lease_until);
     CREATE INDEX queue_owner ON queue (lease_owner);
     "#,
+    // 6: bodies kept outside the database (`store::postgres::bodies`): a row holds the bytes
+    // or the location its body store gave them, one of the two.
+    r#"
+    ALTER TABLE bodies ALTER COLUMN bytes DROP NOT NULL;
+    ALTER TABLE bodies ADD COLUMN location text;
+    ALTER TABLE bodies ADD CONSTRAINT bodies_bytes_or_location
+        CHECK ((bytes IS NULL) <> (location IS NULL));
+    "#,
 ];
