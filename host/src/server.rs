@@ -227,6 +227,11 @@ pub async fn run(
         for domain in domains {
             mailboxes.route(&domain, store.clone());
         }
+        // With the directory in the database, a domain added while running is every node's:
+        // its mailboxes are the database's too.
+        if crate::auth::directory::users_in_database(&config) {
+            mailboxes.default_to(store.clone(), &config.relay.local_domains);
+        }
         database_store = Some(store);
     }
     // The live user directory: the database's when it holds users, else the data directory's

@@ -174,13 +174,13 @@ def test_db_migrate_creates_the_schema_once(tmp_path, pg_cluster):
         out = subprocess.run([postern_bin(), "db", "migrate", "--config", str(config)],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
-        assert out.stdout.strip() == "schema at version 6"
+        assert out.stdout.strip() == "schema at version 7"
     assert pg_cluster.sql(database, "SELECT version FROM schema_version ORDER BY 1") == [
-        ["1"], ["2"], ["3"], ["4"], ["5"], ["6"]]
+        ["1"], ["2"], ["3"], ["4"], ["5"], ["6"], ["7"]]
     tables = {r[0] for r in pg_cluster.sql(
         database, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
     assert {"mailboxes", "folders", "bodies", "messages", "deliveries", "metadata", "users",
-            "aliases", "directory_version", "kv", "kv_usage", "queue"} <= tables
+            "aliases", "directory_version", "kv", "kv_usage", "queue", "domains"} <= tables
 
 
 def test_a_user_added_through_one_node_logs_in_on_the_others(nodes):
@@ -211,6 +211,45 @@ def test_a_user_added_through_one_node_logs_in_on_the_others(nodes):
     assert m.select("INBOX") == ("OK", [b"1"])
     m.logout()
 
+
+def test_a_domain_added_through_one_node_receives_mail_on_the_others(nodes):
+    """`postern domain add` on one node: every node accepts the domain's mail, and its
+    mailboxes are the database's (the directory is), read through any node."""
+    import subprocess
+    from conftest import postern_bin
+    a, b, c = nodes
+    dana = ("dana@joined.test", "dana's pass")
+
+    def cli(*args, password=None):
+        out = subprocess.run([postern_bin(), *args, "--config", str(a.config)],
+                             input=(password + "\n") if password else "", capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+    cli("domain", "add", "joined.test")
+    cli("user", "add", dana[0], password=dana[1])
+    deadline = time.time() + 5
+    while True:
+        with smtplib.SMTP(c.host, c.ports["smtp"]) as s:
+            s.ehlo("client.test")
+            s.mail("sender@remote.test")
+            if s.rcpt(dana[0])[0] == 250:
+                assert s.data(b"Subject: joined\r\n\r\nfor dana\r\n")[0] == 250
+                break
+        assert time.time() < deadline, "the domain never reached the node"
+        time.sleep(0.2)
+    deadline = time.time() + 20
+    while True:
+        m = imap(b, dana)
+        if m.select("INBOX") == ("OK", [b"1"]):
+            break
+        m.logout()
+        assert time.time() < deadline, "not stored in the database"
+        time.sleep(0.1)
+    typ, data = m.fetch("1", "(BODY.PEEK[TEXT])")
+    assert typ == "OK" and data[0][1] == b"for dana\r\n"
+    m.logout()
+    assert b.database and a.cluster.sql(
+        a.database, "SELECT count(*) FROM mailboxes WHERE name = 'dana@joined.test'") == [["1"]]
 
 GREYLIST = """
 [[plugin]]

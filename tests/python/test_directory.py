@@ -130,3 +130,46 @@ def test_disabling_a_user_ends_its_open_sessions(server):
     assert other.noop()[0] == "OK"
     other.logout()
     assert not login(server, carol, "pw")
+
+
+def test_a_domain_added_while_running_receives_mail(server):
+    """`postern domain add`: mail for the new domain is refused before and delivered after, to
+    a user added in it; the domain cannot go while it has users; the configuration's domains
+    cannot be edited from the CLI."""
+    carol = "carol@new.test"
+
+    def rcpt(address):
+        with smtplib.SMTP(server.host, server.ports["smtp"], timeout=10) as s:
+            s.ehlo("client.test")
+            s.mail("sender@remote.test")
+            return s.rcpt(address)
+
+    # Not local yet: an unauthenticated client may not relay to it.
+    relay_refused = rcpt(carol)
+    assert relay_refused[0] // 100 == 5 and b"no such user" not in relay_refused[1], relay_refused
+    assert cli(server, "user", "add", carol, password="pw").returncode != 0
+    out = cli(server, "domain", "add", "New.Test")
+    assert out.returncode == 0 and "new.test: added" in out.stdout, out.stderr
+    assert cli(server, "domain", "add", "example.test").returncode != 0
+    assert cli(server, "domain", "add", "not a domain").returncode != 0
+    listed = cli(server, "domain", "list").stdout
+    assert "example.test\tconfig" in listed and "new.test\tdirectory" in listed
+    assert eventually(lambda: b"no such user" in rcpt("nobody@new.test")[1])
+    assert cli(server, "user", "add", carol, password="carol pass").returncode == 0
+    assert eventually(lambda: rcpt(carol)[0] == 250)
+    with smtplib.SMTP(server.host, server.ports["smtp"], timeout=10) as s:
+        assert s.sendmail("sender@remote.test", [carol],
+                          b"Subject: new domain\r\n\r\nwelcome\r\n") == {}
+    deadline = time.time() + 10
+    while time.time() < deadline and not server.maildir("carol", "new.test"):
+        time.sleep(0.1)
+    stored = server.maildir("carol", "new.test")
+    assert len(stored) == 1 and stored[0][1].endswith(b"welcome\n")
+    assert login(server, carol, "carol pass")
+    # Not while it has users; then it goes, and mail for it is refused again.
+    out = cli(server, "domain", "del", "new.test")
+    assert out.returncode != 0 and "users or aliases" in out.stderr
+    assert cli(server, "user", "del", carol).returncode == 0
+    assert cli(server, "domain", "del", "new.test").returncode == 0
+    assert eventually(lambda: rcpt(carol) == relay_refused)
+    assert cli(server, "domain", "del", "example.test").returncode != 0

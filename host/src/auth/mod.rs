@@ -61,6 +61,8 @@ struct Tables {
     quotas: HashMap<String, Quota>,
     /// Users who may not log in.
     disabled: HashSet<String>,
+    /// Local domains, lower-cased: `relay.local_domains` and the directory's.
+    domains: HashSet<String>,
 }
 
 /// A user's storage quota (RFC 9208 STORAGE and MESSAGE resources), all folders together.
@@ -145,6 +147,12 @@ impl UserDirectory {
             apop,
             quotas,
             disabled: HashSet::new(),
+            domains: config
+                .relay
+                .local_domains
+                .iter()
+                .map(|d| d.to_ascii_lowercase())
+                .collect(),
         };
         UserDirectory {
             revoked: tokio::sync::broadcast::channel(256).0,
@@ -190,6 +198,9 @@ impl UserDirectory {
                 .entry(alias.canonical())
                 .or_insert(target.mailbox_key());
         }
+        tables
+            .domains
+            .extend(live.domains.iter().map(|d| d.to_ascii_lowercase()));
         let count = tables.users.len();
         let tables = Arc::new(tables);
         let old = std::mem::replace(
@@ -213,6 +224,17 @@ impl UserDirectory {
 
     fn tables(&self) -> Arc<Tables> {
         self.current.read().expect("directory lock").clone()
+    }
+
+    /// Whether mail for `domain` is delivered here: one of `relay.local_domains` or of the
+    /// directory's domains (`postern domain add`).
+    pub fn is_local_domain(&self, domain: &str) -> bool {
+        self.tables().domains.contains(&domain.to_ascii_lowercase())
+    }
+
+    /// Whether a domain is one of the configuration's `relay.local_domains`.
+    pub fn is_fixed_domain(&self, domain: &str) -> bool {
+        self.fixed.domains.contains(&domain.to_ascii_lowercase())
     }
 
     /// Whether an address (a user key or a login) is in the configuration's `[[user]]`s or
@@ -588,6 +610,7 @@ mod tests {
             disabled,
         };
         let mut live = directory::Entries {
+            domains: vec!["Added.test".into()],
             users: vec![record("carol@example.test", false), record(&alice, true)],
             aliases: [(
                 "c@example.test".to_string(),
@@ -595,7 +618,11 @@ mod tests {
             )]
             .into(),
         };
+        assert!(!users.is_local_domain("added.test"));
         assert_eq!(users.refresh(&live), 3);
+        // The directory's domains join the configuration's; only those are fixed.
+        assert!(users.is_local_domain("ADDED.test") && users.is_local_domain("example.test"));
+        assert!(users.is_fixed_domain("example.test") && !users.is_fixed_domain("added.test"));
         let carol = Address::parse("carol@example.test").unwrap();
         assert!(users
             .verify_blocking("Carol@example.test", &Secret("pw".into()))

@@ -49,6 +49,11 @@ enum Command {
         #[command(subcommand)]
         command: AliasCommand,
     },
+    /// Local domains of the live directory, beside relay.local_domains.
+    Domain {
+        #[command(subcommand)]
+        command: DomainCommand,
+    },
     /// Manage plugins of a running server.
     Plugin {
         #[command(subcommand)]
@@ -123,7 +128,7 @@ enum PluginCommand {
     },
 }
 
-use users::{AliasCommand, UserCommand};
+use users::{AliasCommand, DomainCommand, UserCommand};
 
 pub fn main() -> ExitCode {
     match run(Cli::parse()) {
@@ -270,6 +275,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Alias { command } => {
             let config = load_config(command.config())?;
             users::alias(config, command)
+        }
+        Command::Domain { command } => {
+            let config = load_config(command.config())?;
+            users::domain(config, command)
         }
     }
 }

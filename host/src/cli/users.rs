@@ -125,19 +125,23 @@ fn hash(password: &str) -> anyhow::Result<String> {
     crate::auth::hash_password(password).map_err(|e| anyhow::anyhow!("cannot hash: {e}"))
 }
 
-/// A local address the directory may define (not one of the configuration's).
-fn local_address(config: &Config, text: &str) -> anyhow::Result<Address> {
+/// A local address the directory may define (not one of the configuration's), in one of the
+/// configuration's local domains or the directory's.
+fn local_address(
+    config: &Config,
+    directory: &dyn Directory,
+    text: &str,
+) -> anyhow::Result<Address> {
     let address = Address::parse(text).with_context(|| format!("{text:?} is not an address"))?;
     let domain = address.domain_lower();
-    if !config
-        .relay
-        .local_domains
-        .iter()
-        .any(|d| d.eq_ignore_ascii_case(&domain))
-    {
-        bail!("{domain} is not one of relay.local_domains");
+    let users = UserDirectory::from_config(config);
+    if !users.is_local_domain(&domain) {
+        users.refresh(&directory.load()?);
     }
-    if UserDirectory::from_config(config).is_fixed(&address) {
+    if !users.is_local_domain(&domain) {
+        bail!("{domain} is not a local domain (relay.local_domains, or `postern domain add`)");
+    }
+    if users.is_fixed(&address) {
         bail!("{text} is defined in the configuration file; change it there");
     }
     Ok(address)
@@ -167,7 +171,7 @@ pub fn user(config: Config, command: UserCommand) -> anyhow::Result<()> {
             quota_messages,
             ..
         } => {
-            let key = local_address(&config, &address)?.mailbox_key();
+            let key = local_address(&config, &*directory, &address)?.mailbox_key();
             if directory.load()?.users.iter().any(|u| u.address == key) {
                 bail!("{key} exists; `postern user passwd` changes its password");
             }
@@ -182,20 +186,20 @@ pub fn user(config: Config, command: UserCommand) -> anyhow::Result<()> {
             println!("{key}: {outcome}");
         }
         UserCommand::Passwd { address, .. } => {
-            let key = local_address(&config, &address)?.mailbox_key();
+            let key = local_address(&config, &*directory, &address)?.mailbox_key();
             let mut user = find(&*directory, &key)?;
             user.password = hash(&read_password()?)?;
             println!("{key}: {}", directory.put_user(user)?);
         }
         UserCommand::Disable { address, .. } | UserCommand::Enable { address, .. } => {
-            let key = local_address(&config, &address)?.mailbox_key();
+            let key = local_address(&config, &*directory, &address)?.mailbox_key();
             let mut user = find(&*directory, &key)?;
             user.disabled = disable;
             directory.put_user(user)?;
             println!("{key}: {}", if disable { "disabled" } else { "enabled" });
         }
         UserCommand::Del { address, .. } => {
-            let key = local_address(&config, &address)?.mailbox_key();
+            let key = local_address(&config, &*directory, &address)?.mailbox_key();
             let outcome = directory.remove_user(&key)?;
             println!("{key}: {outcome}");
             if outcome == crate::auth::directory::Outcome::Missing {
@@ -245,7 +249,7 @@ pub fn alias(config: Config, command: AliasCommand) -> anyhow::Result<()> {
     let directory = open(&config)?;
     match command {
         AliasCommand::Add { alias, target, .. } => {
-            let alias = local_address(&config, &alias)?.canonical();
+            let alias = local_address(&config, &*directory, &alias)?.canonical();
             let target =
                 Address::parse(&target).with_context(|| format!("{target:?} is not an address"))?;
             let users = UserDirectory::from_config(&config);
@@ -256,7 +260,7 @@ pub fn alias(config: Config, command: AliasCommand) -> anyhow::Result<()> {
             println!("{alias} -> {user}: {}", directory.put_alias(&alias, &user)?);
         }
         AliasCommand::Del { alias, .. } => {
-            let alias = local_address(&config, &alias)?.canonical();
+            let alias = local_address(&config, &*directory, &alias)?.canonical();
             let outcome = directory.remove_alias(&alias)?;
             println!("{alias}: {outcome}");
             if outcome == crate::auth::directory::Outcome::Missing {
@@ -273,6 +277,101 @@ pub fn alias(config: Config, command: AliasCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `postern domain …`: local domains beside the configuration's.
+#[derive(Subcommand)]
+pub enum DomainCommand {
+    /// Accept mail for DOMAIN as local (its users and aliases are then added as usual).
+    Add {
+        domain: String,
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+    },
+    /// Stop accepting mail for DOMAIN (refused while the directory has users or aliases in it).
+    Del {
+        domain: String,
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+    },
+    List {
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+    },
+}
+
+pub fn domain(config: Config, command: DomainCommand) -> anyhow::Result<()> {
+    let directory = open(&config)?;
+    let users = UserDirectory::from_config(&config);
+    match command {
+        DomainCommand::Add { domain, .. } => {
+            let domain = domain.to_ascii_lowercase();
+            // A domain name as RFC 5321 §4.1.2 has it: dot-separated letters, digits, hyphens.
+            let valid = !domain.is_empty()
+                && domain.len() <= 253
+                && domain.split('.').all(|label| {
+                    !label.is_empty()
+                        && label.len() <= 63
+                        && !label.starts_with('-')
+                        && !label.ends_with('-')
+                        && label
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                });
+            if !valid {
+                bail!("{domain:?} is not a domain name");
+            }
+            if users.is_fixed_domain(&domain) {
+                bail!("{domain} is in relay.local_domains already");
+            }
+            println!("{domain}: {}", directory.put_domain(&domain)?);
+        }
+        DomainCommand::Del { domain, .. } => {
+            let domain = domain.to_ascii_lowercase();
+            if users.is_fixed_domain(&domain) {
+                bail!("{domain} is in relay.local_domains; change it there");
+            }
+            let entries = directory.load()?;
+            let in_domain = |address: &str| {
+                address
+                    .rsplit_once('@')
+                    .is_some_and(|(_, d)| d.eq_ignore_ascii_case(&domain))
+            };
+            let held = entries
+                .users
+                .iter()
+                .filter(|u| in_domain(&u.address))
+                .count()
+                + entries.aliases.keys().filter(|a| in_domain(a)).count();
+            if held > 0 {
+                bail!("{domain} still has {held} users or aliases in the directory: delete them first");
+            }
+            let outcome = directory.remove_domain(&domain)?;
+            println!("{domain}: {outcome}");
+            if outcome == crate::auth::directory::Outcome::Missing {
+                std::process::exit(1);
+            }
+        }
+        DomainCommand::List { .. } => {
+            for domain in &config.relay.local_domains {
+                println!("{domain}\tconfig");
+            }
+            for domain in directory.load()?.domains {
+                println!("{domain}\tdirectory");
+            }
+        }
+    }
+    Ok(())
+}
+
+impl DomainCommand {
+    pub fn config(&self) -> Option<&std::path::PathBuf> {
+        match self {
+            DomainCommand::Add { config, .. }
+            | DomainCommand::Del { config, .. }
+            | DomainCommand::List { config } => config.as_ref(),
+        }
+    }
 }
 
 impl UserCommand {

@@ -521,7 +521,7 @@ async fn notify(
         return true;
     }
     let config = &context.config;
-    let Some(route) = notice_route(config, context.local.users(), &envelope.sender) else {
+    let Some(route) = notice_route(context.local.users(), &envelope.sender) else {
         warn!(sender = %envelope.sender, "the sender is an unknown local address: no notice");
         return true;
     };
@@ -562,15 +562,10 @@ async fn notify(
 }
 
 /// Where a notice to `address` goes: a local mailbox or the relay.
-fn notice_route(config: &Config, users: &UserDirectory, address: &str) -> Option<Route> {
+fn notice_route(users: &UserDirectory, address: &str) -> Option<Route> {
     let parsed = Address::parse(address)?;
     let domain = parsed.domain_lower();
-    if config
-        .relay
-        .local_domains
-        .iter()
-        .any(|d| d.eq_ignore_ascii_case(&domain))
-    {
+    if users.is_local_domain(&domain) {
         users
             .resolve(&parsed)
             .map(|mailbox| Route::Local { mailbox })

@@ -29,6 +29,18 @@ impl ByDomain {
         self.domains.insert(domain.to_ascii_lowercase(), store);
     }
 
+    /// Makes `store` the one for every domain not routed: `keep` (the configured domains) stay
+    /// with the old default, and domains added later (`postern domain add`) go to `store`.
+    pub fn default_to(&mut self, store: Arc<dyn MailStore>, keep: &[String]) {
+        for domain in keep {
+            let domain = domain.to_ascii_lowercase();
+            if !self.domains.contains_key(&domain) {
+                self.domains.insert(domain, self.default.clone());
+            }
+        }
+        self.default = store;
+    }
+
     fn store(&self, mailbox: &str) -> &dyn MailStore {
         let domain = mailbox.rsplit_once('@').map_or("", |(_, d)| d);
         match self.domains.get(&domain.to_ascii_lowercase()) {

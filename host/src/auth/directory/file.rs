@@ -120,6 +120,35 @@ impl Directory for FileDirectory {
             None => Outcome::Missing,
         })
     }
+
+    fn put_domain(&self, domain: &str) -> Result<Outcome, DirectoryError> {
+        self.edit_domains(domain, true)
+    }
+
+    fn remove_domain(&self, domain: &str) -> Result<Outcome, DirectoryError> {
+        self.edit_domains(domain, false)
+    }
+}
+
+impl FileDirectory {
+    fn edit_domains(&self, domain: &str, add: bool) -> Result<Outcome, DirectoryError> {
+        self.edit(|entries| {
+            let present = entries.domains.iter().any(|d| d == domain);
+            match (add, present) {
+                (true, true) => Outcome::Replaced,
+                (true, false) => {
+                    entries.domains.push(domain.into());
+                    entries.domains.sort();
+                    Outcome::Added
+                }
+                (false, true) => {
+                    entries.domains.retain(|d| d != domain);
+                    Outcome::Removed
+                }
+                (false, false) => Outcome::Missing,
+            }
+        })
+    }
 }
 
 fn put_user(entries: &mut Entries, user: UserRecord) -> Outcome {

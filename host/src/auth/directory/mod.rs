@@ -1,4 +1,4 @@
-//! The live user directory: users and aliases that change while the server runs, kept in a
+//! The live user directory: users, aliases and local domains that change while the server runs, kept in a
 //! file in the data directory (`file.rs`, the default) or in PostgreSQL (`[database] users`,
 //! `store::postgres::directory`, shared by every node). The CLI (`postern user …`, `postern
 //! alias …`) edits it; the server looks at its stamp once a second and reloads it when it
@@ -37,6 +37,10 @@ pub struct UserRecord {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Entries {
+    /// Local domains beside the configuration's `relay.local_domains`, lower-cased. (First:
+    /// TOML writes plain values before tables.)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<String>,
     #[serde(default, rename = "user")]
     pub users: Vec<UserRecord>,
     /// Canonical alias → user key.
@@ -85,6 +89,8 @@ pub trait Directory: Send + Sync {
     fn remove_user(&self, address: &str) -> Result<Outcome, DirectoryError>;
     fn put_alias(&self, alias: &str, target: &str) -> Result<Outcome, DirectoryError>;
     fn remove_alias(&self, alias: &str) -> Result<Outcome, DirectoryError>;
+    fn put_domain(&self, domain: &str) -> Result<Outcome, DirectoryError>;
+    fn remove_domain(&self, domain: &str) -> Result<Outcome, DirectoryError>;
 }
 
 /// The directory the configuration names: the database's (`store`, the configuration's

@@ -24,12 +24,7 @@ impl Session {
     pub fn route_for(&self, address: &Address) -> Result<Route, Reply> {
         let config = &self.server.config;
         let domain = address.domain_lower();
-        let is_local = config
-            .relay
-            .local_domains
-            .iter()
-            .any(|d| d.eq_ignore_ascii_case(&domain));
-        if is_local {
+        if self.server.users.is_local_domain(&domain) {
             return match self.server.users.resolve(address) {
                 Some(mailbox) => Ok(Route::Local { mailbox }),
                 None => Err(Reply::new(

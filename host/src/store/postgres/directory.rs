@@ -1,4 +1,4 @@
-//! The user directory in the database (migration 3), for `[database] users = true`: every node
+//! The user directory in the database (migrations 3 and 7), for `[database] users = true`: every node
 //! authenticates the same users. Each call is one statement (autocommit); the triggers move
 //! `directory_version` on, which is the stamp nodes poll.
 
@@ -36,7 +36,12 @@ impl Directory for PgStore {
                 .query("SELECT alias, target FROM aliases", &[])
                 .await
                 .map_err(super::db)?;
+            let domains = c
+                .query("SELECT name FROM domains ORDER BY name", &[])
+                .await
+                .map_err(super::db)?;
             Ok(Entries {
+                domains: domains.iter().map(|r| r.get(0)).collect(),
                 users: users
                     .iter()
                     .map(|r| UserRecord {
@@ -114,6 +119,29 @@ impl Directory for PgStore {
 
     fn remove_alias(&self, alias: &str) -> Result<Outcome, DirectoryError> {
         self.remove("DELETE FROM aliases WHERE alias = $1", alias)
+    }
+
+    fn put_domain(&self, domain: &str) -> Result<Outcome, DirectoryError> {
+        self.block(async {
+            let c = self.client().await?;
+            let n = c
+                .execute(
+                    "INSERT INTO domains (name) VALUES ($1) ON CONFLICT DO NOTHING",
+                    &[&domain],
+                )
+                .await
+                .map_err(super::db)?;
+            Ok(if n == 1 {
+                Outcome::Added
+            } else {
+                Outcome::Replaced
+            })
+        })
+        .map_err(failed)
+    }
+
+    fn remove_domain(&self, domain: &str) -> Result<Outcome, DirectoryError> {
+        self.remove("DELETE FROM domains WHERE name = $1", domain)
     }
 }
 

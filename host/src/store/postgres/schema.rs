@@ -176,4 +176,11 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE bodies ADD CONSTRAINT bodies_bytes_or_location
         CHECK ((bytes IS NULL) <> (location IS NULL));
     "#,
+    // 7: local domains added while the server runs (`postern domain add`), shared by every
+    // node, beside the configuration's; a change moves directory_version on like users'.
+    r#"
+    CREATE TABLE domains (name text PRIMARY KEY);
+    CREATE TRIGGER domains_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON domains
+        FOR EACH STATEMENT EXECUTE FUNCTION postern_directory_changed();
+    "#,
 ];
