@@ -33,6 +33,24 @@ pub struct Queue {
     scheduler: mpsc::Sender<Queued>,
 }
 
+/// Reads messages back from the spool for the scheduler, as recovered (an earlier attempt may
+/// have delivered some recipients). Blocking; one that cannot be read is left where it is.
+pub fn recovered(spool: &Spool, ids: &[QueueId]) -> Vec<Queued> {
+    ids.iter()
+        .filter_map(|id| match spool.read(id) {
+            Ok((envelope, message)) => Some(Queued {
+                envelope,
+                message: Some(Arc::new(message)),
+                retry: true,
+            }),
+            Err(err) => {
+                tracing::error!(queue_id = %id, "cannot read spooled message: {err}");
+                None
+            }
+        })
+        .collect()
+}
+
 /// While the queue is shared through the database: renews this node's leases every third of the
 /// lease, and takes over the messages of nodes whose leases ran out, handing them to the
 /// scheduler as recovered (their delivery states say what is still owed). Returns at once for
@@ -70,19 +88,7 @@ pub async fn keep_leases(spool: Spool, scheduler: mpsc::Sender<Queued>) {
                     return Vec::new();
                 }
             };
-            ids.iter()
-                .filter_map(|id| match spool.read(id) {
-                    Ok((envelope, message)) => Some(Queued {
-                        envelope,
-                        message: Some(Arc::new(message)),
-                        retry: true,
-                    }),
-                    Err(err) => {
-                        tracing::warn!(queue_id = %id, error = %err, "queue: taken over but unreadable");
-                        None
-                    }
-                })
-                .collect::<Vec<_>>()
+            recovered(&spool, &ids)
         })
         .await
         .unwrap_or_default();

@@ -176,23 +176,9 @@ impl Scheduler {
         for ids in recovered.chunks(BATCH) {
             let spool = self.spool.clone();
             let ids = ids.to_vec();
-            let batch = tokio::task::spawn_blocking(move || {
-                ids.iter()
-                    .filter_map(|id| match spool.read(id) {
-                        Ok((envelope, message)) => Some(Queued {
-                            envelope,
-                            message: Some(Arc::new(message)),
-                            retry: true,
-                        }),
-                        Err(err) => {
-                            error!(queue_id = %id, "cannot read spooled message: {err}");
-                            None
-                        }
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .await
-            .unwrap_or_default();
+            let batch = tokio::task::spawn_blocking(move || super::recovered(&spool, &ids))
+                .await
+                .unwrap_or_default();
             self.deliver_batch(batch).await;
         }
         while let Some(first) = self.inbox.recv().await {
