@@ -106,6 +106,14 @@ pub struct DatabaseConfig {
     /// of it); a dead node's messages are taken over this long after it stopped.
     #[serde(default = "default_lease_seconds")]
     pub lease_seconds: u64,
+    /// How long a call waits for a connection (and to open one) before it fails as temporary:
+    /// SMTP then answers 451, IMAP `NO [UNAVAILABLE]`.
+    #[serde(default = "default_database_timeout")]
+    pub timeout_seconds: u64,
+}
+
+fn default_database_timeout() -> u64 {
+    10
 }
 
 fn default_pool_size() -> usize {
@@ -741,6 +749,9 @@ impl Config {
         }
         if let Some(database) = &self.database {
             self.claim_domains(&mut served, "database", &database.domains)?;
+            if database.timeout_seconds < 1 {
+                return Err("database.timeout_seconds must be at least 1".into());
+            }
             if database.queue {
                 if database.lease_seconds < 3 {
                     return Err("database.lease_seconds must be at least 3".into());

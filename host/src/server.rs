@@ -211,8 +211,12 @@ pub async fn run(
     let mut database_store = None;
     if let Some(database) = config.database.clone() {
         let opened = tokio::task::spawn_blocking(move || {
-            let store =
-                crate::store::postgres::PgStore::connect(&database.url, database.pool_size)?;
+            let store = crate::store::postgres::PgStore::connect_with(
+                &database.url,
+                database.pool_size,
+                std::time::Duration::from_secs(database.timeout_seconds),
+                std::sync::Arc::new(crate::store::postgres::bodies::InDatabase),
+            )?;
             if database.migrate {
                 store.migrate()?;
             }

@@ -290,10 +290,14 @@ fn bodies_kept_outside_the_database_meet_the_mailbox_contract() {
     });
     PgStore::connect(&url, 1).unwrap().migrate().unwrap();
     postern::store::conformance::run_all(&|| -> Arc<dyn MailStore> {
-        Arc::new(PgStore::connect_with_bodies(&url, 4, bodies.clone()).expect("connect"))
+        Arc::new(
+            PgStore::connect_with(&url, 4, std::time::Duration::from_secs(10), bodies.clone())
+                .expect("connect"),
+        )
     });
 
-    let store = PgStore::connect_with_bodies(&url, 2, bodies.clone()).unwrap();
+    let store =
+        PgStore::connect_with(&url, 2, std::time::Duration::from_secs(10), bodies.clone()).unwrap();
     let user = "objects@example.test";
     let message = b"Subject: elsewhere\r\n\r\nkept in the body store\r\n";
     let before = std::fs::read_dir(objects.path()).unwrap().count();

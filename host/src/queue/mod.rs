@@ -43,8 +43,10 @@ pub fn recovered(spool: &Spool, ids: &[QueueId]) -> Vec<Queued> {
                 message: Some(Arc::new(message)),
                 retry: true,
             }),
+            Err(SpoolError::Gone(_)) => None,
             Err(err) => {
                 tracing::error!(queue_id = %id, "cannot read spooled message: {err}");
+                spool.defer(id);
                 None
             }
         })
@@ -81,13 +83,14 @@ pub async fn keep_leases(spool: Spool, scheduler: mpsc::Sender<Queued>) {
         tick.tick().await;
         let (store, spool) = (store.clone(), spool.clone());
         let taken = tokio::task::spawn_blocking(move || {
-            let ids = match store.queue_claim(lease, 100) {
-                Ok(ids) => ids,
+            // What could not be read before (the database was down), then what dead nodes left.
+            let mut ids = spool.take_deferred();
+            match store.queue_claim(lease, 100) {
+                Ok(claimed) => ids.extend(claimed),
                 Err(err) => {
-                    tracing::warn!(error = %err, "queue: cannot take over expired leases");
-                    return Vec::new();
+                    tracing::warn!(error = %err, "queue: cannot take over expired leases")
                 }
-            };
+            }
             recovered(&spool, &ids)
         })
         .await

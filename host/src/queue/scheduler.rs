@@ -220,6 +220,13 @@ impl Scheduler {
                             continue;
                         }
                         Ok(_) => {}
+                        Err(err) if spool.database().is_some() => {
+                            // The database is down: what was delivered is not known yet. Read
+                            // again later, rather than send anyone a second copy.
+                            warn!(queue_id = %queued.envelope.id, "delivery state unreadable; trying again later: {err}");
+                            spool.defer(&queued.envelope.id);
+                            continue;
+                        }
                         Err(err) => {
                             warn!(queue_id = %queued.envelope.id, "delivery state unreadable, delivering again: {err}")
                         }
@@ -238,8 +245,10 @@ impl Scheduler {
         let (unreadable, batch): (Vec<Queued>, Vec<Queued>) =
             batch.into_iter().partition(|q| q.message.is_none());
         for queued in unreadable {
-            // Left in the spool; the next start tries again.
-            error!(queue_id = %queued.envelope.id, "message unreadable in the spool; left for the next start");
+            // Left in the spool: the shared queue's lease keeper reads it again soon, a file
+            // spool at the next start.
+            self.spool.defer(&queued.envelope.id);
+            error!(queue_id = %queued.envelope.id, "message unreadable in the spool; left for later");
         }
         if batch.is_empty() {
             return;
@@ -276,17 +285,38 @@ impl Scheduler {
                     locals_just_tried: true,
                 });
             }
-            if let Err(err) = spool.remove(&done) {
-                // Delivery is idempotent: they are delivered again (once) after a restart.
-                warn!("cannot remove delivered messages from the spool: {err}");
-            }
             for id in &done {
                 debug!(queue_id = %id, "delivered");
             }
-            jobs
+            let unremoved = match spool.remove(&done) {
+                Ok(()) => Vec::new(),
+                Err(err) => {
+                    warn!("cannot remove delivered messages from the spool: {err}; trying again");
+                    done
+                }
+            };
+            (jobs, unremoved)
         })
         .await
         .unwrap_or_default();
+        let (jobs, unremoved) = jobs;
+        if !unremoved.is_empty() {
+            // The spool may be a database that is down: removal is tried until it works (were
+            // the process to stop first, delivery is idempotent: they are delivered again,
+            // once, after a restart, and then removed).
+            let spool = self.spool.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                    let (spool, ids) = (spool.clone(), unremoved.clone());
+                    if let Ok(Ok(())) =
+                        tokio::task::spawn_blocking(move || spool.remove(&ids)).await
+                    {
+                        return;
+                    }
+                }
+            });
+        }
         for job in jobs {
             self.hand_to_relay(job).await;
         }

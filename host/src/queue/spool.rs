@@ -98,6 +98,9 @@ pub struct Spool {
 
 struct SpoolInner {
     backing: Arc<Backing>,
+    /// Shared queue: messages this node holds but could not read (the database was down), for
+    /// the lease keeper to read again.
+    deferred: std::sync::Mutex<Vec<QueueId>>,
     committer: std_mpsc::Sender<CommitRequest>,
     sequence: AtomicU64,
     /// Random per process: ids stay unique when the clock steps back across a restart.
@@ -145,11 +148,31 @@ impl Spool {
         Ok(Spool {
             inner: Arc::new(SpoolInner {
                 backing,
+                deferred: Default::default(),
                 committer: tx,
                 sequence: AtomicU64::new(0),
                 instance: random_u32()?,
             }),
         })
+    }
+
+    /// Shared queue: hands a message this node holds back to the lease keeper, to be read and
+    /// delivered again once the database answers (its row stays leased to this node, so no
+    /// other node takes it meanwhile). The file spool needs none: its files are there at the
+    /// next start.
+    pub fn defer(&self, id: &str) {
+        if self.database().is_some() {
+            self.inner
+                .deferred
+                .lock()
+                .expect("deferred ids")
+                .push(id.to_string());
+        }
+    }
+
+    /// What [`Spool::defer`] handed back, taken.
+    pub fn take_deferred(&self) -> Vec<QueueId> {
+        std::mem::take(&mut *self.inner.deferred.lock().expect("deferred ids"))
     }
 
     /// The database and lease, when the queue is shared.

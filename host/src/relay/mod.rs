@@ -205,7 +205,13 @@ async fn attempt(context: &Arc<Context>, mut pending: Pending) -> Option<Pending
             }
             Ok(Err(err)) => {
                 error!("cannot read the spooled message: {err}");
-                pending.state.next_attempt_ms = now_ms() + 60_000;
+                // The shared queue's database may be back in seconds; a damaged file is not.
+                let wait = if matches!(err, crate::queue::SpoolError::Unavailable(_)) {
+                    5_000
+                } else {
+                    60_000
+                };
+                pending.state.next_attempt_ms = now_ms() + wait;
                 return Some(pending);
             }
             Err(_) => return Some(pending),
@@ -301,7 +307,11 @@ async fn attempt(context: &Arc<Context>, mut pending: Pending) -> Option<Pending
         })
         .await;
         if !matches!(result, Ok(Ok(()))) {
-            warn!("could not remove the finished message from the spool");
+            // Kept, and removed at the next attempt (which has nothing left to send): a
+            // message left in the spool would be delivered again after a restart.
+            warn!("could not remove the finished message from the spool; trying again");
+            pending.state.next_attempt_ms = now_ms() + 5_000;
+            return Some(pending);
         }
         debug!("finished");
         return None;

@@ -92,13 +92,20 @@ impl PgStore {
     /// Connects (lazily: the pool opens connections when a call needs one). `pool_size`
     /// connections at most.
     pub fn connect(url: &str, pool_size: usize) -> Result<PgStore> {
-        PgStore::connect_with_bodies(url, pool_size, std::sync::Arc::new(bodies::InDatabase))
+        PgStore::connect_with(
+            url,
+            pool_size,
+            std::time::Duration::from_secs(10),
+            std::sync::Arc::new(bodies::InDatabase),
+        )
     }
 
-    /// As [`PgStore::connect`], with message bodies kept by `bodies`.
-    pub fn connect_with_bodies(
+    /// As [`PgStore::connect`], with calls that wait at most `timeout` for a connection (and
+    /// as long to open one) before they fail as temporary, and message bodies kept by `bodies`.
+    pub fn connect_with(
         url: &str,
         pool_size: usize,
+        timeout: std::time::Duration,
         bodies: std::sync::Arc<dyn bodies::BodyStore>,
     ) -> Result<PgStore> {
         let mut config: tokio_postgres::Config = url.parse().map_err(db)?;
@@ -133,8 +140,8 @@ impl PgStore {
             Pool::builder(manager)
                 .max_size(pool_size.max(1))
                 .runtime(deadpool_postgres::Runtime::Tokio1)
-                .wait_timeout(Some(std::time::Duration::from_secs(10)))
-                .create_timeout(Some(std::time::Duration::from_secs(5)))
+                .wait_timeout(Some(timeout))
+                .create_timeout(Some(timeout))
                 .build()
                 .map_err(db)?
         };
