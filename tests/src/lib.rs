@@ -211,6 +211,17 @@ impl TestServer {
         self.spawn()
     }
 
+    /// Stops (SIGSTOP) or resumes (SIGCONT) the process without killing it: a node that is
+    /// alive but gets no CPU, as under a long pause.
+    pub fn freeze(&self, frozen: bool) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .arg(if frozen { "-STOP" } else { "-CONT" })
+                .arg(child.id().to_string())
+                .status();
+        }
+    }
+
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
         let mut child = self.child.take().ok_or_else(|| anyhow!("not running"))?;

@@ -44,6 +44,8 @@ pub struct SinkScript {
     pub broken_tls: bool,
     /// How long to sit on the final dot before accepting.
     pub data_delay: Duration,
+    /// How long to sit on DATA before the 354.
+    pub data_command_delay: Duration,
 }
 
 impl Default for SinkScript {
@@ -56,6 +58,7 @@ impl Default for SinkScript {
             size: 50_000_000,
             broken_tls: false,
             data_delay: Duration::ZERO,
+            data_command_delay: Duration::ZERO,
         }
     }
 }
@@ -256,6 +259,7 @@ async fn serve(
             if to.is_empty() {
                 "554 5.5.1 no valid recipients\r\n".into()
             } else {
+                tokio::time::sleep(script.data_command_delay).await;
                 conn.get_mut().write_all(b"354 go on\r\n").await?;
                 let mut data = Vec::new();
                 loop {

@@ -54,7 +54,22 @@ fn start_load(
         .collect()
 }
 
-fn node_config(config: String, url: &str, dns: &TestDns, mx_port: u16) -> String {
+/// Node `index`'s configuration: its own host name (which the sink records from EHLO, so a
+/// copy can be traced to the node that sent it), the shared database, leases of `lease` s.
+fn node_config(
+    config: String,
+    index: usize,
+    lease: u64,
+    url: &str,
+    dns: &TestDns,
+    mx_port: u16,
+) -> String {
+    let config = set_key(
+        &config,
+        "server",
+        "hostname",
+        &format!("\"{}\"", node_name(index)),
+    );
     let config = config.replace(
         "nameservers = [\"127.0.0.1:9\"]",
         &format!("nameservers = [\"{}\"]", dns.addr),
@@ -66,8 +81,12 @@ fn node_config(config: String, url: &str, dns: &TestDns, mx_port: u16) -> String
     let config = config.replace("name = \"imap\"\n", "name = \"imap\"\ntrusted = true\n");
     format!(
         "{config}\n[database]\nurl = {url:?}\ndomains = [\"example.test\", \"localhost\"]\n\
-         migrate = true\nqueue = true\nlease_seconds = {LEASE_SECONDS}\ntimeout_seconds = 1\n"
+         migrate = true\nqueue = true\nlease_seconds = {lease}\ntimeout_seconds = 1\n"
     )
+}
+
+fn node_name(index: usize) -> String {
+    format!("node{index}.example.test")
 }
 
 fn message(n: usize) -> Vec<u8> {
@@ -171,9 +190,11 @@ async fn killed_nodes_lose_nothing_and_send_nothing_twice() {
         ("mx.example.net", Rr::A(sink_ip)),
     ]);
     let nodes: Vec<Arc<Mutex<TestServer>>> = (0..NODES)
-        .map(|_| {
-            let server =
-                TestServer::start(|c| node_config(c, &url, &dns, sink.addr.port())).unwrap();
+        .map(|i| {
+            let server = TestServer::start(|c| {
+                node_config(c, i, LEASE_SECONDS, &url, &dns, sink.addr.port())
+            })
+            .unwrap();
             Arc::new(Mutex::new(server))
         })
         .collect();
@@ -189,8 +210,9 @@ async fn killed_nodes_lose_nothing_and_send_nothing_twice() {
     let outcomes: Outcomes = Default::default();
     let running = Arc::new(AtomicBool::new(true));
     let senders = start_load(0, &smtp_ports, &outcomes, &running);
-    // Kills at random moments (0.3 to 1.5 s apart), each node started again at once.
-    let mut kills = Vec::new();
+    // Kills at random moments (0.3 to 1.5 s apart), each node started again at once; each kill
+    // noted (once the process is dead) with its victim.
+    let mut kills: Vec<(Instant, usize)> = Vec::new();
     let mut seed = std::process::id() as u64;
     let mut random = move |below: u64| {
         seed = seed
@@ -202,16 +224,17 @@ async fn killed_nodes_lose_nothing_and_send_nothing_twice() {
         tokio::time::sleep(Duration::from_millis(300 + random(1200))).await;
         let victim = random(NODES as u64) as usize;
         let node = nodes[victim].clone();
-        kills.push(Instant::now());
-        let port = tokio::task::spawn_blocking(move || {
+        let (killed, port) = tokio::task::spawn_blocking(move || {
             let mut node = node.lock().unwrap();
             node.kill9();
+            let killed = Instant::now();
             std::thread::sleep(Duration::from_millis(200));
             node.restart().unwrap();
-            node.port("smtp")
+            (killed, node.port("smtp"))
         })
         .await
         .unwrap();
+        kills.push((killed, victim));
         smtp_ports.lock().unwrap()[victim] = port;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -339,14 +362,16 @@ async fn killed_nodes_lose_nothing_and_send_nothing_twice() {
     }
     // Remote copies: once, unless a node died between the sink's 250 and the commit of that
     // outcome (SMTP cannot close that window, RFC 5321 §6.1: the only alternative is to lose
-    // mail); such a second copy must follow a kill that came right after the first, or come
-    // from the outage, which holds that window open.
-    let mut at_sink: BTreeMap<usize, Vec<Instant>> = BTreeMap::new();
+    // mail); such a second copy must follow a kill of the node that sent the first, right
+    // after it (the kill is noted once the process is dead, and the sink may note the copy a
+    // moment after the node wrote its last byte), or come from the outage, which holds that
+    // window open.
+    let mut at_sink: BTreeMap<usize, Vec<(Instant, String)>> = BTreeMap::new();
     for m in &relayed {
         at_sink
             .entry(number(&m.data).expect("a load message"))
             .or_default()
-            .push(m.received);
+            .push((m.received, m.helo.clone()));
     }
     let mut excused = 0;
     for (n, times) in &at_sink {
@@ -355,21 +380,27 @@ async fn killed_nodes_lose_nothing_and_send_nothing_twice() {
             "message {n} was refused yet relayed"
         );
         if times.len() > 1 {
-            let first = times[0];
+            let (first, ref sender) = times[0];
             // The same window, held open by the outage: an outcome that could not be committed.
             let in_outage = first + Duration::from_millis(500) >= outage
                 && first <= back + Duration::from_secs(1);
             assert!(
                 times.len() == 2
                     && (in_outage
-                        || kills
-                            .iter()
-                            .any(|k| *k >= first && *k - first < Duration::from_millis(500))),
-                "message {n} relayed {} times with no kill right after the first: at {:?} and {:?} after the start; kills at {:?}; outage {:?} to {:?}",
+                        || kills.iter().any(|(k, victim)| {
+                            node_name(*victim) == *sender
+                                && *k + Duration::from_millis(250) >= first
+                                && *k < first + Duration::from_millis(500)
+                        })),
+                "message {n} relayed {} times with no kill of its first sender right after the first: by {sender} at {:?}, by {} at {:?} after the start; kills (after, node) at {:?}; outage {:?} to {:?}",
                 times.len(),
-                times[0] - began,
-                times[1] - began,
-                kills.iter().map(|k| *k - began).collect::<Vec<_>>(),
+                first - began,
+                times[1].1,
+                times[1].0 - began,
+                kills
+                    .iter()
+                    .map(|(k, v)| (*k - began, *v))
+                    .collect::<Vec<_>>(),
                 outage - began,
                 back - began
             );
@@ -448,4 +479,78 @@ async fn killed_nodes_lose_nothing_and_send_nothing_twice() {
     tokio::task::spawn_blocking(move || drop(store))
         .await
         .unwrap();
+}
+
+/// A node that is alive but gets no CPU for longer than its lease (SIGSTOP: a long pause, a
+/// starved VM) while its deliveries wait on the remote's 354: the other node takes its messages
+/// over and sends them; the paused node, resumed, finds its hold lapsed and sends no final dot,
+/// so every message reaches the sink once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_node_sends_no_second_copy() {
+    const LEASE: u64 = 4;
+    const MESSAGES: usize = 6;
+    let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+    let url = cluster.url();
+    let sink_ip = loopback_ip();
+    let script = SinkScript {
+        data_command_delay: Duration::from_millis(1500),
+        ..SinkScript::default()
+    };
+    let sink = Sink::start(sink_ip, 0, script).await;
+    let dns = TestDns::start(vec![
+        ("example.net", Rr::Mx(10, "mx.example.net".into())),
+        ("mx.example.net", Rr::A(sink_ip)),
+    ]);
+    let nodes: Vec<TestServer> = (0..2)
+        .map(|i| {
+            TestServer::start(|c| node_config(c, i, LEASE, &url, &dns, sink.addr.port())).unwrap()
+        })
+        .collect();
+    let port = nodes[0].port("smtp");
+    for n in 0..MESSAGES {
+        let (mut client, _) = SmtpClient::connect(port).await.unwrap();
+        client.expect("EHLO load.test", 250).await.unwrap();
+        client
+            .expect("MAIL FROM:<load@example.test>", 250)
+            .await
+            .unwrap();
+        client
+            .expect("RCPT TO:<bob@example.net>", 250)
+            .await
+            .unwrap();
+        let (code, _) = client.data(&message(n)).await.unwrap();
+        assert_eq!(code, 250);
+        let _ = client.cmd("QUIT").await;
+    }
+    // Node 0's deliveries are now waiting on the sink's 354.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(sink.messages().is_empty(), "delivered before the pause");
+    nodes[0].freeze(true);
+    // Its lease runs out; node 1 takes the messages over and delivers them.
+    let relayed =
+        tokio::time::timeout(Duration::from_secs(4 * LEASE + 20), sink.wait_for(MESSAGES))
+            .await
+            .expect("node 1 took over and delivered");
+    nodes[0].freeze(false);
+    // Give the resumed node time to do whatever it would do.
+    tokio::time::sleep(Duration::from_secs(LEASE)).await;
+    let mut copies: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    for m in sink.messages() {
+        copies
+            .entry(number(&m.data).expect("a test message"))
+            .or_default()
+            .push(m.helo.clone());
+    }
+    assert_eq!(copies.len(), MESSAGES, "{copies:?}");
+    for (n, senders) in &copies {
+        assert_eq!(senders, &vec![node_name(1)], "message {n}");
+    }
+    assert_eq!(relayed.len(), MESSAGES);
+    let log = nodes[0].log();
+    assert!(
+        log.contains("hold on the message lapsed before the final dot"),
+        "node 0 never reached the final dot after its pause:\n{log}"
+    );
+    drop(nodes);
+    drop(cluster);
 }

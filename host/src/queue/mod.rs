@@ -1,6 +1,7 @@
 //! The durable queue: spool (accepted, fsynced messages) and the scheduler that delivers them.
 
 pub mod envelope;
+pub mod lease;
 pub mod scheduler;
 pub mod spool;
 
@@ -9,6 +10,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 pub use envelope::{Envelope, QueueId, Recipient, Route};
+pub use lease::{keep_leases, Hold, Ticket};
 pub use spool::{Spool, SpoolError};
 
 /// Messages up to this size travel to the scheduler in memory; larger ones are read back from the
@@ -51,62 +53,6 @@ pub fn recovered(spool: &Spool, ids: &[QueueId]) -> Vec<Queued> {
             }
         })
         .collect()
-}
-
-/// While the queue is shared through the database: renews this node's leases every third of the
-/// lease, and takes over the messages of nodes whose leases ran out, handing them to the
-/// scheduler as recovered (their delivery states say what is still owed). Returns at once for
-/// the file spool.
-pub async fn keep_leases(spool: Spool, scheduler: mpsc::Sender<Queued>) {
-    let Some((store, lease)) = spool.database() else {
-        return;
-    };
-    // Renewing never waits behind a busy scheduler: a lease must not run out because this
-    // node is slow to take on more work.
-    let renewing = store.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(lease / 3);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let store = renewing.clone();
-            if let Ok(Err(err)) =
-                tokio::task::spawn_blocking(move || store.queue_renew(lease)).await
-            {
-                tracing::warn!(error = %err, "queue: cannot renew this node's leases");
-            }
-        }
-    });
-    let mut tick = tokio::time::interval(lease / 3);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let (store, spool) = (store.clone(), spool.clone());
-        let taken = tokio::task::spawn_blocking(move || {
-            // What could not be read before (the database was down), then what dead nodes left.
-            let mut ids = spool.take_deferred();
-            match store.queue_claim(lease, 100) {
-                Ok(claimed) => ids.extend(claimed),
-                Err(err) => {
-                    tracing::warn!(error = %err, "queue: cannot take over expired leases")
-                }
-            }
-            recovered(&spool, &ids)
-        })
-        .await
-        .unwrap_or_default();
-        if !taken.is_empty() {
-            tracing::info!(
-                count = taken.len(),
-                "queue: took over messages of a node whose lease ran out"
-            );
-        }
-        for queued in taken {
-            if scheduler.send(queued).await.is_err() {
-                return;
-            }
-        }
-    }
 }
 
 impl Queue {

@@ -27,6 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::oneshot;
 
 use super::envelope::{Envelope, QueueId};
+use super::Hold;
 use crate::durable;
 use crate::store::postgres::{PgStore, QueueRow};
 
@@ -87,6 +88,7 @@ enum Backing {
     Database {
         store: Arc<PgStore>,
         lease: Duration,
+        hold: Hold,
     },
 }
 
@@ -135,7 +137,11 @@ impl Spool {
     /// The queue shared by every node through the database: messages this node stores are
     /// leased to it for `lease` at a time.
     pub fn shared(store: Arc<PgStore>, lease: Duration) -> io::Result<Spool> {
-        Spool::start(Backing::Database { store, lease })
+        Spool::start(Backing::Database {
+            store,
+            lease,
+            hold: Hold::leased(lease),
+        })
     }
 
     fn start(backing: Backing) -> io::Result<Spool> {
@@ -178,8 +184,16 @@ impl Spool {
     /// The database and lease, when the queue is shared.
     pub fn database(&self) -> Option<(Arc<PgStore>, Duration)> {
         match &*self.inner.backing {
-            Backing::Database { store, lease } => Some((store.clone(), *lease)),
+            Backing::Database { store, lease, .. } => Some((store.clone(), *lease)),
             Backing::Files { .. } => None,
+        }
+    }
+
+    /// Whether this node may still deliver what it holds (always, with the file spool).
+    pub fn hold(&self) -> Hold {
+        match &*self.inner.backing {
+            Backing::Database { hold, .. } => hold.clone(),
+            Backing::Files { .. } => Hold::default(),
         }
     }
 
@@ -266,7 +280,7 @@ impl Spool {
                 ids.sort();
                 Ok(ids)
             }
-            Backing::Database { store, lease } => {
+            Backing::Database { store, lease, .. } => {
                 let mut ids = Vec::new();
                 loop {
                     let claimed = store.queue_claim(*lease, 500).map_err(io::Error::other)?;
@@ -350,7 +364,7 @@ fn run_committer(rx: std_mpsc::Receiver<CommitRequest>, backing: &Backing) {
         }
         match backing {
             Backing::Files { queue_dir, .. } => commit_files(batch, queue_dir),
-            Backing::Database { store, lease } => commit_rows(batch, store, *lease),
+            Backing::Database { store, lease, .. } => commit_rows(batch, store, *lease),
         }
     }
 }

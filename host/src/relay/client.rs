@@ -19,6 +19,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::framing::DotStuffer;
+use crate::queue::Ticket;
 
 /// Longest reply accepted from a server (all lines of a multi-line reply together).
 const MAX_REPLY: usize = 64 * 1024;
@@ -172,6 +173,10 @@ pub struct Job<'a> {
     /// The message with CRLF line endings.
     pub message: &'a [u8],
     pub smtputf8: bool,
+    /// Checked before the final dot: a node that may have lost the message to another sends
+    /// no dot, so the remote discards the transaction (RFC 5321 §3.8) instead of taking a
+    /// copy the other node sends too.
+    pub ticket: &'a Ticket,
     pub command_timeout: Duration,
 }
 
@@ -479,7 +484,14 @@ async fn run(tcp: TcpStream, job: &Job<'_>) -> Result<HostOutcome, ClientError> 
     let mut stuffer = DotStuffer::default();
     stuffer.feed(&crate::framing::crlf_line_ends(job.message), &mut body);
     stuffer.finish(&mut body);
+    let dot = body.split_off(body.len() - 3); // ".\r\n"
     client.send(&body).await?;
+    if !job.ticket.valid() {
+        return Ok(failed(local_failure(
+            "This node's hold on the message lapsed before the final dot",
+        )));
+    }
+    client.send(&dot).await?;
     let (final_reply, _) = client.reply_raw(FINAL_REPLY_TIMEOUT).await?;
     let outcome = if final_reply.code == 250 {
         RcptOutcome::Delivered(final_reply)

@@ -30,7 +30,7 @@ use crate::config::{Config, OutboundTls, TlsMode};
 use crate::dns::Dns;
 use crate::queue::scheduler::LocalDelivery;
 use crate::queue::Queued;
-use crate::queue::{Envelope, Queue, QueueId, Recipient, Route, Spool};
+use crate::queue::{Envelope, Queue, QueueId, Recipient, Route, Spool, Ticket};
 use client::{HostOutcome, RcptOutcome, Reply, TlsPlan};
 use state::{Attempt, DeliveryState, RcptState, StateDir};
 
@@ -185,6 +185,14 @@ impl Relay {
 async fn attempt(context: &Arc<Context>, mut pending: Pending) -> Option<Pending> {
     let id = pending.envelope.id.clone();
     let targets = pending.state.pending();
+    // Taken before the message is read (the read checks this node still holds it): the
+    // shared queue's lease may be running out, and another node that takes the message over
+    // must then be the only one that sends it (queue::lease).
+    let Some(ticket) = context.spool.hold().ticket() else {
+        debug!("this node's lease is not fresh; attempt postponed");
+        pending.state.next_attempt_ms = now_ms() + 1_000;
+        return Some(pending);
+    };
     let locals = if std::mem::take(&mut pending.skip_locals) {
         Vec::new()
     } else {
@@ -236,8 +244,9 @@ async fn attempt(context: &Arc<Context>, mut pending: Pending) -> Option<Pending
             let context = context.clone();
             let message = message.clone();
             let envelope = pending.envelope.clone();
+            let ticket = ticket.clone();
             tasks.spawn(async move {
-                deliver_domain(&context, &domain, &rcpts, &envelope, &message).await
+                deliver_domain(&context, &domain, &rcpts, &envelope, &message, &ticket).await
             });
         }
         while let Some(result) = tasks.join_next().await {
@@ -592,6 +601,7 @@ async fn deliver_domain(
     rcpts: &[(usize, String)],
     envelope: &Envelope,
     message: &[u8],
+    ticket: &Ticket,
 ) -> Vec<(usize, RcptOutcome, Option<String>)> {
     let outbound = &context.config.outbound;
     let all = |outcome: RcptOutcome, host: Option<String>| {
@@ -692,6 +702,15 @@ async fn deliver_domain(
     let mut remaining: Vec<(usize, String, Option<RcptOutcome>)> =
         rcpts.iter().map(|(i, a)| (*i, a.clone(), None)).collect();
     'hosts: for host in &hosts {
+        if !ticket.valid() {
+            last = Reply {
+                code: 451,
+                text: "4.4.0 This node's hold on the message lapsed; another node may deliver it"
+                    .into(),
+            };
+            last_permanent = false;
+            break;
+        }
         let ips: Vec<IpAddr> = match host.parse::<IpAddr>() {
             Ok(ip) => vec![ip],
             Err(_) => match &context.dns {
@@ -720,6 +739,7 @@ async fn deliver_domain(
                 recipients: &addresses,
                 message,
                 smtputf8: envelope.smtputf8,
+                ticket,
                 command_timeout: Duration::from_secs(outbound.command_timeout_secs),
             };
             let outcome = match transact(context, address, job).await {
