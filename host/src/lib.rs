@@ -24,6 +24,7 @@
 //! - [`cli`] — the `postern` command.
 
 pub mod address;
+pub mod admin;
 pub mod auth;
 pub mod budget;
 pub mod cli;

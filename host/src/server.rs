@@ -347,7 +347,8 @@ pub async fn run(
         relay_inbox,
     )
     .map_err(ServerError::Spool)?;
-    tokio::spawn(relay.run());
+    let (to_relay_control, relay_control) = mpsc::channel(16);
+    tokio::spawn(relay.with_control(relay_control).run());
     let scheduler =
         Scheduler::new(spool.clone(), local, states, scheduler_inbox).with_relay(to_relay);
     tokio::spawn(scheduler.run(recovered));
@@ -358,6 +359,24 @@ pub async fn run(
         directory_stamp,
         shutdown_rx.clone(),
     ));
+    // Mail flows without the admin API; an operator who finds `postern queue` unable to
+    // connect finds why in the log.
+    match crate::admin::bind(&data_dir) {
+        Ok(listener) => {
+            tokio::spawn(crate::admin::serve(
+                listener,
+                Arc::new(crate::admin::Admin {
+                    relay: to_relay_control,
+                    users: users.clone(),
+                }),
+                shutdown_rx.clone(),
+            ));
+        }
+        Err(err) => error!(
+            path = %crate::admin::socket_path(&data_dir).display(),
+            "admin API unavailable: cannot open its socket: {err}"
+        ),
+    }
     let mut smtp = SmtpServer::new(
         config.clone(),
         users.clone(),

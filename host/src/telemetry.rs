@@ -64,6 +64,12 @@ pub mod outcome {
         info!(target: "postern::outcome", "{queue_id}: from=<{sender}>, size={size}, nrcpt={recipients} (queue active)");
     }
 
+    /// An operator's action on a queued message, in Postfix's words (`removed`, `placed on
+    /// hold`, `released from hold`, ...).
+    pub fn administered(queue_id: &str, what: &str) {
+        info!(target: "postern::outcome", "{queue_id}: {what} (by the mail administrator)");
+    }
+
     /// One recipient's outcome (Postfix's delivery agent line). `relay` is `local` or the
     /// remote host; `received_at` (Unix seconds) gives the delay; `dsn` the RFC 3463 status.
     pub fn delivery(

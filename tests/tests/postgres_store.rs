@@ -192,6 +192,7 @@ async fn the_shared_queue_hands_a_dead_nodes_messages_to_another_by_lease() {
             attempts: 1,
             next_attempt_ms: 0,
             delay_notified: false,
+            held: false,
             recipients: vec![
                 RcptState::Done,
                 RcptState::Pending {

@@ -36,6 +36,32 @@ impl<T> fmt::Debug for Secret<T> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthUser(pub String);
 
+/// A user's open sessions are to end.
+#[derive(Debug, Clone)]
+pub struct Revocation {
+    /// The user key (`alice@example.test`).
+    pub user: String,
+    pub why: Revoked,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revoked {
+    /// Disabled or removed: no more logins.
+    Disabled,
+    /// Ended by the operator (`postern kick`); the user may log in again.
+    Kicked,
+}
+
+impl Revoked {
+    /// What the client is told.
+    pub fn text(self) -> &'static str {
+        match self {
+            Revoked::Disabled => "Account disabled",
+            Revoked::Kicked => "Session ended by the mail administrator",
+        }
+    }
+}
+
 /// Users and aliases: the configuration's (fixed) and the live directory's
 /// (`directory`, replaced by [`UserDirectory::refresh`] whenever it changes).
 pub struct UserDirectory {
@@ -46,7 +72,7 @@ pub struct UserDirectory {
     current: RwLock<Arc<Tables>>,
     /// User keys that could log in and no longer can (disabled or removed): their open IMAP
     /// and POP3 sessions end.
-    revoked: tokio::sync::broadcast::Sender<String>,
+    revoked: tokio::sync::broadcast::Sender<Revocation>,
 }
 
 #[derive(Clone, Default)]
@@ -211,14 +237,33 @@ impl UserDirectory {
             |t: &Tables, key: &String| t.users.contains_key(key) && !t.disabled.contains(key);
         for key in old.users.keys() {
             if could(&old, key) && !could(&tables, key) {
-                let _ = self.revoked.send(key.clone());
+                let _ = self.revoked.send(Revocation {
+                    user: key.clone(),
+                    why: Revoked::Disabled,
+                });
             }
         }
         count
     }
 
+    /// Ends a user's open IMAP and POP3 sessions (`postern kick`), as a revocation does; their
+    /// client may log in again. False when no such user is known.
+    pub fn end_sessions(&self, login: &str) -> bool {
+        let Some(key) = Address::parse(login).map(|a| a.mailbox_key()) else {
+            return false;
+        };
+        let known = self.tables().users.contains_key(&key);
+        if known {
+            let _ = self.revoked.send(Revocation {
+                user: key,
+                why: Revoked::Kicked,
+            });
+        }
+        known
+    }
+
     /// Users as they lose the right to log in (a session ends when its user is named).
-    pub fn revocations(&self) -> tokio::sync::broadcast::Receiver<String> {
+    pub fn revocations(&self) -> tokio::sync::broadcast::Receiver<Revocation> {
         self.revoked.subscribe()
     }
 
@@ -640,7 +685,7 @@ mod tests {
         let mut revoked = users.revocations();
         live.users[0].disabled = true;
         users.refresh(&live);
-        assert_eq!(revoked.try_recv().unwrap(), "carol@example.test");
+        assert_eq!(revoked.try_recv().unwrap().user, "carol@example.test");
         assert!(
             revoked.try_recv().is_err(),
             "only who lost the right to log in"

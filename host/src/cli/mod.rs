@@ -1,5 +1,6 @@
 //! The `postern` command line.
 
+mod admin;
 mod users;
 
 use std::path::PathBuf;
@@ -68,6 +69,17 @@ enum Command {
     Mailbox {
         #[command(subcommand)]
         command: MailboxCommand,
+    },
+    /// The delivery queue of a running server.
+    Queue {
+        #[command(subcommand)]
+        command: admin::QueueCommand,
+    },
+    /// End a user's open IMAP and POP3 sessions on a running server.
+    Kick {
+        user: String,
+        #[command(flatten)]
+        target: admin::Target,
     },
     /// The PostgreSQL database (`[database]`).
     Db {
@@ -268,6 +280,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("schema at version {version}");
             Ok(())
         }
+        Command::Queue { command } => admin::queue(command),
+        Command::Kick { user, target } => admin::kick(&user, &target),
         Command::User { command } => {
             let config = load_config(command.config())?;
             users::user(config, command)

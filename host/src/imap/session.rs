@@ -102,7 +102,7 @@ pub(in crate::imap) struct Conn {
     pub(in crate::imap) changes: broadcast::Receiver<Change>,
     /// Users who may no longer log in (`UserDirectory::revocations`): this session ends when
     /// its user is one.
-    pub(in crate::imap) revoked: broadcast::Receiver<String>,
+    pub(in crate::imap) revoked: broadcast::Receiver<crate::auth::Revocation>,
     /// A change to the user's mailbox was announced since the last look.
     pub(in crate::imap) dirty: bool,
     /// RFC 5465: what NOTIFY SET asked for.
@@ -271,7 +271,7 @@ pub enum Input {
     Event(Event),
     Change(Result<Change, broadcast::error::RecvError>),
     /// A user lost the right to log in.
-    Revoked(String),
+    Revoked(crate::auth::Revocation),
 }
 
 impl crate::serve::Protocol for Session {
@@ -330,10 +330,10 @@ impl crate::serve::Protocol for Session {
         let event = match input {
             Input::Event(event) => event,
             Input::Revoked(revoked) => {
-                if matches!(&*state, State::LoggedIn { user, .. } if user.eq_ignore_ascii_case(&revoked))
+                if matches!(&*state, State::LoggedIn { user, .. } if user.eq_ignore_ascii_case(&revoked.user))
                 {
-                    info!(user = %revoked, "login revoked; closing the session");
-                    io.queue(b"* BYE Account disabled\r\n");
+                    info!(user = %revoked.user, why = ?revoked.why, "login revoked; closing the session");
+                    io.queue(format!("* BYE {}\r\n", revoked.why.text()).as_bytes());
                     return Flow::Close;
                 }
                 return Flow::Continue;

@@ -38,7 +38,7 @@ use crate::serve::Flow;
 /// What wakes a POP3 session: a command line, or a user losing the right to log in.
 pub enum Input {
     Line(LineEvent),
-    Revoked(String),
+    Revoked(crate::auth::Revocation),
 }
 
 pub struct Session {
@@ -52,7 +52,7 @@ pub struct Session {
     auth_failures: u32,
     framer: LineFramer,
     /// Users who may no longer log in: the session ends when its user is one.
-    revoked: tokio::sync::broadcast::Receiver<String>,
+    revoked: tokio::sync::broadcast::Receiver<crate::auth::Revocation>,
     /// The APOP timestamp from the greeting (RFC 1939 §7), when APOP is offered.
     timestamp: Option<String>,
 }
@@ -630,11 +630,18 @@ impl crate::serve::Protocol for Session {
             Input::Line(LineEvent::Line(line)) => self.dispatch(io, &line).await,
             Input::Line(LineEvent::TooLong) => self.error(io, None, "Line too long"),
             Input::Line(LineEvent::Incomplete) => Flow::Continue,
-            Input::Revoked(user) => match &self.state {
-                State::Transaction(maildrop) if maildrop.user.eq_ignore_ascii_case(&user) => {
-                    tracing::info!(%user, "login revoked; closing the session");
+            Input::Revoked(revoked) => match &self.state {
+                State::Transaction(maildrop)
+                    if maildrop.user.eq_ignore_ascii_case(&revoked.user) =>
+                {
+                    tracing::info!(user = %revoked.user, why = ?revoked.why, "login revoked; closing the session");
                     // Nothing is expunged: the session did not end with QUIT (RFC 1939 §6).
-                    io.queue(&codec::err(Some("AUTH"), "Account disabled"));
+                    // RFC 3206: [AUTH] for a login no longer allowed, [SYS/TEMP] otherwise.
+                    let code = match revoked.why {
+                        crate::auth::Revoked::Disabled => "AUTH",
+                        crate::auth::Revoked::Kicked => "SYS/TEMP",
+                    };
+                    io.queue(&codec::err(Some(code), revoked.why.text()));
                     Flow::Close
                 }
                 _ => Flow::Continue,

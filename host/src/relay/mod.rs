@@ -10,11 +10,12 @@
 //! served twice.
 
 pub mod client;
+pub mod control;
 pub mod dsn;
 pub mod mx;
 pub mod state;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,6 +33,7 @@ use crate::queue::scheduler::LocalDelivery;
 use crate::queue::Queued;
 use crate::queue::{Envelope, Queue, QueueId, Recipient, Route, Spool, Ticket};
 use client::{HostOutcome, RcptOutcome, Reply, TlsPlan};
+use control::{Action, Control, Status};
 use state::{Attempt, DeliveryState, RcptState, StateDir};
 
 /// What local delivery decided for one recipient.
@@ -79,9 +81,22 @@ struct Pending {
     skip_locals: bool,
 }
 
+impl Pending {
+    fn entry(&self) -> control::Entry {
+        let status = if self.state.held {
+            Status::Held
+        } else {
+            Status::Deferred
+        };
+        control::Entry::of(&self.envelope, &self.state, status)
+    }
+}
+
 pub struct Relay {
     context: Arc<Context>,
     inbox: mpsc::Receiver<RelayJob>,
+    /// The operator's requests (`admin`); None when nobody can send any.
+    control: Option<mpsc::Receiver<Control>>,
 }
 
 fn now_ms() -> i64 {
@@ -117,16 +132,31 @@ impl Relay {
                 local,
             }),
             inbox,
+            control: None,
         })
+    }
+
+    /// Takes the operator's requests from this channel (`postern queue …`).
+    pub fn with_control(mut self, control: mpsc::Receiver<Control>) -> Relay {
+        self.control = Some(control);
+        self
     }
 
     /// Serves jobs until the scheduler is gone.
     pub async fn run(mut self) {
         let mut waiting: HashMap<QueueId, Pending> = HashMap::new();
-        let mut in_flight: HashSet<QueueId> = HashSet::new();
+        // Under attempt, or being saved after an operator's action: as it was when it left.
+        let mut in_flight: HashMap<QueueId, control::Entry> = HashMap::new();
+        // Operators' actions on messages under attempt, applied when they come back.
+        let mut after: HashMap<QueueId, Action> = HashMap::new();
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(QueueId, Option<Pending>)>();
+        let mut control = self.control.take();
         loop {
-            let next_due = waiting.values().map(|p| p.state.next_attempt_ms).min();
+            let next_due = waiting
+                .values()
+                .filter(|p| !p.state.held)
+                .map(|p| p.state.next_attempt_ms)
+                .min();
             let sleep = match next_due {
                 Some(due) => Duration::from_millis((due - now_ms()).max(0) as u64),
                 None => Duration::from_secs(3600),
@@ -135,7 +165,7 @@ impl Relay {
                 job = self.inbox.recv() => {
                     let Some(job) = job else { return };
                     let id = job.envelope.id.clone();
-                    if in_flight.contains(&id) || waiting.contains_key(&id) {
+                    if in_flight.contains_key(&id) || waiting.contains_key(&id) {
                         continue; // already ours (a local retry handed it over again)
                     }
                     waiting.insert(id, Pending {
@@ -148,7 +178,55 @@ impl Relay {
                     if let Some((id, pending)) = finished {
                         in_flight.remove(&id);
                         if let Some(pending) = pending {
-                            waiting.insert(id, pending);
+                            match after.remove(&id) {
+                                Some(action) => self.act(action, pending, &mut waiting, &mut in_flight, &done_tx),
+                                None => {
+                                    waiting.insert(id, pending);
+                                }
+                            }
+                        } else {
+                            after.remove(&id);
+                        }
+                    }
+                }
+                request = async { control.as_mut()?.recv().await }, if control.is_some() => {
+                    let Some(request) = request else {
+                        control = None;
+                        continue;
+                    };
+                    let now_s = now_ms() / 1000;
+                    match request {
+                        Control::List { filter, reply } => {
+                            let mut entries: Vec<control::Entry> = waiting
+                                .values()
+                                .map(Pending::entry)
+                                .chain(in_flight.values().cloned())
+                                .filter(|e| filter.matches(e, now_s))
+                                .collect();
+                            entries.sort_by(|a, b| (a.received_at, &a.id).cmp(&(b.received_at, &b.id)));
+                            let _ = reply.send(entries);
+                        }
+                        Control::Act { action, filter, reply } => {
+                            let mut report = control::Report::default();
+                            let chosen: Vec<QueueId> = waiting
+                                .values()
+                                .map(Pending::entry)
+                                .filter(|e| filter.matches(e, now_s))
+                                .map(|e| e.id)
+                                .collect();
+                            for id in chosen {
+                                if let Some(pending) = waiting.remove(&id) {
+                                    self.act(action, pending, &mut waiting, &mut in_flight, &done_tx);
+                                    report.done.push(id);
+                                }
+                            }
+                            for entry in in_flight.values().filter(|e| filter.matches(e, now_s)) {
+                                after.insert(entry.id.clone(), action);
+                                report.after_attempt.push(entry.id.clone());
+                            }
+                            report.done.sort();
+                            report.after_attempt.sort();
+                            let _ = reply.send(report);
                         }
                     }
                 }
@@ -157,14 +235,17 @@ impl Relay {
             let now = now_ms();
             let due: Vec<QueueId> = waiting
                 .iter()
-                .filter(|(_, p)| p.state.next_attempt_ms <= now)
+                .filter(|(_, p)| !p.state.held && p.state.next_attempt_ms <= now)
                 .map(|(id, _)| id.clone())
                 .collect();
             for id in due {
                 let Some(pending) = waiting.remove(&id) else {
                     continue;
                 };
-                in_flight.insert(id.clone());
+                in_flight.insert(
+                    id.clone(),
+                    control::Entry::of(&pending.envelope, &pending.state, Status::Active),
+                );
                 let context = self.context.clone();
                 let done = done_tx.clone();
                 let span = tracing::info_span!("relay", queue_id = %id);
@@ -177,6 +258,63 @@ impl Relay {
                 );
             }
         }
+    }
+}
+
+impl Relay {
+    /// Applies an operator's action to a message out of the schedule. What must be durable
+    /// first (a hold, a release, a bounce, a removal) is done off the loop, with the message
+    /// counted as under attempt until it is.
+    fn act(
+        &self,
+        action: Action,
+        mut pending: Pending,
+        waiting: &mut HashMap<QueueId, Pending>,
+        in_flight: &mut HashMap<QueueId, control::Entry>,
+        done: &mpsc::UnboundedSender<(QueueId, Option<Pending>)>,
+    ) {
+        let id = pending.envelope.id.clone();
+        if !control::apply(action, &pending.envelope, &mut pending.state, now_ms()) {
+            waiting.insert(id, pending);
+            return;
+        }
+        in_flight.insert(
+            id.clone(),
+            control::Entry::of(&pending.envelope, &pending.state, Status::Active),
+        );
+        let context = self.context.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            let after = match action {
+                Action::Delete => {
+                    let (spool, states, remove) =
+                        (context.spool.clone(), context.states.clone(), id.clone());
+                    let removed = tokio::task::spawn_blocking(move || {
+                        spool.remove(std::slice::from_ref(&remove))?;
+                        states.remove(&remove)
+                    })
+                    .await;
+                    if matches!(removed, Ok(Ok(()))) {
+                        crate::telemetry::outcome::administered(&id, "removed");
+                        None
+                    } else {
+                        error!(queue_id = %id, "could not remove the message from the queue; it stays");
+                        Some(pending)
+                    }
+                }
+                _ => {
+                    save_state(&context, &id, &pending.state).await;
+                    let what = match action {
+                        Action::Hold => "placed on hold",
+                        Action::Release => "released from hold",
+                        _ => "to be returned to the sender",
+                    };
+                    crate::telemetry::outcome::administered(&id, what);
+                    Some(pending)
+                }
+            };
+            let _ = done.send((id, after));
+        });
     }
 }
 

@@ -20,6 +20,9 @@ pub struct DeliveryState {
     pub next_attempt_ms: i64,
     /// The one delay notice was sent.
     pub delay_notified: bool,
+    /// Held by the operator (`postern queue hold`): no attempt until released.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
     /// One per envelope recipient, in envelope order.
     pub recipients: Vec<RcptState>,
 }
@@ -62,6 +65,7 @@ impl DeliveryState {
             attempts: 0,
             next_attempt_ms: chrono::Utc::now().timestamp_millis(),
             delay_notified: false,
+            held: false,
             recipients: dispositions
                 .iter()
                 .zip(&envelope.recipients)
@@ -198,6 +202,7 @@ mod tests {
             attempts: 2,
             next_attempt_ms: 5,
             delay_notified: false,
+            held: false,
             recipients: vec![
                 RcptState::Done,
                 RcptState::Pending {

@@ -34,7 +34,7 @@ impl Conn {
             enum Woken {
                 Input(Result<Event, ReadError>),
                 Change(Result<Change, broadcast::error::RecvError>),
-                Revoked(String),
+                Revoked(crate::auth::Revocation),
                 Shutdown,
             }
             let woken = tokio::select! {
@@ -77,8 +77,8 @@ impl Conn {
                         io.queue(&kept);
                     }
                 }
-                Woken::Revoked(revoked) if revoked.eq_ignore_ascii_case(user) => {
-                    io.queue(b"* BYE Account disabled\r\n");
+                Woken::Revoked(revoked) if revoked.user.eq_ignore_ascii_case(user) => {
+                    io.queue(format!("* BYE {}\r\n", revoked.why.text()).as_bytes());
                     return Done::Close;
                 }
                 Woken::Revoked(_) => {}

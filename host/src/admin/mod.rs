@@ -1,0 +1,165 @@
+//! The admin API of a running server: one JSON request and one JSON reply per connection, over
+//! a Unix socket in the data directory (`admin/socket`, inside a directory of mode 0700, so file
+//! permissions decide who may use it). The `postern queue …` and `postern kick` commands speak
+//! it (`cli::admin`).
+//!
+//! A request is one line of JSON of at most [`MAX_REQUEST`] bytes, read within
+//! [`REQUEST_TIMEOUT`]; anything else gets an error reply and the connection is closed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
+
+use crate::auth::UserDirectory;
+use crate::relay::control::{Action, Control, Filter};
+
+pub const MAX_REQUEST: u64 = 64 * 1024;
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the admin socket of the server on `data_dir` is.
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin").join("socket")
+}
+
+/// What a client may ask.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+pub enum Request {
+    /// The queued messages that meet the filter, oldest first.
+    QueueList {
+        #[serde(default)]
+        filter: Filter,
+    },
+    /// An action on the queued messages that meet the filter.
+    QueueAct { action: Action, filter: Filter },
+    /// Ends a user's open IMAP and POP3 sessions.
+    Kick { user: String },
+}
+
+/// The reply: `{"status":"ok","result":…}` or `{"status":"error","message":…}`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum Response {
+    Ok { result: serde_json::Value },
+    Error { message: String },
+}
+
+/// What the API acts on.
+pub struct Admin {
+    pub relay: mpsc::Sender<Control>,
+    pub users: Arc<UserDirectory>,
+}
+
+impl Admin {
+    async fn handle(&self, request: Request) -> Response {
+        let result = match request {
+            Request::QueueList { filter } => {
+                let (reply, answer) = oneshot::channel();
+                self.ask(Control::List { filter, reply }, answer).await
+            }
+            Request::QueueAct { action, filter } => {
+                let (reply, answer) = oneshot::channel();
+                self.ask(
+                    Control::Act {
+                        action,
+                        filter,
+                        reply,
+                    },
+                    answer,
+                )
+                .await
+            }
+            Request::Kick { user } => {
+                let ended = self.users.end_sessions(&user);
+                Ok(serde_json::json!({ "user": user, "known": ended }))
+            }
+        };
+        match result {
+            Ok(result) => Response::Ok { result },
+            Err(message) => Response::Error { message },
+        }
+    }
+
+    async fn ask<T: Serialize>(
+        &self,
+        control: Control,
+        answer: oneshot::Receiver<T>,
+    ) -> Result<serde_json::Value, String> {
+        let gone = || "the relay is not running (shutting down?)".to_string();
+        self.relay.send(control).await.map_err(|_| gone())?;
+        let value = answer.await.map_err(|_| gone())?;
+        serde_json::to_value(value).map_err(|e| e.to_string())
+    }
+}
+
+/// Binds the socket (replacing a stale one: the data directory's lock says no other server
+/// runs here) inside a directory only this user may enter.
+pub fn bind(data_dir: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = socket_path(data_dir);
+    let dir = path.parent().expect("socket in a directory");
+    crate::durable::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    match std::fs::remove_file(&path) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err),
+        _ => {}
+    }
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves the API until shutdown; connections are served one task each.
+pub async fn serve(listener: UnixListener, admin: Arc<Admin>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|down| *down) => return,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                tokio::spawn(connection(stream, admin.clone()));
+            }
+            Err(err) => {
+                warn!("admin socket: accept failed: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn connection(stream: UnixStream, admin: Arc<Admin>) {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read).take(MAX_REQUEST + 1);
+    let read = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await;
+    let response = match read {
+        Err(_) => Response::Error {
+            message: "no request within the time allowed".into(),
+        },
+        Ok(Err(err)) => Response::Error {
+            message: format!("cannot read the request: {err}"),
+        },
+        Ok(Ok(_)) if line.len() as u64 > MAX_REQUEST || !line.ends_with('\n') => Response::Error {
+            message: format!("a request is one line of at most {MAX_REQUEST} bytes"),
+        },
+        Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+            Ok(request) => {
+                info!(?request, "admin request");
+                admin.handle(request).await
+            }
+            Err(err) => Response::Error {
+                message: format!("not a request: {err}"),
+            },
+        },
+    };
+    let mut bytes = serde_json::to_vec(&response).unwrap_or_default();
+    bytes.push(b'\n');
+    let _ = tokio::time::timeout(REQUEST_TIMEOUT, write.write_all(&bytes)).await;
+}
