@@ -73,6 +73,16 @@ pub struct Config {
     pub mailbox_backends: Vec<MailboxBackendConfig>,
     /// PostgreSQL, for the local domains whose mailboxes several nodes share.
     pub database: Option<DatabaseConfig>,
+    /// The Prometheus endpoint; none unless configured.
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// `[metrics]`: where `GET /metrics` is served (plain HTTP; bind it to loopback or a
+/// management network, as Postfix exporters and Dovecot's `service stats` are).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub address: SocketAddr,
 }
 
 /// `[database]`: a PostgreSQL server (`store::postgres`).

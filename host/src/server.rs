@@ -25,6 +25,8 @@ use crate::smtp::SmtpServer;
 use crate::store::maildir::Maildir;
 use crate::store::watched::Watched;
 use crate::store::MailStore;
+use crate::telemetry::sessions::Registered;
+use tokio_util::task::TaskTracker;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -123,7 +125,7 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// Where the server writes its pid, for `postern plugin reload`.
+/// Where the server writes its pid (`kill -HUP $(cat …)` reloads the plugins; systemd uses it).
 pub fn pid_path(data_dir: &std::path::Path) -> std::path::PathBuf {
     data_dir.join("postern.pid")
 }
@@ -348,10 +350,19 @@ pub async fn run(
     )
     .map_err(ServerError::Spool)?;
     let (to_relay_control, relay_control) = mpsc::channel(16);
-    tokio::spawn(relay.with_control(relay_control).run());
-    let scheduler =
-        Scheduler::new(spool.clone(), local, states, scheduler_inbox).with_relay(to_relay);
-    tokio::spawn(scheduler.run(recovered));
+    // Turned on once the sessions are over: the scheduler delivers what they queued and the
+    // relay lets the attempts under way finish, then both end.
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let relay = tokio::spawn(
+        relay
+            .with_control(relay_control)
+            .with_drain(drain_rx.clone())
+            .run(),
+    );
+    let scheduler = Scheduler::new(spool.clone(), local, states, scheduler_inbox)
+        .with_relay(to_relay)
+        .with_drain(drain_rx);
+    let scheduler = tokio::spawn(scheduler.run(recovered));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tokio::spawn(crate::auth::directory::keep_fresh(
         directory,
@@ -366,8 +377,11 @@ pub async fn run(
             tokio::spawn(crate::admin::serve(
                 listener,
                 Arc::new(crate::admin::Admin {
-                    relay: to_relay_control,
+                    relay: to_relay_control.clone(),
                     users: users.clone(),
+                    plugins: plugins.clone(),
+                    config: config.clone(),
+                    config_path: config_path.clone(),
                 }),
                 shutdown_rx.clone(),
             ));
@@ -429,6 +443,8 @@ pub async fn run(
         config.limits.max_connections_per_ip,
     );
 
+    // Every session, so shutdown can wait for them to end instead of polling a count.
+    let sessions = TaskTracker::new();
     let mut bound = Vec::new();
     for listener_config in &config.listeners {
         let listener = TcpListener::bind(listener_config.address)
@@ -449,6 +465,23 @@ pub async fn run(
             Arc::new(listener_config.clone()),
             services.clone(),
             limiter.clone(),
+            sessions.clone(),
+            shutdown_rx.clone(),
+        ));
+    }
+    if let Some(metrics) = &config.metrics {
+        let bind_error = |source| ServerError::Bind {
+            name: "metrics".into(),
+            address: metrics.address,
+            source,
+        };
+        let listener = crate::telemetry::metrics::bind(metrics.address)
+            .await
+            .map_err(bind_error)?;
+        bound.push(("metrics".into(), listener.local_addr().map_err(bind_error)?));
+        tokio::spawn(crate::telemetry::metrics::serve(
+            listener,
+            to_relay_control,
             shutdown_rx.clone(),
         ));
     }
@@ -464,12 +497,36 @@ pub async fn run(
     }
 
     let _ = stop.wait_for(|down| *down).await;
-    info!("shutting down");
+    // Listeners stop accepting and every session ends at its next command boundary (IMAP
+    // IDLE and NOTIFY at once) with its protocol's farewell; those still busy get the grace
+    // period, then the delivery tasks finish what is under way within what is left of it.
+    info!(sessions = limiter.active(), "shutting down");
     let _ = shutdown_tx.send(true);
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
     let deadline = tokio::time::Instant::now() + grace;
-    while limiter.active() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    sessions.close();
+    if tokio::time::timeout_at(deadline, sessions.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            remaining = limiter.active(),
+            "grace period over; closing the sessions still open"
+        );
+    }
+    let _ = drain_tx.send(true);
+    // A message whose delivery is cut short stays queued and is delivered after the next
+    // start (at worst twice to a remote host, which RFC 5321 §6.1 allows over losing it).
+    let delivery_deadline = deadline.max(tokio::time::Instant::now() + Duration::from_secs(1));
+    let delivery = async {
+        let _ = scheduler.await;
+        let _ = relay.await;
+    };
+    if tokio::time::timeout_at(delivery_deadline, delivery)
+        .await
+        .is_err()
+    {
+        warn!("grace period over; deliveries under way are left queued");
     }
     info!(remaining = limiter.active(), "stopped");
     let _ = std::fs::remove_file(&pid_file);
@@ -481,39 +538,52 @@ pub async fn run(
 fn plugin_configs(
     current: &Config,
     path: Option<&std::path::Path>,
-) -> Option<Vec<crate::config::PluginConfig>> {
+) -> Result<Vec<crate::config::PluginConfig>, String> {
     match path {
-        None => Some(current.plugin_list.clone()),
+        None => Ok(current.plugin_list.clone()),
         Some(path) => match Config::load(path) {
-            Ok(config) => Some(config.plugin_list),
+            Ok(config) => Ok(config.plugin_list),
             Err(err) => {
                 error!("configuration not reloaded, keeping the running plugins: {err}");
-                None
+                Err(format!(
+                    "configuration not reloaded, keeping the running plugins: {err}"
+                ))
             }
         },
     }
 }
 
-async fn reload(
+/// Reloads the plugins from the configuration file (SIGHUP, a file change, or `postern plugin
+/// reload` through the admin API); a file that no longer parses keeps the running plugins.
+pub(crate) async fn reload(
     plugins: &Arc<PluginRuntime>,
     config: &Config,
     path: Option<&std::path::Path>,
     why: &str,
-) {
-    let Some(list) = plugin_configs(config, path) else {
-        return;
-    };
+) -> Result<crate::plugin::registry::ReloadReport, String> {
+    let list = plugin_configs(config, path)?;
     info!(reason = why, "reloading plugins");
     let report = plugins.load(&list).await;
+    crate::telemetry::metrics::get()
+        .reloads
+        .get_or_create(&crate::telemetry::metrics::Outcome {
+            result: if report.failed.is_empty() {
+                "ok"
+            } else {
+                "failed"
+            },
+        })
+        .inc();
     info!(
         loaded = ?report.loaded,
         unchanged = report.unchanged.len(),
         failed = report.failed.len(),
         "plugins reloaded"
     );
+    Ok(report)
 }
 
-/// SIGHUP (also sent by `postern plugin reload`) reloads the plugins.
+/// SIGHUP (`systemctl reload postern`) reloads the plugins, as `postern plugin reload` does.
 async fn reload_on_signal(
     plugins: Arc<PluginRuntime>,
     config: Arc<Config>,
@@ -524,7 +594,7 @@ async fn reload_on_signal(
         return;
     };
     while hup.recv().await.is_some() {
-        reload(&plugins, &config, path.as_deref(), "SIGHUP").await;
+        let _ = reload(&plugins, &config, path.as_deref(), "SIGHUP").await;
     }
 }
 
@@ -553,8 +623,8 @@ async fn reload_on_change(
         if now == stamps {
             continue;
         }
-        reload(&plugins, &config, path.as_deref(), "file changed").await;
-        if let Some(list) = plugin_configs(&config, path.as_deref()) {
+        let _ = reload(&plugins, &config, path.as_deref(), "file changed").await;
+        if let Ok(list) = plugin_configs(&config, path.as_deref()) {
             files = watched(&list);
         }
         stamps = files.iter().map(|f| stamp(f)).collect();
@@ -573,6 +643,7 @@ async fn accept_loop(
     config: Arc<ListenerConfig>,
     services: Arc<Services>,
     limiter: Arc<ConnectionLimiter>,
+    sessions: TaskTracker,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -598,25 +669,28 @@ async fn accept_loop(
         match config.protocol {
             ListenerProtocol::Smtp | ListenerProtocol::Submission => {
                 let session = Session::new(services.smtp.clone(), config.clone(), peer);
-                tokio::spawn(async move {
+                let counted = Registered::open(session.id, "smtp", &config.name, peer);
+                sessions.spawn(async move {
                     session.run(stream).await;
-                    drop(slot);
+                    drop((slot, counted));
                 });
             }
             ListenerProtocol::Pop3 => {
                 let session =
                     crate::pop3::session::Session::new(services.pop3.clone(), config.clone(), peer);
-                tokio::spawn(async move {
+                let counted = Registered::open(session.id, "pop3", &config.name, peer);
+                sessions.spawn(async move {
                     session.run(stream).await;
-                    drop(slot);
+                    drop((slot, counted));
                 });
             }
             ListenerProtocol::Imap => {
                 let session =
                     crate::imap::session::Session::new(services.imap.clone(), config.clone(), peer);
-                tokio::spawn(async move {
+                let counted = Registered::open(session.id(), "imap", &config.name, peer);
+                sessions.spawn(async move {
                     session.run(stream).await;
-                    drop(slot);
+                    drop((slot, counted));
                 });
             }
         }

@@ -274,9 +274,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Io<S> {
             }
             None => return Err(ReadError::Closed),
         };
-        let tls = tokio::time::timeout(timeout, acceptor.accept(plain))
-            .await
-            .map_err(|_| ReadError::Timeout)??;
+        let handshake = tokio::time::timeout(timeout, acceptor.accept(plain)).await;
+        crate::telemetry::metrics::get()
+            .tls_handshakes
+            .get_or_create(&crate::telemetry::metrics::Outcome {
+                result: if matches!(handshake, Ok(Ok(_))) {
+                    "ok"
+                } else {
+                    "failed"
+                },
+            })
+            .inc();
+        let tls = handshake.map_err(|_| ReadError::Timeout)??;
         let (_, session) = tls.get_ref();
         let info = TlsInfo {
             version: session

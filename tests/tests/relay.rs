@@ -707,3 +707,41 @@ async fn a_local_recipient_that_keeps_failing_bounces_at_max_age_and_holds_nobod
         "the remote recipient got one copy"
     );
 }
+
+#[tokio::test]
+async fn sigterm_lets_a_delivery_under_way_finish() {
+    // The sink waits 2 s before answering DATA: SIGTERM arrives with the attempt under way.
+    // The server stops accepting, then waits for the attempt (within shutdown_grace_secs)
+    // instead of cutting it off: the message arrives once and leaves the queue.
+    let ip = loopback_ip();
+    let sink = Sink::start(
+        ip,
+        0,
+        SinkScript {
+            data_command_delay: Duration::from_secs(2),
+            ..SinkScript::default()
+        },
+    )
+    .await;
+    let dns = TestDns::start(vec![("slow.test", Rr::A(ip))]);
+    let mut server = relay_server(&dns, sink.addr.port(), |c| c);
+    send(&server, "alice@example.test", &["bob@slow.test"], MESSAGE).await;
+    wait_until("the attempt to start", || sink.transactions() == 1).await;
+    let started = Instant::now();
+    let (status, server) = tokio::task::spawn_blocking(move || {
+        let status = server.stop().unwrap();
+        (status, server)
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "stopped without waiting for the delivery"
+    );
+    assert_eq!(sink.messages().len(), 1, "{}", server.log());
+    assert!(server.spooled().is_empty(), "{:?}", server.spooled());
+    let log = server.log();
+    assert!(log.contains("relay stopping: no new attempts"), "{log}");
+    assert!(log.contains("status=sent"), "{log}");
+}

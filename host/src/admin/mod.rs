@@ -17,6 +17,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use crate::auth::UserDirectory;
+use crate::config::Config;
+use crate::plugin::registry::PluginRuntime;
 use crate::relay::control::{Action, Control, Filter};
 
 pub const MAX_REQUEST: u64 = 64 * 1024;
@@ -40,6 +42,12 @@ pub enum Request {
     QueueAct { action: Action, filter: Filter },
     /// Ends a user's open IMAP and POP3 sessions.
     Kick { user: String },
+    /// The open sessions.
+    Who,
+    /// The loaded plugins with their calls since start.
+    PluginList,
+    /// Reloads the plugins from the configuration file.
+    PluginReload,
 }
 
 /// The reply: `{"status":"ok","result":…}` or `{"status":"error","message":…}`.
@@ -54,6 +62,10 @@ pub enum Response {
 pub struct Admin {
     pub relay: mpsc::Sender<Control>,
     pub users: Arc<UserDirectory>,
+    pub plugins: Arc<PluginRuntime>,
+    pub config: Arc<Config>,
+    /// The file plugins are reloaded from (None for the embedded default).
+    pub config_path: Option<PathBuf>,
 }
 
 impl Admin {
@@ -79,6 +91,19 @@ impl Admin {
                 let ended = self.users.end_sessions(&user);
                 Ok(serde_json::json!({ "user": user, "known": ended }))
             }
+            Request::Who => to_json(crate::telemetry::sessions::list()),
+            Request::PluginList => {
+                let set = self.plugins.current();
+                to_json(set.plugins.iter().map(|p| p.summary()).collect::<Vec<_>>())
+            }
+            Request::PluginReload => crate::server::reload(
+                &self.plugins,
+                &self.config,
+                self.config_path.as_deref(),
+                "admin request",
+            )
+            .await
+            .and_then(to_json),
         };
         match result {
             Ok(result) => Response::Ok { result },
@@ -93,9 +118,12 @@ impl Admin {
     ) -> Result<serde_json::Value, String> {
         let gone = || "the relay is not running (shutting down?)".to_string();
         self.relay.send(control).await.map_err(|_| gone())?;
-        let value = answer.await.map_err(|_| gone())?;
-        serde_json::to_value(value).map_err(|e| e.to_string())
+        to_json(answer.await.map_err(|_| gone())?)
     }
+}
+
+fn to_json<T: Serialize>(value: T) -> Result<serde_json::Value, String> {
+    serde_json::to_value(value).map_err(|e| e.to_string())
 }
 
 /// Binds the socket (replacing a stale one: the data directory's lock says no other server

@@ -76,8 +76,21 @@ impl LoginGate {
     }
 
     /// Checks credentials for a client, counting the outcome against its address.
-    pub async fn check(&self, ip: IpAddr, credentials: Credentials) -> LoginVerdict {
+    /// `protocol` names the caller in the metrics.
+    pub async fn check(
+        &self,
+        protocol: &'static str,
+        ip: IpAddr,
+        credentials: Credentials,
+    ) -> LoginVerdict {
+        let count = |result| {
+            crate::telemetry::metrics::get()
+                .logins
+                .get_or_create(&crate::telemetry::metrics::Login { protocol, result })
+                .inc()
+        };
         let Some(ticket) = self.throttle.reserve(ip) else {
+            count("throttled");
             return LoginVerdict::Throttled;
         };
         let user = match credentials {
@@ -109,10 +122,12 @@ impl LoginGate {
         match user {
             Some(user) => {
                 ticket.finish(false);
+                count("accepted");
                 LoginVerdict::Accepted(user)
             }
             None => {
                 ticket.finish(true);
+                count("refused");
                 LoginVerdict::Refused
             }
         }

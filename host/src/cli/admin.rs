@@ -1,5 +1,5 @@
-//! Commands that act on a running server through its admin API (`admin`): `postern queue …`
-//! and `postern kick`. Exit status: 0 done, 1 failed (the reason on stderr), 2 bad usage.
+//! Commands that act on a running server through its admin API (`admin`): `postern queue …`,
+//! `postern who`, `postern kick` and `postern plugin list|reload`. Exit status: 0 done, 1 failed (the reason on stderr), 2 bad usage.
 
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::os::unix::net::UnixStream;
@@ -388,5 +388,93 @@ pub fn kick(user: &str, target: &Target) -> anyhow::Result<()> {
         bail!("{user}: no such user");
     }
     println!("{user}: open IMAP and POP3 sessions ended");
+    Ok(())
+}
+
+/// `postern who`: the open sessions, oldest first.
+pub fn who(target: &Target, json: bool) -> anyhow::Result<()> {
+    let value = call(&data_dir(target)?, &Request::Who)?;
+    let sessions: Vec<crate::telemetry::sessions::Entry> = serde_json::from_value(value)?;
+    if json {
+        return print_json(&sessions);
+    }
+    println!(
+        "{:<8} {:<6} {:<12} {:<40} {:<19}  peer",
+        "session", "proto", "listener", "user", "since"
+    );
+    for s in &sessions {
+        println!(
+            "{:<8} {:<6} {:<12} {:<40} {:<19}  {}",
+            s.id,
+            s.protocol,
+            s.listener,
+            s.user.as_deref().unwrap_or("-"),
+            time(s.since),
+            s.peer
+        );
+    }
+    println!("-- {} sessions", sessions.len());
+    Ok(())
+}
+
+/// `postern plugin list`.
+pub fn plugin_list(target: &Target, json: bool) -> anyhow::Result<()> {
+    let value = call(&data_dir(target)?, &Request::PluginList)?;
+    let plugins: Vec<crate::plugin::registry::PluginSummary> = serde_json::from_value(value)?;
+    if json {
+        return print_json(&plugins);
+    }
+    for p in &plugins {
+        println!("{}  {}", p.name, p.path.display());
+        println!("  digest: sha256:{}", p.digest);
+        println!("  hooks: {}", p.hooks.join(", "));
+        println!(
+            "  capabilities: {}",
+            if p.capabilities.is_empty() {
+                "none".to_string()
+            } else {
+                p.capabilities.join(", ")
+            }
+        );
+        println!(
+            "  on_error: {}, timeout: {} ms, memory: {} MiB",
+            p.on_error,
+            p.timeout_ms,
+            p.memory_bytes >> 20
+        );
+        for c in &p.calls {
+            println!(
+                "  {:<10} {:>9} calls {:>6} errors  p50 {} µs  p99 {} µs",
+                c.hook, c.calls, c.errors, c.p50_us, c.p99_us
+            );
+        }
+    }
+    if plugins.is_empty() {
+        println!("no plugins loaded");
+    }
+    Ok(())
+}
+
+/// `postern plugin reload`: the server reloads its plugins from its configuration file and
+/// says what it did; a plugin that failed to load keeps its previous version.
+pub fn plugin_reload(target: &Target, json: bool) -> anyhow::Result<()> {
+    let value = call(&data_dir(target)?, &Request::PluginReload)?;
+    let report: crate::plugin::registry::ReloadReport = serde_json::from_value(value)?;
+    if json {
+        print_json(&report)?;
+    } else {
+        for name in &report.loaded {
+            println!("{name}: loaded");
+        }
+        for name in &report.unchanged {
+            println!("{name}: unchanged");
+        }
+        for (name, why) in &report.failed {
+            println!("{name}: failed, previous version kept: {why}");
+        }
+    }
+    if !report.failed.is_empty() {
+        bail!("{} plugins failed to load", report.failed.len());
+    }
     Ok(())
 }

@@ -80,6 +80,13 @@ pub struct Session {
     state: State,
 }
 
+impl Session {
+    /// Unique per server run, across SMTP, POP3 and IMAP (logs, `postern who`).
+    pub fn id(&self) -> u64 {
+        self.conn.id
+    }
+}
+
 /// Everything of a session but its protocol state.
 pub(in crate::imap) struct Conn {
     pub(in crate::imap) id: u64,

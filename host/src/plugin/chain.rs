@@ -281,7 +281,14 @@ impl PluginSession {
             if !self.set.plugins[index].hooks.has(stage) {
                 continue;
             }
+            let started = std::time::Instant::now();
             let answer = self.call(index, &call).await;
+            crate::telemetry::metrics::get().plugin_call(
+                &self.set.plugins[index].meta.name,
+                stage.name(),
+                started.elapsed(),
+                answer.is_err(),
+            );
             let stop = match &answer {
                 Ok(Answer::Decision(types::Decision::Continue)) => false,
                 Ok(Answer::Data(v)) => !matches!(v.decision, types::DataDecision::Continue),

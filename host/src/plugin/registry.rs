@@ -37,6 +37,35 @@ pub enum Stage {
     Expn,
 }
 
+impl Stage {
+    pub const ALL: [Stage; 9] = [
+        Stage::Connect,
+        Stage::Helo,
+        Stage::Auth,
+        Stage::MailFrom,
+        Stage::Rcpt,
+        Stage::Data,
+        Stage::Deliver,
+        Stage::Vrfy,
+        Stage::Expn,
+    ];
+
+    /// The hook's name as the WIT interface spells it (logs and metric labels).
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Connect => "connect",
+            Stage::Helo => "helo",
+            Stage::Auth => "auth",
+            Stage::MailFrom => "mail-from",
+            Stage::Rcpt => "rcpt",
+            Stage::Data => "data",
+            Stage::Deliver => "deliver",
+            Stage::Vrfy => "vrfy",
+            Stage::Expn => "expn",
+        }
+    }
+}
+
 /// Where each hook's functions are in a component; None for hooks it does not export.
 #[derive(Default)]
 pub struct HookIndices {
@@ -80,22 +109,12 @@ impl HookIndices {
         }
     }
 
-    fn names(&self) -> Vec<&'static str> {
-        [
-            (Stage::Connect, "connect"),
-            (Stage::Helo, "helo"),
-            (Stage::Auth, "auth"),
-            (Stage::MailFrom, "mail-from"),
-            (Stage::Rcpt, "rcpt"),
-            (Stage::Data, "data"),
-            (Stage::Deliver, "deliver"),
-            (Stage::Vrfy, "vrfy"),
-            (Stage::Expn, "expn"),
-        ]
-        .into_iter()
-        .filter(|(s, _)| self.has(*s))
-        .map(|(_, n)| n)
-        .collect()
+    pub fn names(&self) -> Vec<&'static str> {
+        Stage::ALL
+            .into_iter()
+            .filter(|s| self.has(*s))
+            .map(Stage::name)
+            .collect()
     }
 }
 
@@ -110,6 +129,42 @@ pub struct LoadedPlugin {
     pub digest: String,
     /// The configuration it was loaded with (reload also reacts to config changes).
     config: PluginConfig,
+}
+
+/// A loaded plugin as `postern plugin list` shows it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PluginSummary {
+    pub name: String,
+    pub path: PathBuf,
+    pub digest: String,
+    pub hooks: Vec<String>,
+    pub capabilities: Vec<String>,
+    pub on_error: String,
+    pub timeout_ms: u64,
+    pub memory_bytes: usize,
+    /// Since the server started, per hook called so far.
+    pub calls: Vec<crate::telemetry::metrics::HookSummary>,
+}
+
+impl LoadedPlugin {
+    pub fn summary(&self) -> PluginSummary {
+        PluginSummary {
+            name: self.meta.name.clone(),
+            path: self.config.path.clone(),
+            digest: self.digest.clone(),
+            hooks: self.hooks.names().into_iter().map(String::from).collect(),
+            capabilities: self
+                .config
+                .capabilities
+                .iter()
+                .map(|c| format!("{c:?}").to_lowercase())
+                .collect(),
+            on_error: format!("{:?}", self.on_error).to_lowercase(),
+            timeout_ms: self.timeout.as_millis() as u64,
+            memory_bytes: self.meta.memory_bytes,
+            calls: crate::telemetry::metrics::get().plugin_summary(&self.meta.name),
+        }
+    }
 }
 
 /// An immutable snapshot of the loaded plugins, in chain order.
@@ -143,7 +198,7 @@ pub struct PluginRuntime {
 }
 
 /// What a reload did, per plugin.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct ReloadReport {
     pub loaded: Vec<String>,
     pub unchanged: Vec<String>,

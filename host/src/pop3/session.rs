@@ -42,7 +42,7 @@ pub enum Input {
 }
 
 pub struct Session {
-    id: u64,
+    pub(crate) id: u64,
     server: Arc<Pop3Server>,
     listener: Arc<ListenerConfig>,
     peer: SocketAddr,
@@ -350,7 +350,7 @@ impl Session {
         let user = match self
             .server
             .login_gate
-            .check(self.peer.ip(), credentials)
+            .check("pop3", self.peer.ip(), credentials)
             .await
         {
             LoginVerdict::Accepted(AuthUser(user)) => Some(user),
@@ -399,6 +399,7 @@ impl Session {
         let maildrop = Maildrop::new(user.clone(), snapshot, lock);
         let (count, octets) = maildrop.stat();
         info!(%user, method, messages = count, "logged in");
+        crate::telemetry::sessions::logged_in(self.id, &user);
         self.state = State::Transaction(maildrop);
         io.queue(&codec::ok(&format!(
             "Logged in, {count} messages ({octets} octets)"

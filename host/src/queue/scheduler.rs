@@ -143,6 +143,8 @@ pub struct Scheduler {
     states: StateDir,
     inbox: mpsc::Receiver<Queued>,
     relay: Option<mpsc::Sender<RelayJob>>,
+    /// Turns true when the server stops: what has arrived is delivered, then the loop ends.
+    drain: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl Scheduler {
@@ -158,12 +160,18 @@ impl Scheduler {
             states,
             inbox,
             relay: None,
+            drain: None,
         }
     }
 
     /// Hands messages with remote recipients (and bounces owed) to the outbound relay.
     pub fn with_relay(mut self, relay: mpsc::Sender<RelayJob>) -> Scheduler {
         self.relay = Some(relay);
+        self
+    }
+
+    pub fn with_drain(mut self, drain: tokio::sync::watch::Receiver<bool>) -> Scheduler {
+        self.drain = Some(drain);
         self
     }
 
@@ -181,7 +189,20 @@ impl Scheduler {
                 .unwrap_or_default();
             self.deliver_batch(batch).await;
         }
-        while let Some(first) = self.inbox.recv().await {
+        let mut drain = self.drain.take();
+        loop {
+            let first = tokio::select! {
+                first = self.inbox.recv() => first,
+                _ = async { drain.as_mut()?.wait_for(|d| *d).await.ok().map(|_| ()) }, if drain.is_some() => {
+                    // The sessions are over: deliver what they queued, then stop.
+                    drain = None;
+                    self.inbox.close();
+                    continue;
+                }
+            };
+            let Some(first) = first else {
+                return;
+            };
             let mut batch = vec![first];
             while batch.len() < BATCH {
                 match self.inbox.try_recv() {

@@ -160,8 +160,19 @@ pub struct Report {
     pub after_attempt: Vec<QueueId>,
 }
 
+/// The queue in two numbers, for metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stats {
+    pub messages: usize,
+    /// Unix seconds when the oldest message arrived.
+    pub oldest: Option<i64>,
+}
+
 /// A request to the relay's loop.
 pub enum Control {
+    Stats {
+        reply: oneshot::Sender<Stats>,
+    },
     List {
         filter: Filter,
         reply: oneshot::Sender<Vec<Entry>>,

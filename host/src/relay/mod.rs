@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_rustls::TlsConnector;
 use tracing::{debug, error, info, warn, Instrument};
 
@@ -97,6 +97,9 @@ pub struct Relay {
     inbox: mpsc::Receiver<RelayJob>,
     /// The operator's requests (`admin`); None when nobody can send any.
     control: Option<mpsc::Receiver<Control>>,
+    /// Turns true when the server stops: no attempt starts after it, and the loop ends once
+    /// those under way have finished (what is owed stays in the queue for the next start).
+    drain: Option<watch::Receiver<bool>>,
 }
 
 fn now_ms() -> i64 {
@@ -133,12 +136,18 @@ impl Relay {
             }),
             inbox,
             control: None,
+            drain: None,
         })
     }
 
     /// Takes the operator's requests from this channel (`postern queue …`).
     pub fn with_control(mut self, control: mpsc::Receiver<Control>) -> Relay {
         self.control = Some(control);
+        self
+    }
+
+    pub fn with_drain(mut self, drain: watch::Receiver<bool>) -> Relay {
+        self.drain = Some(drain);
         self
     }
 
@@ -151,6 +160,9 @@ impl Relay {
         let mut after: HashMap<QueueId, Action> = HashMap::new();
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(QueueId, Option<Pending>)>();
         let mut control = self.control.take();
+        let mut drain = self.drain.take();
+        let mut draining = false;
+        let mut inbox_open = true;
         loop {
             let next_due = waiting
                 .values()
@@ -162,17 +174,21 @@ impl Relay {
                 None => Duration::from_secs(3600),
             };
             tokio::select! {
-                job = self.inbox.recv() => {
-                    let Some(job) = job else { return };
-                    let id = job.envelope.id.clone();
-                    if in_flight.contains_key(&id) || waiting.contains_key(&id) {
-                        continue; // already ours (a local retry handed it over again)
+                job = self.inbox.recv(), if inbox_open => {
+                    match job {
+                        // The scheduler is gone: finish what is under way, then end.
+                        None => inbox_open = false,
+                        // Already ours when a local retry handed it over again.
+                        Some(job) if in_flight.contains_key(&job.envelope.id)
+                            || waiting.contains_key(&job.envelope.id) => {}
+                        Some(job) => {
+                            waiting.insert(job.envelope.id.clone(), Pending {
+                                envelope: job.envelope,
+                                state: job.state,
+                                skip_locals: job.locals_just_tried,
+                            });
+                        }
                     }
-                    waiting.insert(id, Pending {
-                        envelope: job.envelope,
-                        state: job.state,
-                        skip_locals: job.locals_just_tried,
-                    });
                 }
                 finished = done_rx.recv() => {
                     if let Some((id, pending)) = finished {
@@ -196,6 +212,16 @@ impl Relay {
                     };
                     let now_s = now_ms() / 1000;
                     match request {
+                        Control::Stats { reply } => {
+                            let arrivals = waiting
+                                .values()
+                                .map(|p| p.envelope.received_at)
+                                .chain(in_flight.values().map(|e| e.received_at));
+                            let _ = reply.send(control::Stats {
+                                messages: waiting.len() + in_flight.len(),
+                                oldest: arrivals.min(),
+                            });
+                        }
                         Control::List { filter, reply } => {
                             let mut entries: Vec<control::Entry> = waiting
                                 .values()
@@ -230,7 +256,18 @@ impl Relay {
                         }
                     }
                 }
+                _ = async { drain.as_mut()?.wait_for(|d| *d).await.ok().map(|_| ()) }, if drain.is_some() && !draining => {
+                    draining = true;
+                    info!(under_way = in_flight.len(), "relay stopping: no new attempts");
+                }
                 _ = tokio::time::sleep(sleep) => {}
+            }
+            if draining || !inbox_open {
+                if in_flight.is_empty() {
+                    info!(queued = waiting.len(), "relay stopped");
+                    return;
+                }
+                continue;
             }
             let now = now_ms();
             let due: Vec<QueueId> = waiting

@@ -70,6 +70,8 @@ pub struct Session {
     pub plugins: Option<PluginSession>,
     /// A plugin asked to close the connection after the current reply.
     pub disconnect_after_reply: bool,
+    /// The command being answered, for the reply counters (`connect` for the greeting).
+    verb: &'static str,
     framer: LineFramer,
 }
 
@@ -94,6 +96,7 @@ impl Session {
             phase: Phase::Greeting,
             errors: 0,
             auth_failures: 0,
+            verb: "connect",
             framer: LineFramer::new(max_line),
         }
     }
@@ -134,6 +137,7 @@ impl Session {
         if reply.code >= 500 || (reply.code == 452 && reply.status == "4.5.3") {
             self.errors += 1;
         }
+        crate::telemetry::metrics::get().smtp_reply(self.verb, reply.code);
         io.queue(&reply.to_bytes());
         if reply.closes_connection() || std::mem::take(&mut self.disconnect_after_reply) {
             Flow::Close
@@ -149,10 +153,12 @@ impl Session {
         let request = match Request::parse(&mut line.iter()) {
             Ok(request) => request,
             Err(err) => {
+                self.verb = "unparsed";
                 let reply = parse_error_reply(err);
                 return self.answer(io, reply);
             }
         };
+        self.verb = verb_name(&request);
         match request {
             Request::Ehlo { host } => {
                 let reply = self.cmd_hello(&host, true).await;
@@ -188,6 +194,7 @@ impl Session {
             }
             Request::Noop { .. } => self.answer(io, common::ok()),
             Request::Quit => {
+                crate::telemetry::metrics::get().smtp_reply(self.verb, 221);
                 io.queue(&Reply::new(221, "2.0.0", "Bye").to_bytes());
                 Flow::Close
             }
@@ -339,5 +346,29 @@ impl crate::serve::Protocol for Session {
             Farewell::TooManyErrors => common::too_many_errors(),
         }
         .to_bytes()
+    }
+}
+
+/// The command's name as a metric label: a closed set, whatever the client sent.
+fn verb_name<T>(request: &Request<T>) -> &'static str {
+    match request {
+        Request::Ehlo { .. } => "ehlo",
+        Request::Helo { .. } => "helo",
+        Request::Lhlo { .. } => "lhlo",
+        Request::StartTls => "starttls",
+        Request::Auth { .. } => "auth",
+        Request::Mail { .. } => "mail",
+        Request::Rcpt { .. } => "rcpt",
+        Request::Data => "data",
+        Request::Bdat { .. } => "bdat",
+        Request::Rset => "rset",
+        Request::Noop { .. } => "noop",
+        Request::Quit => "quit",
+        Request::Help { .. } => "help",
+        Request::Vrfy { .. } => "vrfy",
+        Request::Expn { .. } => "expn",
+        Request::Etrn { .. } => "etrn",
+        Request::Atrn { .. } => "atrn",
+        Request::Burl { .. } => "burl",
     }
 }

@@ -176,7 +176,7 @@ impl Conn {
         let user = match self
             .server
             .login_gate
-            .check(self.peer.ip(), credentials)
+            .check("imap", self.peer.ip(), credentials)
             .await
         {
             LoginVerdict::Accepted(AuthUser(user)) => Some(user),
@@ -199,6 +199,7 @@ impl Conn {
             return no(Some(Code::AuthenticationFailed), "Authentication failed");
         };
         info!(%user, method, "logged in");
+        crate::telemetry::sessions::logged_in(self.id, &user);
         self.make_special_folders(&user).await;
         self.drain_changes(&user, None);
         *state = State::LoggedIn {

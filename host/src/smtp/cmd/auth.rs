@@ -68,7 +68,7 @@ impl Session {
             login: login.clone(),
             password,
         };
-        match self.server.login_gate.check(ip, credentials).await {
+        match self.server.login_gate.check("smtp", ip, credentials).await {
             LoginVerdict::Throttled => self.answer(io, throttled()),
             LoginVerdict::Accepted(user) => {
                 if self.plugins_have(Stage::Auth) {
@@ -81,6 +81,7 @@ impl Session {
                     }
                 }
                 info!(user = %user.0, "authenticated");
+                crate::telemetry::sessions::logged_in(self.id, &user.0);
                 self.auth = Some(user);
                 self.answer(io, Reply::new(235, "2.7.0", "Authentication successful"))
             }

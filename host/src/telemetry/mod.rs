@@ -5,6 +5,9 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
+pub mod metrics;
+pub mod sessions;
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LogFormat {
@@ -61,6 +64,9 @@ pub mod outcome {
 
     /// A message accepted into the queue (Postfix's qmgr `from=` line).
     pub fn accepted(queue_id: &str, sender: &str, size: usize, recipients: usize) {
+        let m = super::metrics::get();
+        m.messages_accepted.inc();
+        m.received_bytes.inc_by(size as u64);
         info!(target: "postern::outcome", "{queue_id}: from=<{sender}>, size={size}, nrcpt={recipients} (queue active)");
     }
 
@@ -86,6 +92,13 @@ pub mod outcome {
             .map_or(0, |d| d.as_secs() as i64);
         let delay = (now - received_at).max(0);
         let status = status.as_str();
+        super::metrics::get()
+            .deliveries
+            .get_or_create(&super::metrics::Delivery {
+                route: if relay == "local" { "local" } else { "remote" },
+                status,
+            })
+            .inc();
         info!(target: "postern::outcome", "{queue_id}: to=<{to}>, relay={relay}, delay={delay}, dsn={dsn}, status={status} ({detail})");
     }
 }
