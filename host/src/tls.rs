@@ -4,8 +4,10 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -32,6 +34,52 @@ pub fn generated_paths(data_dir: &Path) -> (PathBuf, PathBuf) {
 
 /// Builds the server TLS configuration (TLS 1.2 and 1.3, ring provider).
 pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>, TlsError> {
+    Ok(live_server_config(config)?.0)
+}
+
+/// The server TLS configuration and the handle that swaps its certificate (`postern reload`):
+/// handshakes after a swap present the new certificate, connections already up keep theirs.
+pub fn live_server_config(config: &Config) -> Result<(Arc<ServerConfig>, Arc<LiveCert>), TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cert = Arc::new(LiveCert(RwLock::new(Arc::new(certified_key(
+        config, &provider,
+    )?))));
+    let server = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(cert.clone());
+    Ok((Arc::new(server), cert))
+}
+
+/// The certificate every handshake is offered, replaceable while the server runs.
+#[derive(Debug)]
+pub struct LiveCert(RwLock<Arc<CertifiedKey>>);
+
+impl LiveCert {
+    /// Reads the configured certificate and key again and offers them from now on; on any
+    /// error the current ones stay. True when the certificate chain changed.
+    pub fn reload(&self, config: &Config) -> Result<bool, TlsError> {
+        let provider = rustls::crypto::ring::default_provider();
+        let key = certified_key(config, &provider)?;
+        let mut current = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let changed = current.cert != key.cert;
+        *current = Arc::new(key);
+        Ok(changed)
+    }
+}
+
+impl ResolvesServerCert for LiveCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+/// The configured PEM certificate chain and key (or the generated self-signed pair), checked
+/// to belong together.
+fn certified_key(
+    config: &Config,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<CertifiedKey, TlsError> {
     let (cert_path, key_path) = match (&config.tls.cert, &config.tls.key) {
         (Some(cert), Some(key)) => (cert.clone(), key.clone()),
         _ => {
@@ -58,12 +106,8 @@ pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>, TlsError> {
         path: key_path.clone(),
         message: e.to_string(),
     })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let server = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
-    Ok(Arc::new(server))
+    let key = CertifiedKey::from_der(certs, key, provider)?;
+    Ok(key)
 }
 
 fn generate_self_signed(hostname: &str, cert_path: &Path, key_path: &Path) -> Result<(), TlsError> {

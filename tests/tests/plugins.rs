@@ -688,22 +688,26 @@ async fn reload_command_and_a_broken_plugin_keeps_the_old_version() {
         }
     };
     assert_eq!(probe(&server).await, "550 5.7.1 version one\r\n");
-    let reload = |server: &TestServer| {
+    // The server answers with what came of each plugin; exit status 1 when one failed.
+    let reload = |server: &TestServer, succeeds: bool| {
         let out = std::process::Command::new(postern_e2e::postern_bin())
             .args(["plugin", "reload", "--config"])
             .arg(&server.config_path)
             .output()
             .unwrap();
-        assert!(
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(
             out.status.success(),
-            "{}",
+            succeeds,
+            "{stdout}{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        stdout
     };
     // A corrupt plugin file: the reload fails and version one keeps serving.
     std::fs::write(&wasm, b"not a component").unwrap();
-    reload(&server);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let said = reload(&server, false);
+    assert!(said.contains("failed, previous version kept"), "{said}");
     assert_eq!(probe(&server).await, "550 5.7.1 version one\r\n");
     assert!(
         server.log().contains("keeping the previous version"),
@@ -718,7 +722,8 @@ async fn reload_command_and_a_broken_plugin_keeps_the_old_version() {
         text.replace("version one", "version two"),
     )
     .unwrap();
-    reload(&server);
+    let said = reload(&server, true);
+    assert!(said.contains(": loaded"), "{said}");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let reply = probe(&server).await;

@@ -6,6 +6,8 @@
 //! A request is one line of JSON of at most [`MAX_REQUEST`] bytes, read within
 //! [`REQUEST_TIMEOUT`]; anything else gets an error reply and the connection is closed.
 
+pub mod mailbox;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +19,6 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use crate::auth::UserDirectory;
-use crate::config::Config;
 use crate::plugin::registry::PluginRuntime;
 use crate::relay::control::{Action, Control, Filter};
 
@@ -39,23 +40,76 @@ pub enum Request {
         filter: Filter,
     },
     /// An action on the queued messages that meet the filter.
-    QueueAct { action: Action, filter: Filter },
+    QueueAct {
+        action: Action,
+        filter: Filter,
+    },
     /// Ends a user's open IMAP and POP3 sessions.
-    Kick { user: String },
+    Kick {
+        user: String,
+    },
     /// The open sessions.
     Who,
     /// The loaded plugins with their calls since start.
     PluginList,
     /// Reloads the plugins from the configuration file.
     PluginReload,
+    /// Reloads everything that can change while running (`server::reload`).
+    Reload,
+    /// Each folder of a mailbox with its counts, and the quota.
+    MailboxStatus {
+        user: String,
+    },
+    MailboxCreate {
+        user: String,
+        folder: String,
+    },
+    MailboxDelete {
+        user: String,
+        folder: String,
+    },
+    MailboxRename {
+        user: String,
+        from: String,
+        to: String,
+    },
+    /// Removes a folder's messages older than the age given.
+    MailboxExpunge {
+        user: String,
+        folder: String,
+        older_than_secs: i64,
+    },
+    /// Brings messages in from a Maildir or an mbox file on the server's side.
+    MailboxImport {
+        user: String,
+        folder: String,
+        format: mailbox::Format,
+        path: PathBuf,
+    },
+    /// Writes a folder (or every folder) out to a Maildir or an mbox file.
+    MailboxExport {
+        user: String,
+        folder: Option<String>,
+        format: mailbox::Format,
+        path: PathBuf,
+    },
 }
 
 /// The reply: `{"status":"ok","result":…}` or `{"status":"error","message":…}`.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "lowercase")]
 pub enum Response {
-    Ok { result: serde_json::Value },
-    Error { message: String },
+    Ok {
+        result: serde_json::Value,
+    },
+    Error {
+        message: String,
+    },
+    /// Before the answer of a long request (import, export): how far it is.
+    Progress {
+        done: usize,
+        total: usize,
+    },
 }
 
 /// What the API acts on.
@@ -63,13 +117,16 @@ pub struct Admin {
     pub relay: mpsc::Sender<Control>,
     pub users: Arc<UserDirectory>,
     pub plugins: Arc<PluginRuntime>,
-    pub config: Arc<Config>,
-    /// The file plugins are reloaded from (None for the embedded default).
-    pub config_path: Option<PathBuf>,
+    pub(crate) reloader: Arc<crate::server::Reloader>,
+    pub mailboxes: Arc<mailbox::Mailboxes>,
 }
 
 impl Admin {
-    async fn handle(&self, request: Request) -> Response {
+    async fn handle(
+        &self,
+        request: Request,
+        progress: mpsc::UnboundedSender<Response>,
+    ) -> Response {
         let result = match request {
             Request::QueueList { filter } => {
                 let (reply, answer) = oneshot::channel();
@@ -96,19 +153,83 @@ impl Admin {
                 let set = self.plugins.current();
                 to_json(set.plugins.iter().map(|p| p.summary()).collect::<Vec<_>>())
             }
-            Request::PluginReload => crate::server::reload(
-                &self.plugins,
-                &self.config,
-                self.config_path.as_deref(),
-                "admin request",
-            )
-            .await
-            .and_then(to_json),
+            Request::PluginReload => self
+                .reloader
+                .reload_plugins("admin request")
+                .await
+                .and_then(to_json),
+            Request::Reload => self
+                .reloader
+                .reload("admin request")
+                .await
+                .and_then(to_json),
+            Request::MailboxStatus { user } => self.mailbox(move |m| m.status(&user)).await,
+            Request::MailboxCreate { user, folder } => {
+                self.mailbox(move |m| m.create(&user, &folder)).await
+            }
+            Request::MailboxDelete { user, folder } => {
+                self.mailbox(move |m| m.delete(&user, &folder)).await
+            }
+            Request::MailboxRename { user, from, to } => {
+                self.mailbox(move |m| m.rename(&user, &from, &to)).await
+            }
+            Request::MailboxExpunge {
+                user,
+                folder,
+                older_than_secs,
+            } => {
+                self.mailbox(move |m| m.expunge(&user, &folder, older_than_secs))
+                    .await
+            }
+            Request::MailboxImport {
+                user,
+                folder,
+                format,
+                path,
+            } => {
+                self.mailbox(move |m| {
+                    m.import(&user, &folder, format, &path, &mut |done, total| {
+                        let _ = progress.send(Response::Progress { done, total });
+                    })
+                })
+                .await
+            }
+            Request::MailboxExport {
+                user,
+                folder,
+                format,
+                path,
+            } => {
+                self.mailbox(move |m| {
+                    m.export(
+                        &user,
+                        folder.as_deref(),
+                        format,
+                        &path,
+                        &mut |done, total| {
+                            let _ = progress.send(Response::Progress { done, total });
+                        },
+                    )
+                })
+                .await
+            }
         };
         match result {
             Ok(result) => Response::Ok { result },
             Err(message) => Response::Error { message },
         }
+    }
+
+    /// A mailbox operation, on a blocking thread: the store's calls block.
+    async fn mailbox<T: Serialize + Send + 'static>(
+        &self,
+        op: impl FnOnce(&mailbox::Mailboxes) -> Result<T, String> + Send + 'static,
+    ) -> Result<serde_json::Value, String> {
+        let mailboxes = self.mailboxes.clone();
+        tokio::task::spawn_blocking(move || op(&mailboxes))
+            .await
+            .map_err(|e| format!("the operation failed: {e}"))?
+            .and_then(to_json)
     }
 
     async fn ask<T: Serialize>(
@@ -180,7 +301,21 @@ async fn connection(stream: UnixStream, admin: Arc<Admin>) {
         Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
             Ok(request) => {
                 info!(?request, "admin request");
-                admin.handle(request).await
+                let (progress, mut reports) = mpsc::unbounded_channel();
+                let answer = admin.handle(request, progress);
+                tokio::pin!(answer);
+                // Progress lines go out while the request runs; a client that stops reading
+                // them does not stop the request.
+                loop {
+                    tokio::select! {
+                        response = &mut answer => break response,
+                        Some(report) = reports.recv() => {
+                            let mut bytes = serde_json::to_vec(&report).unwrap_or_default();
+                            bytes.push(b'\n');
+                            let _ = tokio::time::timeout(REQUEST_TIMEOUT, write.write_all(&bytes)).await;
+                        }
+                    }
+                }
             }
             Err(err) => Response::Error {
                 message: format!("not a request: {err}"),

@@ -65,14 +65,22 @@ impl Revoked {
 /// Users and aliases: the configuration's (fixed) and the live directory's
 /// (`directory`, replaced by [`UserDirectory::refresh`] whenever it changes).
 pub struct UserDirectory {
-    fixed: Tables,
-    /// `limits.default_quota_mb` in bytes and `default_quota_messages`, for directory users
-    /// without their own.
-    default_quota: (u64, u64),
+    /// The configuration's part, replaced by `postern reload`.
+    fixed: RwLock<Arc<Fixed>>,
+    /// The live directory's entries as last read, for rebuilding on a reload.
+    live: std::sync::Mutex<directory::Entries>,
     current: RwLock<Arc<Tables>>,
     /// User keys that could log in and no longer can (disabled or removed): their open IMAP
     /// and POP3 sessions end.
     revoked: tokio::sync::broadcast::Sender<Revocation>,
+}
+
+/// What the configuration says.
+struct Fixed {
+    tables: Tables,
+    /// `limits.default_quota_mb` in bytes and `default_quota_messages`, for directory users
+    /// without their own.
+    default_quota: (u64, u64),
 }
 
 #[derive(Clone, Default)]
@@ -121,8 +129,8 @@ pub const FAILURE_DELAY: Duration = Duration::from_millis(500);
 const DUMMY_HASH: &str =
     "$argon2id$v=19$m=19456,t=2,p=1$MQRRGhCWt6crAF4WUdBtrg$AE0ybqLgCaDkhSgN2pVrA7wh+J2wHJXgHfMb6RTU9NM";
 
-impl UserDirectory {
-    pub fn from_config(config: &Config) -> UserDirectory {
+impl Fixed {
+    fn of(config: &Config) -> Fixed {
         let users = config
             .users
             .iter()
@@ -180,31 +188,64 @@ impl UserDirectory {
                 .map(|d| d.to_ascii_lowercase())
                 .collect(),
         };
-        UserDirectory {
-            revoked: tokio::sync::broadcast::channel(256).0,
-            current: RwLock::new(Arc::new(fixed.clone())),
-            fixed,
+        Fixed {
+            tables: fixed,
             default_quota: (
                 config.limits.default_quota_mb,
                 config.limits.default_quota_messages,
             ),
         }
     }
+}
+
+impl UserDirectory {
+    pub fn from_config(config: &Config) -> UserDirectory {
+        let fixed = Fixed::of(config);
+        UserDirectory {
+            revoked: tokio::sync::broadcast::channel(256).0,
+            current: RwLock::new(Arc::new(fixed.tables.clone())),
+            fixed: RwLock::new(Arc::new(fixed)),
+            live: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Takes a new configuration's users, aliases, local domains and default quota
+    /// (`postern reload`); the live directory's entries are laid over them again. Users the
+    /// configuration no longer has lose their sessions, as removed directory users do.
+    pub fn reconfigure(&self, config: &Config) -> usize {
+        // The live entries' lock is held for the whole rebuild, so a refresh running at the
+        // same time cannot lay them over the old configuration after this one.
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        *self.fixed.write().expect("directory lock") = Arc::new(Fixed::of(config));
+        self.rebuild(&live)
+    }
+
+    fn fixed(&self) -> Arc<Fixed> {
+        self.fixed.read().expect("directory lock").clone()
+    }
 
     /// Takes the live directory's entries in place of the last ones; the configuration's stay
     /// and win over them. Returns how many users there are now.
     pub fn refresh(&self, live: &directory::Entries) -> usize {
-        let mut tables = self.fixed.clone();
+        let mut kept = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        *kept = live.clone();
+        self.rebuild(&kept)
+    }
+
+    /// The configuration's tables with the live entries laid over them, in service from now.
+    fn rebuild(&self, live: &directory::Entries) -> usize {
+        let fixed = self.fixed();
+        let mut tables = fixed.tables.clone();
         for user in &live.users {
             let Some(key) = Address::parse(&user.address).map(|a| a.mailbox_key()) else {
                 continue;
             };
-            if self.fixed.users.contains_key(&key) {
+            if fixed.tables.users.contains_key(&key) {
                 continue;
             }
             let quota = quota_of(
-                user.quota_mb.unwrap_or(self.default_quota.0),
-                user.quota_messages.unwrap_or(self.default_quota.1),
+                user.quota_mb.unwrap_or(fixed.default_quota.0),
+                user.quota_messages.unwrap_or(fixed.default_quota.1),
             );
             if quota.is_limited() {
                 tables.quotas.insert(key.clone(), quota);
@@ -279,14 +320,18 @@ impl UserDirectory {
 
     /// Whether a domain is one of the configuration's `relay.local_domains`.
     pub fn is_fixed_domain(&self, domain: &str) -> bool {
-        self.fixed.domains.contains(&domain.to_ascii_lowercase())
+        self.fixed()
+            .tables
+            .domains
+            .contains(&domain.to_ascii_lowercase())
     }
 
     /// Whether an address (a user key or a login) is in the configuration's `[[user]]`s or
     /// `[aliases]`, which the live directory cannot change.
     pub fn is_fixed(&self, address: &Address) -> bool {
-        self.fixed.users.contains_key(&address.mailbox_key())
-            || self.fixed.aliases.contains_key(&address.canonical())
+        let fixed = self.fixed();
+        fixed.tables.users.contains_key(&address.mailbox_key())
+            || fixed.tables.aliases.contains_key(&address.canonical())
     }
 
     /// A user's quota (none set: unlimited).

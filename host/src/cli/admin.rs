@@ -1,5 +1,5 @@
 //! Commands that act on a running server through its admin API (`admin`): `postern queue …`,
-//! `postern who`, `postern kick` and `postern plugin list|reload`. Exit status: 0 done, 1 failed (the reason on stderr), 2 bad usage.
+//! `postern reload`, `postern who`, `postern kick` and `postern plugin list|reload`. Exit status: 0 done, 1 failed (the reason on stderr), 2 bad usage.
 
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::os::unix::net::UnixStream;
@@ -49,7 +49,7 @@ pub enum StatusArg {
     Active,
 }
 
-fn parse_age(text: &str) -> Result<i64, String> {
+pub(super) fn parse_age(text: &str) -> Result<i64, String> {
     crate::config::parse_duration(text)
         .map(|d| d.as_secs() as i64)
         .ok_or_else(|| format!("not a duration: {text:?} (try 90s, 30m, 2h, 3d)"))
@@ -164,7 +164,7 @@ pub enum QueueCommand {
     },
 }
 
-fn data_dir(target: &Target) -> anyhow::Result<PathBuf> {
+pub(super) fn data_dir(target: &Target) -> anyhow::Result<PathBuf> {
     if let Some(dir) = &target.data_dir {
         return Ok(dir.clone());
     }
@@ -173,6 +173,15 @@ fn data_dir(target: &Target) -> anyhow::Result<PathBuf> {
 
 /// One request to the server on `data_dir`, and its result.
 fn call(data_dir: &Path, request: &Request) -> anyhow::Result<serde_json::Value> {
+    call_with_progress(data_dir, request, &mut |_, _| {})
+}
+
+/// A request whose answer may be preceded by progress lines, each handed to `progress`.
+pub(super) fn call_with_progress(
+    data_dir: &Path,
+    request: &Request,
+    progress: &mut dyn FnMut(usize, usize),
+) -> anyhow::Result<serde_json::Value> {
     let path = crate::admin::socket_path(data_dir);
     let mut stream = UnixStream::connect(&path).with_context(|| {
         format!(
@@ -180,17 +189,22 @@ fn call(data_dir: &Path, request: &Request) -> anyhow::Result<serde_json::Value>
             path.display()
         )
     })?;
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
+    // Generous: an import counts a large mbox before its first progress line.
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(600)))?;
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
     stream.write_all(&line)?;
-    let mut answer = String::new();
-    BufReader::new(stream)
-        .read_line(&mut answer)
-        .context("no answer from the server")?;
-    match serde_json::from_str::<Response>(&answer).context("a garbled answer")? {
-        Response::Ok { result } => Ok(result),
-        Response::Error { message } => bail!("{message}"),
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut answer = String::new();
+        reader
+            .read_line(&mut answer)
+            .context("no answer from the server")?;
+        match serde_json::from_str::<Response>(&answer).context("a garbled answer")? {
+            Response::Ok { result } => return Ok(result),
+            Response::Error { message } => bail!("{message}"),
+            Response::Progress { done, total } => progress(done, total),
+        }
     }
 }
 
@@ -475,6 +489,44 @@ pub fn plugin_reload(target: &Target, json: bool) -> anyhow::Result<()> {
     }
     if !report.failed.is_empty() {
         bail!("{} plugins failed to load", report.failed.len());
+    }
+    Ok(())
+}
+
+/// `postern reload`.
+pub fn reload(target: &Target, json: bool) -> anyhow::Result<()> {
+    let value = call(&data_dir(target)?, &Request::Reload)?;
+    let report: crate::server::ReloadReport = serde_json::from_value(value)?;
+    if json {
+        print_json(&report)?;
+    } else {
+        for what in &report.applied {
+            println!("applied: {what}");
+        }
+        for what in &report.restart_needed {
+            println!("changed, takes effect after a restart: {what}");
+        }
+        for what in &report.failed {
+            println!("failed: {what}");
+        }
+        for name in &report.plugins.loaded {
+            println!("plugin {name}: loaded");
+        }
+        for (name, why) in &report.plugins.failed {
+            println!("plugin {name}: failed, previous version kept: {why}");
+        }
+        if report.applied.is_empty()
+            && report.restart_needed.is_empty()
+            && report.failed.is_empty()
+            && report.plugins.loaded.is_empty()
+            && report.plugins.failed.is_empty()
+        {
+            println!("nothing changed");
+        }
+    }
+    let failures = report.failed.len() + report.plugins.failed.len();
+    if failures > 0 {
+        bail!("{failures} changes could not be applied");
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The `postern` command line.
 
 mod admin;
+mod mailbox;
 mod users;
 
 use std::path::PathBuf;
@@ -75,6 +76,15 @@ enum Command {
         #[command(subcommand)]
         command: admin::QueueCommand,
     },
+    /// Make a running server take its configuration file again: limits, TLS certificate,
+    /// listeners, users, aliases, local domains, plugins and the rest that can change live;
+    /// what needs a restart is named. Exit status 1 when something could not be applied.
+    Reload {
+        #[command(flatten)]
+        target: admin::Target,
+        #[arg(long)]
+        json: bool,
+    },
     /// The open SMTP, POP3 and IMAP sessions of a running server.
     Who {
         #[command(flatten)]
@@ -106,6 +116,8 @@ enum DbCommand {
 
 #[derive(Subcommand)]
 enum MailboxCommand {
+    #[command(flatten)]
+    Live(mailbox::LiveCommand),
     /// Copy mailboxes from one store to another (the embedded `maildir`, `postgres` for
     /// `[database]`, or a `[[mailbox_backend]]` by name), keeping UIDVALIDITY, UIDs, flags, keywords, dates,
     /// subscriptions and annotations, so clients keep their caches. Run it with the server
@@ -256,6 +268,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Mailbox {
+            command: MailboxCommand::Live(command),
+        } => mailbox::run(command),
+        Command::Mailbox {
             command:
                 MailboxCommand::Migrate {
                     config,
@@ -280,6 +295,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Queue { command } => admin::queue(command),
         Command::Kick { user, target } => admin::kick(&user, &target),
         Command::Who { target, json } => admin::who(&target, json),
+        Command::Reload { target, json } => admin::reload(&target, json),
         Command::User { command } => {
             let config = load_config(command.config())?;
             users::user(config, command)

@@ -70,4 +70,17 @@ impl ImapServer {
             budget,
         }
     }
+
+    /// The same server on another configuration (`postern reload`).
+    pub fn reconfigured(&self, config: Arc<Config>, tls: Option<TlsAcceptor>) -> ImapServer {
+        ImapServer {
+            config,
+            users: self.users.clone(),
+            watched: self.watched.clone(),
+            tls,
+            login_gate: self.login_gate.clone(),
+            shutdown: self.shutdown.clone(),
+            budget: self.budget.clone(),
+        }
+    }
 }

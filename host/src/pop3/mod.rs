@@ -34,7 +34,7 @@ pub struct Pop3Server {
     pub shutdown: watch::Receiver<bool>,
     pub locks: Arc<MaildropLocks>,
     /// Last successful login per user, for LOGIN-DELAY.
-    last_login: Mutex<HashMap<String, Instant>>,
+    last_login: Arc<Mutex<HashMap<String, Instant>>>,
 }
 
 impl Pop3Server {
@@ -54,7 +54,22 @@ impl Pop3Server {
             login_gate,
             shutdown,
             locks: Arc::new(MaildropLocks::default()),
-            last_login: Mutex::new(HashMap::new()),
+            last_login: Arc::default(),
+        }
+    }
+
+    /// The same server on another configuration (`postern reload`), sharing the maildrop
+    /// locks and the LOGIN-DELAY record with this one.
+    pub fn reconfigured(&self, config: Arc<Config>, tls: Option<TlsAcceptor>) -> Pop3Server {
+        Pop3Server {
+            config,
+            users: self.users.clone(),
+            store: self.store.clone(),
+            tls,
+            login_gate: self.login_gate.clone(),
+            shutdown: self.shutdown.clone(),
+            locks: self.locks.clone(),
+            last_login: self.last_login.clone(),
         }
     }
 

@@ -70,4 +70,26 @@ impl SmtpServer {
             store: None,
         }
     }
+
+    /// The same server on another configuration (`postern reload`): the queue, the login
+    /// gate, the memory budget, the plugins and the store are shared with this one.
+    pub fn reconfigured(
+        &self,
+        config: Arc<Config>,
+        tls: Option<TlsAcceptor>,
+        message_auth: Option<Arc<crate::message_auth::MessageAuth>>,
+    ) -> SmtpServer {
+        SmtpServer {
+            config,
+            users: self.users.clone(),
+            queue: self.queue.clone(),
+            tls,
+            login_gate: self.login_gate.clone(),
+            body_budget: self.body_budget.clone(),
+            shutdown: self.shutdown.clone(),
+            plugins: self.plugins.clone(),
+            message_auth,
+            store: self.store.clone(),
+        }
+    }
 }

@@ -1,32 +1,33 @@
 //! The running server: opens the spool and store, starts the scheduler, binds listeners, enforces
 //! connection limits, and shuts down gracefully.
 
-use std::collections::HashMap;
 use std::io::Write as _;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::auth::UserDirectory;
-use crate::config::{Config, ListenerConfig, ListenerProtocol, TlsMode};
+use crate::config::{Config, TlsMode};
 use crate::imap::ImapServer;
 use crate::plugin::PluginRuntime;
 use crate::pop3::Pop3Server;
 use crate::queue::scheduler::{LocalDelivery, Scheduler};
 use crate::queue::{Queue, Spool};
-use crate::smtp::reply::Reply;
-use crate::smtp::session::Session;
 use crate::smtp::SmtpServer;
 use crate::store::maildir::Maildir;
 use crate::store::watched::Watched;
 use crate::store::MailStore;
-use crate::telemetry::sessions::Registered;
 use tokio_util::task::TaskTracker;
+
+mod listeners;
+mod reload;
+
+use listeners::{ConnectionLimiter, Listeners, LiveServices, Services};
+pub(crate) use reload::Reloader;
+pub use reload::Report as ReloadReport;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -65,66 +66,6 @@ pub enum ServerError {
     },
 }
 
-/// Counts connections in total and per client IP.
-pub struct ConnectionLimiter {
-    max_total: usize,
-    max_per_ip: usize,
-    state: Mutex<LimiterState>,
-}
-
-#[derive(Default)]
-struct LimiterState {
-    total: usize,
-    per_ip: HashMap<IpAddr, usize>,
-}
-
-/// Holds a connection's place; releases it when dropped.
-pub struct ConnectionSlot {
-    limiter: Arc<ConnectionLimiter>,
-    ip: IpAddr,
-}
-
-impl ConnectionLimiter {
-    pub fn new(max_total: usize, max_per_ip: usize) -> Arc<ConnectionLimiter> {
-        Arc::new(ConnectionLimiter {
-            max_total,
-            max_per_ip,
-            state: Mutex::new(LimiterState::default()),
-        })
-    }
-
-    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<ConnectionSlot> {
-        let mut state = self.state.lock().expect("limiter lock");
-        let for_ip = state.per_ip.get(&ip).copied().unwrap_or(0);
-        if state.total >= self.max_total || for_ip >= self.max_per_ip {
-            return None;
-        }
-        state.total += 1;
-        state.per_ip.insert(ip, for_ip + 1);
-        Some(ConnectionSlot {
-            limiter: self.clone(),
-            ip,
-        })
-    }
-
-    pub fn active(&self) -> usize {
-        self.state.lock().expect("limiter lock").total
-    }
-}
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        let mut state = self.limiter.state.lock().expect("limiter lock");
-        state.total -= 1;
-        if let Some(count) = state.per_ip.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                state.per_ip.remove(&self.ip);
-            }
-        }
-    }
-}
-
 /// Where the server writes its pid (`kill -HUP $(cat …)` reloads the plugins; systemd uses it).
 pub fn pid_path(data_dir: &std::path::Path) -> std::path::PathBuf {
     data_dir.join("postern.pid")
@@ -157,13 +98,13 @@ pub async fn run(
         },
     })?;
     let needs_tls = config.listeners.iter().any(|l| l.tls != TlsMode::None);
-    let tls = if needs_tls {
-        Some(crate::stream::acceptor(&crate::tls::server_config(
-            &config,
-        )?))
+    let live_tls = if needs_tls {
+        let (server, cert) = crate::tls::live_server_config(&config)?;
+        Some((crate::stream::acceptor(&server), cert))
     } else {
         None
     };
+    let tls = live_tls.as_ref().map(|(acceptor, _)| acceptor.clone());
     let users = Arc::new(UserDirectory::from_config(&config));
 
     let dns = match crate::dns::Dns::new(&config.dns) {
@@ -272,6 +213,7 @@ pub async fn run(
         });
     }
     let store: Arc<dyn MailStore> = watched.clone();
+    let admin_store = store.clone();
     if let Some(database) = database_store
         .as_ref()
         .filter(|_| config.database.as_ref().is_some_and(|d| d.kv))
@@ -370,27 +312,6 @@ pub async fn run(
         directory_stamp,
         shutdown_rx.clone(),
     ));
-    // Mail flows without the admin API; an operator who finds `postern queue` unable to
-    // connect finds why in the log.
-    match crate::admin::bind(&data_dir) {
-        Ok(listener) => {
-            tokio::spawn(crate::admin::serve(
-                listener,
-                Arc::new(crate::admin::Admin {
-                    relay: to_relay_control.clone(),
-                    users: users.clone(),
-                    plugins: plugins.clone(),
-                    config: config.clone(),
-                    config_path: config_path.clone(),
-                }),
-                shutdown_rx.clone(),
-            ));
-        }
-        Err(err) => error!(
-            path = %crate::admin::socket_path(&data_dir).display(),
-            "admin API unavailable: cannot open its socket: {err}"
-        ),
-    }
     let mut smtp = SmtpServer::new(
         config.clone(),
         users.clone(),
@@ -414,60 +335,73 @@ pub async fn run(
     ));
     let imap = Arc::new(ImapServer::new(
         config.clone(),
-        users,
+        users.clone(),
         watched,
         tls,
         smtp.login_gate.clone(),
         shutdown_rx.clone(),
         smtp.body_budget.clone(),
     ));
-    let services = Arc::new(Services {
+    let services = Arc::new(LiveServices::new(Services {
         smtp: Arc::new(smtp),
         pop3,
         imap,
-    });
-    tokio::spawn(reload_on_signal(
-        plugins.clone(),
-        config.clone(),
-        config_path.clone(),
-    ));
-    if config.plugins.watch {
-        tokio::spawn(reload_on_change(
-            plugins.clone(),
-            config.clone(),
-            config_path,
-        ));
-    }
+    }));
     let limiter = ConnectionLimiter::new(
         config.limits.max_connections,
         config.limits.max_connections_per_ip,
     );
-
     // Every session, so shutdown can wait for them to end instead of polling a count.
     let sessions = TaskTracker::new();
+    let listeners = Arc::new(Listeners::new(
+        services.clone(),
+        limiter.clone(),
+        sessions.clone(),
+        shutdown_rx.clone(),
+    ));
     let mut bound = Vec::new();
     for listener_config in &config.listeners {
-        let listener = TcpListener::bind(listener_config.address)
-            .await
-            .map_err(|source| ServerError::Bind {
-                name: listener_config.name.clone(),
-                address: listener_config.address,
-                source,
-            })?;
-        let local = listener.local_addr().map_err(|source| ServerError::Bind {
-            name: listener_config.name.clone(),
-            address: listener_config.address,
-            source,
-        })?;
-        bound.push((listener_config.name.clone(), local));
-        tokio::spawn(accept_loop(
-            listener,
-            Arc::new(listener_config.clone()),
-            services.clone(),
-            limiter.clone(),
-            sessions.clone(),
-            shutdown_rx.clone(),
-        ));
+        let address = listeners.start(listener_config).await?;
+        bound.push((listener_config.name.clone(), address));
+    }
+    let reloader = Arc::new(Reloader {
+        path: config_path,
+        current: tokio::sync::Mutex::new(config.clone()),
+        users: users.clone(),
+        plugins: plugins.clone(),
+        tls: std::sync::Mutex::new(live_tls),
+        services,
+        listeners,
+        limiter: limiter.clone(),
+        dns: dns.clone(),
+    });
+    tokio::spawn(reloader.clone().on_signal());
+    if config.plugins.watch {
+        tokio::spawn(reloader.clone().on_plugin_change());
+    }
+    // Mail flows without the admin API; an operator who finds `postern queue` unable to
+    // connect finds why in the log.
+    match crate::admin::bind(&data_dir) {
+        Ok(listener) => {
+            tokio::spawn(crate::admin::serve(
+                listener,
+                Arc::new(crate::admin::Admin {
+                    relay: to_relay_control.clone(),
+                    users: users.clone(),
+                    plugins: plugins.clone(),
+                    reloader: reloader.clone(),
+                    mailboxes: Arc::new(crate::admin::mailbox::Mailboxes {
+                        store: admin_store,
+                        users: users.clone(),
+                    }),
+                }),
+                shutdown_rx.clone(),
+            ));
+        }
+        Err(err) => error!(
+            path = %crate::admin::socket_path(&data_dir).display(),
+            "admin API unavailable: cannot open its socket: {err}"
+        ),
     }
     if let Some(metrics) = &config.metrics {
         let bind_error = |source| ServerError::Bind {
@@ -502,7 +436,7 @@ pub async fn run(
     // period, then the delivery tasks finish what is under way within what is left of it.
     info!(sessions = limiter.active(), "shutting down");
     let _ = shutdown_tx.send(true);
-    let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+    let grace = Duration::from_secs(reloader.config().await.server.shutdown_grace_secs);
     let deadline = tokio::time::Instant::now() + grace;
     sessions.close();
     if tokio::time::timeout_at(deadline, sessions.wait())
@@ -531,204 +465,4 @@ pub async fn run(
     info!(remaining = limiter.active(), "stopped");
     let _ = std::fs::remove_file(&pid_file);
     Ok(())
-}
-
-/// The plugin list to load: from the configuration file when there is one (re-read, so plugin
-/// settings can change without a restart), else the running configuration's.
-fn plugin_configs(
-    current: &Config,
-    path: Option<&std::path::Path>,
-) -> Result<Vec<crate::config::PluginConfig>, String> {
-    match path {
-        None => Ok(current.plugin_list.clone()),
-        Some(path) => match Config::load(path) {
-            Ok(config) => Ok(config.plugin_list),
-            Err(err) => {
-                error!("configuration not reloaded, keeping the running plugins: {err}");
-                Err(format!(
-                    "configuration not reloaded, keeping the running plugins: {err}"
-                ))
-            }
-        },
-    }
-}
-
-/// Reloads the plugins from the configuration file (SIGHUP, a file change, or `postern plugin
-/// reload` through the admin API); a file that no longer parses keeps the running plugins.
-pub(crate) async fn reload(
-    plugins: &Arc<PluginRuntime>,
-    config: &Config,
-    path: Option<&std::path::Path>,
-    why: &str,
-) -> Result<crate::plugin::registry::ReloadReport, String> {
-    let list = plugin_configs(config, path)?;
-    info!(reason = why, "reloading plugins");
-    let report = plugins.load(&list).await;
-    crate::telemetry::metrics::get()
-        .reloads
-        .get_or_create(&crate::telemetry::metrics::Outcome {
-            result: if report.failed.is_empty() {
-                "ok"
-            } else {
-                "failed"
-            },
-        })
-        .inc();
-    info!(
-        loaded = ?report.loaded,
-        unchanged = report.unchanged.len(),
-        failed = report.failed.len(),
-        "plugins reloaded"
-    );
-    Ok(report)
-}
-
-/// SIGHUP (`systemctl reload postern`) reloads the plugins, as `postern plugin reload` does.
-async fn reload_on_signal(
-    plugins: Arc<PluginRuntime>,
-    config: Arc<Config>,
-    path: Option<std::path::PathBuf>,
-) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        return;
-    };
-    while hup.recv().await.is_some() {
-        let _ = reload(&plugins, &config, path.as_deref(), "SIGHUP").await;
-    }
-}
-
-/// Polls the configuration file and every plugin file; a change reloads. Polling (twice a second)
-/// instead of inotify keeps working across editors' rename-into-place and on any filesystem.
-async fn reload_on_change(
-    plugins: Arc<PluginRuntime>,
-    config: Arc<Config>,
-    path: Option<std::path::PathBuf>,
-) {
-    fn stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
-        let meta = std::fs::metadata(path).ok()?;
-        Some((meta.modified().ok()?, meta.len()))
-    }
-    let watched = |list: &[crate::config::PluginConfig]| -> Vec<std::path::PathBuf> {
-        path.iter()
-            .cloned()
-            .chain(list.iter().map(|p| p.path.clone()))
-            .collect()
-    };
-    let mut files = watched(&config.plugin_list);
-    let mut stamps: Vec<_> = files.iter().map(|f| stamp(f)).collect();
-    loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let now: Vec<_> = files.iter().map(|f| stamp(f)).collect();
-        if now == stamps {
-            continue;
-        }
-        let _ = reload(&plugins, &config, path.as_deref(), "file changed").await;
-        if let Ok(list) = plugin_configs(&config, path.as_deref()) {
-            files = watched(&list);
-        }
-        stamps = files.iter().map(|f| stamp(f)).collect();
-    }
-}
-
-/// The protocol servers a listener can hand connections to.
-struct Services {
-    smtp: Arc<SmtpServer>,
-    pop3: Arc<Pop3Server>,
-    imap: Arc<ImapServer>,
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    config: Arc<ListenerConfig>,
-    services: Arc<Services>,
-    limiter: Arc<ConnectionLimiter>,
-    sessions: TaskTracker,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.wait_for(|down| *down) => return,
-        };
-        let (stream, peer) = match accepted {
-            Ok(pair) => pair,
-            Err(err) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                error!("accept failed on {}: {err}", config.name);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let Some(slot) = limiter.try_acquire(peer.ip()) else {
-            warn!(%peer, "connection refused: too many connections");
-            tokio::spawn(refuse(stream, config.clone()));
-            continue;
-        };
-        match config.protocol {
-            ListenerProtocol::Smtp | ListenerProtocol::Submission => {
-                let session = Session::new(services.smtp.clone(), config.clone(), peer);
-                let counted = Registered::open(session.id, "smtp", &config.name, peer);
-                sessions.spawn(async move {
-                    session.run(stream).await;
-                    drop((slot, counted));
-                });
-            }
-            ListenerProtocol::Pop3 => {
-                let session =
-                    crate::pop3::session::Session::new(services.pop3.clone(), config.clone(), peer);
-                let counted = Registered::open(session.id, "pop3", &config.name, peer);
-                sessions.spawn(async move {
-                    session.run(stream).await;
-                    drop((slot, counted));
-                });
-            }
-            ListenerProtocol::Imap => {
-                let session =
-                    crate::imap::session::Session::new(services.imap.clone(), config.clone(), peer);
-                let counted = Registered::open(session.id(), "imap", &config.name, peer);
-                sessions.spawn(async move {
-                    session.run(stream).await;
-                    drop((slot, counted));
-                });
-            }
-        }
-    }
-}
-
-/// Tells a client over the connection limit why it is turned away, in its protocol's words
-/// (SMTP: RFC 5321 §3.1 421; POP3: RFC 2449 `[SYS/TEMP]`).
-async fn refuse(mut stream: TcpStream, listener: Arc<ListenerConfig>) {
-    if listener.tls != TlsMode::Implicit {
-        let text = "Too many connections, try again later";
-        let reply = match listener.protocol {
-            ListenerProtocol::Smtp | ListenerProtocol::Submission => {
-                Reply::new(421, "4.7.0", text).to_bytes()
-            }
-            ListenerProtocol::Pop3 => crate::pop3::codec::err(Some("SYS/TEMP"), text),
-            ListenerProtocol::Imap => format!("* BYE [UNAVAILABLE] {text}\r\n").into_bytes(),
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&reply)).await;
-    }
-    let _ = stream.shutdown().await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn limiter_counts_total_and_per_ip() {
-        let limiter = ConnectionLimiter::new(3, 2);
-        let a: IpAddr = "192.0.2.1".parse().unwrap();
-        let b: IpAddr = "192.0.2.2".parse().unwrap();
-        let s1 = limiter.try_acquire(a).unwrap();
-        let _s2 = limiter.try_acquire(a).unwrap();
-        assert!(limiter.try_acquire(a).is_none(), "per-IP limit");
-        let _s3 = limiter.try_acquire(b).unwrap();
-        assert!(limiter.try_acquire(b).is_none(), "total limit");
-        drop(s1);
-        assert!(limiter.try_acquire(a).is_some());
-    }
 }
