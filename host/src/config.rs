@@ -75,6 +75,17 @@ pub struct Config {
     pub database: Option<DatabaseConfig>,
     /// The Prometheus endpoint; none unless configured.
     pub metrics: Option<MetricsConfig>,
+    /// The admin API over HTTPS; only the Unix socket unless configured.
+    pub admin: Option<AdminConfig>,
+}
+
+/// `[admin]`: the admin API over HTTPS, beside the Unix socket, with a bearer token.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub address: SocketAddr,
+    /// A file whose first line is the token (at least 32 characters).
+    pub token_file: PathBuf,
 }
 
 /// `[metrics]`: where `GET /metrics` is served (plain HTTP; bind it to loopback or a

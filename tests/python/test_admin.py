@@ -119,3 +119,61 @@ def test_plugin_list_counts_calls_and_reload_reports_each_plugin(tmp_path):
             assert s.rcpt("alice@example.test")[0] == 550
     finally:
         server.stop()
+
+
+def test_admin_api_over_https_with_a_bearer_token(tmp_path):
+    """curl, a real HTTPS client, against `[admin] address`: the server's certificate, the
+    token required and compared, the same requests and answers as the Unix socket."""
+    token = "t0ken-" + "x" * 40
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(token + "\n")
+
+    def with_admin(text):
+        return text + f'\n[admin]\naddress = "127.0.0.1:0"\ntoken_file = "{token_file}"\n'
+
+    server = Server(tmp_path, {"trusted_networks": '["127.0.0.0/8"]'}, transform=with_admin)
+    url = f"https://localhost:{server.ports['admin']}/v1"
+
+    def curl(body, *extra):
+        result = subprocess.run(
+            ["curl", "-sS", "--cacert", server.cert, "-w", "\n%{http_code}", "-X", "POST",
+             "-H", "Content-Type: application/json", "--data", body, *extra, url],
+            capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        text, code = result.stdout.rsplit("\n", 1)
+        return int(code), json.loads(text)
+
+    try:
+        with smtplib.SMTP("127.0.0.1", server.ports["smtp"]) as s:
+            s.sendmail("alice@example.test", ["far@nowhere.test"], b"Subject: q\r\n\r\nq\r\n")
+        auth = ("-H", f"Authorization: Bearer {token}")
+        code, answer = curl('{"command":"queue-list"}', *auth)
+        assert code == 200 and answer["status"] == "ok", answer
+        assert [e["recipients"][0]["address"] for e in answer["result"]] == ["far@nowhere.test"]
+        code, answer = curl('{"command":"mailbox-status","user":"alice@example.test"}', *auth)
+        assert code == 200 and answer["result"]["folders"][0]["name"] == "INBOX", answer
+        # Refused: an unknown user (422), no token or a wrong one (401), a bad request (400).
+        code, answer = curl('{"command":"mailbox-status","user":"nobody@example.test"}', *auth)
+        assert (code, answer["status"]) == (422, "error") and "no such user" in answer["message"]
+        code, answer = curl('{"command":"queue-list"}')
+        assert code == 401 and answer["status"] == "error", answer
+        code, answer = curl('{"command":"queue-list"}', "-H", f"Authorization: Bearer {token}x")
+        assert code == 401
+        code, answer = curl('{"command":"format-disk"}', *auth)
+        assert code == 400 and "not a request" in answer["message"], answer
+        assert "refused a request without the right token" in server.log_text()
+    finally:
+        server.stop()
+
+
+def test_a_short_admin_token_refuses_the_start(tmp_path):
+    token_file = tmp_path / "admin-token"
+    token_file.write_text("short\n")
+    config = tmp_path / "postern.toml"
+    from conftest import test_config
+    config.write_text(test_config(tmp_path / "data") +
+                      f'\n[admin]\naddress = "127.0.0.1:0"\ntoken_file = "{token_file}"\n')
+    result = subprocess.run([postern_bin(), "serve", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "at least 32 characters" in result.stderr, result.stderr

@@ -115,6 +115,12 @@ def test_counters_follow_smtp_imap_pop3_and_plugin_traffic(tmp_path):
         # Three local deliveries done; the remote one deferred and still queued.
         assert moved(before, after, "postern_deliveries_total", route="local", status="sent") == 3
         assert value(after, "postern_queue_messages") == 1
+        # Store calls of every backend are counted where they pass: deliveries (batched, so
+        # one call may carry several) and POP3's listing of bob's maildrop.
+        assert moved(before, after, "postern_store_operations_total", op="deliver", result="ok") >= 1
+        assert moved(before, after, "postern_store_operations_total", op="snapshot", result="ok") >= 1
+        assert moved(before, after, "postern_store_operation_seconds_count", op="deliver") == \
+            moved(before, after, "postern_store_operations_total", op="deliver", result="ok")
         assert value(after, "postern_queue_oldest_seconds") >= 0
 
         # Only GET /metrics is served.

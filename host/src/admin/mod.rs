@@ -6,6 +6,7 @@
 //! A request is one line of JSON of at most [`MAX_REQUEST`] bytes, read within
 //! [`REQUEST_TIMEOUT`]; anything else gets an error reply and the connection is closed.
 
+pub mod https;
 pub mod mailbox;
 
 use std::path::{Path, PathBuf};

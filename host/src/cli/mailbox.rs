@@ -1,5 +1,5 @@
 //! `postern mailbox list|status|create|delete|rename|expunge|import|export` on a running
-//! server (`admin::mailbox`); `mailbox migrate` (server stopped) is in `cli::migrate`.
+//! server (`admin::mailbox`); `mailbox migrate`, run with the server stopped, is `cli::migrate`.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;

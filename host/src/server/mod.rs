@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
@@ -41,6 +42,8 @@ pub enum ServerError {
         path: std::path::PathBuf,
         pid: String,
     },
+    #[error("{0}")]
+    Admin(String),
     #[error("cannot open the spool: {0}")]
     Spool(std::io::Error),
     #[error("{0}")]
@@ -379,22 +382,23 @@ pub async fn run(
     if config.plugins.watch {
         tokio::spawn(reloader.clone().on_plugin_change());
     }
+    let admin = Arc::new(crate::admin::Admin {
+        relay: to_relay_control.clone(),
+        users: users.clone(),
+        plugins: plugins.clone(),
+        reloader: reloader.clone(),
+        mailboxes: Arc::new(crate::admin::mailbox::Mailboxes {
+            store: admin_store,
+            users: users.clone(),
+        }),
+    });
     // Mail flows without the admin API; an operator who finds `postern queue` unable to
     // connect finds why in the log.
     match crate::admin::bind(&data_dir) {
         Ok(listener) => {
             tokio::spawn(crate::admin::serve(
                 listener,
-                Arc::new(crate::admin::Admin {
-                    relay: to_relay_control.clone(),
-                    users: users.clone(),
-                    plugins: plugins.clone(),
-                    reloader: reloader.clone(),
-                    mailboxes: Arc::new(crate::admin::mailbox::Mailboxes {
-                        store: admin_store,
-                        users: users.clone(),
-                    }),
-                }),
+                admin.clone(),
                 shutdown_rx.clone(),
             ));
         }
@@ -402,6 +406,28 @@ pub async fn run(
             path = %crate::admin::socket_path(&data_dir).display(),
             "admin API unavailable: cannot open its socket: {err}"
         ),
+    }
+    // Asked for by name: unlike the socket, a misconfigured HTTPS API refuses the start.
+    if let Some(settings) = &config.admin {
+        let token =
+            crate::admin::https::read_token(&settings.token_file).map_err(ServerError::Admin)?;
+        let bind_error = |source| ServerError::Bind {
+            name: "admin".into(),
+            address: settings.address,
+            source,
+        };
+        let listener = TcpListener::bind(settings.address)
+            .await
+            .map_err(bind_error)?;
+        bound.push(("admin".into(), listener.local_addr().map_err(bind_error)?));
+        let acceptor = reloader.acceptor(&config)?;
+        tokio::spawn(crate::admin::https::serve(
+            listener,
+            acceptor,
+            admin.clone(),
+            token,
+            shutdown_rx.clone(),
+        ));
     }
     if let Some(metrics) = &config.metrics {
         let bind_error = |source| ServerError::Bind {

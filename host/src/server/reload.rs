@@ -8,9 +8,9 @@
 //! present the new pair), listeners (added, removed, rebound when changed), `[[user]]`,
 //! `[aliases]`, `[relay]`, `[pop3]`, `[imap]`, `[mail_auth]`, `[[dkim]]`, the plugin list, and
 //! `shutdown_grace_secs`. Restart needed: the data directory, the log level, the hostname (the
-//! relay's EHLO name), `[dns]`, `[outbound]`, `[database]`, `[[mailbox_backend]]`, `[metrics]`,
-//! the plugin engine's `[plugins]` settings, and the memory budget and per-IP login throttle
-//! in `[limits]`.
+//! relay's EHLO name), `[dns]`, `[outbound]`, `[database]`, `[[mailbox_backend]]`,
+//! `[metrics]`, `[admin]`, the plugin engine's `[plugins]` settings, and the memory budget and
+//! per-IP login throttle in `[limits]`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -155,7 +155,7 @@ impl Reloader {
         let mut report = Report::default();
         info!(reason = why, "reloading the configuration");
 
-        let restart_only: [(&str, bool); 12] = [
+        let restart_only: [(&str, bool); 13] = [
             (
                 "[server] data_dir",
                 old.server.data_dir != new.server.data_dir,
@@ -173,6 +173,7 @@ impl Reloader {
                 differs(&old.mailbox_backends, &new.mailbox_backends),
             ),
             ("[metrics]", differs(&old.metrics, &new.metrics)),
+            ("[admin]", differs(&old.admin, &new.admin)),
             ("[plugins]", differs(&old.plugins, &new.plugins)),
             (
                 "[limits] body_memory_budget",
@@ -206,6 +207,7 @@ impl Reloader {
         config.database = old.database.clone();
         config.mailbox_backends = old.mailbox_backends.clone();
         config.metrics = old.metrics.clone();
+        config.admin = old.admin.clone();
         config.plugins = old.plugins.clone();
         config.limits.body_memory_budget = old.limits.body_memory_budget;
         config.limits.max_auth_failures_per_ip = old.limits.max_auth_failures_per_ip;
@@ -283,6 +285,18 @@ impl Reloader {
             "configuration reloaded"
         );
         Ok(report)
+    }
+
+    /// The TLS acceptor, made now if no listener needed one yet (the HTTPS admin API).
+    pub fn acceptor(&self, config: &Config) -> Result<TlsAcceptor, crate::tls::TlsError> {
+        let mut tls = self.tls.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((acceptor, _)) = tls.as_ref() {
+            return Ok(acceptor.clone());
+        }
+        let (server, cert) = crate::tls::live_server_config(config)?;
+        let acceptor = crate::stream::acceptor(&server);
+        *tls = Some((acceptor.clone(), cert));
+        Ok(acceptor)
     }
 
     /// Reads the certificate again when TLS is in use (or now needed); returns the acceptor

@@ -107,9 +107,27 @@ impl Watched {
     }
 }
 
+/// Counts and times one store call (`postern_store_operations_total`,
+/// `postern_store_operation_seconds`): every backend is called through here.
+fn timed<T>(
+    op: &'static str,
+    call: impl FnOnce() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let started = std::time::Instant::now();
+    let result = call();
+    crate::telemetry::metrics::get().store_op(op, started.elapsed(), result.is_ok());
+    result
+}
+
 impl MailStore for Watched {
     fn deliver(&self, batch: &[Delivery<'_>]) -> Vec<Result<(), StoreError>> {
+        let started = std::time::Instant::now();
         let results = self.inner().deliver(batch);
+        crate::telemetry::metrics::get().store_op(
+            "deliver",
+            started.elapsed(),
+            results.iter().all(Result::is_ok),
+        );
         let mut told: Vec<(&str, &str)> = Vec::new();
         for (delivery, result) in batch.iter().zip(&results) {
             let place = (delivery.mailbox, delivery.folder);
@@ -122,7 +140,7 @@ impl MailStore for Watched {
     }
 
     fn snapshot(&self, mailbox: &str, folder: &str) -> Result<FolderSnapshot, StoreError> {
-        self.inner().snapshot(mailbox, folder)
+        timed("snapshot", || self.inner().snapshot(mailbox, folder))
     }
 
     fn read(
@@ -131,7 +149,7 @@ impl MailStore for Watched {
         folder: &str,
         message: &MessageInfo,
     ) -> Result<Vec<u8>, StoreError> {
-        self.inner().read(mailbox, folder, message)
+        timed("read", || self.inner().read(mailbox, folder, message))
     }
 
     fn read_header(
@@ -140,7 +158,9 @@ impl MailStore for Watched {
         folder: &str,
         message: &MessageInfo,
     ) -> Result<Arc<[u8]>, StoreError> {
-        self.inner().read_header(mailbox, folder, message)
+        timed("read_header", || {
+            self.inner().read_header(mailbox, folder, message)
+        })
     }
 
     fn read_range(
@@ -150,7 +170,9 @@ impl MailStore for Watched {
         message: &MessageInfo,
         range: std::ops::Range<u64>,
     ) -> Result<Vec<u8>, StoreError> {
-        self.inner().read_range(mailbox, folder, message, range)
+        timed("read_range", || {
+            self.inner().read_range(mailbox, folder, message, range)
+        })
     }
 
     fn read_headers(
@@ -159,7 +181,16 @@ impl MailStore for Watched {
         folder: &str,
         messages: &[&MessageInfo],
     ) -> Vec<Result<Arc<[u8]>, StoreError>> {
-        self.inner().read_headers(mailbox, folder, messages)
+        {
+            let started = std::time::Instant::now();
+            let results = self.inner().read_headers(mailbox, folder, messages);
+            crate::telemetry::metrics::get().store_op(
+                "read_headers",
+                started.elapsed(),
+                results.iter().all(Result::is_ok),
+            );
+            results
+        }
     }
 
     fn change_flags(
@@ -170,9 +201,10 @@ impl MailStore for Watched {
         change: &FlagChange,
         unchanged_since: Option<u64>,
     ) -> Result<FlagOutcome, StoreError> {
-        let result = self
-            .inner()
-            .change_flags(mailbox, folder, messages, change, unchanged_since);
+        let result = timed("change_flags", || {
+            self.inner()
+                .change_flags(mailbox, folder, messages, change, unchanged_since)
+        });
         if result
             .as_ref()
             .is_ok_and(|outcome| !outcome.updated.is_empty())
@@ -189,7 +221,9 @@ impl MailStore for Watched {
         numbers: super::ImportedFolder,
         messages: &[super::Imported<'_>],
     ) -> Result<(), StoreError> {
-        let result = self.inner().import(mailbox, folder, numbers, messages);
+        let result = timed("import", || {
+            self.inner().import(mailbox, folder, numbers, messages)
+        });
         self.announce_if(mailbox, Some(folder), result)
     }
 
@@ -199,7 +233,7 @@ impl MailStore for Watched {
         folder: &str,
         messages: &[&MessageInfo],
     ) -> Result<(), StoreError> {
-        let result = self.inner().remove(mailbox, folder, messages);
+        let result = timed("remove", || self.inner().remove(mailbox, folder, messages));
         self.announce_if(mailbox, Some(folder), result)
     }
 
@@ -212,9 +246,10 @@ impl MailStore for Watched {
         keywords: &super::Keywords,
         received_at: i64,
     ) -> Result<(u32, u32), StoreError> {
-        let result = self
-            .inner()
-            .append(mailbox, folder, message, flags, keywords, received_at);
+        let result = timed("append", || {
+            self.inner()
+                .append(mailbox, folder, message, flags, keywords, received_at)
+        });
         self.announce_if(mailbox, Some(folder), result)
     }
 
@@ -225,31 +260,39 @@ impl MailStore for Watched {
         messages: &[&MessageInfo],
         target: &str,
     ) -> Result<(u32, Vec<(u32, u32)>), StoreError> {
-        let result = self.inner().copy(mailbox, folder, messages, target);
+        let result = timed("copy", || {
+            self.inner().copy(mailbox, folder, messages, target)
+        });
         self.announce_if(mailbox, Some(target), result)
     }
 
     fn folders(&self, mailbox: &str) -> Result<Vec<String>, StoreError> {
-        self.inner().folders(mailbox)
+        timed("folders", || self.inner().folders(mailbox))
     }
 
     fn create_folder(&self, mailbox: &str, folder: &str) -> Result<(), StoreError> {
-        let result = self.inner().create_folder(mailbox, folder);
+        let result = timed("create_folder", || {
+            self.inner().create_folder(mailbox, folder)
+        });
         self.announce_if(mailbox, None, result)
     }
 
     fn delete_folder(&self, mailbox: &str, folder: &str) -> Result<(), StoreError> {
-        let result = self.inner().delete_folder(mailbox, folder);
+        let result = timed("delete_folder", || {
+            self.inner().delete_folder(mailbox, folder)
+        });
         self.announce_if(mailbox, None, result)
     }
 
     fn rename_folder(&self, mailbox: &str, from: &str, to: &str) -> Result<(), StoreError> {
-        let result = self.inner().rename_folder(mailbox, from, to);
+        let result = timed("rename_folder", || {
+            self.inner().rename_folder(mailbox, from, to)
+        });
         self.announce_if(mailbox, None, result)
     }
 
     fn subscriptions(&self, mailbox: &str) -> Result<Vec<String>, StoreError> {
-        self.inner().subscriptions(mailbox)
+        timed("subscriptions", || self.inner().subscriptions(mailbox))
     }
 
     fn recent_boundary(
@@ -259,8 +302,10 @@ impl MailStore for Watched {
         validity: u32,
         claim: Option<u32>,
     ) -> Result<u32, StoreError> {
-        self.inner()
-            .recent_boundary(mailbox, folder, validity, claim)
+        timed("recent_boundary", || {
+            self.inner()
+                .recent_boundary(mailbox, folder, validity, claim)
+        })
     }
 
     fn set_subscribed(
@@ -269,7 +314,9 @@ impl MailStore for Watched {
         folder: &str,
         subscribed: bool,
     ) -> Result<(), StoreError> {
-        let result = self.inner().set_subscribed(mailbox, folder, subscribed);
+        let result = timed("set_subscribed", || {
+            self.inner().set_subscribed(mailbox, folder, subscribed)
+        });
         self.announce_if(mailbox, None, result)
     }
 
@@ -278,7 +325,7 @@ impl MailStore for Watched {
         mailbox: &str,
         folder: Option<&str>,
     ) -> Result<std::collections::BTreeMap<String, Vec<u8>>, StoreError> {
-        self.inner().metadata(mailbox, folder)
+        timed("metadata", || self.inner().metadata(mailbox, folder))
     }
 
     fn set_metadata(
@@ -287,11 +334,13 @@ impl MailStore for Watched {
         folder: Option<&str>,
         changes: &[(String, Option<Vec<u8>>)],
     ) -> Result<(), StoreError> {
-        self.inner().set_metadata(mailbox, folder, changes)
+        timed("set_metadata", || {
+            self.inner().set_metadata(mailbox, folder, changes)
+        })
     }
 
     fn usage(&self, mailbox: &str) -> Result<super::Usage, StoreError> {
-        self.inner().usage(mailbox)
+        timed("usage", || self.inner().usage(mailbox))
     }
 }
 

@@ -55,6 +55,17 @@ pub struct PluginHook {
     pub hook: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreOp {
+    pub op: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreCall {
+    pub op: &'static str,
+}
+
 type Timings<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency() -> Histogram {
@@ -77,6 +88,8 @@ pub struct Metrics {
     pub plugin_errors: Family<PluginHook, Counter>,
     pub plugin_seconds: Timings<PluginHook>,
     pub reloads: Family<Outcome, Counter>,
+    pub store_operations: Family<StoreOp, Counter>,
+    pub store_seconds: Timings<StoreCall>,
     /// Finer latency counts than the exported histogram, for `postern plugin list`'s p50/p99.
     plugin_stats: Mutex<HashMap<(String, &'static str), CallStats>>,
     queue_messages: Gauge,
@@ -106,6 +119,8 @@ impl Metrics {
             plugin_errors: Family::default(),
             plugin_seconds: Family::new_with_constructor(latency as fn() -> Histogram),
             reloads: Family::default(),
+            store_operations: Family::default(),
+            store_seconds: Family::new_with_constructor(latency as fn() -> Histogram),
             plugin_stats: Mutex::default(),
             queue_messages: Gauge::default(),
             queue_oldest_seconds: Gauge::default(),
@@ -173,6 +188,16 @@ impl Metrics {
             m.reloads.clone(),
         );
         r.register(
+            "store_operations",
+            "Mailbox store calls, by operation and result (every backend)",
+            m.store_operations.clone(),
+        );
+        r.register(
+            "store_operation_seconds",
+            "Time per mailbox store call, by operation",
+            m.store_seconds.clone(),
+        );
+        r.register(
             "queue_messages",
             "Messages waiting in this node's delivery queue",
             m.queue_messages.clone(),
@@ -190,6 +215,17 @@ impl Metrics {
         self.smtp_replies
             .get_or_create(&SmtpReply { command, code })
             .inc();
+    }
+
+    /// Counts and times a mailbox store call.
+    pub fn store_op(&self, op: &'static str, took: Duration, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.store_operations
+            .get_or_create(&StoreOp { op, result })
+            .inc();
+        self.store_seconds
+            .get_or_create(&StoreCall { op })
+            .observe(took.as_secs_f64());
     }
 
     /// Counts a plugin hook call.
