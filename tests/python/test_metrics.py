@@ -96,10 +96,10 @@ def test_counters_follow_smtp_imap_pop3_and_plugin_traffic(tmp_path):
         assert moved(before, after, "postern_connections_total", protocol="pop3") == 1
         # Closed sessions are no longer open.
         assert value(after, "postern_sessions", protocol="imap") == 0
-        assert moved(before, after, "postern_smtp_replies_total", command="ehlo", code="250") == 1
-        assert moved(before, after, "postern_smtp_replies_total", command="data", code="250") == 4
-        assert moved(before, after, "postern_smtp_replies_total", command="rcpt", code="550") == 1
-        assert moved(before, after, "postern_smtp_replies_total", command="quit", code="221") == 1
+        assert moved(before, after, "postern_smtp_replies_total", command="ehlo", code="250", reason="none") == 1
+        assert moved(before, after, "postern_smtp_replies_total", command="data", code="250", reason="2.0") == 4
+        assert moved(before, after, "postern_smtp_replies_total", command="rcpt", code="550", reason="5.1") == 1
+        assert moved(before, after, "postern_smtp_replies_total", command="quit", code="221", reason="2.0") == 1
         assert moved(before, after, "postern_messages_accepted_total") == 4
         assert moved(before, after, "postern_received_bytes_total") >= 4 * len(message)
         assert moved(before, after, "postern_tls_handshakes_total", result="ok") == 3

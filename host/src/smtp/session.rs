@@ -137,7 +137,7 @@ impl Session {
         if reply.code >= 500 || (reply.code == 452 && reply.status == "4.5.3") {
             self.errors += 1;
         }
-        crate::telemetry::metrics::get().smtp_reply(self.verb, reply.code);
+        crate::telemetry::metrics::get().smtp_reply(self.verb, reply.code, &reply.status);
         io.queue(&reply.to_bytes());
         if reply.closes_connection() || std::mem::take(&mut self.disconnect_after_reply) {
             Flow::Close
@@ -194,7 +194,7 @@ impl Session {
             }
             Request::Noop { .. } => self.answer(io, common::ok()),
             Request::Quit => {
-                crate::telemetry::metrics::get().smtp_reply(self.verb, 221);
+                crate::telemetry::metrics::get().smtp_reply(self.verb, 221, "2.0.0");
                 io.queue(&Reply::new(221, "2.0.0", "Bye").to_bytes());
                 Flow::Close
             }

@@ -28,6 +28,9 @@ pub struct Protocol {
 pub struct SmtpReply {
     pub command: &'static str,
     pub code: u16,
+    /// The enhanced status's class and subject (RFC 3463 §3: `5.7` security or policy, `4.2`
+    /// mailbox, `5.1` addressing, …), the reason a client was refused; `none` without one.
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -139,7 +142,7 @@ impl Metrics {
         );
         r.register(
             "smtp_replies",
-            "SMTP replies sent, by command and reply code (2xx accepted, 4xx deferred, 5xx refused)",
+            "SMTP replies sent, by command, reply code (2xx accepted, 4xx deferred, 5xx refused) and reason (RFC 3463 class.subject)",
             m.smtp_replies.clone(),
         );
         r.register(
@@ -211,9 +214,14 @@ impl Metrics {
     }
 
     /// Counts an SMTP reply.
-    pub fn smtp_reply(&self, command: &'static str, code: u16) {
+    pub fn smtp_reply(&self, command: &'static str, code: u16, status: &str) {
+        let reason = reason_of(status);
         self.smtp_replies
-            .get_or_create(&SmtpReply { command, code })
+            .get_or_create(&SmtpReply {
+                command,
+                code,
+                reason,
+            })
             .inc();
     }
 
@@ -272,6 +280,30 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String");
         text
+    }
+}
+
+/// `5.7.1` → `5.7`: class and subject only, from the closed set RFC 3463 defines, so a plugin
+/// inventing detail codes cannot grow the series.
+fn reason_of(status: &str) -> &'static str {
+    const SUBJECTS: [[&str; 8]; 3] = [
+        ["2.0", "2.1", "2.2", "2.3", "2.4", "2.5", "2.6", "2.7"],
+        ["4.0", "4.1", "4.2", "4.3", "4.4", "4.5", "4.6", "4.7"],
+        ["5.0", "5.1", "5.2", "5.3", "5.4", "5.5", "5.6", "5.7"],
+    ];
+    let bytes = status.as_bytes();
+    if status.is_empty() {
+        return "none";
+    }
+    let class = match bytes.first() {
+        Some(b'2') => 0,
+        Some(b'4') => 1,
+        Some(b'5') => 2,
+        _ => return "other",
+    };
+    match (bytes.get(1), bytes.get(2), bytes.get(3)) {
+        (Some(b'.'), Some(d @ b'0'..=b'7'), Some(b'.')) => SUBJECTS[class][usize::from(d - b'0')],
+        _ => "other",
     }
 }
 
@@ -420,6 +452,16 @@ async fn refresh_queue(relay: &mpsc::Sender<Control>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reasons_are_a_closed_set() {
+        assert_eq!(reason_of("5.7.1"), "5.7");
+        assert_eq!(reason_of("4.2.2"), "4.2");
+        assert_eq!(reason_of(""), "none");
+        assert_eq!(reason_of("5.9.1"), "other");
+        assert_eq!(reason_of("3.1.1"), "other");
+        assert_eq!(reason_of("5.70.1"), "other");
+    }
 
     #[test]
     fn quantiles_land_within_a_bucket_of_the_truth() {
