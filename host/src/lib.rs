@@ -32,6 +32,7 @@ pub mod config;
 pub mod dns;
 pub mod durable;
 pub mod framing;
+pub mod http;
 pub mod imap;
 pub mod message;
 pub mod message_auth;

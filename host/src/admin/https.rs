@@ -8,15 +8,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Bytes, Incoming};
-use hyper::{Method, Request as HttpRequest, Response as HttpResponse, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request as HttpRequest, StatusCode};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use super::{Admin, Request, Response, MAX_REQUEST, REQUEST_TIMEOUT};
+use crate::http::Answer;
 
 /// The shortest token accepted: 32 characters of a random string are past guessing.
 pub const MIN_TOKEN: usize = 32;
@@ -39,17 +40,13 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn reply(status: StatusCode, body: &Response) -> HttpResponse<Full<Bytes>> {
+fn reply(status: StatusCode, body: &Response) -> Answer {
     let mut bytes = serde_json::to_vec(body).unwrap_or_default();
     bytes.push(b'\n');
-    HttpResponse::builder()
-        .status(status)
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(bytes)))
-        .expect("a well-formed response")
+    crate::http::answer(status, "application/json", bytes)
 }
 
-fn refusal(status: StatusCode, message: &str) -> HttpResponse<Full<Bytes>> {
+fn refusal(status: StatusCode, message: &str) -> Answer {
     let mut response = reply(
         status,
         &Response::Error {
@@ -70,7 +67,7 @@ async fn answer(
     token: Arc<String>,
     peer: SocketAddr,
     request: HttpRequest<Incoming>,
-) -> HttpResponse<Full<Bytes>> {
+) -> Answer {
     if request.uri().path() != "/v1" {
         return refusal(StatusCode::NOT_FOUND, "the API is at POST /v1");
     }
@@ -112,47 +109,21 @@ async fn answer(
     }
 }
 
-/// Serves the API over HTTPS until shutdown, a few connections at a time.
+/// Serves the API over HTTPS until shutdown.
 pub async fn serve(
     listener: TcpListener,
     tls: TlsAcceptor,
     admin: Arc<Admin>,
     token: String,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let token = Arc::new(token);
-    let slots = Arc::new(tokio::sync::Semaphore::new(16));
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.wait_for(|down| *down) => return,
-        };
-        let Ok((stream, peer)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let (tls, admin, token) = (tls.clone(), admin.clone(), token.clone());
-        tokio::spawn(async move {
-            let _slot = slot;
-            let Ok(Ok(stream)) = tokio::time::timeout(REQUEST_TIMEOUT, tls.accept(stream)).await
-            else {
-                return;
-            };
-            let service = hyper::service::service_fn(move |request| {
-                let (admin, token) = (admin.clone(), token.clone());
-                async move {
-                    Ok::<_, std::convert::Infallible>(answer(admin, token, peer, request).await)
-                }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .header_read_timeout(REQUEST_TIMEOUT)
-                .timer(hyper_util::rt::TokioTimer::new())
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            // Requests are short; a mailbox import may take minutes.
-            let _ = tokio::time::timeout(Duration::from_secs(3600), connection).await;
-        });
-    }
+    let handler = move |peer, request| answer(admin.clone(), token.clone(), peer, request);
+    let limits = crate::http::Limits {
+        connections: 16,
+        head: REQUEST_TIMEOUT,
+        // Requests are short, but a mailbox import may take minutes.
+        connection: Duration::from_secs(3600),
+    };
+    crate::http::serve(listener, Some(tls), limits, handler, shutdown).await
 }

@@ -419,31 +419,8 @@ fn maildir_flags(name: &str) -> Flags {
         return Flags::empty();
     };
     letters.chars().fold(Flags::empty(), |flags, letter| {
-        flags.union(match letter {
-            'D' => Flags::DRAFT,
-            'F' => Flags::FLAGGED,
-            'P' => Flags::FORWARDED,
-            'R' => Flags::ANSWERED,
-            'S' => Flags::SEEN,
-            'T' => Flags::DELETED,
-            _ => Flags::empty(),
-        })
+        flags.union(Flags::from_maildir_letter(letter))
     })
-}
-
-fn flag_letters(flags: Flags) -> String {
-    [
-        ('D', Flags::DRAFT),
-        ('F', Flags::FLAGGED),
-        ('P', Flags::FORWARDED),
-        ('R', Flags::ANSWERED),
-        ('S', Flags::SEEN),
-        ('T', Flags::DELETED),
-    ]
-    .into_iter()
-    .filter(|(_, flag)| flags.contains(*flag))
-    .map(|(letter, _)| letter)
-    .collect()
 }
 
 fn open_mbox(file: &Path) -> Result<std::io::BufReader<std::fs::File>, String> {
@@ -595,7 +572,7 @@ fn write_maildir_message(
         info.received_at,
         std::process::id(),
         info.uid,
-        flag_letters(info.flags)
+        info.flags.maildir_letters()
     );
     let path = dir.join("cur").join(name);
     std::fs::write(&path, lf).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -701,7 +678,7 @@ mod tests {
             Flags::FLAGGED.union(Flags::ANSWERED).union(Flags::SEEN)
         );
         assert_eq!(maildir_flags("123.abc"), Flags::empty());
-        assert_eq!(flag_letters(maildir_flags("x:2,TSRPFD")), "DFPRST");
+        assert_eq!(maildir_flags("x:2,TSRPFD").maildir_letters(), "DFPRST");
         assert_eq!(to_crlf(b"a\nb\r\nc"), b"a\r\nb\r\nc");
         assert_eq!(crlf_to_lf(b"a\r\nb\r\n"), b"a\nb\n");
     }

@@ -128,6 +128,9 @@ impl Admin {
         request: Request,
         progress: mpsc::UnboundedSender<Response>,
     ) -> Response {
+        let mut tell = move |done, total| {
+            let _ = progress.send(Response::Progress { done, total });
+        };
         let result = match request {
             Request::QueueList { filter } => {
                 let (reply, answer) = oneshot::channel();
@@ -188,12 +191,8 @@ impl Admin {
                 format,
                 path,
             } => {
-                self.mailbox(move |m| {
-                    m.import(&user, &folder, format, &path, &mut |done, total| {
-                        let _ = progress.send(Response::Progress { done, total });
-                    })
-                })
-                .await
+                self.mailbox(move |m| m.import(&user, &folder, format, &path, &mut tell))
+                    .await
             }
             Request::MailboxExport {
                 user,
@@ -201,18 +200,8 @@ impl Admin {
                 format,
                 path,
             } => {
-                self.mailbox(move |m| {
-                    m.export(
-                        &user,
-                        folder.as_deref(),
-                        format,
-                        &path,
-                        &mut |done, total| {
-                            let _ = progress.send(Response::Progress { done, total });
-                        },
-                    )
-                })
-                .await
+                self.mailbox(move |m| m.export(&user, folder.as_deref(), format, &path, &mut tell))
+                    .await
             }
         };
         match result {

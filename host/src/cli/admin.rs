@@ -102,66 +102,39 @@ pub enum QueueCommand {
     },
     /// Attempt delivery now (like `postqueue -i` / `-f`).
     #[command(alias = "flush")]
-    Retry {
-        #[command(flatten)]
-        select: Select,
-        /// Every message (when no id or filter is given).
-        #[arg(long)]
-        all: bool,
-        #[command(flatten)]
-        target: Target,
-        #[arg(long)]
-        json: bool,
-    },
+    Retry(Acting),
     /// Keep messages from delivery until released (like `postsuper -h`); kept across restarts.
-    Hold {
-        #[command(flatten)]
-        select: Select,
-        #[arg(long)]
-        all: bool,
-        #[command(flatten)]
-        target: Target,
-        #[arg(long)]
-        json: bool,
-    },
+    Hold(Acting),
     /// Undo a hold and attempt delivery now (like `postsuper -H`).
-    Release {
-        #[command(flatten)]
-        select: Select,
-        #[arg(long)]
-        all: bool,
-        #[command(flatten)]
-        target: Target,
-        #[arg(long)]
-        json: bool,
-    },
+    Release(Acting),
     /// Remove messages without telling their senders (like `postsuper -d`).
-    Delete {
-        #[command(flatten)]
-        select: Select,
-        #[arg(long)]
-        all: bool,
-        /// Do not ask before acting on more than the ids given.
-        #[arg(long, short = 'y')]
-        yes: bool,
-        #[command(flatten)]
-        target: Target,
-        #[arg(long)]
-        json: bool,
-    },
+    Delete(Destroying),
     /// Give up on messages and return them to their senders with a bounce.
-    Bounce {
-        #[command(flatten)]
-        select: Select,
-        #[arg(long)]
-        all: bool,
-        #[arg(long, short = 'y')]
-        yes: bool,
-        #[command(flatten)]
-        target: Target,
-        #[arg(long)]
-        json: bool,
-    },
+    Bounce(Destroying),
+}
+
+/// Which messages an action is for, and where the server is.
+#[derive(Args, Clone)]
+pub struct Acting {
+    #[command(flatten)]
+    select: Select,
+    /// Every message (when no id or filter is given).
+    #[arg(long)]
+    all: bool,
+    #[command(flatten)]
+    target: Target,
+    #[arg(long)]
+    json: bool,
+}
+
+/// An action that cannot be undone: confirmed unless only ids are given.
+#[derive(Args, Clone)]
+pub struct Destroying {
+    #[command(flatten)]
+    acting: Acting,
+    /// Do not ask before acting on more than the ids given.
+    #[arg(long, short = 'y')]
+    yes: bool,
 }
 
 pub(super) fn data_dir(target: &Target) -> anyhow::Result<PathBuf> {
@@ -267,7 +240,7 @@ fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
 }
 
 pub fn queue(command: QueueCommand) -> anyhow::Result<()> {
-    let (select, all, yes, target, json, action) = match command {
+    let (acting, yes, action) = match command {
         QueueCommand::List {
             select,
             target,
@@ -298,39 +271,18 @@ pub fn queue(command: QueueCommand) -> anyhow::Result<()> {
             print_entry(&entry, true);
             return Ok(());
         }
-        QueueCommand::Retry {
-            select,
-            all,
-            target,
-            json,
-        } => (select, all, true, target, json, Action::Retry),
-        QueueCommand::Hold {
-            select,
-            all,
-            target,
-            json,
-        } => (select, all, true, target, json, Action::Hold),
-        QueueCommand::Release {
-            select,
-            all,
-            target,
-            json,
-        } => (select, all, true, target, json, Action::Release),
-        QueueCommand::Delete {
-            select,
-            all,
-            yes,
-            target,
-            json,
-        } => (select, all, yes, target, json, Action::Delete),
-        QueueCommand::Bounce {
-            select,
-            all,
-            yes,
-            target,
-            json,
-        } => (select, all, yes, target, json, Action::Bounce),
+        QueueCommand::Retry(acting) => (acting, true, Action::Retry),
+        QueueCommand::Hold(acting) => (acting, true, Action::Hold),
+        QueueCommand::Release(acting) => (acting, true, Action::Release),
+        QueueCommand::Delete(d) => (d.acting, d.yes, Action::Delete),
+        QueueCommand::Bounce(d) => (d.acting, d.yes, Action::Bounce),
     };
+    let Acting {
+        select,
+        all,
+        target,
+        json,
+    } = acting;
     if select.is_everything() && !all {
         bail!("name queue ids or a filter, or say --all");
     }

@@ -136,6 +136,26 @@ fn progress_bar(what: &'static str) -> impl FnMut(usize, usize) {
     }
 }
 
+/// An import or an export, with a progress bar, and what it moved.
+fn transfer(
+    target: &Target,
+    request: Request,
+    verb: &'static str,
+    json: bool,
+) -> anyhow::Result<()> {
+    let doing = if verb == "imported" {
+        "importing"
+    } else {
+        "exporting"
+    };
+    let value = call_with_progress(
+        &super::admin::data_dir(target)?,
+        &request,
+        &mut progress_bar(doing),
+    )?;
+    print_moved(&serde_json::from_value(value)?, verb, json)
+}
+
 fn print_moved(moved: &Moved, verb: &str, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(moved)?);
@@ -270,17 +290,13 @@ pub fn run(command: LiveCommand) -> anyhow::Result<()> {
             json,
         } => {
             let (format, path) = files.format_and_path()?;
-            let value = call_with_progress(
-                &super::admin::data_dir(&target)?,
-                &Request::MailboxImport {
-                    user,
-                    folder,
-                    format,
-                    path,
-                },
-                &mut progress_bar("importing"),
-            )?;
-            print_moved(&serde_json::from_value(value)?, "imported", json)?;
+            let request = Request::MailboxImport {
+                user,
+                folder,
+                format,
+                path,
+            };
+            transfer(&target, request, "imported", json)?;
         }
         LiveCommand::Export {
             user,
@@ -290,17 +306,13 @@ pub fn run(command: LiveCommand) -> anyhow::Result<()> {
             json,
         } => {
             let (format, path) = files.format_and_path()?;
-            let value = call_with_progress(
-                &super::admin::data_dir(&target)?,
-                &Request::MailboxExport {
-                    user,
-                    folder,
-                    format,
-                    path,
-                },
-                &mut progress_bar("exporting"),
-            )?;
-            print_moved(&serde_json::from_value(value)?, "exported", json)?;
+            let request = Request::MailboxExport {
+                user,
+                folder,
+                format,
+                path,
+            };
+            transfer(&target, request, "exported", json)?;
         }
     }
     Ok(())

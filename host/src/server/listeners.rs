@@ -264,34 +264,28 @@ async fn accept_loop(
             continue;
         };
         let services = services.get();
-        match config.protocol {
+        type Run = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+        let (id, protocol, run): (u64, &'static str, Run) = match config.protocol {
             ListenerProtocol::Smtp | ListenerProtocol::Submission => {
                 let session = Session::new(services.smtp.clone(), config.clone(), peer);
-                let counted = Registered::open(session.id, "smtp", &config.name, peer);
-                sessions.spawn(async move {
-                    session.run(stream).await;
-                    drop((slot, counted));
-                });
+                (session.id, "smtp", Box::pin(session.run(stream)))
             }
             ListenerProtocol::Pop3 => {
                 let session =
                     crate::pop3::session::Session::new(services.pop3.clone(), config.clone(), peer);
-                let counted = Registered::open(session.id, "pop3", &config.name, peer);
-                sessions.spawn(async move {
-                    session.run(stream).await;
-                    drop((slot, counted));
-                });
+                (session.id, "pop3", Box::pin(session.run(stream)))
             }
             ListenerProtocol::Imap => {
                 let session =
                     crate::imap::session::Session::new(services.imap.clone(), config.clone(), peer);
-                let counted = Registered::open(session.id(), "imap", &config.name, peer);
-                sessions.spawn(async move {
-                    session.run(stream).await;
-                    drop((slot, counted));
-                });
+                (session.id(), "imap", Box::pin(session.run(stream)))
             }
-        }
+        };
+        let registered = Registered::open(id, protocol, &config.name, peer);
+        sessions.spawn(async move {
+            run.await;
+            drop((slot, registered));
+        });
     }
 }
 

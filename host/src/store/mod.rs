@@ -133,6 +133,34 @@ impl Flags {
     pub const FORWARDED: Flags = Flags(32);
     const ALL: u8 = 63;
 
+    /// The Maildir info letters of the system flags (cr.yp.to/proto/maildir.html), in the
+    /// ASCII order a file name lists them.
+    pub const MAILDIR_LETTERS: [(char, Flags); 6] = [
+        ('D', Flags::DRAFT),
+        ('F', Flags::FLAGGED),
+        ('P', Flags::FORWARDED),
+        ('R', Flags::ANSWERED),
+        ('S', Flags::SEEN),
+        ('T', Flags::DELETED),
+    ];
+
+    /// The flag a Maildir info letter stands for (none for keyword letters and others).
+    pub fn from_maildir_letter(letter: char) -> Flags {
+        Self::MAILDIR_LETTERS
+            .iter()
+            .find(|(l, _)| *l == letter)
+            .map_or(Flags::empty(), |(_, flag)| *flag)
+    }
+
+    /// The Maildir info letters of these flags.
+    pub fn maildir_letters(self) -> String {
+        Self::MAILDIR_LETTERS
+            .iter()
+            .filter(|(_, flag)| self.contains(*flag))
+            .map(|(letter, _)| *letter)
+            .collect()
+    }
+
     pub const fn empty() -> Flags {
         Flags(0)
     }

@@ -373,66 +373,40 @@ pub async fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(address).await
 }
 
-/// Serves `GET /metrics` (HTTP/1.1 through hyper) until shutdown; the queue gauges are read
-/// from the relay at each scrape.
+/// Serves `GET /metrics` until shutdown; the queue gauges are read from the relay at each
+/// scrape.
 pub async fn serve(
     listener: TcpListener,
     relay: mpsc::Sender<Control>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    use http_body_util::Full;
-    use hyper::body::Bytes;
-    use hyper::{Method, Response, StatusCode};
+    use hyper::{Method, StatusCode};
     let relay = Arc::new(relay);
-    // A handful of scrapers at once; more wait in the kernel's backlog.
-    let slots = Arc::new(tokio::sync::Semaphore::new(8));
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.wait_for(|down| *down) => return,
-        };
-        let Ok((stream, _)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
+    let handler = move |_peer, request: hyper::Request<hyper::body::Incoming>| {
         let relay = relay.clone();
-        let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
-            let relay = relay.clone();
-            async move {
-                let response = if request.method() != Method::GET {
-                    Response::builder()
-                        .status(StatusCode::METHOD_NOT_ALLOWED)
-                        .body(Full::new(Bytes::from_static(b"GET only\n")))
-                } else if request.uri().path() != "/metrics" {
-                    Response::builder()
-                        .status(StatusCode::NOT_FOUND)
-                        .body(Full::new(Bytes::from_static(b"see /metrics\n")))
-                } else {
-                    refresh_queue(&relay).await;
-                    Response::builder()
-                        .header(
-                            hyper::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )
-                        .body(Full::new(Bytes::from(get().encode())))
-                };
-                Ok::<_, hyper::http::Error>(response.expect("a well-formed response"))
+        async move {
+            let text = "text/plain; charset=utf-8";
+            if request.method() != Method::GET {
+                crate::http::answer(StatusCode::METHOD_NOT_ALLOWED, text, b"GET only\n".to_vec())
+            } else if request.uri().path() != "/metrics" {
+                crate::http::answer(StatusCode::NOT_FOUND, text, b"see /metrics\n".to_vec())
+            } else {
+                refresh_queue(&relay).await;
+                crate::http::answer(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    get().encode().into_bytes(),
+                )
             }
-        });
-        tokio::spawn(async move {
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let connection = hyper::server::conn::http1::Builder::new()
-                .header_read_timeout(Duration::from_secs(10))
-                .timer(hyper_util::rt::TokioTimer::new())
-                .serve_connection(io, service);
-            // A scrape is one request; a client that lingers is cut off.
-            let _ = tokio::time::timeout(Duration::from_secs(30), connection).await;
-            drop(slot);
-        });
-    }
+        }
+    };
+    let limits = crate::http::Limits {
+        connections: 8,
+        head: Duration::from_secs(10),
+        // A scrape is one request; a client that lingers is cut off.
+        connection: Duration::from_secs(30),
+    };
+    crate::http::serve(listener, None, limits, handler, shutdown).await
 }
 
 async fn refresh_queue(relay: &mpsc::Sender<Control>) {

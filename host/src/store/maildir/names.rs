@@ -89,14 +89,8 @@ pub(super) fn parse_name(name: &str) -> (&str, Letters) {
             if let Some(letters) = info.strip_prefix("2,") {
                 for letter in letters.chars() {
                     flags = flags.union(match letter {
-                        'D' => system(Flags::DRAFT),
-                        'F' => system(Flags::FLAGGED),
-                        'P' => system(Flags::FORWARDED),
-                        'R' => system(Flags::ANSWERED),
-                        'S' => system(Flags::SEEN),
-                        'T' => system(Flags::DELETED),
                         'a'..='z' => Letters::keyword(usize::from(letter as u8 - b'a')),
-                        _ => Letters::empty(),
+                        _ => system(Flags::from_maildir_letter(letter)),
                     });
                 }
             }
@@ -111,19 +105,9 @@ pub(super) fn flag_letters(flags: Letters) -> String {
     let keywords = flags
         .keyword_slots()
         .map(|slot| char::from(b'a' + slot as u8));
-    let flags = flags.system();
-    let system = [
-        ('D', Flags::DRAFT),
-        ('F', Flags::FLAGGED),
-        ('P', Flags::FORWARDED),
-        ('R', Flags::ANSWERED),
-        ('S', Flags::SEEN),
-        ('T', Flags::DELETED),
-    ]
-    .into_iter()
-    .filter(|(_, flag)| flags.contains(*flag))
-    .map(|(letter, _)| letter);
-    system.chain(keywords).collect()
+    let mut letters = flags.system().maildir_letters();
+    letters.extend(keywords);
+    letters
 }
 
 pub(super) fn size_field(key: &str, field: &str) -> Option<u64> {
