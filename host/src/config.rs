@@ -777,6 +777,11 @@ impl Config {
                 if database.lease_seconds < 3 {
                     return Err("database.lease_seconds must be at least 3".into());
                 }
+                // A node that takes over a message must know the users, aliases and domains
+                // the storing node knew, the ones `postern user|alias|domain` added included.
+                if !database.users {
+                    return Err("database.queue: the live directory must be shared as well, or a node taking over a message would not know the users and domains added on the node that stored it (set database.users = true)".into());
+                }
                 // A node that takes over a message delivers it into its own stores: only the
                 // database's mailboxes are the same on every node.
                 if let Some(domain) = self.relay.local_domains.iter().find(|domain| {
@@ -968,12 +973,18 @@ mod tests {
             .to_string();
         assert!(err.contains("two mailbox stores"), "{err}");
         // A shared queue needs every local domain's mailboxes shared too.
-        let queued = |domains: &str| format!("{}queue = true\n", with(domains));
+        let queued = |domains: &str| format!("{}queue = true\nusers = true\n", with(domains));
         assert!(Config::parse(&queued("[\"example.test\", \"localhost\"]"), "t").is_ok());
         let err = Config::parse(&queued("[\"example.test\"]"), "t")
             .unwrap_err()
             .to_string();
         assert!(err.contains("\"localhost\" keeps its mailboxes"), "{err}");
+        let unshared = format!(
+            "{}queue = true\n",
+            with("[\"example.test\", \"localhost\"]")
+        );
+        let err = Config::parse(&unshared, "t").unwrap_err().to_string();
+        assert!(err.contains("set database.users = true"), "{err}");
     }
 
     #[test]

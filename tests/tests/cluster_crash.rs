@@ -81,8 +81,22 @@ fn node_config(
     let config = config.replace("name = \"imap\"\n", "name = \"imap\"\ntrusted = true\n");
     format!(
         "{config}\n[database]\nurl = {url:?}\ndomains = [\"example.test\", \"localhost\"]\n\
-         migrate = true\nqueue = true\nlease_seconds = {lease}\ntimeout_seconds = 1\n"
+         migrate = true\nqueue = true\nusers = true\nlease_seconds = {lease}\ntimeout_seconds = 1\n"
     )
+}
+
+/// The lines of every node's log that `keep` wants, node after node.
+fn log_lines(nodes: &[Arc<Mutex<TestServer>>], keep: impl Fn(&str) -> bool) -> Vec<String> {
+    nodes
+        .iter()
+        .flat_map(|n| {
+            let log = n.lock().unwrap().log();
+            log.lines()
+                .filter(|l| keep(l))
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 fn node_name(index: usize) -> String {
@@ -331,19 +345,7 @@ async fn killed_nodes_lose_nothing_and_send_nothing_twice() {
                 .filter(|n| !stored.contains_key(n) || !relayed_numbers.contains(n))
                 .map(|n| (*n, stored.contains_key(n), relayed_numbers.contains(n)))
                 .collect();
-            let logs: String = nodes
-                .iter()
-                .map(|n| {
-                    n.lock()
-                        .unwrap()
-                        .log()
-                        .lines()
-                        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                })
-                .collect::<Vec<_>>()
-                .join("\n--\n");
+            let logs = log_lines(&nodes, |l| l.contains("WARN") || l.contains("ERROR")).join("\n");
             panic!(
                 "acknowledged but not delivered after {} s (number, stored, relayed): {missing:?}; warnings:\n{logs}",
                 6 * LEASE_SECONDS + 60
@@ -439,23 +441,15 @@ async fn killed_nodes_lose_nothing_and_send_nothing_twice() {
     };
     assert!(left.is_empty(), "still queued: {left:?}");
     // The killed nodes' messages were delivered by lease takeover, not only by restarts.
-    let taken_over: usize = nodes
+    let taken_over: usize = log_lines(&nodes, |l| l.contains("queue: took over messages"))
         .iter()
-        .map(|n| {
-            n.lock()
-                .unwrap()
-                .log()
-                .lines()
-                .filter(|l| l.contains("queue: took over messages"))
-                .filter_map(|l| {
-                    l.split("count=")
-                        .nth(1)?
-                        .split_whitespace()
-                        .next()?
-                        .parse::<usize>()
-                        .ok()
-                })
-                .sum::<usize>()
+        .filter_map(|l| {
+            l.split("count=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<usize>()
+                .ok()
         })
         .sum();
     assert!(

@@ -133,6 +133,8 @@ pub async fn keep_leases(spool: Spool, scheduler: mpsc::Sender<Queued>) {
     });
     let mut tick = tokio::time::interval(lease / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is at once: the start has just claimed what had expired (`Spool::list`).
+    tick.tick().await;
     loop {
         tick.tick().await;
         let (store, spool) = (store.clone(), spool.clone());

@@ -62,33 +62,27 @@ impl SpoolError {
     }
 }
 
-struct CommitRequest {
-    item: Item,
+/// What a session hands the committer, and where it hears how the commit went.
+struct CommitRequest<T> {
+    item: T,
     done: oneshot::Sender<Result<(), SpoolError>>,
 }
 
-/// What a session hands the committer.
-enum Item {
-    /// Written to `tmp/`, to be flushed and renamed into `queue/`.
-    File {
-        file: File,
-        tmp_path: PathBuf,
-        final_path: PathBuf,
-    },
-    /// A row to insert.
-    Row(QueueRow),
-}
+/// The committer thread of one kind of spool: files to flush and rename, or rows to insert.
+type Committer<T> = std_mpsc::Sender<CommitRequest<T>>;
 
 /// Where the spool keeps its messages.
 enum Backing {
     Files {
         tmp_dir: PathBuf,
         queue_dir: PathBuf,
+        committer: Committer<Written>,
     },
     Database {
         store: Arc<PgStore>,
         lease: Duration,
         hold: Hold,
+        committer: Committer<QueueRow>,
     },
 }
 
@@ -103,7 +97,6 @@ struct SpoolInner {
     /// Shared queue: messages this node holds but could not read (the database was down), for
     /// the lease keeper to read again.
     deferred: std::sync::Mutex<Vec<QueueId>>,
-    committer: std_mpsc::Sender<CommitRequest>,
     sequence: AtomicU64,
     /// Random per process: ids stay unique when the clock steps back across a restart.
     instance: u32,
@@ -131,31 +124,37 @@ impl Spool {
         for entry in fs::read_dir(&tmp_dir)? {
             let _ = fs::remove_file(entry?.path());
         }
-        Spool::start(Backing::Files { tmp_dir, queue_dir })
+        let committer = {
+            let queue_dir = queue_dir.clone();
+            spawn_committer(move |batch| commit_files(batch, &queue_dir))?
+        };
+        Spool::start(Backing::Files {
+            tmp_dir,
+            queue_dir,
+            committer,
+        })
     }
 
     /// The queue shared by every node through the database: messages this node stores are
     /// leased to it for `lease` at a time.
     pub fn shared(store: Arc<PgStore>, lease: Duration) -> io::Result<Spool> {
+        let committer = {
+            let store = store.clone();
+            spawn_committer(move |batch| commit_rows(batch, &store, lease))?
+        };
         Spool::start(Backing::Database {
             store,
             lease,
             hold: Hold::leased(lease),
+            committer,
         })
     }
 
     fn start(backing: Backing) -> io::Result<Spool> {
-        let backing = Arc::new(backing);
-        let (tx, rx) = std_mpsc::channel();
-        let committing = backing.clone();
-        std::thread::Builder::new()
-            .name("spool-commit".into())
-            .spawn(move || run_committer(rx, &committing))?;
         Ok(Spool {
             inner: Arc::new(SpoolInner {
-                backing,
+                backing: Arc::new(backing),
                 deferred: Default::default(),
-                committer: tx,
                 sequence: AtomicU64::new(0),
                 instance: random_u32()?,
             }),
@@ -221,8 +220,13 @@ impl Spool {
         envelope: &Envelope,
         message: Arc<Vec<u8>>,
     ) -> Result<(), SpoolError> {
-        let item = match &*self.inner.backing {
-            Backing::Files { tmp_dir, queue_dir } => {
+        let (done, wait) = oneshot::channel();
+        let sent = match &*self.inner.backing {
+            Backing::Files {
+                tmp_dir,
+                queue_dir,
+                committer,
+            } => {
                 let mut header = Vec::with_capacity(512);
                 header.extend_from_slice(MAGIC);
                 serde_json::to_writer(&mut header, envelope).map_err(io::Error::other)?;
@@ -248,22 +252,18 @@ impl Spool {
                 })
                 .await
                 .map_err(|_| SpoolError::Stopped)??;
-                Item::File {
-                    file,
-                    tmp_path,
-                    final_path,
-                }
+                let item = (file, tmp_path, final_path);
+                committer.send(CommitRequest { item, done }).is_ok()
             }
-            Backing::Database { .. } => {
+            Backing::Database { committer, .. } => {
                 let json = serde_json::to_string(envelope).map_err(io::Error::other)?;
-                Item::Row((envelope.id.clone(), json, message))
+                let item = (envelope.id.clone(), json, message);
+                committer.send(CommitRequest { item, done }).is_ok()
             }
         };
-        let (done, wait) = oneshot::channel();
-        self.inner
-            .committer
-            .send(CommitRequest { item, done })
-            .map_err(|_| SpoolError::Stopped)?;
+        if !sent {
+            return Err(SpoolError::Stopped);
+        }
         wait.await.map_err(|_| SpoolError::Stopped)?
     }
 
@@ -353,34 +353,35 @@ impl Spool {
     }
 }
 
-fn run_committer(rx: std_mpsc::Receiver<CommitRequest>, backing: &Backing) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
+/// Starts a committer thread: it takes what sessions hand it in batches (as many as are
+/// waiting, up to `MAX_BATCH`) and commits each batch at once (group commit: one flush for
+/// many sessions).
+fn spawn_committer<T: Send + 'static>(
+    commit: impl Fn(Vec<CommitRequest<T>>) + Send + 'static,
+) -> io::Result<Committer<T>> {
+    let (tx, rx) = std_mpsc::channel::<CommitRequest<T>>();
+    std::thread::Builder::new()
+        .name("spool-commit".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
+                }
+                commit(batch);
             }
-        }
-        match backing {
-            Backing::Files { queue_dir, .. } => commit_files(batch, queue_dir),
-            Backing::Database { store, lease, .. } => commit_rows(batch, store, *lease),
-        }
-    }
+        })?;
+    Ok(tx)
 }
 
 /// Flushes and renames a batch into `queue/`, and tells each session how it went.
-fn commit_files(batch: Vec<CommitRequest>, queue_dir: &Path) {
+fn commit_files(batch: Vec<CommitRequest<Written>>, queue_dir: &Path) {
     let (files, rest): (Vec<_>, Vec<_>) = batch
         .into_iter()
-        .map(|request| match request.item {
-            Item::File {
-                file,
-                tmp_path,
-                final_path,
-            } => ((file, tmp_path, final_path), request.done),
-            Item::Row(_) => unreachable!("a file spool is handed files"),
-        })
+        .map(|request| (request.item, request.done))
         .unzip();
     let result = commit_batch(&files, queue_dir);
     for (n, ((_, tmp_path, final_path), done)) in files.iter().zip(rest).enumerate() {
@@ -405,13 +406,10 @@ fn commit_files(batch: Vec<CommitRequest>, queue_dir: &Path) {
 
 /// Inserts a batch in one transaction, and tells each session how it went: nothing of a batch
 /// whose commit failed is in the queue, so every session answers 451 and its client retries.
-fn commit_rows(batch: Vec<CommitRequest>, store: &PgStore, lease: Duration) {
+fn commit_rows(batch: Vec<CommitRequest<QueueRow>>, store: &PgStore, lease: Duration) {
     let (rows, dones): (Vec<QueueRow>, Vec<_>) = batch
         .into_iter()
-        .map(|request| match request.item {
-            Item::Row(row) => (row, request.done),
-            Item::File { .. } => unreachable!("a database spool is handed rows"),
-        })
+        .map(|request| (request.item, request.done))
         .unzip();
     let result = store.queue_insert(&rows, lease);
     for done in dones {
@@ -424,6 +422,8 @@ fn commit_rows(batch: Vec<CommitRequest>, store: &PgStore, lease: Duration) {
     }
 }
 
+/// A message written to `tmp/`, to be flushed and renamed into `queue/`: the file, its
+/// path there and its final path.
 type Written = (File, PathBuf, PathBuf);
 
 /// Flushes and renames a batch into `queue/`. On failure: how many were renamed, and why.

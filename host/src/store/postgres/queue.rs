@@ -41,20 +41,26 @@ impl PgStore {
         })
     }
 
+    /// One row of a message this node holds, read with `columns`; None when it is not (or no
+    /// longer) this node's.
+    fn held_row(&self, id: &str, columns: &str) -> Result<Option<tokio_postgres::Row>> {
+        self.block(async {
+            let c = self.client().await?;
+            c.query_opt(
+                &format!("SELECT {columns} FROM queue WHERE id = $1 AND lease_owner = $2"),
+                &[&id, &self.node],
+            )
+            .await
+            .map_err(db)
+        })
+    }
+
     /// A message this node holds: envelope (JSON) and bytes; None when it is not (or no longer)
     /// this node's.
     pub fn queue_read(&self, id: &str) -> Result<Option<(String, Vec<u8>)>> {
-        self.block(async {
-            let c = self.client().await?;
-            let row = c
-                .query_opt(
-                    "SELECT envelope, message FROM queue WHERE id = $1 AND lease_owner = $2",
-                    &[&id, &self.node],
-                )
-                .await
-                .map_err(db)?;
-            Ok(row.map(|r| (r.get(0), r.get(1))))
-        })
+        Ok(self
+            .held_row(id, "envelope, message")?
+            .map(|r| (r.get(0), r.get(1))))
     }
 
     /// Removes delivered messages this node holds.
@@ -73,17 +79,7 @@ impl PgStore {
 
     /// The per-recipient delivery state (JSON) of a message this node holds, if one was saved.
     pub fn queue_state(&self, id: &str) -> Result<Option<String>> {
-        self.block(async {
-            let c = self.client().await?;
-            let row = c
-                .query_opt(
-                    "SELECT state FROM queue WHERE id = $1 AND lease_owner = $2",
-                    &[&id, &self.node],
-                )
-                .await
-                .map_err(db)?;
-            Ok(row.and_then(|r| r.get(0)))
-        })
+        Ok(self.held_row(id, "state")?.and_then(|r| r.get(0)))
     }
 
     /// Replaces the delivery state of a message this node holds. False when it holds it no
