@@ -167,7 +167,7 @@ def check(calls, data_dir, ports):
             continue
         if c.name in ("fsync", "fdatasync"):
             # Any directory counts, the data directory's parent too (it gained the data dir).
-            syncs.setdefault(c.fd_path(), []).append((c.start, c.end))
+            syncs.setdefault(c.fd_path(), []).append((c.start, c.end, c.pid))
         elif c.name in ("rename", "renameat", "renameat2", "link", "linkat"):
             paths = c.path_args()
             if len(paths) >= 2 and ours(paths[-1]):
@@ -196,8 +196,13 @@ def check(calls, data_dir, ports):
             elif port == ports["pop3"] and text.startswith("+OK"):
                 acks.append((c, "POP3 " + text.strip()[:60]))
 
-    def synced(path, after, before):
-        return any(s >= after and e <= before for s, e in syncs.get(path, []))
+    def synced(path, change, before):
+        # A flush counts when it began after the change returned. A later call of the same
+        # thread did, whatever the timestamps say: strace's end time (start + -T) can run a
+        # few microseconds past the next call's start under load.
+        def after(s, pid):
+            return s >= change.end or (pid == change.pid and s > change.start)
+        return any(after(s, pid) and e <= before for s, e, pid in syncs.get(path, []))
 
     violations = []
     # R1: each renamed file flushed after its last write and before the rename. Replayed in
@@ -225,15 +230,19 @@ def check(calls, data_dir, ports):
             directory = os.path.dirname(entry)
             if c.end > ack.start or c.end < previous or exempt(entry):
                 continue
-            if not synced(directory, c.end, ack.start):
-                violations.append(f"R2 answered '{what}' before flushing {directory} after {how}")
+            if not synced(directory, c, ack.start):
+                flushes = [(f"{s:.6f}", pid) for s, _, pid in syncs.get(directory, [])][:6]
+                violations.append(
+                    f"R2 answered '{what}' before flushing {directory} after {how} "
+                    f"(change {c.start:.6f}-{c.end:.6f} in {c.pid}, answer {ack.start:.6f}; "
+                    f"flushes of it: {flushes})")
         previous = ack.start
     # R3: Maildir copies of a spooled message durable before it leaves the spool.
     for unlink, queue_id in unspools:
         for c, src, dst in renames:
             if f"Q{queue_id}_" not in os.path.basename(dst) or c.end > unlink.start:
                 continue
-            if not synced(os.path.dirname(dst), c.end, unlink.start):
+            if not synced(os.path.dirname(dst), c, unlink.start):
                 violations.append(f"R3 {queue_id} unspooled before {os.path.dirname(dst)} was flushed")
     return violations, acks, changes, renames, unspools
 

@@ -4,23 +4,37 @@
 //! `postern-spam-model 1 <spam messages> <ham messages>` and one line per token
 //! `<token> <spam count> <ham count>`.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 
 /// Tokens: lower-cased words of 3 to 24 letters or digits from the text, plus `subject:` tokens.
 pub fn tokens(subject: &str, body: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for (prefix, text) in [("subject:", subject), ("", body)] {
-        for word in text.split(|c: char| !c.is_alphanumeric() && c != '$' && c != '\'') {
-            let word = word.trim_matches('\'').to_lowercase();
-            let len = word.chars().count();
-            if (3..=24).contains(&len) && !word.chars().all(|c| c.is_ascii_digit()) {
-                out.push(format!("{prefix}{word}"));
-            }
-        }
-    }
+    let mut out: Vec<String> = words(subject)
+        .map(|w| format!("subject:{w}"))
+        .chain(words(body).map(Cow::into_owned))
+        .collect();
     out.sort();
     out.dedup();
     out
+}
+
+/// The words of a text as tokens: lower-cased, 3 to 24 characters, not all digits. A word
+/// already in lower case is borrowed, so a large text costs few allocations.
+fn words(text: &str) -> impl Iterator<Item = Cow<'_, str>> {
+    text.split(|c: char| !c.is_alphanumeric() && c != '$' && c != '\'')
+        .filter_map(|word| {
+            let word = word.trim_matches('\'');
+            if word.is_empty() || word.len() > 24 * 4 {
+                return None;
+            }
+            let word = if word.chars().any(char::is_uppercase) {
+                Cow::Owned(word.to_lowercase())
+            } else {
+                Cow::Borrowed(word)
+            };
+            let len = word.chars().count();
+            ((3..=24).contains(&len) && !word.bytes().all(|b| b.is_ascii_digit())).then_some(word)
+        })
 }
 
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -91,8 +105,14 @@ impl Model {
             return 0.5;
         }
         // Robinson: f(w) = (s * x + n * p(w)) / (s + n), strength s = 1, prior x = 0.5.
-        let mut probs: Vec<f64> = tokens(subject, body)
+        // Each distinct token once; body tokens are looked up as borrowed slices.
+        let subject_tokens: HashSet<String> =
+            words(subject).map(|w| format!("subject:{w}")).collect();
+        let body_tokens: HashSet<Cow<'_, str>> = words(body).collect();
+        let mut probs: Vec<f64> = subject_tokens
             .iter()
+            .map(String::as_str)
+            .chain(body_tokens.iter().map(|t| t.as_ref()))
             .filter_map(|t| self.counts.get(t))
             .map(|&(s, h)| {
                 let spam_freq = s as f64 / self.spam_messages as f64;
@@ -105,7 +125,14 @@ impl Model {
         if probs.is_empty() {
             return 0.5;
         }
-        probs.sort_by(|a, b| (b - 0.5).abs().total_cmp(&(a - 0.5).abs()));
+        // The most telling first; equally telling ones by value, so the pick does not depend
+        // on the order tokens were seen in.
+        probs.sort_by(|a, b| {
+            (b - 0.5)
+                .abs()
+                .total_cmp(&(a - 0.5).abs())
+                .then(a.total_cmp(b))
+        });
         probs.truncate(15);
         let (log_spam, log_ham) = probs
             .iter()

@@ -56,6 +56,17 @@ fn model() -> Option<&'static Model> {
         .as_ref()
 }
 
+/// The rules, parsed once per instance (the configuration does not change under one).
+fn rules() -> &'static [Rule] {
+    static RULES: OnceLock<Vec<Rule>> = OnceLock::new();
+    RULES.get_or_init(|| {
+        config_list("rules")
+            .iter()
+            .filter_map(|r| parse_rule(r))
+            .collect()
+    })
+}
+
 impl exports::postern::plugin::data::Guest for SpamFilter {
     fn on_data(session: Session, envelope: Envelope, message: &Message) -> DataVerdict {
         let subject = message.header("subject").join(" ");
@@ -73,16 +84,13 @@ impl exports::postern::plugin::data::Guest for SpamFilter {
             text.push_str(&part[..cut]);
             text.push('\n');
         }
-        let rules: Vec<Rule> = config_list("rules")
-            .iter()
-            .filter_map(|r| parse_rule(r))
-            .collect();
+        let rules = rules();
         let headers = |name: &str| message.header(name);
         let (mut total, mut tests) = score(
             &subject,
             &headers,
             &text,
-            &rules,
+            rules,
             model(),
             config_or("bayes_weight", 5.0),
         );
