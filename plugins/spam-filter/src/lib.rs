@@ -22,7 +22,7 @@ use postern_plugin_sdk::types::{
     DataDecision, DataVerdict, Envelope, HeaderField, Message, Modification, Session,
 };
 use postern_plugin_sdk::{config, config_list, config_or, debug, dns, dnsbl_name, reply};
-use spam_classifier::classifier::Model;
+use spam_classifier::classifier::{Model, Scorer};
 use spam_classifier::{parse_rule, score, Rule};
 
 wit_bindgen::generate!({
@@ -49,10 +49,15 @@ const MAX_TEXT: usize = 50_000;
 
 struct SpamFilter;
 
-fn model() -> Option<&'static Model> {
-    static MODEL: OnceLock<Option<Model>> = OnceLock::new();
+/// The classifier, read and made ready once per instance.
+fn model() -> Option<&'static Scorer> {
+    static MODEL: OnceLock<Option<Scorer>> = OnceLock::new();
     MODEL
-        .get_or_init(|| config::get("model").and_then(|text| Model::parse(&text)))
+        .get_or_init(|| {
+            config::get("model")
+                .and_then(|text| Model::parse(&text))
+                .map(|model| model.scorer())
+        })
         .as_ref()
 }
 
