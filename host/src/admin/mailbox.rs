@@ -404,7 +404,7 @@ fn each_maildir(dir: &Path, skipped: &mut Vec<String>, f: &mut Each<'_>) -> Resu
             }
         };
         f(FileMessage {
-            bytes: to_crlf(&bytes),
+            bytes: crlf(&bytes),
             flags: maildir_flags(name),
             received_at,
         })?;
@@ -500,7 +500,7 @@ fn mbox_message(received_at: i64, mut body: Vec<u8>) -> FileMessage {
         body.pop();
     }
     FileMessage {
-        bytes: to_crlf(&body),
+        bytes: crlf(&body),
         flags: Flags::empty(),
         received_at,
     }
@@ -520,18 +520,9 @@ fn from_line_date(line: &[u8]) -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-/// Bare LF to CRLF (a CRLF stays as it is).
-fn to_crlf(bytes: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 32);
-    let mut previous = 0u8;
-    for &b in bytes {
-        if b == b'\n' && previous != b'\r' {
-            out.push(b'\r');
-        }
-        out.push(b);
-        previous = b;
-    }
-    out
+/// CRLF line ends, as the store takes messages (a bare LF or CR becomes CRLF).
+fn crlf(bytes: &[u8]) -> Vec<u8> {
+    crate::framing::crlf_line_ends(bytes).into_owned()
 }
 
 fn crlf_to_lf(bytes: &[u8]) -> Vec<u8> {
@@ -662,11 +653,11 @@ mod tests {
         .unwrap();
         assert_eq!(Source::Mbox(path.clone()).count().unwrap(), 2);
         assert_eq!(back.len(), 2);
-        assert_eq!(back[0].bytes, to_crlf(one));
+        assert_eq!(back[0].bytes, crlf(one));
         assert_eq!(back[0].received_at, 1_700_000_000);
         assert_eq!(
             back[1].bytes,
-            to_crlf(b"Subject: two\n\nno newline at the end\n")
+            crlf(b"Subject: two\n\nno newline at the end\n")
         );
         assert_eq!(back[1].received_at, 1_700_000_100);
     }
@@ -679,7 +670,7 @@ mod tests {
         );
         assert_eq!(maildir_flags("123.abc"), Flags::empty());
         assert_eq!(maildir_flags("x:2,TSRPFD").maildir_letters(), "DFPRST");
-        assert_eq!(to_crlf(b"a\nb\r\nc"), b"a\r\nb\r\nc");
+        assert_eq!(crlf(b"a\nb\r\nc"), b"a\r\nb\r\nc");
         assert_eq!(crlf_to_lf(b"a\r\nb\r\n"), b"a\nb\n");
     }
 }

@@ -2,6 +2,7 @@
 
 mod admin;
 mod mailbox;
+mod plugin_test;
 mod users;
 
 use std::path::PathBuf;
@@ -158,6 +159,9 @@ enum PluginCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Run a plugin's hooks offline on a message, as the server would call them, and print
+    /// each decision, edit and time; --expect lines make it a test (exit status 1 when unmet).
+    Test(plugin_test::PluginTest),
     /// Reload the plugins from the configuration file (as SIGHUP does) and print what came of
     /// each; exit status 1 when one failed to load (its previous version keeps running).
     Reload {
@@ -229,6 +233,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plugin { command } => match command {
             PluginCommand::List { target, json } => admin::plugin_list(&target, json),
             PluginCommand::Reload { target, json } => admin::plugin_reload(&target, json),
+            PluginCommand::Test(test) => plugin_test::run(test),
         },
         Command::Dkim {
             command:
