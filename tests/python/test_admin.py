@@ -161,6 +161,10 @@ def test_admin_api_over_https_with_a_bearer_token(tmp_path):
         assert code == 401
         code, answer = curl('{"command":"format-disk"}', *auth)
         assert code == 400 and "not a request" in answer["message"], answer
+        # Files on the server are the Unix socket's business.
+        code, answer = curl('{"command":"mailbox-export","user":"alice@example.test",'
+                            '"folder":"INBOX","format":"mbox","path":"/tmp/x.mbox"}', *auth)
+        assert code == 403 and "use the Unix socket" in answer["message"], answer
         assert "refused a request without the right token" in server.log_text()
     finally:
         server.stop()

@@ -2,7 +2,8 @@
 //! node from elsewhere: `POST /v1` with the same JSON request the Unix socket takes and
 //! `Authorization: Bearer TOKEN`; the answer is the same JSON (HTTP 200 when done, 422 when
 //! refused). TLS uses the server's own certificate (reloaded with it); the token is compared
-//! in constant time and every refusal is logged with the client's address.
+//! in constant time and every refusal is logged with the client's address. Mailbox import and
+//! export, which name files on the server, are only taken over the Unix socket.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -100,6 +101,17 @@ async fn answer(
         Ok(request) => request,
         Err(err) => return refusal(StatusCode::BAD_REQUEST, &format!("not a request: {err}")),
     };
+    // Paths name the server's own files: reading and writing them is for whoever can reach
+    // the Unix socket (the server's user), not for any holder of the token.
+    if matches!(
+        request,
+        Request::MailboxImport { .. } | Request::MailboxExport { .. }
+    ) {
+        return refusal(
+            StatusCode::FORBIDDEN,
+            "mailbox import and export read and write the server's files: use the Unix socket",
+        );
+    }
     info!(%peer, ?request, "admin request over HTTPS");
     // Progress lines have no place in one HTTP answer: only the result is sent.
     let (progress, _) = mpsc::unbounded_channel();
