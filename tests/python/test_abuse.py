@@ -717,3 +717,54 @@ def test_imap_extension_state_is_bounded(make_server):
     assert b"MESSAGES 1" in data[0], data
     m.logout()
     still_serves(server)
+
+
+def test_the_http_endpoints_bound_what_an_unknown_client_can_hold(make_server, tmp_path):
+    """/metrics and the HTTPS admin API before any token: a request head that never ends is
+    cut off, an admin request without the token gets 401 before its body is read (a huge
+    Content-Length changes nothing), and one with the token but an oversize body gets 413."""
+    token = "k" * 40
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+
+    def endpoints(text):
+        return text + ('\n[metrics]\naddress = "127.0.0.1:0"\n'
+                       f'\n[admin]\naddress = "127.0.0.1:0"\ntoken_file = "{token_file}"\n')
+
+    server = make_server(transform=endpoints)
+    # A head that never ends: closed within the 10 s allowed for it.
+    slow = socket.create_connection(("127.0.0.1", server.ports["metrics"]), timeout=20)
+    slow.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+    started = time.time()
+    rest = b""
+    while True:
+        chunk = slow.recv(4096)
+        if not chunk:
+            break
+        rest += chunk
+    assert time.time() - started < 15, "a slow head held the connection"
+    assert rest == b"" or b"408" in rest.split(b"\r\n")[0], rest
+    slow.close()
+
+    context = ssl.create_default_context(cafile=server.cert)
+    context.check_hostname = False
+
+    def admin(head, body=b""):
+        raw = socket.create_connection(("127.0.0.1", server.ports["admin"]), timeout=20)
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(head + body)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = tls.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+            return answer.split(b"\r\n")[0]
+
+    # 1 GB announced, nothing sent: refused at once on the missing token.
+    assert b" 401 " in admin(b"POST /v1 HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n")
+    big = b"x" * (70 * 1024)
+    status = admin(b"POST /v1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token.encode() +
+                   b"\r\nContent-Length: " + str(len(big)).encode() + b"\r\n\r\n", big)
+    assert b" 413 " in status, status
+    still_serves(server)
