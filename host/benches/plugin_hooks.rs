@@ -11,7 +11,13 @@ use std::time::{Duration, Instant};
 use postern::auth::UserDirectory;
 use postern::config::{Capability, Config, DnsConfig, OnError, PluginConfig, PluginsConfig};
 use postern::plugin::bindings::types;
-use postern::plugin::{PluginRuntime, PluginSession, SessionInfo, Stage};
+use postern::plugin::{Hook, PluginRuntime, PluginSession, SessionInfo, Stage};
+
+const RCPT: Hook = Hook::Rcpt {
+    sender: "s@remote.test",
+    recipient: "alice@example.test",
+    local: true,
+};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -155,16 +161,12 @@ async fn main() {
         assert!(report.failed.is_empty(), "{:?}", report.failed);
         let mut session = PluginSession::new(runtime.clone());
         let start = Instant::now();
-        session
-            .on_rcpt(&info, "s@remote.test", "alice@example.test", true)
-            .await;
+        session.decide(&info, RCPT).await;
         let first = start.elapsed();
         let mut times = Vec::with_capacity(subject.rcpt_calls);
         for _ in 0..subject.rcpt_calls {
             let t = Instant::now();
-            let verdict = session
-                .on_rcpt(&info, "s@remote.test", "alice@example.test", true)
-                .await;
+            let verdict = session.decide(&info, RCPT).await;
             times.push(t.elapsed());
             assert_eq!(verdict, postern::plugin::Verdict::Pass);
         }

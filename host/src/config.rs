@@ -145,7 +145,7 @@ fn default_lease_seconds() -> u64 {
     30
 }
 
-/// A mailbox backend: a component exporting `postern:plugin/mailbox` (`wit/mailbox.wit`).
+/// A mailbox backend: a component exporting `postern:plugin/mailbox` (`wit/deps/postern-plugin-0.1.0/mailbox.wit`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MailboxBackendConfig {

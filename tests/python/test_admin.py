@@ -82,7 +82,7 @@ def test_plugin_list_counts_calls_and_reload_reports_each_plugin(tmp_path):
                 s.sendmail("sender@remote.test", ["alice@example.test"], b"Subject: x\r\n\r\nx\r\n")
         [plugin] = cli_json(server, "plugin", "list")
         assert plugin["name"] == "hooks"
-        assert plugin["hooks"] == ["connect", "helo", "auth", "mail-from", "rcpt", "data",
+        assert plugin["hooks"] == ["connect", "helo", "auth", "login", "mail-from", "rcpt", "data",
                                    "deliver", "vrfy", "expn"]
         assert plugin["capabilities"] == ["config", "kv", "dns"]
         assert len(plugin["digest"]) == 64

@@ -45,7 +45,7 @@ def test_every_hook_in_order_and_refusals(tmp_path):
                       "--expect", "data: not reached")
     assert out.returncode == 0, out.stdout + out.stderr
     hooks = [line.split()[0] for line in out.stdout.splitlines()[:-1]]
-    assert hooks == ["connect", "helo", "mail-from", "rcpt", "rcpt", "data"], out.stdout
+    assert hooks == ["connect", "login", "helo", "mail-from", "rcpt", "rcpt", "data"], out.stdout
     # A file that is not a component, and a capability it does not get.
     bad = tmp_path / "bad.wasm"
     bad.write_bytes(b"not wasm")

@@ -541,6 +541,68 @@ async fn kv_capability_counts_across_sessions() {
 }
 
 #[tokio::test]
+async fn kv_0_2_0_answers_a_full_quota_with_an_error_instead_of_a_trap() {
+    // 1 MiB of quota holds fifteen 64 KiB values and their keys; the sixteenth is refused, and
+    // the plugin goes on to answer (a 0.1.0 kv would have trapped into the on-error policy).
+    let server = with_plugin(
+        "capabilities = [\"kv\", \"config\", \"dns\"]\nkv_quota_mb = 1",
+        &[("rcpt", "\"kv-fill\"")],
+    );
+    let mut c = greeted(&server).await;
+    c.expect("MAIL FROM:<s@remote.test>", 250).await.unwrap();
+    assert_eq!(
+        c.cmd("RCPT TO:<alice@example.test>").await.unwrap().1,
+        "550 5.7.1 kv: KvError::QuotaExceeded after 15\r\n"
+    );
+    assert!(!server.log().contains("plugin failed"));
+}
+
+#[tokio::test]
+async fn a_plugin_built_for_0_1_0_by_the_previous_release_runs_unchanged() {
+    let old = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/plugins-0.1.0/test_hooks.wasm");
+    let block = |config: &str| {
+        format!(
+            "{}\n[[plugin]]\nname = \"old\"\npath = {:?}\ncapabilities = [\"config\", \"kv\", \"dns\"]\n[plugin.config]\n{config}\n",
+            plugins_section(""),
+            old.display().to_string()
+        )
+    };
+    let stages = block("mail-from = \"reject:550:5.7.1:the old plugin says no\"");
+    let server = TestServer::start(move |c| c + &stages).unwrap();
+    let mut c = greeted(&server).await;
+    assert_eq!(
+        c.cmd("MAIL FROM:<a@remote.test>").await.unwrap(),
+        (550, "550 5.7.1 the old plugin says no\r\n".into())
+    );
+    drop(server);
+
+    // 0.1.0's kv, and a data hook reading the message through the 0.1.0 resource.
+    let counting = block("rcpt = \"kv-count\"");
+    let server = TestServer::start(move |c| c + &counting).unwrap();
+    for n in 1..=2 {
+        let mut c = greeted(&server).await;
+        c.expect("MAIL FROM:<s@remote.test>", 250).await.unwrap();
+        assert_eq!(
+            c.cmd("RCPT TO:<alice@example.test>").await.unwrap().1,
+            format!("550 5.7.1 call {n}\r\n")
+        );
+    }
+    drop(server);
+    let echo = block("data = \"echo-subject\"");
+    let server = TestServer::start(move |c| c + &echo).unwrap();
+    let mut c = greeted(&server).await;
+    c.expect("MAIL FROM:<a@remote.test>", 250).await.unwrap();
+    c.expect("RCPT TO:<alice@example.test>", 250).await.unwrap();
+    let (code, text) = c.data(&message("Old times")).await.unwrap();
+    assert_eq!(code, 550);
+    assert!(
+        text.starts_with("550 5.7.1 subject was Old times"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
 async fn hot_reload_swaps_plugins_without_failing_a_transaction() {
     let temp = tempfile::tempdir().unwrap();
     // The plugin file is replaced while mail flows: first its settings change (version 1 → 2),

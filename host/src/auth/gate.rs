@@ -16,6 +16,8 @@
 //!   pay argon2 again. Only successes are kept, by a keyed hash of login and password, and only
 //!   while the user's stored hash is the one they were verified against; failures always pay
 //!   the full check and count against the client.
+//! - Plugins exporting `login` (WIT 0.2.0) see every login that passed, whatever the protocol,
+//!   and may still refuse it: one place, so no protocol can forget to ask them.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -26,6 +28,27 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::{AuthUser, Secret, UserDirectory};
+use crate::plugin::{Hook, LoginProtocol, PluginRuntime, PluginSession, SessionInfo, Verdict};
+use crate::smtp::reply::Reply;
+
+/// Who is logging in: what the login hook is told.
+pub struct Attempt<'a> {
+    pub protocol: LoginProtocol,
+    /// The SASL mechanism, or the command (`LOGIN`, `USER`, `APOP`).
+    pub mechanism: &'a str,
+    pub ip: IpAddr,
+    pub session: SessionInfo,
+}
+
+impl Attempt<'_> {
+    fn protocol_name(&self) -> &'static str {
+        match self.protocol {
+            LoginProtocol::Smtp => "smtp",
+            LoginProtocol::Imap => "imap",
+            LoginProtocol::Pop3 => "pop3",
+        }
+    }
+}
 
 /// What a client offers to prove who it is.
 pub enum Credentials {
@@ -50,6 +73,12 @@ pub enum LoginVerdict {
     Refused,
     /// The client's address used up its failures for the window: nothing was checked.
     Throttled,
+    /// The credentials were right, but a login plugin refused: this reply (4xx or 5xx, in SMTP
+    /// terms), and the connection closes when `disconnect`.
+    Vetoed {
+        reply: Reply,
+        disconnect: bool,
+    },
 }
 
 pub struct LoginGate {
@@ -57,6 +86,8 @@ pub struct LoginGate {
     throttle: AuthThrottle,
     checkers: PasswordPool,
     verified: CredentialCache,
+    /// Set once at start when plugins are configured.
+    plugins: std::sync::OnceLock<Arc<PluginRuntime>>,
 }
 
 impl LoginGate {
@@ -67,7 +98,13 @@ impl LoginGate {
             throttle: AuthThrottle::new(max_failures, window),
             checkers: PasswordPool::new(threads),
             verified: CredentialCache::new(CACHE_TTL, CACHE_CAPACITY),
+            plugins: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Lets plugins exporting `login` see (and refuse) the logins that pass.
+    pub fn consult_plugins(&self, plugins: Arc<PluginRuntime>) {
+        let _ = self.plugins.set(plugins);
     }
 
     /// True when the client may try now (protocols that must say so before the exchange).
@@ -75,14 +112,11 @@ impl LoginGate {
         self.throttle.allows(ip)
     }
 
-    /// Checks credentials for a client, counting the outcome against its address.
-    /// `protocol` names the caller in the metrics.
-    pub async fn check(
-        &self,
-        protocol: &'static str,
-        ip: IpAddr,
-        credentials: Credentials,
-    ) -> LoginVerdict {
+    /// Checks credentials for a client, counting the outcome against its address, and lets the
+    /// login plugins have their say on a success.
+    pub async fn check(&self, attempt: &Attempt<'_>, credentials: Credentials) -> LoginVerdict {
+        let protocol = attempt.protocol_name();
+        let ip = attempt.ip;
         let count = |result| {
             crate::telemetry::metrics::get()
                 .logins
@@ -121,7 +155,12 @@ impl LoginGate {
         };
         match user {
             Some(user) => {
+                // The password was right: a plugin's refusal is not a failure to count.
                 ticket.finish(false);
+                if let Some(verdict) = self.ask_plugins(attempt, &user).await {
+                    count("vetoed");
+                    return verdict;
+                }
                 count("accepted");
                 LoginVerdict::Accepted(user)
             }
@@ -129,6 +168,40 @@ impl LoginGate {
                 ticket.finish(true);
                 count("refused");
                 LoginVerdict::Refused
+            }
+        }
+    }
+}
+
+impl LoginGate {
+    /// The login hook's refusal, if a plugin refuses. The hook runs in an instance of its own
+    /// (a login is one call; POP3 and IMAP sessions have no plugin session).
+    async fn ask_plugins(&self, attempt: &Attempt<'_>, user: &AuthUser) -> Option<LoginVerdict> {
+        let runtime = self.plugins.get()?;
+        if !runtime.current().has(crate::plugin::Stage::Login) {
+            return None;
+        }
+        let mut plugins = PluginSession::new(runtime.clone());
+        let hook = Hook::Login {
+            protocol: attempt.protocol,
+            mechanism: attempt.mechanism,
+            user: &user.0,
+        };
+        match plugins.decide(&attempt.session, hook).await {
+            Verdict::Pass => None,
+            Verdict::Refuse(reply) => {
+                tracing::info!(user = %user.0, code = reply.code, "login refused by plugin");
+                Some(LoginVerdict::Vetoed {
+                    reply,
+                    disconnect: false,
+                })
+            }
+            Verdict::Disconnect(reply) => {
+                tracing::info!(user = %user.0, code = reply.code, "login refused by plugin, disconnecting");
+                Some(LoginVerdict::Vetoed {
+                    reply,
+                    disconnect: true,
+                })
             }
         }
     }

@@ -7,7 +7,7 @@
 pub mod directory;
 pub mod gate;
 
-pub use gate::{Credentials, LoginGate, LoginVerdict};
+pub use gate::{Attempt, Credentials, LoginGate, LoginVerdict};
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;

@@ -16,7 +16,9 @@ use crate::auth::UserDirectory;
 use crate::config::{Capability, Config, DnsConfig, OnError, PluginConfig, PluginsConfig};
 use crate::message::Edit;
 use crate::plugin::bindings::types;
-use crate::plugin::{DataOutcome, PluginRuntime, PluginSession, SessionInfo, Stage, Verdict};
+use crate::plugin::{
+    DataOutcome, Hook, LoginProtocol, PluginRuntime, PluginSession, SessionInfo, Stage, Verdict,
+};
 
 #[derive(Args)]
 pub struct PluginTest {
@@ -40,6 +42,9 @@ pub struct PluginTest {
     helo: String,
     #[arg(long, default_value = "192.0.2.1")]
     ip: String,
+    /// The user a login hook sees log in (over IMAP, with LOGIN), before the SMTP stages.
+    #[arg(long, default_value = "alice@example.test")]
+    user: String,
     /// `HOOK: OUTCOME`, met when a line printed for that hook starts with it, for example
     /// `rcpt: refuse 550 5.7.1`, `data: quarantine`, `data: pass`, `data: +X-Spam-Score`.
     #[arg(long = "expect", value_name = "LINE")]
@@ -213,20 +218,36 @@ async fn run_async(test: PluginTest) -> anyhow::Result<()> {
     let exported = |stage: Stage| set.has(stage);
     if exported(Stage::Connect) {
         let started = Instant::now();
-        let v = session.on_connect(&info).await;
+        let v = session.decide(&info, Hook::Connect).await;
         say("connect", verdict(&v), Some(started.elapsed()));
+    }
+    if exported(Stage::Login) {
+        let started = Instant::now();
+        let hook = Hook::Login {
+            protocol: LoginProtocol::Imap,
+            mechanism: "LOGIN",
+            user: &test.user,
+        };
+        let v = session.decide(&info, hook).await;
+        say("login", verdict(&v), Some(started.elapsed()));
     }
     info.helo = Some(test.helo.clone());
     if exported(Stage::Helo) {
         let started = Instant::now();
-        let v = session.on_helo(&info, &test.helo, true).await;
+        let hook = Hook::Helo {
+            name: &test.helo,
+            extended: true,
+        };
+        let v = session.decide(&info, hook).await;
         say("helo", verdict(&v), Some(started.elapsed()));
     }
     if exported(Stage::MailFrom) {
         let started = Instant::now();
-        let v = session
-            .on_mail_from(&info, &test.from, message.len() as u64)
-            .await;
+        let hook = Hook::MailFrom {
+            sender: &test.from,
+            size: message.len() as u64,
+        };
+        let v = session.decide(&info, hook).await;
         say("mail-from", verdict(&v), Some(started.elapsed()));
     }
     let mut accepted = Vec::new();
@@ -237,7 +258,12 @@ async fn run_async(test: PluginTest) -> anyhow::Result<()> {
         }
         let local = rcpt.ends_with("@example.test") || rcpt.ends_with("@localhost");
         let started = Instant::now();
-        let v = session.on_rcpt(&info, &test.from, rcpt, local).await;
+        let hook = Hook::Rcpt {
+            sender: &test.from,
+            recipient: rcpt,
+            local,
+        };
+        let v = session.decide(&info, hook).await;
         say(
             "rcpt",
             format!("{} <{rcpt}>", verdict(&v)),

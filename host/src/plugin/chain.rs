@@ -8,10 +8,11 @@
 
 use std::sync::Arc;
 
-use wasmtime::component::{Instance, Resource};
+use wasmtime::component::Resource;
 use wasmtime::Store;
 
-use super::bindings::{hooks, types};
+use super::bindings::types;
+use super::hooks::Guests;
 use super::host::{MessageView, PluginState};
 use super::registry::{LoadedPlugin, PluginRuntime, PluginSet, Stage};
 use super::{PluginError, DEADLINE_PASSED};
@@ -64,81 +65,23 @@ pub enum Lookup {
 /// is the only copy made.
 pub type SessionInfo = types::Session;
 
+/// What a session of any protocol tells plugins before HELO and login.
+pub fn session_info(id: u64, listener: &str, peer: std::net::SocketAddr, tls: bool) -> SessionInfo {
+    SessionInfo {
+        id,
+        listener: listener.to_string(),
+        peer_ip: peer.ip().to_string(),
+        peer_port: peer.port(),
+        tls,
+        helo: None,
+        user: None,
+    }
+}
+
 struct Live {
     store: Store<PluginState>,
     /// The hooks' exported functions, looked up once per instance.
     guests: Guests,
-}
-
-/// An instance's loaded hook exports (None for hooks it does not export).
-#[derive(Default)]
-struct Guests {
-    connect: Option<hooks::connect::Guest>,
-    helo: Option<hooks::helo::Guest>,
-    auth: Option<hooks::auth::Guest>,
-    mail_from: Option<hooks::mail_from::Guest>,
-    rcpt: Option<hooks::rcpt::Guest>,
-    data: Option<hooks::data::Guest>,
-    deliver: Option<hooks::deliver::Guest>,
-    vrfy: Option<hooks::vrfy::Guest>,
-    expn: Option<hooks::expn::Guest>,
-}
-
-impl Guests {
-    fn load(
-        plugin: &LoadedPlugin,
-        store: &mut Store<PluginState>,
-        instance: &Instance,
-    ) -> wasmtime::Result<Guests> {
-        let h = &plugin.hooks;
-        Ok(Guests {
-            connect: h
-                .connect
-                .as_ref()
-                .map(|i| i.load(&mut *store, instance))
-                .transpose()?,
-            helo: h
-                .helo
-                .as_ref()
-                .map(|i| i.load(&mut *store, instance))
-                .transpose()?,
-            auth: h
-                .auth
-                .as_ref()
-                .map(|i| i.load(&mut *store, instance))
-                .transpose()?,
-            mail_from: h
-                .mail_from
-                .as_ref()
-                .map(|i| i.load(&mut *store, instance))
-                .transpose()?,
-            rcpt: h
-                .rcpt
-                .as_ref()
-                .map(|i| i.load(&mut *store, instance))
-                .transpose()?,
-            data: h
-                .data
-                .as_ref()
-                .map(|i| i.load(&mut *store, instance))
-                .transpose()?,
-            deliver: h
-                .deliver
-                .as_ref()
-                .map(|i| i.load(&mut *store, instance))
-                .transpose()?,
-            vrfy: h
-                .vrfy
-                .as_ref()
-                .map(|i| i.load(&mut *store, instance))
-                .transpose()?,
-            expn: h
-                .expn
-                .as_ref()
-                .map(|i| i.load(&mut *store, instance))
-                .transpose()?,
-        })
-    }
 }
 
 /// One session's view of the plugins: a snapshot and the live instances made from it.
@@ -148,12 +91,56 @@ pub struct PluginSession {
     live: Vec<Option<Live>>,
 }
 
+/// The arguments of a hook that answers with a decision (or, VRFY and EXPN, a lookup answer):
+/// every hook of a session but data and deliver, which are given the message.
+#[derive(Debug, Clone, Copy)]
+pub enum Hook<'a> {
+    Connect,
+    Helo {
+        name: &'a str,
+        extended: bool,
+    },
+    Auth {
+        mechanism: &'a str,
+        user: &'a str,
+    },
+    Login {
+        protocol: LoginProtocol,
+        mechanism: &'a str,
+        user: &'a str,
+    },
+    MailFrom {
+        sender: &'a str,
+        size: u64,
+    },
+    Rcpt {
+        sender: &'a str,
+        recipient: &'a str,
+        local: bool,
+    },
+    Vrfy(&'a str),
+    Expn(&'a str),
+}
+
+pub use super::bindings::hooks::login::Protocol as LoginProtocol;
+
+impl Hook<'_> {
+    pub fn stage(&self) -> Stage {
+        match self {
+            Hook::Connect => Stage::Connect,
+            Hook::Helo { .. } => Stage::Helo,
+            Hook::Auth { .. } => Stage::Auth,
+            Hook::Login { .. } => Stage::Login,
+            Hook::MailFrom { .. } => Stage::MailFrom,
+            Hook::Rcpt { .. } => Stage::Rcpt,
+            Hook::Vrfy(_) => Stage::Vrfy,
+            Hook::Expn(_) => Stage::Expn,
+        }
+    }
+}
+
 enum Call<'a> {
-    Connect(&'a SessionInfo),
-    Helo(&'a SessionInfo, &'a str, bool),
-    Auth(&'a SessionInfo, &'a str, &'a str),
-    MailFrom(&'a SessionInfo, &'a str, u64),
-    Rcpt(&'a SessionInfo, &'a str, &'a str, bool),
+    Session(&'a SessionInfo, Hook<'a>),
     Data(
         &'a SessionInfo,
         &'a types::Envelope,
@@ -165,22 +152,14 @@ enum Call<'a> {
         &'a types::DeliveryTarget,
         &'a Arc<Vec<u8>>,
     ),
-    Vrfy(&'a SessionInfo, &'a str),
-    Expn(&'a SessionInfo, &'a str),
 }
 
 impl Call<'_> {
     fn stage(&self) -> Stage {
         match self {
-            Call::Connect(..) => Stage::Connect,
-            Call::Helo(..) => Stage::Helo,
-            Call::Auth(..) => Stage::Auth,
-            Call::MailFrom(..) => Stage::MailFrom,
-            Call::Rcpt(..) => Stage::Rcpt,
+            Call::Session(_, hook) => hook.stage(),
             Call::Data(..) => Stage::Data,
             Call::Deliver(..) => Stage::Deliver,
-            Call::Vrfy(..) => Stage::Vrfy,
-            Call::Expn(..) => Stage::Expn,
         }
     }
 }
@@ -235,7 +214,7 @@ impl PluginSession {
                 .instantiate_async(&mut store)
                 .await
                 .map_err(|e| PluginError::from_wasm(&plugin.meta.name, &e))?;
-            let guests = Guests::load(plugin, &mut store, &instance)
+            let guests = Guests::load(&plugin.hooks, &mut store, &instance)
                 .map_err(|e| PluginError::from_wasm(&plugin.meta.name, &e))?;
             self.live[index] = Some(Live { store, guests });
         }
@@ -313,9 +292,9 @@ impl PluginSession {
         &self.set.plugins[index]
     }
 
-    /// The verdict for a decision-returning stage.
-    async fn decide(&mut self, call: Call<'_>) -> Verdict {
-        let answers = self.run(call).await;
+    /// The verdict of a decision stage (every hook but data, deliver, VRFY and EXPN).
+    pub async fn decide(&mut self, session: &SessionInfo, hook: Hook<'_>) -> Verdict {
+        let answers = self.run(Call::Session(session, hook)).await;
         let Some((index, last)) = answers.into_iter().last() else {
             return Verdict::Pass;
         };
@@ -334,32 +313,6 @@ impl PluginSession {
             Ok(_) => Verdict::Pass,
             Err(_) => on_error_verdict(self.plugin(index).on_error),
         }
-    }
-
-    pub async fn on_connect(&mut self, s: &SessionInfo) -> Verdict {
-        self.decide(Call::Connect(s)).await
-    }
-
-    pub async fn on_helo(&mut self, s: &SessionInfo, name: &str, extended: bool) -> Verdict {
-        self.decide(Call::Helo(s, name, extended)).await
-    }
-
-    pub async fn on_auth(&mut self, s: &SessionInfo, mechanism: &str, user: &str) -> Verdict {
-        self.decide(Call::Auth(s, mechanism, user)).await
-    }
-
-    pub async fn on_mail_from(&mut self, s: &SessionInfo, sender: &str, size: u64) -> Verdict {
-        self.decide(Call::MailFrom(s, sender, size)).await
-    }
-
-    pub async fn on_rcpt(
-        &mut self,
-        s: &SessionInfo,
-        sender: &str,
-        rcpt: &str,
-        local: bool,
-    ) -> Verdict {
-        self.decide(Call::Rcpt(s, sender, rcpt, local)).await
     }
 
     pub async fn on_data(
@@ -425,16 +378,14 @@ impl PluginSession {
         }
     }
 
-    pub async fn on_vrfy(&mut self, s: &SessionInfo, query: &str) -> Lookup {
-        self.lookup(Call::Vrfy(s, query)).await
-    }
-
-    pub async fn on_expn(&mut self, s: &SessionInfo, list: &str) -> Lookup {
-        self.lookup(Call::Expn(s, list)).await
-    }
-
-    async fn lookup(&mut self, call: Call<'_>) -> Lookup {
-        match self.run(call).await.into_iter().last() {
+    /// The answer of VRFY or EXPN ([`Hook::Vrfy`], [`Hook::Expn`]).
+    pub async fn lookup(&mut self, session: &SessionInfo, hook: Hook<'_>) -> Lookup {
+        match self
+            .run(Call::Session(session, hook))
+            .await
+            .into_iter()
+            .last()
+        {
             Some((index, Ok(Answer::Lookup(answer)))) => match lookup_reply(answer) {
                 Ok(Some(reply)) => Lookup::Answer(reply),
                 Ok(None) => Lookup::Default,
@@ -455,32 +406,7 @@ async fn invoke(live: &mut Live, call: &Call<'_>) -> wasmtime::Result<Answer> {
     let g = &live.guests;
     let missing = || wasmtime::format_err!("hook not exported");
     Ok(match call {
-        Call::Connect(s) => {
-            let hook = g.connect.as_ref().ok_or_else(missing)?;
-            Answer::Decision(hook.call_on_connect(&mut *store, s).await?)
-        }
-        Call::Helo(s, name, ext) => {
-            let hook = g.helo.as_ref().ok_or_else(missing)?;
-            Answer::Decision(hook.call_on_helo(&mut *store, s, name, *ext).await?)
-        }
-        Call::Auth(s, mech, user) => {
-            let hook = g.auth.as_ref().ok_or_else(missing)?;
-            Answer::Decision(hook.call_on_auth(&mut *store, s, mech, user).await?)
-        }
-        Call::MailFrom(s, sender, size) => {
-            let hook = g.mail_from.as_ref().ok_or_else(missing)?;
-            Answer::Decision(
-                hook.call_on_mail_from(&mut *store, s, sender, *size)
-                    .await?,
-            )
-        }
-        Call::Rcpt(s, sender, rcpt, local) => {
-            let hook = g.rcpt.as_ref().ok_or_else(missing)?;
-            Answer::Decision(
-                hook.call_on_rcpt(&mut *store, s, sender, rcpt, *local)
-                    .await?,
-            )
-        }
+        Call::Session(s, hook) => session_hook(store, g, s, *hook).await?,
         Call::Data(s, envelope, message, authentication) => {
             let hook = g.data.as_ref().ok_or_else(missing)?;
             let handle = store.data_mut().table.push(MessageView {
@@ -507,11 +433,60 @@ async fn invoke(live: &mut Live, call: &Call<'_>) -> wasmtime::Result<Answer> {
             let _ = store.data_mut().table.delete(handle);
             Answer::Delivery(result?)
         }
-        Call::Vrfy(s, query) => {
+    })
+}
+
+async fn session_hook(
+    store: &mut Store<PluginState>,
+    g: &Guests,
+    s: &SessionInfo,
+    hook: Hook<'_>,
+) -> wasmtime::Result<Answer> {
+    let missing = || wasmtime::format_err!("hook not exported");
+    Ok(match hook {
+        Hook::Connect => {
+            let hook = g.connect.as_ref().ok_or_else(missing)?;
+            Answer::Decision(hook.call_on_connect(&mut *store, s).await?)
+        }
+        Hook::Helo { name, extended } => {
+            let hook = g.helo.as_ref().ok_or_else(missing)?;
+            Answer::Decision(hook.call_on_helo(&mut *store, s, name, extended).await?)
+        }
+        Hook::Auth { mechanism, user } => {
+            let hook = g.auth.as_ref().ok_or_else(missing)?;
+            Answer::Decision(hook.call_on_auth(&mut *store, s, mechanism, user).await?)
+        }
+        Hook::Login {
+            protocol,
+            mechanism,
+            user,
+        } => {
+            let hook = g.login.as_ref().ok_or_else(missing)?;
+            Answer::Decision(
+                hook.call_on_login(&mut *store, s, protocol, mechanism, user)
+                    .await?,
+            )
+        }
+        Hook::MailFrom { sender, size } => {
+            let hook = g.mail_from.as_ref().ok_or_else(missing)?;
+            Answer::Decision(hook.call_on_mail_from(&mut *store, s, sender, size).await?)
+        }
+        Hook::Rcpt {
+            sender,
+            recipient,
+            local,
+        } => {
+            let hook = g.rcpt.as_ref().ok_or_else(missing)?;
+            Answer::Decision(
+                hook.call_on_rcpt(&mut *store, s, sender, recipient, local)
+                    .await?,
+            )
+        }
+        Hook::Vrfy(query) => {
             let hook = g.vrfy.as_ref().ok_or_else(missing)?;
             Answer::Lookup(hook.call_on_vrfy(&mut *store, s, query).await?)
         }
-        Call::Expn(s, list) => {
+        Hook::Expn(list) => {
             let hook = g.expn.as_ref().ok_or_else(missing)?;
             Answer::Lookup(hook.call_on_expn(&mut *store, s, list).await?)
         }

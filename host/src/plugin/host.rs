@@ -11,7 +11,8 @@ use wasmtime::component::{Resource, ResourceTable};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use super::bindings::postern::plugin::{clock, config, directory, dns, kv, log, types};
+use super::bindings::v1::{clock, config, directory, dns, kv, log, types};
+use super::bindings::v2;
 use super::kv::Namespace;
 use crate::auth::UserDirectory;
 
@@ -299,6 +300,7 @@ impl PluginState {
     }
 }
 
+/// 0.1.0's `kv`: a failure traps (the call ends with the plugin's on-error policy).
 impl kv::Host for PluginState {
     fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
         self.kv()?
@@ -327,6 +329,49 @@ impl kv::Host for PluginState {
         self.kv()?
             .increment(&key, delta, ttl_secs)
             .map_err(|e| wasmtime::format_err!("{e}"))
+    }
+}
+
+/// 0.2.0's `kv`: the same store, failures as values the plugin handles.
+impl v2::kv::Host for PluginState {
+    fn get(&mut self, key: String) -> wasmtime::Result<Result<Option<Vec<u8>>, v2::kv::KvError>> {
+        Ok(self.kv()?.get(&key).map_err(kv_error))
+    }
+
+    fn set(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+        ttl_secs: Option<u64>,
+    ) -> wasmtime::Result<Result<(), v2::kv::KvError>> {
+        Ok(self.kv()?.set(&key, value, ttl_secs).map_err(kv_error))
+    }
+
+    fn delete(&mut self, key: String) -> wasmtime::Result<Result<bool, v2::kv::KvError>> {
+        Ok(self.kv()?.delete(&key).map_err(kv_error))
+    }
+
+    fn increment(
+        &mut self,
+        key: String,
+        delta: i64,
+        ttl_secs: Option<u64>,
+    ) -> wasmtime::Result<Result<i64, v2::kv::KvError>> {
+        Ok(self
+            .kv()?
+            .increment(&key, delta, ttl_secs)
+            .map_err(kv_error))
+    }
+}
+
+fn kv_error(err: super::kv::KvError) -> v2::kv::KvError {
+    use super::kv::KvError;
+    match err {
+        KvError::KeyTooLong => v2::kv::KvError::KeyTooLong,
+        KvError::ValueTooLong => v2::kv::KvError::ValueTooLong,
+        KvError::Full => v2::kv::KvError::Full,
+        KvError::Quota(_) => v2::kv::KvError::QuotaExceeded,
+        KvError::Io(_) | KvError::Unavailable(_) => v2::kv::KvError::Unavailable(err.to_string()),
     }
 }
 

@@ -1,7 +1,8 @@
 //! The plugin platform: WebAssembly components attached to hooks at every stage of a mail's life.
 //!
-//! - [`bindings`]: the host bindings of the WIT contract (`wit/plugin.wit`).
+//! - [`bindings`]: the host bindings of the WIT contract (`wit/plugin.wit`, 0.2.0, taking in 0.1.0).
 //! - [`engine`]: wasmtime with pooling, epoch interruption, and the compiled-component cache.
+//! - [`hooks`]: the hook table (stages, export discovery, per-instance handles).
 //! - [`host`]: a plugin store's data and the capabilities it can import.
 //! - [`kv`]: the durable key-value store behind the `kv` capability.
 //! - [`limits`]: one instance's memories and tables counted together against its cap.
@@ -11,12 +12,16 @@
 pub mod bindings;
 pub mod chain;
 pub mod engine;
+pub mod hooks;
 pub mod host;
 pub mod kv;
 pub mod limits;
 pub mod registry;
 
-pub use chain::{DataOutcome, Lookup, PluginSession, Routing, SessionInfo, Verdict};
+pub use chain::{
+    session_info, DataOutcome, Hook, LoginProtocol, Lookup, PluginSession, Routing, SessionInfo,
+    Verdict,
+};
 pub use registry::{PluginRuntime, Stage};
 
 #[derive(Debug, thiserror::Error)]

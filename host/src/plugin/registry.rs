@@ -16,107 +16,13 @@ use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::Engine;
 
-use super::bindings::{hooks, Plugin};
+use super::bindings::Plugin;
+pub use super::hooks::{HookIndices, Stage};
 use super::host::{PluginMeta, PluginState};
 use super::kv::Namespace;
 use super::{engine, PluginError};
 use crate::auth::UserDirectory;
 use crate::config::{Capability, OnError, PluginConfig, PluginsConfig};
-
-/// The hook stages, one per exported interface.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Stage {
-    Connect,
-    Helo,
-    Auth,
-    MailFrom,
-    Rcpt,
-    Data,
-    Deliver,
-    Vrfy,
-    Expn,
-}
-
-impl Stage {
-    pub const ALL: [Stage; 9] = [
-        Stage::Connect,
-        Stage::Helo,
-        Stage::Auth,
-        Stage::MailFrom,
-        Stage::Rcpt,
-        Stage::Data,
-        Stage::Deliver,
-        Stage::Vrfy,
-        Stage::Expn,
-    ];
-
-    /// The hook's name as the WIT interface spells it (logs and metric labels).
-    pub fn name(self) -> &'static str {
-        match self {
-            Stage::Connect => "connect",
-            Stage::Helo => "helo",
-            Stage::Auth => "auth",
-            Stage::MailFrom => "mail-from",
-            Stage::Rcpt => "rcpt",
-            Stage::Data => "data",
-            Stage::Deliver => "deliver",
-            Stage::Vrfy => "vrfy",
-            Stage::Expn => "expn",
-        }
-    }
-}
-
-/// Where each hook's functions are in a component; None for hooks it does not export.
-#[derive(Default)]
-pub struct HookIndices {
-    pub connect: Option<hooks::connect::GuestIndices>,
-    pub helo: Option<hooks::helo::GuestIndices>,
-    pub auth: Option<hooks::auth::GuestIndices>,
-    pub mail_from: Option<hooks::mail_from::GuestIndices>,
-    pub rcpt: Option<hooks::rcpt::GuestIndices>,
-    pub data: Option<hooks::data::GuestIndices>,
-    pub deliver: Option<hooks::deliver::GuestIndices>,
-    pub vrfy: Option<hooks::vrfy::GuestIndices>,
-    pub expn: Option<hooks::expn::GuestIndices>,
-}
-
-impl HookIndices {
-    fn discover(pre: &InstancePre<PluginState>) -> HookIndices {
-        HookIndices {
-            connect: hooks::connect::GuestIndices::new(pre).ok(),
-            helo: hooks::helo::GuestIndices::new(pre).ok(),
-            auth: hooks::auth::GuestIndices::new(pre).ok(),
-            mail_from: hooks::mail_from::GuestIndices::new(pre).ok(),
-            rcpt: hooks::rcpt::GuestIndices::new(pre).ok(),
-            data: hooks::data::GuestIndices::new(pre).ok(),
-            deliver: hooks::deliver::GuestIndices::new(pre).ok(),
-            vrfy: hooks::vrfy::GuestIndices::new(pre).ok(),
-            expn: hooks::expn::GuestIndices::new(pre).ok(),
-        }
-    }
-
-    pub fn has(&self, stage: Stage) -> bool {
-        match stage {
-            Stage::Connect => self.connect.is_some(),
-            Stage::Helo => self.helo.is_some(),
-            Stage::Auth => self.auth.is_some(),
-            Stage::MailFrom => self.mail_from.is_some(),
-            Stage::Rcpt => self.rcpt.is_some(),
-            Stage::Data => self.data.is_some(),
-            Stage::Deliver => self.deliver.is_some(),
-            Stage::Vrfy => self.vrfy.is_some(),
-            Stage::Expn => self.expn.is_some(),
-        }
-    }
-
-    pub fn names(&self) -> Vec<&'static str> {
-        Stage::ALL
-            .into_iter()
-            .filter(|s| self.has(*s))
-            .map(Stage::name)
-            .collect()
-    }
-}
 
 /// One plugin, ready to instantiate.
 pub struct LoadedPlugin {

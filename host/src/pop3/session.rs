@@ -14,10 +14,11 @@ use super::codec::{self, Command, DotStuffer};
 use super::maildrop::Maildrop;
 use super::Pop3Server;
 use crate::auth::{
-    AuthUser, Credentials, LoginVerdict, Mechanism, SaslError, SaslExchange, SaslStep,
+    Attempt, AuthUser, Credentials, LoginVerdict, Mechanism, SaslError, SaslExchange, SaslStep,
 };
 use crate::config::{ListenerConfig, TlsMode};
 use crate::framing::{LineEvent, LineFramer};
+use crate::plugin::{session_info, LoginProtocol};
 use crate::store::{Flags, MessageInfo, StoreError};
 use crate::stream::{Io, ReadError};
 
@@ -347,14 +348,29 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        let user = match self
-            .server
-            .login_gate
-            .check("pop3", self.peer.ip(), credentials)
-            .await
-        {
+        let attempt = Attempt {
+            protocol: LoginProtocol::Pop3,
+            mechanism: method,
+            ip: self.peer.ip(),
+            session: session_info(self.id, &self.listener.name, self.peer, self.tls),
+        };
+        let user = match self.server.login_gate.check(&attempt, credentials).await {
             LoginVerdict::Accepted(AuthUser(user)) => Some(user),
             LoginVerdict::Refused => None,
+            LoginVerdict::Vetoed { reply, disconnect } => {
+                // RFC 3206: AUTH for a permanent refusal, SYS/TEMP for a passing one.
+                let code = if reply.code >= 500 {
+                    "AUTH"
+                } else {
+                    "SYS/TEMP"
+                };
+                let text = reply.lines.join(" ");
+                if disconnect {
+                    io.queue(&codec::err(Some(code), &text));
+                    return Flow::Close;
+                }
+                return self.error(io, Some(code), &text);
+            }
             LoginVerdict::Throttled => {
                 self.throttle_allows(io);
                 return Flow::Continue;

@@ -323,6 +323,7 @@ pub async fn run(
         shutdown_rx.clone(),
     );
     smtp.plugins = Some(plugins.clone());
+    smtp.login_gate.consult_plugins(plugins.clone());
     smtp.store = Some(store.clone());
     smtp.message_auth = Some(Arc::new(
         crate::message_auth::MessageAuth::new(&config, dns.as_deref())

@@ -16,7 +16,7 @@ use super::reply::{common, Reply};
 use super::SmtpServer;
 use crate::auth::AuthUser;
 use crate::config::{ListenerConfig, ListenerProtocol, TlsMode};
-use crate::plugin::{PluginSession, SessionInfo, Stage};
+use crate::plugin::{Hook, Lookup, PluginSession, SessionInfo, Stage, Verdict};
 use crate::queue::{QueueId, Recipient};
 use crate::stream::{Io, ReadError, TlsInfo};
 
@@ -220,6 +220,42 @@ impl Session {
         self.plugins.as_ref().is_some_and(|p| p.has(stage))
     }
 
+    /// Runs a decision stage through the session's plugins: the reply it asks for, if any
+    /// (a disconnect is remembered for the loop).
+    pub async fn consult(&mut self, hook: Hook<'_>) -> Option<Reply> {
+        if !self.plugins_have(hook.stage()) {
+            return None;
+        }
+        let info = self.session_info();
+        let plugins = self.plugins.as_mut()?;
+        let verdict = plugins.decide(&info, hook).await;
+        self.verdict_reply(verdict)
+    }
+
+    /// VRFY and EXPN through the plugins: their answer, or None for the server's default.
+    pub async fn consult_lookup(&mut self, hook: Hook<'_>) -> Option<Reply> {
+        if !self.plugins_have(hook.stage()) {
+            return None;
+        }
+        let info = self.session_info();
+        match self.plugins.as_mut()?.lookup(&info, hook).await {
+            Lookup::Answer(reply) => Some(reply),
+            Lookup::Default => None,
+        }
+    }
+
+    /// The reply a plugin verdict asks for, if any; a disconnect is remembered for the loop.
+    pub fn verdict_reply(&mut self, verdict: Verdict) -> Option<Reply> {
+        match verdict {
+            Verdict::Pass => None,
+            Verdict::Refuse(reply) => Some(reply),
+            Verdict::Disconnect(reply) => {
+                self.disconnect_after_reply = true;
+                Some(reply)
+            }
+        }
+    }
+
     /// What plugins are told about this session.
     pub fn session_info(&self) -> SessionInfo {
         SessionInfo {
@@ -300,16 +336,11 @@ impl crate::serve::Protocol for Session {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        if self.plugins_have(Stage::Connect) {
-            let info = self.session_info();
-            let plugins = self.plugins.as_mut().expect("checked by plugins_have");
-            let verdict = plugins.on_connect(&info).await;
-            if let Some(reply) = self.verdict_reply(verdict) {
-                // RFC 5321 §3.1: a server may refuse a client with 554 (or 421) instead of 220.
-                info!(code = reply.code, "connection refused by plugin");
-                io.queue(&reply.to_bytes());
-                return Flow::Close;
-            }
+        if let Some(reply) = self.consult(Hook::Connect).await {
+            // RFC 5321 §3.1: a server may refuse a client with 554 (or 421) instead of 220.
+            info!(code = reply.code, "connection refused by plugin");
+            io.queue(&reply.to_bytes());
+            return Flow::Close;
         }
         let banner = Reply::new(
             220,

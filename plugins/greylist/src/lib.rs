@@ -36,7 +36,7 @@ wit_bindgen::generate!({
             export postern:plugin/mail-from@0.1.0;
             export postern:plugin/rcpt@0.1.0;
         }",
-    path: "../../wit",
+    path: "../../wit/deps/postern-plugin-0.1.0",
     with: {
         "postern:plugin/types@0.1.0": postern_plugin_sdk::types,
         "postern:plugin/log@0.1.0": postern_plugin_sdk::log,

@@ -28,8 +28,8 @@ use folder::{sync_dir, write_whole, Folder, Message};
 use names::{decode, encode};
 
 wit_bindgen::generate!({
-    path: "../../wit",
-    world: "postern:plugin/mailbox-backend",
+    path: "../../wit/deps/postern-plugin-0.1.0",
+    world: "postern:plugin/mailbox-backend@0.1.0",
 });
 
 use exports::postern::plugin::mailbox::Guest;

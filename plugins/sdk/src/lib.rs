@@ -26,13 +26,24 @@
 //! Helpers here build decisions and replies, read typed config values and log.
 
 wit_bindgen::generate!({
+    // Both versions' capabilities: 0.2.0's host-api, and 0.1.0's kv for plugins built on 0.1.0.
+    inline: "package postern:sdk;
+        world sdk {
+            include postern:plugin/host-api@0.2.0;
+            import postern:plugin/kv@0.1.0;
+        }",
     path: "../../wit",
-    world: "postern:plugin/host-api",
     pub_export_macro: true,
     generate_all,
 });
 
-pub use postern::plugin::{clock, config, directory, dns, kv, log, types};
+pub use postern::plugin0_1_0::{clock, config, directory, dns, kv, log, types};
+
+/// What WIT 0.2.0 adds to the capabilities.
+pub mod v2 {
+    /// `kv` with errors as results (`postern:plugin/kv@0.2.0`).
+    pub use crate::postern::plugin0_2_0::kv;
+}
 use types::{Decision, Reply};
 
 /// Builds a reply.

@@ -1,6 +1,10 @@
 //! A plugin for the end-to-end tests: it exports every hook and does, at each stage, what the
-//! config key of that stage says (`connect`, `helo`, `auth`, `mail-from`, `rcpt`, `data`,
-//! `deliver`, `vrfy`, `expn`; absent means continue):
+//! config key of that stage says (`connect`, `helo`, `auth`, `login`, `mail-from`, `rcpt`,
+//! `data`, `deliver`, `vrfy`, `expn`; absent means continue). It is a WIT 0.2.0 plugin: `login`
+//! and `kv` are 0.2.0's, the other hooks 0.1.0's.
+//!
+//! - login only: `login-smtp`, `login-imap`, `login-pop3` are read before `login`, so one
+//!   protocol can be refused alone; `reject-user:USER` refuses that user with 550 5.7.1.
 //!
 //! - `continue`, `accept`, `reject:CODE:ENHANCED:TEXT`, `tempfail:…`, `disconnect:…`
 //! - data only: `discard`, `quarantine:REASON`, `echo-subject` (rejects with the Subject it read),
@@ -12,7 +16,8 @@
 //! - vrfy/expn: `found:ADDR`, `not-found`, `cannot-verify`
 //! - misbehaviour: `loop` (never returns), `alloc` (grows memory until it fails), `panic`,
 //!   `read-file:PATH` and `connect:HOST:PORT` (try the sandbox; the outcome is the reject text),
-//!   `kv-count` (counts calls in the kv store and rejects with the count), `wall-clock` (rejects
+//!   `kv-count` (counts calls in the kv store and rejects with the count), `kv-fill` (stores
+//!   64 KiB values until the store says no, and rejects with what it said), `wall-clock` (rejects
 //!   with the seconds WASI's wall clock tells)
 //! - `print:TEXT` (writes TEXT to stdout and stderr, then continues), `dns-a:NAME` and
 //!   `dns-txt:NAME` (look NAME up and reject with what the resolver said)
@@ -21,12 +26,14 @@ use postern_plugin_sdk::types::{
     DataDecision, DataVerdict, Decision, Delivery, DeliveryTarget, Envelope, HeaderChange,
     HeaderField, HeaderRemoval, LookupAnswer, Mailbox, Message, Modification, Reply, Session,
 };
-use postern_plugin_sdk::{config, config_list, dns, kv, reply};
+use postern_plugin_sdk::v2::kv;
+use postern_plugin_sdk::{config, config_list, dns, reply};
 
 wit_bindgen::generate!({
     inline: "package postern:test-hooks;
         world test-hooks {
-            include postern:plugin/host-api@0.1.0;
+            include postern:plugin/host-api@0.2.0;
+            export postern:plugin/login@0.2.0;
             export postern:plugin/connect@0.1.0;
             export postern:plugin/helo@0.1.0;
             export postern:plugin/auth@0.1.0;
@@ -42,12 +49,14 @@ wit_bindgen::generate!({
         "postern:plugin/types@0.1.0": postern_plugin_sdk::types,
         "postern:plugin/log@0.1.0": postern_plugin_sdk::log,
         "postern:plugin/config@0.1.0": postern_plugin_sdk::config,
-        "postern:plugin/kv@0.1.0": postern_plugin_sdk::kv,
+        "postern:plugin/kv@0.2.0": postern_plugin_sdk::v2::kv,
         "postern:plugin/clock@0.1.0": postern_plugin_sdk::clock,
         "postern:plugin/directory@0.1.0": postern_plugin_sdk::directory,
         "postern:plugin/dns@0.1.0": postern_plugin_sdk::dns,
     },
 });
+
+use exports::postern::plugin0_2_0::login::Protocol;
 
 struct TestHooks;
 
@@ -135,9 +144,20 @@ fn common(action: &str) -> Option<Decision> {
             };
             Decision::Reject(reply(550, "5.7.1", &text))
         }
-        "kv-count" => {
-            let n = kv::increment("calls", 1, None);
-            Decision::Reject(reply(550, "5.7.1", &format!("call {n}")))
+        "kv-count" => match kv::increment("calls", 1, None) {
+            Ok(n) => Decision::Reject(reply(550, "5.7.1", &format!("call {n}"))),
+            Err(err) => Decision::Reject(reply(550, "5.7.1", &format!("kv: {err:?}"))),
+        },
+        "kv-fill" => {
+            let value = vec![b'x'; 64 * 1024];
+            let mut stored = 0;
+            let err = loop {
+                match kv::set(&format!("fill-{stored}"), &value, None) {
+                    Ok(()) => stored += 1,
+                    Err(err) => break err,
+                }
+            };
+            Decision::Reject(reply(550, "5.7.1", &format!("kv: {err:?} after {stored}")))
         }
         _ => return None,
     })
@@ -147,31 +167,54 @@ fn decide(stage: &str) -> Decision {
     common(&action(stage)).unwrap_or(Decision::Continue)
 }
 
-impl exports::postern::plugin::connect::Guest for TestHooks {
+impl exports::postern::plugin0_1_0::connect::Guest for TestHooks {
     fn on_connect(_session: Session) -> Decision {
         decide("connect")
     }
 }
 
-impl exports::postern::plugin::helo::Guest for TestHooks {
+impl exports::postern::plugin0_1_0::helo::Guest for TestHooks {
     fn on_helo(_session: Session, _name: String, _extended: bool) -> Decision {
         decide("helo")
     }
 }
 
-impl exports::postern::plugin::auth::Guest for TestHooks {
+impl exports::postern::plugin0_1_0::auth::Guest for TestHooks {
     fn on_auth(_session: Session, _mechanism: String, _user: String) -> Decision {
         decide("auth")
     }
 }
 
-impl exports::postern::plugin::mail_from::Guest for TestHooks {
+impl exports::postern::plugin0_2_0::login::Guest for TestHooks {
+    fn on_login(
+        _session: Session,
+        protocol: Protocol,
+        _mechanism: String,
+        user: String,
+    ) -> Decision {
+        let name = match protocol {
+            Protocol::Smtp => "login-smtp",
+            Protocol::Imap => "login-imap",
+            Protocol::Pop3 => "login-pop3",
+        };
+        let action = config::get(name).unwrap_or_else(|| action("login"));
+        match action.strip_prefix("reject-user:") {
+            Some(refused) if refused.eq_ignore_ascii_case(&user) => {
+                Decision::Reject(reply(550, "5.7.1", &format!("{user} may not log in now")))
+            }
+            Some(_) => Decision::Continue,
+            None => common(&action).unwrap_or(Decision::Continue),
+        }
+    }
+}
+
+impl exports::postern::plugin0_1_0::mail_from::Guest for TestHooks {
     fn on_mail_from(_session: Session, _sender: String, _size: u64) -> Decision {
         decide("mail-from")
     }
 }
 
-impl exports::postern::plugin::rcpt::Guest for TestHooks {
+impl exports::postern::plugin0_1_0::rcpt::Guest for TestHooks {
     fn on_rcpt(_session: Session, _sender: String, _recipient: String, _local: bool) -> Decision {
         decide("rcpt")
     }
@@ -212,7 +255,7 @@ fn modification(spec: &str) -> Option<Modification> {
     })
 }
 
-impl exports::postern::plugin::data::Guest for TestHooks {
+impl exports::postern::plugin0_1_0::data::Guest for TestHooks {
     fn on_data(_session: Session, _envelope: Envelope, message: &Message) -> DataVerdict {
         let action = action("data");
         let decision = match action.split_once(':').unwrap_or((action.as_str(), "")) {
@@ -264,7 +307,7 @@ impl exports::postern::plugin::data::Guest for TestHooks {
     }
 }
 
-impl exports::postern::plugin::deliver::Guest for TestHooks {
+impl exports::postern::plugin0_1_0::deliver::Guest for TestHooks {
     fn on_deliver(_envelope: Envelope, _target: DeliveryTarget, _message: &Message) -> Delivery {
         let action = action("deliver");
         match action.split_once(':').unwrap_or((action.as_str(), "")) {
@@ -299,13 +342,13 @@ fn lookup(stage: &str) -> LookupAnswer {
     }
 }
 
-impl exports::postern::plugin::vrfy::Guest for TestHooks {
+impl exports::postern::plugin0_1_0::vrfy::Guest for TestHooks {
     fn on_vrfy(_session: Session, _query: String) -> LookupAnswer {
         lookup("vrfy")
     }
 }
 
-impl exports::postern::plugin::expn::Guest for TestHooks {
+impl exports::postern::plugin0_1_0::expn::Guest for TestHooks {
     fn on_expn(_session: Session, _list: String) -> LookupAnswer {
         lookup("expn")
     }

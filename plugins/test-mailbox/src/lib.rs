@@ -7,8 +7,8 @@
 //!   one result for no delivery, more bytes than asked for).
 
 wit_bindgen::generate!({
-    path: "../../wit",
-    world: "postern:plugin/mailbox-backend",
+    path: "../../wit/deps/postern-plugin-0.1.0",
+    world: "postern:plugin/mailbox-backend@0.1.0",
 });
 
 use exports::postern::plugin::mailbox::Guest;

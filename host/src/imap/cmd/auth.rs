@@ -4,10 +4,11 @@
 use std::borrow::Cow;
 
 use crate::auth::{
-    AuthUser, Credentials, LoginVerdict, Mechanism, SaslError, SaslExchange, SaslStep,
+    Attempt, AuthUser, Credentials, LoginVerdict, Mechanism, SaslError, SaslExchange, SaslStep,
 };
 use crate::config::TlsMode;
 use crate::imap::codec::{self, Event, Mode};
+use crate::plugin::{session_info, LoginProtocol};
 use crate::store::StoreError;
 use crate::stream::Io;
 use imap_codec::imap_types::auth::AuthMechanism;
@@ -173,14 +174,29 @@ impl Conn {
             login: login.clone(),
             password: crate::auth::Secret(password),
         };
-        let user = match self
-            .server
-            .login_gate
-            .check("imap", self.peer.ip(), credentials)
-            .await
-        {
+        let attempt = Attempt {
+            protocol: LoginProtocol::Imap,
+            mechanism: method,
+            ip: self.peer.ip(),
+            session: session_info(self.id, &self.listener.name, self.peer, self.tls),
+        };
+        let user = match self.server.login_gate.check(&attempt, credentials).await {
             LoginVerdict::Accepted(AuthUser(user)) => Some(user),
             LoginVerdict::Refused => None,
+            LoginVerdict::Vetoed { reply, disconnect } => {
+                // A 5xx refusal is final for these credentials; a 4xx one may pass later.
+                let code = if reply.code >= 500 {
+                    Code::AuthenticationFailed
+                } else {
+                    Code::Unavailable
+                };
+                let text = reply.lines.join(" ");
+                if disconnect {
+                    io.queue(format!("* BYE {text}\r\n").as_bytes());
+                    return Done::Close;
+                }
+                return no(Some(code), &text);
+            }
             LoginVerdict::Throttled => {
                 return no(
                     Some(Code::Unavailable),

@@ -4,9 +4,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
 
 use crate::auth::{
-    Credentials, LoginVerdict, Mechanism, SaslError, SaslExchange, SaslStep, Secret, FAILURE_DELAY,
+    Attempt, Credentials, LoginVerdict, Mechanism, SaslError, SaslExchange, SaslStep, Secret,
+    FAILURE_DELAY,
 };
-use crate::plugin::Stage;
+use crate::plugin::{Hook, LoginProtocol};
 use crate::smtp::codec::LineEvent;
 use crate::smtp::reply::{common, Reply};
 use crate::smtp::session::{Flow, Phase, Session};
@@ -68,17 +69,26 @@ impl Session {
             login: login.clone(),
             password,
         };
-        match self.server.login_gate.check("smtp", ip, credentials).await {
+        let attempt = Attempt {
+            protocol: LoginProtocol::Smtp,
+            mechanism: mechanism_name,
+            ip,
+            session: self.session_info(),
+        };
+        match self.server.login_gate.check(&attempt, credentials).await {
             LoginVerdict::Throttled => self.answer(io, throttled()),
+            LoginVerdict::Vetoed { reply, disconnect } => {
+                self.disconnect_after_reply |= disconnect;
+                self.answer(io, reply)
+            }
             LoginVerdict::Accepted(user) => {
-                if self.plugins_have(Stage::Auth) {
-                    let info = self.session_info();
-                    let plugins = self.plugins.as_mut().expect("checked by plugins_have");
-                    let verdict = plugins.on_auth(&info, mechanism_name, &user.0).await;
-                    if let Some(reply) = self.verdict_reply(verdict) {
-                        info!(user = %user.0, code = reply.code, "login refused by plugin");
-                        return self.answer(io, reply);
-                    }
+                let hook = Hook::Auth {
+                    mechanism: mechanism_name,
+                    user: &user.0,
+                };
+                if let Some(reply) = self.consult(hook).await {
+                    info!(user = %user.0, code = reply.code, "login refused by plugin");
+                    return self.answer(io, reply);
                 }
                 info!(user = %user.0, "authenticated");
                 crate::telemetry::sessions::logged_in(self.id, &user.0);

@@ -1,6 +1,6 @@
 //! HELO and EHLO (RFC 5321 §4.1.1.1): greet, reset any transaction, list extensions.
 
-use crate::plugin::Stage;
+use crate::plugin::Hook;
 use crate::smtp::reply::Reply;
 use crate::smtp::session::{Helo, Phase, Session};
 
@@ -16,14 +16,17 @@ impl Session {
             let verb = if extended { "EHLO" } else { "HELO" };
             return Reply::new(501, "5.5.4", format!("Syntax: {verb} hostname"));
         }
-        if self.plugins_have(Stage::Helo) {
-            let info = self.session_info();
-            let plugins = self.plugins.as_mut().expect("checked by plugins_have");
+        if let Some(plugins) = self.plugins.as_mut() {
             plugins.refresh();
-            let verdict = plugins.on_helo(&info, &name, extended).await;
-            if let Some(reply) = self.verdict_reply(verdict) {
-                return reply;
-            }
+        }
+        if let Some(reply) = self
+            .consult(Hook::Helo {
+                name: &name,
+                extended,
+            })
+            .await
+        {
+            return reply;
         }
         // RFC 5321 §4.1.4: EHLO/HELO in the middle of a transaction resets it.
         self.phase = Phase::Idle;

@@ -1,7 +1,7 @@
 //! HELP, VRFY and EXPN. Without a policy plugin VRFY and EXPN reveal nothing: address harvesting
 //! is their main use. A plugin exporting the vrfy or expn hook decides what to answer.
 
-use crate::plugin::{Lookup, Stage};
+use crate::plugin::Hook;
 use crate::smtp::reply::Reply;
 use crate::smtp::session::Session;
 
@@ -19,25 +19,17 @@ impl Session {
     }
 
     pub async fn cmd_vrfy(&mut self, query: &str) -> Reply {
-        if self.plugins_have(Stage::Vrfy) {
-            let info = self.session_info();
-            let plugins = self.plugins.as_mut().expect("checked by plugins_have");
-            if let Lookup::Answer(reply) = plugins.on_vrfy(&info, query).await {
-                return reply;
-            }
+        match self.consult_lookup(Hook::Vrfy(query)).await {
+            Some(reply) => reply,
+            None => Self::default_vrfy(),
         }
-        Self::default_vrfy()
     }
 
     pub async fn cmd_expn(&mut self, list: &str) -> Reply {
-        if self.plugins_have(Stage::Expn) {
-            let info = self.session_info();
-            let plugins = self.plugins.as_mut().expect("checked by plugins_have");
-            if let Lookup::Answer(reply) = plugins.on_expn(&info, list).await {
-                return reply;
-            }
+        match self.consult_lookup(Hook::Expn(list)).await {
+            Some(reply) => reply,
+            None => Self::default_expn(),
         }
-        Self::default_expn()
     }
 
     /// RFC 5321 §3.5.3: 252 says "cannot verify, but will try to deliver".

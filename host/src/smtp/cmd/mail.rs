@@ -3,7 +3,7 @@
 use smtp_proto::MailFrom;
 
 use crate::address::Address;
-use crate::plugin::Stage;
+use crate::plugin::Hook;
 use crate::smtp::reply::{common, Reply};
 use crate::smtp::session::{Phase, Session, Transaction};
 
@@ -58,13 +58,12 @@ impl Session {
             // A new transaction starts on the newest plugin versions.
             plugins.refresh();
         }
-        if self.plugins_have(Stage::MailFrom) {
-            let info = self.session_info();
-            let plugins = self.plugins.as_mut().expect("checked by plugins_have");
-            let verdict = plugins.on_mail_from(&info, &sender, from.size as u64).await;
-            if let Some(reply) = self.verdict_reply(verdict) {
-                return reply;
-            }
+        let hook = Hook::MailFrom {
+            sender: &sender,
+            size: from.size as u64,
+        };
+        if let Some(reply) = self.consult(hook).await {
+            return reply;
         }
         self.phase = Phase::Transaction(Transaction {
             id: self.server.queue.new_id(),

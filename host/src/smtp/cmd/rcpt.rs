@@ -13,7 +13,7 @@ use smtp_proto::RcptTo;
 use crate::address::Address;
 use std::sync::Arc;
 
-use crate::plugin::{Stage, Verdict};
+use crate::plugin::Hook;
 use crate::queue::{Recipient, Route};
 use crate::smtp::reply::{common, Reply};
 use crate::smtp::session::{Phase, Session};
@@ -96,14 +96,14 @@ impl Session {
                 return Reply::new(250, "2.1.5", "Recipient OK (duplicate merged)");
             }
         }
-        if self.plugins_have(Stage::Rcpt) {
-            let info = self.session_info();
-            let local = matches!(route, Route::Local { .. });
-            let plugins = self.plugins.as_mut().expect("checked by plugins_have");
-            let verdict = plugins.on_rcpt(&info, &sender, &recipient, local).await;
-            if let Some(reply) = self.verdict_reply(verdict) {
-                return reply;
-            }
+        let local = matches!(route, Route::Local { .. });
+        let hook = Hook::Rcpt {
+            sender: &sender,
+            recipient: &recipient,
+            local,
+        };
+        if let Some(reply) = self.consult(hook).await {
+            return reply;
         }
         if let Phase::Transaction(tx) = &mut self.phase {
             tx.recipients.push(Recipient {
@@ -138,19 +138,5 @@ fn same_destination(known: &Recipient, address: &str, route: &Route) -> bool {
         (Route::Local { mailbox: a }, Route::Local { mailbox: b }) => a.eq_ignore_ascii_case(b),
         (Route::Remote, Route::Remote) => known.address.eq_ignore_ascii_case(address),
         _ => false,
-    }
-}
-
-impl Session {
-    /// The reply a plugin verdict asks for, if any; a disconnect is remembered for the loop.
-    pub fn verdict_reply(&mut self, verdict: Verdict) -> Option<Reply> {
-        match verdict {
-            Verdict::Pass => None,
-            Verdict::Refuse(reply) => Some(reply),
-            Verdict::Disconnect(reply) => {
-                self.disconnect_after_reply = true;
-                Some(reply)
-            }
-        }
     }
 }

@@ -1,6 +1,6 @@
 //! Mailbox backends as sandboxed Wasm components: [`WasmStore`] meets the mailbox contract
 //! ([`MailStore`]) by calling a component that exports `postern:plugin/mailbox`
-//! (`wit/mailbox.wit`).
+//! (`wit/deps/postern-plugin-0.1.0/mailbox.wit`).
 //!
 //! The sandbox is the hooks' one: the same engine (epoch deadline per call, pooling allocator),
 //! the same per-instance memory cap over all memories and tables, WASI with exactly the
@@ -473,7 +473,7 @@ impl WasmStore {
                 return Ok(bytes);
             }
             let ask = (left + u64::from(whole)).min(u64::from(CHUNK)) as u32;
-            let chunk = finish(live.guest.postern_plugin_mailbox().call_read(
+            let chunk = finish(live.guest.postern_plugin0_1_0_mailbox().call_read(
                 &mut live.store,
                 mailbox,
                 folder,
@@ -612,7 +612,7 @@ impl MailStore for WasmStore {
                     .collect();
                 let answer = finish(
                     live.guest
-                        .postern_plugin_mailbox()
+                        .postern_plugin0_1_0_mailbox()
                         .call_deliver(&mut live.store, &wit),
                 );
                 let answer = answer?;
@@ -643,7 +643,7 @@ impl MailStore for WasmStore {
 
     fn snapshot(&self, mailbox: &str, folder: &str) -> Result<FolderSnapshot, StoreError> {
         self.call(mailbox, "snapshot", |live| {
-            let snapshot = finish(live.guest.postern_plugin_mailbox().call_snapshot(
+            let snapshot = finish(live.guest.postern_plugin0_1_0_mailbox().call_snapshot(
                 &mut live.store,
                 mailbox,
                 folder,
@@ -715,7 +715,7 @@ impl MailStore for WasmStore {
             return headers.into_iter().flatten().collect();
         }
         let answered = self.call(mailbox, "read-headers", |live| {
-            let answer = finish(live.guest.postern_plugin_mailbox().call_read_headers(
+            let answer = finish(live.guest.postern_plugin0_1_0_mailbox().call_read_headers(
                 &mut live.store,
                 mailbox,
                 folder,
@@ -783,7 +783,7 @@ impl MailStore for WasmStore {
                 flags: check::to_wit_flags(change.flags),
                 keywords: change.keywords.iter().map(str::to_string).collect(),
             };
-            let outcome = finish(live.guest.postern_plugin_mailbox().call_change_flags(
+            let outcome = finish(live.guest.postern_plugin0_1_0_mailbox().call_change_flags(
                 &mut live.store,
                 mailbox,
                 folder,
@@ -836,7 +836,7 @@ impl MailStore for WasmStore {
                 .table
                 .push(Incoming(Arc::from(message)))?;
             let names: Vec<String> = keywords.iter().map(str::to_string).collect();
-            let answer = finish(live.guest.postern_plugin_mailbox().call_append(
+            let answer = finish(live.guest.postern_plugin0_1_0_mailbox().call_append(
                 &mut live.store,
                 mailbox,
                 folder,
@@ -862,7 +862,7 @@ impl MailStore for WasmStore {
         target: &str,
     ) -> Result<(u32, Vec<(u32, u32)>), StoreError> {
         self.call(mailbox, "copy", |live| {
-            let (validity, pairs) = finish(live.guest.postern_plugin_mailbox().call_copy(
+            let (validity, pairs) = finish(live.guest.postern_plugin0_1_0_mailbox().call_copy(
                 &mut live.store,
                 mailbox,
                 folder,
@@ -890,7 +890,7 @@ impl MailStore for WasmStore {
         messages: &[&MessageInfo],
     ) -> Result<(), StoreError> {
         self.call(mailbox, "remove", |live| {
-            finish(live.guest.postern_plugin_mailbox().call_remove(
+            finish(live.guest.postern_plugin0_1_0_mailbox().call_remove(
                 &mut live.store,
                 mailbox,
                 folder,
@@ -904,7 +904,7 @@ impl MailStore for WasmStore {
         self.call(mailbox, "folders", |live| {
             let folders = finish(
                 live.guest
-                    .postern_plugin_mailbox()
+                    .postern_plugin0_1_0_mailbox()
                     .call_folders(&mut live.store, mailbox),
             )?
             .map_err(refused)?;
@@ -921,7 +921,7 @@ impl MailStore for WasmStore {
             return Err(StoreError::InvalidName(folder.into()));
         }
         self.call(mailbox, "create-folder", |live| {
-            finish(live.guest.postern_plugin_mailbox().call_create_folder(
+            finish(live.guest.postern_plugin0_1_0_mailbox().call_create_folder(
                 &mut live.store,
                 mailbox,
                 folder,
@@ -936,7 +936,7 @@ impl MailStore for WasmStore {
         }
         self.call(mailbox, "delete-folder", |live| {
             self.forget_headers(mailbox);
-            finish(live.guest.postern_plugin_mailbox().call_delete_folder(
+            finish(live.guest.postern_plugin0_1_0_mailbox().call_delete_folder(
                 &mut live.store,
                 mailbox,
                 folder,
@@ -951,7 +951,7 @@ impl MailStore for WasmStore {
         }
         self.call(mailbox, "rename-folder", |live| {
             self.forget_headers(mailbox);
-            finish(live.guest.postern_plugin_mailbox().call_rename_folder(
+            finish(live.guest.postern_plugin0_1_0_mailbox().call_rename_folder(
                 &mut live.store,
                 mailbox,
                 from,
@@ -965,7 +965,7 @@ impl MailStore for WasmStore {
         self.call(mailbox, "subscriptions", |live| {
             finish(
                 live.guest
-                    .postern_plugin_mailbox()
+                    .postern_plugin0_1_0_mailbox()
                     .call_subscriptions(&mut live.store, mailbox),
             )?
             .map_err(refused)
@@ -979,12 +979,11 @@ impl MailStore for WasmStore {
         subscribed: bool,
     ) -> Result<(), StoreError> {
         self.call(mailbox, "set-subscribed", |live| {
-            finish(live.guest.postern_plugin_mailbox().call_set_subscribed(
-                &mut live.store,
-                mailbox,
-                folder,
-                subscribed,
-            ))?
+            finish(
+                live.guest
+                    .postern_plugin0_1_0_mailbox()
+                    .call_set_subscribed(&mut live.store, mailbox, folder, subscribed),
+            )?
             .map_err(refused)
         })
     }
@@ -997,13 +996,11 @@ impl MailStore for WasmStore {
         claim: Option<u32>,
     ) -> Result<u32, StoreError> {
         self.call(mailbox, "recent-boundary", |live| {
-            finish(live.guest.postern_plugin_mailbox().call_recent_boundary(
-                &mut live.store,
-                mailbox,
-                folder,
-                validity,
-                claim,
-            ))?
+            finish(
+                live.guest
+                    .postern_plugin0_1_0_mailbox()
+                    .call_recent_boundary(&mut live.store, mailbox, folder, validity, claim),
+            )?
             .map_err(refused)
         })
     }
@@ -1014,7 +1011,7 @@ impl MailStore for WasmStore {
         folder: Option<&str>,
     ) -> Result<std::collections::BTreeMap<String, Vec<u8>>, StoreError> {
         self.call(mailbox, "metadata", |live| {
-            let entries = finish(live.guest.postern_plugin_mailbox().call_metadata(
+            let entries = finish(live.guest.postern_plugin0_1_0_mailbox().call_metadata(
                 &mut live.store,
                 mailbox,
                 folder,
@@ -1031,7 +1028,7 @@ impl MailStore for WasmStore {
         changes: &[(String, Option<Vec<u8>>)],
     ) -> Result<(), StoreError> {
         self.call(mailbox, "set-metadata", |live| {
-            finish(live.guest.postern_plugin_mailbox().call_set_metadata(
+            finish(live.guest.postern_plugin0_1_0_mailbox().call_set_metadata(
                 &mut live.store,
                 mailbox,
                 folder,
@@ -1070,13 +1067,11 @@ impl MailStore for WasmStore {
                 uid_next: numbers.uid_next,
                 highest_modseq: numbers.highest_modseq,
             };
-            finish(live.guest.postern_plugin_mailbox().call_import_messages(
-                &mut live.store,
-                mailbox,
-                folder,
-                numbers,
-                &wit,
-            ))?
+            finish(
+                live.guest
+                    .postern_plugin0_1_0_mailbox()
+                    .call_import_messages(&mut live.store, mailbox, folder, numbers, &wit),
+            )?
             .map_err(refused)
         })
     }
@@ -1085,7 +1080,7 @@ impl MailStore for WasmStore {
         self.call(mailbox, "usage", |live| {
             let usage = finish(
                 live.guest
-                    .postern_plugin_mailbox()
+                    .postern_plugin0_1_0_mailbox()
                     .call_usage(&mut live.store, mailbox),
             )?
             .map_err(refused)?;
