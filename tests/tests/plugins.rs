@@ -545,7 +545,8 @@ async fn kv_0_2_0_answers_a_full_quota_with_an_error_instead_of_a_trap() {
     // 1 MiB of quota holds fifteen 64 KiB values and their keys; the sixteenth is refused, and
     // the plugin goes on to answer (a 0.1.0 kv would have trapped into the on-error policy).
     let server = with_plugin(
-        "capabilities = [\"kv\", \"config\", \"dns\"]\nkv_quota_mb = 1",
+        // Sixteen durable writes: more time than the default deadline under a loaded test run.
+        "capabilities = [\"kv\", \"config\", \"dns\"]\nkv_quota_mb = 1\ntimeout_ms = 10000",
         &[("rcpt", "\"kv-fill\"")],
     );
     let mut c = greeted(&server).await;

@@ -2,6 +2,7 @@
 
 mod admin;
 mod mailbox;
+mod plugin_new;
 mod plugin_test;
 mod users;
 
@@ -162,6 +163,9 @@ enum PluginCommand {
     /// Run a plugin's hooks offline on a message, as the server would call them, and print
     /// each decision, edit and time; --expect lines make it a test (exit status 1 when unmet).
     Test(plugin_test::PluginTest),
+    /// Make a plugin project (Rust, Python or JavaScript) that builds to a component with one
+    /// command and passes `postern plugin test` (its `./test`) as made.
+    New(plugin_new::PluginNew),
     /// Reload the plugins from the configuration file (as SIGHUP does) and print what came of
     /// each; exit status 1 when one failed to load (its previous version keeps running).
     Reload {
@@ -234,6 +238,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             PluginCommand::List { target, json } => admin::plugin_list(&target, json),
             PluginCommand::Reload { target, json } => admin::plugin_reload(&target, json),
             PluginCommand::Test(test) => plugin_test::run(test),
+            PluginCommand::New(new) => plugin_new::run(new),
         },
         Command::Dkim {
             command:

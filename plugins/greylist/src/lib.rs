@@ -29,24 +29,7 @@
 use postern_plugin_sdk::types::{Decision, Session};
 use postern_plugin_sdk::{config_list, config_or, debug, ip_in, kv, now_ms, tempfail};
 
-wit_bindgen::generate!({
-    inline: "package postern:greylist;
-        world greylist {
-            include postern:plugin/host-api@0.1.0;
-            export postern:plugin/mail-from@0.1.0;
-            export postern:plugin/rcpt@0.1.0;
-        }",
-    path: "../../wit/deps/postern-plugin-0.1.0",
-    with: {
-        "postern:plugin/types@0.1.0": postern_plugin_sdk::types,
-        "postern:plugin/log@0.1.0": postern_plugin_sdk::log,
-        "postern:plugin/config@0.1.0": postern_plugin_sdk::config,
-        "postern:plugin/kv@0.1.0": postern_plugin_sdk::kv,
-        "postern:plugin/clock@0.1.0": postern_plugin_sdk::clock,
-        "postern:plugin/directory@0.1.0": postern_plugin_sdk::directory,
-        "postern:plugin/dns@0.1.0": postern_plugin_sdk::dns,
-    },
-});
+postern_plugin_sdk::plugin!(Greylist, version = "0.1.0");
 
 struct Greylist;
 
@@ -76,7 +59,7 @@ fn over_limit(key: &str, limit: i64, window: u64) -> bool {
     limit > 0 && kv::increment(key, 1, Some(window)) > limit
 }
 
-impl exports::postern::plugin::mail_from::Guest for Greylist {
+impl exports::postern::plugin0_1_0::mail_from::Guest for Greylist {
     fn on_mail_from(session: Session, sender: String, _size: u64) -> Decision {
         if session.user.is_some() {
             return Decision::Continue;
@@ -112,7 +95,7 @@ impl exports::postern::plugin::mail_from::Guest for Greylist {
     }
 }
 
-impl exports::postern::plugin::rcpt::Guest for Greylist {
+impl exports::postern::plugin0_1_0::rcpt::Guest for Greylist {
     fn on_rcpt(session: Session, sender: String, recipient: String, _local: bool) -> Decision {
         if exempt(&session) {
             return Decision::Continue;
@@ -161,5 +144,3 @@ impl exports::postern::plugin::rcpt::Guest for Greylist {
         }
     }
 }
-
-export!(Greylist);

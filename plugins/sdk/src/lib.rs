@@ -1,26 +1,24 @@
 //! Guest SDK for Postern plugins in Rust.
 //!
-//! The SDK binds the host's capabilities (`log`, `config`, `kv`, `clock`, `directory`) and the
-//! shared types once; a plugin crate binds only the hooks it exports and maps the shared parts to
-//! this crate, so it implements only the hooks it needs:
+//! The SDK binds the host's capabilities (`log`, `config`, `kv`, `clock`, `directory`, `dns`) and
+//! the shared types once, for both WIT versions; a plugin crate binds only the hooks it exports,
+//! with one line and a `wit/world.wit` (`postern plugin new` writes both):
 //!
 //! ```ignore
-//! wit_bindgen::generate!({
-//!     inline: "package my:filter; world filter {
-//!         include postern:plugin/host-api@0.1.0;
-//!         export postern:plugin/rcpt@0.1.0;
-//!     }",
-//!     path: "../../wit",
-//!     with: {
-//!         "postern:plugin/types@0.1.0": postern_plugin_sdk::types,
-//!         "postern:plugin/log@0.1.0": postern_plugin_sdk::log,
-//!         "postern:plugin/config@0.1.0": postern_plugin_sdk::config,
-//!         "postern:plugin/kv@0.1.0": postern_plugin_sdk::kv,
-//!         "postern:plugin/clock@0.1.0": postern_plugin_sdk::clock,
-//!         "postern:plugin/directory@0.1.0": postern_plugin_sdk::directory,
-//!         "postern:plugin/dns@0.1.0": postern_plugin_sdk::dns,
-//!     },
-//! });
+//! // wit/world.wit:
+//! //   package my:filter;
+//! //   world filter {
+//! //       include postern:plugin/host-api@0.2.0;
+//! //       export postern:plugin/rcpt@0.1.0;
+//! //   }
+//! struct Filter;
+//! postern_plugin_sdk::plugin!(Filter);
+//!
+//! impl exports::postern::plugin0_1_0::rcpt::Guest for Filter {
+//!     fn on_rcpt(session: Session, sender: String, rcpt: String, local: bool) -> Decision {
+//!         Decision::Continue
+//!     }
+//! }
 //! ```
 //!
 //! Helpers here build decisions and replies, read typed config values and log.
@@ -38,6 +36,66 @@ wit_bindgen::generate!({
 });
 
 pub use postern::plugin0_1_0::{clock, config, directory, dns, kv, log, types};
+
+/// The bindings generator the [`plugin!`] macro runs (a plugin crate need not depend on it).
+pub use wit_bindgen;
+
+/// Binds a plugin's world and exports the type that implements its hooks:
+///
+/// ```ignore
+/// struct MyFilter;
+/// postern_plugin_sdk::plugin!(MyFilter);
+///
+/// impl exports::postern::plugin0_1_0::rcpt::Guest for MyFilter { ... }
+/// ```
+///
+/// The world is the crate's `wit/` folder (or `wit = "folder"`, relative to the crate): one `world.wit` that includes `postern:plugin/host-api@0.2.0` (or `@0.1.0`) and
+/// exports the hooks the plugin implements, and `wit/deps/` holding the Postern packages.
+/// `postern plugin new` writes all of it. A world of 0.1.0 says so:
+/// `plugin!(MyFilter, version = "0.1.0")`. The shared types and the capabilities are this SDK's,
+/// so every plugin speaks the same types and the SDK's helpers work on them.
+#[macro_export]
+macro_rules! plugin {
+    ($plugin:ident) => {
+        $crate::plugin!($plugin, wit = "wit");
+    };
+    ($plugin:ident, wit = $wit:literal) => {
+        $crate::wit_bindgen::generate!({
+            path: $wit,
+            runtime_path: "postern_plugin_sdk::wit_bindgen::rt",
+            with: {
+                "postern:plugin/types@0.1.0": postern_plugin_sdk::types,
+                "postern:plugin/log@0.1.0": postern_plugin_sdk::log,
+                "postern:plugin/config@0.1.0": postern_plugin_sdk::config,
+                "postern:plugin/clock@0.1.0": postern_plugin_sdk::clock,
+                "postern:plugin/directory@0.1.0": postern_plugin_sdk::directory,
+                "postern:plugin/dns@0.1.0": postern_plugin_sdk::dns,
+                "postern:plugin/kv@0.2.0": postern_plugin_sdk::v2::kv,
+            },
+        });
+        self::export!($plugin);
+    };
+    // A world of the first version (`host-api@0.1.0`, whose kv traps on errors).
+    ($plugin:ident, version = "0.1.0") => {
+        $crate::plugin!($plugin, version = "0.1.0", wit = "wit");
+    };
+    ($plugin:ident, version = "0.1.0", wit = $wit:literal) => {
+        $crate::wit_bindgen::generate!({
+            path: $wit,
+            runtime_path: "postern_plugin_sdk::wit_bindgen::rt",
+            with: {
+                "postern:plugin/types@0.1.0": postern_plugin_sdk::types,
+                "postern:plugin/log@0.1.0": postern_plugin_sdk::log,
+                "postern:plugin/config@0.1.0": postern_plugin_sdk::config,
+                "postern:plugin/clock@0.1.0": postern_plugin_sdk::clock,
+                "postern:plugin/directory@0.1.0": postern_plugin_sdk::directory,
+                "postern:plugin/dns@0.1.0": postern_plugin_sdk::dns,
+                "postern:plugin/kv@0.1.0": postern_plugin_sdk::kv,
+            },
+        });
+        self::export!($plugin);
+    };
+}
 
 /// What WIT 0.2.0 adds to the capabilities.
 pub mod v2 {

@@ -25,23 +25,7 @@ use postern_plugin_sdk::{config, config_list, config_or, debug, dns, dnsbl_name,
 use spam_classifier::classifier::{Model, Scorer};
 use spam_classifier::{parse_rule, score, Rule};
 
-wit_bindgen::generate!({
-    inline: "package postern:spam-filter;
-        world spam-filter {
-            include postern:plugin/host-api@0.1.0;
-            export postern:plugin/data@0.1.0;
-        }",
-    path: "../../wit/deps/postern-plugin-0.1.0",
-    with: {
-        "postern:plugin/types@0.1.0": postern_plugin_sdk::types,
-        "postern:plugin/log@0.1.0": postern_plugin_sdk::log,
-        "postern:plugin/config@0.1.0": postern_plugin_sdk::config,
-        "postern:plugin/kv@0.1.0": postern_plugin_sdk::kv,
-        "postern:plugin/clock@0.1.0": postern_plugin_sdk::clock,
-        "postern:plugin/directory@0.1.0": postern_plugin_sdk::directory,
-        "postern:plugin/dns@0.1.0": postern_plugin_sdk::dns,
-    },
-});
+postern_plugin_sdk::plugin!(SpamFilter, version = "0.1.0");
 
 /// Text scanned at most: the start of a message carries its signal, and the cost of scanning
 /// grows with size (SpamAssassin's body_part_scan_size is 50,000 bytes by default).
@@ -72,7 +56,7 @@ fn rules() -> &'static [Rule] {
     })
 }
 
-impl exports::postern::plugin::data::Guest for SpamFilter {
+impl exports::postern::plugin0_1_0::data::Guest for SpamFilter {
     fn on_data(session: Session, envelope: Envelope, message: &Message) -> DataVerdict {
         let subject = message.header("subject").join(" ");
         let mut text = String::new();
@@ -158,5 +142,3 @@ impl exports::postern::plugin::data::Guest for SpamFilter {
         }
     }
 }
-
-export!(SpamFilter);

@@ -29,32 +29,7 @@ use postern_plugin_sdk::types::{
 use postern_plugin_sdk::v2::kv;
 use postern_plugin_sdk::{config, config_list, dns, reply};
 
-wit_bindgen::generate!({
-    inline: "package postern:test-hooks;
-        world test-hooks {
-            include postern:plugin/host-api@0.2.0;
-            export postern:plugin/login@0.2.0;
-            export postern:plugin/connect@0.1.0;
-            export postern:plugin/helo@0.1.0;
-            export postern:plugin/auth@0.1.0;
-            export postern:plugin/mail-from@0.1.0;
-            export postern:plugin/rcpt@0.1.0;
-            export postern:plugin/data@0.1.0;
-            export postern:plugin/deliver@0.1.0;
-            export postern:plugin/vrfy@0.1.0;
-            export postern:plugin/expn@0.1.0;
-        }",
-    path: "../../wit",
-    with: {
-        "postern:plugin/types@0.1.0": postern_plugin_sdk::types,
-        "postern:plugin/log@0.1.0": postern_plugin_sdk::log,
-        "postern:plugin/config@0.1.0": postern_plugin_sdk::config,
-        "postern:plugin/kv@0.2.0": postern_plugin_sdk::v2::kv,
-        "postern:plugin/clock@0.1.0": postern_plugin_sdk::clock,
-        "postern:plugin/directory@0.1.0": postern_plugin_sdk::directory,
-        "postern:plugin/dns@0.1.0": postern_plugin_sdk::dns,
-    },
-});
+postern_plugin_sdk::plugin!(TestHooks);
 
 use exports::postern::plugin0_2_0::login::Protocol;
 
@@ -353,5 +328,3 @@ impl exports::postern::plugin0_1_0::expn::Guest for TestHooks {
         lookup("expn")
     }
 }
-
-export!(TestHooks);

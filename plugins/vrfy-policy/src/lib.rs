@@ -19,24 +19,7 @@
 use postern_plugin_sdk::types::{LookupAnswer, Mailbox, Session};
 use postern_plugin_sdk::{config, config_list, directory, ip_in};
 
-wit_bindgen::generate!({
-    inline: "package postern:vrfy-policy;
-        world vrfy-policy {
-            include postern:plugin/host-api@0.1.0;
-            export postern:plugin/vrfy@0.1.0;
-            export postern:plugin/expn@0.1.0;
-        }",
-    path: "../../wit/deps/postern-plugin-0.1.0",
-    with: {
-        "postern:plugin/types@0.1.0": postern_plugin_sdk::types,
-        "postern:plugin/log@0.1.0": postern_plugin_sdk::log,
-        "postern:plugin/config@0.1.0": postern_plugin_sdk::config,
-        "postern:plugin/kv@0.1.0": postern_plugin_sdk::kv,
-        "postern:plugin/clock@0.1.0": postern_plugin_sdk::clock,
-        "postern:plugin/directory@0.1.0": postern_plugin_sdk::directory,
-        "postern:plugin/dns@0.1.0": postern_plugin_sdk::dns,
-    },
-});
+postern_plugin_sdk::plugin!(VrfyPolicy);
 
 struct VrfyPolicy;
 
@@ -56,7 +39,7 @@ fn address_in(query: &str) -> String {
     }
 }
 
-impl exports::postern::plugin::vrfy::Guest for VrfyPolicy {
+impl exports::postern::plugin0_1_0::vrfy::Guest for VrfyPolicy {
     fn on_vrfy(session: Session, query: String) -> LookupAnswer {
         if !trusted(&session) {
             return LookupAnswer::CannotVerify;
@@ -76,7 +59,7 @@ impl exports::postern::plugin::vrfy::Guest for VrfyPolicy {
     }
 }
 
-impl exports::postern::plugin::expn::Guest for VrfyPolicy {
+impl exports::postern::plugin0_1_0::expn::Guest for VrfyPolicy {
     fn on_expn(session: Session, list: String) -> LookupAnswer {
         if !trusted(&session) {
             return LookupAnswer::CannotVerify;
@@ -98,5 +81,3 @@ impl exports::postern::plugin::expn::Guest for VrfyPolicy {
         )
     }
 }
-
-export!(VrfyPolicy);
