@@ -40,7 +40,24 @@ pub struct Attempt<'a> {
     pub session: SessionInfo,
 }
 
-impl Attempt<'_> {
+impl<'a> Attempt<'a> {
+    /// A login on an IMAP or POP3 session (no HELO, no user yet).
+    pub fn new(
+        protocol: LoginProtocol,
+        mechanism: &'a str,
+        id: u64,
+        listener: &str,
+        peer: std::net::SocketAddr,
+        tls: bool,
+    ) -> Attempt<'a> {
+        Attempt {
+            protocol,
+            mechanism,
+            ip: peer.ip(),
+            session: crate::plugin::session_info(id, listener, peer, tls),
+        }
+    }
+
     fn protocol_name(&self) -> &'static str {
         match self.protocol {
             LoginProtocol::Smtp => "smtp",

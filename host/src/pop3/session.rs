@@ -18,7 +18,7 @@ use crate::auth::{
 };
 use crate::config::{ListenerConfig, TlsMode};
 use crate::framing::{LineEvent, LineFramer};
-use crate::plugin::{session_info, LoginProtocol};
+use crate::plugin::LoginProtocol;
 use crate::store::{Flags, MessageInfo, StoreError};
 use crate::stream::{Io, ReadError};
 
@@ -348,12 +348,14 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        let attempt = Attempt {
-            protocol: LoginProtocol::Pop3,
-            mechanism: method,
-            ip: self.peer.ip(),
-            session: session_info(self.id, &self.listener.name, self.peer, self.tls),
-        };
+        let attempt = Attempt::new(
+            LoginProtocol::Pop3,
+            method,
+            self.id,
+            &self.listener.name,
+            self.peer,
+            self.tls,
+        );
         let user = match self.server.login_gate.check(&attempt, credentials).await {
             LoginVerdict::Accepted(AuthUser(user)) => Some(user),
             LoginVerdict::Refused => None,

@@ -60,26 +60,17 @@ macro_rules! plugin {
         $crate::plugin!($plugin, wit = "wit");
     };
     ($plugin:ident, wit = $wit:literal) => {
-        $crate::wit_bindgen::generate!({
-            path: $wit,
-            runtime_path: "postern_plugin_sdk::wit_bindgen::rt",
-            with: {
-                "postern:plugin/types@0.1.0": postern_plugin_sdk::types,
-                "postern:plugin/log@0.1.0": postern_plugin_sdk::log,
-                "postern:plugin/config@0.1.0": postern_plugin_sdk::config,
-                "postern:plugin/clock@0.1.0": postern_plugin_sdk::clock,
-                "postern:plugin/directory@0.1.0": postern_plugin_sdk::directory,
-                "postern:plugin/dns@0.1.0": postern_plugin_sdk::dns,
-                "postern:plugin/kv@0.2.0": postern_plugin_sdk::v2::kv,
-            },
-        });
-        self::export!($plugin);
+        $crate::plugin!(@bind $plugin, $wit, "postern:plugin/kv@0.2.0": postern_plugin_sdk::v2::kv);
     };
     // A world of the first version (`host-api@0.1.0`, whose kv traps on errors).
     ($plugin:ident, version = "0.1.0") => {
         $crate::plugin!($plugin, version = "0.1.0", wit = "wit");
     };
     ($plugin:ident, version = "0.1.0", wit = $wit:literal) => {
+        $crate::plugin!(@bind $plugin, $wit, "postern:plugin/kv@0.1.0": postern_plugin_sdk::kv);
+    };
+    // wit-bindgen refuses a mapping its world does not use, so the one kv differs by version.
+    (@bind $plugin:ident, $wit:literal, $kv:literal: $kv_module:path) => {
         $crate::wit_bindgen::generate!({
             path: $wit,
             runtime_path: "postern_plugin_sdk::wit_bindgen::rt",
@@ -90,7 +81,7 @@ macro_rules! plugin {
                 "postern:plugin/clock@0.1.0": postern_plugin_sdk::clock,
                 "postern:plugin/directory@0.1.0": postern_plugin_sdk::directory,
                 "postern:plugin/dns@0.1.0": postern_plugin_sdk::dns,
-                "postern:plugin/kv@0.1.0": postern_plugin_sdk::kv,
+                $kv: $kv_module,
             },
         });
         self::export!($plugin);

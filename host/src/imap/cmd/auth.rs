@@ -8,7 +8,7 @@ use crate::auth::{
 };
 use crate::config::TlsMode;
 use crate::imap::codec::{self, Event, Mode};
-use crate::plugin::{session_info, LoginProtocol};
+use crate::plugin::LoginProtocol;
 use crate::store::StoreError;
 use crate::stream::Io;
 use imap_codec::imap_types::auth::AuthMechanism;
@@ -174,12 +174,14 @@ impl Conn {
             login: login.clone(),
             password: crate::auth::Secret(password),
         };
-        let attempt = Attempt {
-            protocol: LoginProtocol::Imap,
-            mechanism: method,
-            ip: self.peer.ip(),
-            session: session_info(self.id, &self.listener.name, self.peer, self.tls),
-        };
+        let attempt = Attempt::new(
+            LoginProtocol::Imap,
+            method,
+            self.id,
+            &self.listener.name,
+            self.peer,
+            self.tls,
+        );
         let user = match self.server.login_gate.check(&attempt, credentials).await {
             LoginVerdict::Accepted(AuthUser(user)) => Some(user),
             LoginVerdict::Refused => None,
