@@ -2,6 +2,7 @@
 //!
 //! - [`bindings`]: the host bindings of the WIT contract (`wit/plugin.wit`, 0.2.0, taking in 0.1.0).
 //! - [`engine`]: wasmtime with pooling, epoch interruption, and the compiled-component cache.
+//! - [`capability`]: the capabilities a plugin may import, a file each, and the grant check.
 //! - [`hooks`]: the hook table (stages, export discovery, per-instance handles).
 //! - [`host`]: a plugin store's data and the capabilities it can import.
 //! - [`kv`]: the durable key-value store behind the `kv` capability.
@@ -10,6 +11,7 @@
 //! - [`chain`]: running a stage through the plugins of a session, with deadlines and policies.
 
 pub mod bindings;
+pub mod capability;
 pub mod chain;
 pub mod engine;
 pub mod hooks;

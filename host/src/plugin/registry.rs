@@ -12,15 +12,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use wasmtime::component::types::ComponentItem;
-use wasmtime::component::{Component, InstancePre, Linker};
+use wasmtime::component::{InstancePre, Linker};
 use wasmtime::Engine;
 
 use super::bindings::Plugin;
 pub use super::hooks::{HookIndices, Stage};
 use super::host::{PluginMeta, PluginState};
 use super::kv::Namespace;
-use super::{engine, PluginError};
+use super::{capability, engine, PluginError};
 use crate::auth::UserDirectory;
 use crate::config::{Capability, OnError, PluginConfig, PluginsConfig};
 
@@ -239,7 +238,7 @@ impl PluginRuntime {
                 return Ok(None);
             }
         }
-        check_imports(&self.engine, &component, &config.capabilities).map_err(fail)?;
+        capability::check_imports(&self.engine, &component, &config.capabilities).map_err(fail)?;
         if let Some(dir) = config.directory.as_ref().filter(|d| !d.is_dir()) {
             return Err(fail(format!(
                 "granted directory {} does not exist",
@@ -318,44 +317,4 @@ fn same_config(a: &PluginConfig, b: &PluginConfig) -> bool {
         && a.capabilities == b.capabilities
         && a.directory == b.directory
         && a.config == b.config
-}
-
-/// Refuses a component that imports a host capability it was not granted, or anything that is
-/// neither ours nor WASI.
-pub(crate) fn check_imports(
-    engine: &Engine,
-    component: &Component,
-    granted: &[Capability],
-) -> Result<(), String> {
-    for (name, item) in component.component_type().imports(engine) {
-        let needed = match name.split('@').next().unwrap_or(name) {
-            "postern:plugin/types" | "postern:plugin/mailbox-types" => None,
-            "postern:plugin/log" => Some(Capability::Log),
-            "postern:plugin/config" => Some(Capability::Config),
-            "postern:plugin/kv" => Some(Capability::Kv),
-            "postern:plugin/clock" => Some(Capability::Clock),
-            "postern:plugin/directory" => Some(Capability::Directory),
-            "postern:plugin/dns" => Some(Capability::Dns),
-            other
-                if other.starts_with("wasi:")
-                    && matches!(item.ty, ComponentItem::ComponentInstance(_)) =>
-            {
-                None
-            }
-            other => {
-                return Err(format!(
-                    "imports {other:?}, which this host does not provide"
-                ))
-            }
-        };
-        if let Some(capability) = needed {
-            if !granted.contains(&capability) {
-                return Err(format!(
-                    "imports {name} but the configuration does not grant {:?} (capabilities = [...])",
-                    capability
-                ));
-            }
-        }
-    }
-    Ok(())
 }

@@ -516,7 +516,7 @@ fn load(
 ) -> Result<Version, String> {
     let stamp = file_stamp(path);
     let (component, _digest) = engine::load_component(engine, path, cache_dir)?;
-    crate::plugin::registry::check_imports(engine, &component, capabilities)?;
+    crate::plugin::capability::check_imports(engine, &component, capabilities)?;
     let pre = linker
         .instantiate_pre(&component)
         .map_err(|e| format!("cannot link: {e:#}"))?;
