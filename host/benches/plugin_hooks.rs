@@ -78,7 +78,12 @@ async fn main() {
         Subject {
             label: "Rust (spam-filter, trained)",
             wasm: repo().join("plugins/target/wasm32-wasip2/release/spam_filter.wasm"),
-            capabilities: vec![Capability::Config, Capability::Log, Capability::Dns],
+            capabilities: vec![
+                Capability::Config,
+                Capability::Log,
+                Capability::Dns,
+                Capability::Kv,
+            ],
             config: format!("quarantine_at = 5.0\nreject_at = 10.0\nrules = [\"body:wire transfer:1.5\"]\n{model}"),
             rcpt_calls: 0,
             data_calls: 400,

@@ -823,7 +823,7 @@ async fn spam_filter_rejects_gtube_quarantines_spam_and_passes_ham() {
     let block = plugin_block(
         "spam-filter",
         "spam_filter",
-        "capabilities = [\"config\", \"log\", \"dns\"]",
+        "capabilities = [\"config\", \"log\", \"dns\", \"kv\"]",
         &[
             ("quarantine_at", "5.0"),
             ("reject_at", "10.0"),
@@ -1058,7 +1058,7 @@ async fn spam_filter_scores_dnsbl_listings() {
         + &plugin_block(
             "spam-filter",
             "spam_filter",
-            "capabilities = [\"config\", \"log\", \"dns\"]\ntimeout_ms = 3000",
+            "capabilities = [\"config\", \"log\", \"dns\", \"kv\"]\ntimeout_ms = 3000",
             &[
                 ("quarantine_at", "5.0"),
                 ("reject_at", "10.0"),

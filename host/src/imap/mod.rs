@@ -48,9 +48,16 @@ pub struct ImapServer {
     pub shutdown: watch::Receiver<bool>,
     /// Shared with SMTP: literals and FETCH output take their memory from it.
     pub budget: MemoryBudget,
+    /// Where APPEND, COPY, MOVE and STORE tell `mailbox-event` plugins (none without plugins).
+    pub events: Option<Arc<crate::plugin::events::MailboxEvents>>,
 }
 
 impl ImapServer {
+    /// The event queue when a loaded plugin listens to mailbox events.
+    pub fn events(&self) -> Option<Arc<crate::plugin::events::MailboxEvents>> {
+        self.events.clone().filter(|events| events.wanted())
+    }
+
     pub fn new(
         config: Arc<Config>,
         users: Arc<UserDirectory>,
@@ -68,6 +75,7 @@ impl ImapServer {
             login_gate,
             shutdown,
             budget,
+            events: None,
         }
     }
 
@@ -81,6 +89,7 @@ impl ImapServer {
             login_gate: self.login_gate.clone(),
             shutdown: self.shutdown.clone(),
             budget: self.budget.clone(),
+            events: self.events.clone(),
         }
     }
 }

@@ -152,7 +152,13 @@ enum Call<'a> {
         &'a types::DeliveryTarget,
         &'a Arc<Vec<u8>>,
     ),
+    MailboxEvent(&'a MailboxEvent, &'a Arc<Vec<u8>>),
 }
+
+/// What `mailbox-event` plugins are told (WIT 0.2.0).
+pub use super::bindings::hooks::mailbox_event::{
+    Action as MailboxAction, Event as MailboxEvent, FolderRef,
+};
 
 impl Call<'_> {
     fn stage(&self) -> Stage {
@@ -160,11 +166,14 @@ impl Call<'_> {
             Call::Session(_, hook) => hook.stage(),
             Call::Data(..) => Stage::Data,
             Call::Deliver(..) => Stage::Deliver,
+            Call::MailboxEvent(..) => Stage::MailboxEvent,
         }
     }
 }
 
 enum Answer {
+    /// A hook that only observes (mailbox-event).
+    Observed,
     Decision(types::Decision),
     Data(types::DataVerdict),
     Delivery(types::Delivery),
@@ -269,6 +278,7 @@ impl PluginSession {
                 answer.is_err(),
             );
             let stop = match &answer {
+                Ok(Answer::Observed) => false,
                 Ok(Answer::Decision(types::Decision::Continue)) => false,
                 Ok(Answer::Data(v)) => !matches!(v.decision, types::DataDecision::Continue),
                 Ok(Answer::Delivery(types::Delivery::Continue)) => false,
@@ -281,7 +291,8 @@ impl PluginSession {
             };
             // Data hooks: every plugin's modifications count, so all continue-ing plugins are kept.
             answers.push((index, answer));
-            if stop {
+            // Observers all hear an event, whatever another one did with it.
+            if stop && stage != Stage::MailboxEvent {
                 break;
             }
         }
@@ -378,6 +389,12 @@ impl PluginSession {
         }
     }
 
+    /// Tells every plugin exporting `mailbox-event`; failures are logged (there is no one to
+    /// answer: the client had its OK).
+    pub async fn on_mailbox_event(&mut self, event: &MailboxEvent, message: &Arc<Vec<u8>>) {
+        self.run(Call::MailboxEvent(event, message)).await;
+    }
+
     /// The answer of VRFY or EXPN ([`Hook::Vrfy`], [`Hook::Expn`]).
     pub async fn lookup(&mut self, session: &SessionInfo, hook: Hook<'_>) -> Lookup {
         match self
@@ -432,6 +449,20 @@ async fn invoke(live: &mut Live, call: &Call<'_>) -> wasmtime::Result<Answer> {
                 .await;
             let _ = store.data_mut().table.delete(handle);
             Answer::Delivery(result?)
+        }
+        Call::MailboxEvent(event, message) => {
+            let hook = g.mailbox_event.as_ref().ok_or_else(missing)?;
+            let handle = store.data_mut().table.push(MessageView {
+                bytes: Arc::clone(message),
+                authentication: None,
+            })?;
+            let rep = handle.rep();
+            let result = hook
+                .call_on_mailbox_event(&mut *store, event, Resource::new_borrow(rep))
+                .await;
+            let _ = store.data_mut().table.delete(handle);
+            result?;
+            Answer::Observed
         }
     })
 }

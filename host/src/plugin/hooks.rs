@@ -85,6 +85,7 @@ hook_table! {
     Deliver => "deliver", deliver;
     Vrfy => "vrfy", vrfy;
     Expn => "expn", expn;
+    MailboxEvent => "mailbox-event", mailbox_event;
 }
 
 impl HookIndices {

@@ -3,6 +3,7 @@
 //! - [`bindings`]: the host bindings of the WIT contract (`wit/plugin.wit`, 0.2.0, taking in 0.1.0).
 //! - [`engine`]: wasmtime with pooling, epoch interruption, and the compiled-component cache.
 //! - [`capability`]: the capabilities a plugin may import, a file each, and the grant check.
+//! - [`events`]: mailbox events, queued from sessions to the plugins that listen.
 //! - [`hooks`]: the hook table (stages, export discovery, per-instance handles).
 //! - [`host`]: a plugin store's data and the capabilities it can import.
 //! - [`kv`]: the durable key-value store behind the `kv` capability.
@@ -14,6 +15,7 @@ pub mod bindings;
 pub mod capability;
 pub mod chain;
 pub mod engine;
+pub mod events;
 pub mod hooks;
 pub mod host;
 pub mod kv;
@@ -21,8 +23,8 @@ pub mod limits;
 pub mod registry;
 
 pub use chain::{
-    session_info, DataOutcome, Hook, LoginProtocol, Lookup, PluginSession, Routing, SessionInfo,
-    Verdict,
+    session_info, DataOutcome, Hook, LoginProtocol, Lookup, MailboxAction, PluginSession, Routing,
+    SessionInfo, Verdict,
 };
 pub use registry::{PluginRuntime, Stage};
 

@@ -337,7 +337,7 @@ pub async fn run(
         smtp.login_gate.clone(),
         shutdown_rx.clone(),
     ));
-    let imap = Arc::new(ImapServer::new(
+    let mut imap = ImapServer::new(
         config.clone(),
         users.clone(),
         watched,
@@ -345,7 +345,9 @@ pub async fn run(
         smtp.login_gate.clone(),
         shutdown_rx.clone(),
         smtp.body_budget.clone(),
-    ));
+    );
+    imap.events = Some(crate::plugin::events::MailboxEvents::start(plugins.clone()));
+    let imap = Arc::new(imap);
     let services = Arc::new(LiveServices::new(Services {
         smtp: Arc::new(smtp),
         pop3,

@@ -182,6 +182,17 @@ impl Model {
         }
     }
 
+    /// Adds another model's counts (what users taught to what a corpus did).
+    pub fn add(&mut self, other: &Model) {
+        self.spam_messages += other.spam_messages;
+        self.ham_messages += other.ham_messages;
+        for (token, (s, h)) in &other.counts {
+            let entry = self.counts.entry(token.clone()).or_default();
+            entry.0 += s;
+            entry.1 += h;
+        }
+    }
+
     pub fn to_text(&self) -> String {
         let mut lines: Vec<String> = self
             .counts

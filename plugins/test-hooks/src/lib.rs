@@ -3,6 +3,8 @@
 //! `data`, `deliver`, `vrfy`, `expn`; absent means continue). It is a WIT 0.2.0 plugin: `login`
 //! and `kv` are 0.2.0's, the other hooks 0.1.0's.
 //!
+//! - mailbox-event: every event is printed to stdout (so the server's log has it) as
+//!   `mailbox-event ACTION SOURCE -> FOLDER (SPECIAL-USE) [FLAGS] subject=SUBJECT`.
 //! - login only: `login-smtp`, `login-imap`, `login-pop3` are read before `login`, so one
 //!   protocol can be refused alone; `reject-user:USER` refuses that user with 550 5.7.1.
 //!
@@ -32,6 +34,7 @@ use postern_plugin_sdk::{config, config_list, dns, reply};
 postern_plugin_sdk::plugin!(TestHooks);
 
 use exports::postern::plugin0_2_0::login::Protocol;
+use exports::postern::plugin0_2_0::mailbox_event::{Action, Event as MailboxEvent};
 
 struct TestHooks;
 
@@ -180,6 +183,26 @@ impl exports::postern::plugin0_2_0::login::Guest for TestHooks {
             Some(_) => Decision::Continue,
             None => common(&action).unwrap_or(Decision::Continue),
         }
+    }
+}
+
+impl exports::postern::plugin0_2_0::mailbox_event::Guest for TestHooks {
+    fn on_mailbox_event(event: MailboxEvent, message: &Message) {
+        let action = match event.action {
+            Action::Appended => "appended",
+            Action::Copied => "copied",
+            Action::Moved => "moved",
+            Action::FlagsChanged => "flags-changed",
+        };
+        let source = event.source.map(|f| f.name).unwrap_or_else(|| "-".into());
+        let special = event.folder.special_use.unwrap_or_else(|| "none".into());
+        let subject = message.header("subject").join(" ");
+        println!(
+            "mailbox-event {action} {source} -> {} ({special}) [{}] subject={subject} user={}",
+            event.folder.name,
+            event.flags.join(" "),
+            event.user
+        );
     }
 }
 

@@ -9,6 +9,8 @@ use imap_codec::imap_types::mailbox::Mailbox;
 use crate::imap::code::Code;
 use crate::imap::selected::{uid_set, Selected};
 use crate::imap::session::*;
+use crate::plugin::events::{event, folder_ref};
+use crate::plugin::MailboxAction;
 use crate::store::{MessageInfo, StoreError};
 use imap_codec::imap_types::command::{Command, CommandBody};
 
@@ -182,6 +184,9 @@ impl Conn {
         let into_selected = selected.is_some_and(|s| s.folder == name);
         let limit = self.server.config.imap.append_limit as usize;
         let quota = self.server.users.quota(&user);
+        let events = self.server.events();
+        let listened = events.is_some();
+        let (owner, folder) = (user.clone(), name.clone());
         let stored = blocking(move || {
             // RFC 4469 §5: a missing target is TRYCREATE whatever the URLs say, so it is
             // checked first; then every part is resolved before anything is stored.
@@ -235,7 +240,9 @@ impl Conn {
                     }
                 }
             }
-            Ok(Ok((validity, uids)))
+            // What `mailbox-event` plugins are told, when one listens.
+            let appended = if listened { prepared } else { Vec::new() };
+            Ok(Ok((validity, uids, appended)))
         })
         .await;
         match stored {
@@ -243,7 +250,21 @@ impl Conn {
             Ok(Err(Refused::TooBig)) => no(Some(Code::TooBig), "Message over the APPENDLIMIT"),
             Ok(Err(Refused::Empty)) => no(None, "Empty message"),
             Ok(Err(Refused::OverQuota)) => no(Some(Code::OverQuota), "Quota exceeded"),
-            Ok(Ok((validity, uids))) => {
+            Ok(Ok((validity, uids, appended))) => {
+                if let Some(events) = events {
+                    let special = &self.server.config.imap.special_folders;
+                    for (bytes, _, system, names) in appended {
+                        let event = event(
+                            &owner,
+                            MailboxAction::Appended,
+                            folder_ref(&folder, special),
+                            None,
+                            &system,
+                            &names,
+                        );
+                        events.tell(event, std::sync::Arc::new(bytes));
+                    }
+                }
                 // Our own write is not announced to us: the next update re-reads the selected
                 // folder when it gained the messages (a Sent copy does not).
                 if into_selected {

@@ -9,6 +9,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::imap::code::Code;
 use crate::imap::session::*;
+use crate::plugin::events::{event, folder_ref};
+use crate::plugin::MailboxAction;
 
 /// A COPY or MOVE as the client sent it.
 pub(in crate::imap) struct CopyRequest<'a> {
@@ -64,8 +66,20 @@ impl Conn {
         // RFC 9208 §4.1: a COPY that would go over the quota is refused (a MOVE within the
         // mailbox adds nothing).
         let quota = self.server.users.quota(&user);
+        let events = self.server.events();
+        let listened = events.is_some();
+        let (source, owner, into) = (folder.clone(), user.clone(), target.clone());
         let result = blocking(move || {
             let refs: Vec<&MessageInfo> = messages.iter().collect();
+            // Read before a MOVE takes them away; only when a plugin listens.
+            let bodies = if listened {
+                messages
+                    .iter()
+                    .map(|m| store.read(&user, &folder, m))
+                    .collect::<Result<Vec<_>, _>>()?
+            } else {
+                Vec::new()
+            };
             if !moving && quota.is_limited() {
                 let bytes = messages.iter().map(|m| m.size).sum();
                 if !quota.allows(store.usage(&user)?, bytes, messages.len() as u64) {
@@ -76,11 +90,32 @@ impl Conn {
             if moving {
                 store.remove(&user, &folder, &refs)?;
             }
-            Ok(copied)
+            Ok((copied, messages, bodies))
         })
         .await;
         let (validity, pairs) = match result {
-            Ok(copied) => copied,
+            Ok((copied, messages, bodies)) => {
+                if let Some(events) = events {
+                    let special = &self.server.config.imap.special_folders;
+                    let action = if moving {
+                        MailboxAction::Moved
+                    } else {
+                        MailboxAction::Copied
+                    };
+                    for (message, body) in messages.iter().zip(bodies) {
+                        let event = event(
+                            &owner,
+                            action,
+                            folder_ref(&into, special),
+                            Some(folder_ref(&source, special)),
+                            &message.flags,
+                            &message.keywords,
+                        );
+                        events.tell(event, std::sync::Arc::new(body));
+                    }
+                }
+                copied
+            }
             Err(StoreError::NoSuchFolder(_)) => {
                 return no(Some(Code::TryCreate), "No such mailbox")
             }

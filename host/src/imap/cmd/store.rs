@@ -10,6 +10,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::imap::code::Code;
 use crate::imap::session::*;
+use crate::plugin::events::{event, folder_ref};
+use crate::plugin::MailboxAction;
 
 /// The system flags of a flag list, and its keywords by name (`$Forwarded` is a system flag of
 /// the store's: Maildir's `P`).
@@ -109,13 +111,43 @@ impl Conn {
             flags,
             keywords,
         };
+        let events = self.server.events();
+        let listened = events.is_some();
+        let (owner, source) = (user.clone(), folder.clone());
         let result = blocking(move || {
             let refs: Vec<&MessageInfo> = messages.iter().collect();
-            store.change_flags(&user, &folder, &refs, &change, unchanged_since)
+            let outcome = store.change_flags(&user, &folder, &refs, &change, unchanged_since)?;
+            // The changed messages, for `mailbox-event` plugins when one listens (one that
+            // went away meanwhile is passed over).
+            let mut bodies = Vec::new();
+            for now in outcome.updated.iter().filter(|_| listened) {
+                if let Some(message) = messages.iter().find(|m| m.uid == now.uid) {
+                    if let Ok(body) = store.read(&user, &folder, message) {
+                        bodies.push((now.flags, now.keywords.clone(), body));
+                    }
+                }
+            }
+            Ok((outcome, bodies))
         })
         .await;
         let outcome: FlagOutcome = match result {
-            Ok(done) => done,
+            Ok((done, bodies)) => {
+                if let Some(events) = events {
+                    let special = &self.server.config.imap.special_folders;
+                    for (flags, keywords, body) in bodies {
+                        let event = event(
+                            &owner,
+                            MailboxAction::FlagsChanged,
+                            folder_ref(&source, special),
+                            None,
+                            &flags,
+                            &keywords,
+                        );
+                        events.tell(event, std::sync::Arc::new(body));
+                    }
+                }
+                done
+            }
             Err(err) => return store_failure(&err),
         };
         let mut out = Vec::new();
