@@ -4,9 +4,10 @@
 //! Sessions hand an event to a bounded queue and go on; one task tells the plugins, in order,
 //! each event in a plugin session of its own. A full queue drops the event (and says so in the
 //! log): a slow or stuck plugin must never hold up a mailbox, and a lost training sample costs
-//! less than a client waiting.
+//! less than a client waiting. The messages queued are bounded in bytes as well as in number,
+//! and sessions read a message for an event only while there is room for it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -17,10 +18,14 @@ use crate::store::{Flags, Keywords};
 
 /// Events waiting at most; past it new ones are dropped.
 const QUEUE: usize = 1024;
+/// Bytes of messages waiting at most (a COPY of a large folder must not read it all into memory).
+const QUEUE_BYTES: usize = 64 << 20;
 
 pub struct MailboxEvents {
     runtime: Arc<PluginRuntime>,
     queue: mpsc::Sender<(MailboxEvent, Arc<Vec<u8>>)>,
+    /// Bytes of the messages queued and being told.
+    queued: Arc<AtomicUsize>,
     dropped: AtomicU64,
 }
 
@@ -29,17 +34,35 @@ impl MailboxEvents {
     pub fn start(runtime: Arc<PluginRuntime>) -> Arc<MailboxEvents> {
         let (queue, mut events) = mpsc::channel::<(MailboxEvent, Arc<Vec<u8>>)>(QUEUE);
         let task_runtime = runtime.clone();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let told = queued.clone();
         tokio::spawn(async move {
             while let Some((event, message)) = events.recv().await {
                 let mut plugins = PluginSession::new(task_runtime.clone());
                 plugins.on_mailbox_event(&event, &message).await;
+                told.fetch_sub(message.len(), Ordering::AcqRel);
             }
         });
         Arc::new(MailboxEvents {
             runtime,
             queue,
+            queued,
             dropped: AtomicU64::new(0),
         })
+    }
+
+    /// Bytes of messages that may still be queued now: a session reads messages for events
+    /// only up to it.
+    pub fn room(&self) -> usize {
+        QUEUE_BYTES.saturating_sub(self.queued.load(Ordering::Acquire))
+    }
+
+    /// Counts events a session left out for want of room.
+    pub fn dropped(&self, count: usize) {
+        if count > 0 {
+            let dropped = self.dropped.fetch_add(count as u64, Ordering::Relaxed) + count as u64;
+            tracing::warn!(dropped, "mailbox-event queue full; events were dropped");
+        }
     }
 
     /// Whether any loaded plugin listens: sessions read messages for events only then.
@@ -48,13 +71,38 @@ impl MailboxEvents {
     }
 
     pub fn tell(&self, event: MailboxEvent, message: Arc<Vec<u8>>) {
-        if self.queue.try_send((event, message)).is_err() {
-            let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            tracing::warn!(
-                dropped,
-                "mailbox-event plugins are behind; an event was dropped"
-            );
+        let size = message.len();
+        let before = self.queued.fetch_add(size, Ordering::AcqRel);
+        if before + size > QUEUE_BYTES || self.queue.try_send((event, message)).is_err() {
+            self.queued.fetch_sub(size, Ordering::AcqRel);
+            self.dropped(1);
         }
+    }
+
+    /// Reads the messages events are about, in order, while they fit in the queue's room (on
+    /// the store's blocking thread), each with its index in `messages`; the rest are counted
+    /// as dropped.
+    pub fn read(
+        &self,
+        messages: &[crate::store::MessageInfo],
+        mut read: impl FnMut(&crate::store::MessageInfo) -> Option<Vec<u8>>,
+    ) -> Vec<(usize, Vec<u8>)> {
+        let mut room = self.room();
+        let mut out = Vec::new();
+        let mut left_out = 0;
+        for (index, message) in messages.iter().enumerate() {
+            let size = message.size as usize;
+            if size > room {
+                left_out += 1;
+                continue;
+            }
+            if let Some(body) = read(message) {
+                room -= size;
+                out.push((index, body));
+            }
+        }
+        self.dropped(left_out);
+        out
     }
 }
 

@@ -67,18 +67,14 @@ impl Conn {
         // mailbox adds nothing).
         let quota = self.server.users.quota(&user);
         let events = self.server.events();
-        let listened = events.is_some();
+        let reader = events.clone();
         let (source, owner, into) = (folder.clone(), user.clone(), target.clone());
         let result = blocking(move || {
             let refs: Vec<&MessageInfo> = messages.iter().collect();
             // Read before a MOVE takes them away; only when a plugin listens.
-            let bodies = if listened {
-                messages
-                    .iter()
-                    .map(|m| store.read(&user, &folder, m))
-                    .collect::<Result<Vec<_>, _>>()?
-            } else {
-                Vec::new()
+            let bodies = match &reader {
+                Some(events) => events.read(&messages, |m| store.read(&user, &folder, m).ok()),
+                None => Vec::new(),
             };
             if !moving && quota.is_limited() {
                 let bytes = messages.iter().map(|m| m.size).sum();
@@ -102,7 +98,8 @@ impl Conn {
                     } else {
                         MailboxAction::Copied
                     };
-                    for (message, body) in messages.iter().zip(bodies) {
+                    for (index, body) in bodies {
+                        let message = &messages[index];
                         let event = event(
                             &owner,
                             action,

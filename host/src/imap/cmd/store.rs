@@ -112,7 +112,7 @@ impl Conn {
             keywords,
         };
         let events = self.server.events();
-        let listened = events.is_some();
+        let reader = events.clone();
         let (owner, source) = (user.clone(), folder.clone());
         let result = blocking(move || {
             let refs: Vec<&MessageInfo> = messages.iter().collect();
@@ -120,11 +120,20 @@ impl Conn {
             // The changed messages, for `mailbox-event` plugins when one listens (one that
             // went away meanwhile is passed over).
             let mut bodies = Vec::new();
-            for now in outcome.updated.iter().filter(|_| listened) {
-                if let Some(message) = messages.iter().find(|m| m.uid == now.uid) {
-                    if let Ok(body) = store.read(&user, &folder, message) {
-                        bodies.push((now.flags, now.keywords.clone(), body));
-                    }
+            if let Some(events) = &reader {
+                let changed: Vec<MessageInfo> = outcome
+                    .updated
+                    .iter()
+                    .filter_map(|now| {
+                        let mut message = messages.iter().find(|m| m.uid == now.uid)?.clone();
+                        message.flags = now.flags;
+                        message.keywords.clone_from(&now.keywords);
+                        Some(message)
+                    })
+                    .collect();
+                for (index, body) in events.read(&changed, |m| store.read(&user, &folder, m).ok()) {
+                    let message = &changed[index];
+                    bodies.push((message.flags, message.keywords.clone(), body));
                 }
             }
             Ok((outcome, bodies))
