@@ -146,3 +146,75 @@ pub fn event(
             .collect(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::UserDirectory;
+    use crate::config::{Config, PluginsConfig};
+    use crate::store::{MessageHandle, MessageInfo};
+
+    fn message(uid: u32, size: usize) -> MessageInfo {
+        MessageInfo {
+            uid,
+            key: format!("m{uid}"),
+            handle: MessageHandle::new(format!("m{uid}")),
+            size: size as u64,
+            flags: Flags::empty(),
+            keywords: Keywords::new(),
+            received_at: 0,
+            modseq: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn what_is_queued_is_bounded_in_bytes() {
+        let data = tempfile::tempdir().unwrap();
+        let users = Arc::new(UserDirectory::from_config(&Config::embedded_default()));
+        let runtime = Arc::new(
+            PluginRuntime::new(&PluginsConfig::default(), data.path(), users, None).unwrap(),
+        );
+        let events = MailboxEvents::start(runtime);
+        assert_eq!(events.room(), QUEUE_BYTES);
+        // 40 + 30 + 10 MiB: the 30 MiB message does not fit after the first, the 10 MiB one does.
+        let messages = [
+            message(1, 40 << 20),
+            message(2, 30 << 20),
+            message(3, 10 << 20),
+        ];
+        let mut asked = Vec::new();
+        let read = events.read(&messages, |m| {
+            asked.push(m.uid);
+            Some(Vec::new())
+        });
+        assert_eq!(read.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [0, 2]);
+        assert_eq!(
+            asked,
+            [1, 3],
+            "a message that does not fit is not even read"
+        );
+        assert_eq!(events.dropped.load(Ordering::Relaxed), 1);
+        // A message larger than the whole queue is dropped and leaves no bytes counted.
+        let event = event(
+            "alice@example.test",
+            MailboxAction::Appended,
+            folder_ref("INBOX", &Default::default()),
+            None,
+            &Flags::empty(),
+            &Keywords::new(),
+        );
+        events.tell(event.clone(), Arc::new(vec![0; QUEUE_BYTES + 1]));
+        assert_eq!(events.dropped.load(Ordering::Relaxed), 2);
+        assert_eq!(events.room(), QUEUE_BYTES);
+        // One that fits is queued, and its bytes are given back once it was told.
+        events.tell(event, Arc::new(vec![0; 1 << 20]));
+        for _ in 0..200 {
+            if events.room() == QUEUE_BYTES {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(events.room(), QUEUE_BYTES);
+        assert_eq!(events.dropped.load(Ordering::Relaxed), 2);
+    }
+}
