@@ -29,14 +29,7 @@ pub fn flags(out: &mut Vec<u8>, flags: Flags, keywords: &Keywords, recent: bool)
         out.extend_from_slice(name.as_bytes());
         first = false;
     };
-    for (flag, name) in [
-        (Flags::SEEN, "\\Seen"),
-        (Flags::ANSWERED, "\\Answered"),
-        (Flags::FLAGGED, "\\Flagged"),
-        (Flags::DELETED, "\\Deleted"),
-        (Flags::DRAFT, "\\Draft"),
-        (Flags::FORWARDED, "$Forwarded"),
-    ] {
+    for (flag, name) in Flags::NAMES {
         if flags.contains(flag) {
             put(out, name);
         }

@@ -114,16 +114,6 @@ pub fn folder_ref(name: &str, special: &std::collections::BTreeMap<String, Strin
     }
 }
 
-/// RFC 9051 §2.3.2 system flags; `$Forwarded` is a keyword there (RFC 5550).
-const SYSTEM_FLAGS: [(Flags, &str); 6] = [
-    (Flags::SEEN, "\\Seen"),
-    (Flags::ANSWERED, "\\Answered"),
-    (Flags::FLAGGED, "\\Flagged"),
-    (Flags::DELETED, "\\Deleted"),
-    (Flags::DRAFT, "\\Draft"),
-    (Flags::FORWARDED, "$Forwarded"),
-];
-
 /// An event for one message.
 pub fn event(
     user: &str,
@@ -138,7 +128,7 @@ pub fn event(
         action,
         folder,
         source,
-        flags: SYSTEM_FLAGS
+        flags: Flags::NAMES
             .iter()
             .filter(|(flag, _)| flags.contains(*flag))
             .map(|(_, name)| name.to_string())

@@ -124,6 +124,17 @@ pub fn valid_folder_name(folder: &str) -> bool {
 pub struct Flags(u8);
 
 impl Flags {
+    /// The IMAP names of the system flags (RFC 9051 §2.3.2); `$Forwarded` is a keyword there
+    /// (RFC 5550) that Maildir keeps as a flag.
+    pub const NAMES: [(Flags, &'static str); 6] = [
+        (Flags::SEEN, "\\Seen"),
+        (Flags::ANSWERED, "\\Answered"),
+        (Flags::FLAGGED, "\\Flagged"),
+        (Flags::DELETED, "\\Deleted"),
+        (Flags::DRAFT, "\\Draft"),
+        (Flags::FORWARDED, "$Forwarded"),
+    ];
+
     pub const SEEN: Flags = Flags(1);
     pub const ANSWERED: Flags = Flags(2);
     pub const FLAGGED: Flags = Flags(4);
