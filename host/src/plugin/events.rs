@@ -79,6 +79,29 @@ impl MailboxEvents {
         }
     }
 
+    /// Tells one event per message: `action` on `user`'s messages, now in `folder` (from
+    /// `source`), each with its flags after the change and its bytes.
+    pub fn tell_each(
+        &self,
+        user: &str,
+        action: MailboxAction,
+        (folder, source): (&str, Option<&str>),
+        special: &std::collections::BTreeMap<String, String>,
+        messages: impl IntoIterator<Item = (Flags, Keywords, Vec<u8>)>,
+    ) {
+        for (flags, keywords, bytes) in messages {
+            let event = event(
+                user,
+                action,
+                folder_ref(folder, special),
+                source.map(|name| folder_ref(name, special)),
+                &flags,
+                &keywords,
+            );
+            self.tell(event, Arc::new(bytes));
+        }
+    }
+
     /// Reads the messages events are about, in order, while they fit in the queue's room (on
     /// the store's blocking thread), each with its index in `messages`; the rest are counted
     /// as dropped.
@@ -107,7 +130,7 @@ impl MailboxEvents {
 }
 
 /// A folder as events name it, with its special use from `[imap] special_folders`.
-pub fn folder_ref(name: &str, special: &std::collections::BTreeMap<String, String>) -> FolderRef {
+fn folder_ref(name: &str, special: &std::collections::BTreeMap<String, String>) -> FolderRef {
     FolderRef {
         name: name.to_string(),
         special_use: special.get(name).cloned(),
@@ -115,7 +138,7 @@ pub fn folder_ref(name: &str, special: &std::collections::BTreeMap<String, Strin
 }
 
 /// An event for one message.
-pub fn event(
+fn event(
     user: &str,
     action: MailboxAction,
     folder: FolderRef,

@@ -9,7 +9,6 @@ use imap_codec::imap_types::mailbox::Mailbox;
 use crate::imap::code::Code;
 use crate::imap::selected::{uid_set, Selected};
 use crate::imap::session::*;
-use crate::plugin::events::{event, folder_ref};
 use crate::plugin::MailboxAction;
 use crate::store::{MessageInfo, StoreError};
 use imap_codec::imap_types::command::{Command, CommandBody};
@@ -252,18 +251,15 @@ impl Conn {
             Ok(Err(Refused::OverQuota)) => no(Some(Code::OverQuota), "Quota exceeded"),
             Ok(Ok((validity, uids, appended))) => {
                 if let Some(events) = events {
-                    let special = &self.server.config.imap.special_folders;
-                    for (bytes, _, system, names) in appended {
-                        let event = event(
-                            &owner,
-                            MailboxAction::Appended,
-                            folder_ref(&folder, special),
-                            None,
-                            &system,
-                            &names,
-                        );
-                        events.tell(event, std::sync::Arc::new(bytes));
-                    }
+                    events.tell_each(
+                        &owner,
+                        MailboxAction::Appended,
+                        (&folder, None),
+                        &self.server.config.imap.special_folders,
+                        appended
+                            .into_iter()
+                            .map(|(bytes, _, system, names)| (system, names, bytes)),
+                    );
                 }
                 // Our own write is not announced to us: the next update re-reads the selected
                 // folder when it gained the messages (a Sent copy does not).

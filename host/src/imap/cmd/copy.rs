@@ -9,7 +9,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::imap::code::Code;
 use crate::imap::session::*;
-use crate::plugin::events::{event, folder_ref};
 use crate::plugin::MailboxAction;
 
 /// A COPY or MOVE as the client sent it.
@@ -92,24 +91,21 @@ impl Conn {
         let (validity, pairs) = match result {
             Ok((copied, messages, bodies)) => {
                 if let Some(events) = events {
-                    let special = &self.server.config.imap.special_folders;
                     let action = if moving {
                         MailboxAction::Moved
                     } else {
                         MailboxAction::Copied
                     };
-                    for (index, body) in bodies {
-                        let message = &messages[index];
-                        let event = event(
-                            &owner,
-                            action,
-                            folder_ref(&into, special),
-                            Some(folder_ref(&source, special)),
-                            &message.flags,
-                            &message.keywords,
-                        );
-                        events.tell(event, std::sync::Arc::new(body));
-                    }
+                    events.tell_each(
+                        &owner,
+                        action,
+                        (&into, Some(&source)),
+                        &self.server.config.imap.special_folders,
+                        bodies.into_iter().map(|(index, body)| {
+                            let message = &messages[index];
+                            (message.flags, message.keywords.clone(), body)
+                        }),
+                    );
                 }
                 copied
             }

@@ -10,7 +10,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::imap::code::Code;
 use crate::imap::session::*;
-use crate::plugin::events::{event, folder_ref};
 use crate::plugin::MailboxAction;
 
 /// The system flags of a flag list, and its keywords by name (`$Forwarded` is a system flag of
@@ -142,18 +141,13 @@ impl Conn {
         let outcome: FlagOutcome = match result {
             Ok((done, bodies)) => {
                 if let Some(events) = events {
-                    let special = &self.server.config.imap.special_folders;
-                    for (flags, keywords, body) in bodies {
-                        let event = event(
-                            &owner,
-                            MailboxAction::FlagsChanged,
-                            folder_ref(&source, special),
-                            None,
-                            &flags,
-                            &keywords,
-                        );
-                        events.tell(event, std::sync::Arc::new(body));
-                    }
+                    events.tell_each(
+                        &owner,
+                        MailboxAction::FlagsChanged,
+                        (&source, None),
+                        &self.server.config.imap.special_folders,
+                        bodies,
+                    );
                 }
                 done
             }
