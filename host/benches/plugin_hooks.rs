@@ -156,6 +156,7 @@ async fn main() {
                 path: subject.wasm.clone(),
                 on_error: OnError::Tempfail,
                 timeout_ms: None,
+                queued_timeout_secs: None,
                 memory_mb: Some(128),
                 kv_quota_mb: 16,
                 capabilities: subject.capabilities.clone(),

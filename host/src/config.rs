@@ -283,6 +283,26 @@ pub struct OutboundConfig {
     /// AUTH PLAIN credentials for the smarthost (the password is needed in the clear to send it).
     pub smarthost_user: Option<String>,
     pub smarthost_password: Option<String>,
+    /// Named ways out, for plugins' `outbound` hook to route recipients through
+    /// (`[outbound.transports.backup]`).
+    pub transports: BTreeMap<String, TransportConfig>,
+}
+
+/// A named transport: one next hop, how to secure it, and its credentials.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportConfig {
+    /// `host` or `host:port` (port 25 when not given).
+    pub host: String,
+    /// TLS towards it, as a domain's policy (`none`, `may`, `encrypt`, `verify`).
+    #[serde(default)]
+    pub tls: OutboundTls,
+    /// TLS from the first byte (port 465), certificate verified, instead of STARTTLS.
+    #[serde(default)]
+    pub implicit_tls: bool,
+    /// AUTH PLAIN credentials; only over verified TLS (`verify` or `implicit_tls`).
+    pub user: Option<String>,
+    pub password: Option<String>,
 }
 
 impl Default for OutboundConfig {
@@ -306,6 +326,7 @@ impl Default for OutboundConfig {
             smarthost_tls: TlsMode::Starttls,
             smarthost_user: None,
             smarthost_password: None,
+            transports: BTreeMap::new(),
         }
     }
 }
@@ -424,6 +445,14 @@ impl Default for ImapConfig {
 pub struct PluginsConfig {
     /// Deadline for one hook call, unless a plugin sets its own.
     pub default_timeout_ms: u64,
+    /// Deadline of the after-queue filter (`queued` hook) for one message, unless a plugin sets
+    /// its own: in seconds, since no session waits for it.
+    pub queued_timeout_secs: u64,
+    /// Messages the after-queue filters work on at once; more wait their turn in the spool.
+    pub queued_concurrency: usize,
+    /// A message a filter deferred is filtered again after this long, then at doubling
+    /// intervals up to 16 times it, until the relay's `max_age` bounces it.
+    pub queued_retry_secs: u64,
     /// Linear memory one plugin instance may use, unless a plugin sets its own.
     pub default_memory_mb: u64,
     /// The largest memory any plugin may be given (size of a pooled memory slot).
@@ -442,6 +471,9 @@ impl Default for PluginsConfig {
     fn default() -> Self {
         PluginsConfig {
             default_timeout_ms: 100,
+            queued_timeout_secs: 60,
+            queued_concurrency: 4,
+            queued_retry_secs: 60,
             default_memory_mb: 64,
             max_memory_mb: 256,
             max_instances: 1000,
@@ -490,6 +522,8 @@ pub struct PluginConfig {
     #[serde(default)]
     pub on_error: OnError,
     pub timeout_ms: Option<u64>,
+    /// Its `queued` hook's deadline, instead of `[plugins] queued_timeout_secs`.
+    pub queued_timeout_secs: Option<u64>,
     pub memory_mb: Option<u64>,
     /// What the plugin's kv store may hold (keys and values together, in host memory and on
     /// disk); past it `set` and `increment` answer an error. Default 16.
@@ -818,6 +852,18 @@ impl Config {
         if self.outbound.smarthost_tls == TlsMode::None {
             return Err("outbound.smarthost_tls must be \"starttls\" or \"implicit\"".into());
         }
+        for (name, t) in &self.outbound.transports {
+            if t.user.is_some() != t.password.is_some() {
+                return Err(format!(
+                    "outbound.transports.{name}: user and password go together"
+                ));
+            }
+            if t.user.is_some() && !(t.implicit_tls || t.tls == OutboundTls::Verify) {
+                return Err(format!(
+                    "outbound.transports.{name}: credentials are sent only over verified TLS (tls = \"verify\" or implicit_tls = true)"
+                ));
+            }
+        }
         if self.outbound.smarthost_user.is_some() != self.outbound.smarthost_password.is_some() {
             return Err("outbound.smarthost_user and smarthost_password go together".into());
         }
@@ -864,6 +910,15 @@ impl Config {
             }
         }
         let mut plugin_names = std::collections::HashSet::new();
+        if self.plugins.queued_concurrency < 1
+            || self.plugins.queued_timeout_secs < 1
+            || self.plugins.queued_retry_secs < 1
+        {
+            return Err(
+                "plugins.queued_concurrency, queued_timeout_secs and queued_retry_secs must be at least 1"
+                    .into(),
+            );
+        }
         for plugin in &self.plugin_list {
             if !plugin_names.insert(&plugin.name) {
                 return Err(format!("plugin name {:?} is used twice", plugin.name));

@@ -83,7 +83,7 @@ def test_plugin_list_counts_calls_and_reload_reports_each_plugin(tmp_path):
         [plugin] = cli_json(server, "plugin", "list")
         assert plugin["name"] == "hooks"
         assert plugin["hooks"] == ["connect", "helo", "auth", "login", "mail-from", "rcpt", "data",
-                                   "deliver", "vrfy", "expn", "mailbox-event"]
+                                   "deliver", "vrfy", "expn", "mailbox-event", "queued", "outbound"]
         assert plugin["capabilities"] == ["config", "kv", "dns"]
         assert len(plugin["digest"]) == 64
         calls = {c["hook"]: c for c in plugin["calls"]}

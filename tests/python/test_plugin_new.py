@@ -28,36 +28,39 @@ def run(cmd, cwd, env=None):
 
 
 def test_a_rust_project_builds_and_passes_its_test(tmp_path):
-    project = make(tmp_path, "made-in-rust", "rust", "login,mail-from,rcpt,data,deliver")
+    project = make(tmp_path, "made-in-rust", "rust", "login,mail-from,rcpt,data,queued,deliver")
     # The shipped plugins' target folder: the SDK and wit-bindgen are compiled there already.
     env = {"CARGO_TARGET_DIR": str(ROOT / "plugins" / "target")}
     run("cargo build --release --target wasm32-wasip2", project, env)
     out = run(["./test"], project, env)
     assert "login      pass" in out
     assert "data       +X-MadeInRust: seen" in out
-    assert out.rstrip().endswith("all 4 expectations met"), out
+    assert "queued     deliver" in out
+    assert out.rstrip().endswith("all 5 expectations met"), out
 
 
 def test_a_python_project_builds_and_passes_its_test(tmp_path):
-    project = make(tmp_path, "made-in-python", "python", "helo,rcpt,data")
+    project = make(tmp_path, "made-in-python", "python", "helo,rcpt,data,queued")
     run([str(VENV / "componentize-py"), "-d", "wit", "-w", "made-in-python", "componentize", "app",
          "-o", "made_in_python.wasm"], project)
     out = run(["./test"], project)
     assert "data       +X-MadeInPython: seen" in out
-    assert out.rstrip().endswith("all 3 expectations met"), out
+    assert "queued     deliver" in out
+    assert out.rstrip().endswith("all 4 expectations met"), out
 
 
 def test_a_javascript_project_builds_and_passes_its_test(tmp_path):
     if not JS_MODULES.is_dir():
         pytest.fail("examples/plugins/build installs componentize-js; run it first")
-    project = make(tmp_path, "made-in-js", "js", "connect,rcpt,data")
+    project = make(tmp_path, "made-in-js", "js", "connect,rcpt,data,queued")
     # The same componentize-js the JavaScript example installed (package.json pins it alike).
     (project / "node_modules").symlink_to(JS_MODULES)
     run("npm run -s build", project)
     out = run(["./test"], project)
     assert "connect    pass" in out
     assert "data       +X-MadeInJs: seen" in out
-    assert out.rstrip().endswith("all 3 expectations met"), out
+    assert "queued     deliver" in out
+    assert out.rstrip().endswith("all 4 expectations met"), out
 
 
 def test_names_and_hooks_are_checked(tmp_path):

@@ -45,7 +45,17 @@ def test_every_hook_in_order_and_refusals(tmp_path):
                       "--expect", "data: not reached")
     assert out.returncode == 0, out.stdout + out.stderr
     hooks = [line.split()[0] for line in out.stdout.splitlines()[:-1]]
-    assert hooks == ["connect", "login", "helo", "mail-from", "rcpt", "rcpt", "data"], out.stdout
+    assert hooks == ["connect", "login", "helo", "mail-from", "rcpt", "rcpt", "data", "queued",
+                     "outbound"], out.stdout
+    # The stages after the queue: the filter, then the relay's question per remote recipient.
+    later = plugin_test(WASM / "test_hooks.wasm", "--eml", eml,
+                        "--config", 'queued = "quarantine:odd"\noutbound = "transport:backup"\n'
+                                    'outbound-sender = "srs@example.test"',
+                        "--rcpt", "a@example.test", "--rcpt", "b@remote.test",
+                        "--expect", "queued: quarantine (odd)",
+                        "--expect", "outbound: transport backup, sender <srs@example.test> <b@remote.test>")
+    assert later.returncode == 0, later.stdout + later.stderr
+    assert "<a@example.test>" not in "".join(l for l in later.stdout.splitlines() if l.startswith("outbound"))
     # A file that is not a component, and a capability it does not get.
     bad = tmp_path / "bad.wasm"
     bad.write_bytes(b"not wasm")

@@ -427,6 +427,20 @@ async fn looping_plugin_gets_the_error_policy_within_its_deadline() {
     );
 }
 
+/// A guest waiting in a host call (WASI's poll: `std::thread::sleep`) runs no guest code, so
+/// epoch interruption never sees it; the call's timer stops it at the same deadline.
+#[tokio::test]
+async fn a_sleeping_plugin_is_stopped_at_its_deadline_too() {
+    let server = with_plugin("timeout_ms = 200", &[("rcpt", "\"sleep:600000\"")]);
+    let mut c = greeted(&server).await;
+    c.expect("MAIL FROM:<s@remote.test>", 250).await.unwrap();
+    let start = Instant::now();
+    assert_eq!(c.cmd("RCPT TO:<alice@example.test>").await.unwrap().0, 451);
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(2), "answered after {took:?}");
+    assert!(server.log().contains("ran past its deadline"));
+}
+
 #[tokio::test]
 async fn memory_bomb_and_panic_are_contained() {
     for (action, policy, expect) in [

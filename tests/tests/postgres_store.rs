@@ -155,6 +155,7 @@ async fn the_shared_queue_hands_a_dead_nodes_messages_to_another_by_lease() {
         smtputf8: false,
         message_len: 7,
         quarantine: None,
+        filtered: false,
     };
     // Concurrent stores commit (in batches) and each is the storing node's.
     let mut stored = Vec::new();
@@ -187,6 +188,20 @@ async fn the_shared_queue_hands_a_dead_nodes_messages_to_another_by_lease() {
             (2, &b"hello\r\n"[..])
         );
         assert!(matches!(b2.read(&id), Err(SpoolError::Gone(_))));
+        // The after-queue filter's rewrite: only by the holder, read back whole.
+        let changed = ids[2].clone();
+        let mut filtered = envelope(changed.clone());
+        filtered.filtered = true;
+        filtered.message_len = 14;
+        assert!(matches!(
+            b2.replace(&filtered, b"X-A: b\r\n\r\nhi\r\n"),
+            Err(SpoolError::Gone(_))
+        ));
+        a2.replace(&filtered, b"X-A: b\r\n\r\nhi\r\n").unwrap();
+        assert_eq!(
+            a2.read(&changed).unwrap(),
+            (filtered, b"X-A: b\r\n\r\nhi\r\n".to_vec())
+        );
         // Node A delivered the local copy and recorded it; bob is still owed.
         let state = DeliveryState {
             attempts: 1,

@@ -745,3 +745,98 @@ async fn sigterm_lets_a_delivery_under_way_finish() {
     assert!(log.contains("relay stopping: no new attempts"), "{log}");
     assert!(log.contains("status=sent"), "{log}");
 }
+
+/// The `outbound` hook (WIT 0.2.0) decides per remote recipient, each attempt: one is routed to
+/// a named transport (a second sink) with another envelope sender, one is failed and bounced,
+/// one demands verified TLS from an MX that offers none and is deferred (never sent in the
+/// clear), and the rest take the default MX route, in one transaction per plan.
+#[tokio::test]
+async fn a_plugin_routes_fails_and_secures_each_remote_recipient() {
+    let (mx_ip, backup_ip) = (loopback_ip(), loopback_ip());
+    let mx = Sink::start(mx_ip, 0, SinkScript::default()).await;
+    let backup = Sink::start(backup_ip, 0, SinkScript::default()).await;
+    let dns = TestDns::start(vec![
+        ("example.net", Rr::Mx(10, "mx.example.net".into())),
+        ("mx.example.net", Rr::A(mx_ip)),
+    ]);
+    let grants = "capabilities = [\"config\", \"kv\", \"dns\"]";
+    let plugins = postern_e2e::plugins_section("")
+        + &postern_e2e::plugin_block(
+            "router",
+            "test_hooks",
+            grants,
+            &[
+                ("outbound", "\"transport:backup\""),
+                ("outbound-only-rcpt", "\"routed\""),
+                ("outbound-sender", "\"bounces+alice@example.test\""),
+            ],
+        )
+        + &postern_e2e::plugin_block(
+            "refuser",
+            "test_hooks",
+            grants,
+            &[
+                ("outbound", "\"fail:no way out for this one\""),
+                ("outbound-only-rcpt", "\"refused\""),
+            ],
+        )
+        + &postern_e2e::plugin_block(
+            "securer",
+            "test_hooks",
+            grants,
+            &[
+                ("outbound", "\"mx\""),
+                ("outbound-only-rcpt", "\"secure\""),
+                ("outbound-require-tls", "\"yes\""),
+            ],
+        )
+        + &format!(
+            "\n[outbound.transports.backup]\nhost = \"{}:{}\"\ntls = \"none\"\n",
+            backup_ip,
+            backup.addr.port()
+        );
+    let server = relay_server(&dns, mx.addr.port(), |c| c + &plugins);
+    let rcpts = [
+        "routed@example.net",
+        "refused@example.net",
+        "secure@example.net",
+        "plain@example.net",
+        "plain2@example.net",
+    ];
+    send(&server, "alice@example.test", &rcpts, MESSAGE).await;
+    let routed = backup.wait_for(1).await;
+    assert_eq!(routed.len(), 1, "{}", server.log());
+    assert_eq!(routed[0].to, vec!["routed@example.net"]);
+    assert_eq!(routed[0].from, "bounces+alice@example.test");
+    assert!(routed[0].data.ends_with(MESSAGE));
+    let plain = mx.wait_for(1).await;
+    assert_eq!(plain[0].to, vec!["plain@example.net", "plain2@example.net"]);
+    assert_eq!(plain[0].from, "alice@example.test");
+    let notice = wait_for_notice(&server, "Undelivered Mail Returned to Sender").await;
+    assert!(
+        notice.contains(
+            "Final-Recipient: rfc822; refused@example.net\nAction: failed\nStatus: 5.7.1\n"
+        ),
+        "{notice}"
+    );
+    assert!(notice.contains("no way out for this one"), "{notice}");
+    assert!(!notice.contains("secure@example.net"), "{notice}");
+    // The secured copy is retried (every second here) and never sent without TLS.
+    let refused = "to=<secure@example.net>, relay=mx.example.net";
+    wait_until("a retry of the secured copy", || {
+        let log = server.log();
+        log.lines()
+            .filter(|l| l.contains(refused))
+            .filter(|l| l.contains("TLS is required but the server does not offer STARTTLS"))
+            .count()
+            >= 2
+    })
+    .await;
+    assert_eq!(mx.transactions(), 1, "{}", server.log());
+    assert!(mx
+        .messages()
+        .iter()
+        .all(|m| !m.to.iter().any(|t| t.starts_with("secure"))));
+    assert_eq!(backup.transactions(), 1);
+    assert_eq!(server.spooled().len(), 1, "still owed to secure@");
+}

@@ -21,7 +21,7 @@ pub struct PluginNew {
     #[arg(long, value_parser = ["rust", "python", "js"])]
     lang: String,
     /// Hooks to export, comma-separated (connect, helo, auth, login, mail-from, rcpt, data,
-    /// deliver, vrfy, expn).
+    /// queued, deliver, vrfy, expn).
     #[arg(long, value_delimiter = ',', default_value = "rcpt,data")]
     hooks: Vec<String>,
     /// Where to make the project (default: ./NAME).
@@ -99,6 +99,14 @@ const HOOKS: &[HookStub] = &[
         python_class: "Data",
         python: "def on_data(self, session, envelope, message):\n        field = types.HeaderField(name=\"X-@NAME@\", value=\"seen\")\n        return types.DataVerdict(decision=types.DataDecision_Continue(),\n                                 modifications=[types.Modification_AddHeader(field)])",
         js: "onData(session, envelope, message) {\n    return {\n      decision: { tag: \"continue\" },\n      modifications: [{ tag: \"add-header\", val: { name: \"X-@NAME@\", value: \"seen\" } }],\n    };\n  }",
+    },
+    HookStub {
+        name: "queued",
+        version: "0.2.0",
+        rust: "fn on_queued(_envelope: Envelope, _message: &Message) -> exports::postern::plugin0_2_0::queued::QueuedVerdict {\n        exports::postern::plugin0_2_0::queued::QueuedVerdict {\n            decision: exports::postern::plugin0_2_0::queued::QueuedDecision::Continue,\n            modifications: vec![],\n        }\n    }",
+        python_class: "Queued",
+        python: "def on_queued(self, envelope, message):\n        return queued.QueuedVerdict(decision=queued.QueuedDecision_Continue(), modifications=[])",
+        js: "onQueued(envelope, message) {\n    return { decision: { tag: \"continue\" }, modifications: [] };\n  }",
     },
     HookStub {
         name: "deliver",
@@ -285,6 +293,10 @@ impl Project<'_> {
             "\"\"\"The {name} plugin for Postern (componentize-py), made by `postern plugin new`.\"\"\"\n\nfrom wit_world import exports\nfrom wit_world.imports import types\n",
             name = self.name
         );
+        if self.hooks.iter().any(|h| h.name == "queued") {
+            // The verdict types of a 0.2.0 interface live in its own module.
+            code.push_str("from wit_world.exports import queued\n");
+        }
         for hook in self.hooks {
             code.push_str(&format!(
                 "\n\nclass {}(exports.{}):\n    {}\n",
@@ -359,6 +371,7 @@ impl Project<'_> {
         for hook in self.hooks {
             let outcome = match hook.name {
                 "data" => format!("data: +X-{}", self.camel()),
+                "queued" => "queued: deliver".into(),
                 // No outcome is printed for these offline: they are not session stages.
                 "deliver" | "vrfy" | "expn" => continue,
                 "rcpt" => "rcpt: pass".into(),

@@ -1,7 +1,8 @@
 //! `postern plugin test PLUGIN.wasm --eml MESSAGE.eml`: a plugin author's inner loop without a
 //! running server. The component is loaded as the server loads it (same engine, limits and
 //! capability checks), its hooks are called in a session's order (connect, HELO, MAIL FROM,
-//! each RCPT, DATA) on the message given, and each hook's decision, edits and time are printed;
+//! each RCPT, DATA, then the after-queue filter and, for each remote recipient, the outbound
+//! hook) on the message given, and each hook's decision, edits and time are printed;
 //! `--expect` lines make it a test runner (exit status 1 when one is not met), so a plugin
 //! project can run it in its own CI.
 
@@ -17,7 +18,8 @@ use crate::config::{Capability, Config, DnsConfig, OnError, PluginConfig, Plugin
 use crate::message::Edit;
 use crate::plugin::bindings::types;
 use crate::plugin::{
-    DataOutcome, Hook, LoginProtocol, PluginRuntime, PluginSession, SessionInfo, Stage, Verdict,
+    Changes, DataOutcome, Filtering, Hook, LoginProtocol, Outbound, OutboundRoute, PluginRuntime,
+    PluginSession, SessionInfo, Stage, Verdict,
 };
 
 #[derive(Args)]
@@ -89,7 +91,54 @@ fn edits(outcome: &DataOutcome) -> Vec<String> {
     if let Some(why) = &outcome.quarantine {
         out.push(format!("quarantine ({why})"));
     }
-    for edit in &outcome.edits {
+    out.extend(changes(&outcome.changes));
+    out
+}
+
+/// Local in the embedded configuration the offline session stands for.
+fn is_local(rcpt: &str) -> bool {
+    rcpt.ends_with("@example.test") || rcpt.ends_with("@localhost")
+}
+
+fn outbound(o: &Outbound) -> String {
+    match o {
+        Outbound::Send {
+            route,
+            require_tls,
+            sender,
+        } => {
+            let mut out = match route {
+                OutboundRoute::Default => "default".to_string(),
+                OutboundRoute::Mx => "mx".to_string(),
+                OutboundRoute::Host(h) => format!("host {h}"),
+                OutboundRoute::Transport(t) => format!("transport {t}"),
+            };
+            if *require_tls {
+                out.push_str(", TLS required");
+            }
+            if let Some(sender) = sender {
+                out.push_str(&format!(", sender <{sender}>"));
+            }
+            out
+        }
+        Outbound::Defer(why) => format!("defer ({why})"),
+        Outbound::Fail(why) => format!("fail ({why})"),
+    }
+}
+
+fn filtering(f: &Filtering) -> String {
+    match f {
+        Filtering::Deliver => "deliver".into(),
+        Filtering::Quarantine(why) => format!("quarantine ({why})"),
+        Filtering::Discard(why) => format!("discard ({why})"),
+        Filtering::Bounce(why) => format!("bounce ({why})"),
+        Filtering::Defer(why) => format!("defer ({why})"),
+    }
+}
+
+fn changes(changes: &Changes) -> Vec<String> {
+    let mut out = Vec::new();
+    for edit in &changes.edits {
         out.push(match edit {
             Edit::Add(field) | Edit::Insert(field) => {
                 format!("+{}", String::from_utf8_lossy(&field.raw).trim_end())
@@ -99,17 +148,17 @@ fn edits(outcome: &DataOutcome) -> Vec<String> {
             Edit::ReplaceBody(body) => format!("body replaced ({} bytes)", body.len()),
         });
     }
-    if let Some(sender) = &outcome.new_sender {
+    if let Some(sender) = &changes.new_sender {
         out.push(format!("sender <{sender}>"));
     }
     out.extend(
-        outcome
+        changes
             .add_recipients
             .iter()
             .map(|r| format!("+rcpt <{r}>")),
     );
     out.extend(
-        outcome
+        changes
             .remove_recipients
             .iter()
             .map(|r| format!("-rcpt <{r}>")),
@@ -180,6 +229,7 @@ async fn run_async(test: PluginTest) -> anyhow::Result<()> {
             path: test.wasm.clone(),
             on_error: OnError::Tempfail,
             timeout_ms: None,
+            queued_timeout_secs: None,
             memory_mb: None,
             kv_quota_mb: 16,
             capabilities,
@@ -256,7 +306,7 @@ async fn run_async(test: PluginTest) -> anyhow::Result<()> {
             accepted.push(rcpt.clone());
             continue;
         }
-        let local = rcpt.ends_with("@example.test") || rcpt.ends_with("@localhost");
+        let local = is_local(rcpt);
         let started = Instant::now();
         let hook = Hook::Rcpt {
             sender: &test.from,
@@ -273,14 +323,15 @@ async fn run_async(test: PluginTest) -> anyhow::Result<()> {
             accepted.push(rcpt.clone());
         }
     }
-    if exported(Stage::Data) && accepted.is_empty() {
+    let envelope = types::Envelope {
+        queue_id: "TEST".into(),
+        sender: test.from.clone(),
+        recipients: accepted,
+    };
+    let mut queued = !envelope.recipients.is_empty();
+    if exported(Stage::Data) && envelope.recipients.is_empty() {
         say("data", "not reached (no recipient)".into(), None);
     } else if exported(Stage::Data) {
-        let envelope = types::Envelope {
-            queue_id: "TEST".into(),
-            sender: test.from.clone(),
-            recipients: accepted,
-        };
         let checks = Arc::new(crate::message_auth::Verification::default());
         let started = Instant::now();
         let outcome = session.on_data(&info, &envelope, &message, &checks).await;
@@ -288,6 +339,47 @@ async fn run_async(test: PluginTest) -> anyhow::Result<()> {
         say("data", verdict(&outcome.verdict), Some(time));
         for edit in edits(&outcome) {
             say("data", edit, None);
+        }
+        queued = outcome.verdict == Verdict::Pass && !outcome.discard;
+    }
+    // After the queue, on the message as given (a server would filter it with the data hook's
+    // edits applied).
+    if exported(Stage::Queued) && !queued {
+        say("queued", "not reached (not queued)".into(), None);
+    } else if exported(Stage::Queued) {
+        let started = Instant::now();
+        let outcome = session.on_queued(&envelope, &message).await;
+        say(
+            "queued",
+            filtering(&outcome.filtering),
+            Some(started.elapsed()),
+        );
+        for change in changes(&outcome.changes) {
+            say("queued", change, None);
+        }
+    }
+    // The relay asks about each remote recipient before sending its copy.
+    if exported(Stage::Outbound) {
+        let remote: Vec<&String> = envelope
+            .recipients
+            .iter()
+            .filter(|r| !is_local(r))
+            .collect();
+        if !queued || remote.is_empty() {
+            say(
+                "outbound",
+                "not reached (no remote recipient queued)".into(),
+                None,
+            );
+        }
+        for rcpt in remote.into_iter().filter(|_| queued) {
+            let started = Instant::now();
+            let decided = session.on_outbound(&envelope, rcpt, &message).await;
+            say(
+                "outbound",
+                format!("{} <{rcpt}>", outbound(&decided)),
+                Some(started.elapsed()),
+            );
         }
     }
     let mut unmet = Vec::new();

@@ -31,16 +31,78 @@ pub enum Verdict {
     Disconnect(Reply),
 }
 
+/// What a chain's modifications (WIT `modification`) ask of a message and its envelope, in
+/// order, from every plugin that answered.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub edits: Vec<Edit>,
+    pub new_sender: Option<String>,
+    pub add_recipients: Vec<String>,
+    pub remove_recipients: Vec<String>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        *self == Changes::default()
+    }
+}
+
 /// The data hook's combined outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DataOutcome {
     pub verdict: Verdict,
     pub discard: bool,
     pub quarantine: Option<String>,
-    pub edits: Vec<Edit>,
-    pub new_sender: Option<String>,
-    pub add_recipients: Vec<String>,
-    pub remove_recipients: Vec<String>,
+    pub changes: Changes,
+}
+
+/// What the after-queue filters (`queued`, WIT 0.2.0) decided about a spooled message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Filtering {
+    /// Deliver it (with the changes, if any).
+    Deliver,
+    /// Deliver local copies to `Quarantine`, with the reason.
+    Quarantine(String),
+    /// Drop it; the reason is logged.
+    Discard(String),
+    /// Return it to the sender with this text; nobody gets a copy.
+    Bounce(String),
+    /// Filter it again later; the reason is logged.
+    Defer(String),
+}
+
+/// Where the `outbound` chain sends one remote recipient's copy.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum OutboundRoute {
+    /// The server's own choice: the smarthost, or MX.
+    Default,
+    Mx,
+    /// `host` or `host:port`.
+    Host(String),
+    /// `[outbound.transports.NAME]`.
+    Transport(String),
+}
+
+/// The `outbound` chain's answer for one remote recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outbound {
+    Send {
+        route: OutboundRoute,
+        /// Only over verified TLS.
+        require_tls: bool,
+        /// The envelope sender for this copy.
+        sender: Option<String>,
+    },
+    Defer(String),
+    Fail(String),
+}
+
+/// The `queued` chain's combined outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedOutcome {
+    pub filtering: Filtering,
+    /// Applied when delivering (Deliver, Quarantine).
+    pub changes: Changes,
 }
 
 /// The deliver hook's decision for one recipient.
@@ -153,6 +215,8 @@ enum Call<'a> {
         &'a Arc<Vec<u8>>,
     ),
     MailboxEvent(&'a MailboxEvent, &'a Arc<Vec<u8>>),
+    Queued(&'a types::Envelope, &'a Arc<Vec<u8>>),
+    Outbound(&'a types::Envelope, &'a str, &'a Arc<Vec<u8>>),
 }
 
 /// What `mailbox-event` plugins are told (WIT 0.2.0).
@@ -167,6 +231,8 @@ impl Call<'_> {
             Call::Data(..) => Stage::Data,
             Call::Deliver(..) => Stage::Deliver,
             Call::MailboxEvent(..) => Stage::MailboxEvent,
+            Call::Queued(..) => Stage::Queued,
+            Call::Outbound(..) => Stage::Outbound,
         }
     }
 }
@@ -178,7 +244,12 @@ enum Answer {
     Data(types::DataVerdict),
     Delivery(types::Delivery),
     Lookup(types::LookupAnswer),
+    Queued(QueuedVerdict),
+    Outbound(OutboundVerdict),
 }
+
+use super::bindings::hooks::outbound::{OutboundDecision, OutboundVerdict, Route as WitRoute};
+use super::bindings::hooks::queued::{QueuedDecision, QueuedVerdict};
 
 impl PluginSession {
     pub fn new(runtime: Arc<PluginRuntime>) -> PluginSession {
@@ -233,27 +304,29 @@ impl PluginSession {
     /// Runs one plugin's hook with its deadline; a failed instance is dropped.
     async fn call(&mut self, index: usize, call: &Call<'_>) -> Result<Answer, PluginError> {
         let plugin = self.set.plugins[index].clone();
+        // The after-queue filter holds no session: its deadline is its own, in seconds.
+        let timeout = match call.stage() {
+            Stage::Queued => plugin.queued_timeout,
+            _ => plugin.timeout,
+        };
         let run = async {
             let live = self.instance(index).await?;
-            live.store.data_mut().deadline = std::time::Instant::now() + plugin.timeout;
+            live.store.data_mut().deadline = std::time::Instant::now() + timeout;
             live.store.set_epoch_deadline(1);
             invoke(live, call)
                 .await
                 .map_err(|e| PluginError::from_wasm(&plugin.meta.name, &e))
         };
-        // The epoch callback stops guest code at the deadline. Host calls that wait on the
-        // network (dns) are outside guest code, so those plugins also get a timer.
-        let result = if plugin.meta.dns.is_some() {
-            tokio::time::timeout(plugin.timeout, run)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(PluginError::Timeout {
-                        name: plugin.meta.name.clone(),
-                    })
+        // The epoch callback stops guest code at the deadline. Host calls that wait are outside
+        // guest code (dns lookups, and WASI's poll, which every plugin has: a guest's
+        // `sleep`), so every call also gets a timer.
+        let result = tokio::time::timeout(timeout, run)
+            .await
+            .unwrap_or_else(|_| {
+                Err(PluginError::Timeout {
+                    name: plugin.meta.name.clone(),
                 })
-        } else {
-            run.await
-        };
+            });
         if result.is_err() {
             // A trapped or interrupted instance cannot be entered again.
             self.live[index] = None;
@@ -283,13 +356,15 @@ impl PluginSession {
                 Ok(Answer::Data(v)) => !matches!(v.decision, types::DataDecision::Continue),
                 Ok(Answer::Delivery(types::Delivery::Continue)) => false,
                 Ok(Answer::Lookup(types::LookupAnswer::Continue)) => false,
+                Ok(Answer::Queued(v)) => !matches!(v.decision, QueuedDecision::Continue),
+                Ok(Answer::Outbound(v)) => !matches!(v.decision, OutboundDecision::Continue),
                 Ok(_) => true,
                 Err(err) => {
                     tracing::warn!(plugin = %self.set.plugins[index].meta.name, "plugin failed: {err}");
                     self.set.plugins[index].on_error != OnError::Continue
                 }
             };
-            // Data hooks: every plugin's modifications count, so all continue-ing plugins are kept.
+            // Data and queued hooks: every plugin's modifications count, so all continue-ing plugins are kept.
             answers.push((index, answer));
             // Observers all hear an event, whatever another one did with it.
             if stop && stage != Stage::MailboxEvent {
@@ -337,10 +412,7 @@ impl PluginSession {
             verdict: Verdict::Pass,
             discard: false,
             quarantine: None,
-            edits: Vec::new(),
-            new_sender: None,
-            add_recipients: Vec::new(),
-            remove_recipients: Vec::new(),
+            changes: Changes::default(),
         };
         for (index, answer) in self
             .run(Call::Data(s, envelope, message, authentication))
@@ -389,6 +461,97 @@ impl PluginSession {
         }
     }
 
+    /// The after-queue filters' outcome for a spooled message. A failing plugin gets its
+    /// on-error policy: continue skips it, tempfail filters the message again later, reject
+    /// bounces it.
+    pub async fn on_queued(
+        &mut self,
+        envelope: &types::Envelope,
+        message: &Arc<Vec<u8>>,
+    ) -> QueuedOutcome {
+        let mut outcome = QueuedOutcome {
+            filtering: Filtering::Deliver,
+            changes: Changes::default(),
+        };
+        for (index, answer) in self.run(Call::Queued(envelope, message)).await {
+            let failed = |policy: OnError, why: String| match policy {
+                OnError::Continue => None,
+                OnError::Tempfail => Some(Filtering::Defer(why)),
+                OnError::Reject => Some(Filtering::Bounce("Rejected by local policy".into())),
+            };
+            let on_error = self.plugin(index).on_error;
+            let name = self.plugin(index).meta.name.clone();
+            let verdict = match answer {
+                Ok(Answer::Queued(verdict)) => verdict,
+                Ok(_) => continue,
+                Err(err) => {
+                    if let Some(filtering) = failed(on_error, err.to_string()) {
+                        outcome.filtering = filtering;
+                    }
+                    continue;
+                }
+            };
+            let checked = apply_queued_verdict(&mut outcome, verdict);
+            if let Err(reason) = checked {
+                let err = PluginError::InvalidReply { name, reason };
+                tracing::warn!("{err}");
+                if let Some(filtering) = failed(on_error, err.to_string()) {
+                    outcome.filtering = filtering;
+                }
+            }
+        }
+        outcome
+    }
+
+    /// Where one remote recipient's copy goes. A failing plugin gets its on-error policy:
+    /// continue ignores it, tempfail defers the recipient, reject fails it.
+    pub async fn on_outbound(
+        &mut self,
+        envelope: &types::Envelope,
+        recipient: &str,
+        message: &Arc<Vec<u8>>,
+    ) -> Outbound {
+        let mut route = OutboundRoute::Default;
+        let mut require_tls = false;
+        let mut sender: Option<String> = None;
+        for (index, answer) in self.run(Call::Outbound(envelope, recipient, message)).await {
+            let verdict = match answer {
+                Ok(Answer::Outbound(verdict)) => verdict,
+                Ok(_) => continue,
+                Err(err) => match self.plugin(index).on_error {
+                    OnError::Continue => continue,
+                    OnError::Tempfail => return Outbound::Defer(err.to_string()),
+                    OnError::Reject => return Outbound::Fail("Rejected by local policy".into()),
+                },
+            };
+            require_tls |= verdict.require_tls;
+            if let Some(new) = verdict.sender.filter(|_| sender.is_none()) {
+                if new.is_empty() || crate::address::Address::parse(&new).is_some() {
+                    sender = Some(new);
+                } else {
+                    let name = self.plugin(index).meta.name.clone();
+                    let reason = format!("invalid sender {new:?}");
+                    tracing::warn!("{}", PluginError::InvalidReply { name, reason });
+                }
+            }
+            match verdict.decision {
+                OutboundDecision::Continue => {}
+                OutboundDecision::Route(WitRoute::Mx) => route = OutboundRoute::Mx,
+                OutboundDecision::Route(WitRoute::Host(host)) => route = OutboundRoute::Host(host),
+                OutboundDecision::Route(WitRoute::Transport(name)) => {
+                    route = OutboundRoute::Transport(name)
+                }
+                OutboundDecision::Defer(why) => return Outbound::Defer(clean_reason(&why)),
+                OutboundDecision::Fail(why) => return Outbound::Fail(clean_reason(&why)),
+            }
+        }
+        Outbound::Send {
+            route,
+            require_tls,
+            sender,
+        }
+    }
+
     /// Tells every plugin exporting `mailbox-event`; failures are logged (there is no one to
     /// answer: the client had its OK).
     pub async fn on_mailbox_event(&mut self, event: &MailboxEvent, message: &Arc<Vec<u8>>) {
@@ -418,6 +581,21 @@ impl PluginSession {
     }
 }
 
+/// Lends the message to one hook call as a `message` resource, taken back when the call
+/// returns; evaluates to the call's result (or returns its error).
+macro_rules! lending {
+    ($store:ident, $message:expr, $authentication:expr, |$borrow:ident| $call:expr) => {{
+        let handle = $store.data_mut().table.push(MessageView {
+            bytes: Arc::clone($message),
+            authentication: $authentication,
+        })?;
+        let $borrow = Resource::new_borrow(handle.rep());
+        let result = $call.await;
+        let _ = $store.data_mut().table.delete(handle);
+        result?
+    }};
+}
+
 async fn invoke(live: &mut Live, call: &Call<'_>) -> wasmtime::Result<Answer> {
     let store = &mut live.store;
     let g = &live.guests;
@@ -426,43 +604,48 @@ async fn invoke(live: &mut Live, call: &Call<'_>) -> wasmtime::Result<Answer> {
         Call::Session(s, hook) => session_hook(store, g, s, *hook).await?,
         Call::Data(s, envelope, message, authentication) => {
             let hook = g.data.as_ref().ok_or_else(missing)?;
-            let handle = store.data_mut().table.push(MessageView {
-                bytes: Arc::clone(message),
-                authentication: Some(Arc::clone(authentication)),
-            })?;
-            let rep = handle.rep();
-            let result = hook
-                .call_on_data(&mut *store, s, envelope, Resource::new_borrow(rep))
-                .await;
-            let _ = store.data_mut().table.delete(handle);
-            Answer::Data(result?)
+            let checks = Some(Arc::clone(authentication));
+            Answer::Data(lending!(store, message, checks, |m| hook.call_on_data(
+                &mut *store,
+                s,
+                envelope,
+                m
+            )))
         }
         Call::Deliver(envelope, target, message) => {
             let hook = g.deliver.as_ref().ok_or_else(missing)?;
-            let handle = store.data_mut().table.push(MessageView {
-                bytes: Arc::clone(message),
-                authentication: None,
-            })?;
-            let rep = handle.rep();
-            let result = hook
-                .call_on_deliver(&mut *store, envelope, target, Resource::new_borrow(rep))
-                .await;
-            let _ = store.data_mut().table.delete(handle);
-            Answer::Delivery(result?)
+            Answer::Delivery(lending!(store, message, None, |m| hook.call_on_deliver(
+                &mut *store,
+                envelope,
+                target,
+                m
+            )))
         }
         Call::MailboxEvent(event, message) => {
             let hook = g.mailbox_event.as_ref().ok_or_else(missing)?;
-            let handle = store.data_mut().table.push(MessageView {
-                bytes: Arc::clone(message),
-                authentication: None,
-            })?;
-            let rep = handle.rep();
-            let result = hook
-                .call_on_mailbox_event(&mut *store, event, Resource::new_borrow(rep))
-                .await;
-            let _ = store.data_mut().table.delete(handle);
-            result?;
+            lending!(store, message, None, |m| hook.call_on_mailbox_event(
+                &mut *store,
+                event,
+                m
+            ));
             Answer::Observed
+        }
+        Call::Queued(envelope, message) => {
+            let hook = g.queued.as_ref().ok_or_else(missing)?;
+            Answer::Queued(lending!(store, message, None, |m| hook.call_on_queued(
+                &mut *store,
+                envelope,
+                m
+            )))
+        }
+        Call::Outbound(envelope, recipient, message) => {
+            let hook = g.outbound.as_ref().ok_or_else(missing)?;
+            Answer::Outbound(lending!(store, message, None, |m| hook.call_on_outbound(
+                &mut *store,
+                envelope,
+                recipient,
+                m
+            )))
         }
     })
 }
@@ -623,17 +806,17 @@ fn apply_data_verdict(
             outcome.verdict = decision_verdict(types::Decision::Disconnect(r))?
         }
         types::DataDecision::Discard => outcome.discard = true,
-        types::DataDecision::Quarantine(reason) => {
-            outcome.quarantine = Some(
-                reason
-                    .chars()
-                    .filter(|c| !c.is_control())
-                    .take(200)
-                    .collect(),
-            )
-        }
+        types::DataDecision::Quarantine(reason) => outcome.quarantine = Some(clean_reason(&reason)),
     }
-    for modification in verdict.modifications {
+    apply_modifications(&mut outcome.changes, verdict.modifications)
+}
+
+/// Checks a plugin's modifications and adds them to the chain's.
+fn apply_modifications(
+    changes: &mut Changes,
+    modifications: Vec<types::Modification>,
+) -> Result<(), String> {
+    for modification in modifications {
         match modification {
             types::Modification::AddHeader(f) | types::Modification::InsertHeader(f)
                 if !valid_header_name(&f.name) =>
@@ -641,31 +824,63 @@ fn apply_data_verdict(
                 return Err(format!("invalid header name {:?}", f.name));
             }
             types::Modification::AddHeader(f) => {
-                outcome.edits.push(Edit::Add(Field::new(&f.name, &f.value)))
+                changes.edits.push(Edit::Add(Field::new(&f.name, &f.value)))
             }
-            types::Modification::InsertHeader(f) => outcome
+            types::Modification::InsertHeader(f) => changes
                 .edits
                 .push(Edit::Insert(Field::new(&f.name, &f.value))),
             types::Modification::ChangeHeader(c) => {
                 if !valid_header_name(&c.name) {
                     return Err(format!("invalid header name {:?}", c.name));
                 }
-                outcome.edits.push(Edit::Change {
+                changes.edits.push(Edit::Change {
                     name: c.name,
                     index: c.index,
                     value: c.value,
                 })
             }
             // The host's own Received field is protected when the edits are applied.
-            types::Modification::RemoveHeader(r) => outcome.edits.push(Edit::Remove {
+            types::Modification::RemoveHeader(r) => changes.edits.push(Edit::Remove {
                 name: r.name,
                 index: r.index,
             }),
-            types::Modification::ChangeSender(s) => outcome.new_sender = Some(s),
-            types::Modification::AddRecipient(r) => outcome.add_recipients.push(r),
-            types::Modification::RemoveRecipient(r) => outcome.remove_recipients.push(r),
-            types::Modification::ReplaceBody(b) => outcome.edits.push(Edit::ReplaceBody(b)),
+            types::Modification::ChangeSender(s) => changes.new_sender = Some(s),
+            types::Modification::AddRecipient(r) => changes.add_recipients.push(r),
+            types::Modification::RemoveRecipient(r) => changes.remove_recipients.push(r),
+            types::Modification::ReplaceBody(b) => changes.edits.push(Edit::ReplaceBody(b)),
         }
+    }
+    Ok(())
+}
+
+fn clean_reason(reason: &str) -> String {
+    reason
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect()
+}
+
+fn apply_queued_verdict(outcome: &mut QueuedOutcome, verdict: QueuedVerdict) -> Result<(), String> {
+    if verdict
+        .modifications
+        .iter()
+        .any(|m| matches!(m, types::Modification::AddRecipient(_)))
+    {
+        return Err("add-recipient is not allowed after the queue".into());
+    }
+    let filtering = match verdict.decision {
+        QueuedDecision::Continue => None,
+        QueuedDecision::Quarantine(reason) => Some(Filtering::Quarantine(clean_reason(&reason))),
+        QueuedDecision::Discard(reason) => Some(Filtering::Discard(clean_reason(&reason))),
+        QueuedDecision::Bounce(reason) => Some(Filtering::Bounce(clean_reason(&reason))),
+        QueuedDecision::Defer(reason) => Some(Filtering::Defer(clean_reason(&reason))),
+    };
+    let mut changes = outcome.changes.clone();
+    apply_modifications(&mut changes, verdict.modifications)?;
+    outcome.changes = changes;
+    if let Some(filtering) = filtering {
+        outcome.filtering = filtering;
     }
     Ok(())
 }
@@ -756,10 +971,7 @@ mod tests {
             verdict: Verdict::Pass,
             discard: false,
             quarantine: None,
-            edits: vec![],
-            new_sender: None,
-            add_recipients: vec![],
-            remove_recipients: vec![],
+            changes: Changes::default(),
         };
         let bad = types::DataVerdict {
             decision: types::DataDecision::Continue,

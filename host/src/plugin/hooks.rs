@@ -86,6 +86,8 @@ hook_table! {
     Vrfy => "vrfy", vrfy;
     Expn => "expn", expn;
     MailboxEvent => "mailbox-event", mailbox_event;
+    Queued => "queued", queued;
+    Outbound => "outbound", outbound;
 }
 
 impl HookIndices {

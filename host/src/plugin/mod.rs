@@ -23,8 +23,8 @@ pub mod limits;
 pub mod registry;
 
 pub use chain::{
-    session_info, DataOutcome, Hook, LoginProtocol, Lookup, MailboxAction, PluginSession, Routing,
-    SessionInfo, Verdict,
+    session_info, Changes, DataOutcome, Filtering, Hook, LoginProtocol, Lookup, MailboxAction,
+    Outbound, OutboundRoute, PluginSession, QueuedOutcome, Routing, SessionInfo, Verdict,
 };
 pub use registry::{PluginRuntime, Stage};
 

@@ -29,6 +29,8 @@ pub struct LoadedPlugin {
     pub pre: InstancePre<PluginState>,
     pub hooks: HookIndices,
     pub timeout: Duration,
+    /// The `queued` hook's deadline (after the queue, no session waits).
+    pub queued_timeout: Duration,
     pub on_error: OnError,
     /// SHA-256 of the wasm file (reload skips unchanged plugins).
     pub digest: String,
@@ -302,6 +304,11 @@ impl PluginRuntime {
                     .timeout_ms
                     .unwrap_or(self.settings.default_timeout_ms),
             ),
+            queued_timeout: Duration::from_secs(
+                config
+                    .queued_timeout_secs
+                    .unwrap_or(self.settings.queued_timeout_secs),
+            ),
             on_error: config.on_error,
             digest,
             config: config.clone(),
@@ -313,6 +320,7 @@ fn same_config(a: &PluginConfig, b: &PluginConfig) -> bool {
     a.path == b.path
         && a.on_error == b.on_error
         && a.timeout_ms == b.timeout_ms
+        && a.queued_timeout_secs == b.queued_timeout_secs
         && a.memory_mb == b.memory_mb
         && a.capabilities == b.capabilities
         && a.directory == b.directory

@@ -23,6 +23,10 @@ pub struct Envelope {
     /// Set by a data-hook plugin: local copies go to the `Quarantine` folder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quarantine: Option<String>,
+    /// The after-queue filters (`queued` hook) changed the message and it was rewritten in the
+    /// spool: it is not filtered again (after a restart, or when handed back by the relay).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub filtered: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

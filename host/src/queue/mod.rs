@@ -1,6 +1,8 @@
-//! The durable queue: spool (accepted, fsynced messages) and the scheduler that delivers them.
+//! The durable queue: spool (accepted, fsynced messages), the after-queue filter and the
+//! scheduler that delivers them.
 
 pub mod envelope;
+pub mod filter;
 pub mod lease;
 pub mod scheduler;
 pub mod spool;

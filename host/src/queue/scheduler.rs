@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use super::envelope::Route;
+use super::filter::{AfterQueue, Filtered};
 use super::{Queued, Spool};
 use crate::address::Address;
 use crate::auth::UserDirectory;
@@ -52,6 +53,11 @@ impl LocalDelivery {
             users,
             plugins,
         }
+    }
+
+    /// The plugins, when configured (the relay's `outbound` hook runs them too).
+    pub fn plugins(&self) -> Option<&Arc<PluginRuntime>> {
+        self.plugins.as_ref()
     }
 
     /// The user directory local addresses resolve through.
@@ -139,6 +145,9 @@ impl LocalDelivery {
 
 pub struct Scheduler {
     spool: Spool,
+    /// The after-queue filters, when plugins are configured (whether any exports `queued` is
+    /// asked per message, since plugins reload).
+    filter: Option<AfterQueue>,
     local: Arc<LocalDelivery>,
     states: StateDir,
     inbox: mpsc::Receiver<Queued>,
@@ -156,6 +165,7 @@ impl Scheduler {
     ) -> Scheduler {
         Scheduler {
             spool,
+            filter: None,
             local,
             states,
             inbox,
@@ -167,6 +177,12 @@ impl Scheduler {
     /// Hands messages with remote recipients (and bounces owed) to the outbound relay.
     pub fn with_relay(mut self, relay: mpsc::Sender<RelayJob>) -> Scheduler {
         self.relay = Some(relay);
+        self
+    }
+
+    /// Runs plugins' after-queue filters before delivery.
+    pub fn with_filter(mut self, filter: AfterQueue) -> Scheduler {
+        self.filter = Some(filter);
         self
     }
 
@@ -191,8 +207,15 @@ impl Scheduler {
         }
         let mut drain = self.drain.take();
         loop {
+            let filter_full = self.filter.as_ref().is_some_and(AfterQueue::full);
+            let filter_busy = self.filter.as_ref().is_some_and(AfterQueue::busy);
             let first = tokio::select! {
-                first = self.inbox.recv() => first,
+                // A full filter stage stops the intake: sessions wait for room in the inbox.
+                first = self.inbox.recv(), if !filter_full => first,
+                filtered = async { self.filter.as_mut().expect("busy").next().await }, if filter_busy => {
+                    self.after_filter(filtered).await;
+                    continue;
+                }
                 _ = async { drain.as_mut()?.wait_for(|d| *d).await.ok().map(|_| ()) }, if drain.is_some() => {
                     // The sessions are over: deliver what they queued, then stop.
                     drain = None;
@@ -201,6 +224,7 @@ impl Scheduler {
                 }
             };
             let Some(first) = first else {
+                // Messages still being filtered stay in the spool for the next start.
                 return;
             };
             let mut batch = vec![first];
@@ -271,6 +295,66 @@ impl Scheduler {
             self.spool.defer(&queued.envelope.id);
             error!(queue_id = %queued.envelope.id, "message unreadable in the spool; left for later");
         }
+        let batch = match self.filter.as_mut() {
+            Some(filter) => {
+                let (to_filter, now): (Vec<Queued>, Vec<Queued>) =
+                    batch.into_iter().partition(|q| filter.wants(q));
+                for queued in to_filter {
+                    filter.push(queued);
+                }
+                now
+            }
+            None => batch,
+        };
+        self.deliver_now(batch).await;
+    }
+
+    /// Acts on what the after-queue filters decided: this message, and the others that are
+    /// ready (delivered in one batch).
+    async fn after_filter(&mut self, first: Filtered) {
+        let mut deliver = Vec::new();
+        let mut next = Some(first);
+        while let Some(filtered) = next.take() {
+            match filtered {
+                Filtered::Deliver(queued) => deliver.push(queued),
+                other => self.after_filter_one(other).await,
+            }
+            if deliver.len() < BATCH {
+                next = self.filter.as_mut().and_then(AfterQueue::ready);
+            }
+        }
+        self.deliver_now(deliver).await;
+    }
+
+    async fn after_filter_one(&mut self, filtered: Filtered) {
+        match filtered {
+            Filtered::Deliver(queued) => self.deliver_now(vec![queued]).await,
+            Filtered::Discard(id) => {
+                let spool = self.spool.clone();
+                let ids = vec![id.clone()];
+                let removed = tokio::task::spawn_blocking(move || spool.remove(&ids)).await;
+                if !matches!(removed, Ok(Ok(()))) {
+                    warn!(queue_id = %id, "cannot remove a discarded message from the spool; it is filtered again at the next start");
+                }
+            }
+            Filtered::Bounce(queued, reason) => {
+                // Every recipient failed: the relay sends the sender one RFC 3464 report (none
+                // to the null sender) and removes the message, as for any final failure.
+                let failed = vec![Disposition::Failed(reason); queued.envelope.recipients.len()];
+                let state = DeliveryState::from_dispositions(&queued.envelope, &failed);
+                self.hand_to_relay(RelayJob {
+                    envelope: queued.envelope,
+                    state,
+                    locals_just_tried: true,
+                })
+                .await;
+            }
+            Filtered::Left(id) => self.spool.defer(&id),
+        }
+    }
+
+    /// Delivers messages that need no (more) filtering: local copies now, the rest to the relay.
+    async fn deliver_now(&mut self, batch: Vec<Queued>) {
         if batch.is_empty() {
             return;
         }

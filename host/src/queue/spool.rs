@@ -333,6 +333,39 @@ impl Spool {
         Ok((envelope, message))
     }
 
+    /// Replaces a spooled message and its envelope with a changed version (the after-queue
+    /// filter's), durably, before any copy of it is delivered (blocking). The file is rewritten
+    /// under `tmp/` and renamed over the old one, so a crash leaves either version whole, never
+    /// a mix; `Gone` when the message is no longer spooled.
+    pub fn replace(&self, envelope: &Envelope, message: &[u8]) -> Result<(), SpoolError> {
+        let json = serde_json::to_string(envelope).map_err(io::Error::other)?;
+        let (tmp_dir, queue_dir) = match &*self.inner.backing {
+            Backing::Files {
+                tmp_dir, queue_dir, ..
+            } => (tmp_dir, queue_dir),
+            Backing::Database { store, .. } => {
+                return match store.queue_replace(&envelope.id, &json, message) {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(SpoolError::Gone(envelope.id.clone())),
+                    Err(err) => Err(SpoolError::Unavailable(err.to_string())),
+                };
+            }
+        };
+        let target = queue_dir.join(&envelope.id);
+        if !target.exists() {
+            return Err(SpoolError::Gone(envelope.id.clone()));
+        }
+        let mut bytes = Vec::with_capacity(MAGIC.len() + json.len() + 1 + message.len());
+        bytes.extend_from_slice(MAGIC);
+        bytes.extend_from_slice(json.as_bytes());
+        bytes.push(b'\n');
+        bytes.extend_from_slice(message);
+        // Not the name `store` writes under: that one is created new, this one replaced.
+        let tmp = tmp_dir.join(format!("{}.filtered", envelope.id));
+        durable::write_and_rename(&tmp, &target, &bytes).map_err(SpoolError::from_write)?;
+        durable::sync_dir(queue_dir).map_err(SpoolError::from_write)
+    }
+
     /// Removes delivered messages (blocking). The directory is flushed so that a crash does not
     /// bring them back; if it did, delivery is idempotent (see `store::maildir`).
     pub fn remove(&self, ids: &[QueueId]) -> io::Result<()> {
@@ -458,6 +491,7 @@ mod tests {
             smtputf8: false,
             message_len: len as u64,
             quarantine: None,
+            filtered: false,
         }
     }
 
@@ -487,6 +521,31 @@ mod tests {
         assert_eq!(env.id, ids[0]);
         assert!(msg.starts_with(b"message "));
         spool.remove(&ids).unwrap();
+        assert!(spool.list().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_replaced_message_reads_back_whole_and_a_gone_one_is_not_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let id = spool.new_id();
+        let body = Arc::new(b"Subject: a\r\n\r\nbody\r\n".to_vec());
+        spool.store(&envelope(&id, body.len()), body).await.unwrap();
+        let changed = b"Subject: a\r\nX-Scanned: yes\r\n\r\nbody\r\n";
+        let mut filtered = envelope(&id, changed.len());
+        filtered.filtered = true;
+        spool.replace(&filtered, changed).unwrap();
+        assert_eq!(
+            spool.read(&id).unwrap(),
+            (filtered.clone(), changed.to_vec())
+        );
+        assert_eq!(spool.list().unwrap(), vec![id.clone()]);
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        spool.remove(std::slice::from_ref(&id)).unwrap();
+        assert!(matches!(
+            spool.replace(&filtered, changed),
+            Err(SpoolError::Gone(_))
+        ));
         assert!(spool.list().unwrap().is_empty());
     }
 

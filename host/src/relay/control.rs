@@ -258,6 +258,7 @@ mod tests {
             smtputf8: false,
             message_len: 10,
             quarantine: None,
+            filtered: false,
         }
     }
 

@@ -29,6 +29,8 @@ use crate::address::Address;
 use crate::auth::UserDirectory;
 use crate::config::{Config, OutboundTls, TlsMode};
 use crate::dns::Dns;
+use crate::plugin::bindings::types;
+use crate::plugin::{Outbound, OutboundRoute, PluginSession, Stage};
 use crate::queue::scheduler::LocalDelivery;
 use crate::queue::Queued;
 use crate::queue::{Envelope, Queue, QueueId, Recipient, Route, Spool, Ticket};
@@ -407,21 +409,30 @@ async fn attempt(context: &Arc<Context>, mut pending: Pending) -> Option<Pending
     let targets = pending.state.pending();
     let attempted = message.is_some() && !(locals.is_empty() && targets.is_empty());
     if let (Some(message), false) = (&message, targets.is_empty()) {
-        let mut by_domain: HashMap<String, Vec<(usize, String)>> = HashMap::new();
-        for (index, address) in targets {
+        // One transaction per domain and plan: recipients a plugin routes, secures or
+        // re-addresses alike still share one.
+        let mut by_domain: HashMap<(String, Plan), Vec<(usize, String)>> = HashMap::new();
+        for (index, address, plan) in plan(context, &mut pending, targets, message).await {
             let domain = Address::parse(&address)
                 .map(|a| a.domain_lower())
                 .unwrap_or_default();
-            by_domain.entry(domain).or_default().push((index, address));
+            by_domain
+                .entry((domain, plan))
+                .or_default()
+                .push((index, address));
         }
         let mut tasks = tokio::task::JoinSet::new();
-        for (domain, rcpts) in by_domain {
+        for ((domain, plan), rcpts) in by_domain {
             let context = context.clone();
             let message = message.clone();
             let envelope = pending.envelope.clone();
             let ticket = ticket.clone();
             tasks.spawn(async move {
-                deliver_domain(&context, &domain, &rcpts, &envelope, &message, &ticket).await
+                let way = Way {
+                    domain: &domain,
+                    plan: &plan,
+                };
+                deliver_domain(&context, way, &rcpts, &envelope, &message, &ticket).await
             });
         }
         while let Some(result) = tasks.join_next().await {
@@ -741,6 +752,7 @@ async fn notify(
         smtputf8: !envelope.sender.is_ascii(),
         message_len: bytes.len() as u64,
         quarantine: None,
+        filtered: false,
     };
     let notice_id = notice_envelope.id.clone();
     match context.queue.submit(notice_envelope, Arc::new(bytes)).await {
@@ -768,32 +780,184 @@ fn notice_route(users: &UserDirectory, address: &str) -> Option<Route> {
     }
 }
 
-/// Delivers to one domain's recipients: smarthost or MX hosts in order, each address of a host
-/// in turn, until one host takes the transaction. Returns (index, outcome, remote host) each.
-async fn deliver_domain(
+/// How one remote recipient's copy goes out: the `outbound` hook's answer, or the default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+struct Plan {
+    route: Option<OutboundRoute>,
+    require_tls: bool,
+    sender: Option<String>,
+}
+
+/// The destination of one transaction: a domain and its plan.
+#[derive(Clone, Copy)]
+struct Way<'a> {
+    domain: &'a str,
+    plan: &'a Plan,
+}
+
+/// Asks the `outbound` hook about each recipient to send now (every recipient the default plan
+/// without one). Recipients it defers or fails are settled here and not returned.
+async fn plan(
     context: &Context,
-    domain: &str,
-    rcpts: &[(usize, String)],
-    envelope: &Envelope,
-    message: &[u8],
-    ticket: &Ticket,
-) -> Vec<(usize, RcptOutcome, Option<String>)> {
-    let outbound = &context.config.outbound;
-    let all = |outcome: RcptOutcome, host: Option<String>| {
-        rcpts
-            .iter()
-            .map(|(i, _)| (*i, outcome.clone(), host.clone()))
-            .collect::<Vec<_>>()
+    pending: &mut Pending,
+    targets: Vec<(usize, String)>,
+    message: &Arc<Vec<u8>>,
+) -> Vec<(usize, String, Plan)> {
+    let Some(runtime) = context
+        .local
+        .plugins()
+        .filter(|r| r.current().has(Stage::Outbound))
+    else {
+        return targets
+            .into_iter()
+            .map(|(i, a)| (i, a, Plan::default()))
+            .collect();
     };
+    let env = &pending.envelope;
+    let wit_envelope = types::Envelope {
+        queue_id: env.id.clone(),
+        sender: env.sender.clone(),
+        recipients: env.recipients.iter().map(|r| r.address.clone()).collect(),
+    };
+    let mut session = PluginSession::new(runtime.clone());
+    let mut planned = Vec::with_capacity(targets.len());
+    for (index, address) in targets {
+        use crate::telemetry::outcome::{delivery, Status};
+        let decided = session.on_outbound(&wit_envelope, &address, message).await;
+        let (code, status, why) = match decided {
+            Outbound::Send {
+                route,
+                require_tls,
+                sender,
+            } => {
+                let route = (route != OutboundRoute::Default).then_some(route);
+                planned.push((
+                    index,
+                    address,
+                    Plan {
+                        route,
+                        require_tls,
+                        sender,
+                    },
+                ));
+                continue;
+            }
+            Outbound::Defer(why) => (451, "4.7.0", why),
+            Outbound::Fail(why) => (550, "5.7.1", why),
+        };
+        let attempt = Attempt {
+            status: status.into(),
+            remote_mta: None,
+            diagnostic: format!("{code} {status} {why}"),
+        };
+        let kind = if code >= 500 {
+            Status::Bounced
+        } else {
+            Status::Deferred
+        };
+        delivery(
+            &env.id,
+            &address,
+            "none",
+            env.received_at,
+            status,
+            kind,
+            &format!("by plugin: {why}"),
+        );
+        pending.state.recipients[index] = if code >= 500 {
+            RcptState::Failed { address, attempt }
+        } else {
+            RcptState::Pending {
+                address,
+                last: Some(attempt),
+            }
+        };
+    }
+    planned
+}
+
+/// TLS that verifies the host's certificate, for a plan that requires it: the plan's own when
+/// it verifies already, else STARTTLS required with the verifying connector.
+fn verified(context: &Context, tls: TlsPlan, verifies: bool) -> Result<TlsPlan, RcptOutcome> {
+    if verifies {
+        return Ok(tls);
+    }
+    match context.verifying.clone() {
+        Ok(connector) => Ok(match tls {
+            TlsPlan::Implicit(_) => TlsPlan::Implicit(connector),
+            _ => TlsPlan::Required(connector),
+        }),
+        Err(_) => Err(RcptOutcome::Temporary(Reply {
+            code: 451,
+            text: "4.7.5 TLS required, but no CA certificates to verify with".into(),
+        })),
+    }
+}
+
+/// The TLS a domain's policy asks for, and whether it verifies certificates.
+fn domain_tls(context: &Context, policy: OutboundTls) -> Result<(TlsPlan, bool), RcptOutcome> {
+    Ok(match policy {
+        OutboundTls::None => (TlsPlan::None, false),
+        OutboundTls::May => (TlsPlan::Opportunistic(context.opportunistic.clone()), false),
+        OutboundTls::Encrypt => (TlsPlan::Required(context.opportunistic.clone()), false),
+        OutboundTls::Verify => match context.verifying.clone() {
+            Ok(connector) => (TlsPlan::Required(connector), true),
+            Err(_) => {
+                return Err(RcptOutcome::Temporary(Reply {
+                    code: 451,
+                    text: "4.7.5 No CA certificates to verify with".into(),
+                }))
+            }
+        },
+    })
+}
+
+/// Next hops, port, TLS and credentials of one transaction. A plan's named transport or host
+/// replaces the smarthost and MX; `mx` skips the smarthost.
+type Hops = (Vec<String>, u16, TlsPlan, Option<(String, String)>);
+
+async fn hops(context: &Context, way: Way<'_>) -> Result<Hops, RcptOutcome> {
+    let outbound = &context.config.outbound;
+    let domain = way.domain;
     let temporary = |text: String| RcptOutcome::Temporary(Reply { code: 451, text });
-    let (hosts, port, tls, auth) = match &outbound.smarthost {
-        Some(smarthost) => {
+    let smarthost = outbound
+        .smarthost
+        .as_ref()
+        .filter(|_| way.plan.route.is_none());
+    let (hosts, port, tls, auth, verifies) = match (&way.plan.route, smarthost) {
+        (Some(OutboundRoute::Transport(name)), _) => {
+            let Some(t) = outbound.transports.get(name) else {
+                warn!(transport = %name, "a plugin routed to an unknown transport");
+                return Err(temporary(format!("4.3.5 No transport named {name:?}")));
+            };
+            let (host, port) = split_host_port(&t.host);
+            let (tls, verifies) = if t.implicit_tls {
+                match context.verifying.clone() {
+                    Ok(connector) => (TlsPlan::Implicit(connector), true),
+                    Err(_) => {
+                        return Err(temporary("4.7.5 No CA certificates to verify with".into()))
+                    }
+                }
+            } else {
+                domain_tls(context, t.tls)?
+            };
+            let auth = t.user.clone().zip(t.password.clone());
+            (vec![host], port, tls, auth, verifies)
+        }
+        (Some(OutboundRoute::Host(host)), _) => {
+            let (host, port) = match host.rsplit_once(':') {
+                Some((_, p)) if p.parse::<u16>().is_ok() => split_host_port(host),
+                _ => (host.clone(), outbound.mx_port),
+            };
+            let (tls, verifies) = domain_tls(context, outbound.tls_for(domain))?;
+            (vec![host], port, tls, None, verifies)
+        }
+        (_, Some(smarthost)) => {
             let (host, port) = split_host_port(smarthost);
             let Ok(connector) = context.verifying.clone() else {
-                return all(
-                    temporary("4.7.5 No CA certificates to verify the smarthost".into()),
-                    None,
-                );
+                return Err(temporary(
+                    "4.7.5 No CA certificates to verify the smarthost".into(),
+                ));
             };
             let tls = match outbound.smarthost_tls {
                 TlsMode::Implicit => TlsPlan::Implicit(connector),
@@ -803,57 +967,68 @@ async fn deliver_domain(
                 .smarthost_user
                 .clone()
                 .zip(outbound.smarthost_password.clone());
-            (vec![host], port, tls, auth)
+            (vec![host], port, tls, auth, true)
         }
-        None => {
+        _ => {
             let Some(dns) = &context.dns else {
-                return all(temporary("4.4.3 No DNS resolver".into()), None);
+                return Err(temporary("4.4.3 No DNS resolver".into()));
             };
             let seed = now_ms() as u64;
             let hosts = match mx::resolve(dns, domain, seed).await {
                 Ok(mx::Destination::Hosts(hosts)) => hosts,
                 Ok(mx::Destination::NullMx) => {
-                    return all(
-                        RcptOutcome::Permanent(Reply {
-                            code: 556,
-                            text: format!("5.1.10 Domain {domain} does not accept mail (null MX)"),
-                        }),
-                        None,
-                    )
+                    return Err(RcptOutcome::Permanent(Reply {
+                        code: 556,
+                        text: format!("5.1.10 Domain {domain} does not accept mail (null MX)"),
+                    }))
                 }
                 Ok(mx::Destination::NoSuchDomain) => {
-                    return all(
-                        RcptOutcome::Permanent(Reply {
-                            code: 550,
-                            text: format!("5.1.2 Domain {domain} does not exist"),
-                        }),
-                        None,
-                    )
+                    return Err(RcptOutcome::Permanent(Reply {
+                        code: 550,
+                        text: format!("5.1.2 Domain {domain} does not exist"),
+                    }))
                 }
                 Err(err) => {
-                    return all(
-                        temporary(format!("4.4.3 MX lookup for {domain} failed: {err}")),
-                        None,
-                    )
+                    return Err(temporary(format!(
+                        "4.4.3 MX lookup for {domain} failed: {err}"
+                    )))
                 }
             };
-            let tls = match outbound.tls_for(domain) {
-                OutboundTls::None => TlsPlan::None,
-                OutboundTls::May => TlsPlan::Opportunistic(context.opportunistic.clone()),
-                OutboundTls::Encrypt => TlsPlan::Required(context.opportunistic.clone()),
-                OutboundTls::Verify => match context.verifying.clone() {
-                    Ok(connector) => TlsPlan::Required(connector),
-                    Err(_) => {
-                        return all(
-                            temporary("4.7.5 No CA certificates to verify with".into()),
-                            None,
-                        )
-                    }
-                },
-            };
-            (hosts, outbound.mx_port, tls, None)
+            let (tls, verifies) = domain_tls(context, outbound.tls_for(domain))?;
+            (hosts, outbound.mx_port, tls, None, verifies)
         }
     };
+    let tls = if way.plan.require_tls {
+        verified(context, tls, verifies)?
+    } else {
+        tls
+    };
+    Ok((hosts, port, tls, auth))
+}
+
+/// Delivers to one domain's recipients of one plan: its next hops (smarthost, MX hosts in
+/// order, or the plan's host or transport), each address of a host in turn, until one host
+/// takes the transaction. Returns (index, outcome, remote host) each.
+async fn deliver_domain(
+    context: &Context,
+    way: Way<'_>,
+    rcpts: &[(usize, String)],
+    envelope: &Envelope,
+    message: &[u8],
+    ticket: &Ticket,
+) -> Vec<(usize, RcptOutcome, Option<String>)> {
+    let outbound = &context.config.outbound;
+    let domain = way.domain;
+    let (hosts, port, tls, auth) = match hops(context, way).await {
+        Ok(hops) => hops,
+        Err(outcome) => {
+            return rcpts
+                .iter()
+                .map(|(i, _)| (*i, outcome.clone(), None))
+                .collect()
+        }
+    };
+    let sender = way.plan.sender.as_deref().unwrap_or(&envelope.sender);
     let _global = context.connections.clone().acquire_owned().await;
     let domain_limit = {
         let mut map = context.per_domain.lock().expect("per-domain limits");
@@ -910,7 +1085,7 @@ async fn deliver_domain(
                 host,
                 tls: tls.clone(),
                 auth: auth.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
-                sender: &envelope.sender,
+                sender,
                 recipients: &addresses,
                 message,
                 smtputf8: envelope.smtputf8,

@@ -86,7 +86,7 @@ impl DeliveryState {
                     Disposition::Failed(reason) => RcptState::Failed {
                         address: rcpt.address.clone(),
                         attempt: Attempt {
-                            status: "5.0.0".into(),
+                            status: failure_status(reason),
                             remote_mta: None,
                             diagnostic: reason.clone(),
                         },
@@ -189,6 +189,26 @@ impl StateDir {
     }
 }
 
+/// The RFC 3463 status of a local failure, from its reply (`550 5.7.1 ...`); 5.0.0 when the
+/// text carries none.
+fn failure_status(reason: &str) -> String {
+    let mut words = reason.split_whitespace();
+    let code = words.next().unwrap_or_default();
+    let status = words.next().unwrap_or_default();
+    let parts: Vec<&str> = status.split('.').collect();
+    let well_formed = parts.len() == 3
+        && parts[0] == "5"
+        && code.starts_with('5')
+        && parts[1..]
+            .iter()
+            .all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()));
+    if well_formed {
+        status.to_string()
+    } else {
+        "5.0.0".to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,5 +242,14 @@ mod tests {
         states.remove("Q").unwrap();
         states.remove("Q").unwrap();
         assert_eq!(states.load("Q").unwrap(), None);
+    }
+
+    #[test]
+    fn a_failure_reports_the_status_of_its_reply() {
+        assert_eq!(failure_status("550 5.7.1 refused"), "5.7.1");
+        assert_eq!(failure_status("554 5.4.7 too late"), "5.4.7");
+        assert_eq!(failure_status("550 refused"), "5.0.0");
+        assert_eq!(failure_status("550 4.7.1 mismatch"), "5.0.0");
+        assert_eq!(failure_status(""), "5.0.0");
     }
 }

@@ -304,7 +304,18 @@ pub async fn run(
             .with_drain(drain_rx.clone())
             .run(),
     );
+    let filter = crate::queue::filter::AfterQueue::new(
+        plugins.clone(),
+        spool.clone(),
+        crate::queue::filter::FilterSettings {
+            concurrency: config.plugins.queued_concurrency,
+            retry: std::time::Duration::from_secs(config.plugins.queued_retry_secs),
+            max_age: config.outbound.max_age,
+            hostname: config.server.hostname.clone(),
+        },
+    );
     let scheduler = Scheduler::new(spool.clone(), local, states, scheduler_inbox)
+        .with_filter(filter)
         .with_relay(to_relay)
         .with_drain(drain_rx);
     let scheduler = tokio::spawn(scheduler.run(recovered));

@@ -14,9 +14,17 @@
 //!   of `add-header:NAME:VALUE`, `insert-header:NAME:VALUE`, `change-header:NAME:INDEX:VALUE`,
 //!   `remove-header:NAME:INDEX`, `change-sender:ADDR`, `add-recipient:ADDR`,
 //!   `remove-recipient:ADDR`, `replace-body:TEXT`
+//! - queued only: `quarantine:REASON`, `discard:REASON`, `bounce:REASON`, `defer:REASON`,
+//!   `defer-until:N` (defers until it has been called N times, counted in kv), `sleep:MS:THEN`
+//!   (sleeps, then does THEN); `queued-modifications` as `data-modifications`. Every call is
+//!   printed as `queued ID from=<SENDER> to=RCPTS subject=SUBJECT`; with `queued-only-subject`
+//!   the action applies only to messages whose Subject contains it (after any sleep).
+//! - outbound only: `mx`, `host:HOST[:PORT]`, `transport:NAME`, `defer:TEXT`, `fail:TEXT`; with
+//!   `outbound-only-rcpt` only for recipients containing it, and for those `outbound-sender`
+//!   (the envelope sender to use) and `outbound-require-tls` (any value) too.
 //! - deliver only: `folder:NAME`, `forward:ADDR`, `discard`, `defer:TEXT`, `fail:TEXT`
 //! - vrfy/expn: `found:ADDR`, `not-found`, `cannot-verify`
-//! - misbehaviour: `loop` (never returns), `alloc` (grows memory until it fails), `panic`,
+//! - misbehaviour: `loop` (never returns), `sleep:MS` (sleeps in WASI's poll, then continues), `alloc` (grows memory until it fails), `panic`,
 //!   `read-file:PATH` and `connect:HOST:PORT` (try the sandbox; the outcome is the reject text),
 //!   `kv-count` (counts calls in the kv store and rejects with the count), `kv-fill` (stores
 //!   64 KiB values until the store says no, and rejects with what it said), `wall-clock` (rejects
@@ -35,6 +43,8 @@ postern_plugin_sdk::plugin!(TestHooks);
 
 use exports::postern::plugin0_2_0::login::Protocol;
 use exports::postern::plugin0_2_0::mailbox_event::{Action, Event as MailboxEvent};
+use exports::postern::plugin0_2_0::outbound::{OutboundDecision, OutboundVerdict, Route};
+use exports::postern::plugin0_2_0::queued::{QueuedDecision, QueuedVerdict};
 
 struct TestHooks;
 
@@ -69,6 +79,11 @@ fn common(action: &str) -> Option<Decision> {
         "reject" => Decision::Reject(parse_reply(rest)),
         "tempfail" => Decision::Tempfail(parse_reply(rest)),
         "disconnect" => Decision::Disconnect(parse_reply(rest)),
+        // Waits in WASI's poll, outside guest code: the host's timer must stop it.
+        "sleep" => {
+            std::thread::sleep(std::time::Duration::from_millis(rest.parse().unwrap_or(0)));
+            Decision::Continue
+        }
         "loop" => {
             let mut n: u64 = 0;
             loop {
@@ -301,6 +316,87 @@ impl exports::postern::plugin0_1_0::data::Guest for TestHooks {
                 .iter()
                 .filter_map(|m| modification(m))
                 .collect(),
+        }
+    }
+}
+
+impl exports::postern::plugin0_2_0::queued::Guest for TestHooks {
+    fn on_queued(envelope: Envelope, message: &Message) -> QueuedVerdict {
+        let mut action = action("queued");
+        // `sleep:MS:THEN`: a slow filter (WASI's monotonic clock, which every plugin has),
+        // then THEN.
+        if let Some(rest) = action.strip_prefix("sleep:") {
+            let (ms, then) = rest.split_once(':').unwrap_or((rest, "continue"));
+            std::thread::sleep(std::time::Duration::from_millis(ms.parse().unwrap_or(0)));
+            action = then.to_string();
+        }
+        let subject = message.header("subject").join(" ");
+        if let Some(only) = config::get("queued-only-subject") {
+            if !subject.contains(&only) {
+                action = "continue".into();
+            }
+        }
+        println!(
+            "queued {} from=<{}> to={} subject={subject}",
+            envelope.queue_id,
+            envelope.sender,
+            envelope.recipients.join(",")
+        );
+        let (kind, why) = action.split_once(':').unwrap_or((action.as_str(), ""));
+        let decision = match kind {
+            "quarantine" => QueuedDecision::Quarantine(why.to_string()),
+            "discard" => QueuedDecision::Discard(why.to_string()),
+            "bounce" => QueuedDecision::Bounce(why.to_string()),
+            "defer" => QueuedDecision::Defer(why.to_string()),
+            // Defers until the kv counter `queued-tries` reaches N (a scanner coming back).
+            "defer-until" => {
+                let tries = kv::increment("queued-tries", 1, None).unwrap_or(0);
+                if tries < why.parse().unwrap_or(0) {
+                    QueuedDecision::Defer(format!("try {tries}"))
+                } else {
+                    QueuedDecision::Continue
+                }
+            }
+            _ => {
+                common(&action);
+                QueuedDecision::Continue
+            }
+        };
+        QueuedVerdict {
+            decision,
+            modifications: config_list("queued-modifications")
+                .iter()
+                .filter_map(|m| modification(m))
+                .collect(),
+        }
+    }
+}
+
+impl exports::postern::plugin0_2_0::outbound::Guest for TestHooks {
+    fn on_outbound(_envelope: Envelope, recipient: String, _message: &Message) -> OutboundVerdict {
+        let mut action = action("outbound");
+        if let Some(only) = config::get("outbound-only-rcpt") {
+            if !recipient.contains(&only) {
+                action = "continue".into();
+            }
+        }
+        let (kind, rest) = action.split_once(':').unwrap_or((action.as_str(), ""));
+        let decision = match kind {
+            "mx" => OutboundDecision::Route(Route::Mx),
+            "host" => OutboundDecision::Route(Route::Host(rest.to_string())),
+            "transport" => OutboundDecision::Route(Route::Transport(rest.to_string())),
+            "defer" => OutboundDecision::Defer(rest.to_string()),
+            "fail" => OutboundDecision::Fail(rest.to_string()),
+            _ => {
+                common(&action);
+                OutboundDecision::Continue
+            }
+        };
+        let applies = kind != "continue";
+        OutboundVerdict {
+            decision,
+            require_tls: applies && config::get("outbound-require-tls").is_some(),
+            sender: config::get("outbound-sender").filter(|_| applies),
         }
     }
 }

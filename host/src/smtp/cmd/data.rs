@@ -228,6 +228,7 @@ impl Session {
             smtputf8: tx.smtputf8,
             message_len: 0,
             quarantine: None,
+            filtered: false,
         };
         if self.plugins_have(Stage::Data) {
             match self
@@ -314,7 +315,7 @@ impl Session {
         if outcome.discard {
             return DataHook::Drop;
         }
-        if let Some(sender) = outcome.new_sender {
+        if let Some(sender) = outcome.changes.new_sender {
             if !sender.is_empty() && Address::parse(&sender).is_none() {
                 warn!(queue_id = %envelope.id, "plugin set an invalid sender {sender:?}");
                 return DataHook::Answer(common::local_error());
@@ -323,11 +324,12 @@ impl Session {
         }
         envelope.recipients.retain(|r| {
             !outcome
+                .changes
                 .remove_recipients
                 .iter()
                 .any(|x| x.eq_ignore_ascii_case(&r.address))
         });
-        for added in outcome.add_recipients {
+        for added in outcome.changes.add_recipients {
             // A plugin cannot add a recipient the client could not have added itself.
             let route = Address::parse(&added)
                 .ok_or(())
@@ -348,13 +350,14 @@ impl Session {
         }
         if let Some(reason) = outcome.quarantine {
             outcome
+                .changes
                 .edits
                 .push(Edit::Insert(Field::new("X-Postern-Quarantine", &reason)));
             envelope.quarantine = Some(reason);
         }
-        if !outcome.edits.is_empty() {
+        if !outcome.changes.edits.is_empty() {
             // Our trace fields (Received, Authentication-Results) stay first.
-            *message = Arc::new(apply_edits(message, &outcome.edits, protected));
+            *message = Arc::new(apply_edits(message, &outcome.changes.edits, protected));
         }
         DataHook::Spool
     }

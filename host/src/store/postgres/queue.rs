@@ -63,6 +63,22 @@ impl PgStore {
             .map(|r| (r.get(0), r.get(1))))
     }
 
+    /// Replaces the envelope and bytes of a message this node holds (the after-queue filter
+    /// changed it). False when it holds it no longer.
+    pub fn queue_replace(&self, id: &str, envelope: &str, message: &[u8]) -> Result<bool> {
+        self.block(async {
+            let c = self.client().await?;
+            let n = c
+                .execute(
+                    "UPDATE queue SET envelope = $3, message = $4 WHERE id = $1 AND lease_owner = $2",
+                    &[&id, &self.node, &envelope, &message],
+                )
+                .await
+                .map_err(db)?;
+            Ok(n == 1)
+        })
+    }
+
     /// Removes delivered messages this node holds.
     pub fn queue_delete(&self, ids: &[String]) -> Result<()> {
         self.block(async {
