@@ -768,3 +768,46 @@ def test_the_http_endpoints_bound_what_an_unknown_client_can_hold(make_server, t
                    b"\r\nContent-Length: " + str(len(big)).encode() + b"\r\n\r\n", big)
     assert b" 413 " in status, status
     still_serves(server)
+
+
+def test_a_slow_mailbox_event_plugin_never_slows_the_mailbox_and_its_queue_is_bounded(tmp_path):
+    """A `mailbox-event` plugin taking 50 ms an event cannot keep up with a client changing flags
+    as fast as it can: every STORE is answered at once (2,000 of them would take the plugin 100
+    seconds), at most 1,024 events and 64 MiB of messages wait, the rest are dropped and logged,
+    and the server's memory stays bounded."""
+    import imaplib
+    from conftest import Server
+    from test_plugin_stages import with_hooks
+    server = Server(tmp_path, transform=with_hooks(**{"mailbox-event": "sleep:50"}))
+    try:
+        m = imaplib.IMAP4("127.0.0.1", server.ports["imap"], timeout=60)
+        m.starttls(ssl_context=ssl.create_default_context(cafile=server.cert))
+        m.login(*ALICE_LOGIN)
+        # Each event carries this 300 KB message: 64 MiB hold about 220 of them.
+        big = b"Subject: heavy\r\n\r\n" + (b"y" * 998 + b"\r\n") * 300
+        assert m.append("INBOX", None, None, big)[0] == "OK"
+        m.select("INBOX")
+        before = rss_kib(server)
+        count = 2000
+        started = time.monotonic()
+        m.send(b"".join(f"s{i} STORE 1 {'+-'[i % 2]}FLAGS (\\Flagged)\r\n".encode()
+                        for i in range(count)))
+        done = 0
+        while done < count:
+            line = m.readline()
+            assert line, "connection closed"
+            if line.startswith(b"s"):
+                assert line.split()[1] == b"OK", line
+                done += 1
+        took = time.monotonic() - started
+        assert took < 20, f"{count} STOREs took {took:.1f} s"
+        grown = rss_kib(server) - before
+        assert grown < 200 * 1024, f"RSS grew by {grown} KiB"
+        log = server.log_text()
+        assert "mailbox-event queue full; events were dropped" in log, log[-2000:]
+        m.logout()
+        still_serves(server)
+        told = server.log_text().count("mailbox-event flags-changed")
+        assert told < count, told
+    finally:
+        server.stop()

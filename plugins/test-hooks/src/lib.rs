@@ -4,7 +4,8 @@
 //! and `kv` are 0.2.0's, the other hooks 0.1.0's.
 //!
 //! - mailbox-event: every event is printed to stdout (so the server's log has it) as
-//!   `mailbox-event ACTION SOURCE -> FOLDER (SPECIAL-USE) [FLAGS] subject=SUBJECT`.
+//!   `mailbox-event ACTION SOURCE -> FOLDER (SPECIAL-USE) [FLAGS] subject=SUBJECT`, after
+//!   sleeping MS milliseconds when the action is `sleep:MS`.
 //! - login only: `login-smtp`, `login-imap`, `login-pop3` are read before `login`, so one
 //!   protocol can be refused alone; `reject-user:USER` refuses that user with 550 5.7.1.
 //!
@@ -203,6 +204,10 @@ impl exports::postern::plugin0_2_0::login::Guest for TestHooks {
 
 impl exports::postern::plugin0_2_0::mailbox_event::Guest for TestHooks {
     fn on_mailbox_event(event: MailboxEvent, message: &Message) {
+        // `sleep:MS`: a slow listener, for the queue's bounds.
+        if let Some(ms) = action("mailbox-event").strip_prefix("sleep:") {
+            std::thread::sleep(std::time::Duration::from_millis(ms.parse().unwrap_or(0)));
+        }
         let action = match event.action {
             Action::Appended => "appended",
             Action::Copied => "copied",
