@@ -56,6 +56,13 @@ def test_every_hook_in_order_and_refusals(tmp_path):
                         "--expect", "outbound: transport backup, sender <srs@example.test> <b@remote.test>")
     assert later.returncode == 0, later.stdout + later.stderr
     assert "<a@example.test>" not in "".join(l for l in later.stdout.splitlines() if l.startswith("outbound"))
+    # The SDK's typed config getters read what the host renders.
+    typed = plugin_test(WASM / "test_hooks.wasm", "--eml", eml,
+                        "--config", 'helo = "echo-table:zones"\nmail-from = "echo-numbers:weights"\n'
+                                    'weights = [1.5, 2, 0.25]\n[zones]\n"zen.test" = 3.5\nname = "a, b"',
+                        "--expect", "helo: refuse 550 5.7.1 name=a, b zen.test=3.5",
+                        "--expect", "mail-from: refuse 550 5.7.1 sum 3.75")
+    assert typed.returncode == 0, typed.stdout + typed.stderr
     # A file that is not a component, and a capability it does not get.
     bad = tmp_path / "bad.wasm"
     bad.write_bytes(b"not wasm")

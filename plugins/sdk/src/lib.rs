@@ -129,6 +129,92 @@ pub fn config_list(key: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A config value that is an array of numbers or booleans (`[1.5, 2]`), each parsed as `T`;
+/// items that do not parse are skipped.
+pub fn config_values<T: std::str::FromStr>(key: &str) -> Vec<T> {
+    config::get(key)
+        .map(|text| {
+            items(text.trim().trim_start_matches('[').trim_end_matches(']'))
+                .iter()
+                .filter_map(|item| item.trim().parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A config value that is a table (`[plugin.config.weights]`, or `weights = { a = 1.5 }`), as
+/// (key, value) pairs in key order: each value as `config::get` gives a value, a string without
+/// its quotes and anything else as TOML text, to be parsed with `str::parse`,
+/// [`parse_string_array`] or [`parse_table`] again. Empty when the key is absent.
+pub fn config_table(key: &str) -> Vec<(String, String)> {
+    config::get(key)
+        .map(|text| parse_table(&text))
+        .unwrap_or_default()
+}
+
+/// Parses a TOML inline table as the host renders one (`{ a = 1, "b.c" = "x", d = [1, 2] }`).
+pub fn parse_table(text: &str) -> Vec<(String, String)> {
+    let inner = text.trim();
+    let inner = inner.strip_prefix('{').unwrap_or(inner);
+    let inner = inner.strip_suffix('}').unwrap_or(inner);
+    items(inner)
+        .into_iter()
+        .filter_map(|entry| {
+            let (key, value) = split_top(entry, '=')?;
+            Some((unquote(key.trim()), unquote(value.trim())))
+        })
+        .collect()
+}
+
+/// A TOML string token without its quotes (escapes decoded), or the text as it is.
+fn unquote(token: &str) -> String {
+    let quoted = (token.starts_with('"') && token.ends_with('"') && token.len() >= 2)
+        || (token.starts_with('\'') && token.ends_with('\'') && token.len() >= 2);
+    if quoted {
+        parse_string_array(token).pop().unwrap_or_default()
+    } else {
+        token.to_string()
+    }
+}
+
+/// The comma-separated items of an array's or inline table's inside, at the top level only
+/// (commas inside strings, arrays and tables stay in their item).
+fn items(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some((item, after)) = split_top(rest, ',') {
+        if !item.trim().is_empty() {
+            out.push(item);
+        }
+        rest = after;
+    }
+    if !rest.trim().is_empty() {
+        out.push(rest);
+    }
+    out
+}
+
+/// Splits at the first `sep` outside strings and brackets.
+fn split_top(text: &str, sep: char) -> Option<(&str, &str)> {
+    let (mut depth, mut quote, mut escaped) = (0usize, None::<char>, false);
+    for (i, c) in text.char_indices() {
+        match quote {
+            Some('"') if escaped => escaped = false,
+            Some('"') if c == '\\' => escaped = true,
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None => match c {
+                '"' | '\'' => quote = Some(c),
+                '[' | '{' => depth += 1,
+                ']' | '}' => depth = depth.saturating_sub(1),
+                c if c == sep && depth == 0 => return Some((&text[..i], &text[i + 1..])),
+                _ => {}
+            },
+        }
+    }
+    None
+}
+
 /// Parses a TOML array of strings as the host renders it; other values are skipped.
 pub fn parse_string_array(text: &str) -> Vec<String> {
     let mut out = Vec::new();
@@ -191,6 +277,31 @@ mod tests {
             vec!["a", "b, c", "d\\e", "q\"x\n"]
         );
         assert!(parse_string_array("[]").is_empty());
+    }
+
+    #[test]
+    fn tables_and_arrays_of_values() {
+        assert_eq!(
+            parse_table(r#"{ a = 1.5, "b.c" = "x, y", d = [1, 2], e = { f = true }, 'g' = 'h' }"#),
+            vec![
+                ("a".to_string(), "1.5".to_string()),
+                ("b.c".to_string(), "x, y".to_string()),
+                ("d".to_string(), "[1, 2]".to_string()),
+                ("e".to_string(), "{ f = true }".to_string()),
+                ("g".to_string(), "h".to_string()),
+            ]
+        );
+        assert_eq!(
+            parse_table(r#"{ q = "say \"hi\", ok" }"#)[0].1,
+            "say \"hi\", ok"
+        );
+        assert!(parse_table("{}").is_empty());
+        let inner = "1, 2.5 , x, 3";
+        let numbers: Vec<f64> = items(inner)
+            .iter()
+            .filter_map(|i| i.trim().parse().ok())
+            .collect();
+        assert_eq!(numbers, vec![1.0, 2.5, 3.0]);
     }
 
     #[test]

@@ -25,6 +25,8 @@
 //!   (the envelope sender to use) and `outbound-require-tls` (any value) too.
 //! - deliver only: `folder:NAME`, `forward:ADDR`, `discard`, `defer:TEXT`, `fail:TEXT`
 //! - vrfy/expn: `found:ADDR`, `not-found`, `cannot-verify`
+//! - `echo-table:KEY`, `echo-numbers:KEY`: reject with the SDK's reading of a config table
+//!   (`k=v ...`) or the sum of an array of numbers
 //! - misbehaviour: `loop` (never returns), `sleep:MS` (sleeps in WASI's poll, then continues), `alloc` (grows memory until it fails), `panic`,
 //!   `read-file:PATH` and `connect:HOST:PORT` (try the sandbox; the outcome is the reject text),
 //!   `kv-count` (counts calls in the kv store and rejects with the count), `kv-fill` (stores
@@ -38,7 +40,7 @@ use postern_plugin_sdk::types::{
     HeaderField, HeaderRemoval, LookupAnswer, Mailbox, Message, Modification, Reply, Session,
 };
 use postern_plugin_sdk::v2::kv;
-use postern_plugin_sdk::{config, config_list, dns, reply};
+use postern_plugin_sdk::{config, config_list, config_table, config_values, dns, reply};
 
 postern_plugin_sdk::plugin!(TestHooks);
 
@@ -80,6 +82,18 @@ fn common(action: &str) -> Option<Decision> {
         "reject" => Decision::Reject(parse_reply(rest)),
         "tempfail" => Decision::Tempfail(parse_reply(rest)),
         "disconnect" => Decision::Disconnect(parse_reply(rest)),
+        // The SDK's typed getters on the host's rendering: a table and an array of numbers.
+        "echo-table" => {
+            let pairs: Vec<String> = config_table(rest)
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            Decision::Reject(reply(550, "5.7.1", &pairs.join(" ")))
+        }
+        "echo-numbers" => {
+            let sum: f64 = config_values::<f64>(rest).iter().sum();
+            Decision::Reject(reply(550, "5.7.1", &format!("sum {sum}")))
+        }
         // Waits in WASI's poll, outside guest code: the host's timer must stop it.
         "sleep" => {
             std::thread::sleep(std::time::Duration::from_millis(rest.parse().unwrap_or(0)));

@@ -44,5 +44,10 @@ mod tests {
             Some("[\"a\", \"b\"]")
         );
         assert_eq!(config_value(&table, "rules.none"), None);
+        // A table comes as an inline table: what the SDK's `config_table` parses.
+        assert_eq!(
+            config_value(&table, "rules").as_deref(),
+            Some("{ gtube = 100, list = [\"a\", \"b\"] }")
+        );
     }
 }
