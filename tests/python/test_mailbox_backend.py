@@ -1,4 +1,4 @@
-"""A mailbox backend that fails (traps, loops, answers nonsense) is contained: SMTP keeps the
+"""A mailbox backend that fails (traps, loops, sleeps, answers nonsense) is contained: SMTP keeps the
 message queued, IMAP answers NO [UNAVAILABLE], POP3 -ERR [SYS/TEMP], the log names the backend
 and the cause; once the backend's file is replaced by a working one it is reloaded without a
 restart, and the queued message arrives."""
@@ -25,6 +25,7 @@ MESSAGE = (
 CAUSES = {
     "trap": "wasm trap",
     "loop": "ran past its deadline",
+    "sleep": "ran past its deadline",
     "liar": "deliver answered 2 results for 1 deliveries",
 }
 
@@ -40,7 +41,7 @@ def faulty(path, mode):
     return transform
 
 
-@pytest.mark.parametrize("mode", ["trap", "loop", "liar"])
+@pytest.mark.parametrize("mode", ["trap", "loop", "sleep", "liar"])
 def test_a_failing_backend_is_contained_and_a_fixed_one_takes_over(make_server, tmp_path, mode):
     wasm = tmp_path / "backend.wasm"
     shutil.copy(TEST_MAILBOX, wasm)

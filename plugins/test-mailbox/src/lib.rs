@@ -3,6 +3,8 @@
 //!
 //! - `trap`: the call traps (a panic, `unreachable` in Wasm);
 //! - `loop`: the call never returns (the host's deadline stops it);
+//! - `sleep`: the call waits ten minutes in WASI's poll, outside guest code (the host's
+//!   deadline stops it too);
 //! - `liar`: the call answers what the contract forbids (UIDs out of order and above UIDNEXT,
 //!   one result for no delivery, more bytes than asked for).
 
@@ -27,6 +29,7 @@ fn fail() {
                 n = std::hint::black_box(n.wrapping_add(1));
             }
         }
+        Some("sleep") => std::thread::sleep(std::time::Duration::from_secs(600)),
         Some("liar") => {}
         _ => panic!("test-mailbox fails on purpose"),
     }

@@ -338,7 +338,8 @@ impl WasmStore {
         });
         store.data_mut().deadline = Instant::now() + self.timeout;
         store.set_epoch_deadline(1);
-        let guest = finish(version.pre.instantiate_async(&mut store))?;
+        let deadline = store.data().deadline;
+        let guest = finish(deadline, version.pre.instantiate_async(&mut store))?;
         Ok(Live {
             store,
             guest,
@@ -473,14 +474,17 @@ impl WasmStore {
                 return Ok(bytes);
             }
             let ask = (left + u64::from(whole)).min(u64::from(CHUNK)) as u32;
-            let chunk = finish(live.guest.postern_plugin0_1_0_mailbox().call_read(
-                &mut live.store,
-                mailbox,
-                folder,
-                &reference,
-                offset,
-                ask,
-            ))?
+            let chunk = finish(
+                live.store.data().deadline,
+                live.guest.postern_plugin0_1_0_mailbox().call_read(
+                    &mut live.store,
+                    mailbox,
+                    folder,
+                    &reference,
+                    offset,
+                    ask,
+                ),
+            )?
             .map_err(refused)?;
             if chunk.len() > ask as usize || chunk.len() as u64 > left {
                 return Err(Fault::Broken(format!(
@@ -534,17 +538,26 @@ fn file_stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
     Some((meta.modified().ok()?, meta.len()))
 }
 
-/// Drives a call to the end on this (blocking) thread. Nothing in a backend's call waits on
-/// I/O outside the guest (its imports are synchronous), and the epoch callback never yields,
-/// so a poll runs the call to its end; the loop is there for correctness, not for waiting.
-fn finish<F: Future>(future: F) -> F::Output {
+/// Drives a call to the end on this (blocking) thread, or to its deadline. Nothing in a
+/// backend's call waits on I/O outside the guest (its imports are synchronous), and the epoch
+/// callback never yields, so a poll runs a well-behaved call to its end. A guest that waits
+/// outside its own code (WASI's poll: a `sleep`, which every guest can call) is not stopped by
+/// the epoch callback, which runs only in guest code: past the deadline the call is dropped
+/// here, and the caller discards the instance as after any fault.
+fn finish<T>(
+    deadline: Instant,
+    future: impl Future<Output = wasmtime::Result<T>>,
+) -> wasmtime::Result<T> {
     let mut future = std::pin::pin!(future);
     let mut cx = Context::from_waker(Waker::noop());
     loop {
         if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
             return output;
         }
-        std::thread::yield_now();
+        if Instant::now() >= deadline {
+            return Err(wasmtime::Error::msg(DEADLINE_PASSED));
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -611,6 +624,7 @@ impl MailStore for WasmStore {
                     })
                     .collect();
                 let answer = finish(
+                    live.store.data().deadline,
                     live.guest
                         .postern_plugin0_1_0_mailbox()
                         .call_deliver(&mut live.store, &wit),
@@ -643,11 +657,14 @@ impl MailStore for WasmStore {
 
     fn snapshot(&self, mailbox: &str, folder: &str) -> Result<FolderSnapshot, StoreError> {
         self.call(mailbox, "snapshot", |live| {
-            let snapshot = finish(live.guest.postern_plugin0_1_0_mailbox().call_snapshot(
-                &mut live.store,
-                mailbox,
-                folder,
-            ))?
+            let snapshot = finish(
+                live.store.data().deadline,
+                live.guest.postern_plugin0_1_0_mailbox().call_snapshot(
+                    &mut live.store,
+                    mailbox,
+                    folder,
+                ),
+            )?
             .map_err(refused)?;
             let snapshot = check::snapshot(snapshot).map_err(Fault::Broken)?;
             self.note_listing(mailbox, folder, &snapshot)?;
@@ -715,12 +732,15 @@ impl MailStore for WasmStore {
             return headers.into_iter().flatten().collect();
         }
         let answered = self.call(mailbox, "read-headers", |live| {
-            let answer = finish(live.guest.postern_plugin0_1_0_mailbox().call_read_headers(
-                &mut live.store,
-                mailbox,
-                folder,
-                &references(&missing),
-            ))?;
+            let answer = finish(
+                live.store.data().deadline,
+                live.guest.postern_plugin0_1_0_mailbox().call_read_headers(
+                    &mut live.store,
+                    mailbox,
+                    folder,
+                    &references(&missing),
+                ),
+            )?;
             if answer.len() != missing.len() {
                 return Err(Fault::Broken(format!(
                     "read-headers answered {} headers for {} messages",
@@ -783,14 +803,17 @@ impl MailStore for WasmStore {
                 flags: check::to_wit_flags(change.flags),
                 keywords: change.keywords.iter().map(str::to_string).collect(),
             };
-            let outcome = finish(live.guest.postern_plugin0_1_0_mailbox().call_change_flags(
-                &mut live.store,
-                mailbox,
-                folder,
-                &references(messages),
-                &wit,
-                unchanged_since,
-            ))?
+            let outcome = finish(
+                live.store.data().deadline,
+                live.guest.postern_plugin0_1_0_mailbox().call_change_flags(
+                    &mut live.store,
+                    mailbox,
+                    folder,
+                    &references(messages),
+                    &wit,
+                    unchanged_since,
+                ),
+            )?
             .map_err(refused)?;
             let asked: std::collections::HashSet<u32> = messages.iter().map(|m| m.uid).collect();
             if let Some(uid) = outcome
@@ -836,15 +859,18 @@ impl MailStore for WasmStore {
                 .table
                 .push(Incoming(Arc::from(message)))?;
             let names: Vec<String> = keywords.iter().map(str::to_string).collect();
-            let answer = finish(live.guest.postern_plugin0_1_0_mailbox().call_append(
-                &mut live.store,
-                mailbox,
-                folder,
-                handle,
-                check::to_wit_flags(flags),
-                &names,
-                received_at,
-            ));
+            let answer = finish(
+                live.store.data().deadline,
+                live.guest.postern_plugin0_1_0_mailbox().call_append(
+                    &mut live.store,
+                    mailbox,
+                    folder,
+                    handle,
+                    check::to_wit_flags(flags),
+                    &names,
+                    received_at,
+                ),
+            );
             let (validity, uid) = answer?.map_err(refused)?;
             if uid == 0 || validity == 0 {
                 return Err(Fault::Broken("append answered UID or UIDVALIDITY 0".into()));
@@ -862,13 +888,16 @@ impl MailStore for WasmStore {
         target: &str,
     ) -> Result<(u32, Vec<(u32, u32)>), StoreError> {
         self.call(mailbox, "copy", |live| {
-            let (validity, pairs) = finish(live.guest.postern_plugin0_1_0_mailbox().call_copy(
-                &mut live.store,
-                mailbox,
-                folder,
-                &references(messages),
-                target,
-            ))?
+            let (validity, pairs) = finish(
+                live.store.data().deadline,
+                live.guest.postern_plugin0_1_0_mailbox().call_copy(
+                    &mut live.store,
+                    mailbox,
+                    folder,
+                    &references(messages),
+                    target,
+                ),
+            )?
             .map_err(refused)?;
             let asked: std::collections::HashSet<u32> = messages.iter().map(|m| m.uid).collect();
             if pairs
@@ -890,12 +919,15 @@ impl MailStore for WasmStore {
         messages: &[&MessageInfo],
     ) -> Result<(), StoreError> {
         self.call(mailbox, "remove", |live| {
-            finish(live.guest.postern_plugin0_1_0_mailbox().call_remove(
-                &mut live.store,
-                mailbox,
-                folder,
-                &references(messages),
-            ))?
+            finish(
+                live.store.data().deadline,
+                live.guest.postern_plugin0_1_0_mailbox().call_remove(
+                    &mut live.store,
+                    mailbox,
+                    folder,
+                    &references(messages),
+                ),
+            )?
             .map_err(refused)
         })
     }
@@ -903,6 +935,7 @@ impl MailStore for WasmStore {
     fn folders(&self, mailbox: &str) -> Result<Vec<String>, StoreError> {
         self.call(mailbox, "folders", |live| {
             let folders = finish(
+                live.store.data().deadline,
                 live.guest
                     .postern_plugin0_1_0_mailbox()
                     .call_folders(&mut live.store, mailbox),
@@ -921,11 +954,14 @@ impl MailStore for WasmStore {
             return Err(StoreError::InvalidName(folder.into()));
         }
         self.call(mailbox, "create-folder", |live| {
-            finish(live.guest.postern_plugin0_1_0_mailbox().call_create_folder(
-                &mut live.store,
-                mailbox,
-                folder,
-            ))?
+            finish(
+                live.store.data().deadline,
+                live.guest.postern_plugin0_1_0_mailbox().call_create_folder(
+                    &mut live.store,
+                    mailbox,
+                    folder,
+                ),
+            )?
             .map_err(refused)
         })
     }
@@ -936,11 +972,14 @@ impl MailStore for WasmStore {
         }
         self.call(mailbox, "delete-folder", |live| {
             self.forget_headers(mailbox);
-            finish(live.guest.postern_plugin0_1_0_mailbox().call_delete_folder(
-                &mut live.store,
-                mailbox,
-                folder,
-            ))?
+            finish(
+                live.store.data().deadline,
+                live.guest.postern_plugin0_1_0_mailbox().call_delete_folder(
+                    &mut live.store,
+                    mailbox,
+                    folder,
+                ),
+            )?
             .map_err(refused)
         })
     }
@@ -951,12 +990,15 @@ impl MailStore for WasmStore {
         }
         self.call(mailbox, "rename-folder", |live| {
             self.forget_headers(mailbox);
-            finish(live.guest.postern_plugin0_1_0_mailbox().call_rename_folder(
-                &mut live.store,
-                mailbox,
-                from,
-                to,
-            ))?
+            finish(
+                live.store.data().deadline,
+                live.guest.postern_plugin0_1_0_mailbox().call_rename_folder(
+                    &mut live.store,
+                    mailbox,
+                    from,
+                    to,
+                ),
+            )?
             .map_err(refused)
         })
     }
@@ -964,6 +1006,7 @@ impl MailStore for WasmStore {
     fn subscriptions(&self, mailbox: &str) -> Result<Vec<String>, StoreError> {
         self.call(mailbox, "subscriptions", |live| {
             finish(
+                live.store.data().deadline,
                 live.guest
                     .postern_plugin0_1_0_mailbox()
                     .call_subscriptions(&mut live.store, mailbox),
@@ -980,6 +1023,7 @@ impl MailStore for WasmStore {
     ) -> Result<(), StoreError> {
         self.call(mailbox, "set-subscribed", |live| {
             finish(
+                live.store.data().deadline,
                 live.guest
                     .postern_plugin0_1_0_mailbox()
                     .call_set_subscribed(&mut live.store, mailbox, folder, subscribed),
@@ -997,6 +1041,7 @@ impl MailStore for WasmStore {
     ) -> Result<u32, StoreError> {
         self.call(mailbox, "recent-boundary", |live| {
             finish(
+                live.store.data().deadline,
                 live.guest
                     .postern_plugin0_1_0_mailbox()
                     .call_recent_boundary(&mut live.store, mailbox, folder, validity, claim),
@@ -1011,11 +1056,14 @@ impl MailStore for WasmStore {
         folder: Option<&str>,
     ) -> Result<std::collections::BTreeMap<String, Vec<u8>>, StoreError> {
         self.call(mailbox, "metadata", |live| {
-            let entries = finish(live.guest.postern_plugin0_1_0_mailbox().call_metadata(
-                &mut live.store,
-                mailbox,
-                folder,
-            ))?
+            let entries = finish(
+                live.store.data().deadline,
+                live.guest.postern_plugin0_1_0_mailbox().call_metadata(
+                    &mut live.store,
+                    mailbox,
+                    folder,
+                ),
+            )?
             .map_err(refused)?;
             Ok(entries.into_iter().collect())
         })
@@ -1028,12 +1076,15 @@ impl MailStore for WasmStore {
         changes: &[(String, Option<Vec<u8>>)],
     ) -> Result<(), StoreError> {
         self.call(mailbox, "set-metadata", |live| {
-            finish(live.guest.postern_plugin0_1_0_mailbox().call_set_metadata(
-                &mut live.store,
-                mailbox,
-                folder,
-                changes,
-            ))?
+            finish(
+                live.store.data().deadline,
+                live.guest.postern_plugin0_1_0_mailbox().call_set_metadata(
+                    &mut live.store,
+                    mailbox,
+                    folder,
+                    changes,
+                ),
+            )?
             .map_err(refused)
         })
     }
@@ -1068,6 +1119,7 @@ impl MailStore for WasmStore {
                 highest_modseq: numbers.highest_modseq,
             };
             finish(
+                live.store.data().deadline,
                 live.guest
                     .postern_plugin0_1_0_mailbox()
                     .call_import_messages(&mut live.store, mailbox, folder, numbers, &wit),
@@ -1079,6 +1131,7 @@ impl MailStore for WasmStore {
     fn usage(&self, mailbox: &str) -> Result<Usage, StoreError> {
         self.call(mailbox, "usage", |live| {
             let usage = finish(
+                live.store.data().deadline,
                 live.guest
                     .postern_plugin0_1_0_mailbox()
                     .call_usage(&mut live.store, mailbox),
