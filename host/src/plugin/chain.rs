@@ -473,12 +473,12 @@ impl PluginSession {
             filtering: Filtering::Deliver,
             changes: Changes::default(),
         };
+        let failed = |policy: OnError, why: String| match policy {
+            OnError::Continue => None,
+            OnError::Tempfail => Some(Filtering::Defer(why)),
+            OnError::Reject => Some(Filtering::Bounce("Rejected by local policy".into())),
+        };
         for (index, answer) in self.run(Call::Queued(envelope, message)).await {
-            let failed = |policy: OnError, why: String| match policy {
-                OnError::Continue => None,
-                OnError::Tempfail => Some(Filtering::Defer(why)),
-                OnError::Reject => Some(Filtering::Bounce("Rejected by local policy".into())),
-            };
             let on_error = self.plugin(index).on_error;
             let name = self.plugin(index).meta.name.clone();
             let verdict = match answer {

@@ -53,6 +53,15 @@ pub enum Filtered {
     Left(QueueId),
 }
 
+impl Filtered {
+    pub fn id(&self) -> &QueueId {
+        match self {
+            Filtered::Deliver(q) | Filtered::Bounce(q, _) => &q.envelope.id,
+            Filtered::Discard(id) | Filtered::Left(id) => id,
+        }
+    }
+}
+
 pub struct AfterQueue {
     runtime: Arc<PluginRuntime>,
     spool: Spool,
@@ -158,9 +167,7 @@ impl AfterQueue {
         }
         match done {
             Ok(Attempt::Done(filtered)) => {
-                if let Filtered::Deliver(q) | Filtered::Bounce(q, _) = &filtered {
-                    self.tries.remove(&q.envelope.id);
-                }
+                self.tries.remove(filtered.id());
                 Some(filtered)
             }
             Ok(Attempt::Defer(queued, why)) => self.defer(queued, &why),

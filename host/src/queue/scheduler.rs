@@ -310,47 +310,42 @@ impl Scheduler {
     }
 
     /// Acts on what the after-queue filters decided: this message, and the others that are
-    /// ready (delivered in one batch).
+    /// ready (those to deliver in one batch).
     async fn after_filter(&mut self, first: Filtered) {
         let mut deliver = Vec::new();
         let mut next = Some(first);
         while let Some(filtered) = next.take() {
             match filtered {
                 Filtered::Deliver(queued) => deliver.push(queued),
-                other => self.after_filter_one(other).await,
+                Filtered::Discard(id) => {
+                    let spool = self.spool.clone();
+                    let ids = vec![id.clone()];
+                    let removed = tokio::task::spawn_blocking(move || spool.remove(&ids)).await;
+                    if !matches!(removed, Ok(Ok(()))) {
+                        warn!(queue_id = %id, "cannot remove a discarded message from the spool; it is filtered again at the next start");
+                    }
+                }
+                Filtered::Bounce(queued, reason) => {
+                    // Every recipient failed: the relay sends the sender one RFC 3464 report
+                    // (none to the null sender) and removes the message, as for any final
+                    // failure.
+                    let failed =
+                        vec![Disposition::Failed(reason); queued.envelope.recipients.len()];
+                    let state = DeliveryState::from_dispositions(&queued.envelope, &failed);
+                    self.hand_to_relay(RelayJob {
+                        envelope: queued.envelope,
+                        state,
+                        locals_just_tried: true,
+                    })
+                    .await;
+                }
+                Filtered::Left(id) => self.spool.defer(&id),
             }
             if deliver.len() < BATCH {
                 next = self.filter.as_mut().and_then(AfterQueue::ready);
             }
         }
         self.deliver_now(deliver).await;
-    }
-
-    async fn after_filter_one(&mut self, filtered: Filtered) {
-        match filtered {
-            Filtered::Deliver(queued) => self.deliver_now(vec![queued]).await,
-            Filtered::Discard(id) => {
-                let spool = self.spool.clone();
-                let ids = vec![id.clone()];
-                let removed = tokio::task::spawn_blocking(move || spool.remove(&ids)).await;
-                if !matches!(removed, Ok(Ok(()))) {
-                    warn!(queue_id = %id, "cannot remove a discarded message from the spool; it is filtered again at the next start");
-                }
-            }
-            Filtered::Bounce(queued, reason) => {
-                // Every recipient failed: the relay sends the sender one RFC 3464 report (none
-                // to the null sender) and removes the message, as for any final failure.
-                let failed = vec![Disposition::Failed(reason); queued.envelope.recipients.len()];
-                let state = DeliveryState::from_dispositions(&queued.envelope, &failed);
-                self.hand_to_relay(RelayJob {
-                    envelope: queued.envelope,
-                    state,
-                    locals_just_tried: true,
-                })
-                .await;
-            }
-            Filtered::Left(id) => self.spool.defer(&id),
-        }
     }
 
     /// Delivers messages that need no (more) filtering: local copies now, the rest to the relay.

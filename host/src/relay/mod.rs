@@ -930,7 +930,7 @@ async fn hops(context: &Context, way: Way<'_>) -> Result<Hops, RcptOutcome> {
                 warn!(transport = %name, "a plugin routed to an unknown transport");
                 return Err(temporary(format!("4.3.5 No transport named {name:?}")));
             };
-            let (host, port) = split_host_port(&t.host);
+            let (host, port) = split_host_port(&t.host, 25);
             let (tls, verifies) = if t.implicit_tls {
                 match context.verifying.clone() {
                     Ok(connector) => (TlsPlan::Implicit(connector), true),
@@ -945,15 +945,12 @@ async fn hops(context: &Context, way: Way<'_>) -> Result<Hops, RcptOutcome> {
             (vec![host], port, tls, auth, verifies)
         }
         (Some(OutboundRoute::Host(host)), _) => {
-            let (host, port) = match host.rsplit_once(':') {
-                Some((_, p)) if p.parse::<u16>().is_ok() => split_host_port(host),
-                _ => (host.clone(), outbound.mx_port),
-            };
+            let (host, port) = split_host_port(host, outbound.mx_port);
             let (tls, verifies) = domain_tls(context, outbound.tls_for(domain))?;
             (vec![host], port, tls, None, verifies)
         }
         (_, Some(smarthost)) => {
-            let (host, port) = split_host_port(smarthost);
+            let (host, port) = split_host_port(smarthost, 25);
             let Ok(connector) = context.verifying.clone() else {
                 return Err(temporary(
                     "4.7.5 No CA certificates to verify the smarthost".into(),
@@ -1196,14 +1193,15 @@ async fn transact(
     }
 }
 
-fn split_host_port(text: &str) -> (String, u16) {
+/// `host:port`, `[v6]:port` or a bare host (then `default_port`).
+fn split_host_port(text: &str, default_port: u16) -> (String, u16) {
     match text.rsplit_once(':') {
         Some((host, port)) if port.parse::<u16>().is_ok() => (
             host.trim_start_matches('[')
                 .trim_end_matches(']')
                 .to_string(),
-            port.parse().unwrap_or(25),
+            port.parse().unwrap_or(default_port),
         ),
-        _ => (text.to_string(), 25),
+        _ => (text.to_string(), default_port),
     }
 }
