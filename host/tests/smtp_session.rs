@@ -164,10 +164,13 @@ async fn ehlo_lists_extensions_without_auth_before_tls() {
         "SMTPUTF8",
         "ENHANCEDSTATUSCODES",
         "CHUNKING",
+        "DSN",
     ] {
         assert!(ehlo.contains(ext), "{ext} missing from {ehlo}");
     }
     assert!(!ehlo.contains("AUTH"), "AUTH offered before TLS: {ehlo}");
+    // RFC 8689 §2: REQUIRETLS only on a protected session.
+    assert!(!ehlo.contains("REQUIRETLS"), "{ehlo}");
     c.cmd(
         "AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABhbGljZXBhc3M=",
         "538 5.7.11",
@@ -176,6 +179,41 @@ async fn ehlo_lists_extensions_without_auth_before_tls() {
     c.cmd("HELO client.test", "250 ").await;
     c.cmd("QUIT", "221 2.0.0").await;
     assert!(c.closed().await);
+}
+
+#[tokio::test]
+async fn dsn_parameters_are_checked() {
+    let h = harness(|_| {});
+    let mut c = Client::start(
+        &h,
+        listener(ListenerProtocol::Smtp, false),
+        "192.0.2.10:4000",
+    );
+    c.reply().await;
+    c.cmd("EHLO client.test", "250-").await;
+    // RFC 3461 §4.3, §4.4: one RET, ENVID of at most 100 characters.
+    c.cmd("MAIL FROM:<a@remote.test> RET=BODY", "501 ").await;
+    let long = "x".repeat(101);
+    c.cmd(&format!("MAIL FROM:<a@remote.test> ENVID={long}"), "501 ")
+        .await;
+    c.cmd("MAIL FROM:<a@remote.test> REQUIRETLS", "530 5.7.10")
+        .await;
+    c.cmd(
+        "MAIL FROM:<a@remote.test> RET=HDRS ENVID=a+2Bb",
+        "250 2.1.0",
+    )
+    .await;
+    // §4.1: NEVER stands alone; §4.2: ORCPT of the rfc822 type only.
+    c.cmd("RCPT TO:<alice@example.test> NOTIFY=NEVER,SUCCESS", "501 ")
+        .await;
+    c.cmd("RCPT TO:<alice@example.test> ORCPT=x400;a", "501 ")
+        .await;
+    c.cmd(
+        "RCPT TO:<alice@example.test> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;al+2Bice@old.test",
+        "250 2.1.5",
+    )
+    .await;
+    c.cmd("QUIT", "221 2.0.0").await;
 }
 
 #[tokio::test]

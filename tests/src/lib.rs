@@ -12,6 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 pub mod dns;
 pub mod postgres;
+pub mod relay;
 pub mod sink;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;

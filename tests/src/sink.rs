@@ -19,6 +19,8 @@ pub struct SinkMessage {
     /// What followed the address in MAIL FROM (`SIZE=… BODY=8BITMIME`).
     pub mail_params: String,
     pub to: Vec<String>,
+    /// What followed each accepted RCPT TO address (`NOTIFY=SUCCESS ORCPT=rfc822;…`).
+    pub rcpt_params: Vec<String>,
     /// The message, dot-stuffing removed, CRLF line ends.
     pub data: Vec<u8>,
     pub tls: bool,
@@ -46,6 +48,10 @@ pub struct SinkScript {
     pub data_delay: Duration,
     /// How long to sit on DATA before the 354.
     pub data_command_delay: Duration,
+    /// Offer DSN (RFC 3461).
+    pub dsn: bool,
+    /// Offer REQUIRETLS (RFC 8689) once TLS is on.
+    pub requiretls: bool,
 }
 
 impl Default for SinkScript {
@@ -59,6 +65,8 @@ impl Default for SinkScript {
             broken_tls: false,
             data_delay: Duration::ZERO,
             data_command_delay: Duration::ZERO,
+            dsn: false,
+            requiretls: false,
         }
     }
 }
@@ -173,6 +181,7 @@ async fn serve(
     let mut from = String::new();
     let mut mail_params = String::new();
     let mut to: Vec<String> = Vec::new();
+    let mut rcpt_params: Vec<String> = Vec::new();
     let mut auth = None;
     let mut transaction = 0;
     loop {
@@ -201,6 +210,12 @@ async fn serve(
             }
             if (script.tls.is_some() || script.broken_tls) && !tls {
                 caps.push("STARTTLS");
+            }
+            if script.dsn {
+                caps.push("DSN");
+            }
+            if script.requiretls && tls {
+                caps.push("REQUIRETLS");
             }
             let mut out = String::new();
             for (i, cap) in caps.iter().enumerate() {
@@ -247,12 +262,18 @@ async fn serve(
                 .map(|(_, rest)| rest.trim().to_string())
                 .unwrap_or_default();
             to.clear();
+            rcpt_params.clear();
             "250 2.1.0 OK\r\n".into()
         } else if upper.starts_with("RCPT TO:") {
             let rcpt = arg("RCPT TO:");
             let reply = (script.rcpt)(&rcpt, transaction);
             if reply.starts_with('2') {
                 to.push(rcpt);
+                rcpt_params.push(
+                    line.split_once('>')
+                        .map(|(_, rest)| rest.trim().to_string())
+                        .unwrap_or_default(),
+                );
             }
             format!("{reply}\r\n")
         } else if upper.starts_with("DATA") {
@@ -283,6 +304,7 @@ async fn serve(
                     from: from.clone(),
                     mail_params: mail_params.clone(),
                     to: std::mem::take(&mut to),
+                    rcpt_params: std::mem::take(&mut rcpt_params),
                     data,
                     tls,
                     auth: auth.clone(),

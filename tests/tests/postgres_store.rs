@@ -138,16 +138,13 @@ async fn the_shared_queue_hands_a_dead_nodes_messages_to_another_by_lease() {
         received_at: 1,
         sender: "s@remote.test".into(),
         recipients: vec![
-            Recipient {
-                address: "alice@example.test".into(),
-                route: Route::Local {
+            Recipient::new(
+                "alice@example.test".into(),
+                Route::Local {
                     mailbox: "alice@example.test".into(),
                 },
-            },
-            Recipient {
-                address: "bob@remote.test".into(),
-                route: Route::Remote,
-            },
+            ),
+            Recipient::new("bob@remote.test".into(), Route::Remote),
         ],
         helo: "client".into(),
         peer: "127.0.0.1".into(),
@@ -156,6 +153,8 @@ async fn the_shared_queue_hands_a_dead_nodes_messages_to_another_by_lease() {
         message_len: 7,
         quarantine: None,
         filtered: false,
+        dsn: Default::default(),
+        require_tls: false,
     };
     // Concurrent stores commit (in batches) and each is the storing node's.
     let mut stored = Vec::new();

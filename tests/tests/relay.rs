@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use postern_e2e::dns::{Rr, TestDns};
+use postern_e2e::relay::{relay_server, send, wait_for_notice, wait_until};
 use postern_e2e::sink::{loopback_ip, Sink, SinkScript};
 use postern_e2e::{set_key, SmtpClient, TestServer};
 
@@ -16,38 +17,6 @@ Message-ID: <relay-1@example.test>\r\n\
 \r\n\
 Hello over there.\r\n\
 .a line with a leading dot\r\n";
-
-/// A server that relays for loopback clients, resolves through `dns`, reaches MX hosts on
-/// `port`, and retries after one second.
-fn relay_server(dns: &TestDns, port: u16, extra: impl FnOnce(String) -> String) -> TestServer {
-    TestServer::start(|config| {
-        let config = config.replace(
-            "nameservers = [\"127.0.0.1:9\"]",
-            &format!("nameservers = [\"{}\"]", dns.addr),
-        );
-        let config = set_key(&config, "relay", "trusted_networks", "[\"127.0.0.0/8\"]");
-        let config = set_key(&config, "outbound", "mx_port", &port.to_string());
-        let config = set_key(&config, "outbound", "retry_schedule", "[\"1s\"]");
-        extra(config)
-    })
-    .expect("server starts")
-}
-
-async fn send(server: &TestServer, from: &str, to: &[&str], message: &[u8]) -> String {
-    let (mut client, _) = SmtpClient::connect(server.port("smtp")).await.unwrap();
-    client.expect("EHLO client.test", 250).await.unwrap();
-    let id = client.send_mail(from, to, message).await.unwrap();
-    client.expect("QUIT", 221).await.unwrap();
-    id
-}
-
-async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
 
 #[tokio::test]
 async fn mx_preference_fallback_and_exact_bytes() {
@@ -142,20 +111,6 @@ async fn temporary_failure_is_retried_until_accepted() {
 }
 
 /// Reads alice's mailbox until a message containing `needle` arrives.
-async fn wait_for_notice(server: &TestServer, needle: &str) -> String {
-    let mut found = None;
-    wait_until("a delivery status notification", || {
-        found = server
-            .maildir("alice", "example.test")
-            .into_iter()
-            .map(|(_, bytes)| String::from_utf8_lossy(&bytes).into_owned())
-            .find(|text| text.contains(needle));
-        found.is_some()
-    })
-    .await;
-    found.unwrap()
-}
-
 #[tokio::test]
 async fn permanent_failure_bounces_to_the_local_sender() {
     let ip = loopback_ip();

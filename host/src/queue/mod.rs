@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-pub use envelope::{Envelope, QueueId, Recipient, Route};
+pub use envelope::{Dsn, Envelope, Notify, QueueId, Recipient, Ret, Route};
 pub use lease::{keep_leases, Hold, Ticket};
 pub use spool::{Spool, SpoolError};
 

@@ -360,14 +360,15 @@ impl Scheduler {
             let mut done = Vec::new();
             let mut jobs = Vec::new();
             for (queued, dispositions) in batch.into_iter().zip(dispositions) {
-                if dispositions.iter().all(|d| *d == Disposition::Done) {
+                let state = DeliveryState::from_dispositions(&queued.envelope, &dispositions);
+                // Done, unless a success report is owed (the relay sends it, as any notice).
+                if state.is_finished() {
                     done.push(queued.envelope.id);
                     continue;
                 }
                 // Recorded before anything else when a local copy was made (or discarded): it is
                 // never made again. With none, there is nothing a restart could repeat, and the
                 // relay's first save is the first record (no extra flushes on the relay path).
-                let state = DeliveryState::from_dispositions(&queued.envelope, &dispositions);
                 let local_done = queued
                     .envelope
                     .recipients

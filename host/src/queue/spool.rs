@@ -479,12 +479,12 @@ mod tests {
             id: id.into(),
             received_at: 1,
             sender: "a@b.test".into(),
-            recipients: vec![Recipient {
-                address: "alice@example.test".into(),
-                route: Route::Local {
+            recipients: vec![Recipient::new(
+                "alice@example.test".into(),
+                Route::Local {
                     mailbox: "alice@example.test".into(),
                 },
-            }],
+            )],
             helo: "client".into(),
             peer: "127.0.0.1".into(),
             auth_user: None,
@@ -492,6 +492,8 @@ mod tests {
             message_len: len as u64,
             quarantine: None,
             filtered: false,
+            dsn: Default::default(),
+            require_tls: false,
         }
     }
 

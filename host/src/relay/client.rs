@@ -1,6 +1,7 @@
 //! The outbound SMTP client: one transaction to one host (RFC 5321 §4, §3.3), with EHLO (HELO
 //! fallback), STARTTLS (RFC 3207) as the TLS policy asks, AUTH PLAIN for a smarthost, PIPELINING
-//! (RFC 2920) when offered, SIZE (RFC 1870), 8BITMIME and SMTPUTF8, and one outcome per recipient.
+//! (RFC 2920) when offered, SIZE (RFC 1870), 8BITMIME and SMTPUTF8, DSN parameters (RFC 3461)
+//! and REQUIRETLS (RFC 8689) when offered, and one outcome per recipient.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,7 +12,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use rustls_pki_types::ServerName;
 use smtp_proto::{
-    EhloResponse, EXT_8BIT_MIME, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS,
+    EhloResponse, EXT_8BIT_MIME, EXT_DSN, EXT_PIPELINING, EXT_REQUIRE_TLS, EXT_SIZE, EXT_SMTP_UTF8,
+    EXT_START_TLS,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -173,6 +175,13 @@ pub struct Job<'a> {
     /// The message with CRLF line endings.
     pub message: &'a [u8],
     pub smtputf8: bool,
+    /// ESMTP parameters given only to servers that offer DSN (RFC 3461 §4): MAIL's
+    /// (` RET=HDRS ENVID=…`) and each recipient's (` NOTIFY=… ORCPT=…`), in recipient order.
+    pub dsn_mail: &'a str,
+    pub dsn_rcpts: &'a [String],
+    /// RFC 8689 §4.2.1: the message was sent with REQUIRETLS, so the server must offer it (over
+    /// the TLS the plan already requires) or the message is not sent.
+    pub require_tls: bool,
     /// Checked before the final dot: a node that may have lost the message to another sends
     /// no dot, so the remote discards the transaction (RFC 5321 §3.8) instead of taking a
     /// copy the other node sends too.
@@ -183,7 +192,11 @@ pub struct Job<'a> {
 /// What became of one recipient.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RcptOutcome {
-    Delivered(Reply),
+    /// `dsn`: the server offers DSN and was given the parameters, so it reports from now on.
+    Delivered {
+        reply: Reply,
+        dsn: bool,
+    },
     Temporary(Reply),
     Permanent(Reply),
 }
@@ -323,6 +336,14 @@ fn local_failure(text: &str) -> Reply {
     }
 }
 
+/// RFC 8689 §5: the server cannot carry a REQUIRETLS message (5.7.30), a permanent failure.
+fn requiretls_failure(text: &str) -> Reply {
+    Reply {
+        code: 550,
+        text: format!("5.7.30 {text}"),
+    }
+}
+
 /// Runs one transaction over a connected socket.
 pub async fn deliver(tcp: TcpStream, job: &Job<'_>) -> HostOutcome {
     match run(tcp, job).await {
@@ -352,6 +373,13 @@ async fn run(tcp: TcpStream, job: &Job<'_>) -> Result<HostOutcome, ClientError> 
     let connector = match &job.tls {
         TlsPlan::Opportunistic(c) if offers_tls => Some(c.clone()),
         TlsPlan::Required(c) if offers_tls => Some(c.clone()),
+        // RFC 8689 §4.2.1: a REQUIRETLS message is returned, not kept, when the server lacks
+        // what it needs; another MX host may still have it.
+        TlsPlan::Required(_) if job.require_tls => {
+            return Ok(failed(requiretls_failure(
+                "REQUIRETLS: the server does not offer STARTTLS",
+            )))
+        }
         TlsPlan::Required(_) => {
             return Ok(failed(local_failure(
                 "TLS is required but the server does not offer STARTTLS",
@@ -392,6 +420,11 @@ async fn run(tcp: TcpStream, job: &Job<'_>) -> Result<HostOutcome, ClientError> 
             });
         }
     }
+    if job.require_tls && ehlo.capabilities & EXT_REQUIRE_TLS == 0 {
+        return Ok(failed(requiretls_failure(
+            "REQUIRETLS: the server does not offer REQUIRETLS",
+        )));
+    }
     let all = |outcome: RcptOutcome| HostOutcome::Done(vec![outcome; job.recipients.len()]);
     let size = job.message.len();
     if ehlo.capabilities & EXT_SIZE != 0 && ehlo.size > 0 && size > ehlo.size {
@@ -419,12 +452,24 @@ async fn run(tcp: TcpStream, job: &Job<'_>) -> Result<HostOutcome, ClientError> 
     if job.smtputf8 {
         mail.push_str(" SMTPUTF8");
     }
+    let dsn = ehlo.capabilities & EXT_DSN != 0;
+    if dsn {
+        mail.push_str(job.dsn_mail);
+    }
+    if job.require_tls {
+        mail.push_str(" REQUIRETLS");
+    }
+    let rcpt_line = |i: usize, rcpt: &str| match job.dsn_rcpts.get(i).filter(|_| dsn) {
+        Some(params) => format!("RCPT TO:<{rcpt}>{params}"),
+        None => format!("RCPT TO:<{rcpt}>"),
+    };
     let pipelining = ehlo.capabilities & EXT_PIPELINING != 0;
     let mut outcomes: Vec<Option<RcptOutcome>> = vec![None; job.recipients.len()];
     let (mail_reply, data_reply) = if pipelining {
         let mut batch = format!("{mail}\r\n");
-        for rcpt in job.recipients {
-            batch.push_str(&format!("RCPT TO:<{rcpt}>\r\n"));
+        for (i, rcpt) in job.recipients.iter().enumerate() {
+            batch.push_str(&rcpt_line(i, rcpt));
+            batch.push_str("\r\n");
         }
         batch.push_str("DATA\r\n");
         client.send(batch.as_bytes()).await?;
@@ -437,8 +482,8 @@ async fn run(tcp: TcpStream, job: &Job<'_>) -> Result<HostOutcome, ClientError> 
     } else {
         let mail_reply = client.command(&mail).await?;
         if mail_reply.code == 250 {
-            for (outcome, rcpt) in outcomes.iter_mut().zip(job.recipients) {
-                *outcome = rcpt_outcome(client.command(&format!("RCPT TO:<{rcpt}>")).await?);
+            for (i, (outcome, rcpt)) in outcomes.iter_mut().zip(job.recipients).enumerate() {
+                *outcome = rcpt_outcome(client.command(&rcpt_line(i, rcpt)).await?);
             }
         }
         (mail_reply, None)
@@ -494,7 +539,10 @@ async fn run(tcp: TcpStream, job: &Job<'_>) -> Result<HostOutcome, ClientError> 
     client.send(&dot).await?;
     let (final_reply, _) = client.reply_raw(FINAL_REPLY_TIMEOUT).await?;
     let outcome = if final_reply.code == 250 {
-        RcptOutcome::Delivered(final_reply)
+        RcptOutcome::Delivered {
+            reply: final_reply,
+            dsn,
+        }
     } else {
         failure(final_reply)
     };

@@ -129,6 +129,7 @@ impl Entry {
                     RcptState::Failed { address, attempt } => {
                         (address, "failed", Some(attempt.clone()))
                     }
+                    RcptState::Succeeded { address, .. } => (address, "delivered", None),
                     RcptState::Done => (&original.address, "done", None),
                 };
                 RecipientView {
@@ -241,16 +242,13 @@ mod tests {
             received_at: 1_000,
             sender: "Alice@Example.test".into(),
             recipients: vec![
-                Recipient {
-                    address: "bob@example.net".into(),
-                    route: Route::Remote,
-                },
-                Recipient {
-                    address: "carol@example.test".into(),
-                    route: Route::Local {
+                Recipient::new("bob@example.net".into(), Route::Remote),
+                Recipient::new(
+                    "carol@example.test".into(),
+                    Route::Local {
                         mailbox: "carol@example.test".into(),
                     },
-                },
+                ),
             ],
             helo: "h".into(),
             peer: "127.0.0.1".into(),
@@ -259,6 +257,8 @@ mod tests {
             message_len: 10,
             quarantine: None,
             filtered: false,
+            dsn: Default::default(),
+            require_tls: false,
         }
     }
 

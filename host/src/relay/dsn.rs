@@ -1,9 +1,10 @@
 //! Delivery status notifications (RFC 3464, carried in RFC 6522 multipart/report): the bounce
-//! for recipients that failed for good, and the one-time notice that delivery is delayed.
+//! for recipients that failed for good, the one-time notice that delivery is delayed, and the
+//! success report a sender asked for with `NOTIFY=SUCCESS` (RFC 3461 §6).
 
 use chrono::{TimeZone, Utc};
 
-/// Whether the notice reports a final failure or a delay.
+/// What the notice reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Notice {
     Failed,
@@ -11,12 +12,38 @@ pub enum Notice {
     Delayed {
         until: i64,
     },
+    /// Delivered, or relayed to a server that cannot report further (RFC 3461 §6.2.1).
+    Succeeded,
+}
+
+/// RFC 3464 §2.3.3 Action of one recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Failed,
+    Delayed,
+    Delivered,
+    /// Handed to a server that does not offer DSN: no further report will come.
+    Relayed,
+}
+
+impl Action {
+    fn as_str(self) -> &'static str {
+        match self {
+            Action::Failed => "failed",
+            Action::Delayed => "delayed",
+            Action::Delivered => "delivered",
+            Action::Relayed => "relayed",
+        }
+    }
 }
 
 /// One recipient the notice is about.
 #[derive(Debug, Clone)]
-pub struct Failure {
+pub struct Entry {
     pub recipient: String,
+    /// The sender's ORCPT for it (RFC 3461 §4.2), reported as Original-Recipient.
+    pub original: Option<String>,
+    pub action: Action,
     /// RFC 3463 status (`5.1.1`).
     pub status: String,
     /// The host that answered, when one did.
@@ -29,7 +56,12 @@ pub struct Original<'a> {
     pub queue_id: &'a str,
     pub sender: &'a str,
     pub received_at: i64,
-    /// The message as queued (CRLF); its header section is returned.
+    /// The sender's ENVID (RFC 3461 §4.4), reported as Original-Envelope-Id.
+    pub envid: Option<&'a str>,
+    /// RET=FULL: a failure report returns the whole message; otherwise only its header section
+    /// (RFC 3461 §4.3 leaves the default to the MTA; Postfix returns headers too).
+    pub full: bool,
+    /// The message as queued (CRLF).
     pub message: &'a [u8],
 }
 
@@ -48,27 +80,41 @@ fn header_section(message: &[u8]) -> &[u8] {
     }
 }
 
+/// A header field value as one line: control characters (CR, LF) become spaces.
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
 /// Builds the notice, addressed to the original sender, from `MAILER-DAEMON@<hostname>`.
 pub fn build(
     hostname: &str,
     notice: Notice,
     original: &Original<'_>,
-    failures: &[Failure],
+    entries: &[Entry],
     now: i64,
 ) -> Vec<u8> {
     let boundary = format!("{}/{}", original.queue_id, hostname);
-    let (subject, intro, action) = match notice {
+    let (subject, intro) = match notice {
         Notice::Failed => (
             "Undelivered Mail Returned to Sender",
-            "Your message could not be delivered to one or more recipients. It has been given up\r\n\
-             on; the reasons are below. The headers of your message are attached.",
-            "failed",
+            if original.full {
+                "Your message could not be delivered to one or more recipients. It has been given up\r\n\
+                 on; the reasons are below. Your message is attached."
+            } else {
+                "Your message could not be delivered to one or more recipients. It has been given up\r\n\
+                 on; the reasons are below. The headers of your message are attached."
+            },
         ),
         Notice::Delayed { .. } => (
             "Delayed Mail (still being retried)",
             "Your message has not been delivered to one or more recipients yet. No action is\r\n\
              needed: delivery will be retried, and you will be told if it finally fails.",
-            "delayed",
+        ),
+        Notice::Succeeded => (
+            "Successful Mail Delivery Report",
+            "Your message was delivered to the recipients below, as you asked to be told.",
         ),
     };
     let mut out = String::new();
@@ -96,50 +142,73 @@ pub fn build(
         rfc2822(now),
         original.queue_id,
     ));
-    for failure in failures {
+    for entry in entries {
         out.push_str(&format!(
             "<{}>: {}\r\n",
-            failure.recipient,
-            match &failure.remote_mta {
-                Some(mta) => format!("host {mta} said: {}", failure.diagnostic),
-                None => failure.diagnostic.clone(),
+            entry.recipient,
+            match &entry.remote_mta {
+                Some(mta) => format!("host {mta} said: {}", entry.diagnostic),
+                None => entry.diagnostic.clone(),
             }
         ));
     }
     out.push_str(&format!(
-        "\r\n--{boundary}\r\n\
-         Content-Type: message/delivery-status\r\n\
-         \r\n\
-         Reporting-MTA: dns; {hostname}\r\n\
+        "\r\n--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n"
+    ));
+    // RFC 3464 §2.2: Original-Envelope-Id comes first among the per-message fields.
+    if let Some(envid) = original.envid {
+        out.push_str(&format!("Original-Envelope-Id: {}\r\n", one_line(envid)));
+    }
+    out.push_str(&format!(
+        "Reporting-MTA: dns; {hostname}\r\n\
          X-Postern-Queue-ID: {}\r\n\
          Arrival-Date: {}\r\n",
         original.queue_id,
         rfc2822(original.received_at),
     ));
-    for failure in failures {
+    for entry in entries {
+        out.push_str("\r\n");
+        if let Some(orcpt) = &entry.original {
+            out.push_str(&format!(
+                "Original-Recipient: rfc822;{}\r\n",
+                one_line(orcpt)
+            ));
+        }
         out.push_str(&format!(
-            "\r\nFinal-Recipient: rfc822; {}\r\nAction: {action}\r\nStatus: {}\r\n",
-            failure.recipient, failure.status
+            "Final-Recipient: rfc822; {}\r\nAction: {}\r\nStatus: {}\r\n",
+            entry.recipient,
+            entry.action.as_str(),
+            entry.status
         ));
-        if let Some(mta) = &failure.remote_mta {
+        if let Some(mta) = &entry.remote_mta {
             out.push_str(&format!("Remote-MTA: dns; {mta}\r\n"));
         }
-        // Diagnostic-Code is one header field: fold nothing, but keep it on one line.
-        let diagnostic: String = failure
-            .diagnostic
-            .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .collect();
-        out.push_str(&format!("Diagnostic-Code: smtp; {diagnostic}\r\n"));
+        out.push_str(&format!(
+            "Diagnostic-Code: smtp; {}\r\n",
+            one_line(&entry.diagnostic)
+        ));
         if let Notice::Delayed { until } = notice {
             out.push_str(&format!("Will-Retry-Until: {}\r\n", rfc2822(until)));
         }
     }
+    let full = original.full && notice == Notice::Failed;
+    let part_type = if full {
+        "message/rfc822"
+    } else {
+        "text/rfc822-headers"
+    };
     out.push_str(&format!(
-        "\r\n--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        "\r\n--{boundary}\r\nContent-Type: {part_type}\r\n\r\n"
     ));
     let mut bytes = out.into_bytes();
-    bytes.extend_from_slice(header_section(original.message));
+    if full {
+        bytes.extend_from_slice(original.message);
+        if !original.message.ends_with(b"\r\n") {
+            bytes.extend_from_slice(b"\r\n");
+        }
+    } else {
+        bytes.extend_from_slice(header_section(original.message));
+    }
     bytes.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
     bytes
 }
@@ -160,14 +229,18 @@ mod tests {
     #[test]
     fn bounce_is_a_multipart_report_with_original_headers() {
         let message = b"From: a@x.test\r\nSubject: hi\r\n\r\nsecret body\r\n";
-        let original = Original {
+        let mut original = Original {
             queue_id: "Q1",
             sender: "a@x.test",
             received_at: 1_700_000_000,
+            envid: None,
+            full: false,
             message,
         };
-        let failures = [Failure {
+        let failures = [Entry {
             recipient: "b@y.test".into(),
+            original: None,
+            action: Action::Failed,
             status: "5.1.1".into(),
             remote_mta: Some("mx.y.test".into()),
             diagnostic: "550 5.1.1 No such user".into(),
@@ -192,6 +265,29 @@ mod tests {
             .parse(text.as_bytes())
             .unwrap();
         assert_eq!(parsed.parts.len(), 4, "report + three parts");
+
+        // RET=FULL, ENVID and ORCPT (RFC 3461 §4.2-4.4).
+        original.full = true;
+        original.envid = Some("env-42");
+        let mut entries = failures.to_vec();
+        entries[0].original = Some("robert@old.test".into());
+        let text =
+            String::from_utf8(build("mx.x.test", Notice::Failed, &original, &entries, 1)).unwrap();
+        assert!(text.contains("message/delivery-status\r\n\r\nOriginal-Envelope-Id: env-42\r\nReporting-MTA: dns; mx.x.test\r\n"));
+        assert!(text.contains("\r\nOriginal-Recipient: rfc822;robert@old.test\r\nFinal-Recipient: rfc822; b@y.test\r\n"));
+        assert!(text.contains("Content-Type: message/rfc822\r\n\r\nFrom: a@x.test\r\nSubject: hi\r\n\r\nsecret body\r\n"));
+        // A success report never returns the body, whatever RET says.
+        entries[0].action = Action::Delivered;
+        let text = String::from_utf8(build(
+            "mx.x.test",
+            Notice::Succeeded,
+            &original,
+            &entries,
+            1,
+        ))
+        .unwrap();
+        assert!(text.contains("Action: delivered\r\n"));
+        assert!(!text.contains("secret body"));
     }
 
     #[test]

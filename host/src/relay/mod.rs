@@ -33,7 +33,7 @@ use crate::plugin::bindings::types;
 use crate::plugin::{Outbound, OutboundRoute, PluginSession, Stage};
 use crate::queue::scheduler::LocalDelivery;
 use crate::queue::Queued;
-use crate::queue::{Envelope, Queue, QueueId, Recipient, Route, Spool, Ticket};
+use crate::queue::{Envelope, Queue, QueueId, Recipient, Ret, Route, Spool, Ticket};
 use client::{HostOutcome, RcptOutcome, Reply, TlsPlan};
 use control::{Action, Control, Status};
 use state::{Attempt, DeliveryState, RcptState, StateDir};
@@ -375,7 +375,7 @@ async fn attempt(context: &Arc<Context>, mut pending: Pending) -> Option<Pending
     } else {
         pending.state.local()
     };
-    let message = if targets.is_empty() && locals.is_empty() && !has_failures(&pending.state) {
+    let message = if targets.is_empty() && locals.is_empty() && !pending.state.owes_notice() {
         None
     } else {
         let spool = context.spool.clone();
@@ -422,6 +422,7 @@ async fn attempt(context: &Arc<Context>, mut pending: Pending) -> Option<Pending
                 .push((index, address));
         }
         let mut tasks = tokio::task::JoinSet::new();
+        let asked = MessageTls::of(&pending.envelope, message);
         for ((domain, plan), rcpts) in by_domain {
             let context = context.clone();
             let message = message.clone();
@@ -431,6 +432,7 @@ async fn attempt(context: &Arc<Context>, mut pending: Pending) -> Option<Pending
                 let way = Way {
                     domain: &domain,
                     plan: &plan,
+                    asked,
                 };
                 deliver_domain(&context, way, &rcpts, &envelope, &message, &ticket).await
             });
@@ -461,8 +463,19 @@ async fn attempt(context: &Arc<Context>, mut pending: Pending) -> Option<Pending
                     )
                 };
                 use crate::telemetry::outcome::Status;
+                let wants_success = pending.envelope.recipients[index].notify().success;
                 pending.state.recipients[index] = match outcome {
-                    RcptOutcome::Delivered(reply) => {
+                    // RFC 3461 §6.2.1: a server that took the DSN parameters reports from
+                    // here on; one that could not, leaves us to say it was relayed.
+                    RcptOutcome::Delivered { reply, dsn } if wants_success && !dsn => {
+                        logged(&reply, Status::Sent);
+                        RcptState::Succeeded {
+                            address,
+                            attempt: attempt_of(&reply),
+                            relayed: true,
+                        }
+                    }
+                    RcptOutcome::Delivered { reply, .. } => {
                         logged(&reply, Status::Sent);
                         RcptState::Done
                     }
@@ -552,7 +565,15 @@ async fn retry_local(
         pending.state.recipients[i] = match &dispositions[i] {
             Disposition::Done => {
                 info!(to = %address, "delivered locally on retry");
-                RcptState::Done
+                if pending.envelope.recipients[i].notify().success {
+                    RcptState::Succeeded {
+                        address,
+                        attempt: Attempt::delivered_locally(),
+                        relayed: false,
+                    }
+                } else {
+                    RcptState::Done
+                }
             }
             Disposition::Remote(to) => RcptState::Pending {
                 address: to.clone(),
@@ -576,13 +597,6 @@ async fn retry_local(
         };
     }
     save_state(context, &pending.envelope.id, &pending.state).await;
-}
-
-fn has_failures(state: &DeliveryState) -> bool {
-    state
-        .recipients
-        .iter()
-        .any(|r| matches!(r, RcptState::Failed { .. }))
 }
 
 /// After an attempt: gives up on recipients past the maximum age, sends the bounce and the delay
@@ -618,34 +632,48 @@ async fn settle(context: &Context, pending: &mut Pending, message: Option<&[u8]>
             };
         }
     }
-    let failures: Vec<dsn::Failure> = pending
-        .state
-        .recipients
-        .iter()
-        .filter_map(|r| match r {
-            RcptState::Failed { address, attempt } => Some(failure(address, attempt)),
-            _ => None,
-        })
-        .collect();
-    if !failures.is_empty() {
-        let sent = match message {
-            Some(message) => {
-                notify(
-                    context,
-                    &pending.envelope,
-                    dsn::Notice::Failed,
-                    &failures,
-                    message,
-                )
-                .await
+    // What each recipient's sender asked to be told (RFC 3461 §4.1): reports nobody wants are
+    // settled without one.
+    let envelope = &pending.envelope;
+    let wants = |i: usize| envelope.recipients[i].notify();
+    let mut failures = Vec::new();
+    let mut successes = Vec::new();
+    for (i, rcpt) in pending.state.recipients.iter().enumerate() {
+        match rcpt {
+            RcptState::Failed { address, attempt } if wants(i).failure => {
+                failures.push(entry(envelope, i, address, attempt, dsn::Action::Failed))
             }
-            None => false,
+            RcptState::Succeeded {
+                address,
+                attempt,
+                relayed,
+            } => {
+                let action = if *relayed {
+                    dsn::Action::Relayed
+                } else {
+                    dsn::Action::Delivered
+                };
+                successes.push(entry(envelope, i, address, attempt, action));
+            }
+            _ => {}
+        }
+    }
+    for (notice, entries) in [
+        (dsn::Notice::Failed, failures),
+        (dsn::Notice::Succeeded, successes),
+    ] {
+        let settled = match (message, entries.is_empty()) {
+            (_, true) => true,
+            (Some(message), false) => notify(context, envelope, notice, &entries, message).await,
+            (None, false) => false,
         };
-        if sent || pending.envelope.sender.is_empty() {
-            for rcpt in pending.state.recipients.iter_mut() {
-                if matches!(rcpt, RcptState::Failed { .. }) {
-                    *rcpt = RcptState::Done;
-                }
+        if settled || envelope.sender.is_empty() {
+            let owed = |r: &RcptState| match notice {
+                dsn::Notice::Succeeded => matches!(r, RcptState::Succeeded { .. }),
+                _ => matches!(r, RcptState::Failed { .. }),
+            };
+            for rcpt in pending.state.recipients.iter_mut().filter(|r| owed(r)) {
+                *rcpt = RcptState::Done;
             }
         }
     }
@@ -657,29 +685,31 @@ async fn settle(context: &Context, pending: &mut Pending, message: Option<&[u8]>
     let notice_after = outbound.delay_notice_after.as_millis() as i64;
     if notice_after > 0 && !pending.state.delay_notified && age_ms >= notice_after {
         let envelope = &pending.envelope;
-        let delayed: Vec<dsn::Failure> = pending
+        let not_yet = Attempt {
+            status: "4.0.0".into(),
+            remote_mta: None,
+            diagnostic: "not yet delivered".into(),
+        };
+        let delayed: Vec<dsn::Entry> = pending
             .state
             .recipients
             .iter()
             .enumerate()
-            .filter_map(|(i, r)| match r {
-                RcptState::Pending { address, last } => Some(match last {
-                    Some(last) => failure(address, last),
-                    None => dsn::Failure {
-                        recipient: address.clone(),
-                        status: "4.0.0".into(),
-                        remote_mta: None,
-                        diagnostic: "not yet delivered".into(),
-                    },
-                }),
-                RcptState::Local { last: Some(last) } => {
-                    Some(failure(&envelope.recipients[i].address, last))
-                }
-                _ => None,
+            .filter(|(i, _)| envelope.recipients[*i].notify().delay)
+            .filter_map(|(i, r)| {
+                let (address, last) = match r {
+                    RcptState::Pending { address, last } => (address, last.as_ref()),
+                    RcptState::Local { last: Some(last) } => {
+                        (&envelope.recipients[i].address, Some(last))
+                    }
+                    _ => return None,
+                };
+                let last = last.unwrap_or(&not_yet);
+                Some(entry(envelope, i, address, last, dsn::Action::Delayed))
             })
             .collect();
         let until = pending.envelope.received_at + outbound.max_age.as_secs() as i64;
-        if let Some(message) = message {
+        if let (Some(message), false) = (message, delayed.is_empty()) {
             notify(
                 context,
                 &pending.envelope,
@@ -693,9 +723,18 @@ async fn settle(context: &Context, pending: &mut Pending, message: Option<&[u8]>
     }
 }
 
-fn failure(address: &str, attempt: &Attempt) -> dsn::Failure {
-    dsn::Failure {
+/// The report line of recipient `i` of `envelope` (delivered or tried at `address`).
+fn entry(
+    envelope: &Envelope,
+    i: usize,
+    address: &str,
+    attempt: &Attempt,
+    action: dsn::Action,
+) -> dsn::Entry {
+    dsn::Entry {
         recipient: address.to_string(),
+        original: envelope.recipients[i].orcpt.clone(),
+        action,
         status: attempt.status.clone(),
         remote_mta: attempt.remote_mta.clone(),
         diagnostic: attempt.diagnostic.clone(),
@@ -718,7 +757,7 @@ async fn notify(
     context: &Context,
     envelope: &Envelope,
     notice: dsn::Notice,
-    failures: &[dsn::Failure],
+    entries: &[dsn::Entry],
     message: &[u8],
 ) -> bool {
     if envelope.sender.is_empty() {
@@ -735,17 +774,17 @@ async fn notify(
         queue_id: &envelope.id,
         sender: &envelope.sender,
         received_at: envelope.received_at,
+        envid: envelope.dsn.envid.as_deref(),
+        // RFC 8689 §5: the report on a REQUIRETLS message never returns its body.
+        full: envelope.dsn.ret == Some(Ret::Full) && !envelope.require_tls,
         message,
     };
-    let bytes = dsn::build(&config.server.hostname, notice, &original, failures, now);
+    let bytes = dsn::build(&config.server.hostname, notice, &original, entries, now);
     let notice_envelope = Envelope {
         id: context.queue.new_id(),
         received_at: now,
         sender: String::new(),
-        recipients: vec![Recipient {
-            address: envelope.sender.clone(),
-            route,
-        }],
+        recipients: vec![Recipient::new(envelope.sender.clone(), route)],
         helo: config.server.hostname.clone(),
         peer: "local".into(),
         auth_user: None,
@@ -753,6 +792,9 @@ async fn notify(
         message_len: bytes.len() as u64,
         quarantine: None,
         filtered: false,
+        dsn: Default::default(),
+        // RFC 8689 §5: the report on a REQUIRETLS message goes back under REQUIRETLS.
+        require_tls: envelope.require_tls,
     };
     let notice_id = notice_envelope.id.clone();
     match context.queue.submit(notice_envelope, Arc::new(bytes)).await {
@@ -788,11 +830,44 @@ struct Plan {
     sender: Option<String>,
 }
 
-/// The destination of one transaction: a domain and its plan.
+/// The destination of one transaction: a domain and its plan, and what the message asks.
 #[derive(Clone, Copy)]
 struct Way<'a> {
     domain: &'a str,
     plan: &'a Plan,
+    asked: MessageTls,
+}
+
+/// What a message itself asks of transport security (RFC 8689).
+#[derive(Debug, Clone, Copy, Default)]
+struct MessageTls {
+    /// REQUIRETLS in MAIL FROM: verified TLS to a server that offers REQUIRETLS.
+    require: bool,
+    /// `TLS-Required: No` (§3), without REQUIRETLS: the recipient domain's TLS policy is
+    /// not enforced; STARTTLS is still used when offered.
+    optional: bool,
+}
+
+impl MessageTls {
+    fn of(envelope: &Envelope, message: &[u8]) -> MessageTls {
+        MessageTls {
+            require: envelope.require_tls,
+            // §4.1: with REQUIRETLS the header field is ignored.
+            optional: !envelope.require_tls && tls_required_no(message),
+        }
+    }
+}
+
+/// Whether the header section has `TLS-Required: No` (RFC 8689 §3, case-insensitive).
+fn tls_required_no(message: &[u8]) -> bool {
+    let Some(parsed) = mail_parser::MessageParser::new().parse_headers(message) else {
+        return false;
+    };
+    let no = parsed.header_values("TLS-Required").any(|v| {
+        v.as_text()
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("no"))
+    });
+    no
 }
 
 /// Asks the `outbound` hook about each recipient to send now (every recipient the default plan
@@ -912,6 +987,18 @@ fn domain_tls(context: &Context, policy: OutboundTls) -> Result<(TlsPlan, bool),
     })
 }
 
+/// The recipient domain's TLS policy, unless the message says `TLS-Required: No` (RFC 8689
+/// §4.2.2): then STARTTLS when offered, and delivery even without it.
+fn policy_for(outbound: &crate::config::OutboundConfig, way: Way<'_>) -> OutboundTls {
+    let policy = outbound.tls_for(way.domain);
+    if way.asked.optional && policy != OutboundTls::None {
+        info!(domain = %way.domain, "TLS-Required: No; the domain's TLS policy is not enforced");
+        OutboundTls::May
+    } else {
+        policy
+    }
+}
+
 /// Next hops, port, TLS and credentials of one transaction. A plan's named transport or host
 /// replaces the smarthost and MX; `mx` skips the smarthost.
 type Hops = (Vec<String>, u16, TlsPlan, Option<(String, String)>);
@@ -946,7 +1033,7 @@ async fn hops(context: &Context, way: Way<'_>) -> Result<Hops, RcptOutcome> {
         }
         (Some(OutboundRoute::Host(host)), _) => {
             let (host, port) = split_host_port(host, outbound.mx_port);
-            let (tls, verifies) = domain_tls(context, outbound.tls_for(domain))?;
+            let (tls, verifies) = domain_tls(context, policy_for(outbound, way))?;
             (vec![host], port, tls, None, verifies)
         }
         (_, Some(smarthost)) => {
@@ -991,11 +1078,11 @@ async fn hops(context: &Context, way: Way<'_>) -> Result<Hops, RcptOutcome> {
                     )))
                 }
             };
-            let (tls, verifies) = domain_tls(context, outbound.tls_for(domain))?;
+            let (tls, verifies) = domain_tls(context, policy_for(outbound, way))?;
             (hosts, outbound.mx_port, tls, None, verifies)
         }
     };
-    let tls = if way.plan.require_tls {
+    let tls = if way.plan.require_tls || way.asked.require {
         verified(context, tls, verifies)?
     } else {
         tls
@@ -1026,6 +1113,7 @@ async fn deliver_domain(
         }
     };
     let sender = way.plan.sender.as_deref().unwrap_or(&envelope.sender);
+    let dsn_mail = dsn_mail_params(envelope);
     let _global = context.connections.clone().acquire_owned().await;
     let domain_limit = {
         let mut map = context.per_domain.lock().expect("per-domain limits");
@@ -1075,6 +1163,10 @@ async fn deliver_domain(
             },
         };
         let addresses: Vec<String> = remaining.iter().map(|(_, a, _)| a.clone()).collect();
+        let dsn_rcpts: Vec<String> = remaining
+            .iter()
+            .map(|(i, _, _)| dsn_rcpt_params(&envelope.recipients[*i]))
+            .collect();
         for ip in ips {
             let address = SocketAddr::new(ip, port);
             let job = client::Job {
@@ -1086,6 +1178,9 @@ async fn deliver_domain(
                 recipients: &addresses,
                 message,
                 smtputf8: envelope.smtputf8,
+                dsn_mail: &dsn_mail,
+                dsn_rcpts: &dsn_rcpts,
+                require_tls: way.asked.require,
                 ticket,
                 command_timeout: Duration::from_secs(outbound.command_timeout_secs),
             };
@@ -1191,6 +1286,64 @@ async fn transact(
             outcome => return Ok(outcome),
         }
     }
+}
+
+/// MAIL FROM's DSN parameters as received (RFC 3461 §4.3, §4.4), for a server that offers DSN.
+fn dsn_mail_params(envelope: &Envelope) -> String {
+    let mut params = String::new();
+    match envelope.dsn.ret {
+        Some(Ret::Full) => params.push_str(" RET=FULL"),
+        Some(Ret::Hdrs) => params.push_str(" RET=HDRS"),
+        None => {}
+    }
+    if let Some(envid) = &envelope.dsn.envid {
+        params.push_str(&format!(" ENVID={}", xtext(envid)));
+    }
+    params
+}
+
+/// A recipient's DSN parameters (§4.1, §4.2). NOTIFY goes on as given; ORCPT as given, or the
+/// address the client gave (§4.2 lets the first relay add it, as Postfix does), so the final
+/// report names the address the sender used even after aliasing and forwarding.
+fn dsn_rcpt_params(recipient: &Recipient) -> String {
+    let mut params = String::new();
+    if let Some(notify) = recipient.notify {
+        let mut kinds = Vec::new();
+        for (on, name) in [
+            (notify.success, "SUCCESS"),
+            (notify.failure, "FAILURE"),
+            (notify.delay, "DELAY"),
+        ] {
+            if on {
+                kinds.push(name);
+            }
+        }
+        let kinds = if kinds.is_empty() {
+            "NEVER".to_string()
+        } else {
+            kinds.join(",")
+        };
+        params.push_str(&format!(" NOTIFY={kinds}"));
+    }
+    let original = recipient.orcpt.as_deref().unwrap_or(&recipient.address);
+    // An rfc822 ORCPT is ASCII (RFC 6533 adds utf-8 addresses, not offered here).
+    if original.is_ascii() && !original.is_empty() {
+        params.push_str(&format!(" ORCPT=rfc822;{}", xtext(original)));
+    }
+    params
+}
+
+/// RFC 3461 §4: xtext, with `+`, `=` and bytes outside `!`..`~` as `+XX`.
+fn xtext(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (b'!'..=b'~').contains(&b) && b != b'+' && b != b'=' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
+    }
+    out
 }
 
 /// `host:port`, `[v6]:port` or a bare host (then `default_port`).

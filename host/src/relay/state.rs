@@ -42,6 +42,14 @@ pub enum RcptState {
     Local { last: Option<Attempt> },
     /// Failed for good; the bounce is owed.
     Failed { address: String, attempt: Attempt },
+    /// Delivered (or relayed to a server that cannot report further) to a recipient whose
+    /// sender asked `NOTIFY=SUCCESS` (RFC 3461 §4.1): the success report is owed.
+    Succeeded {
+        address: String,
+        attempt: Attempt,
+        /// Relayed, not delivered: the next server does not offer DSN (§6.2.1 `relayed`).
+        relayed: bool,
+    },
     /// Delivered, discarded, or failed with the bounce sent: nothing more to do.
     Done,
 }
@@ -52,6 +60,17 @@ pub struct Attempt {
     pub status: String,
     pub remote_mta: Option<String>,
     pub diagnostic: String,
+}
+
+impl Attempt {
+    /// A local delivery, as a success report tells it.
+    pub fn delivered_locally() -> Attempt {
+        Attempt {
+            status: "2.0.0".into(),
+            remote_mta: None,
+            diagnostic: "delivered to the mailbox".into(),
+        }
+    }
 }
 
 impl DeliveryState {
@@ -70,6 +89,11 @@ impl DeliveryState {
                 .iter()
                 .zip(&envelope.recipients)
                 .map(|(d, rcpt)| match d {
+                    Disposition::Done if rcpt.notify().success => RcptState::Succeeded {
+                        address: rcpt.address.clone(),
+                        attempt: Attempt::delivered_locally(),
+                        relayed: false,
+                    },
                     Disposition::Done => RcptState::Done,
                     Disposition::Remote(address) => RcptState::Pending {
                         address: address.clone(),
@@ -103,6 +127,13 @@ impl DeliveryState {
             .enumerate()
             .filter_map(|(i, r)| matches!(r, RcptState::Local { .. }).then_some(i))
             .collect()
+    }
+
+    /// A failure or success report is still owed for some recipient.
+    pub fn owes_notice(&self) -> bool {
+        self.recipients
+            .iter()
+            .any(|r| matches!(r, RcptState::Failed { .. } | RcptState::Succeeded { .. }))
     }
 
     pub fn is_finished(&self) -> bool {

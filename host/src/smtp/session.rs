@@ -36,6 +36,10 @@ pub struct Transaction {
     /// Reverse path; empty for `<>`.
     pub sender: String,
     pub smtputf8: bool,
+    /// RET and ENVID of MAIL FROM (RFC 3461).
+    pub dsn: crate::queue::Dsn,
+    /// MAIL FROM carried REQUIRETLS (RFC 8689).
+    pub require_tls: bool,
     pub recipients: Vec<Recipient>,
     /// RCPT commands tried, accepted or not (RFC 2920 §3.1: DATA answers 554 when all failed).
     pub rcpt_attempts: u32,

@@ -229,6 +229,8 @@ impl Session {
             message_len: 0,
             quarantine: None,
             filtered: false,
+            dsn: tx.dsn,
+            require_tls: tx.require_tls,
         };
         if self.plugins_have(Stage::Data) {
             match self
@@ -335,10 +337,7 @@ impl Session {
                 .ok_or(())
                 .and_then(|a| self.route_for(&a).map_err(|_| ()));
             match route {
-                Ok(route) => envelope.recipients.push(Recipient {
-                    address: added,
-                    route,
-                }),
+                Ok(route) => envelope.recipients.push(Recipient::new(added, route)),
                 Err(()) => {
                     warn!(queue_id = %envelope.id, "plugin added a recipient the relay policy refuses: {added:?}");
                     return DataHook::Answer(common::local_error());

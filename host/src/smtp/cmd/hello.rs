@@ -43,7 +43,12 @@ impl Session {
             "SMTPUTF8".into(),
             "ENHANCEDSTATUSCODES".into(),
             "CHUNKING".into(),
+            "DSN".into(),
         ];
+        // RFC 8689 §2: offered only once the session is protected.
+        if self.tls.is_some() {
+            lines.push("REQUIRETLS".into());
+        }
         if self.starttls_available() {
             lines.push("STARTTLS".into());
         }

@@ -1,9 +1,11 @@
-//! MAIL FROM (RFC 5321 §4.1.1.2) with SIZE (RFC 1870), BODY=8BITMIME (RFC 6152), SMTPUTF8 (RFC 6531).
+//! MAIL FROM (RFC 5321 §4.1.1.2) with SIZE (RFC 1870), BODY=8BITMIME (RFC 6152), SMTPUTF8
+//! (RFC 6531), RET and ENVID (DSN, RFC 3461 §4.3, §4.4) and REQUIRETLS (RFC 8689 §4.1).
 
 use smtp_proto::MailFrom;
 
 use crate::address::Address;
 use crate::plugin::Hook;
+use crate::queue::{Dsn, Ret};
 use crate::smtp::reply::{common, Reply};
 use crate::smtp::session::{Phase, Session, Transaction};
 
@@ -29,6 +31,22 @@ impl Session {
         if from.flags & smtp_proto::MAIL_BODY_BINARYMIME != 0 {
             return Reply::new(555, "5.5.4", "BODY=BINARYMIME is not supported");
         }
+        // RFC 8689 §2: REQUIRETLS is offered only over TLS, so it means nothing on a session
+        // without it; refused rather than ignored, since the sender asked for protection.
+        let require_tls = from.flags & smtp_proto::MAIL_REQUIRETLS != 0;
+        if require_tls && self.tls.is_none() {
+            return Reply::new(530, "5.7.10", "REQUIRETLS needs a TLS session");
+        }
+        let dsn = Dsn {
+            ret: if from.flags & smtp_proto::MAIL_RET_FULL != 0 {
+                Some(Ret::Full)
+            } else if from.flags & smtp_proto::MAIL_RET_HDRS != 0 {
+                Some(Ret::Hdrs)
+            } else {
+                None
+            },
+            envid: from.env_id.as_ref().map(|e| e.to_string()),
+        };
         let sender = from.address.to_string();
         if !sender.is_ascii() && !smtputf8 {
             return Reply::new(553, "5.6.7", "Non-ASCII address requires SMTPUTF8");
@@ -69,6 +87,8 @@ impl Session {
             id: self.server.queue.new_id(),
             sender,
             smtputf8,
+            dsn,
+            require_tls,
             recipients: Vec::new(),
             rcpt_attempts: 0,
             merged_rcpts: 0,

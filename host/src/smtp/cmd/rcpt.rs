@@ -14,7 +14,7 @@ use crate::address::Address;
 use std::sync::Arc;
 
 use crate::plugin::Hook;
-use crate::queue::{Recipient, Route};
+use crate::queue::{Notify, Recipient, Route};
 use crate::smtp::reply::{common, Reply};
 use crate::smtp::session::{Phase, Session};
 use crate::smtp::SmtpServer;
@@ -51,6 +51,13 @@ impl Session {
             return Reply::new(452, "4.5.3", "Too many recipients");
         }
         let raw = to.address.to_string();
+        let Some((notify, orcpt)) = dsn_of(&to) else {
+            return Reply::new(
+                501,
+                "5.5.4",
+                "NOTIFY=NEVER cannot be combined with other values",
+            );
+        };
         if !raw.is_ascii() && !tx.smtputf8 {
             return Reply::new(553, "5.6.7", "Non-ASCII address requires SMTPUTF8");
         }
@@ -106,13 +113,32 @@ impl Session {
             return reply;
         }
         if let Phase::Transaction(tx) = &mut self.phase {
-            tx.recipients.push(Recipient {
-                address: recipient,
-                route,
-            });
+            let mut recipient = Recipient::new(recipient, route);
+            recipient.notify = notify;
+            recipient.orcpt = orcpt;
+            tx.recipients.push(recipient);
         }
         Reply::new(250, "2.1.5", "Recipient OK")
     }
+}
+
+/// RCPT's NOTIFY and ORCPT (RFC 3461 §4.1, §4.2); smtp-proto has checked their syntax
+/// (`rfc822;` addresses only, xtext decoded) except that NEVER stands alone: None when not.
+fn dsn_of(to: &RcptTo<Cow<'_, str>>) -> Option<(Option<Notify>, Option<String>)> {
+    use smtp_proto::{
+        RCPT_NOTIFY_DELAY, RCPT_NOTIFY_FAILURE, RCPT_NOTIFY_NEVER, RCPT_NOTIFY_SUCCESS,
+    };
+    let flags = to.flags;
+    let given = RCPT_NOTIFY_SUCCESS | RCPT_NOTIFY_FAILURE | RCPT_NOTIFY_DELAY | RCPT_NOTIFY_NEVER;
+    let notify = (flags & given != 0).then_some(Notify {
+        success: flags & RCPT_NOTIFY_SUCCESS != 0,
+        failure: flags & RCPT_NOTIFY_FAILURE != 0,
+        delay: flags & RCPT_NOTIFY_DELAY != 0,
+    });
+    if flags & RCPT_NOTIFY_NEVER != 0 && flags & (given & !RCPT_NOTIFY_NEVER) != 0 {
+        return None;
+    }
+    Some((notify, to.orcpt.as_ref().map(|o| o.to_string())))
 }
 
 /// RFC 3463 X.2.2 (mailbox full): a local mailbox already at its quota takes no more mail, told
