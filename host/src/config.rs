@@ -286,6 +286,15 @@ pub struct OutboundConfig {
     /// Named ways out, for plugins' `outbound` hook to route recipients through
     /// (`[outbound.transports.backup]`).
     pub transports: BTreeMap<String, TransportConfig>,
+    /// Honour recipient domains' MTA-STS policies (RFC 8461) on MX delivery.
+    pub mta_sts: bool,
+    /// The HTTPS port policies are fetched from (443; tests point it elsewhere).
+    pub mta_sts_port: u16,
+    /// Send recipient domains that ask for them (`_smtp._tls` TXT) aggregate TLS reports
+    /// (RFC 8460), one per period.
+    pub tls_reports: bool,
+    #[serde(deserialize_with = "duration")]
+    pub tls_report_interval: Duration,
 }
 
 /// A named transport: one next hop, how to secure it, and its credentials.
@@ -327,6 +336,10 @@ impl Default for OutboundConfig {
             smarthost_user: None,
             smarthost_password: None,
             transports: BTreeMap::new(),
+            mta_sts: true,
+            mta_sts_port: 443,
+            tls_reports: true,
+            tls_report_interval: Duration::from_secs(86400),
         }
     }
 }

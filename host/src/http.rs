@@ -1,6 +1,7 @@
-//! The server's two small HTTP endpoints (`/metrics`, the admin API over HTTPS) served one
-//! way: hyper's HTTP/1.1 over a bounded number of connections at a time, with a deadline for
-//! the request head and one for the whole connection, TLS when given an acceptor.
+//! HTTP, both ways, through hyper's HTTP/1.1. Served: the server's two small endpoints
+//! (`/metrics`, the admin API over HTTPS) over a bounded number of connections at a time, with
+//! a deadline for the request head and one for the whole connection, TLS when given an
+//! acceptor. Fetched: one HTTPS GET with a deadline and a size bound (MTA-STS policies).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -92,4 +93,82 @@ pub fn answer(status: hyper::StatusCode, content_type: &'static str, body: Vec<u
         .header(hyper::header::CONTENT_TYPE, content_type)
         .body(Full::new(Bytes::from(body)))
         .expect("a well-formed response")
+}
+
+/// Why an HTTPS GET brought nothing back.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The TLS handshake failed: a certificate that does not verify, or no TLS at all.
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// What an HTTPS GET brought back.
+#[derive(Debug)]
+pub struct Fetched {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: Bytes,
+}
+
+/// One HTTPS GET of `path` from `host` at `address`, its certificate checked by `connector` for
+/// `host`; no redirect is followed. The whole exchange must end within `deadline`, and a body
+/// over `max_body` bytes is an error.
+pub async fn get_https(
+    connector: &tokio_rustls::TlsConnector,
+    address: SocketAddr,
+    host: &str,
+    path: &str,
+    deadline: Duration,
+    max_body: usize,
+) -> Result<Fetched, FetchError> {
+    use http_body_util::BodyExt;
+    use FetchError::Other;
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(address)
+            .await
+            .map_err(|e| Other(format!("connect to {address}: {e}")))?;
+        let name = rustls_pki_types::ServerName::try_from(host.to_string())
+            .map_err(|_| Other(format!("{host:?} is not a TLS server name")))?;
+        let tls = connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| FetchError::Tls(format!("{host}: {e}")))?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .map_err(|e| Other(format!("HTTP with {host}: {e}")))?;
+        let driver = tokio::spawn(connection);
+        let request = hyper::Request::get(path)
+            .header(hyper::header::HOST, host)
+            .header(hyper::header::USER_AGENT, "Postern")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .map_err(|e| Other(e.to_string()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| Other(format!("HTTP with {host}: {e}")))?;
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get(hyper::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = http_body_util::Limited::new(response.into_body(), max_body)
+            .collect()
+            .await
+            .map_err(|e| Other(format!("body from {host}: {e}")))?
+            .to_bytes();
+        driver.abort();
+        Ok(Fetched {
+            status,
+            content_type,
+            body,
+        })
+    };
+    tokio::time::timeout(deadline, exchange)
+        .await
+        .map_err(|_| Other(format!("no answer from {host} within {deadline:?}")))?
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 pub mod dns;
+pub mod https;
 pub mod postgres;
 pub mod relay;
 pub mod sink;

@@ -61,7 +61,7 @@ impl LocalDelivery {
     }
 
     /// The user directory local addresses resolve through.
-    pub fn users(&self) -> &UserDirectory {
+    pub fn users(&self) -> &Arc<UserDirectory> {
         &self.users
     }
 

@@ -344,22 +344,65 @@ fn requiretls_failure(text: &str) -> Reply {
     }
 }
 
-/// Runs one transaction over a connected socket.
-pub async fn deliver(tcp: TcpStream, job: &Job<'_>) -> HostOutcome {
-    match run(tcp, job).await {
-        Ok(outcome) => outcome,
-        Err(err) => failed(err.as_reply()),
+/// How TLS went in one session, as TLS reports (RFC 8460) count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionTls {
+    Plain,
+    Secured,
+    /// The RFC 8460 §4.3 result type of what went wrong.
+    Failed(&'static str),
+}
+
+/// The RFC 8460 result type of a failed TLS handshake.
+fn handshake_result(err: &ClientError) -> &'static str {
+    let ClientError::Io(io) = err else {
+        return "validation-failure";
+    };
+    match io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(cert)) => {
+            // Debug names cover the variants with and without context.
+            let name = format!("{cert:?}");
+            if name.starts_with("NotValidForName") {
+                "certificate-host-mismatch"
+            } else if name.starts_with("Expired") {
+                "certificate-expired"
+            } else {
+                "certificate-not-trusted"
+            }
+        }
+        _ => "validation-failure",
     }
 }
 
-async fn run(tcp: TcpStream, job: &Job<'_>) -> Result<HostOutcome, ClientError> {
+/// Runs one transaction over a connected socket; says how TLS went too.
+pub async fn deliver(tcp: TcpStream, job: &Job<'_>) -> (HostOutcome, SessionTls) {
+    let mut tls = SessionTls::Plain;
+    let outcome = match run(tcp, job, &mut tls).await {
+        Ok(outcome) => outcome,
+        Err(err) => failed(err.as_reply()),
+    };
+    (outcome, tls)
+}
+
+async fn run(
+    tcp: TcpStream,
+    job: &Job<'_>,
+    session_tls: &mut SessionTls,
+) -> Result<HostOutcome, ClientError> {
     let mut client = Client {
         stream: Stream::Plain(tcp),
         input: Vec::new(),
         timeout: job.command_timeout,
     };
     if let TlsPlan::Implicit(connector) = &job.tls {
-        client = client.start_tls(connector, job.host).await?;
+        client = match client.start_tls(connector, job.host).await {
+            Ok(client) => client,
+            Err(err) => {
+                *session_tls = SessionTls::Failed(handshake_result(&err));
+                return Err(err);
+            }
+        };
+        *session_tls = SessionTls::Secured;
     }
     let banner = client.reply().await?;
     if banner.code != 220 {
@@ -376,14 +419,16 @@ async fn run(tcp: TcpStream, job: &Job<'_>) -> Result<HostOutcome, ClientError> 
         // RFC 8689 §4.2.1: a REQUIRETLS message is returned, not kept, when the server lacks
         // what it needs; another MX host may still have it.
         TlsPlan::Required(_) if job.require_tls => {
+            *session_tls = SessionTls::Failed("starttls-not-supported");
             return Ok(failed(requiretls_failure(
                 "REQUIRETLS: the server does not offer STARTTLS",
-            )))
+            )));
         }
         TlsPlan::Required(_) => {
+            *session_tls = SessionTls::Failed("starttls-not-supported");
             return Ok(failed(local_failure(
                 "TLS is required but the server does not offer STARTTLS",
-            )))
+            )));
         }
         _ => None,
     };
@@ -394,16 +439,19 @@ async fn run(tcp: TcpStream, job: &Job<'_>) -> Result<HostOutcome, ClientError> 
             client = match client.start_tls(&connector, job.host).await {
                 Ok(client) => client,
                 Err(err) => {
+                    *session_tls = SessionTls::Failed(handshake_result(&err));
                     return Ok(HostOutcome::HandshakeFailed(local_failure(&format!(
                         "TLS handshake failed: {err}"
-                    ))))
+                    ))));
                 }
             };
+            *session_tls = SessionTls::Secured;
             ehlo = match client.greet(job.helo).await? {
                 Ok(ehlo) => ehlo,
                 Err(reply) => return Ok(failed(reply)),
             };
         } else if !opportunistic {
+            *session_tls = SessionTls::Failed("starttls-not-supported");
             return Ok(failed(reply));
         }
         // RFC 3207 §4: after a refused STARTTLS the session goes on in plaintext, which

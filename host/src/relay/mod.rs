@@ -12,8 +12,10 @@
 pub mod client;
 pub mod control;
 pub mod dsn;
+pub mod mta_sts;
 pub mod mx;
 pub mod state;
+pub mod tls_report;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -34,7 +36,7 @@ use crate::plugin::{Outbound, OutboundRoute, PluginSession, Stage};
 use crate::queue::scheduler::LocalDelivery;
 use crate::queue::Queued;
 use crate::queue::{Envelope, Queue, QueueId, Recipient, Ret, Route, Spool, Ticket};
-use client::{HostOutcome, RcptOutcome, Reply, TlsPlan};
+use client::{HostOutcome, RcptOutcome, Reply, SessionTls, TlsPlan};
 use control::{Action, Control, Status};
 use state::{Attempt, DeliveryState, RcptState, StateDir};
 
@@ -73,6 +75,10 @@ struct Context {
     verifying: Result<TlsConnector, String>,
     connections: Arc<Semaphore>,
     per_domain: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Recipient domains' MTA-STS policies (`outbound.mta_sts`, with DNS).
+    sts: Option<mta_sts::MtaSts>,
+    /// TLS session counts for reports (`outbound.tls_reports`, with DNS).
+    tls_reports: Option<Arc<tls_report::TlsReports>>,
 }
 
 /// A message between attempts.
@@ -123,8 +129,22 @@ impl Relay {
         if let Err(err) = &verifying {
             warn!("no verified outbound TLS (needed by `verify` domains and the smarthost): {err}");
         }
+        let sts = match (&dns, outbound.mta_sts) {
+            (Some(dns), true) => Some(mta_sts::MtaSts::new(
+                dns.clone(),
+                verifying.clone(),
+                outbound.mta_sts_port,
+                Duration::from_secs(outbound.connect_timeout_secs),
+                config.server.data_dir.join("mta-sts"),
+            )),
+            _ => None,
+        };
+        let tls_reports = (dns.is_some() && outbound.tls_reports)
+            .then(|| Arc::new(tls_report::TlsReports::default()));
         Ok(Relay {
             context: Arc::new(Context {
+                sts,
+                tls_reports,
                 connections: Arc::new(Semaphore::new(outbound.max_connections)),
                 per_domain: Mutex::new(HashMap::new()),
                 opportunistic: client::unverified_connector(),
@@ -155,6 +175,17 @@ impl Relay {
 
     /// Serves jobs until the scheduler is gone.
     pub async fn run(mut self) {
+        if let (Some(reports), Some(dns)) = (&self.context.tls_reports, &self.context.dns) {
+            let config = &self.context.config;
+            tokio::spawn(tls_report::run(
+                reports.clone(),
+                dns.clone(),
+                self.context.queue.clone(),
+                self.context.local.users().clone(),
+                config.server.hostname.clone(),
+                config.outbound.tls_report_interval,
+            ));
+        }
         let mut waiting: HashMap<QueueId, Pending> = HashMap::new();
         // Under attempt, or being saved after an operator's action: as it was when it left.
         let mut in_flight: HashMap<QueueId, control::Entry> = HashMap::new();
@@ -1001,7 +1032,15 @@ fn policy_for(outbound: &crate::config::OutboundConfig, way: Way<'_>) -> Outboun
 
 /// Next hops, port, TLS and credentials of one transaction. A plan's named transport or host
 /// replaces the smarthost and MX; `mx` skips the smarthost.
-type Hops = (Vec<String>, u16, TlsPlan, Option<(String, String)>);
+struct Hops {
+    hosts: Vec<String>,
+    port: u16,
+    tls: TlsPlan,
+    auth: Option<(String, String)>,
+    /// MX delivery: the policy TLS reports count its sessions under, and the MTA-STS policy
+    /// whose MX patterns each host is checked against (testing mode delivers regardless).
+    report: Option<(tls_report::ReportPolicy, Option<Arc<mta_sts::Policy>>)>,
+}
 
 async fn hops(context: &Context, way: Way<'_>) -> Result<Hops, RcptOutcome> {
     let outbound = &context.config.outbound;
@@ -1079,15 +1118,113 @@ async fn hops(context: &Context, way: Way<'_>) -> Result<Hops, RcptOutcome> {
                 }
             };
             let (tls, verifies) = domain_tls(context, policy_for(outbound, way))?;
-            (hosts, outbound.mx_port, tls, None, verifies)
+            let (hosts, tls, verifies, report) =
+                sts_applied(context, way, hosts, tls, verifies).await?;
+            return Ok(Hops {
+                hosts,
+                port: outbound.mx_port,
+                tls: secured(context, way, tls, verifies)?,
+                auth: None,
+                report,
+            });
         }
     };
-    let tls = if way.plan.require_tls || way.asked.require {
-        verified(context, tls, verifies)?
+    Ok(Hops {
+        hosts,
+        port,
+        tls: secured(context, way, tls, verifies)?,
+        auth,
+        report: None,
+    })
+}
+
+/// The TLS of a plan, verified when the plugin's plan or the message (REQUIRETLS) asks.
+fn secured(
+    context: &Context,
+    way: Way<'_>,
+    tls: TlsPlan,
+    verifies: bool,
+) -> Result<TlsPlan, RcptOutcome> {
+    if way.plan.require_tls || way.asked.require {
+        verified(context, tls, verifies)
     } else {
-        tls
+        Ok(tls)
+    }
+}
+
+/// The recipient domain's MTA-STS policy applied to its MX hosts (RFC 8461 §5): `enforce`
+/// keeps the hosts it names and requires verified TLS with them, deferring when none is left;
+/// `testing` changes nothing. What TLS reports count is settled here too. A message with
+/// `TLS-Required: No` is delivered as if there were no policy (RFC 8689 §4.2.2).
+async fn sts_applied(
+    context: &Context,
+    way: Way<'_>,
+    hosts: Vec<String>,
+    tls: TlsPlan,
+    verifies: bool,
+) -> Result<
+    (
+        Vec<String>,
+        TlsPlan,
+        bool,
+        Option<(tls_report::ReportPolicy, Option<Arc<mta_sts::Policy>>)>,
+    ),
+    RcptOutcome,
+> {
+    let reports = context.tls_reports.as_deref();
+    let Some(sts) = context.sts.as_ref().filter(|_| !way.asked.optional) else {
+        let report = reports.map(|_| (tls_report::ReportPolicy::none(), None));
+        return Ok((hosts, tls, verifies, report));
     };
-    Ok((hosts, port, tls, auth))
+    let policy = match sts.policy(way.domain).await {
+        mta_sts::Sts::None => {
+            let report = reports.map(|_| (tls_report::ReportPolicy::none(), None));
+            return Ok((hosts, tls, verifies, report));
+        }
+        mta_sts::Sts::Unavailable { result_type, .. } => {
+            let none = tls_report::ReportPolicy::none();
+            if let Some(reports) = reports {
+                let sts = tls_report::ReportPolicy {
+                    kind: "sts",
+                    ..none.clone()
+                };
+                reports.record(
+                    way.domain,
+                    &sts,
+                    None,
+                    None,
+                    tls_report::Result::Failure(result_type),
+                );
+            }
+            return Ok((hosts, tls, verifies, reports.map(|_| (none, None))));
+        }
+        mta_sts::Sts::Policy(policy) => policy,
+    };
+    let report_policy = tls_report::ReportPolicy::sts(&policy);
+    if policy.mode != mta_sts::Mode::Enforce {
+        return Ok((hosts, tls, verifies, Some((report_policy, Some(policy)))));
+    }
+    let (allowed, refused): (Vec<String>, Vec<String>) =
+        hosts.into_iter().partition(|h| policy.allows(h));
+    for host in &refused {
+        info!(domain = %way.domain, %host, "MTA-STS: the policy does not name this MX host; skipped");
+        if let Some(reports) = reports {
+            let failure = tls_report::Result::Failure("validation-failure");
+            reports.record(way.domain, &report_policy, Some(host), None, failure);
+        }
+    }
+    if allowed.is_empty() {
+        return Err(RcptOutcome::Temporary(Reply {
+            code: 451,
+            text: format!(
+                "4.7.5 MTA-STS: the policy of {} names none of its MX hosts",
+                way.domain
+            ),
+        }));
+    }
+    let tls = verified(context, tls, verifies)?;
+    // The allowed hosts are checked again per session: none fails, and counting stays one way.
+    Ok((allowed, tls, true, Some((report_policy, Some(policy)))))
 }
 
 /// Delivers to one domain's recipients of one plan: its next hops (smarthost, MX hosts in
@@ -1103,7 +1240,13 @@ async fn deliver_domain(
 ) -> Vec<(usize, RcptOutcome, Option<String>)> {
     let outbound = &context.config.outbound;
     let domain = way.domain;
-    let (hosts, port, tls, auth) = match hops(context, way).await {
+    let Hops {
+        hosts,
+        port,
+        tls,
+        auth,
+        report,
+    } = match hops(context, way).await {
         Ok(hops) => hops,
         Err(outcome) => {
             return rcpts
@@ -1185,7 +1328,28 @@ async fn deliver_domain(
                 command_timeout: Duration::from_secs(outbound.command_timeout_secs),
             };
             let outcome = match transact(context, address, job).await {
-                Ok(outcome) => outcome,
+                Ok((outcome, tls)) => {
+                    if let (Some(reports), Some((policy, sts))) =
+                        (context.tls_reports.as_deref(), &report)
+                    {
+                        let result = match tls {
+                            // Testing mode: a host the policy does not name fails, delivered
+                            // or not (RFC 8461 §5).
+                            _ if sts.as_ref().is_some_and(|p| !p.allows(host)) => {
+                                tls_report::Result::Failure("validation-failure")
+                            }
+                            SessionTls::Secured => tls_report::Result::Success,
+                            SessionTls::Plain => {
+                                tls_report::Result::Failure("starttls-not-supported")
+                            }
+                            SessionTls::Failed(result_type) => {
+                                tls_report::Result::Failure(result_type)
+                            }
+                        };
+                        reports.record(domain, policy, Some(host), Some(ip), result);
+                    }
+                    outcome
+                }
                 Err(reason) => {
                     last = reason;
                     last_permanent = false;
@@ -1250,8 +1414,9 @@ async fn transact(
     context: &Context,
     address: SocketAddr,
     mut job: client::Job<'_>,
-) -> Result<HostOutcome, Reply> {
+) -> Result<(HostOutcome, SessionTls), Reply> {
     let outbound = &context.config.outbound;
+    let mut failed_tls = None;
     loop {
         let host = job.host;
         let connect = tokio::time::timeout(
@@ -1277,13 +1442,15 @@ async fn transact(
         };
         let _ = tcp.set_nodelay(true);
         match client::deliver(tcp, &job).await {
-            HostOutcome::HandshakeFailed(reason)
+            (HostOutcome::HandshakeFailed(reason), tls)
                 if matches!(job.tls, TlsPlan::Opportunistic(_)) =>
             {
                 warn!(%host, %address, reply = %reason, "TLS handshake failed; retrying in plaintext");
                 job.tls = TlsPlan::None;
+                failed_tls.get_or_insert(tls);
             }
-            outcome => return Ok(outcome),
+            // A plaintext retry after a failed handshake is a TLS failure to reports.
+            (outcome, tls) => return Ok((outcome, failed_tls.unwrap_or(tls))),
         }
     }
 }
