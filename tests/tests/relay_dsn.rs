@@ -378,3 +378,41 @@ async fn requiretls_goes_only_over_verified_tls_to_servers_that_offer_it() {
     .await;
     assert_eq!(strict.messages().len(), 1, "held@ still waits for TLS");
 }
+
+#[tokio::test]
+async fn a_recipient_without_notify_delay_gets_no_delay_notice() {
+    let ip = loopback_ip();
+    let sink = Sink::start(
+        ip,
+        0,
+        SinkScript {
+            rcpt: Arc::new(|_, _| "451 4.3.0 Mailbox busy".into()),
+            ..SinkScript::default()
+        },
+    )
+    .await;
+    let dns = TestDns::start(vec![("slow.test", Rr::A(ip))]);
+    let server = relay_server(&dns, sink.addr.port(), |config| {
+        let config = set_key(&config, "outbound", "max_age", "\"4s\"");
+        set_key(&config, "outbound", "delay_notice_after", "\"1s\"")
+    });
+    let (mut client, _) = SmtpClient::connect(server.port("smtp")).await.unwrap();
+    client.expect("EHLO client.test", 250).await.unwrap();
+    transaction(
+        &mut client,
+        "MAIL FROM:<alice@example.test>",
+        &["RCPT TO:<bob@slow.test> NOTIFY=FAILURE"],
+        MESSAGE,
+    )
+    .await;
+    client.expect("QUIT", 221).await.unwrap();
+    // Past delay_notice_after and then max_age: only the final bounce comes.
+    let bounce = wait_for_notice(&server, "Undelivered Mail Returned to Sender").await;
+    assert!(
+        has(&bounce, "Action: failed\r\nStatus: 4.4.7\r\n"),
+        "{bounce}"
+    );
+    let notices = inbox(&server, "alice");
+    assert_eq!(notices.len(), 1, "no delay notice: {notices:?}");
+    assert!(sink.transactions() >= 2, "it was retried meanwhile");
+}
