@@ -142,6 +142,18 @@ impl Dns {
     }
 }
 
+/// The one record of a name's TXT records that starts with `version` (`v=STSv1`,
+/// `v=TLSRPTv1`); RFC 8461 §3.1 and RFC 8460 §3 take none, or more than one, as no record.
+pub fn versioned_record<'a>(records: &'a [String], version: &str) -> Option<&'a str> {
+    let mut ours = records
+        .iter()
+        .filter(|r| r.trim_start().starts_with(version));
+    match (ours.next(), ours.next()) {
+        (Some(record), None) => Some(record.trim_start()),
+        _ => None,
+    }
+}
+
 /// Names are absolute: no search-domain guessing for DNSBL or MX names.
 fn fqdn(name: &str) -> String {
     if name.ends_with('.') {

@@ -139,13 +139,7 @@ pub enum Sts {
 /// The id of the one valid `v=STSv1` record among a name's TXT records (§3.1: none, or more
 /// than one, is no policy).
 pub fn record_id(records: &[String]) -> Option<String> {
-    let ours: Vec<&String> = records
-        .iter()
-        .filter(|r| r.trim_start().starts_with("v=STSv1"))
-        .collect();
-    let [record] = ours.as_slice() else {
-        return None;
-    };
+    let record = crate::dns::versioned_record(records, "v=STSv1")?;
     let mut fields = record.split(';').map(str::trim).filter(|f| !f.is_empty());
     if fields.next() != Some("v=STSv1") {
         return None;

@@ -143,13 +143,9 @@ impl TlsReports {
     }
 }
 
-/// The `mailto:` addresses of a domain's TLSRPT record (§3).
+/// The `mailto:` addresses of a domain's TLSRPT record (§3: none, or more than one, is none).
 pub fn rua(records: &[String]) -> Vec<String> {
-    let ours: Vec<&String> = records
-        .iter()
-        .filter(|r| r.trim_start().starts_with("v=TLSRPTv1"))
-        .collect();
-    let [record] = ours.as_slice() else {
+    let Some(record) = crate::dns::versioned_record(records, "v=TLSRPTv1") else {
         return Vec::new();
     };
     record
