@@ -596,15 +596,7 @@ async fn retry_local(
         pending.state.recipients[i] = match &dispositions[i] {
             Disposition::Done => {
                 info!(to = %address, "delivered locally on retry");
-                if pending.envelope.recipients[i].notify().success {
-                    RcptState::Succeeded {
-                        address,
-                        attempt: Attempt::delivered_locally(),
-                        relayed: false,
-                    }
-                } else {
-                    RcptState::Done
-                }
+                RcptState::delivered_locally(&pending.envelope.recipients[i])
             }
             Disposition::Remote(to) => RcptState::Pending {
                 address: to.clone(),
@@ -1037,9 +1029,39 @@ struct Hops {
     port: u16,
     tls: TlsPlan,
     auth: Option<(String, String)>,
-    /// MX delivery: the policy TLS reports count its sessions under, and the MTA-STS policy
-    /// whose MX patterns each host is checked against (testing mode delivers regardless).
-    report: Option<(tls_report::ReportPolicy, Option<Arc<mta_sts::Policy>>)>,
+    /// MX delivery with TLS reports on: how its sessions are counted.
+    report: Option<Reporting>,
+}
+
+/// How the sessions of one MX transaction are counted for TLS reports.
+struct Reporting {
+    /// The policy they count under.
+    policy: tls_report::ReportPolicy,
+    /// The MTA-STS policy whose MX patterns each host is checked against (in testing mode
+    /// an unnamed host is still used, and its session counts as failed).
+    sts: Option<Arc<mta_sts::Policy>>,
+}
+
+impl Reporting {
+    fn none() -> Reporting {
+        Reporting {
+            policy: tls_report::ReportPolicy::none(),
+            sts: None,
+        }
+    }
+
+    /// What one session (or its TLS) came to.
+    fn result(&self, host: &str, tls: SessionTls) -> tls_report::Result {
+        use tls_report::Result::{Failure, Success};
+        if self.sts.as_ref().is_some_and(|p| !p.allows(host)) {
+            return Failure("validation-failure");
+        }
+        match tls {
+            SessionTls::Secured => Success,
+            SessionTls::Plain => Failure("starttls-not-supported"),
+            SessionTls::Failed(result_type) => Failure(result_type),
+        }
+    }
 }
 
 async fn hops(context: &Context, way: Way<'_>) -> Result<Hops, RcptOutcome> {
@@ -1162,55 +1184,43 @@ async fn sts_applied(
     hosts: Vec<String>,
     tls: TlsPlan,
     verifies: bool,
-) -> Result<
-    (
-        Vec<String>,
-        TlsPlan,
-        bool,
-        Option<(tls_report::ReportPolicy, Option<Arc<mta_sts::Policy>>)>,
-    ),
-    RcptOutcome,
-> {
+) -> Result<(Vec<String>, TlsPlan, bool, Option<Reporting>), RcptOutcome> {
     let reports = context.tls_reports.as_deref();
-    let Some(sts) = context.sts.as_ref().filter(|_| !way.asked.optional) else {
-        let report = reports.map(|_| (tls_report::ReportPolicy::none(), None));
-        return Ok((hosts, tls, verifies, report));
+    let policy = match context.sts.as_ref().filter(|_| !way.asked.optional) {
+        Some(sts) => sts.policy(way.domain).await,
+        None => mta_sts::Sts::None,
     };
-    let policy = match sts.policy(way.domain).await {
+    let policy = match policy {
         mta_sts::Sts::None => {
-            let report = reports.map(|_| (tls_report::ReportPolicy::none(), None));
-            return Ok((hosts, tls, verifies, report));
+            return Ok((hosts, tls, verifies, reports.map(|_| Reporting::none())))
         }
         mta_sts::Sts::Unavailable { result_type, .. } => {
-            let none = tls_report::ReportPolicy::none();
             if let Some(reports) = reports {
                 let sts = tls_report::ReportPolicy {
                     kind: "sts",
-                    ..none.clone()
+                    ..tls_report::ReportPolicy::none()
                 };
-                reports.record(
-                    way.domain,
-                    &sts,
-                    None,
-                    None,
-                    tls_report::Result::Failure(result_type),
-                );
+                let failure = tls_report::Result::Failure(result_type);
+                reports.record(way.domain, &sts, None, None, failure);
             }
-            return Ok((hosts, tls, verifies, reports.map(|_| (none, None))));
+            return Ok((hosts, tls, verifies, reports.map(|_| Reporting::none())));
         }
         mta_sts::Sts::Policy(policy) => policy,
     };
-    let report_policy = tls_report::ReportPolicy::sts(&policy);
+    let reporting = reports.map(|_| Reporting {
+        policy: tls_report::ReportPolicy::sts(&policy),
+        sts: Some(policy.clone()),
+    });
     if policy.mode != mta_sts::Mode::Enforce {
-        return Ok((hosts, tls, verifies, Some((report_policy, Some(policy)))));
+        return Ok((hosts, tls, verifies, reporting));
     }
     let (allowed, refused): (Vec<String>, Vec<String>) =
         hosts.into_iter().partition(|h| policy.allows(h));
     for host in &refused {
         info!(domain = %way.domain, %host, "MTA-STS: the policy does not name this MX host; skipped");
-        if let Some(reports) = reports {
-            let failure = tls_report::Result::Failure("validation-failure");
-            reports.record(way.domain, &report_policy, Some(host), None, failure);
+        if let (Some(reports), Some(reporting)) = (reports, &reporting) {
+            let failure = reporting.result(host, SessionTls::Plain);
+            reports.record(way.domain, &reporting.policy, Some(host), None, failure);
         }
     }
     if allowed.is_empty() {
@@ -1223,8 +1233,7 @@ async fn sts_applied(
         }));
     }
     let tls = verified(context, tls, verifies)?;
-    // The allowed hosts are checked again per session: none fails, and counting stays one way.
-    Ok((allowed, tls, true, Some((report_policy, Some(policy)))))
+    Ok((allowed, tls, true, reporting))
 }
 
 /// Delivers to one domain's recipients of one plan: its next hops (smarthost, MX hosts in
@@ -1329,24 +1338,11 @@ async fn deliver_domain(
             };
             let outcome = match transact(context, address, job).await {
                 Ok((outcome, tls)) => {
-                    if let (Some(reports), Some((policy, sts))) =
+                    if let (Some(reports), Some(reporting)) =
                         (context.tls_reports.as_deref(), &report)
                     {
-                        let result = match tls {
-                            // Testing mode: a host the policy does not name fails, delivered
-                            // or not (RFC 8461 §5).
-                            _ if sts.as_ref().is_some_and(|p| !p.allows(host)) => {
-                                tls_report::Result::Failure("validation-failure")
-                            }
-                            SessionTls::Secured => tls_report::Result::Success,
-                            SessionTls::Plain => {
-                                tls_report::Result::Failure("starttls-not-supported")
-                            }
-                            SessionTls::Failed(result_type) => {
-                                tls_report::Result::Failure(result_type)
-                            }
-                        };
-                        reports.record(domain, policy, Some(host), Some(ip), result);
+                        let result = reporting.result(host, tls);
+                        reports.record(domain, &reporting.policy, Some(host), Some(ip), result);
                     }
                     outcome
                 }

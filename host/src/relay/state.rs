@@ -62,13 +62,21 @@ pub struct Attempt {
     pub diagnostic: String,
 }
 
-impl Attempt {
-    /// A local delivery, as a success report tells it.
-    pub fn delivered_locally() -> Attempt {
-        Attempt {
-            status: "2.0.0".into(),
-            remote_mta: None,
-            diagnostic: "delivered to the mailbox".into(),
+impl RcptState {
+    /// A recipient delivered to its local mailbox: done, or owed a success report when its
+    /// sender asked for one (`NOTIFY=SUCCESS`).
+    pub fn delivered_locally(rcpt: &crate::queue::Recipient) -> RcptState {
+        if !rcpt.notify().success {
+            return RcptState::Done;
+        }
+        RcptState::Succeeded {
+            address: rcpt.address.clone(),
+            attempt: Attempt {
+                status: "2.0.0".into(),
+                remote_mta: None,
+                diagnostic: "delivered to the mailbox".into(),
+            },
+            relayed: false,
         }
     }
 }
@@ -89,12 +97,7 @@ impl DeliveryState {
                 .iter()
                 .zip(&envelope.recipients)
                 .map(|(d, rcpt)| match d {
-                    Disposition::Done if rcpt.notify().success => RcptState::Succeeded {
-                        address: rcpt.address.clone(),
-                        attempt: Attempt::delivered_locally(),
-                        relayed: false,
-                    },
-                    Disposition::Done => RcptState::Done,
+                    Disposition::Done => RcptState::delivered_locally(rcpt),
                     Disposition::Remote(address) => RcptState::Pending {
                         address: address.clone(),
                         last: None,
