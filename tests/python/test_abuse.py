@@ -811,3 +811,53 @@ def test_a_slow_mailbox_event_plugin_never_slows_the_mailbox_and_its_queue_is_bo
         assert told < count, told
     finally:
         server.stop()
+
+
+def test_dsn_and_requiretls_parameters_from_a_stranger_are_bounded(server):
+    """Before any login, on port 25: REQUIRETLS is neither offered nor taken in plaintext
+    (RFC 8689 §2), ENVID is at most 100 characters (RFC 3461 §4.4), NOTIFY=NEVER stands alone
+    (§4.1), an ORCPT longer than any address is refused, and a hundred
+    recipients each asking for reports keep one stored copy and the session's usual bounds."""
+    port = server.ports["smtp"]
+    with smtplib.SMTP("127.0.0.1", port) as s:
+        s.ehlo("stranger.test")
+        assert s.has_extn("dsn") and not s.has_extn("requiretls")
+    long_orcpt = "x" * 2000 + "@old.test"
+    payload = (
+        b"EHLO stranger.test\r\n"
+        b"MAIL FROM:<sender@remote.test> REQUIRETLS\r\n"
+        + b"MAIL FROM:<sender@remote.test> ENVID=" + b"e" * 101 + b"\r\n"
+        + b"MAIL FROM:<> RET=FULL ENVID=" + b"e" * 100 + b"\r\n"
+        + b"RCPT TO:<alice@example.test> NOTIFY=NEVER,SUCCESS\r\n"
+        + f"RCPT TO:<alice@example.test> ORCPT=rfc822;{long_orcpt}\r\n".encode()
+        + b"".join(
+            f"RCPT TO:<alice@example.test> NOTIFY=SUCCESS,FAILURE,DELAY ORCPT=rfc822;r{i}@old.test\r\n".encode()
+            for i in range(100)
+        )
+        + b"DATA\r\n"
+    )
+    replies = raw_exchange(port, payload, 1 + 3 + 2 + 100 + 1, timeout=30)
+    assert replies[0].startswith("250 "), replies[:2]
+    assert replies[1].startswith("530 5.7.10"), replies[1]
+    assert replies[2].startswith("501 "), replies[2]
+    assert replies[3].startswith("250 2.1.0"), replies[3]
+    assert replies[4].startswith("501 5.5.4"), replies[4]
+    assert replies[5].startswith("501 5.5.4") and "ORCPT" in replies[5], replies[5]
+    rcpts = replies[6:106]
+    assert all(r.startswith("250 2.1.5") for r in rcpts), rcpts
+    assert replies[106].startswith("354"), replies[106]
+    with smtplib.SMTP("127.0.0.1", port) as s:
+        s.ehlo("stranger.test")
+        code, _ = s.mail("<>", ["RET=HDRS", "ENVID=abc"])
+        assert code == 250
+        code, _ = s.rcpt("alice@example.test", ["NOTIFY=SUCCESS", "ORCPT=rfc822;al@old.test"])
+        assert code == 250
+        s.data(MSG)
+    mail = server.wait_for_mail("alice", 1)
+    assert len(mail) == 1, "one stored copy"
+    # The null sender asked for a success report: none is owed to nobody, the spool empties.
+    deadline = time.time() + 10
+    while server.spooled() and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.spooled() == []
+    still_serves(server)
