@@ -139,6 +139,7 @@ async fn main() {
         let dns = postern::dns::Dns::new(&DnsConfig {
             nameservers: vec!["127.0.0.1:9".parse().unwrap()],
             timeout_ms: 100,
+            trust_anchor: None,
         })
         .expect("resolver");
         let runtime = Arc::new(

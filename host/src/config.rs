@@ -191,6 +191,9 @@ pub struct DnsConfig {
     /// Name servers as `ip:port`; empty means the system's resolv.conf.
     pub nameservers: Vec<SocketAddr>,
     pub timeout_ms: u64,
+    /// DNSKEY records (zone-file lines) trusted by the DNSSEC validation behind DANE; unset:
+    /// the IANA root keys. Tests and private roots sign their own zones.
+    pub trust_anchor: Option<PathBuf>,
 }
 
 impl Default for DnsConfig {
@@ -198,6 +201,7 @@ impl Default for DnsConfig {
         DnsConfig {
             nameservers: Vec::new(),
             timeout_ms: 2000,
+            trust_anchor: None,
         }
     }
 }
@@ -247,6 +251,10 @@ pub enum OutboundTls {
     Encrypt,
     /// STARTTLS required and the certificate must verify for the host name against `ca_file`.
     Verify,
+    /// DANE (RFC 7672): MX hosts with usable DNSSEC-validated TLSA records get STARTTLS
+    /// required and the certificate matched against them; other hosts get `may` (and the
+    /// domain's MTA-STS policy, if it has one). A bogus answer defers. Postfix's `dane`.
+    Dane,
 }
 
 /// The outbound relay: MX delivery, retries, bounces (RFC 5321 §4.5.4, §5; RFC 3464).

@@ -3,14 +3,20 @@
 //!
 //! Name servers come from the configuration (`[dns] nameservers`), so tests and operators can
 //! point it at a resolver of their choice; without any, the system's resolv.conf is used.
+//!
+//! DANE's lookups (is the MX RRset signed, the MX hosts' TLSA records) go through a second,
+//! DNSSEC-validating resolver over the same name servers (RFC 7672 §2.1: the client validates,
+//! trusting no AD bit), so one bogus zone cannot slow the lookups every delivery makes.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
-use hickory_resolver::net::NetError;
-use hickory_resolver::proto::rr::RData;
+use hickory_resolver::net::{DnsError as WireError, NetError};
+use hickory_resolver::proto::dnssec::{Proof, TrustAnchors};
+use hickory_resolver::proto::op::ResponseCode;
+use hickory_resolver::proto::rr::{RData, Record};
 use hickory_resolver::{Resolver, TokioResolver};
 
 use crate::config::DnsConfig;
@@ -24,11 +30,17 @@ pub enum DnsError {
     Timeout,
     #[error("lookup failed: {0}")]
     Failed(String),
+    /// DNSSEC validation failed: signatures that do not verify, or missing where the chain of
+    /// trust says they must be (RFC 4035 §4.3 "bogus").
+    #[error("DNSSEC validation failed (bogus)")]
+    Bogus,
 }
 
 impl From<NetError> for DnsError {
     fn from(err: NetError) -> DnsError {
-        if err.is_nx_domain() || err.is_no_records_found() {
+        if matches!(err, NetError::Dns(WireError::DnssecBogus)) {
+            DnsError::Bogus
+        } else if err.is_nx_domain() || err.is_no_records_found() {
             DnsError::NotFound
         } else if matches!(err, NetError::Timeout) {
             DnsError::Timeout
@@ -40,6 +52,33 @@ impl From<NetError> for DnsError {
 
 pub struct Dns {
     resolver: TokioResolver,
+    /// The validating resolver, for DANE.
+    validating: TokioResolver,
+}
+
+/// An answer and whether DNSSEC proved it (RFC 4035 §4.3: secure), or proved its zone
+/// unsigned (insecure). Bogus answers are [`DnsError::Bogus`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Validated<T> {
+    pub secure: bool,
+    pub answer: T,
+}
+
+/// One TLSA record (RFC 6698 §2.1): certificate usage, selector, matching type, data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tlsa {
+    pub usage: u8,
+    pub selector: u8,
+    pub matching: u8,
+    pub data: Vec<u8>,
+}
+
+impl std::fmt::Display for Tlsa {
+    /// Presentation form (RFC 6698 §2.2), as TLS reports quote the policy.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} {} ", self.usage, self.selector, self.matching)?;
+        self.data.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
 }
 
 fn name_server(address: SocketAddr) -> NameServerConfig {
@@ -52,6 +91,23 @@ fn name_server(address: SocketAddr) -> NameServerConfig {
 
 impl Dns {
     pub fn new(config: &DnsConfig) -> Result<Dns, DnsError> {
+        let resolver = Dns::resolver_for(config, None)?;
+        let anchors = match &config.trust_anchor {
+            Some(path) => TrustAnchors::from_file(path)
+                .map_err(|e| DnsError::Failed(format!("trust anchor {}: {e}", path.display())))?,
+            None => TrustAnchors::default(),
+        };
+        let validating = Dns::resolver_for(config, Some(anchors))?;
+        Ok(Dns {
+            resolver,
+            validating,
+        })
+    }
+
+    fn resolver_for(
+        config: &DnsConfig,
+        anchors: Option<TrustAnchors>,
+    ) -> Result<TokioResolver, DnsError> {
         let mut options = ResolverOpts::default();
         options.timeout = Duration::from_millis(config.timeout_ms);
         options.attempts = 2;
@@ -70,11 +126,39 @@ impl Dns {
                 TokioRuntimeProvider::default(),
             )
         };
-        let resolver = builder
-            .with_options(options)
-            .build()
-            .map_err(|e| DnsError::Failed(e.to_string()))?;
-        Ok(Dns { resolver })
+        let mut builder = builder.with_options(options);
+        if let Some(anchors) = anchors {
+            builder = builder.with_trust_anchor(std::sync::Arc::new(anchors));
+        }
+        builder.build().map_err(|e| DnsError::Failed(e.to_string()))
+    }
+
+    /// The TLSA records of `_port._tcp.host` (RFC 7672 §2.2.3), validated. No records is
+    /// an empty answer, secure or not as the denial was proved.
+    pub async fn tlsa(&self, host: &str, port: u16) -> Result<Validated<Vec<Tlsa>>, DnsError> {
+        let name = format!("_{port}._tcp.{}", fqdn(host));
+        match self.validating.tlsa_lookup(name).await {
+            Ok(lookup) => Ok(Validated {
+                secure: all_secure(lookup.answers()),
+                answer: lookup
+                    .answers()
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::TLSA(t) => Some(Tlsa {
+                            usage: t.cert_usage.into(),
+                            selector: t.selector.into(),
+                            matching: t.matching.into(),
+                            data: t.cert_data.clone(),
+                        }),
+                        _ => None,
+                    })
+                    .collect(),
+            }),
+            Err(err) => Ok(Validated {
+                secure: negative(err)?,
+                answer: Vec::new(),
+            }),
+        }
     }
 
     /// The resolver itself, for libraries that query through it (mail-auth).
@@ -100,20 +184,34 @@ impl Dns {
     /// [`DnsError::NotFound`] when the domain does not exist.
     pub async fn mx(&self, domain: &str) -> Result<Vec<(u16, String)>, DnsError> {
         match self.resolver.mx_lookup(fqdn(domain)).await {
-            Ok(lookup) => Ok(lookup
-                .answers()
-                .iter()
-                .filter_map(|r| match &r.data {
-                    RData::MX(mx) => Some((mx.preference, mx.exchange.to_string())),
-                    _ => None,
-                })
-                .map(|(preference, exchange)| {
-                    let exchange = exchange.strip_suffix('.').unwrap_or(&exchange).to_string();
-                    (preference, exchange)
-                })
-                .collect()),
+            Ok(lookup) => Ok(exchanges(lookup.answers())),
             Err(err) if err.is_no_records_found() && !err.is_nx_domain() => Ok(Vec::new()),
             Err(err) => Err(err.into()),
+        }
+    }
+
+    /// [`Dns::mx`] through the validating resolver, and whether the answer (or the denial) is
+    /// DNSSEC-secure: RFC 7672 §2.2.1 uses TLSA records only of hosts from a secure MX RRset,
+    /// and a bogus one is an error (the caller defers).
+    pub async fn mx_validated(
+        &self,
+        domain: &str,
+    ) -> Result<Validated<Vec<(u16, String)>>, DnsError> {
+        match self.validating.mx_lookup(fqdn(domain)).await {
+            Ok(lookup) => Ok(Validated {
+                secure: all_secure(lookup.answers()),
+                answer: exchanges(lookup.answers()),
+            }),
+            Err(err) if err.is_nx_domain() => Err(DnsError::NotFound),
+            Err(NetError::Dns(WireError::Nsec { response, .. }))
+                if response.response_code == ResponseCode::NXDomain =>
+            {
+                Err(DnsError::NotFound)
+            }
+            Err(err) => Ok(Validated {
+                secure: negative(err)?,
+                answer: Vec::new(),
+            }),
         }
     }
 
@@ -151,6 +249,38 @@ pub fn versioned_record<'a>(records: &'a [String], version: &str) -> Option<&'a 
     match (ours.next(), ours.next()) {
         (Some(record), None) => Some(record.trim_start()),
         _ => None,
+    }
+}
+
+fn exchanges(records: &[Record]) -> Vec<(u16, String)> {
+    records
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::MX(mx) => Some((mx.preference, mx.exchange.to_string())),
+            _ => None,
+        })
+        .map(|(preference, exchange)| {
+            let exchange = exchange.strip_suffix('.').unwrap_or(&exchange).to_string();
+            (preference, exchange)
+        })
+        .collect()
+}
+
+fn all_secure(records: &[Record]) -> bool {
+    !records.is_empty() && records.iter().all(|r| r.proof == Proof::Secure)
+}
+
+/// A validated "no such records": whether the denial is secure (an NSEC/NSEC3 proof, RFC 4035
+/// §5.4); bogus and lookup failures stay errors.
+fn negative(err: NetError) -> Result<bool, DnsError> {
+    match err {
+        NetError::Dns(WireError::Nsec { proof, .. }) => match proof {
+            Proof::Secure => Ok(true),
+            Proof::Insecure => Ok(false),
+            _ => Err(DnsError::Bogus),
+        },
+        err if err.is_no_records_found() || err.is_nx_domain() => Ok(false),
+        err => Err(err.into()),
     }
 }
 

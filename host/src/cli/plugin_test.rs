@@ -214,6 +214,7 @@ async fn run_async(test: PluginTest) -> anyhow::Result<()> {
     let dns = crate::dns::Dns::new(&DnsConfig {
         nameservers: vec!["127.0.0.1:9".parse().expect("an address")],
         timeout_ms: 100,
+        trust_anchor: None,
     })
     .ok()
     .map(Arc::new);

@@ -353,12 +353,17 @@ pub enum SessionTls {
     Failed(&'static str),
 }
 
+/// The rustls error under a failed handshake, if that is what it was.
+fn rustls_error(err: &ClientError) -> Option<&rustls::Error> {
+    let ClientError::Io(io) = err else {
+        return None;
+    };
+    io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>())
+}
+
 /// The RFC 8460 result type of a failed TLS handshake.
 fn handshake_result(err: &ClientError) -> &'static str {
-    let ClientError::Io(io) = err else {
-        return "validation-failure";
-    };
-    match io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+    match rustls_error(err) {
         Some(rustls::Error::InvalidCertificate(cert)) => {
             // Debug names cover the variants with and without context.
             let name = format!("{cert:?}");
@@ -371,6 +376,17 @@ fn handshake_result(err: &ClientError) -> &'static str {
             }
         }
         _ => "validation-failure",
+    }
+}
+
+/// A failed handshake in words. rustls shows a certificate check's own error (DANE's) by its
+/// Debug form; its message says more.
+fn handshake_text(err: &ClientError) -> String {
+    match rustls_error(err) {
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) => {
+            format!("invalid peer certificate: {}", other.0)
+        }
+        _ => err.to_string(),
     }
 }
 
@@ -441,7 +457,8 @@ async fn run(
                 Err(err) => {
                     *session_tls = SessionTls::Failed(handshake_result(&err));
                     return Ok(HostOutcome::HandshakeFailed(local_failure(&format!(
-                        "TLS handshake failed: {err}"
+                        "TLS handshake failed: {}",
+                        handshake_text(&err)
                     ))));
                 }
             };
@@ -626,14 +643,50 @@ fn for_accepted(outcomes: Vec<Option<RcptOutcome>>, outcome: RcptOutcome) -> Vec
 /// A connector that encrypts without checking the certificate (opportunistic TLS, RFC 7435:
 /// better than plaintext against passive eavesdroppers, and what every MTA does by default).
 pub fn unverified_connector() -> TlsConnector {
+    connector_with(AnyCertificate)
+}
+
+/// What a connector checks of the server's certificate chain in place of WebPKI's checks; the
+/// handshake's signatures are verified with the certificate's key by rustls either way.
+pub trait CertificateCheck: std::fmt::Debug + Send + Sync {
+    fn check(
+        &self,
+        end_entity: &rustls_pki_types::CertificateDer<'_>,
+        intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        name: &ServerName<'_>,
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<(), rustls::Error>;
+}
+
+/// A connector whose certificates are judged by `check`.
+pub fn connector_with(check: impl CertificateCheck + 'static) -> TlsConnector {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let verifier = Checked {
+        provider: provider.clone(),
+        check,
+    };
+    let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("ring supports the default versions")
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
+        .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
     TlsConnector::from(Arc::new(config))
+}
+
+#[derive(Debug)]
+struct AnyCertificate;
+
+impl CertificateCheck for AnyCertificate {
+    fn check(
+        &self,
+        _end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _name: &ServerName<'_>,
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<(), rustls::Error> {
+        Ok(())
+    }
 }
 
 /// A connector that verifies certificates against the PEM bundle at `ca_file`.
@@ -659,18 +712,23 @@ pub fn verifying_connector(ca_file: &std::path::Path) -> Result<TlsConnector, St
 }
 
 #[derive(Debug)]
-struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+struct Checked<C> {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    check: C,
+}
 
-impl rustls::client::danger::ServerCertVerifier for AcceptAnyCertificate {
+impl<C: CertificateCheck> rustls::client::danger::ServerCertVerifier for Checked<C> {
     fn verify_server_cert(
         &self,
-        _end_entity: &rustls_pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
+        end_entity: &rustls_pki_types::CertificateDer<'_>,
+        intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
-        _now: rustls_pki_types::UnixTime,
+        now: rustls_pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
+        self.check
+            .check(end_entity, intermediates, server_name, now)
+            .map(|()| rustls::client::danger::ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -683,7 +741,7 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyCertificate {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
@@ -697,12 +755,14 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyCertificate {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

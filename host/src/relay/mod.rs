@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod control;
+pub mod dane;
 pub mod dsn;
 pub mod mta_sts;
 pub mod mx;
@@ -996,7 +997,10 @@ fn verified(context: &Context, tls: TlsPlan, verifies: bool) -> Result<TlsPlan, 
 fn domain_tls(context: &Context, policy: OutboundTls) -> Result<(TlsPlan, bool), RcptOutcome> {
     Ok(match policy {
         OutboundTls::None => (TlsPlan::None, false),
-        OutboundTls::May => (TlsPlan::Opportunistic(context.opportunistic.clone()), false),
+        // DANE's hosts are decided one by one (`host_tls`); the others are opportunistic.
+        OutboundTls::May | OutboundTls::Dane => {
+            (TlsPlan::Opportunistic(context.opportunistic.clone()), false)
+        }
         OutboundTls::Encrypt => (TlsPlan::Required(context.opportunistic.clone()), false),
         OutboundTls::Verify => match context.verifying.clone() {
             Ok(connector) => (TlsPlan::Required(connector), true),
@@ -1031,9 +1035,12 @@ struct Hops {
     auth: Option<(String, String)>,
     /// MX delivery with TLS reports on: how its sessions are counted.
     report: Option<Reporting>,
+    /// DANE applies: policy `dane` and a DNSSEC-secure MX RRset (RFC 7672 §2.2.1).
+    dane: bool,
 }
 
 /// How the sessions of one MX transaction are counted for TLS reports.
+#[derive(Clone)]
 struct Reporting {
     /// The policy they count under.
     policy: tls_report::ReportPolicy,
@@ -1119,15 +1126,17 @@ async fn hops(context: &Context, way: Way<'_>) -> Result<Hops, RcptOutcome> {
                 return Err(temporary("4.4.3 No DNS resolver".into()));
             };
             let seed = now_ms() as u64;
-            let hosts = match mx::resolve(dns, domain, seed).await {
-                Ok(mx::Destination::Hosts(hosts)) => hosts,
-                Ok(mx::Destination::NullMx) => {
+            let policy = policy_for(outbound, way);
+            let validate = policy == OutboundTls::Dane;
+            let (hosts, secure) = match mx::resolve(dns, domain, seed, validate).await {
+                Ok((mx::Destination::Hosts(hosts), secure)) => (hosts, secure),
+                Ok((mx::Destination::NullMx, _)) => {
                     return Err(RcptOutcome::Permanent(Reply {
                         code: 556,
                         text: format!("5.1.10 Domain {domain} does not accept mail (null MX)"),
                     }))
                 }
-                Ok(mx::Destination::NoSuchDomain) => {
+                Ok((mx::Destination::NoSuchDomain, _)) => {
                     return Err(RcptOutcome::Permanent(Reply {
                         code: 550,
                         text: format!("5.1.2 Domain {domain} does not exist"),
@@ -1139,7 +1148,7 @@ async fn hops(context: &Context, way: Way<'_>) -> Result<Hops, RcptOutcome> {
                     )))
                 }
             };
-            let (tls, verifies) = domain_tls(context, policy_for(outbound, way))?;
+            let (tls, verifies) = domain_tls(context, policy)?;
             let (hosts, tls, verifies, report) =
                 sts_applied(context, way, hosts, tls, verifies).await?;
             return Ok(Hops {
@@ -1148,6 +1157,7 @@ async fn hops(context: &Context, way: Way<'_>) -> Result<Hops, RcptOutcome> {
                 tls: secured(context, way, tls, verifies)?,
                 auth: None,
                 report,
+                dane: secure,
             });
         }
     };
@@ -1157,7 +1167,61 @@ async fn hops(context: &Context, way: Way<'_>) -> Result<Hops, RcptOutcome> {
         tls: secured(context, way, tls, verifies)?,
         auth,
         report: None,
+        dane: false,
     })
+}
+
+/// The TLS of one MX host under DANE (RFC 7672 §2.2): its usable TLSA records make STARTTLS
+/// mandatory with the certificate matched against them (and the sessions count under the
+/// `tlsa` policy in TLS reports); secure but unusable records make TLS mandatory
+/// unauthenticated; no secure records leave the domain's plan. Err: the host must not be
+/// used now (bogus or failed lookup), with the reply to keep.
+async fn host_tls(
+    context: &Context,
+    domain: &str,
+    host: &str,
+    port: u16,
+    tls: &TlsPlan,
+    report: &Option<Reporting>,
+) -> Result<(TlsPlan, Option<Reporting>), Reply> {
+    let Some(dns) = &context.dns else {
+        return Ok((tls.clone(), None));
+    };
+    match dane::lookup(dns, host, port).await {
+        Ok(dane::Dane::None) => Ok((tls.clone(), None)),
+        Ok(dane::Dane::Unusable) => {
+            info!(%domain, %host, "DANE: TLSA records, none usable; TLS required, unauthenticated");
+            let tls = match tls {
+                TlsPlan::Opportunistic(connector) => TlsPlan::Required(connector.clone()),
+                other => other.clone(),
+            };
+            Ok((tls, None))
+        }
+        Ok(dane::Dane::Records(records)) => {
+            debug!(%domain, %host, records = records.len(), "DANE: TLSA records apply");
+            let reporting = report.as_ref().map(|_| Reporting {
+                policy: tls_report::ReportPolicy::tlsa(host, &records),
+                sts: None,
+            });
+            Ok((TlsPlan::Required(dane::connector(records)), reporting))
+        }
+        Err(err) => {
+            warn!(%domain, %host, "DANE: TLSA lookup failed: {err}; host skipped");
+            if let Some(reports) = context.tls_reports.as_deref() {
+                let policy = tls_report::ReportPolicy {
+                    kind: "tlsa",
+                    mx: vec![host.to_string()],
+                    ..tls_report::ReportPolicy::none()
+                };
+                let failure = tls_report::Result::Failure("dnssec-invalid");
+                reports.record(domain, &policy, Some(host), None, failure);
+            }
+            Err(Reply {
+                code: 451,
+                text: format!("4.7.5 DANE: TLSA lookup for {host} failed: {err}"),
+            })
+        }
+    }
 }
 
 /// The TLS of a plan, verified when the plugin's plan or the message (REQUIRETLS) asks.
@@ -1255,6 +1319,7 @@ async fn deliver_domain(
         tls,
         auth,
         report,
+        dane,
     } = match hops(context, way).await {
         Ok(hops) => hops,
         Err(outcome) => {
@@ -1298,6 +1363,20 @@ async fn deliver_domain(
             last_permanent = false;
             break;
         }
+        let (tls, report) = if dane {
+            match host_tls(context, domain, host, port, &tls, &report).await {
+                Ok((tls, Some(dane_report))) => (tls, Some(dane_report)),
+                Ok((tls, None)) => (tls, report.clone()),
+                Err(reply) => {
+                    last = reply;
+                    last_permanent = false;
+                    last_host = Some(host.clone());
+                    continue;
+                }
+            }
+        } else {
+            (tls.clone(), report.clone())
+        };
         let ips: Vec<IpAddr> = match host.parse::<IpAddr>() {
             Ok(ip) => vec![ip],
             Err(_) => match &context.dns {

@@ -42,11 +42,26 @@ fn mix(seed: u64, host: &str) -> u64 {
     })
 }
 
-pub async fn resolve(dns: &Dns, domain: &str, seed: u64) -> Result<Destination, DnsError> {
-    match dns.mx(domain).await {
-        Ok(records) if records.is_empty() => Ok(Destination::Hosts(vec![domain.to_string()])),
-        Ok(records) => Ok(order(records, seed)),
-        Err(DnsError::NotFound) => Ok(Destination::NoSuchDomain),
+/// Where mail for `domain` goes. With `validate` (DANE, RFC 7672 §2.2.1) the MX records come
+/// from the DNSSEC-validating resolver and the answer says whether they are secure; without,
+/// they are never called secure.
+pub async fn resolve(
+    dns: &Dns,
+    domain: &str,
+    seed: u64,
+    validate: bool,
+) -> Result<(Destination, bool), DnsError> {
+    let found = if validate {
+        dns.mx_validated(domain).await.map(|v| (v.answer, v.secure))
+    } else {
+        dns.mx(domain).await.map(|records| (records, false))
+    };
+    match found {
+        Ok((records, secure)) if records.is_empty() => {
+            Ok((Destination::Hosts(vec![domain.to_string()]), secure))
+        }
+        Ok((records, secure)) => Ok((order(records, seed), secure)),
+        Err(DnsError::NotFound) => Ok((Destination::NoSuchDomain, false)),
         Err(err) => Err(err),
     }
 }

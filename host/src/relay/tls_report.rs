@@ -24,7 +24,7 @@ const MAX_DOMAINS: usize = 10_000;
 /// The policy sessions are counted under (RFC 8460 §4.4).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ReportPolicy {
-    /// `sts` or `no-policy-found`.
+    /// `tlsa`, `sts` or `no-policy-found`.
     pub kind: &'static str,
     /// The policy's lines (`policy-string`).
     pub strings: Vec<String>,
@@ -38,6 +38,15 @@ impl ReportPolicy {
             kind: "no-policy-found",
             strings: Vec::new(),
             mx: Vec::new(),
+        }
+    }
+
+    /// DANE: the MX host's usable TLSA records in presentation form (§4.4).
+    pub fn tlsa(host: &str, records: &[crate::dns::Tlsa]) -> ReportPolicy {
+        ReportPolicy {
+            kind: "tlsa",
+            strings: records.iter().map(|r| r.to_string()).collect(),
+            mx: vec![host.to_string()],
         }
     }
 

@@ -41,5 +41,6 @@ fn dns_error(err: crate::dns::DnsError) -> dns::DnsError {
         crate::dns::DnsError::NotFound => dns::DnsError::NotFound,
         crate::dns::DnsError::Timeout => dns::DnsError::Timeout,
         crate::dns::DnsError::Failed(why) => dns::DnsError::Failed(why),
+        bogus @ crate::dns::DnsError::Bogus => dns::DnsError::Failed(bogus.to_string()),
     }
 }
