@@ -2,7 +2,8 @@
 //! session instance, for a Rust, a Python and a JavaScript plugin; plus the cost of a session's
 //! first call (instantiation). Prints medians.
 //!
-//! `cargo bench -p postern --bench plugin_hooks` (build the plugins first: scripts/test does).
+//! `cargo bench -p postern --bench plugin_hooks` (build the plugins first: scripts/test does);
+//! `HOOKS_ONLY=spam` measures only the plugins whose label contains it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -89,6 +90,20 @@ async fn main() {
             data_calls: 400,
         },
         Subject {
+            label: "Rust (spam-filter, rules only)",
+            wasm: repo().join("plugins/target/wasm32-wasip2/release/spam_filter.wasm"),
+            capabilities: vec![
+                Capability::Config,
+                Capability::Log,
+                Capability::Dns,
+                Capability::Kv,
+            ],
+            config: "quarantine_at = 5.0\nreject_at = 10.0\nrules = [\"body:wire transfer:1.5\"]\n"
+                .into(),
+            rcpt_calls: 0,
+            data_calls: 400,
+        },
+        Subject {
             label: "Rust (test-hooks, continue)",
             wasm: repo().join("plugins/target/wasm32-wasip2/release/test_hooks.wasm"),
             capabilities: vec![Capability::Config, Capability::Kv, Capability::Dns],
@@ -126,7 +141,11 @@ async fn main() {
         "{:<30} {:>12} {:>12} {:>12} {:>12} {:>12}",
         "plugin", "first call", "rcpt", "data 10KB", "data 100KB", "data 1MB"
     );
+    let only = std::env::var("HOOKS_ONLY").unwrap_or_default();
     for subject in subjects {
+        if !subject.label.contains(&only) {
+            continue;
+        }
         if !subject.wasm.exists() {
             println!(
                 "{:<30} missing {} (build the plugins first)",

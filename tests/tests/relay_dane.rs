@@ -80,7 +80,9 @@ async fn tlsa_records_decide_where_and_how_mail_goes() {
 
     let tlsa = |host: &str| format!("_{port}._tcp.{host}");
     let mut records = Vec::new();
-    let domains = ["ee", "ta", "mismatch", "stripped", "bogus", "plain", "bogusmx"];
+    let domains = [
+        "ee", "ta", "mismatch", "stripped", "bogus", "plain", "bogusmx",
+    ];
     for (i, domain) in domains.iter().enumerate() {
         let (domain, mx) = (format!("{domain}.test"), format!("mx.{domain}.test"));
         records.push((domain, Rr::Mx(10, mx.clone())));
