@@ -63,6 +63,7 @@ async fn policies_are_enforced_tested_kept_and_reported() {
         "mta-sts.enforced.test",
         "mta-sts.wrongmx.test",
         "mta-sts.testing.test",
+        "mta-sts.testcert.test",
         "mx1.enforced.test",
     ];
     let generated =
@@ -72,7 +73,8 @@ async fn policies_are_enforced_tested_kept_and_reported() {
     std::fs::write(&cert, generated.cert.pem()).unwrap();
     std::fs::write(&key, generated.key_pair.serialize_pem()).unwrap();
 
-    let [policy_ip, enforced_ip, wrong_ip, testing_ip] = [(); 4].map(|_| loopback_ip());
+    let [policy_ip, enforced_ip, wrong_ip, testing_ip, testcert_ip] =
+        [(); 5].map(|_| loopback_ip());
     let enforced = Sink::start(
         enforced_ip,
         0,
@@ -85,6 +87,16 @@ async fn policies_are_enforced_tested_kept_and_reported() {
     let port = enforced.addr.port();
     let wrong = Sink::start(wrong_ip, port, SinkScript::default()).await;
     let testing = Sink::start(testing_ip, port, SinkScript::default()).await;
+    // Offers STARTTLS with a certificate that does not name it (testing mode reports that).
+    let testcert = Sink::start(
+        testcert_ip,
+        port,
+        SinkScript {
+            tls: Some(tls_acceptor(&cert, &key)),
+            ..SinkScript::default()
+        },
+    )
+    .await;
     let policies = PolicyServer::start(
         policy_ip,
         tls_acceptor(&cert, &key),
@@ -101,6 +113,10 @@ async fn policies_are_enforced_tested_kept_and_reported() {
                 "mta-sts.testing.test".to_string(),
                 policy("testing", "mx.elsewhere.test"),
             ),
+            (
+                "mta-sts.testcert.test".to_string(),
+                policy("testing", "mx.testcert.test"),
+            ),
         ]),
     )
     .await;
@@ -109,6 +125,7 @@ async fn policies_are_enforced_tested_kept_and_reported() {
         ("enforced.test", "mx1.enforced.test", enforced_ip),
         ("wrongmx.test", "mx.wrongmx.test", wrong_ip),
         ("testing.test", "mx.testing.test", testing_ip),
+        ("testcert.test", "mx.testcert.test", testcert_ip),
     ] {
         records.push((domain.to_string(), Rr::Mx(10, mx.into())));
         records.push((mx.to_string(), Rr::A(ip)));
@@ -118,7 +135,7 @@ async fn policies_are_enforced_tested_kept_and_reported() {
         ));
         records.push((format!("mta-sts.{domain}"), Rr::A(policy_ip)));
     }
-    for domain in ["enforced.test", "testing.test"] {
+    for domain in ["enforced.test", "testing.test", "testcert.test"] {
         records.push((
             format!("_smtp._tls.{domain}"),
             Rr::Txt("v=TLSRPTv1; rua=mailto:alice@example.test".into()),
@@ -147,16 +164,25 @@ async fn policies_are_enforced_tested_kept_and_reported() {
         set_key(&config, "outbound", "tls_report_interval", "\"3s\"")
     });
 
-    for to in ["x@enforced.test", "x@wrongmx.test", "x@testing.test"] {
+    for to in [
+        "x@enforced.test",
+        "x@wrongmx.test",
+        "x@testing.test",
+        "x@testcert.test",
+    ] {
         send(&server, "alice@example.test", &[to], MESSAGE).await;
     }
     // enforce, its MX named: delivered over verified TLS.
     let got = enforced.wait_for(1).await;
     assert_eq!(got.len(), 1, "{}", server.log());
     assert!(got[0].tls);
-    // testing: delivered as without a policy, though the MX is not the one named.
+    // testing: delivered as without a policy, though the MX is not the one named, and though
+    // the certificate of the one named does not name it.
     let got = testing.wait_for(1).await;
     assert_eq!(got.len(), 1, "{}", server.log());
+    let got = testcert.wait_for(1).await;
+    assert_eq!(got.len(), 1, "{}", server.log());
+    assert!(got[0].tls);
     // enforce, its MX not named: kept, never sent.
     wait_until("the unnamed MX to be refused", || {
         server
@@ -165,7 +191,7 @@ async fn policies_are_enforced_tested_kept_and_reported() {
     })
     .await;
     assert!(wrong.messages().is_empty());
-    assert_eq!(policies.served(), 3, "each policy fetched once");
+    assert_eq!(policies.served(), 4, "each policy fetched once");
 
     let report = report_about(&server, "testing.test").await;
     assert_eq!(report["organization-name"], "localhost");
@@ -179,6 +205,15 @@ async fn policies_are_enforced_tested_kept_and_reported() {
     assert_eq!(detail["result-type"], "validation-failure");
     assert_eq!(detail["receiving-mx-hostname"], "mx.testing.test");
     assert_eq!(detail["receiving-ip"], testing_ip.to_string());
+    // The certificate checked in testing mode too, and its failure reported (RFC 8461 §5).
+    let report = report_about(&server, "testcert.test").await;
+    let policy = &report["policies"][0];
+    assert_eq!(policy["policy"]["policy-type"], "sts");
+    assert_eq!(policy["summary"]["total-successful-session-count"], 0);
+    assert_eq!(policy["summary"]["total-failure-session-count"], 1);
+    let detail = &policy["failure-details"][0];
+    assert_eq!(detail["result-type"], "certificate-host-mismatch");
+    assert_eq!(detail["receiving-mx-hostname"], "mx.testcert.test");
     let report = report_about(&server, "enforced.test").await;
     let policy = &report["policies"][0];
     assert_eq!(policy["policy"]["policy-string"][1], "mode: enforce");
@@ -189,7 +224,7 @@ async fn policies_are_enforced_tested_kept_and_reported() {
     // policy on disk still holds (RFC 8461 §5.1).
     send(&server, "alice@example.test", &["y@enforced.test"], MESSAGE).await;
     assert_eq!(enforced.wait_for(2).await.len(), 2);
-    assert_eq!(policies.served(), 3);
+    assert_eq!(policies.served(), 4);
     drop(policies);
     server.stop().unwrap();
     server.restart().unwrap();

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
+use rustls::client::WebPkiServerVerifier;
 use rustls_pki_types::ServerName;
 use smtp_proto::{
     EhloResponse, EXT_8BIT_MIME, EXT_DSN, EXT_PIPELINING, EXT_REQUIRE_TLS, EXT_SIZE, EXT_SMTP_UTF8,
@@ -363,8 +364,13 @@ fn rustls_error(err: &ClientError) -> Option<&rustls::Error> {
 
 /// The RFC 8460 result type of a failed TLS handshake.
 fn handshake_result(err: &ClientError) -> &'static str {
-    match rustls_error(err) {
-        Some(rustls::Error::InvalidCertificate(cert)) => {
+    rustls_error(err).map_or("validation-failure", certificate_result)
+}
+
+/// The RFC 8460 result type of a certificate check's error.
+fn certificate_result(err: &rustls::Error) -> &'static str {
+    match err {
+        rustls::Error::InvalidCertificate(cert) => {
             // Debug names cover the variants with and without context.
             let name = format!("{cert:?}");
             if name.starts_with("NotValidForName") {
@@ -689,8 +695,8 @@ impl CertificateCheck for AnyCertificate {
     }
 }
 
-/// A connector that verifies certificates against the PEM bundle at `ca_file`.
-pub fn verifying_connector(ca_file: &std::path::Path) -> Result<TlsConnector, String> {
+/// The WebPKI verifier of the certificates in the PEM bundle at `ca_file`.
+pub fn ca_verifier(ca_file: &std::path::Path) -> Result<Arc<WebPkiServerVerifier>, String> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::CertificateDer;
     let mut roots = rustls::RootCertStore::empty();
@@ -703,12 +709,54 @@ pub fn verifying_connector(ca_file: &std::path::Path) -> Result<TlsConnector, St
             .map_err(|e| format!("{}: {e}", ca_file.display()))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .map_err(|e| format!("{}: {e}", ca_file.display()))
+}
+
+/// A connector whose certificates must pass `verifier`.
+pub fn verifying_connector(verifier: Arc<WebPkiServerVerifier>) -> TlsConnector {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
+        .expect("ring supports the default versions")
+        .with_webpki_verifier(verifier)
         .with_no_client_auth();
-    Ok(TlsConnector::from(Arc::new(config)))
+    TlsConnector::from(Arc::new(config))
+}
+
+/// What the last handshake of an [`observing_connector`] would have come to under
+/// verification: None when the certificate verified, else its RFC 8460 result type.
+pub type Observation = Arc<std::sync::Mutex<Option<&'static str>>>;
+
+/// A connector that verifies each certificate with `verifier` and notes the outcome in
+/// `seen`, but lets the handshake go on whatever it is: MTA-STS `testing` (RFC 8461 §5)
+/// delivers as without a policy and reports what `enforce` would have refused.
+pub fn observing_connector(verifier: Arc<WebPkiServerVerifier>, seen: Observation) -> TlsConnector {
+    connector_with(Observing { verifier, seen })
+}
+
+#[derive(Debug)]
+struct Observing {
+    verifier: Arc<WebPkiServerVerifier>,
+    seen: Observation,
+}
+
+impl CertificateCheck for Observing {
+    fn check(
+        &self,
+        end_entity: &rustls_pki_types::CertificateDer<'_>,
+        intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        name: &ServerName<'_>,
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<(), rustls::Error> {
+        use rustls::client::danger::ServerCertVerifier;
+        let verified = self
+            .verifier
+            .verify_server_cert(end_entity, intermediates, name, &[], now);
+        *self.seen.lock().expect("observation") = verified.err().as_ref().map(certificate_result);
+        Ok(())
+    }
 }
 
 #[derive(Debug)]

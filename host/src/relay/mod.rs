@@ -74,6 +74,8 @@ struct Context {
     local: Arc<LocalDelivery>,
     opportunistic: TlsConnector,
     verifying: Result<TlsConnector, String>,
+    /// The verifier behind `verifying` (MTA-STS `testing` checks certificates with it).
+    verifier: Option<Arc<rustls::client::WebPkiServerVerifier>>,
     connections: Arc<Semaphore>,
     per_domain: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Recipient domains' MTA-STS policies (`outbound.mta_sts`, with DNS).
@@ -126,7 +128,8 @@ impl Relay {
         inbox: mpsc::Receiver<RelayJob>,
     ) -> std::io::Result<Relay> {
         let outbound = &config.outbound;
-        let verifying = client::verifying_connector(&outbound.ca_file);
+        let verifier = client::ca_verifier(&outbound.ca_file);
+        let verifying = verifier.clone().map(client::verifying_connector);
         if let Err(err) = &verifying {
             warn!("no verified outbound TLS (needed by `verify` domains and the smarthost): {err}");
         }
@@ -150,6 +153,7 @@ impl Relay {
                 per_domain: Mutex::new(HashMap::new()),
                 opportunistic: client::unverified_connector(),
                 verifying,
+                verifier: verifier.ok(),
                 config,
                 dns,
                 spool,
@@ -1047,6 +1051,8 @@ struct Reporting {
     /// The MTA-STS policy whose MX patterns each host is checked against (in testing mode
     /// an unnamed host is still used, and its session counts as failed).
     sts: Option<Arc<mta_sts::Policy>>,
+    /// Testing mode: how each TLS session's certificate would have fared under verification.
+    observed: Option<client::Observation>,
 }
 
 impl Reporting {
@@ -1054,6 +1060,7 @@ impl Reporting {
         Reporting {
             policy: tls_report::ReportPolicy::none(),
             sts: None,
+            observed: None,
         }
     }
 
@@ -1063,8 +1070,13 @@ impl Reporting {
         if self.sts.as_ref().is_some_and(|p| !p.allows(host)) {
             return Failure("validation-failure");
         }
+        let observed = || {
+            let seen = self.observed.as_ref()?;
+            let failure = seen.lock().expect("observation").take();
+            failure
+        };
         match tls {
-            SessionTls::Secured => Success,
+            SessionTls::Secured => observed().map_or(Success, Failure),
             SessionTls::Plain => Failure("starttls-not-supported"),
             SessionTls::Failed(result_type) => Failure(result_type),
         }
@@ -1202,6 +1214,7 @@ async fn host_tls(
             let reporting = report.as_ref().map(|_| Reporting {
                 policy: tls_report::ReportPolicy::tlsa(host, &records),
                 sts: None,
+                observed: None,
             });
             Ok((TlsPlan::Required(dane::connector(records)), reporting))
         }
@@ -1271,11 +1284,24 @@ async fn sts_applied(
         }
         mta_sts::Sts::Policy(policy) => policy,
     };
-    let reporting = reports.map(|_| Reporting {
+    let mut reporting = reports.map(|_| Reporting {
         policy: tls_report::ReportPolicy::sts(&policy),
         sts: Some(policy.clone()),
+        observed: None,
     });
     if policy.mode != mta_sts::Mode::Enforce {
+        // Testing (§5): delivered as usual; a certificate that would not verify is reported.
+        let (tls, observed) = match (tls, &context.verifier, &reporting) {
+            (TlsPlan::Opportunistic(_), Some(verifier), Some(_)) if !verifies => {
+                let seen = client::Observation::default();
+                let observing = client::observing_connector(verifier.clone(), seen.clone());
+                (TlsPlan::Opportunistic(observing), Some(seen))
+            }
+            (tls, ..) => (tls, None),
+        };
+        if let Some(reporting) = &mut reporting {
+            reporting.observed = observed;
+        }
         return Ok((hosts, tls, verifies, reporting));
     }
     let (allowed, refused): (Vec<String>, Vec<String>) =
