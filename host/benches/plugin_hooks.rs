@@ -75,34 +75,25 @@ async fn main() {
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
+    // The spam filter as shipped: its rules, and the trained model or none.
+    let spam_filter = |label, model: &str| Subject {
+        label,
+        wasm: repo().join("plugins/target/wasm32-wasip2/release/spam_filter.wasm"),
+        capabilities: vec![
+            Capability::Config,
+            Capability::Log,
+            Capability::Dns,
+            Capability::Kv,
+        ],
+        config: format!(
+            "quarantine_at = 5.0\nreject_at = 10.0\nrules = [\"body:wire transfer:1.5\"]\n{model}"
+        ),
+        rcpt_calls: 0,
+        data_calls: 400,
+    };
     let subjects = [
-        Subject {
-            label: "Rust (spam-filter, trained)",
-            wasm: repo().join("plugins/target/wasm32-wasip2/release/spam_filter.wasm"),
-            capabilities: vec![
-                Capability::Config,
-                Capability::Log,
-                Capability::Dns,
-                Capability::Kv,
-            ],
-            config: format!("quarantine_at = 5.0\nreject_at = 10.0\nrules = [\"body:wire transfer:1.5\"]\n{model}"),
-            rcpt_calls: 0,
-            data_calls: 400,
-        },
-        Subject {
-            label: "Rust (spam-filter, rules only)",
-            wasm: repo().join("plugins/target/wasm32-wasip2/release/spam_filter.wasm"),
-            capabilities: vec![
-                Capability::Config,
-                Capability::Log,
-                Capability::Dns,
-                Capability::Kv,
-            ],
-            config: "quarantine_at = 5.0\nreject_at = 10.0\nrules = [\"body:wire transfer:1.5\"]\n"
-                .into(),
-            rcpt_calls: 0,
-            data_calls: 400,
-        },
+        spam_filter("Rust (spam-filter, trained)", &model),
+        spam_filter("Rust (spam-filter, rules only)", ""),
         Subject {
             label: "Rust (test-hooks, continue)",
             wasm: repo().join("plugins/target/wasm32-wasip2/release/test_hooks.wasm"),
@@ -115,7 +106,8 @@ async fn main() {
             label: "Python (python-filter)",
             wasm: repo().join("examples/plugins/python-filter/python_filter.wasm"),
             capabilities: vec![Capability::Config, Capability::Log],
-            config: "blocked_recipients = [\"nobody@example.test\"]\nblocked_words = [\"casino\"]".into(),
+            config: "blocked_recipients = [\"nobody@example.test\"]\nblocked_words = [\"casino\"]"
+                .into(),
             rcpt_calls: 2_000,
             data_calls: 200,
         },
