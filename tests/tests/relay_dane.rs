@@ -68,7 +68,7 @@ async fn tlsa_records_decide_where_and_how_mail_goes() {
         tls: Some(tls_acceptor(cert, &key)),
         ..SinkScript::default()
     };
-    let ips = [(); 7].map(|_| loopback_ip());
+    let ips = [(); 9].map(|_| loopback_ip());
     let ee = Sink::start(ips[0], 0, tls(&alone)).await;
     let port = ee.addr.port();
     let ta = Sink::start(ips[1], port, tls(&chain)).await;
@@ -77,11 +77,22 @@ async fn tlsa_records_decide_where_and_how_mail_goes() {
     let bogus = Sink::start(ips[4], port, tls(&alone)).await;
     let plain = Sink::start(ips[5], port, SinkScript::default()).await;
     let bogus_mx = Sink::start(ips[6], port, tls(&alone)).await;
+    // Its certificate names none of the unusable.test hosts: unauthenticated TLS takes it.
+    let unusable = Sink::start(ips[7], port, tls(&alone)).await;
+    let unusable_plain = Sink::start(ips[8], port, SinkScript::default()).await;
 
     let tlsa = |host: &str| format!("_{port}._tcp.{host}");
     let mut records = Vec::new();
     let domains = [
-        "ee", "ta", "mismatch", "stripped", "bogus", "plain", "bogusmx",
+        "ee",
+        "ta",
+        "mismatch",
+        "stripped",
+        "bogus",
+        "plain",
+        "bogusmx",
+        "unusable",
+        "unusableplain",
     ];
     for (i, domain) in domains.iter().enumerate() {
         let (domain, mx) = (format!("{domain}.test"), format!("mx.{domain}.test"));
@@ -95,7 +106,15 @@ async fn tlsa_records_decide_where_and_how_mail_goes() {
     records.push((tlsa("mx.mismatch.test"), Rr::Tlsa(3, 1, 1, wrong)));
     records.push((tlsa("mx.stripped.test"), Rr::Tlsa(3, 1, 1, spki.clone())));
     records.push((tlsa("mx.bogus.test"), Rr::Tlsa(3, 1, 1, spki.clone())));
-    records.push((tlsa("mx.bogusmx.test"), Rr::Tlsa(3, 1, 1, spki)));
+    records.push((tlsa("mx.bogusmx.test"), Rr::Tlsa(3, 1, 1, spki.clone())));
+    // Secure TLSA records, none usable for SMTP (PKIX usages, RFC 7672 §3.1.3; an unknown
+    // matching type): TLS becomes mandatory, unauthenticated (§2.2).
+    records.push((tlsa("mx.unusable.test"), Rr::Tlsa(1, 1, 1, spki.clone())));
+    records.push((
+        tlsa("mx.unusableplain.test"),
+        Rr::Tlsa(0, 0, 1, spki.clone()),
+    ));
+    records.push((tlsa("mx.unusableplain.test"), Rr::Tlsa(3, 1, 9, spki)));
     records.push((
         "_smtp._tls.ee.test".to_string(),
         Rr::Txt("v=TLSRPTv1; rua=mailto:alice@example.test".into()),
@@ -131,6 +150,10 @@ async fn tlsa_records_decide_where_and_how_mail_goes() {
         assert_eq!(got.len(), 1, "{what}: {}", server.log());
         assert!(got[0].tls, "{what} over TLS");
     }
+    // Only unusable records: over TLS, whatever the certificate.
+    let got = unusable.wait_for(1).await;
+    assert_eq!(got.len(), 1, "unusable: {}", server.log());
+    assert!(got[0].tls, "unusable records still make TLS mandatory");
     // A secure name without TLSA records: the domain's other policy (may), here plaintext.
     let got = plain.wait_for(1).await;
     assert_eq!(got.len(), 1, "{}", server.log());
@@ -143,6 +166,7 @@ async fn tlsa_records_decide_where_and_how_mail_goes() {
         "x@stripped.test",
         "x@bogus.test",
         "x@bogusmx.test",
+        "x@unusableplain.test",
     ] {
         wait_until(&format!("{rcpt} to be deferred"), || {
             !deferrals(&server, rcpt).is_empty()
@@ -168,6 +192,7 @@ async fn tlsa_records_decide_where_and_how_mail_goes() {
         (&stripped, "no STARTTLS"),
         (&bogus, "bogus"),
         (&bogus_mx, "bogus MX"),
+        (&unusable_plain, "unusable records, no STARTTLS"),
     ] {
         assert!(sink.messages().is_empty(), "{what}: {}", server.log());
         assert_eq!(sink.transactions(), 0, "{what}: no MAIL FROM was sent");
