@@ -83,7 +83,7 @@ impl Maildir {
         let indexed = read_index(dir)?
             .entries
             .iter()
-            .any(|(_, key)| key.starts_with(&prefix) || key == base);
+            .any(|(_, key)| key.starts_with(&prefix) || &**key == base);
         if indexed {
             return Ok(true);
         }

@@ -67,7 +67,7 @@ impl Maildir {
             let tmp = dir.join("tmp").join(&key);
             let file = durable::write_unsynced(&tmp, &content).map_err(failed)?;
             written.push((file, tmp, format!("{key}:2,{}", flag_letters(letters))));
-            index.entries.push((m.uid, key));
+            index.entries.push((m.uid, key.into()));
         }
         let files: Vec<&File> = written.iter().map(|(f, _, _)| f).collect();
         durable::sync_files(&files).map_err(failed)?;

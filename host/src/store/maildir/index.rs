@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io;
 use std::path::Path;
+use std::sync::Arc;
 
 use super::*;
 
@@ -17,7 +18,7 @@ pub(super) fn indexed_in_order(
     first: &[&str],
 ) -> Result<(UidList, HashMap<String, Listed>), StoreError> {
     let files = list_files(dir).map_err(StoreError::from_io)?;
-    let index = index_files(dir, &files, first)?;
+    let index = index_files(dir, &files, first, &mut None)?;
     Ok((index, files))
 }
 
@@ -27,21 +28,24 @@ pub(super) fn index_files(
     dir: &Path,
     files: &HashMap<String, Listed>,
     first: &[&str],
+    kept: &mut Option<KeptIndex>,
 ) -> Result<UidList, StoreError> {
-    let (index, update) = renumbered(dir, files, first)?;
+    let (index, update) = renumbered(dir, files, first, kept)?;
     match update {
         IndexUpdate::Keep => {}
         IndexUpdate::Append { from } => {
-            let lines: String = index
+            let appended: Vec<(u32, Arc<str>)> = index
                 .entries
                 .iter()
                 .filter(|(uid, _)| *uid >= from)
-                .map(|(uid, key)| UidList::line(*uid, key))
+                .cloned()
                 .collect();
-            let file = append_index(dir, &lines).map_err(StoreError::from_io)?;
-            durable::sync_all(&[&file], &[]).map_err(StoreError::from_io)?;
+            append_entries(dir, &appended, kept, &[]).map_err(StoreError::from_io)?;
         }
-        IndexUpdate::Rewrite => write_index(dir, &index).map_err(StoreError::from_io)?,
+        IndexUpdate::Rewrite => {
+            *kept = None;
+            write_index(dir, &index).map_err(StoreError::from_io)?
+        }
     }
     Ok(index)
 }
@@ -68,11 +72,12 @@ pub(super) fn renumbered(
     dir: &Path,
     files: &HashMap<String, Listed>,
     first: &[&str],
+    kept: &mut Option<KeptIndex>,
 ) -> Result<(UidList, IndexUpdate), StoreError> {
-    let (mut index, file) = read_index_as_stored(dir).map_err(StoreError::from_io)?;
+    let (mut index, file) = read_index_kept(dir, kept).map_err(StoreError::from_io)?;
     let next_before = index.next;
     let present: HashSet<&str> = files.keys().map(String::as_str).collect();
-    let indexed: HashSet<&str> = index.entries.iter().map(|(_, k)| k.as_str()).collect();
+    let indexed: HashSet<&str> = index.entries.iter().map(|(_, k)| &**k).collect();
     let mut arrivals: Vec<(&String, &Listed)> = files
         .iter()
         .filter(|(key, _)| !indexed.contains(key.as_str()))
@@ -123,17 +128,78 @@ pub(super) fn fresh_validity() -> u32 {
 }
 
 pub(super) fn read_index(dir: &Path) -> io::Result<UidList> {
-    read_index_as_stored(dir).map(|(index, _)| index)
+    read_index_kept(dir, &mut None).map(|(index, _)| index)
+}
+
+/// The index file as this process last read or wrote it, kept (in the folder's state, under its
+/// lock) so that every listing does not read and parse the file again. The file only ever gains
+/// lines at its end or is replaced by a rename (see [`uidlist`]), so one `stat` tells whether it
+/// is still what was read: a longer file, another inode or a new change time means it is not.
+pub(super) struct KeptIndex {
+    stamp: FileStamp,
+    /// What the file holds (lines of messages gone included), as parsed.
+    pub(super) index: UidList,
+    file: uidlist::FileState,
+}
+
+/// What tells one version of the index file from another (see [`KeptIndex`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(meta: &fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
 }
 
 /// The folder's UID index, and what its file held (None: missing or damaged, so this is a new
-/// index with a new UIDVALIDITY that must be written before anyone sees it).
-pub(super) fn read_index_as_stored(
+/// index with a new UIDVALIDITY that must be written before anyone sees it): the kept one while
+/// the file is unchanged, else the file read again (and kept).
+pub(super) fn read_index_kept(
     dir: &Path,
+    kept: &mut Option<KeptIndex>,
 ) -> io::Result<(UidList, Option<uidlist::FileState>)> {
-    match fs::read_to_string(dir.join(uidlist::FILE_NAME)) {
-        Ok(text) => Ok(match UidList::parse(&text) {
-            Some((index, file)) => (index, Some(file)),
+    let path = dir.join(uidlist::FILE_NAME);
+    if let Some(held) = kept.as_ref() {
+        match fs::metadata(&path) {
+            Ok(meta) if FileStamp::of(&meta) == held.stamp => {
+                return Ok((held.index.clone(), Some(held.file)));
+            }
+            Ok(_) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => return Err(err),
+        }
+    }
+    *kept = None;
+    // The stamp is taken before the bytes are read: a change in between makes the kept copy
+    // look stale at the next read, never the other way round.
+    let read = File::open(&path).and_then(|mut file| {
+        let stamp = FileStamp::of(&file.metadata()?);
+        let mut text = String::new();
+        io::Read::read_to_string(&mut file, &mut text)?;
+        Ok((stamp, text))
+    });
+    match read {
+        Ok((stamp, text)) => Ok(match UidList::parse(&text) {
+            Some((index, file)) => {
+                *kept = Some(KeptIndex {
+                    stamp,
+                    index: index.clone(),
+                    file,
+                });
+                (index, Some(file))
+            }
             None => {
                 warn!(dir = %dir.display(), "damaged UID index, rebuilding with a new UIDVALIDITY");
                 let previous = text
@@ -154,9 +220,38 @@ pub(super) fn read_index_as_stored(
     }
 }
 
-/// Appends entry lines to the index file, to be flushed by the caller.
-pub(super) fn append_index(dir: &Path, lines: &str) -> io::Result<File> {
-    durable::append_unsynced(&dir.join(uidlist::FILE_NAME), lines.as_bytes())
+/// Appends entry lines to the index file and flushes it with `also` (a message's file whose
+/// bytes must be durable with its line). The kept index gains the lines when the file grew by
+/// exactly them (so nobody else wrote it since it was read); else it is dropped.
+pub(super) fn append_entries(
+    dir: &Path,
+    entries: &[(u32, Arc<str>)],
+    kept: &mut Option<KeptIndex>,
+    also: &[&File],
+) -> io::Result<()> {
+    let lines: String = entries
+        .iter()
+        .map(|(uid, key)| UidList::line(*uid, key))
+        .collect();
+    let path = dir.join(uidlist::FILE_NAME);
+    let before = kept.as_ref().map(|held| held.stamp.len);
+    let file = durable::append_unsynced(&path, lines.as_bytes()).inspect_err(|_| *kept = None)?;
+    let mut files = also.to_vec();
+    files.push(&file);
+    durable::sync_all(&files, &[]).inspect_err(|_| *kept = None)?;
+    let stamp = file.metadata().map(|meta| FileStamp::of(&meta));
+    match (kept.as_mut(), stamp, before) {
+        (Some(held), Ok(stamp), Some(len)) if stamp.len == len + lines.len() as u64 => {
+            held.stamp = stamp;
+            held.file.lines += entries.len();
+            for (uid, key) in entries {
+                held.index.next = held.index.next.max(uid + 1);
+                held.index.entries.push((*uid, key.clone()));
+            }
+        }
+        _ => *kept = None,
+    }
+    Ok(())
 }
 
 /// Replaces the index atomically and durably.

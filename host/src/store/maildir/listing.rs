@@ -106,12 +106,23 @@ pub(super) fn list_files(dir: &Path) -> io::Result<HashMap<String, Listed>> {
     Ok(files)
 }
 
-/// Where a message is now: its listed location, or wherever a rename took it. A session that
-/// changed the flags itself knows them, so the name they gave the file is tried before the
-/// folder is scanned.
-pub(super) fn current_location(dir: &Path, message: &MessageInfo) -> io::Result<Option<String>> {
+/// Where a message is now: its listed location, or wherever a rename took it. The folder's
+/// kept listing (`kept`, when the caller holds the folder's lock) follows this process's own
+/// renames, so a STORE followed by an EXPUNGE finds the file there; a file moved from `new/` to
+/// `cur/` by another client keeps its flags, so that name is tried next; the folder is scanned
+/// only when both miss.
+pub(super) fn current_location(
+    dir: &Path,
+    message: &MessageInfo,
+    kept: Option<&HashMap<String, Listed>>,
+) -> io::Result<Option<String>> {
     if dir.join(message.handle.as_str()).exists() {
         return Ok(Some(message.handle.as_str().to_string()));
+    }
+    if let Some(listed) = kept.and_then(|files| files.get(&message.key)) {
+        if listed.location != message.handle.as_str() && dir.join(&listed.location).exists() {
+            return Ok(Some(listed.location.clone()));
+        }
     }
     let renamed = format!(
         "cur/{}:2,{}",

@@ -74,6 +74,8 @@ struct FolderState {
     recent: Option<(u32, u32)>,
     /// The folder's last listing, while it can be trusted (see [`Listing`]).
     listing: Option<Listing>,
+    /// The UID index file as last read or written (see [`KeptIndex`]).
+    index: Option<KeptIndex>,
     /// Emptied files of expunged messages, for the next new ones (see [`spares`]).
     spares: spares::Spares,
 }
@@ -187,12 +189,12 @@ impl MailStore for Maildir {
         let lock = self.folder_lock(&dir);
         let mut state = lock.lock().expect("folder lock");
         let files = state.listed(&dir).map_err(StoreError::from_io)?;
-        let index = index_files(&dir, &files, &[])?;
+        let index = index_files(&dir, &files, &[], &mut state.index)?;
         let table = keywords::read(&dir).map_err(StoreError::from_io)?;
         let mut letters: Vec<(u32, Letters, u64)> = index
             .entries
             .iter()
-            .map(|(uid, key)| (*uid, files[key].flags, 0))
+            .map(|(uid, key)| (*uid, files[&**key].flags, 0))
             .collect();
         let log = state
             .modlog(&dir, index.validity)
@@ -201,14 +203,14 @@ impl MailStore for Maildir {
             .map_err(StoreError::from_io)?;
         let mut messages = Vec::with_capacity(index.entries.len());
         for ((uid, key), (_, flags, modseq)) in index.entries.iter().zip(letters) {
-            let listed = &files[key];
+            let listed = &files[&**key];
             let size = match listed.size {
                 Some(size) => size,
                 None => crlf_size(&dir.join(&listed.location)).map_err(StoreError::from_io)?,
             };
             messages.push(MessageInfo {
                 uid: *uid,
-                key: key.clone(),
+                key: key.to_string(),
                 handle: MessageHandle::new(listed.location.as_str()),
                 size,
                 flags: flags.system(),
@@ -289,17 +291,29 @@ impl MailStore for Maildir {
         let change_letters = Letters::from_system(change.flags).union(slots);
         let validity = match &state.modlog {
             Some(log) => log.validity(),
-            None => read_index(&dir).map_err(StoreError::from_io)?.validity,
+            None => {
+                read_index_kept(&dir, &mut state.index)
+                    .map_err(StoreError::from_io)?
+                    .0
+                    .validity
+            }
         };
         let keeps_listing = state.listing_before_change(&dir).is_some();
         let mut renamed: Vec<(&str, String, Letters)> = Vec::new();
+        // The listing as it was before the renames below (they are applied to it after them).
+        let kept = state
+            .listing
+            .as_ref()
+            .filter(|_| keeps_listing)
+            .map(|kept| kept.files.clone());
         let log = state.modlog(&dir, validity).map_err(StoreError::from_io)?;
         let mut outcome = FlagOutcome::default();
         // Directories whose entries the renames changed: flushed once, before the answer, so a
         // STORE (or the implicit \Seen of a FETCH) that was told OK survives a power loss.
         let (mut cur_changed, mut new_changed) = (false, false);
         for message in messages {
-            let Some(location) = current_location(&dir, message).map_err(StoreError::from_io)?
+            let Some(location) =
+                current_location(&dir, message, kept.as_deref()).map_err(StoreError::from_io)?
             else {
                 continue;
             };
@@ -345,6 +359,8 @@ impl MailStore for Maildir {
             });
         }
         log.flush(&dir).map_err(StoreError::from_io)?;
+        // Dropped first, so the kept listing is changed in place rather than copied.
+        drop(kept);
         if let Some(kept) = state.listing.as_mut().filter(|_| keeps_listing) {
             let files = Arc::make_mut(&mut kept.files);
             for (key, location, flags) in renamed {
@@ -390,7 +406,7 @@ impl MailStore for Maildir {
         let mut state = lock.lock().expect("folder lock");
         let failed = StoreError::from_io;
         let mut appended = || -> Result<(u32, u32), StoreError> {
-            let (mut index, on_disk) = read_index_as_stored(&dir).map_err(failed)?;
+            let (mut index, on_disk) = read_index_kept(&dir, &mut state.index).map_err(failed)?;
             if on_disk.is_some_and(|state| state.appendable(&index)) && index.next < u32::MAX {
                 // The index gains a line for the new key (no listing: other arrivals are
                 // numbered at the next one). The message's bytes and that line are flushed
@@ -398,8 +414,13 @@ impl MailStore for Maildir {
                 // between leaves a UID without its message (never reused), or a torn line that
                 // was never acknowledged, and the APPEND unanswered.
                 let uid = index.next;
-                let index_file = append_index(&dir, &UidList::line(uid, &key)).map_err(failed)?;
-                durable::sync_all(&[&file, &index_file], &[]).map_err(failed)?;
+                append_entries(
+                    &dir,
+                    &[(uid, key.as_str().into())],
+                    &mut state.index,
+                    &[&file],
+                )
+                .map_err(failed)?;
                 let keeps_listing = state.listing_before_change(&dir).is_some();
                 fs::rename(&tmp, dir.join("cur").join(&name)).map_err(failed)?;
                 if let Some(kept) = state.listing.as_mut().filter(|_| keeps_listing) {
@@ -430,12 +451,14 @@ impl MailStore for Maildir {
                     received_at,
                 },
             );
-            index = renumbered(&dir, &files, &[])?.0;
+            index = renumbered(&dir, &files, &[], &mut state.index)?.0;
+            // Replaced below.
+            state.index = None;
             let uid = index
                 .entries
                 .iter()
                 .rev()
-                .find(|(_, k)| *k == key)
+                .find(|(_, k)| **k == *key)
                 .map(|(uid, _)| *uid)
                 .ok_or_else(|| StoreError::Gone(key.clone()))?;
             let index_tmp = dir.join(format!("{}.tmp", uidlist::FILE_NAME));
@@ -468,7 +491,7 @@ impl MailStore for Maildir {
         let mut found = Vec::new();
         for message in messages {
             if let Some(location) =
-                current_location(&source, message).map_err(StoreError::from_io)?
+                current_location(&source, message, None).map_err(StoreError::from_io)?
             {
                 found.push((message.uid, location));
             }
@@ -533,7 +556,7 @@ impl MailStore for Maildir {
         let uids: HashMap<&str, u32> = index
             .entries
             .iter()
-            .map(|(uid, key)| (key.as_str(), *uid))
+            .map(|(uid, key)| (&**key, *uid))
             .collect();
         let pairs = copied
             .iter()
@@ -687,11 +710,17 @@ impl MailStore for Maildir {
         let lock = self.folder_lock(&dir);
         let mut state = lock.lock().expect("folder lock");
         let keeps_listing = state.listing_before_change(&dir).is_some();
+        let kept = state
+            .listing
+            .as_ref()
+            .filter(|_| keeps_listing)
+            .map(|kept| kept.files.clone());
         let mut touched = BTreeSet::new();
         let mut gone = Vec::new();
         let mut gone_keys = Vec::new();
         for message in messages {
-            let Some(location) = current_location(&dir, message).map_err(StoreError::from_io)?
+            let Some(location) =
+                current_location(&dir, message, kept.as_deref()).map_err(StoreError::from_io)?
             else {
                 continue;
             };
@@ -705,6 +734,7 @@ impl MailStore for Maildir {
                 Err(err) => return Err(StoreError::from_io(err)),
             }
         }
+        drop(kept);
         if let Some(kept) = state.listing.as_mut().filter(|_| keeps_listing) {
             let files = Arc::make_mut(&mut kept.files);
             for key in gone_keys {
@@ -860,6 +890,104 @@ mod tests {
         fs::rename(folder.join(location), folder.join(&flagged)).unwrap();
         let seen = store.snapshot(user, "INBOX").unwrap();
         assert!(seen.messages[0].flags.contains(Flags::FLAGGED));
+    }
+
+    #[test]
+    fn the_kept_index_follows_appends_and_sees_the_file_replaced_or_grown_by_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Maildir::new(dir.path(), "mx.test");
+        let user = "alice@example.test";
+        let folder = dir.path().join("example.test/alice");
+        let append = |n: i64| {
+            let message = format!("Subject: {n}\r\n\r\nbody\r\n");
+            store
+                .append(
+                    user,
+                    "INBOX",
+                    message.as_bytes(),
+                    Flags::empty(),
+                    &Keywords::new(),
+                    1700000000 + n,
+                )
+                .unwrap()
+        };
+        let (validity, first) = append(0);
+        let kept = |store: &Maildir| {
+            let lock = store.folder_lock(&folder);
+            let state = lock.lock().unwrap();
+            state.index.as_ref().map(|kept| kept.index.clone())
+        };
+        // An APPEND adds its line to the kept index as it adds it to the file.
+        store.snapshot(user, "INBOX").unwrap();
+        let (_, second) = append(1);
+        assert_eq!(kept(&store), Some(read_index(&folder).unwrap()));
+        let uids: Vec<u32> = store
+            .snapshot(user, "INBOX")
+            .unwrap()
+            .messages
+            .iter()
+            .map(|m| m.uid)
+            .collect();
+        assert_eq!(uids, [first, second]);
+        // Replaced behind this store's back (another inode): read again.
+        let mut other = read_index(&folder).unwrap();
+        other.validity = validity + 7;
+        write_index(&folder, &other).unwrap();
+        assert_eq!(
+            store.snapshot(user, "INBOX").unwrap().uid_validity,
+            validity + 7
+        );
+        // Grown behind its back (same inode, longer): the new line is seen.
+        fs::write(folder.join("new/1700000100.M1P1.other,S=10"), b"x\n").unwrap();
+        let mut file = fs::OpenOptions::new()
+            .append(true)
+            .open(folder.join(uidlist::FILE_NAME))
+            .unwrap();
+        io::Write::write_all(&mut file, b"40 1700000100.M1P1.other,S=10\n").unwrap();
+        let snapshot = store.snapshot(user, "INBOX").unwrap();
+        assert_eq!(snapshot.messages.last().map(|m| m.uid), Some(40));
+        assert_eq!(snapshot.uid_next, 41);
+    }
+
+    #[test]
+    fn a_message_renamed_by_this_store_is_found_without_listing_the_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Maildir::new(dir.path(), "mx.test");
+        let user = "alice@example.test";
+        let folder = dir.path().join("example.test/alice");
+        store
+            .append(
+                user,
+                "INBOX",
+                b"Subject: a\r\n\r\nbody\r\n",
+                Flags::empty(),
+                &Keywords::new(),
+                1700000000,
+            )
+            .unwrap();
+        let listed = store.snapshot(user, "INBOX").unwrap();
+        // The session still holds the name from before the STORE, as IMAP sessions do until
+        // their next listing.
+        let stale = listed.messages[0].clone();
+        store
+            .change_flags(
+                user,
+                "INBOX",
+                &[&stale],
+                &FlagChange::add(Flags::DELETED),
+                None,
+            )
+            .unwrap();
+        let lock = store.folder_lock(&folder);
+        let kept = lock.lock().unwrap().listing.as_ref().unwrap().files.clone();
+        assert_eq!(
+            current_location(&folder, &stale, Some(&kept)).unwrap(),
+            Some(format!("cur/{}:2,T", stale.key))
+        );
+        drop(kept);
+        store.remove(user, "INBOX", &[&stale]).unwrap();
+        assert!(store.snapshot(user, "INBOX").unwrap().messages.is_empty());
+        assert_eq!(fs::read_dir(folder.join("cur")).unwrap().count(), 0);
     }
 
     #[test]

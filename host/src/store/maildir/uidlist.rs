@@ -13,6 +13,7 @@
 //! cached (RFC 9051 §2.3.1.1).
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 pub const FILE_NAME: &str = "postern-uidlist";
 const MAGIC: &str = "postern-uidlist 1";
@@ -22,7 +23,8 @@ pub struct UidList {
     pub validity: u32,
     pub next: u32,
     /// (uid, key) in increasing UID order.
-    pub entries: Vec<(u32, String)>,
+    /// Keys shared, not copied, by the folder's kept index and every listing made from it.
+    pub entries: Vec<(u32, Arc<str>)>,
 }
 
 impl UidList {
@@ -69,7 +71,7 @@ impl UidList {
             }
             last = uid;
             next = next.max(uid + 1);
-            entries.push((uid, key.to_string()));
+            entries.push((uid, Arc::from(key)));
         }
         let file = FileState {
             lines: entries.len(),
@@ -107,14 +109,13 @@ impl UidList {
         new_in_order: impl IntoIterator<Item = &'a str>,
     ) -> Result<bool, UidsExhausted> {
         let before = self.entries.len();
-        self.entries
-            .retain(|(_, key)| present.contains(key.as_str()));
+        self.entries.retain(|(_, key)| present.contains(&**key));
         let mut changed = self.entries.len() != before;
         for key in new_in_order {
             if self.next == u32::MAX {
                 return Err(UidsExhausted);
             }
-            self.entries.push((self.next, key.to_string()));
+            self.entries.push((self.next, Arc::from(key)));
             self.next += 1;
             changed = true;
         }
