@@ -314,6 +314,17 @@ pub fn uses_header(key: &SearchKey<'_>) -> bool {
     }
 }
 
+/// Whether the criteria read message bodies (BODY, TEXT), not only headers and the listing.
+pub fn uses_body(key: &SearchKey<'_>) -> bool {
+    match key {
+        SearchKey::Body(_) | SearchKey::Text(_) => true,
+        SearchKey::And(keys) => keys.as_ref().iter().any(uses_body),
+        SearchKey::Or(a, b) => uses_body(a) || uses_body(b),
+        SearchKey::Not(k) => uses_body(k),
+        _ => false,
+    }
+}
+
 /// Whether the criteria use MODSEQ (the SEARCH response then tells the highest one found).
 pub fn uses_modseq(key: &SearchKey<'_>) -> bool {
     match key {

@@ -85,6 +85,10 @@ impl MailStore for ByDomain {
             .collect()
     }
 
+    fn reads_inline(&self, mailbox: &str) -> bool {
+        self.store(mailbox).reads_inline(mailbox)
+    }
+
     fn snapshot(&self, mailbox: &str, folder: &str) -> Result<FolderSnapshot, StoreError> {
         self.store(mailbox).snapshot(mailbox, folder)
     }

@@ -413,6 +413,15 @@ pub trait MailStore: Send + Sync {
     /// delivery whose `delivery_id` is already stored succeeds without storing a second copy.
     fn deliver(&self, batch: &[Delivery<'_>]) -> Vec<Result<(), StoreError>>;
 
+    /// Whether reads of this mailbox (listings, message and header reads) are local and short,
+    /// so a session may make a small one on its async thread rather than hand it to a blocking
+    /// thread (see `imap::session::Conn::short_read`): files on a local disk, mostly in the
+    /// page cache, are; a database, a plugin or anything behind a network round trip is not
+    /// (and may block on a runtime of its own). Changes always go to a blocking thread.
+    fn reads_inline(&self, _mailbox: &str) -> bool {
+        false
+    }
+
     /// Lists a folder, giving new messages their UIDs; the UIDs are durable before this returns,
     /// so a client never sees a UID that a crash could hand to another message. A folder that
     /// was never delivered to is empty.

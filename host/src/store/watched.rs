@@ -139,6 +139,10 @@ impl MailStore for Watched {
         results
     }
 
+    fn reads_inline(&self, mailbox: &str) -> bool {
+        self.inner().reads_inline(mailbox)
+    }
+
     fn snapshot(&self, mailbox: &str, folder: &str) -> Result<FolderSnapshot, StoreError> {
         timed("snapshot", || self.inner().snapshot(mailbox, folder))
     }

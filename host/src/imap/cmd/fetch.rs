@@ -407,6 +407,17 @@ impl Conn {
                     "Server memory for messages in flight is exhausted, try again later",
                 );
             };
+            // Without the implicit \Seen a batch only reads, and a small one is read on the
+            // async thread (see `Conn::short_read`).
+            let (files, bytes) = match reads(&items) {
+                Reads::Nothing => (0, 0),
+                Reads::Header => (end - start, 0),
+                Reads::Whole => (
+                    end - start,
+                    targets[start..end].iter().map(|(_, m)| m.size).sum(),
+                ),
+            };
+            let short = !marks_seen && self.short_read(&user, 0, files, bytes);
             let mut batch = targets[start..end].to_vec();
             let (store, user, folder, items, recent) = (
                 store.clone(),
@@ -415,7 +426,7 @@ impl Conn {
                 items.clone(),
                 recent.clone(),
             );
-            let rendered = blocking(move || {
+            let work = move || {
                 // The implicit \Seen is stored first, so the FETCH can tell its mod-sequence.
                 let mut seen = Vec::new();
                 if marks_seen {
@@ -465,8 +476,8 @@ impl Conn {
                     }
                 }
                 Ok((out, seen))
-            })
-            .await;
+            };
+            let rendered = reading(short, work).await;
             let (out, seen) = match rendered {
                 Ok(rendered) => rendered,
                 Err(err) => return store_failure(&err),

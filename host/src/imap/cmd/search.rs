@@ -66,6 +66,18 @@ pub(in crate::imap) struct SearchScope {
 }
 
 impl SearchScope {
+    /// What matching `key` reads: (message files opened, bytes read), for `Conn::short_read`.
+    pub(in crate::imap) fn reads(&self, key: &SearchKey<'_>) -> (usize, u64) {
+        if search::uses_body(key) {
+            let bytes = self.messages.iter().map(|m| m.size).sum();
+            (self.messages.len(), bytes)
+        } else if search::uses_header(key) {
+            (self.messages.len(), 0)
+        } else {
+            (0, 0)
+        }
+    }
+
     /// Indexes of the messages `key` matches. Blocking: reads headers and bodies as needed.
     pub(in crate::imap) fn matching(&self, key: &SearchKey<'_>) -> Vec<usize> {
         let last_seq = self.messages.len() as u32;
@@ -360,7 +372,9 @@ impl Conn {
             self.enable_condstore(io, Some(selected));
         }
         let kept_key = options.update.then(|| key.clone());
-        let found = blocking(move || {
+        let (files, bytes) = scope.reads(&key);
+        let short = self.short_read(&scope.user, scope.messages.len(), files, bytes);
+        let found = reading(short, move || {
             Ok(scope
                 .matching(&key)
                 .into_iter()

@@ -43,6 +43,14 @@ impl Conn {
                 } => resync = Some((uid_validity.get(), mod_sequence_value.get(), known_uids)),
             }
         }
+        // Selecting the selected folder again (as clients do to resynchronise): its size is
+        // known, so a small one is listed on the async thread (see `Conn::short_read`).
+        let known_size = folder_name(mailbox).ok().and_then(|name| {
+            current
+                .as_ref()
+                .filter(|selected| selected.folder == name)
+                .map(|selected| selected.messages.len())
+        });
         // RFC 9051 §6.3.2: a failed SELECT leaves no mailbox selected.
         if current.take().is_some() && (self.rev2 || self.qresync) {
             io.queue(b"* OK [CLOSED] Previous mailbox closed\r\n");
@@ -54,7 +62,8 @@ impl Conn {
         let (store, folder) = (self.store.clone(), name.clone());
         let owner = user.to_string();
         let recent = self.recent_mode(read_only);
-        let opened = blocking(move || {
+        let short = known_size.is_some_and(|size| self.short_read(user, size, 0, 0));
+        let opened = reading(short, move || {
             let snapshot = store.snapshot(&owner, &folder)?;
             let boundary = recent.boundary(&*store, &owner, &folder, &snapshot)?;
             Ok((snapshot, boundary))

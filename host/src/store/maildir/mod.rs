@@ -184,6 +184,13 @@ impl MailStore for Maildir {
         self.deliver_batch(batch)
     }
 
+    /// Files on a local disk. A listing may still wait for the folder's lock behind another
+    /// session's change, or flush the UID index when new messages arrived: one disk flush at
+    /// most, which is the price of sparing every small read two thread switches.
+    fn reads_inline(&self, _mailbox: &str) -> bool {
+        true
+    }
+
     fn snapshot(&self, mailbox: &str, folder: &str) -> Result<FolderSnapshot, StoreError> {
         let dir = self.existing_folder(mailbox, folder)?;
         let lock = self.folder_lock(&dir);
