@@ -31,6 +31,17 @@ impl<F: Hash + Eq + Clone> HeaderCache<F> {
         self.folders.get(folder)?.get(key).cloned()
     }
 
+    /// Headers of many messages of one folder: the folder is looked up once.
+    pub fn get_many<'k>(
+        &self,
+        folder: &F,
+        keys: impl Iterator<Item = &'k str>,
+    ) -> Vec<Option<Arc<[u8]>>> {
+        let headers = self.folders.get(folder);
+        keys.map(|key| headers.and_then(|h| h.get(key).cloned()))
+            .collect()
+    }
+
     pub fn put(&mut self, folder: &F, key: &str, header: Arc<[u8]>) {
         if self.bytes + header.len() > Self::BUDGET {
             self.folders.clear();

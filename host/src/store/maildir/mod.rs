@@ -274,6 +274,32 @@ impl MailStore for Maildir {
         Ok(header)
     }
 
+    /// Those at hand from one look into the header cache (a SEARCH by header asks for every
+    /// message of the folder), the rest read one by one.
+    fn read_headers(
+        &self,
+        mailbox: &str,
+        folder: &str,
+        messages: &[&MessageInfo],
+    ) -> Vec<Result<Arc<[u8]>, StoreError>> {
+        let cached = match self.folder_path(mailbox, folder) {
+            Ok(dir) => self
+                .headers
+                .lock()
+                .expect("header cache")
+                .get_many(&dir, messages.iter().map(|m| m.key.as_str())),
+            Err(_) => vec![None; messages.len()],
+        };
+        messages
+            .iter()
+            .zip(cached)
+            .map(|(message, cached)| match cached {
+                Some(header) => Ok(header),
+                None => self.read_header(mailbox, folder, message),
+            })
+            .collect()
+    }
+
     fn change_flags(
         &self,
         mailbox: &str,
