@@ -123,6 +123,26 @@ fn without_comments(raw: &str) -> String {
 
 type Loader<'a, T> = &'a mut dyn FnMut() -> Option<T>;
 
+/// What a search by field `name` matches in one field `header` parsed from `bytes`: the field
+/// as written (unfolded) and decoded (RFC 2047), and for address fields the addresses without
+/// comments and folding (RFC 5322 §3.4.1: `<user (c)@ (c) domain>` is user@domain).
+fn field_value(name: &str, bytes: &[u8], header: &mail_parser::Header<'_>) -> String {
+    let raw = bytes
+        .get(header.offset_start as usize..header.offset_end as usize)
+        .unwrap_or_default();
+    let raw = String::from_utf8_lossy(raw).replace("\r\n", "");
+    let decoded = match &header.value {
+        mail_parser::HeaderValue::Text(t) => t.to_string(),
+        _ => String::new(),
+    };
+    let mut value = format!("{} {decoded}", raw.trim());
+    if ADDRESS_FIELDS.iter().any(|f| f.eq_ignore_ascii_case(name)) {
+        value.push(' ');
+        value.push_str(&without_comments(&raw));
+    }
+    value
+}
+
 /// The fields of a header section named `name` (ASCII case ignored, RFC 5322 §1.2.2), each from
 /// its name to the end of its last folded line (§2.2.3), in order. A line that is neither a
 /// field nor a continuation of one ends nothing: like the parser, the scan goes on to the
@@ -225,27 +245,13 @@ impl<'a> Lazy<'a> {
             let Some(message) = parser.parse_headers(field) else {
                 continue;
             };
-            for header in message.headers() {
-                if header.name != wanted {
-                    continue;
-                }
-                let raw = field
-                    .get(header.offset_start as usize..header.offset_end as usize)
-                    .unwrap_or_default();
-                let raw = String::from_utf8_lossy(raw).replace("\r\n", "");
-                let decoded = match &header.value {
-                    mail_parser::HeaderValue::Text(t) => t.to_string(),
-                    _ => String::new(),
-                };
-                let mut value = format!("{} {decoded}", raw.trim());
-                // Address fields also match their addresses as written without comments and
-                // folding (RFC 5322 §3.4.1: `<user (c)@ (c) domain>` is user@domain).
-                if ADDRESS_FIELDS.iter().any(|f| f.eq_ignore_ascii_case(name)) {
-                    value.push(' ');
-                    value.push_str(&without_comments(&raw));
-                }
-                values.push(value);
-            }
+            values.extend(
+                message
+                    .headers()
+                    .iter()
+                    .filter(|header| header.name == wanted)
+                    .map(|header| field_value(name, field, header)),
+            );
         }
         values
     }
@@ -487,24 +493,12 @@ mod tests {
         let Some(message) = parser.parse_headers(bytes) else {
             return Vec::new();
         };
-        let mut values = Vec::new();
-        for header in message.headers() {
-            if header.name == wanted {
-                let raw = &bytes[header.offset_start as usize..header.offset_end as usize];
-                let raw = String::from_utf8_lossy(raw).replace("\r\n", "");
-                let decoded = match &header.value {
-                    mail_parser::HeaderValue::Text(t) => t.to_string(),
-                    _ => String::new(),
-                };
-                let mut value = format!("{} {decoded}", raw.trim());
-                if ADDRESS_FIELDS.iter().any(|f| f.eq_ignore_ascii_case(name)) {
-                    value.push(' ');
-                    value.push_str(&without_comments(&raw));
-                }
-                values.push(value);
-            }
-        }
-        values
+        message
+            .headers()
+            .iter()
+            .filter(|header| header.name == wanted)
+            .map(|header| field_value(name, bytes, header))
+            .collect()
     }
 
     #[test]

@@ -860,6 +860,25 @@ fn write_recent(dir: &Path, validity: u32, upto: u32) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    /// Appends a message without flags to INBOX, as an IMAP client would.
+    fn append_to_inbox(
+        store: &Maildir,
+        user: &str,
+        message: &[u8],
+        received_at: i64,
+    ) -> (u32, u32) {
+        store
+            .append(
+                user,
+                "INBOX",
+                message,
+                Flags::empty(),
+                &Keywords::new(),
+                received_at,
+            )
+            .unwrap()
+    }
+
     fn delivery<'a>(id: &'a str, message: &'a [u8]) -> Delivery<'a> {
         Delivery {
             mailbox: "alice@example.test",
@@ -887,16 +906,7 @@ mod tests {
         let folder = dir.path().join("example.test/alice");
         for n in 0..2 {
             let message = format!("Subject: {n}\r\n\r\nbody\r\n");
-            store
-                .append(
-                    user,
-                    "INBOX",
-                    message.as_bytes(),
-                    Flags::empty(),
-                    &Keywords::new(),
-                    1700000000 + n,
-                )
-                .unwrap();
+            append_to_inbox(&store, user, message.as_bytes(), 1700000000 + n);
         }
         let first = store.snapshot(user, "INBOX").unwrap();
         assert_eq!(first.messages.len(), 2);
@@ -933,16 +943,7 @@ mod tests {
         let folder = dir.path().join("example.test/alice");
         let append = |n: i64| {
             let message = format!("Subject: {n}\r\n\r\nbody\r\n");
-            store
-                .append(
-                    user,
-                    "INBOX",
-                    message.as_bytes(),
-                    Flags::empty(),
-                    &Keywords::new(),
-                    1700000000 + n,
-                )
-                .unwrap()
+            append_to_inbox(&store, user, message.as_bytes(), 1700000000 + n)
         };
         let (validity, first) = append(0);
         let kept = |store: &Maildir| {
@@ -988,16 +989,7 @@ mod tests {
         let store = Maildir::new(dir.path(), "mx.test");
         let user = "alice@example.test";
         let folder = dir.path().join("example.test/alice");
-        store
-            .append(
-                user,
-                "INBOX",
-                b"Subject: a\r\n\r\nbody\r\n",
-                Flags::empty(),
-                &Keywords::new(),
-                1700000000,
-            )
-            .unwrap();
+        append_to_inbox(&store, user, b"Subject: a\r\n\r\nbody\r\n", 1700000000);
         let listed = store.snapshot(user, "INBOX").unwrap();
         // The session still holds the name from before the STORE, as IMAP sessions do until
         // their next listing.
@@ -1030,31 +1022,13 @@ mod tests {
         let user = "alice@example.test";
         // RFC 3516 binary content: a bare LF, a CRLF and a NUL must come back unchanged.
         let message = b"Subject: bin\r\nContent-Transfer-Encoding: binary\r\n\r\n\0-\xe4\n\r\n\n";
-        store
-            .append(
-                user,
-                "INBOX",
-                message,
-                Flags::empty(),
-                &Keywords::new(),
-                1700000000,
-            )
-            .unwrap();
+        append_to_inbox(&store, user, message, 1700000000);
         let snapshot = store.snapshot(user, "INBOX").unwrap();
         assert_eq!(snapshot.messages[0].size, message.len() as u64);
         let read = store.read(user, "INBOX", &snapshot.messages[0]).unwrap();
         assert_eq!(read, message);
         // A clean message is still stored with LF endings.
-        store
-            .append(
-                user,
-                "INBOX",
-                b"Subject: t\r\n\r\nx\r\n",
-                Flags::empty(),
-                &Keywords::new(),
-                1700000001,
-            )
-            .unwrap();
+        append_to_inbox(&store, user, b"Subject: t\r\n\r\nx\r\n", 1700000001);
         let snapshot = store.snapshot(user, "INBOX").unwrap();
         let clean = &snapshot.messages[1];
         assert_eq!(
@@ -1243,16 +1217,7 @@ mod tests {
             .join(uidlist::FILE_NAME);
         let append = |n: u32| {
             let message = format!("Subject: {n}\r\n\r\nbody\r\n");
-            store
-                .append(
-                    user,
-                    "INBOX",
-                    message.as_bytes(),
-                    Flags::empty(),
-                    &Keywords::new(),
-                    1_700_000_000,
-                )
-                .unwrap()
+            append_to_inbox(&store, user, message.as_bytes(), 1_700_000_000)
         };
         // The first APPEND writes the index whole, the following ones append a line each.
         let (validity, _) = append(1);
