@@ -310,6 +310,7 @@ impl PluginSession {
             _ => plugin.timeout,
         };
         let run = async {
+            let _running = super::engine::GuestRunning::start();
             let live = self.instance(index).await?;
             live.store.data_mut().deadline = std::time::Instant::now() + timeout;
             live.store.set_epoch_deadline(1);

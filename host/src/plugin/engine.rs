@@ -3,6 +3,8 @@
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -43,14 +45,52 @@ pub fn build(config: &PluginsConfig) -> Result<Engine, PluginError> {
     Ok(engine)
 }
 
+/// Calls into guest code in flight, in every engine (see [`GuestRunning`]).
+static RUNNING: AtomicUsize = AtomicUsize::new(0);
+/// The engines' epoch threads, woken when guest code starts to run.
+static TICKERS: Mutex<Vec<std::thread::Thread>> = Mutex::new(Vec::new());
+
+/// Held while guest code may run (an instantiation or a call): the epoch advances, and so
+/// deadlines pass, only while one is held. Without guest code running the epoch threads sleep:
+/// a server with plugins loaded but idle, or none called by the protocol at hand, was woken a
+/// thousand times a second for nothing. Epoch deadlines are relative to the epoch when they
+/// are set, so time spent asleep counts toward none.
+pub struct GuestRunning(());
+
+impl GuestRunning {
+    pub fn start() -> GuestRunning {
+        if RUNNING.fetch_add(1, Ordering::SeqCst) == 0 {
+            for ticker in TICKERS.lock().expect("epoch tickers").iter() {
+                ticker.unpark();
+            }
+        }
+        GuestRunning(())
+    }
+}
+
+impl Drop for GuestRunning {
+    fn drop(&mut self) {
+        RUNNING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn start_epoch_ticker(engine: Engine) {
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("plugin-epoch".into())
         .spawn(move || loop {
+            // A start between the check and the park leaves the thread's token set, so the
+            // park returns at once.
+            while RUNNING.load(Ordering::SeqCst) == 0 {
+                std::thread::park();
+            }
             std::thread::sleep(EPOCH_TICK);
             engine.increment_epoch();
         })
         .expect("epoch thread");
+    TICKERS
+        .lock()
+        .expect("epoch tickers")
+        .push(thread.thread().clone());
 }
 
 /// Compiles a component, or loads it from the cache keyed by the wasm's SHA-256 and the engine's

@@ -369,6 +369,7 @@ impl WasmStore {
         let lock = self.mailbox_lock(mailbox);
         let _one_call_per_mailbox = lock.lock().expect("mailbox lock");
         let version = self.current();
+        let _running = crate::plugin::engine::GuestRunning::start();
         let outcome = self.take(&version).and_then(|mut live| {
             live.store.data_mut().deadline = Instant::now() + self.timeout;
             live.store.set_epoch_deadline(1);
