@@ -861,3 +861,55 @@ def test_dsn_and_requiretls_parameters_from_a_stranger_are_bounded(server):
         time.sleep(0.05)
     assert server.spooled() == []
     still_serves(server)
+
+
+def test_a_search_past_the_short_read_bounds_leaves_the_async_threads_to_other_sessions(server):
+    """Small reads run on the server's async threads (README, IMAP stress); a SEARCH TEXT over
+    1,000 messages of 30 KB opens more files than a short read may (200) and reads more bytes
+    (1 MiB), so it runs on a blocking thread. While four sessions search at once (the server
+    has an async thread per core: on two cores, four searches run on them would hold them
+    all), another user's session is answered: its NOOPs and a SELECT come back before the
+    first search does, and every search answers OK."""
+    import imaplib
+    base = server.data_dir / "mailboxes" / "example.test" / "alice"
+    for sub in ("tmp", "new", "cur"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    line = b"The quick brown fox jumps over the lazy dog, again and again.\n"
+    for n in range(1000):
+        body = b"Subject: m%d\nFrom: friend@remote.test\n\n" % n + line * 480
+        name = "1700000000.M%dP1.test,S=%d,W=%d" % (n, len(body), len(body) + body.count(b"\n"))
+        (base / "new" / name).write_bytes(body)
+
+    def login(user, password):
+        m = imaplib.IMAP4("127.0.0.1", server.ports["imap"], timeout=120)
+        m.starttls(ssl_context=ssl.create_default_context(cafile=server.cert))
+        m.login(user, password)
+        return m
+
+    searchers = [login(*ALICE_LOGIN) for _ in range(4)]
+    for m in searchers:
+        assert m.select("INBOX") == ("OK", [b"1000"])
+    other = login("bob@example.test", "bobpass")
+    done = {}
+
+    def search(i, m):
+        typ, data = m.search(None, "TEXT", '"not in any message"')
+        done[i] = (time.monotonic(), typ, data)
+
+    threads = [threading.Thread(target=search, args=(i, m)) for i, m in enumerate(searchers)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    for _ in range(5):
+        assert other.noop()[0] == "OK"
+    assert other.select("INBOX")[0] == "OK"
+    answered = time.monotonic()
+    for t in threads:
+        t.join()
+    assert all(typ == "OK" and data == [b""] for _, typ, data in done.values()), done
+    first_search = min(at for at, _, _ in done.values())
+    print(f"\nthe other session was answered {(first_search - answered) * 1000:.0f} ms "
+          "before the first search")
+    assert answered < first_search
+    for m in searchers + [other]:
+        m.logout()
