@@ -45,6 +45,10 @@ pub fn build(config: &PluginsConfig) -> Result<Engine, PluginError> {
     Ok(engine)
 }
 
+/// How often a sleeping epoch thread looks whether guest code runs, should a wake-up have
+/// been missed (see `start_epoch_ticker`).
+const IDLE_CHECK: Duration = Duration::from_millis(100);
+
 /// Calls into guest code in flight, in every engine (see [`GuestRunning`]).
 static RUNNING: AtomicUsize = AtomicUsize::new(0);
 /// The engines' epoch threads, woken when guest code starts to run.
@@ -53,7 +57,7 @@ static TICKERS: Mutex<Vec<std::thread::Thread>> = Mutex::new(Vec::new());
 /// Held while guest code may run (an instantiation or a call): the epoch advances, and so
 /// deadlines pass, only while one is held. Without guest code running the epoch threads sleep:
 /// a server with plugins loaded but idle, or none called by the protocol at hand, was woken a
-/// thousand times a second for nothing. Epoch deadlines are relative to the epoch when they
+/// thousand times a second for nothing (now ten, see [`IDLE_CHECK`]). Epoch deadlines are relative to the epoch when they
 /// are set, so time spent asleep counts toward none.
 pub struct GuestRunning(());
 
@@ -79,9 +83,10 @@ fn start_epoch_ticker(engine: Engine) {
         .name("plugin-epoch".into())
         .spawn(move || loop {
             // A start between the check and the park leaves the thread's token set, so the
-            // park returns at once.
+            // park returns at once; one that came before this thread was listed in TICKERS
+            // is seen at the next timeout, so no deadline waits longer than that for a tick.
             while RUNNING.load(Ordering::SeqCst) == 0 {
-                std::thread::park();
+                std::thread::park_timeout(IDLE_CHECK);
             }
             std::thread::sleep(EPOCH_TICK);
             engine.increment_epoch();
